@@ -1,0 +1,3 @@
+from accelc.cli import main
+
+raise SystemExit(main())

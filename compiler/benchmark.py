@@ -1,0 +1,140 @@
+"""`accelc bench`: prefill latency, decode tokens/s and peak memory of every backend of an
+artifact against torch eager, measured side by side in one run.
+
+Each backend runs in its own worker process, so its peak RSS is its own (model load included)
+and one backend's thread pools cannot slow the next. Workers set OMP_WAIT_POLICY=PASSIVE and
+ORT spinning is off (session options), because spinning threads on a shared 2-core machine make
+timings up to 50x worse. Workers run in rounds (backend A, B, C, A, B, C, ...) so slow drifts
+of machine load hit every backend alike; medians are reported.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from accelc import progress
+from accelc.errors import AccelcError
+
+# A fixed English passage (Austen, "Persuasion", public domain) so every backend and every run
+# sees the same prompt without touching the asset store.
+PROMPT_TEXT = (
+    "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who, for his own amusement, "
+    "never took up any book but the Baronetage; there he found occupation for an idle hour, and "
+    "consolation in a distressed one; there his faculties were roused into admiration and respect, "
+    "by contemplating the limited remnant of the earliest patents; there any unwelcome sensations, "
+    "arising from domestic affairs changed naturally into pity and contempt as he turned over the "
+    "almost endless creations of the last century; and there, if every other leaf were powerless, "
+    "he could read his own history with an interest which never failed. "
+)
+WARMUP_TOKENS = 4
+
+
+def _worker(artifact: str, backend: str, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
+    import resource
+
+    from accelc.decoding.autoregressive import generate
+    from accelc.runtime.artifact import Artifact
+
+    art = Artifact(artifact)
+    t0 = time.perf_counter()
+    model = art.step_model(backend)
+    load_s = time.perf_counter() - t0
+    ids = list(art.tokenizer(PROMPT_TEXT * 8)["input_ids"])[:prompt_tokens]
+    generate(model, ids[:8], WARMUP_TOKENS)  # first-call allocations and lazy init out of the timing
+    prefill, decode = [], []
+    for _ in range(rounds):
+        result = generate(model, ids, new_tokens)  # eos ignored: every run decodes new_tokens
+        prefill.append(result.prefill_seconds * 1e3)
+        decode.append(result.decode_tokens_per_second)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return {"backend": backend, "load_s": load_s, "prefill_ms": prefill, "decode_tok_s": decode,
+            "peak_rss_mb": peak_mb}
+
+
+def _run_worker(artifact: Path, backend: str, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "accelc.benchmark", str(artifact), backend,
+           str(prompt_tokens), str(new_tokens), str(rounds)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-3:]
+        raise AccelcError(f"bench worker for '{backend}' failed: {' | '.join(tail)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench(artifact: Path, spec, backends: list[str] | None = None) -> dict:
+    from accelc.runtime.artifact import Artifact
+
+    available = Artifact(artifact).backends()
+    wanted = [b for b in (backends or spec.backends) if b in available]
+    if "torch" not in wanted:
+        wanted.insert(0, "torch")
+    samples: dict[str, list[dict]] = {b: [] for b in wanted}
+    bar = progress.bar(total=spec.repeats * len(wanted), desc="bench")
+    for _ in range(spec.repeats):
+        for backend in wanted:
+            n = spec.tvm_new_tokens if backend == "tvm" else spec.new_tokens
+            bar.set_postfix_str(backend)
+            samples[backend].append(_run_worker(artifact, backend, spec.prompt_tokens, n, 1))
+            bar.update()
+    bar.close()
+    rows = {}
+    for backend, runs in samples.items():
+        rows[backend] = {
+            "prefill_ms_median": statistics.median(x for r in runs for x in r["prefill_ms"]),
+            "decode_tok_s_median": statistics.median(x for r in runs for x in r["decode_tok_s"]),
+            "peak_rss_mb_median": statistics.median(r["peak_rss_mb"] for r in runs),
+            "load_s_median": statistics.median(r["load_s"] for r in runs),
+            "new_tokens": spec.tvm_new_tokens if backend == "tvm" else spec.new_tokens,
+            "runs": runs,
+        }
+    base = rows["torch"]
+    for row in rows.values():
+        row["decode_speedup_vs_torch"] = row["decode_tok_s_median"] / base["decode_tok_s_median"]
+        row["prefill_speedup_vs_torch"] = base["prefill_ms_median"] / row["prefill_ms_median"]
+    return {
+        "protocol": {"prompt_tokens": spec.prompt_tokens, "new_tokens": spec.new_tokens,
+                     "tvm_new_tokens": spec.tvm_new_tokens, "repeats": spec.repeats,
+                     "decoding": "greedy, batch 1, KV cache, eos ignored",
+                     "process_per_measurement": True, "OMP_WAIT_POLICY": "PASSIVE",
+                     "ort_spinning": "per artifact session options",
+                     "cpu_count": os.cpu_count(), "machine": platform.machine(),
+                     "load_average": os.getloadavg()},
+        "backends": rows,
+    }
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["backends"])
+    rows = [report["backends"][n] for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, key, label in zip(axes, ("prefill_ms_median", "decode_tok_s_median", "peak_rss_mb_median"),
+                              ("prefill latency (ms, lower is better)", "decode tokens/s (higher is better)",
+                               "peak RSS (MB)")):
+        values = [r[key] for r in rows]
+        ax.bar(names, values, color=["#888", "#2a7", "#27a", "#a72"][: len(names)])
+        ax.set_title(label, fontsize=9)
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+    p = report["protocol"]
+    fig.suptitle(f"accelc bench: {p['prompt_tokens']} prompt tokens, {p['new_tokens']} new tokens, "
+                 f"median of {p['repeats']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    art, backend, pt, nt, rounds = sys.argv[1:6]
+    print(json.dumps(_worker(art, backend, int(pt), int(nt), int(rounds))))

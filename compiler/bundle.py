@@ -1,0 +1,96 @@
+"""Bundle: the model in flight between passes.
+
+A Bundle is a value made of file handles, not live objects: the source checkpoint folder (the
+torch model of record), exported graphs by role, and the decode plan, plus the provenance of
+every pass that produced it. Passes return a new Bundle (`evolve`) and never edit files they
+did not write, which is what lets the pipeline cache each pass's output under a hash chain and
+resume an interrupted compile.
+
+`id` is that hash chain: sha256 of the input model's identity for a fresh bundle, then
+sha256(previous id, pass type, canonical params, accelc version) after each pass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from accelc import __version__
+
+BUNDLE_FILE = "bundle.json"
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    name: str
+    params: Mapping[str, Any]
+    key: str
+    seconds: float
+    status: str  # "ran" | "cached"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    id: str
+    family: str                          # "causal_lm" | "onnx"
+    source: Mapping[str, Any]            # identity of the input model: description, sha256, files
+    model_dir: Path | None               # HF folder (config, safetensors, tokenizer); None for ONNX input
+    graphs: Mapping[str, Path] = field(default_factory=dict)        # role -> ONNX file
+    graph_meta: Mapping[str, Any] = field(default_factory=dict)     # IO names, KV layout, exporter
+    plan: Mapping[str, Any] = field(default_factory=dict)           # decode plan (strategy + params)
+    provenance: tuple[PassRecord, ...] = ()
+
+    def evolve(self, **changes) -> "Bundle":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------------ persistence
+    def to_json(self) -> dict:
+        return {
+            "id": self.id, "family": self.family, "source": dict(self.source),
+            "model_dir": str(self.model_dir) if self.model_dir else None,
+            "graphs": {k: str(v) for k, v in self.graphs.items()},
+            "graph_meta": dict(self.graph_meta), "plan": dict(self.plan),
+            "provenance": [dataclasses.asdict(p) for p in self.provenance],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Bundle":
+        return cls(
+            id=data["id"], family=data["family"], source=data["source"],
+            model_dir=Path(data["model_dir"]) if data["model_dir"] else None,
+            graphs={k: Path(v) for k, v in data["graphs"].items()},
+            graph_meta=data["graph_meta"], plan=data["plan"],
+            provenance=tuple(PassRecord(**p) for p in data["provenance"]),
+        )
+
+    def save(self, directory: Path) -> None:
+        (directory / BUNDLE_FILE).write_text(json.dumps(self.to_json(), indent=2))
+
+    @classmethod
+    def load(cls, directory: Path) -> "Bundle":
+        return cls.from_json(json.loads((directory / BUNDLE_FILE).read_text()))
+
+    def relocate(self, old_root: Path, new_root: Path) -> "Bundle":
+        """Rewrite paths that lie under old_root (a pass's temporary workdir) to new_root."""
+        def move(p: Path | None) -> Path | None:
+            if p is None:
+                return None
+            try:
+                return new_root / p.relative_to(old_root)
+            except ValueError:
+                return p
+        return self.evolve(model_dir=move(self.model_dir),
+                           graphs={k: move(v) for k, v in self.graphs.items()})
+
+
+def canonical(params: Mapping[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def chain(previous_id: str, step: str, params: Mapping[str, Any]) -> str:
+    """The next link of the hash chain: what a pass's output is cached under."""
+    text = "\n".join((previous_id, step, canonical(params), __version__))
+    return hashlib.sha256(text.encode()).hexdigest()

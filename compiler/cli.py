@@ -1,0 +1,303 @@
+"""The `accelc` command line. The only place that turns accelc's exceptions into exit codes.
+
+Exit codes: 0 success, 1 internal error, 2 usage or recipe error, 3 missing optional dependency
+or unsupported target, 4 a pass failed, 5 validation failed, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from accelc import __version__, progress
+from accelc.errors import AccelcError, UsageError
+
+EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 130
+
+
+def _load(args):
+    from accelc.recipe import load_recipe
+
+    return load_recipe(args.recipe, args.set or [])
+
+
+def cmd_compile(args) -> int:
+    from accelc.compile import compile_recipe, output_dir, plan_summary
+
+    recipe = _load(args)
+    out = output_dir(recipe, args.output)
+    if args.dry_run:
+        from accelc.artifacts import check_writable
+
+        check_writable(out)
+        print(json.dumps(plan_summary(recipe, out), indent=2))
+        return 0
+    manifest = compile_recipe(recipe, out, no_cache=args.no_cache)
+    print(json.dumps({"artifact": str(out), "metrics": manifest["metrics"]}, indent=2))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from accelc import registry
+    from accelc.compile import output_dir, plan_summary
+    from accelc.errors import require
+
+    recipe = _load(args)
+    if recipe.model.path is not None:
+        from accelc.recipe import resolve_path
+
+        path = resolve_path(recipe, recipe.model.path)
+        if not path.exists():
+            raise UsageError(f"{args.recipe}: model.path {path} does not exist")
+    for target in recipe.targets:
+        if "tvm" in getattr(target, "backends", []):
+            require("tvm", "pip install apache-tvm==0.27.0.post1")
+    for step in recipe.passes:
+        for need in registry.PASSES[step.type].needs:
+            getattr(recipe.data, need)
+    print(json.dumps({"recipe": str(args.recipe), "valid": True, **plan_summary(recipe, output_dir(recipe, None))},
+                     indent=2))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from accelc.decoding.autoregressive import Sampler, generate
+    from accelc.families.causal_lm import encode_prompt
+    from accelc.runtime.artifact import Artifact
+
+    art = Artifact(args.artifact)
+    plan = art.plan
+    backend = args.backend or ("ort" if "ort" in art.backends() else "torch")
+    model = art.step_model(backend)
+    tok = art.tokenizer
+    ids = encode_prompt(tok, args.prompt, plan.get("chat_template", True) and not args.raw)
+    n = args.max_new_tokens or plan.get("max_new_tokens", 64)
+    sample = plan.get("strategy") == "sample" if args.temperature is None else args.temperature > 0
+    sampler = Sampler(args.temperature if args.temperature is not None else plan.get("temperature", 1.0),
+                      plan.get("top_k", 0), plan.get("top_p", 1.0)) if sample else Sampler()
+    eos = tuple(x for x in [tok.eos_token_id] if x is not None)
+    result = generate(model, ids, n, sampler=sampler, eos_ids=eos, seed=plan.get("seed", 0))
+    text = tok.decode([t for t in result.tokens if t not in eos], skip_special_tokens=True)
+    print(text)
+    progress.status(f"{backend}: {len(result.tokens)} tokens, prefill {result.prefill_seconds * 1e3:.0f} ms, "
+                    f"decode {result.decode_tokens_per_second:.1f} tok/s")
+    if args.show_tokens:
+        print(json.dumps(result.tokens))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from accelc.runtime.artifact import Artifact
+
+    art = Artifact(args.artifact)
+    m = art.manifest
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    print(f"artifact  {art.dir}  (accelc {m['accelc_version']}, created {m['created_at']})")
+    print(f"model     {m['model'].get('description')}  family={m['model']['family']}")
+    for p in m.get("passes", []):
+        print(f"pass      {p['name']:<24} {p['status']:<7} {p['seconds']:>7.1f}s  {p['key'][:12]}  {p['params']}")
+    for t in m.get("targets", []):
+        print(f"target    {t['kind']:<24} backends: {', '.join(t['runtime'])}")
+    for k, v in m.get("metrics", {}).items():
+        print(f"metric    {k}: {json.dumps(v)}")
+    total = sum(f["bytes"] for f in m.get("files", {}).values())
+    print(f"files     {len(m.get('files', {}))} files, {total / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from accelc.compile import evaluate
+    from accelc.recipe import PerplexitySpec
+    from accelc.runtime.artifact import Artifact
+
+    art = Artifact(args.artifact)
+    resolved = art.dir / "recipe.resolved.yaml"
+    import yaml
+
+    recipe = yaml.safe_load(resolved.read_text()) if resolved.exists() else {}
+    spec = dict((recipe.get("eval") or {}).get("perplexity") or {})
+    for key in ("window", "stride", "max_windows"):
+        if getattr(args, key) is not None:
+            spec[key] = getattr(args, key)
+    if args.backends:
+        spec["backends"] = args.backends
+    spec = PerplexitySpec(**spec)
+    text = args.text or (recipe.get("data") or {}).get("evaluation", "austen:persuasion")
+    result = evaluate(art, text, spec)
+    print(json.dumps(result, indent=2))
+    return 0 if result["ok"] else 5
+
+
+def cmd_bench(args) -> int:
+    from accelc.benchmark import bench, plot
+    from accelc.recipe import BenchSpec
+    from accelc.runtime.artifact import Artifact
+
+    art = Artifact(args.artifact)
+    spec = BenchSpec(**{k: v for k, v in dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                                              repeats=args.repeats, backends=args.backends).items() if v})
+    result = bench(art.dir, spec)
+    out = Path(args.json) if args.json else art.dir / "reports" / "bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))
+    print(f"{'backend':<8} {'prefill ms':>11} {'decode tok/s':>13} {'x torch':>8} {'peak MB':>9}")
+    for name, r in result["backends"].items():
+        print(f"{name:<8} {r['prefill_ms_median']:>11.1f} {r['decode_tok_s_median']:>13.2f} "
+              f"{r['decode_speedup_vs_torch']:>8.2f} {r['peak_rss_mb_median']:>9.0f}")
+    progress.status(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from accelc import registry
+
+    registry.load_all()
+    return _list_or_show(registry.PASSES, args.name, "pass")
+
+
+def cmd_targets(args) -> int:
+    from accelc import registry
+
+    registry.load_all()
+    return _list_or_show(registry.TARGETS, args.name, "target")
+
+
+def _list_or_show(table, name, what) -> int:
+    from accelc.registry import describe
+
+    if name is None:
+        for key, cls in sorted(table.items()):
+            print(f"{key:<24} {describe(cls)['summary']}")
+        return 0
+    if name not in table:
+        raise UsageError(f"unknown {what} '{name}'; available: {', '.join(sorted(table))}")
+    info = describe(table[name])
+    print(f"{info['name']}: {info['doc']}\n\nparameters:")
+    for p in info["params"]:
+        default = "required" if p["required"] else f"default {json.dumps(p['default'])}"
+        print(f"  {p['name']:<22} {p['type']:<14} {default:<22} {p['description']}")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from accelc.recipe import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_cache(args) -> int:
+    import shutil
+
+    from accelc import assets
+
+    root = assets.cache_root()
+    steps = root / "steps"
+    if args.action == "dir":
+        print(root)
+    elif args.action == "ls":
+        for entry in sorted(steps.glob("*")) if steps.exists() else []:
+            size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+            print(f"{entry.name[:16]}  {size / 2**20:9.1f} MiB  {'ok' if (entry / 'DONE').exists() else 'partial'}")
+    elif args.action == "clear":
+        shutil.rmtree(steps, ignore_errors=True)
+        print(f"cleared pass cache {steps} (assets kept)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="accelc", description="inference-acceleration compiler for LMs")
+    p.add_argument("--version", action="version", version=f"accelc {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_recipe(name, help_):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("recipe")
+        sp.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a recipe value")
+        return sp
+
+    sp = with_recipe("compile", "run a recipe's passes and targets; write a validated artifact")
+    sp.add_argument("-o", "--output", help="artifact directory (default: the recipe's output.dir)")
+    sp.add_argument("--no-cache", action="store_true", help="neither read nor write the pass cache")
+    sp.add_argument("--dry-run", action="store_true", help="validate and print the plan; do nothing")
+    sp.set_defaults(func=cmd_compile)
+    with_recipe("validate", "check a recipe without compiling").set_defaults(func=cmd_validate)
+
+    sp = sub.add_parser("run", help="generate text with an artifact")
+    sp.add_argument("artifact")
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--max-new-tokens", type=int)
+    sp.add_argument("--backend", choices=["ort", "tvm", "torch"])
+    sp.add_argument("--temperature", type=float, help="0 = greedy; default: the artifact's decode plan")
+    sp.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    sp.add_argument("--show-tokens", action="store_true", help="also print the generated token ids")
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("inspect", help="summarise an artifact's manifest")
+    sp.add_argument("artifact")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_inspect)
+
+    sp = sub.add_parser("eval", help="perplexity on held-out real text")
+    sp.add_argument("artifact")
+    sp.add_argument("--text", help="austen:NAME, shakespeare:NAME or a file (default: recipe's data.evaluation)")
+    sp.add_argument("--backends", nargs="+")
+    sp.add_argument("--window", type=int)
+    sp.add_argument("--stride", type=int)
+    sp.add_argument("--max-windows", type=int)
+    sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("bench", help="prefill latency, decode tok/s, peak memory vs torch eager")
+    sp.add_argument("artifact")
+    sp.add_argument("--backends", nargs="+")
+    sp.add_argument("--repeats", type=int)
+    sp.add_argument("--prompt-tokens", type=int)
+    sp.add_argument("--new-tokens", type=int)
+    sp.add_argument("--json", help="where to write bench.json (default: ARTIFACT/reports/bench.json)")
+    sp.set_defaults(func=cmd_bench)
+
+    for name, func in (("passes", cmd_passes), ("targets", cmd_targets)):
+        sp = sub.add_parser(name, help=f"list {name}, or `{name} show NAME`")
+        sp.add_argument("show", nargs="?", choices=["show"])
+        sp.add_argument("name", nargs="?")
+        sp.set_defaults(func=func)
+    sub.add_parser("schema", help="JSON Schema of recipes").set_defaults(func=cmd_schema)
+    sp = sub.add_parser("cache", help="the pass cache: dir | ls | clear")
+    sp.add_argument("action", choices=["dir", "ls", "clear"])
+    sp.set_defaults(func=cmd_cache)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress.set_quiet(args.quiet)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmark.py: spinning threads on shared cores
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network at run time: fail fast, never hang on a hub
+    try:
+        return args.func(args)
+    except AccelcError as exc:
+        print(f"accelc: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("accelc: interrupted; finished steps stay in the cache and the previous artifact is intact",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: say so in one line, traceback only on request
+        if args.debug:
+            traceback.print_exc()
+        print(f"accelc: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

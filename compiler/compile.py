@@ -1,0 +1,206 @@
+"""`accelc compile`: recipe -> passes -> targets -> artifact, validated, evaluated and benchmarked.
+
+Order matters for what a failure leaves behind: the pass cache is committed step by step (so a
+rerun resumes), and the artifact is assembled in a temporary directory that only replaces the
+previous artifact once parity, quality and benchmarks have been written.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from accelc import progress
+from accelc.artifacts import ArtifactWriter, base_manifest, check_writable
+from accelc.errors import ValidationFailed
+from accelc.pipeline import PassManager, StepCache
+from accelc.recipe import recipe_dict, recipe_hash, resolve_path
+
+
+def output_dir(recipe, out: str | None) -> Path:
+    return Path(out) if out else resolve_path(recipe, recipe.output.dir)
+
+
+def cache_for(recipe, no_cache: bool) -> StepCache:
+    from accelc import assets
+
+    if no_cache or not recipe.cache.enabled:
+        return StepCache(None)
+    root = resolve_path(recipe, recipe.cache.dir) if recipe.cache.dir else assets.cache_root()
+    return StepCache(root)
+
+
+def plan_summary(recipe, out: Path) -> dict:
+    """What a compile would do, without doing it (`--dry-run`)."""
+    model = recipe.model.builtin and f"builtin:{recipe.model.builtin}" or recipe.model.path
+    return {"model": model,
+            "passes": [s.model_dump(mode="json") for s in recipe.passes],
+            "targets": [s.model_dump(mode="json") for s in recipe.targets],
+            "output": str(out), "cache": recipe.cache.enabled}
+
+
+def _assemble(writer: ArtifactWriter, bundle, lowered, cache_owned) -> dict:
+    """Lay the bundle and target outputs out as the artifact tree; return the manifest's file map."""
+    graphs = {}
+    if bundle.model_dir is not None:
+        # the torch model of record and its tokenizer travel with the artifact: `run --backend
+        # torch`, validation and `eval` need them. Copy user folders (a later save_pretrained
+        # rewrites their files in place), hard-link cache-owned ones.
+        for src in sorted(bundle.model_dir.iterdir()):
+            if src.is_file():
+                writer.place(src, f"model/hf/{src.name}", link=cache_owned(src))
+    for role, graph in bundle.graphs.items():
+        rel = f"model/onnx/{role}.onnx"
+        writer.place(graph, rel, link=cache_owned(graph))
+        data = graph.with_name(graph.name + ".data")
+        if data.exists():  # graphs over 2 GB keep weights in an external-data file beside them
+            writer.place(data, rel + ".data", link=cache_owned(data))
+        graphs[role] = rel
+    targets = []
+    for item in lowered:
+        rel = f"targets/{item.kind}"
+        for child in item.directory.iterdir():
+            if child.name not in ("DONE",):
+                writer.place(child, f"{rel}/{child.name}", link=True)
+        targets.append({"kind": item.kind, "dir": rel, "params": dict(item.params), "runtime": item.runtime})
+    return {"graphs": graphs, "targets": targets}
+
+
+def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
+    from accelc import assets
+    from accelc.families.causal_lm import ingest
+
+    check_writable(out)
+    started = time.perf_counter()
+    cache = cache_for(recipe, no_cache)
+    try:
+        bundle = ingest(recipe.model, recipe)
+        manager = PassManager(recipe, cache)
+        bundle = manager.run_passes(bundle)
+        lowered = manager.lower(bundle)
+        writer = ArtifactWriter(out)
+        try:
+            cache_root = assets.cache_root().resolve()
+
+            def cache_owned(p: Path) -> bool:
+                return cache_root in p.resolve().parents
+
+            layout = _assemble(writer, bundle, lowered, cache_owned)
+            plan = {"strategy": recipe.decode.strategy, **recipe.decode.model_dump(mode="json"), **bundle.plan}
+            writer.write_json("decode/plan.json", plan)
+            (writer.tmp / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe_dict(recipe), sort_keys=False))
+            manifest = {
+                **base_manifest(),
+                "recipe_sha256": recipe_hash(recipe),
+                "model": {"family": bundle.family, **bundle.source,
+                          "trust_remote_code": recipe.model.trust_remote_code},
+                "bundle_id": bundle.id,
+                "passes": [dict(vars(p)) for p in bundle.provenance],
+                "graph_meta": dict(bundle.graph_meta),
+                **layout,
+                "decode_plan": plan,
+                "metrics": {},
+                "warnings": [],
+            }
+            writer.write_json("manifest.json", manifest)  # provisional: the runtime opens the tree
+            metrics, reports_ok = prove(writer.tmp, recipe, manifest)
+            manifest["metrics"] = metrics
+            manifest["seconds"] = round(time.perf_counter() - started, 1)
+            manifest["files"] = writer.file_table()
+            writer.write_json("manifest.json", manifest)
+            if not reports_ok:
+                rejected = writer.reject()
+                raise ValidationFailed(f"validation failed: {metrics.get('failure')}; reports kept in {rejected} "
+                                       f"(the previous artifact at {out}, if any, is untouched)")
+            writer.commit()
+        except BaseException:
+            if writer.tmp.exists():
+                writer.abort()
+            raise
+    finally:
+        cache.close()
+    progress.status(f"artifact written to {out} in {time.perf_counter() - started:.0f}s")
+    return manifest
+
+
+def prove(directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
+    """Validation, evaluation and benchmark of a (provisional) artifact; writes reports/."""
+    from accelc.runtime.artifact import Artifact
+
+    art = Artifact(directory)
+    reports = directory / "reports"
+    reports.mkdir(exist_ok=True)
+    metrics: dict = {}
+    if manifest["model"]["family"] != "causal_lm":
+        return metrics, True
+    torch_model = art.torch_model()
+    tokenizer = art.tokenizer
+    lowered = [b for b in art.backends() if b != "torch"]
+    step_models = {b: art.step_model(b) for b in lowered}
+
+    from accelc.validation import validate
+
+    report = validate(torch_model, tokenizer, step_models, recipe.eval.parity)
+    (reports / "validation.json").write_text(json.dumps(report, indent=2))
+    metrics["validation"] = {name: v["verdict"] for name, v in report["backends"].items()}
+    metrics["max_abs_diff"] = {name: v["max_abs_diff"] for name, v in report["backends"].items()}
+    if report["verdict"] != "pass":
+        failed = [n for n, v in report["backends"].items() if v["verdict"] != "pass"]
+        metrics["failure"] = f"parity/greedy mismatch on backend(s) {', '.join(failed)} (reports/validation.json)"
+        return metrics, False
+
+    ppl_spec = recipe.eval.perplexity
+    if ppl_spec.enabled:
+        result = evaluate(art, recipe.data.evaluation, ppl_spec, {"torch": torch_model, **step_models})
+        (reports / "eval.json").write_text(json.dumps(result, indent=2))
+        metrics["perplexity"] = {b: r["ppl"] for b, r in result["backends"].items()}
+        if not result["ok"]:
+            metrics["failure"] = result["failure"]
+            return metrics, False
+    del step_models, torch_model  # free memory before the bench workers load their own copies
+
+    bench_spec = recipe.eval.bench
+    if bench_spec.enabled:
+        from accelc.benchmark import bench, plot
+
+        result = bench(directory, bench_spec)
+        (reports / "bench.json").write_text(json.dumps(result, indent=2))
+        plot(result, reports / "bench.png")
+        metrics["bench"] = {b: {k: r[k] for k in ("prefill_ms_median", "decode_tok_s_median", "peak_rss_mb_median",
+                                                  "decode_speedup_vs_torch")}
+                            for b, r in result["backends"].items()}
+    return metrics, True
+
+
+def evaluate(art, text_spec: str, spec, models: dict | None = None) -> dict:
+    """Perplexity of each requested backend on held-out text, with the protocol and a goal check."""
+    from accelc.data import load_text
+    from accelc.evaluation import perplexity
+    from accelc.runtime.torch_backend import TorchStepModel
+
+    text = load_text(text_spec)
+    models = dict(models or {})
+    results = {}
+    for backend in spec.backends:
+        if backend not in art.backends():
+            continue
+        model = models.get(backend)
+        if model is None:
+            model = art.step_model(backend)
+        elif backend == "torch" and not hasattr(model, "prefill"):
+            model = TorchStepModel(model)
+        with progress.step(f"eval: perplexity on {text_spec} with {backend}"):
+            results[backend] = perplexity(model, art.tokenizer, text, text_name=text_spec, window=spec.window,
+                                          stride=spec.stride, max_windows=spec.max_windows)
+    failure = None
+    if "torch" in results:
+        base = results["torch"]["ppl"]
+        for backend, r in results.items():
+            r["ratio_vs_torch"] = r["ppl"] / base
+            if r["ratio_vs_torch"] > spec.max_ratio:
+                failure = (f"perplexity of {backend} is {r['ratio_vs_torch']:.3f}x torch's "
+                           f"(max_ratio {spec.max_ratio})")
+    return {"text": text_spec, "max_ratio": spec.max_ratio, "backends": results, "ok": failure is None,
+            "failure": failure}

@@ -1,0 +1,153 @@
+"""The causal-LM family: turn a recipe's `model:` section into a Bundle, load torch models.
+
+Every input is normalised to a Hugging Face checkpoint folder (config + safetensors +
+tokenizer): a user's folder as is, a GGUF file converted once and cached, a built-in tiny model
+materialised once from its seeded config, the embedded SmolLM2 fetched once. An ONNX file
+becomes an ONNX bundle that can only be lowered. Everything else downstream reads that folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from accelc import progress
+from accelc.bundle import Bundle
+from accelc.errors import UsageError
+from accelc.fileutil import sha256_file
+
+EMBEDDED = "smollm2-135m-instruct"
+# Architectures whose export, lowering and validation are exercised by the test suite.
+SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "opt", "qwen2")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def builtin_names() -> list[str]:
+    from accelc.families.tiny import TINY_CONFIGS
+
+    return [EMBEDDED, *TINY_CONFIGS]
+
+
+def _builtin_dir(name: str) -> Path:
+    from accelc import assets
+    from accelc.families import tiny
+
+    if name == EMBEDDED:
+        return assets.smollm2_dir()
+    if name not in tiny.TINY_CONFIGS:
+        raise UsageError(f"unknown builtin model '{name}'; allowed: {', '.join(builtin_names())}")
+    final = assets.cache_root() / "models" / f"{name}-seed{tiny.SEED}"
+    if (final / "config.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    tiny.build(name, tmp)
+    try:
+        os.replace(tmp, final)
+    except OSError:  # built concurrently by another process: same seed, same weights
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def check_checkpoint(directory: Path) -> None:
+    """Fail early with one clear line on folders that are not loadable checkpoints."""
+    if not (directory / "config.json").exists():
+        raise UsageError(f"{directory}: not a Hugging Face checkpoint folder (no config.json)")
+    try:
+        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{directory}/config.json is not valid JSON ({exc})") from None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        progress.status(f"warning: model_type '{model_type}' is not among the tested families "
+                        f"({', '.join(SUPPORTED_MODEL_TYPES)}); export may fail")
+    weights = [p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES]
+    if not weights:
+        raise UsageError(f"{directory}: no weight files (*.safetensors) in the checkpoint folder")
+    for path in weights:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    names = list(f.keys())
+                    if names:  # the header can be intact while the data is cut short
+                        f.get_slice(names[-1])[...]
+            except Exception as exc:  # safetensors raises its own error types for bad files
+                raise UsageError(f"{path}: not a valid safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def _identity(files: list[Path]) -> dict:
+    return {"files": {p.name: sha256_file(p) for p in sorted(files)}}
+
+
+def ingest(spec, recipe=None) -> Bundle:
+    """Turn the recipe's `model:` section into the first Bundle of the pipeline."""
+    from accelc.bundle import chain
+    from accelc.recipe import resolve_path
+
+    if spec.builtin is not None:
+        with progress.step(f"model: builtin {spec.builtin}"):
+            directory = _builtin_dir(spec.builtin)
+        description = f"builtin:{spec.builtin}"
+    else:
+        path = resolve_path(recipe, spec.path) if recipe is not None else Path(spec.path)
+        if not path.exists():
+            raise UsageError(f"model path {path} does not exist")
+        if path.suffix == ".onnx":
+            ident = _identity([path])
+            return Bundle(id=chain("", "source", ident), family="onnx",
+                          source={"description": f"onnx:{path}", **ident}, model_dir=None,
+                          graphs={"model": path})
+        if path.suffix == ".gguf":
+            from accelc import assets
+
+            directory = assets.gguf_to_hf_dir(path)
+            description = f"gguf:{path}"
+        elif path.is_dir():
+            directory = path
+            description = f"hf:{path}"
+        else:
+            raise UsageError(f"model path {path}: expected a checkpoint folder, a .gguf or an .onnx file")
+    check_checkpoint(directory)
+    with progress.step("model: hashing weights"):
+        ident = _identity([p for p in directory.iterdir()
+                           if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"])
+    ident["trust_remote_code"] = spec.trust_remote_code
+    return Bundle(id=chain("", "source", ident), family="causal_lm",
+                  source={"description": description, "model_dir": str(directory), **ident},
+                  model_dir=directory)
+
+
+def load_model(directory: Path, trust_remote_code: bool = False):
+    """The float32 torch model of record, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code,
+                                                     local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{directory}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    return model.eval()
+
+
+def load_tokenizer(directory: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code,
+                                             local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{directory}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
+
+
+def encode_prompt(tokenizer, prompt: str, chat_template: bool) -> list[int]:
+    """Token ids of a prompt; instruction-tuned models get their chat template (as users expect)."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                  add_generation_prompt=True, tokenize=True))
+    return list(tokenizer(prompt)["input_ids"])

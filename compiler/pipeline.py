@@ -1,0 +1,156 @@
+"""PassManager: run a recipe's passes and targets in order over a Bundle, with a hash-chained cache.
+
+Every step (pass or target lowering) gets a fresh work directory. With the cache on, that
+directory lives in the cache as `<root>/steps/<key>.tmp-<pid>` and is renamed to
+`<root>/steps/<key>` only after the step succeeded, so the cache never holds half a result and
+a compile interrupted at step k resumes at step k. With the cache off, work directories live in
+a scratch folder that is deleted at the end. `key` is the bundle hash chain (bundle.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from accelc import progress, registry
+from accelc.bundle import Bundle, PassRecord, chain
+from accelc.errors import AccelcError, PassFailed
+
+LOWERED_FILE = "lowered.json"
+
+
+@dataclass(frozen=True)
+class Lowered:
+    """What a target produced: a directory of files plus the runtime config that loads them.
+
+    `runtime` maps a backend name (e.g. "ort", "tvm") to its loader config; paths inside it are
+    relative to `directory`, so the artifact can be moved.
+    """
+
+    kind: str
+    directory: Path
+    runtime: Mapping[str, Any]
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """What a pass or target may use besides the bundle: its workdir, the recipe, helpers."""
+
+    recipe: Any
+    workdir: Path
+
+    def resolve(self, value: str) -> Path:
+        from accelc.recipe import resolve_path
+
+        return resolve_path(self.recipe, value)
+
+
+class StepCache:
+    """Directory-per-key store. `enabled=False` gives scratch directories with the same API."""
+
+    def __init__(self, root: Path | None):
+        self.enabled = root is not None
+        self._scratch = None if self.enabled else Path(tempfile.mkdtemp(prefix="accelc-nocache-"))
+        self.root = (root / "steps") if self.enabled else self._scratch
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def hit(self, key: str) -> bool:
+        return self.enabled and (self.path(key) / "DONE").exists()
+
+    def reserve(self, key: str) -> Path:
+        tmp = self.root / f"{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, key: str, tmp: Path) -> Path:
+        final = self.path(key)
+        (tmp / "DONE").write_text(str(time.time()))
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # another process committed the same key meanwhile: keep theirs, it is the same result
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+    def abandon(self, tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def close(self) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def _run_step(cache: StepCache, key: str, label: str, work):
+    """Run `work(workdir)` unless `key` is cached; commit atomically; name the step on failure."""
+    tmp = cache.reserve(key)
+    try:
+        with progress.step(label):
+            result = work(tmp)
+    except AccelcError:
+        cache.abandon(tmp)
+        raise
+    except KeyboardInterrupt:
+        cache.abandon(tmp)
+        raise
+    except Exception as exc:  # a pass's own bug or a library error: exit 4 naming the step
+        cache.abandon(tmp)
+        raise PassFailed(label, f"{type(exc).__name__}: {exc}") from exc
+    return tmp, result
+
+
+class PassManager:
+    def __init__(self, recipe, cache: StepCache):
+        self.recipe = recipe
+        self.cache = cache
+
+    def run_passes(self, bundle: Bundle) -> Bundle:
+        for step in self.recipe.passes:
+            params = step.model_dump(mode="json", exclude={"type"})
+            cls = registry.PASSES[step.type]
+            key = chain(bundle.id, f"pass:{step.type}", params)
+            start = time.perf_counter()
+            if self.cache.hit(key):
+                out = Bundle.load(self.cache.path(key))
+                progress.status(f"pass {step.type}: cached ({key[:12]})")
+                status = "cached"
+            else:
+                instance = cls(cls.Params(**params))
+                tmp, out = _run_step(self.cache, key, f"pass {step.type}",
+                                     lambda wd: instance.run(bundle, Context(self.recipe, wd)))
+                out = out.evolve(id=key)
+                final = self.cache.commit(key, tmp)
+                out = out.relocate(tmp, final)
+                out.save(final)
+                status = "ran"
+            record = PassRecord(step.type, params, key, round(time.perf_counter() - start, 3), status)
+            bundle = out.evolve(id=key, provenance=bundle.provenance + (record,))
+        return bundle
+
+    def lower(self, bundle: Bundle) -> list[Lowered]:
+        results = []
+        for step in self.recipe.targets:
+            params = step.model_dump(mode="json", exclude={"kind"})
+            cls = registry.TARGETS[step.kind]
+            key = chain(bundle.id, f"target:{step.kind}", params)
+            if self.cache.hit(key):
+                meta = json.loads((self.cache.path(key) / LOWERED_FILE).read_text())
+                progress.status(f"target {step.kind}: cached ({key[:12]})")
+                results.append(Lowered(step.kind, self.cache.path(key), meta["runtime"], params))
+                continue
+            instance = cls(cls.Params(**params))
+            tmp, runtime = _run_step(self.cache, key, f"target {step.kind}",
+                                     lambda wd: instance.lower(bundle, Context(self.recipe, wd)))
+            (tmp / LOWERED_FILE).write_text(json.dumps({"kind": step.kind, "runtime": runtime}, indent=2))
+            final = self.cache.commit(key, tmp)
+            results.append(Lowered(step.kind, final, runtime, params))
+        return results

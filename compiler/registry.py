@@ -1,0 +1,93 @@
+"""Explicit registries of passes and targets: a decorator and a dict, nothing more.
+
+A pass is a class with a pydantic `Params` model and `run(bundle, ctx) -> Bundle`; a target is a
+class with `Params` and `lower(bundle, ctx) -> Lowered`. Registering them here is what makes
+them usable from a recipe, listable by `accelc passes` and part of the recipe's JSON Schema.
+Modules register on import; `load_all()` imports the built-in ones (their heavy dependencies
+are imported lazily inside `run`/`lower`, so listing stays fast).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Params(BaseModel):
+    """Base of every pass/target parameter model: unknown keys are errors, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Pass:
+    """A model transformation. Subclasses set `name`, a one-line docstring and `Params`."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[Params]] = Params
+    # Data the pass needs from the recipe's `data` section (e.g. "calibration"); checked up front.
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, params: Params):
+        self.params = params
+
+    def run(self, bundle, ctx):  # -> Bundle
+        raise NotImplementedError
+
+
+class Target:
+    """A lowering to a deployment target. Subclasses set `kind`, a docstring and `Params`."""
+
+    kind: ClassVar[str]
+    Params: ClassVar[type[Params]] = Params
+
+    def __init__(self, params: Params):
+        self.params = params
+
+    def lower(self, bundle, ctx):  # -> Lowered
+        raise NotImplementedError
+
+
+PASSES: dict[str, type[Pass]] = {}
+TARGETS: dict[str, type[Target]] = {}
+
+BUILTIN_MODULES = (
+    "accelc.passes.export_onnx",
+    "accelc.passes.quantize",
+    "accelc.targets.cpu",
+)
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    if cls.name in PASSES and PASSES[cls.name] is not cls:
+        raise ValueError(f"pass '{cls.name}' registered twice")
+    PASSES[cls.name] = cls
+    return cls
+
+
+def register_target(cls: type[Target]) -> type[Target]:
+    if cls.kind in TARGETS and TARGETS[cls.kind] is not cls:
+        raise ValueError(f"target '{cls.kind}' registered twice")
+    TARGETS[cls.kind] = cls
+    return cls
+
+
+def load_all() -> None:
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+def describe(cls: type[Pass] | type[Target]) -> dict[str, Any]:
+    """Name, summary and every parameter with type, default and description (for `passes show`)."""
+    params = []
+    for field_name, field in cls.Params.model_fields.items():
+        params.append({
+            "name": field_name,
+            "type": getattr(field.annotation, "__name__", str(field.annotation)),
+            "default": None if field.is_required() else field.get_default(call_default_factory=True),
+            "required": field.is_required(),
+            "description": field.description or "",
+        })
+    doc = (cls.__doc__ or "").strip()
+    return {"name": getattr(cls, "name", getattr(cls, "kind", "")), "summary": doc.split("\n")[0],
+            "doc": doc, "params": params}

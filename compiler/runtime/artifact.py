@@ -1,0 +1,81 @@
+"""Open a compiled artifact directory and hand out its StepModels, tokenizer and decode plan.
+
+The runtime reads only the artifact (manifest.json and the files it names); it never imports
+passes or targets, so a deployment needs accelc's runtime and the backend's library, nothing else.
+"""
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+
+from accelc.errors import UsageError
+
+MANIFEST = "manifest.json"
+HF_DIR = "model/hf"
+ONNX_DIR = "model/onnx"
+
+
+class Artifact:
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        manifest = self.dir / MANIFEST
+        if not manifest.exists():
+            raise UsageError(f"{self.dir}: not an accelc artifact (no {MANIFEST}); "
+                             "create one with `accelc compile RECIPE -o DIR`")
+        try:
+            self.manifest = json.loads(manifest.read_text())
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{manifest}: corrupt manifest ({exc})") from None
+
+    @property
+    def plan(self) -> dict:
+        path = self.dir / "decode" / "plan.json"
+        return json.loads(path.read_text()) if path.exists() else {"strategy": "greedy"}
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return bool(self.manifest.get("model", {}).get("trust_remote_code", False))
+
+    def backends(self) -> dict[str, dict]:
+        """Backend name -> {"target": kind, "dir": target dir, "runtime": config}; torch always."""
+        out = {"torch": {"target": "source", "runtime": {}}}
+        for target in self.manifest.get("targets", []):
+            for backend, cfg in target["runtime"].items():
+                out.setdefault(backend, {"target": target["kind"], "dir": self.dir / target["dir"], "runtime": cfg})
+        return out
+
+    @cached_property
+    def tokenizer(self):
+        from accelc.families.causal_lm import load_tokenizer
+
+        return load_tokenizer(self.dir / HF_DIR, self.trust_remote_code)
+
+    def torch_model(self):
+        from accelc.families.causal_lm import load_model
+
+        return load_model(self.dir / HF_DIR, self.trust_remote_code)
+
+    def step_model(self, backend: str, torch_model=None):
+        available = self.backends()
+        if backend not in available:
+            raise UsageError(f"backend '{backend}' is not in this artifact; available: {', '.join(available)}")
+        entry = available[backend]
+        cfg = entry["runtime"]
+        if backend == "torch":
+            from accelc.runtime.torch_backend import TorchStepModel
+
+            return TorchStepModel(torch_model if torch_model is not None else self.torch_model())
+        if backend == "ort":
+            from accelc.runtime.ort_backend import OrtStepModel
+
+            graph = self.dir / self.manifest["graphs"][cfg["graph_role"]]
+            return OrtStepModel(graph, cfg["session"])
+        if backend == "tvm":
+            # TVM reads its thread count from the environment when its pool starts
+            os.environ.setdefault("TVM_NUM_THREADS", str(cfg.get("num_threads") or os.cpu_count()))
+            from accelc.runtime.tvm_backend import TVMStepModel
+
+            return TVMStepModel(entry["dir"] / cfg["dir"])
+        raise UsageError(f"backend '{backend}' has no runtime loader in this accelc version")

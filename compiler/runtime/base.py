@@ -1,0 +1,70 @@
+"""The StepModel protocol: the one interface every decoding algorithm is written against.
+
+A StepModel is a batch-1 causal LM with an explicit KV state. Logits cross the protocol as
+float32 numpy arrays of shape [k, vocab] (one row per fed token), token ids as int64 arrays,
+so a decoding loop never knows whether torch, ONNX Runtime or TVM computed them.
+
+    prefill(ids)            -> logits [T, V], state      (state.length == T)
+    extend(state, ids[k])   -> logits [k, V], new state  (k >= 1: verification of k drafts)
+    truncate(state, n)      -> state holding only the first n positions (rejected drafts)
+
+States are values: extend and truncate return new states and never invalidate the input one,
+which is what lets speculative decoding roll back cheaply.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class KVState:
+    """Past keys/values of every layer plus how many positions they hold.
+
+    `tensors` is backend specific (numpy arrays, torch tensors or TVM tensors), laid out as
+    [key_0, value_0, key_1, value_1, ...], each [1, kv_heads, length, head_dim].
+    """
+
+    length: int
+    tensors: tuple[Any, ...]
+
+
+@runtime_checkable
+class StepModel(Protocol):
+    name: str
+    vocab_size: int
+
+    def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, KVState]: ...
+
+    def extend(self, state: KVState, ids: np.ndarray) -> tuple[np.ndarray, KVState]: ...
+
+    def truncate(self, state: KVState, n: int) -> KVState: ...
+
+
+class KVStepModel:
+    """Shared plumbing: prefill is extend from an empty state; truncate slices the length axis."""
+
+    name = "base"
+    vocab_size: int
+
+    def empty_state(self) -> KVState:
+        raise NotImplementedError
+
+    def extend(self, state: KVState, ids: np.ndarray) -> tuple[np.ndarray, KVState]:
+        raise NotImplementedError
+
+    def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, KVState]:
+        return self.extend(self.empty_state(), np.asarray(ids, dtype=np.int64))
+
+    def truncate(self, state: KVState, n: int) -> KVState:
+        if not 0 <= n <= state.length:
+            raise ValueError(f"cannot truncate a KV state of length {state.length} to {n}")
+        if n == state.length:
+            return state
+        return KVState(n, tuple(t[:, :, :n, :] for t in state.tensors))
+
+    def kv_numpy(self, state: KVState) -> list[np.ndarray]:
+        """The KV tensors as numpy arrays (validation compares them across backends)."""
+        return [np.asarray(t) for t in state.tensors]

@@ -1,0 +1,1 @@
+"""accelc.targets: lowerings to deployment targets, one module per target kind."""

@@ -1,0 +1,79 @@
+"""cpu: lower a causal LM for CPU serving with ONNX Runtime and/or Apache TVM (llvm).
+
+ONNX Runtime runs the exported graph; what is lowered is its session configuration (threads,
+graph optimisation level, spinning), recorded so the artifact runs exactly as validated.
+TVM compiles the torch model of record through its Relax torch frontend into a VM library with
+a KV cache, for the host CPU (detected: `-mcpu=native` is silently generic in TVM 0.27).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Literal
+
+from pydantic import Field
+
+from accelc import registry
+from accelc.errors import UsageError
+
+
+class OrtOptions(registry.Params):
+    intra_op_threads: int = Field(0, ge=0, description="threads inside an op; 0 = one per physical core")
+    inter_op_threads: int = Field(1, ge=0, description="threads across ops (sequential execution uses 1)")
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    allow_spinning: bool = Field(False, description="spin-wait threads: faster on an idle machine, "
+                                 "much slower when cores are shared")
+
+
+class TvmOptions(registry.Params):
+    mcpu: str = Field("auto", description="LLVM CPU name; auto = the host CPU as LLVM names it")
+    num_threads: int = Field(0, ge=0, description="TVM runtime threads (TVM_NUM_THREADS); 0 = all cores")
+
+
+@registry.register_target
+class CpuTarget(registry.Target):
+    """CPU artifacts: ONNX Runtime session config and/or a TVM llvm VM library."""
+
+    kind = "cpu"
+
+    class Params(registry.Params):
+        backends: list[Literal["ort", "tvm"]] = Field(default_factory=lambda: ["ort", "tvm"], min_length=1)
+        ort: OrtOptions = Field(default_factory=OrtOptions)
+        tvm: TvmOptions = Field(default_factory=TvmOptions)
+
+    def lower(self, bundle, ctx):
+        runtime = {}
+        if "ort" in self.params.backends:
+            runtime["ort"] = self._lower_ort(bundle, ctx)
+        if "tvm" in self.params.backends:
+            runtime["tvm"] = self._lower_tvm(bundle, ctx)
+        return runtime
+
+    def _lower_ort(self, bundle, ctx):
+        if "decoder" not in bundle.graphs:
+            raise UsageError("the cpu target's ort backend needs an ONNX decoder: add `- type: export_onnx` "
+                             "to passes (or drop 'ort' from backends)")
+        import onnxruntime
+
+        session = self.params.ort.model_dump()
+        (ctx.workdir / "ort").mkdir()
+        (ctx.workdir / "ort" / "session.json").write_text(json.dumps(session, indent=2))
+        return {"graph_role": "decoder", "session": session, "onnxruntime": onnxruntime.__version__,
+                "provider": "CPUExecutionProvider"}
+
+    def _lower_tvm(self, bundle, ctx):
+        if bundle.family != "causal_lm":
+            raise UsageError("the cpu target's tvm backend lowers causal LM checkpoints only")
+        from accelc.errors import require
+
+        require("tvm", "pip install apache-tvm==0.27.0.post1")
+        from accelc.families.causal_lm import load_model
+        from accelc.targets import tvm_build
+
+        target = tvm_build.host_llvm_target()
+        if self.params.tvm.mcpu != "auto":
+            target = {**target, "mcpu": self.params.tvm.mcpu}
+        model = load_model(bundle.model_dir, bool(bundle.source.get("trust_remote_code")))
+        meta = tvm_build.lower_causal_lm(model, ctx.workdir / "tvm", target)
+        threads = self.params.tvm.num_threads or os.cpu_count()
+        return {"dir": "tvm", "target": target, "num_threads": threads, "meta": meta}
