@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -35,15 +36,25 @@ def dependency_versions() -> dict[str, str | None]:
 
 
 def check_writable(out: Path) -> None:
-    """Fail before any work if the output cannot be created (exit 2, nothing touched)."""
-    parent = out.absolute().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"output directory {out} is not writable ({probe} does not allow creating files)")
+    """Fail before any work if the output cannot be created (exit 2, nothing touched).
+
+    Permission bits say nothing for root and nothing about read-only mounts, so this creates
+    and removes a probe file in the nearest existing ancestor instead of asking os.access.
+    """
+    out = out.absolute()
     if out.exists() and not out.is_dir():
         raise UsageError(f"output path {out} exists and is not a directory")
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"output directory {out} cannot be created: {probe} is not a directory")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".accelc-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise UsageError(f"output directory {out} is not writable ({probe}: {exc.strerror})") from None
 
 
 class ArtifactWriter:

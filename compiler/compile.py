@@ -82,10 +82,10 @@ def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
         lowered = manager.lower(bundle)
         writer = ArtifactWriter(out)
         try:
-            cache_root = assets.cache_root().resolve()
+            owned_roots = {assets.cache_root().resolve(), cache.root.resolve()}
 
             def cache_owned(p: Path) -> bool:
-                return cache_root in p.resolve().parents
+                return any(root in p.resolve().parents for root in owned_roots)
 
             layout = _assemble(writer, bundle, lowered, cache_owned)
             plan = {"strategy": recipe.decode.strategy, **recipe.decode.model_dump(mode="json"), **bundle.plan}

@@ -5,6 +5,9 @@ calls in one module means moving that pin (or replacing the exporter) touches on
 """
 from __future__ import annotations
 
+import contextlib
+import sys
+import warnings
 from pathlib import Path
 
 from accelc.errors import require
@@ -23,10 +26,22 @@ def export_decoder_with_past(model_dir: Path, out_dir: Path, *, opset: int | Non
     fail at run time in ONNX Runtime (stack.md section 2), so this is the route that works.
     """
     exporters = require("optimum.exporters.onnx", INSTALL)
-    exporters.main_export(
-        str(model_dir), str(out_dir), task=TASK, opset=opset, local_files_only=True,
-        trust_remote_code=trust_remote_code, device="cpu", do_validation=False,
-    )
+    import transformers
+
+    # The tracer warns on every data-dependent branch of transformers' mask code (dozens of
+    # lines per export, all expected: the graph is validated against torch afterwards).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                exporters.main_export(
+                    str(model_dir), str(out_dir), task=TASK, opset=opset, local_files_only=True,
+                    trust_remote_code=trust_remote_code, device="cpu", do_validation=False,
+                )
+        finally:
+            transformers.logging.set_verbosity(verbosity)
     graph = out_dir / "model.onnx"
     if not graph.exists():
         raise RuntimeError(f"optimum wrote no model.onnx into {out_dir}")

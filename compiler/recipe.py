@@ -157,7 +157,13 @@ def _line_map(node: yaml.Node, path: tuple = (), lines: dict | None = None) -> d
 
 
 def _data_path(loc: tuple, data: Any) -> tuple:
-    """Drop pydantic's union tags from an error location, keeping only keys present in the data."""
+    """Turn a pydantic error location into a path through the recipe data.
+
+    Discriminated unions add the tag as a location part (passes[0].export_onnx.opset); such
+    parts name no key in the data and are dropped. The first key that is absent (an unknown or
+    a missing key) ends the path.
+    """
+    tags = set(registry.PASSES) | set(registry.TARGETS)
     out, cur = [], data
     for part in loc:
         if isinstance(cur, dict) and part in cur:
@@ -166,11 +172,11 @@ def _data_path(loc: tuple, data: Any) -> tuple:
         elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
             out.append(part)
             cur = cur[part]
-        elif isinstance(cur, (dict, list)) and not isinstance(part, int) and part not in ("function-after",):
-            # an unknown key (extra_forbidden) or a missing one: keep it, nothing deeper exists
-            if isinstance(cur, dict):
-                out.append(part)
-            cur = None
+        elif isinstance(part, str) and (part in tags or part.startswith("function-")):
+            continue
+        else:
+            out.append(part)
+            break
     return tuple(out)
 
 
