@@ -35,9 +35,25 @@ PROMPT_TEXT = (
 WARMUP_TOKENS = 4
 
 
-def _worker(artifact: str, backend: str, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process's address space.
+
+    VmHWM belongs to the address space created at exec, so a worker reports its own peak;
+    getrusage's ru_maxrss is carried across fork+exec from the parent on Linux and would
+    report the compile process's peak for every backend.
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _worker(artifact: str, backend: str, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
     from accelc.decoding.autoregressive import generate
     from accelc.runtime.artifact import Artifact
 
@@ -52,7 +68,7 @@ def _worker(artifact: str, backend: str, prompt_tokens: int, new_tokens: int, ro
         result = generate(model, ids, new_tokens)  # eos ignored: every run decodes new_tokens
         prefill.append(result.prefill_seconds * 1e3)
         decode.append(result.decode_tokens_per_second)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    peak_mb = peak_rss_mb()
     return {"backend": backend, "load_s": load_s, "prefill_ms": prefill, "decode_tok_s": decode,
             "peak_rss_mb": peak_mb}
 
