@@ -78,7 +78,7 @@ def cmd_run(args) -> int:
     sample = plan.get("strategy") == "sample" if args.temperature is None else args.temperature > 0
     sampler = Sampler(args.temperature if args.temperature is not None else plan.get("temperature", 1.0),
                       plan.get("top_k", 0), plan.get("top_p", 1.0)) if sample else Sampler()
-    eos = tuple(x for x in [tok.eos_token_id] if x is not None)
+    eos = art.eos_ids
     result = generate(model, ids, n, sampler=sampler, eos_ids=eos, seed=plan.get("seed", 0))
     text = tok.decode([t for t in result.tokens if t not in eos], skip_special_tokens=True)
     print(text)

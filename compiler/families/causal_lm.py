@@ -151,3 +151,17 @@ def encode_prompt(tokenizer, prompt: str, chat_template: bool) -> list[int]:
         return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                   add_generation_prompt=True, tokenize=True))
     return list(tokenizer(prompt)["input_ids"])
+
+
+def eos_ids(directory: Path, tokenizer) -> tuple[int, ...]:
+    """Every id that ends a generation: generation_config's (what transformers.generate stops
+    on) plus the tokenizer's. They disagree for GGUF-converted chat models, whose tokenizer
+    metadata names <|im_start|> while the turn really ends at <|im_end|>."""
+    ids: list[int] = []
+    config = directory / "generation_config.json"
+    if config.exists():
+        eos = json.loads(config.read_text()).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(int(i) for i in ids))

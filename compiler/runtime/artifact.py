@@ -52,6 +52,12 @@ class Artifact:
 
         return load_tokenizer(self.dir / HF_DIR, self.trust_remote_code)
 
+    @cached_property
+    def eos_ids(self) -> tuple[int, ...]:
+        from accelc.families.causal_lm import eos_ids
+
+        return eos_ids(self.dir / HF_DIR, self.tokenizer)
+
     def torch_model(self):
         from accelc.families.causal_lm import load_model
 
