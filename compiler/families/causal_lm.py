@@ -8,8 +8,6 @@ becomes an ONNX bundle that can only be lowered. Everything else downstream read
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from accelc import progress
@@ -40,16 +38,8 @@ def _builtin_dir(name: str) -> Path:
     final = assets.cache_root() / "models" / f"{name}-seed{tiny.SEED}"
     if (final / "config.json").exists():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-    tiny.build(name, tmp)
-    try:
-        os.replace(tmp, final)
-    except OSError:  # built concurrently by another process: same seed, same weights
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    # same seed, same weights: if another process publishes first, its copy is kept
+    return assets.publish_dir(tiny.build(name, assets.temp_sibling_dir(final)), final)
 
 
 def check_checkpoint(directory: Path) -> None:

