@@ -133,8 +133,8 @@ def prove(directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
     reports = directory / "reports"
     reports.mkdir(exist_ok=True)
     metrics: dict = {}
-    if manifest["model"]["family"] != "causal_lm":
-        return metrics, True
+    if manifest["model"]["family"] == "onnx":
+        return _prove_onnx(art, recipe, reports)
     torch_model = art.torch_model()
     tokenizer = art.tokenizer
     lowered = [b for b in art.backends() if b != "torch"]
@@ -204,3 +204,19 @@ def evaluate(art, text_spec: str, spec, models: dict | None = None) -> dict:
                            f"(max_ratio {spec.max_ratio})")
     return {"text": text_spec, "max_ratio": spec.max_ratio, "backends": results, "ok": failure is None,
             "failure": failure}
+
+
+def _prove_onnx(art, recipe, reports: Path) -> tuple[dict, bool]:
+    """An ONNX input can only be checked against itself: see validation.validate_onnx."""
+    from accelc.validation import validate_onnx
+
+    backends = art.backends()
+    if "ort" not in backends:
+        return {}, True
+    cfg = backends["ort"]["runtime"]
+    report = validate_onnx(art.dir / art.manifest["graphs"][cfg["graph_role"]], cfg["session"], recipe.eval.parity)
+    (reports / "validation.json").write_text(json.dumps(report, indent=2))
+    metrics = {"validation": {"ort": report["verdict"]}, "max_abs_diff": {"ort": report["backends"]["ort"]["max_abs_diff"]}}
+    if report["verdict"] != "pass":
+        metrics["failure"] = "the lowered ONNX Runtime session disagrees with the input graph (reports/validation.json)"
+    return metrics, report["verdict"] == "pass"

@@ -50,7 +50,8 @@ class CpuTarget(registry.Target):
         return runtime
 
     def _lower_ort(self, bundle, ctx):
-        if "decoder" not in bundle.graphs:
+        role = "model" if bundle.family == "onnx" else "decoder"
+        if role not in bundle.graphs:
             raise UsageError("the cpu target's ort backend needs an ONNX decoder: add `- type: export_onnx` "
                              "to passes (or drop 'ort' from backends)")
         import onnxruntime
@@ -58,7 +59,7 @@ class CpuTarget(registry.Target):
         session = self.params.ort.model_dump()
         (ctx.workdir / "ort").mkdir()
         (ctx.workdir / "ort" / "session.json").write_text(json.dumps(session, indent=2))
-        return {"graph_role": "decoder", "session": session, "onnxruntime": onnxruntime.__version__,
+        return {"graph_role": role, "session": session, "onnxruntime": onnxruntime.__version__,
                 "provider": "CPUExecutionProvider"}
 
     def _lower_tvm(self, bundle, ctx):
