@@ -1,0 +1,227 @@
+"""The speculative cost model: acceptance rate alpha, cost ratio c, and the draft length to use.
+
+Formulas (algorithms.md section 4 R2 and R6, Leviathan et al. 2023, i.i.d. acceptance alpha):
+
+    alpha = E[beta],  beta = sum_x min(p(x), q(x)) = 1 - TV(p, q)   per position, along target
+            trajectories (greedy: beta = 1 where the argmaxes agree, else 0)
+    E[tokens per verification round] = (1 - alpha^(gamma+1)) / (1 - alpha)
+    S(gamma) = (1 - alpha^(gamma+1)) / ((1 - alpha) (gamma c + v))     c = t_draft / t_target
+
+v is the cost of the one target call that scores gamma + 1 tokens, in target steps. The paper
+takes v = 1 (a memory-bound accelerator scores a few tokens for the price of one); on a CPU a
+measured v(gamma) > 1 makes the prediction honest. gamma* = argmax S over 1..gamma_max, and
+when no gamma predicts S > 1 the plan is plain autoregressive decoding (with v = 1 a gain is
+possible iff alpha > c).
+
+PEARL [derived here; algorithms.md 5 gives only the round time max(gamma t_d, t_t)]: with
+i.i.d. acceptance a pre-verify round commits 1 token and moves to post-verify with probability
+alpha; a post-verify round commits E[min(G + 1, gamma)] = (1 - alpha^gamma) / (1 - alpha)
+tokens (G the run of acceptances) and falls back with probability 1 - alpha^gamma. The
+two-state chain's stationary mix gives
+
+    E[tokens per round] = (1 - alpha^gamma) / ((1 - alpha) (1 + alpha - alpha^gamma))
+    S_PEARL(gamma) = E[tokens per round] / max(gamma c, v)
+
+which assumes the two workers truly overlap (two devices, or spare cores).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from accelc.decoding.autoregressive import Sampler, generate
+from accelc.decoding.speculative import check_pair
+from accelc.errors import UsageError
+from accelc.runtime.base import StepModel
+
+GAMMA_MAX = 16  # algorithms.md 4 R6: search gamma in 1..16, S is unimodal in practice
+MIN_GAIN = 1.0  # speculate only when the best predicted speedup exceeds plain decoding's 1.0
+CALIBRATION_NEW_TOKENS = 16  # target-sampled positions per calibration prompt
+TIMING_STEPS = 8    # one-token decode steps per timing repeat
+TIMING_REPEATS = 3  # medians over repeats: shared machines have noisy neighbours
+
+VerifyCost = float | Callable[[int], float]
+
+
+# --------------------------------------------------------------------------- alpha
+def acceptance_from_logits(target_logits: np.ndarray, draft_logits: np.ndarray,
+                           sampler: Sampler = Sampler()) -> np.ndarray:
+    """beta per paired row ([N, V] each): sum min(p, q) after the sampler's filtering, or for
+    greedy 1.0 where the argmaxes agree (the greedy rule's acceptance)."""
+    if target_logits.shape != draft_logits.shape:
+        raise UsageError(f"paired logits differ in shape: target {target_logits.shape}, draft {draft_logits.shape}")
+    if sampler.temperature == 0.0:
+        return (np.argmax(target_logits, -1) == np.argmax(draft_logits, -1)).astype(np.float64)
+    return np.array([np.minimum(sampler.probs(t), sampler.probs(d)).sum()
+                     for t, d in zip(target_logits, draft_logits)])
+
+
+@dataclass(frozen=True)
+class AlphaEstimate:
+    alpha: float
+    stderr: float  # of the mean, treating positions as independent
+    positions: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def estimate_alpha(target: StepModel, draft: StepModel, prompts: Sequence[Sequence[int]], *,
+                   sampler: Sampler = Sampler(), new_tokens: int = CALIBRATION_NEW_TOKENS,
+                   seed: int = 0) -> AlphaEstimate:
+    """alpha = 1 - E[TV(p, q)] on calibration prompts, along the target's own continuations.
+
+    Per prompt: the target generates `new_tokens` with `sampler`; then one prefill of each model
+    over prompt + continuation gives paired logits for every generated position.
+    """
+    check_pair(target, draft)
+    betas = []
+    for i, prompt in enumerate(prompts):
+        prompt = list(prompt)
+        cont = generate(target, prompt, new_tokens, sampler=sampler, seed=seed + i).tokens
+        seq = np.asarray(prompt + cont[:-1], dtype=np.int64)
+        t_logits, _ = target.prefill(seq)
+        d_logits, _ = draft.prefill(seq)
+        check_pair(target, draft, t_logits.shape[-1], d_logits.shape[-1])
+        rows = slice(len(prompt) - 1, None)  # the rows that predict the generated tokens
+        betas.append(acceptance_from_logits(t_logits[rows], d_logits[rows], sampler))
+    if not betas:
+        raise UsageError("estimating alpha needs at least one calibration prompt")
+    beta = np.concatenate(betas)
+    stderr = float(beta.std(ddof=1) / np.sqrt(beta.size)) if beta.size > 1 else float("inf")
+    return AlphaEstimate(float(beta.mean()), stderr, int(beta.size))
+
+
+# --------------------------------------------------------------------------- c
+@dataclass(frozen=True)
+class CostMeasurement:
+    cost_ratio: float            # c = draft step time / target step time
+    target_step_seconds: float
+    draft_step_seconds: float
+    verify_cost: dict = field(default_factory=dict)  # k -> target time to score k tokens, in target steps
+
+    def verify(self, gamma: int) -> float:
+        """v(gamma): scoring gamma + 1 tokens, interpolated from the measured k (1.0 if none)."""
+        if not self.verify_cost:
+            return 1.0
+        ks = sorted(self.verify_cost)
+        return float(np.interp(gamma + 1, ks, [self.verify_cost[k] for k in ks]))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "verify_cost": {str(k): v for k, v in self.verify_cost.items()}}
+
+
+def _step_seconds(model: StepModel, prompt: Sequence[int], steps: int, repeats: int) -> float:
+    logits, state = model.prefill(np.asarray(prompt, dtype=np.int64))
+    times = []
+    for _ in range(repeats):
+        s, tok = state, int(np.argmax(logits[-1]))
+        t = time.perf_counter()
+        for _ in range(steps):
+            out, s = model.extend(s, np.array([tok], dtype=np.int64))
+            tok = int(np.argmax(out[-1]))
+        times.append((time.perf_counter() - t) / steps)
+    return float(np.median(times))
+
+
+def measure_cost_ratio(target: StepModel, draft: StepModel, prompt: Sequence[int], *, steps: int = TIMING_STEPS,
+                       repeats: int = TIMING_REPEATS, verify_lengths: Sequence[int] = ()) -> CostMeasurement:
+    """Time one-token decode steps of both models on this backend (medians), and optionally the
+    target scoring k tokens in one call for each k in `verify_lengths`."""
+    check_pair(target, draft)
+    t_step = _step_seconds(target, prompt, steps, repeats)
+    d_step = _step_seconds(draft, prompt, steps, repeats)
+    verify = {}
+    if verify_lengths:
+        _, state = target.prefill(np.asarray(prompt, dtype=np.int64))
+        for k in verify_lengths:
+            ids = np.asarray((list(prompt) * k)[:k], dtype=np.int64)
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                target.extend(state, ids)
+                times.append(time.perf_counter() - t)
+            verify[int(k)] = float(np.median(times)) / t_step
+    return CostMeasurement(d_step / t_step, t_step, d_step, verify)
+
+
+# --------------------------------------------------------------------------- predictions
+def _check(alpha: float, gamma: int, c: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise UsageError(f"alpha must lie in [0, 1], got {alpha}")
+    if gamma < 1:
+        raise UsageError(f"gamma must be at least 1, got {gamma}")
+    if c < 0.0:
+        raise UsageError(f"the cost ratio c must be nonnegative, got {c}")
+
+
+def _v(verify_cost: VerifyCost, gamma: int) -> float:
+    return float(verify_cost(gamma)) if callable(verify_cost) else float(verify_cost)
+
+
+def expected_accepted_length(alpha: float, gamma: int) -> float:
+    """E[tokens per verification round] = (1 - alpha^(gamma+1)) / (1 - alpha) (gamma + 1 at alpha = 1)."""
+    _check(alpha, gamma, 0.0)
+    return float(gamma + 1) if alpha == 1.0 else (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: VerifyCost = 1.0) -> float:
+    """S(gamma) = (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + v)) against autoregressive decoding."""
+    _check(alpha, gamma, c)
+    return expected_accepted_length(alpha, gamma) / (gamma * c + _v(verify_cost, gamma))
+
+
+def pearl_tokens_per_round(alpha: float, gamma: int) -> float:
+    """(1 - alpha^gamma) / ((1 - alpha)(1 + alpha - alpha^gamma)); gamma at alpha = 1 (see module doc)."""
+    _check(alpha, gamma, 0.0)
+    if alpha == 1.0:
+        return float(gamma)
+    return (1.0 - alpha ** gamma) / ((1.0 - alpha) * (1.0 + alpha - alpha ** gamma))
+
+
+def pearl_predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: VerifyCost = 1.0) -> float:
+    """S_PEARL(gamma) = E[tokens per round] / max(gamma c, v): each round costs the slower worker."""
+    _check(alpha, gamma, c)
+    return pearl_tokens_per_round(alpha, gamma) / max(gamma * c, _v(verify_cost, gamma))
+
+
+@dataclass(frozen=True)
+class GammaChoice:
+    method: str               # "speculative" / "pearl", or "autoregressive" when nothing gains
+    gamma: int                # the best gamma (kept for the record even when falling back)
+    predicted_speedup: float  # S at that gamma
+    alpha: float
+    cost_ratio: float
+    reason: str
+    curve: dict = field(default_factory=dict)  # gamma -> predicted speedup
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "curve": {str(g): s for g, s in self.curve.items()}}
+
+
+def _choose(name: str, speedup: Callable[[int], float], alpha: float, c: float, gamma_max: int) -> GammaChoice:
+    if gamma_max < 1:
+        raise UsageError(f"gamma_max must be at least 1, got {gamma_max}")
+    curve = {g: speedup(g) for g in range(1, gamma_max + 1)}
+    best = max(curve, key=lambda g: (curve[g], -g))  # ties go to the shorter draft
+    s = curve[best]
+    if s <= MIN_GAIN:
+        return GammaChoice("autoregressive", best, s, alpha, c,
+                           f"no gain: the best predicted speedup is {s:.3f} at gamma={best} (alpha={alpha:.3f}, "
+                           f"c={c:.3f}), so decode autoregressively", curve)
+    return GammaChoice(name, best, s, alpha, c,
+                       f"gamma={best} maximises the predicted speedup {s:.3f} over 1..{gamma_max}", curve)
+
+
+def choose_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX, verify_cost: VerifyCost = 1.0) -> GammaChoice:
+    """gamma* = argmax S(gamma) over 1..gamma_max, or autoregressive when max S <= 1."""
+    return _choose("speculative", lambda g: predicted_speedup(alpha, g, c, verify_cost), alpha, c, gamma_max)
+
+
+def choose_pearl_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX,
+                       verify_cost: VerifyCost = 1.0) -> GammaChoice:
+    """PEARL's window: argmax S_PEARL(gamma), or autoregressive when max S_PEARL <= 1."""
+    return _choose("pearl", lambda g: pearl_predicted_speedup(alpha, g, c, verify_cost), alpha, c, gamma_max)

@@ -1,0 +1,139 @@
+"""PEARL: parallel speculative decoding with adaptive draft length (Liu et al., ICLR 2025).
+
+Vanilla speculative decoding alternates: the target idles while the draft drafts and the draft
+idles while the target verifies. PEARL runs both in every round, on two workers, from the same
+sequence x = verified tokens + U unverified drafts (algorithms.md section 5; the state machine
+of smart-lty/ParallelSpeculativeDecoding `parallel_speculative_decoding`):
+
+    draft worker:  draft gamma tokens d_0..d_{gamma-1} after x   (gamma one-token draft calls)
+    target worker: one extend over x's unfed tail -> p for every position from the first
+                   unverified one up to the position of d_0
+
+Pre-verify mode (U empty): the target's call yields p for d_0's position only, and d_0 is
+checked with the SD rule while the draft was already drafting d_1.. . Rejected: commit the
+residual sample, drop every draft, roll the draft back. Accepted: commit d_0, keep d_1..d_{g-1}
+as U (gamma - 1 unverified) and switch to post-verify.
+
+Post-verify mode (U = gamma - 1 drafts): while the target verifies U and d_0 (gamma positions,
+one call), the draft keeps drafting after them. All accepted: commit U and d_0, the new
+d_1.. become U, stay in post-verify: this is the adaptive draft length, runs of 2 gamma, 3 gamma
+... tokens continue without a break. A rejection at i: commit the accepted prefix and a
+residual sample, roll both models back with `truncate`, switch to pre-verify.
+
+Every committed token passes the exact SD rule min(1, p/q) with residual norm(max(p - q, 0))
+(there is no bonus token in PEARL), so the output is distributed exactly as the target's;
+at temperature 0 it is the target's greedy output. Randomness is per position (see
+`accelc.decoding.speculative`), so the threaded schedule and the deterministic sequential one
+(`concurrent=False`: the same maths, the draft's work then the target's in one thread) emit
+identical tokens for the same seed.
+
+Threads: the draft and the target each run on their own single worker thread; ONNX Runtime and
+torch release the GIL inside their kernels, and each backend keeps its own intra-op thread pool
+(for ORT the session options; give each model 1 thread on a 2-core machine). The coordinator
+only verifies.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence, TypeVar
+
+from accelc.decoding.autoregressive import GenerationResult, Sampler
+from accelc.decoding.speculative import (SpecStats, check_args, commit, draft_tokens, open_pair, own_sample,
+                                         verify_chain)
+from accelc.runtime.base import StepModel
+
+DEFAULT_GAMMA = 4  # PEARL's scripts use 3 to 5 (gamma ~ t_target / t_draft); the cost model refines it
+PRE, POST = "pre", "post"
+
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+class _Workers:
+    """Run the draft's job and the target's job of one round: concurrently or one after the other."""
+
+    def __init__(self, concurrent: bool):
+        self.concurrent = concurrent
+        self.busy = {"draft": 0.0, "target": 0.0}
+        self._pools = ({"draft": ThreadPoolExecutor(1, thread_name_prefix="accelc-pearl-draft"),
+                        "target": ThreadPoolExecutor(1, thread_name_prefix="accelc-pearl-target")}
+                       if concurrent else None)
+
+    def _timed(self, who: str, job: Callable[[], A]) -> Callable[[], A]:
+        def run() -> A:
+            t = time.perf_counter()
+            try:
+                return job()
+            finally:
+                self.busy[who] += time.perf_counter() - t
+        return run
+
+    def both(self, draft_job: Callable[[], A], target_job: Callable[[], B]) -> tuple[A, B]:
+        if not self.concurrent:
+            return self._timed("draft", draft_job)(), self._timed("target", target_job)()
+        fd = self._pools["draft"].submit(self._timed("draft", draft_job))
+        ft = self._pools["target"].submit(self._timed("target", target_job))
+        return fd.result(), ft.result()
+
+    def close(self) -> None:
+        if self._pools:
+            for pool in self._pools.values():
+                pool.shutdown(wait=True)
+
+
+def pearl_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], max_new_tokens: int, *,
+                   gamma: int = DEFAULT_GAMMA, sampler: Sampler = Sampler(), eos_ids: Sequence[int] = (),
+                   seed: int = 0, concurrent: bool = True) -> GenerationResult:
+    """PEARL with window `gamma`; `concurrent=False` is the deterministic single-thread schedule."""
+    check_args(prompt, max_new_tokens, gamma=gamma)
+    workers = _Workers(concurrent)
+    try:
+        t0 = time.perf_counter()
+        tgt, dft = open_pair(target, draft, prompt)
+        n_prompt = len(prompt)
+        tokens = list(prompt)  # verified
+        done = commit(tokens, [own_sample(tgt.next_logits, sampler, seed, n_prompt)], n_prompt,
+                      max_new_tokens, eos_ids)
+        t1 = time.perf_counter()
+        stats = SpecStats()
+        unverified: list[int] = []  # U: drafts after `tokens`, the target has not checked them
+        unverified_q: list = []     # their draft distributions (None when greedy)
+        mode, trace = PRE, []
+        transitions = {"pre_to_post": 0, "post_to_pre": 0}
+        while not done:
+            n = len(tokens)
+            x = tokens + unverified
+            # both workers start from x: the draft drafts gamma tokens after it, the target scores
+            # positions n .. len(x) (pre-verify: 1 row; post-verify: gamma rows)
+            (drafts, qs), rows = workers.both(lambda: draft_tokens(dft, x, gamma, sampler, seed),
+                                              lambda: tgt.logits_from(x, start=n))
+            checked, checked_q = unverified + drafts[:1], unverified_q + qs[:1]
+            j, t = verify_chain(rows, checked, checked_q, sampler, seed, n, stats)
+            stats.rounds += 1
+            stats.drafted += gamma
+            trace.append(mode)
+            before = len(tokens)
+            if t is None:  # all checked tokens accepted: the rest of this round's drafts become U
+                done = commit(tokens, checked, n_prompt, max_new_tokens, eos_ids)
+                unverified, unverified_q = drafts[1:], qs[1:]
+                if mode == PRE:
+                    transitions["pre_to_post"] += 1
+                mode = POST
+            else:  # rejection at j: keep the accepted prefix and the residual, roll both models back
+                done = commit(tokens, checked[:j] + [t], n_prompt, max_new_tokens, eos_ids)
+                unverified, unverified_q = [], []
+                tgt.rollback(n + j)
+                dft.rollback(n + j)
+                if mode == POST:
+                    transitions["post_to_pre"] += 1
+                mode = PRE
+            stats.round_tokens += len(tokens) - before
+        t2 = time.perf_counter()
+    finally:
+        workers.close()
+    # mode_trace: the mode each round ran in; draft/target busy seconds show how much they overlapped
+    return GenerationResult(tokens[n_prompt:], t1 - t0, t2 - t1, stats.as_dict(
+        tgt, dft, method="pearl", gamma=gamma, concurrent=concurrent, mode_trace=trace,
+        rounds_pre=trace.count(PRE), rounds_post=trace.count(POST), **transitions,
+        draft_busy_seconds=workers.busy["draft"], target_busy_seconds=workers.busy["target"]))

@@ -1,0 +1,121 @@
+"""The cost model: alpha from paired logits, cost ratio timing, gamma choice and its fallback."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from accelc.decoding.autoregressive import Sampler
+from accelc.decoding.cost_model import (GAMMA_MAX, acceptance_from_logits, choose_gamma, choose_pearl_gamma,
+                                        estimate_alpha, expected_accepted_length, measure_cost_ratio,
+                                        pearl_predicted_speedup, predicted_speedup)
+from accelc.decoding.speculative import tv_distance
+from accelc.errors import UsageError
+from test_speculative import TableModel, noisy, random_table, unigram
+
+ALPHAS = [0.0, 0.2, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0]
+COSTS = [0.0, 0.01, 0.05, 0.1, 0.3, 0.6, 1.0, 2.0]
+
+
+def test_alpha_of_a_draft_equal_to_the_target_is_one():
+    table = random_table(6, seed=0)
+    for sampler in (Sampler(), Sampler(temperature=1.0), Sampler(temperature=0.7, top_p=0.9)):
+        est = estimate_alpha(TableModel(table), TableModel(table.copy()), [[1, 2], [3]], sampler=sampler)
+        assert est.alpha == pytest.approx(1.0, abs=1e-12) and est.positions == 32
+
+
+def test_alpha_of_a_unigram_pair_is_one_minus_tv():
+    p_logits, q_logits = np.log([0.6, 0.3, 0.1]), np.log([0.2, 0.5, 0.3])
+    sampler = Sampler(temperature=1.0)
+    est = estimate_alpha(unigram(p_logits), unigram(q_logits), [[0], [1, 2]], sampler=sampler, new_tokens=8)
+    assert est.alpha == pytest.approx(1 - tv_distance(sampler.probs(p_logits), sampler.probs(q_logits)))
+    assert estimate_alpha(unigram(p_logits), unigram(q_logits), [[0]]).alpha == 0.0  # greedy: argmaxes differ
+
+
+def test_alpha_predicts_the_measured_acceptance_rate():
+    from accelc.decoding.speculative import speculative_generate
+
+    target = TableModel(random_table(6, seed=1))
+    draft = TableModel(noisy(target.table, seed=2, sigma=0.6))
+    sampler = Sampler(temperature=1.0)
+    prompts = [[i] for i in range(6)]
+    est = estimate_alpha(target, draft, prompts, sampler=sampler, new_tokens=200)
+    acc = ver = 0
+    for seed in range(10):
+        r = speculative_generate(target, draft, [seed % 6], 150, gamma=3, sampler=sampler, seed=seed)
+        acc, ver = acc + r.stats["accepted"], ver + r.stats["verified"]
+    assert 0.3 < est.alpha < 0.95
+    assert acc / ver == pytest.approx(est.alpha, abs=0.05)
+
+
+def test_acceptance_from_logits_rejects_mismatched_pairs():
+    with pytest.raises(UsageError, match="shape"):
+        acceptance_from_logits(np.zeros((3, 4)), np.zeros((3, 5)))
+
+
+def test_expected_length_and_speedup_formulas():
+    assert expected_accepted_length(1.0, 4) == 5.0
+    assert expected_accepted_length(0.0, 4) == 1.0
+    assert expected_accepted_length(0.5, 2) == pytest.approx(1.75)
+    assert predicted_speedup(0.5, 2, 0.1) == pytest.approx(1.75 / 1.2)
+    assert predicted_speedup(0.5, 2, 0.1, verify_cost=lambda g: 1.5) == pytest.approx(1.75 / 1.7)
+    # PEARL: a perfect draft commits gamma tokens a round for the price of the slower worker
+    assert pearl_predicted_speedup(1.0, 4, 0.1) == pytest.approx(4.0)
+    assert pearl_predicted_speedup(0.0, 4, 0.1) == pytest.approx(1.0)
+    assert pearl_predicted_speedup(0.8, 5, 0.2) > predicted_speedup(0.8, 5, 0.2)
+    with pytest.raises(UsageError):
+        predicted_speedup(1.2, 2, 0.1)
+
+
+def test_gamma_choice_is_the_brute_force_argmax():
+    for alpha in ALPHAS:
+        for c in COSTS:
+            def s(g):
+                if alpha == 1.0:
+                    return (g + 1) / (g * c + 1)
+                return (1 - alpha ** (g + 1)) / ((1 - alpha) * (g * c + 1))
+            best = max(range(1, GAMMA_MAX + 1), key=lambda g: (s(g), -g))
+            choice = choose_gamma(alpha, c)
+            assert choice.gamma == best and choice.predicted_speedup == pytest.approx(s(best))
+            # a gain is possible iff alpha > c (algorithms.md 4 R6)
+            assert (choice.method == "speculative") == (alpha > c), (alpha, c)
+            pearl = choose_pearl_gamma(alpha, c)
+            assert pearl.predicted_speedup == pytest.approx(
+                max(pearl_predicted_speedup(alpha, g, c) for g in range(1, GAMMA_MAX + 1)))
+
+
+def test_large_draft_cost_falls_back_to_autoregressive():
+    choice = choose_gamma(0.8, 0.9)
+    assert choice.method == "autoregressive"
+    assert "no gain" in choice.reason and choice.predicted_speedup <= 1.0
+    assert choose_gamma(0.8, 0.05, verify_cost=5.0).method == "autoregressive"  # a slow verifier too
+    d = choose_gamma(0.9, 0.05).to_dict()
+    assert d["method"] == "speculative" and d["curve"]["1"] > 1.0
+
+
+class Slow(TableModel):
+    def __init__(self, table, seconds):
+        super().__init__(table)
+        self.seconds = seconds
+
+    def extend(self, state, ids):
+        time.sleep(self.seconds)
+        return super().extend(state, ids)
+
+
+def test_cost_ratio_is_measured_per_decode_step():
+    table = random_table(4, seed=0)
+    m = measure_cost_ratio(Slow(table, 0.010), Slow(table, 0.0025), [1, 2], steps=4, repeats=3,
+                           verify_lengths=(1, 4))
+    # sleeps only ever overshoot, and a busy shared machine makes them jitter: loose bounds
+    assert 0.1 < m.cost_ratio < 0.5
+    assert 0.5 < m.verify_cost[1] < 2.0 and 0.5 < m.verify(3) < 2.0
+    assert set(m.to_dict()) == {"cost_ratio", "target_step_seconds", "draft_step_seconds", "verify_cost"}
+
+
+def test_vocabulary_mismatch_is_a_usage_error():
+    with pytest.raises(UsageError, match="vocabulary"):
+        estimate_alpha(TableModel(random_table(4, seed=0)), TableModel(random_table(5, seed=0)), [[1]])
+    with pytest.raises(UsageError, match="vocabulary"):
+        measure_cost_ratio(TableModel(random_table(4, seed=0)), TableModel(random_table(5, seed=0)), [1])
