@@ -57,20 +57,28 @@ def _worker(artifact: str, backend: str, prompt_tokens: int, new_tokens: int, ro
     from accelc.decoding.autoregressive import generate
     from accelc.runtime.artifact import Artifact
 
+    from accelc.decoding.plan import run_plan
+
     art = Artifact(artifact)
     t0 = time.perf_counter()
-    model = art.step_model(backend)
+    model, draft = art.decode_pair(backend)
     load_s = time.perf_counter() - t0
     ids = list(art.tokenizer(PROMPT_TEXT * 8)["input_ids"])[:prompt_tokens]
     generate(model, ids[:8], WARMUP_TOKENS)  # first-call allocations and lazy init out of the timing
-    prefill, decode = [], []
+    prefill, decode, plan_decode, plan_stats = [], [], [], []
     for _ in range(rounds):
         result = generate(model, ids, new_tokens)  # eos ignored: every run decodes new_tokens
         prefill.append(result.prefill_seconds * 1e3)
         decode.append(result.decode_tokens_per_second)
-    peak_mb = peak_rss_mb()
-    return {"backend": backend, "load_s": load_s, "prefill_ms": prefill, "decode_tok_s": decode,
-            "peak_rss_mb": peak_mb}
+        if draft is not None:  # the artifact's rewritten loop, on the same prompt and length
+            rewritten = run_plan(art.plan, model, draft, ids, new_tokens)
+            plan_decode.append(rewritten.decode_tokens_per_second)
+            plan_stats.append(rewritten.stats)
+    out = {"backend": backend, "load_s": load_s, "prefill_ms": prefill, "decode_tok_s": decode,
+           "peak_rss_mb": peak_rss_mb()}
+    if draft is not None:
+        out.update(plan_decode_tok_s=plan_decode, plan_stats=plan_stats)
+    return out
 
 
 def _run_worker(artifact: Path, backend: str, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
@@ -110,6 +118,14 @@ def bench(artifact: Path, spec, backends: list[str] | None = None) -> dict:
             "new_tokens": spec.tvm_new_tokens if backend == "tvm" else spec.new_tokens,
             "runs": runs,
         }
+        plan_rates = [x for r in runs for x in r.get("plan_decode_tok_s", [])]
+        if plan_rates:  # the decode plan (e.g. speculative) against plain decoding, same process
+            stats = [s for r in runs for s in r["plan_stats"]]
+            rows[backend].update(
+                plan_decode_tok_s_median=statistics.median(plan_rates),
+                plan_speedup_vs_autoregressive=statistics.median(plan_rates) / rows[backend]["decode_tok_s_median"],
+                plan_acceptance_rate=statistics.median(s.get("acceptance_rate", float("nan")) for s in stats),
+                plan_mean_accepted_length=statistics.median(s.get("mean_accepted_length", float("nan")) for s in stats))
     base = rows["torch"]
     for row in rows.values():
         row["decode_speedup_vs_torch"] = row["decode_tok_s_median"] / base["decode_tok_s_median"]

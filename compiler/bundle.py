@@ -38,10 +38,16 @@ class Bundle:
     family: str                          # "causal_lm" | "onnx"
     source: Mapping[str, Any]            # identity of the input model: description, sha256, files
     model_dir: Path | None               # HF folder (config, safetensors, tokenizer); None for ONNX input
+    draft_dir: Path | None = None        # HF folder of a draft model for speculative decoding
     graphs: Mapping[str, Path] = field(default_factory=dict)        # role -> ONNX file
     graph_meta: Mapping[str, Any] = field(default_factory=dict)     # IO names, KV layout, exporter
     plan: Mapping[str, Any] = field(default_factory=dict)           # decode plan (strategy + params)
     provenance: tuple[PassRecord, ...] = ()
+
+    def checkpoints(self) -> dict[str, Path]:
+        """The torch checkpoints this bundle carries, by role: what exporters and targets lower."""
+        roles = {"decoder": self.model_dir, "draft": self.draft_dir}
+        return {role: path for role, path in roles.items() if path is not None}
 
     def evolve(self, **changes) -> "Bundle":
         return dataclasses.replace(self, **changes)
@@ -51,6 +57,7 @@ class Bundle:
         return {
             "id": self.id, "family": self.family, "source": dict(self.source),
             "model_dir": str(self.model_dir) if self.model_dir else None,
+            "draft_dir": str(self.draft_dir) if self.draft_dir else None,
             "graphs": {k: str(v) for k, v in self.graphs.items()},
             "graph_meta": dict(self.graph_meta), "plan": dict(self.plan),
             "provenance": [dataclasses.asdict(p) for p in self.provenance],
@@ -61,6 +68,7 @@ class Bundle:
         return cls(
             id=data["id"], family=data["family"], source=data["source"],
             model_dir=Path(data["model_dir"]) if data["model_dir"] else None,
+            draft_dir=Path(data["draft_dir"]) if data.get("draft_dir") else None,
             graphs={k: Path(v) for k, v in data["graphs"].items()},
             graph_meta=data["graph_meta"], plan=data["plan"],
             provenance=tuple(PassRecord(**p) for p in data["provenance"]),
@@ -82,7 +90,7 @@ class Bundle:
                 return new_root / p.relative_to(old_root)
             except ValueError:
                 return p
-        return self.evolve(model_dir=move(self.model_dir),
+        return self.evolve(model_dir=move(self.model_dir), draft_dir=move(self.draft_dir),
                            graphs={k: move(v) for k, v in self.graphs.items()})
 
 

@@ -64,26 +64,28 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from accelc.decoding.autoregressive import Sampler, generate
+    from accelc.decoding.plan import run_plan, sampler_of
     from accelc.families.causal_lm import encode_prompt
     from accelc.runtime.artifact import Artifact
 
     art = Artifact(args.artifact)
     plan = art.plan
     backend = args.backend or ("ort" if "ort" in art.backends() else "torch")
-    model = art.step_model(backend)
+    target, draft = art.decode_pair(backend)
     tok = art.tokenizer
     ids = encode_prompt(tok, args.prompt, plan.get("chat_template", True) and not args.raw)
     n = args.max_new_tokens or plan.get("max_new_tokens", 64)
-    sample = plan.get("strategy") == "sample" if args.temperature is None else args.temperature > 0
-    sampler = Sampler(args.temperature if args.temperature is not None else plan.get("temperature", 1.0),
-                      plan.get("top_k", 0), plan.get("top_p", 1.0)) if sample else Sampler()
     eos = art.eos_ids
-    result = generate(model, ids, n, sampler=sampler, eos_ids=eos, seed=plan.get("seed", 0))
-    text = tok.decode([t for t in result.tokens if t not in eos], skip_special_tokens=True)
-    print(text)
-    progress.status(f"{backend}: {len(result.tokens)} tokens, prefill {result.prefill_seconds * 1e3:.0f} ms, "
-                    f"decode {result.decode_tokens_per_second:.1f} tok/s")
+    result = run_plan(plan, target, draft, ids, n, eos_ids=eos, sampler=sampler_of(plan, args.temperature))
+    print(tok.decode([t for t in result.tokens if t not in eos], skip_special_tokens=True))
+    stats = result.stats
+    extra = ""
+    if "acceptance_rate" in stats:
+        extra = (f", acceptance {stats['acceptance_rate']:.2f}, mean accepted length "
+                 f"{stats['mean_accepted_length']:.2f}, target calls {stats['target_calls']}, "
+                 f"draft calls {stats['draft_calls']}")
+    progress.status(f"{backend} [{plan.get('strategy', 'greedy')}]: {len(result.tokens)} tokens, prefill "
+                    f"{result.prefill_seconds * 1e3:.0f} ms, decode {result.decode_tokens_per_second:.1f} tok/s{extra}")
     if args.show_tokens:
         print(json.dumps(result.tokens))
     return 0

@@ -17,6 +17,7 @@ from accelc.artifacts import ArtifactWriter, base_manifest, check_writable
 from accelc.errors import ValidationFailed
 from accelc.pipeline import PassManager, StepCache
 from accelc.recipe import recipe_dict, recipe_hash, resolve_path
+from accelc.runtime.artifact import HF_DIRS
 
 
 def output_dir(recipe, out: str | None) -> Path:
@@ -44,13 +45,14 @@ def plan_summary(recipe, out: Path) -> dict:
 def _assemble(writer: ArtifactWriter, bundle, lowered, cache_owned) -> dict:
     """Lay the bundle and target outputs out as the artifact tree; return the manifest's file map."""
     graphs = {}
-    if bundle.model_dir is not None:
-        # the torch model of record and its tokenizer travel with the artifact: `run --backend
-        # torch`, validation and `eval` need them. Copy user folders (a later save_pretrained
-        # rewrites their files in place), hard-link cache-owned ones.
-        for src in sorted(bundle.model_dir.iterdir()):
+    # the torch models of record and their tokenizer travel with the artifact: `run --backend
+    # torch`, validation and `eval` need them. Copy user folders (a later save_pretrained
+    # rewrites their files in place), hard-link cache-owned ones.
+    for role, checkpoint in bundle.checkpoints().items():
+        rel = HF_DIRS["target" if role == "decoder" else role]
+        for src in sorted(checkpoint.iterdir()):
             if src.is_file():
-                writer.place(src, f"model/hf/{src.name}", link=cache_owned(src))
+                writer.place(src, f"{rel}/{src.name}", link=cache_owned(src))
     for role, graph in bundle.graphs.items():
         rel = f"model/onnx/{role}.onnx"
         writer.place(graph, rel, link=cache_owned(graph))
@@ -140,12 +142,23 @@ def prove(directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
     lowered = [b for b in art.backends() if b != "torch"]
     step_models = {b: art.step_model(b) for b in lowered}
 
-    from accelc.validation import validate
+    from accelc.validation import validate, validate_plan
 
     report = validate(torch_model, tokenizer, step_models, recipe.eval.parity)
+    if "draft" in art.roles():
+        # the draft's graphs are lowered too: hold them to the same parity against the torch draft
+        drafts = {b: art.step_model(b, "draft") for b in lowered}
+        report["draft"] = validate(art.torch_model("draft"), tokenizer, drafts, recipe.eval.parity)
+        report["verdict"] = "pass" if report["verdict"] == report["draft"]["verdict"] == "pass" else "fail"
+    if art.plan.get("strategy") not in ("greedy", "sample") and recipe.eval.parity.greedy_tokens:
+        report["decode_plan"] = validate_plan(art, report["cases"], eos=art.eos_ids)
+        if report["decode_plan"]["verdict"] != "pass":
+            report["verdict"] = "fail"
     (reports / "validation.json").write_text(json.dumps(report, indent=2))
     metrics["validation"] = {name: v["verdict"] for name, v in report["backends"].items()}
     metrics["max_abs_diff"] = {name: v["max_abs_diff"] for name, v in report["backends"].items()}
+    if "decode_plan" in report:
+        metrics["validation"]["decode_plan"] = report["decode_plan"]["verdict"]
     if report["verdict"] != "pass":
         failed = [n for n, v in report["backends"].items() if v["verdict"] != "pass"]
         metrics["failure"] = f"parity/greedy mismatch on backend(s) {', '.join(failed)} (reports/validation.json)"
@@ -214,7 +227,8 @@ def _prove_onnx(art, recipe, reports: Path) -> tuple[dict, bool]:
     if "ort" not in backends:
         return {}, True
     cfg = backends["ort"]["runtime"]
-    report = validate_onnx(art.dir / art.manifest["graphs"][cfg["graph_role"]], cfg["session"], recipe.eval.parity)
+    report = validate_onnx(art.dir / art.manifest["graphs"][cfg["graphs"]["target"]], cfg["session"],
+                           recipe.eval.parity)
     (reports / "validation.json").write_text(json.dumps(report, indent=2))
     metrics = {"validation": {"ort": report["verdict"]}, "max_abs_diff": {"ort": report["backends"]["ort"]["max_abs_diff"]}}
     if report["verdict"] != "pass":

@@ -38,7 +38,7 @@ class PassFailed(AccelcError):
     exit_code = 4
 
     def __init__(self, pass_name: str, reason: str):
-        super().__init__(f"pass '{pass_name}' failed: {reason}")
+        super().__init__(f"'{pass_name}' failed: {reason}")
         self.pass_name = pass_name
 
 

@@ -91,7 +91,7 @@ class StepCache:
 
 
 def _run_step(cache: StepCache, key: str, label: str, work):
-    """Run `work(workdir)` unless `key` is cached; commit atomically; name the step on failure."""
+    """Run `work(workdir)` in a fresh step directory; name the step (`label`) on failure."""
     tmp = cache.reserve(key)
     try:
         with progress.step(label):
@@ -104,7 +104,7 @@ def _run_step(cache: StepCache, key: str, label: str, work):
         raise
     except Exception as exc:  # a pass's own bug or a library error: exit 4 naming the step
         cache.abandon(tmp)
-        raise PassFailed(label, f"{type(exc).__name__}: {exc}") from exc
+        raise PassFailed(label.split(" ", 1)[-1], f"{type(exc).__name__}: {exc}") from exc
     return tmp, result
 
 

@@ -54,6 +54,7 @@ TARGETS: dict[str, type[Target]] = {}
 BUILTIN_MODULES = (
     "accelc.passes.export_onnx",
     "accelc.passes.quantize",
+    "accelc.passes.speculative",
     "accelc.targets.cpu",
 )
 

@@ -95,6 +95,28 @@ def validate(torch_model, tokenizer, backends: dict, spec) -> dict:
             "backends": verdicts, "cases": cases}
 
 
+def validate_plan(art, cases: list[dict], eos: tuple[int, ...]) -> dict:
+    """A rewritten generation loop must give the same greedy tokens as the target alone, on every
+    backend: run the artifact's decode plan at temperature 0 on each validation prompt."""
+    from accelc.decoding.autoregressive import Sampler
+    from accelc.decoding.plan import run_plan
+
+    rows = {}
+    for backend in art.backends():
+        target, draft = art.decode_pair(backend)
+        checks = []
+        for case in cases:
+            ids = list(art.tokenizer(case["prompt"])["input_ids"])
+            with progress.step(f"validate: decode plan '{art.plan['strategy']}' on {backend}"):
+                got = run_plan(art.plan, target, draft, ids, len(case["expected_tokens"]), eos_ids=eos,
+                               sampler=Sampler())
+            checks.append({"prompt": case["prompt"], "tokens": got.tokens, "match": got.tokens == case["expected_tokens"],
+                           "stats": got.stats})
+        rows[backend] = {"verdict": "pass" if all(c["match"] for c in checks) else "fail", "cases": checks}
+    return {"strategy": art.plan["strategy"], "check": "greedy tokens equal transformers.generate",
+            "verdict": "pass" if all(r["verdict"] == "pass" for r in rows.values()) else "fail", "backends": rows}
+
+
 # ------------------------------------------------------------------ ONNX input (lowering only)
 
 ONNX_DYNAMIC_DIM = 4  # size given to symbolic dimensions when making parity inputs

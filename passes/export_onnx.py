@@ -1,4 +1,5 @@
-"""export_onnx: the decoder as one ONNX graph with a KV cache (prefill, 1-step and k-step decode)."""
+"""export_onnx: each decoder (the target, and a draft if the bundle has one) as one ONNX graph with a
+KV cache: the same graph prefills, decodes one token and verifies k tokens."""
 from __future__ import annotations
 
 from pydantic import Field
@@ -23,13 +24,15 @@ class ExportOnnx(registry.Pass):
 
         from accelc import optimum_adapter
 
-        graph = optimum_adapter.export_decoder_with_past(
-            bundle.model_dir, ctx.workdir / "onnx", opset=self.params.opset,
-            trust_remote_code=bool(bundle.source.get("trust_remote_code")))
-        model = onnx.load(str(graph), load_external_data=False)
-        inputs = [i.name for i in model.graph.input]
-        outputs = [o.name for o in model.graph.output]
-        meta = {"exporter": "optimum-onnx", "task": optimum_adapter.TASK, "inputs": inputs,
-                "outputs": outputs, "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))}
-        return bundle.evolve(graphs={**bundle.graphs, "decoder": graph},
-                             graph_meta={**bundle.graph_meta, "decoder": meta})
+        graphs, metas = {}, {}
+        for role, checkpoint in bundle.checkpoints().items():  # the target, and a draft if any
+            graph = optimum_adapter.export_decoder_with_past(
+                checkpoint, ctx.workdir / role, opset=self.params.opset,
+                trust_remote_code=bool(bundle.source.get("trust_remote_code")))
+            model = onnx.load(str(graph), load_external_data=False)
+            graphs[role] = graph
+            metas[role] = {"exporter": "optimum-onnx", "task": optimum_adapter.TASK,
+                           "inputs": [i.name for i in model.graph.input],
+                           "outputs": [o.name for o in model.graph.output],
+                           "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))}
+        return bundle.evolve(graphs={**bundle.graphs, **graphs}, graph_meta={**bundle.graph_meta, **metas})

@@ -50,8 +50,10 @@ class CpuTarget(registry.Target):
         return runtime
 
     def _lower_ort(self, bundle, ctx):
-        role = "model" if bundle.family == "onnx" else "decoder"
-        if role not in bundle.graphs:
+        # role in the decode plan -> graph role in the bundle
+        graphs = {"target": "model"} if bundle.family == "onnx" else \
+            {"target": "decoder", **({"draft": "draft"} if "draft" in bundle.graphs else {})}
+        if graphs["target"] not in bundle.graphs:
             raise UsageError("the cpu target's ort backend needs an ONNX decoder: add `- type: export_onnx` "
                              "to passes (or drop 'ort' from backends)")
         import onnxruntime
@@ -59,7 +61,7 @@ class CpuTarget(registry.Target):
         session = self.params.ort.model_dump()
         (ctx.workdir / "ort").mkdir()
         (ctx.workdir / "ort" / "session.json").write_text(json.dumps(session, indent=2))
-        return {"graph_role": role, "session": session, "onnxruntime": onnxruntime.__version__,
+        return {"graphs": graphs, "session": session, "onnxruntime": onnxruntime.__version__,
                 "provider": "CPUExecutionProvider"}
 
     def _lower_tvm(self, bundle, ctx):
@@ -74,7 +76,11 @@ class CpuTarget(registry.Target):
         target = tvm_build.host_llvm_target()
         if self.params.tvm.mcpu != "auto":
             target = {**target, "mcpu": self.params.tvm.mcpu}
-        model = load_model(bundle.model_dir, bool(bundle.source.get("trust_remote_code")))
-        meta = tvm_build.lower_causal_lm(model, ctx.workdir / "tvm", target)
+        trust = bool(bundle.source.get("trust_remote_code"))
+        dirs, metas = {}, {}
+        for role, checkpoint in bundle.checkpoints().items():
+            name = "target" if role == "decoder" else role
+            dirs[name] = f"tvm/{name}"
+            metas[name] = tvm_build.lower_causal_lm(load_model(checkpoint, trust), ctx.workdir / dirs[name], target)
         threads = self.params.tvm.num_threads or os.cpu_count()
-        return {"dir": "tvm", "target": target, "num_threads": threads, "meta": meta}
+        return {"dirs": dirs, "target": target, "num_threads": threads, "meta": metas}

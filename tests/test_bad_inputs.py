@@ -82,7 +82,7 @@ def test_failed_pass_exits_4_and_keeps_previous_artifact(cli, tiny_recipe, tmp_p
                                intermediate_size=64)).save_pretrained(bert)
     byte_tokenizer().save_pretrained(bert)
     code, _, err = cli("compile", model_recipe(tmp_path, bert), "-o", out)
-    assert code == 4 and "pass export_onnx" in err.splitlines()[-1] and "Traceback" not in err
+    assert code == 4 and "'export_onnx' failed" in err.splitlines()[-1] and "Traceback" not in err
     assert (out / "manifest.json").read_text() == before
     assert not list(tmp_path.glob(".out.tmp-*"))
 

@@ -14,6 +14,7 @@ from accelc.errors import UsageError
 
 MANIFEST = "manifest.json"
 HF_DIR = "model/hf"
+HF_DIRS = {"target": HF_DIR, "draft": "model/draft_hf"}  # torch checkpoints by decode role
 ONNX_DIR = "model/onnx"
 
 
@@ -58,12 +59,16 @@ class Artifact:
 
         return eos_ids(self.dir / HF_DIR, self.tokenizer)
 
-    def torch_model(self):
+    def roles(self) -> list[str]:
+        """Decode roles this artifact carries: always "target", plus "draft" for speculative plans."""
+        return [role for role, rel in HF_DIRS.items() if (self.dir / rel / "config.json").exists()]
+
+    def torch_model(self, role: str = "target"):
         from accelc.families.causal_lm import load_model
 
-        return load_model(self.dir / HF_DIR, self.trust_remote_code)
+        return load_model(self.dir / HF_DIRS[role], self.trust_remote_code)
 
-    def step_model(self, backend: str, torch_model=None):
+    def step_model(self, backend: str, role: str = "target", torch_model=None):
         available = self.backends()
         if backend not in available:
             raise UsageError(f"backend '{backend}' is not in this artifact; available: {', '.join(available)}")
@@ -72,16 +77,28 @@ class Artifact:
         if backend == "torch":
             from accelc.runtime.torch_backend import TorchStepModel
 
-            return TorchStepModel(torch_model if torch_model is not None else self.torch_model())
+            if role not in self.roles():
+                raise UsageError(f"this artifact has no '{role}' model")
+            return TorchStepModel(torch_model if torch_model is not None else self.torch_model(role))
         if backend == "ort":
             from accelc.runtime.ort_backend import OrtStepModel
 
-            graph = self.dir / self.manifest["graphs"][cfg["graph_role"]]
+            if role not in cfg["graphs"]:
+                raise UsageError(f"the ort backend of this artifact has no '{role}' graph")
+            graph = self.dir / self.manifest["graphs"][cfg["graphs"][role]]
             return OrtStepModel(graph, cfg["session"])
         if backend == "tvm":
+            if role not in cfg["dirs"]:
+                raise UsageError(f"the tvm backend of this artifact has no '{role}' library")
             # TVM reads its thread count from the environment when its pool starts
             os.environ.setdefault("TVM_NUM_THREADS", str(cfg.get("num_threads") or os.cpu_count()))
             from accelc.runtime.tvm_backend import TVMStepModel
 
-            return TVMStepModel(entry["dir"] / cfg["dir"])
+            return TVMStepModel(entry["dir"] / cfg["dirs"][role])
         raise UsageError(f"backend '{backend}' has no runtime loader in this accelc version")
+
+    def decode_pair(self, backend: str):
+        """(target, draft or None) step models for the decode plan on `backend`."""
+        target = self.step_model(backend)
+        needs_draft = self.plan.get("strategy") in ("speculative", "batch_speculative", "pearl", "stairs")
+        return target, (self.step_model(backend, "draft") if needs_draft else None)

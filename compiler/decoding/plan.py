@@ -1,0 +1,58 @@
+"""Execute a decode plan (decode/plan.json) with a target and, when the plan needs one, a draft.
+
+The plan is data written by the compiler (the `decode` recipe section, refined by passes such as
+`speculative`); this module maps its `strategy` to the generation loop that implements it.
+Greedy strategies reproduce the target's greedy tokens exactly; sampling ones its distribution.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from accelc.decoding.autoregressive import GenerationResult, Sampler, generate
+from accelc.errors import UsageError
+
+AUTOREGRESSIVE = ("greedy", "sample")
+NEEDS_DRAFT = ("speculative", "batch_speculative", "pearl", "stairs")
+STRATEGIES = AUTOREGRESSIVE + NEEDS_DRAFT
+
+
+def sampler_of(plan: Mapping[str, Any], temperature: float | None = None) -> Sampler:
+    """greedy unless the plan samples; an explicit temperature (0 = greedy) overrides the plan."""
+    t = plan.get("temperature", 1.0) if temperature is None else temperature
+    sampling = plan.get("sampling", plan.get("strategy") == "sample") if temperature is None else t > 0
+    return Sampler(t, plan.get("top_k", 0), plan.get("top_p", 1.0)) if sampling else Sampler()
+
+
+def run_plan(plan: Mapping[str, Any], target, draft, prompt: Sequence[int], max_new_tokens: int, *,
+             eos_ids: Sequence[int] = (), sampler: Sampler | None = None) -> GenerationResult:
+    strategy = plan.get("strategy", "greedy")
+    if strategy not in STRATEGIES:
+        raise UsageError(f"decode plan strategy '{strategy}' is unknown; known: {', '.join(STRATEGIES)}")
+    sampler = sampler_of(plan) if sampler is None else sampler
+    seed = int(plan.get("seed", 0))
+    if strategy in AUTOREGRESSIVE:
+        return generate(target, list(prompt), max_new_tokens, sampler=sampler, eos_ids=tuple(eos_ids), seed=seed)
+    if draft is None:
+        raise UsageError(f"decode plan strategy '{strategy}' needs a draft model, and this artifact has none")
+    gamma = int(plan.get("gamma", 4))
+    if strategy == "speculative":
+        from accelc.decoding.speculative import speculative_generate
+
+        return speculative_generate(target, draft, prompt, max_new_tokens, gamma=gamma, sampler=sampler,
+                                    eos_ids=eos_ids, seed=seed)
+    if strategy == "batch_speculative":
+        from accelc.decoding.batch_speculative import batch_speculative_generate
+
+        return batch_speculative_generate(target, draft, prompt, max_new_tokens, gamma=gamma, sampler=sampler,
+                                          num_candidates=int(plan.get("num_candidates", 2)),
+                                          eos_ids=eos_ids, seed=seed)
+    if strategy == "pearl":
+        from accelc.decoding.pearl import pearl_generate
+
+        return pearl_generate(target, draft, prompt, max_new_tokens, gamma=gamma, sampler=sampler,
+                              eos_ids=eos_ids, seed=seed)
+    from accelc.decoding.stairs import stairs_generate
+
+    if sampler.temperature != 0.0:
+        raise UsageError("the stairs strategy is greedy only: set temperature 0 or choose another strategy")
+    return stairs_generate(target, draft, prompt, max_new_tokens, eos_ids=eos_ids)

@@ -1,0 +1,176 @@
+"""speculative: rewrite the generation loop into draft-then-verify decoding, if it pays.
+
+The draft is a model folder named in the recipe, or derived from the target by keeping a subset
+of its layers (layer skip). The pass checks that both share one vocabulary, estimates the
+acceptance rate alpha = 1 - E[TV(p, q)] along the target's own continuations of calibration
+prompts, measures the cost ratio c (draft step / target step, torch eager on this machine),
+and picks the draft length gamma that maximises the predicted speedup
+S = (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + v)) (PEARL: its own round model). When no
+gamma predicts a gain, the plan stays autoregressive and says why. Every figure lands in
+decode/plan.json and the manifest. Output is unchanged by construction: greedy plans give the
+target's greedy tokens exactly, which validation then checks on every backend.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from accelc import progress, registry
+from accelc.errors import UsageError
+
+
+class DraftSpec(registry.Params):
+    """Exactly one of `path` (a draft checkpoint folder) or `keep_layers` (layer skip)."""
+
+    path: str | None = Field(None, description="Hugging Face folder of a draft sharing the target's tokenizer")
+    keep_layers: list[int] | None = Field(None, min_length=1,
+                                          description="derive the draft from the target, keeping these layers")
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.path is None) == (self.keep_layers is None):
+            raise ValueError("give exactly one of 'path' or 'keep_layers'")
+        return self
+
+
+@registry.register_pass
+class Speculative(registry.Pass):
+    """Speculative decoding plan: draft model, measured alpha and cost ratio, gamma by predicted speedup."""
+
+    name = "speculative"
+    needs = ("calibration",)
+
+    class Params(registry.Params):
+        draft: DraftSpec
+        strategy: Literal["speculative", "batch_speculative", "pearl", "stairs"] = "speculative"
+        gamma_max: int = Field(8, ge=1, le=16, description="largest draft length considered")
+        calibration_prompts: int = Field(4, ge=1, description="prompts from data.calibration for alpha")
+        prompt_tokens: int = Field(48, ge=4, description="tokens per calibration prompt")
+        num_candidates: int = Field(2, ge=2, description="draft sequences per step (batch_speculative)")
+        fallback: bool = Field(True, description="decode autoregressively when no gamma predicts a gain "
+                               "(false: use the strategy anyway, e.g. to measure it)")
+
+    def run(self, bundle, ctx):
+        if bundle.family != "causal_lm":
+            raise UsageError("speculative needs a causal LM checkpoint")
+        from accelc.families.causal_lm import check_checkpoint, load_model, load_tokenizer
+
+        trust = bool(bundle.source.get("trust_remote_code"))
+        target_model = load_model(bundle.model_dir, trust)
+        if self.params.draft.path is not None:
+            draft_dir = ctx.resolve(self.params.draft.path)
+            if not draft_dir.is_dir():
+                raise UsageError(f"speculative: draft path {draft_dir} is not a checkpoint folder")
+            check_checkpoint(draft_dir)
+            _check_same_tokenizer(load_tokenizer(bundle.model_dir, trust), load_tokenizer(draft_dir, trust), draft_dir)
+        else:
+            draft_dir = _layer_skip_draft(target_model, self.params.draft.keep_layers, bundle.model_dir,
+                                          ctx.workdir / "draft")
+        draft_model = load_model(draft_dir, trust)
+        if draft_model.config.vocab_size != target_model.config.vocab_size:
+            raise UsageError(f"speculative: the draft's vocabulary has {draft_model.config.vocab_size} tokens, the "
+                             f"target's {target_model.config.vocab_size}; draft and target must share a tokenizer")
+        plan = self._plan(target_model, draft_model, load_tokenizer(bundle.model_dir, trust), ctx)
+        return bundle.evolve(draft_dir=None if plan["fallback"] else draft_dir, plan={**bundle.plan, **plan})
+
+    def _plan(self, target_model, draft_model, tokenizer, ctx) -> dict:
+        import numpy as np
+
+        from accelc.data import load_text, token_windows
+        from accelc.decoding import cost_model
+        from accelc.decoding.plan import sampler_of
+        from accelc.runtime.torch_backend import TorchStepModel
+
+        target, draft = TorchStepModel(target_model), TorchStepModel(draft_model)
+        decode = ctx.recipe.decode.model_dump()
+        sampler = sampler_of(decode)
+        text = load_text(ctx.recipe.data.calibration)
+        ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
+        n = self.params.prompt_tokens
+        windows = token_windows(ids, n, n, self.params.calibration_prompts, what="calibration text")
+        prompts = [w.tolist() for w, _ in windows]
+        with progress.step(f"speculative: alpha on {len(prompts)} calibration prompts"):
+            alpha = cost_model.estimate_alpha(target, draft, prompts, sampler=sampler)
+        with progress.step("speculative: cost ratio c (torch eager)"):
+            cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=range(2, self.params.gamma_max + 2))
+        # a verification round feeds the last committed token plus gamma drafts: gamma + 1 tokens,
+        # which on a CPU costs more than one decode step (measured, in target steps)
+        verify = dict(cost.verify_cost)
+        chooser = cost_model.choose_pearl_gamma if self.params.strategy == "pearl" else cost_model.choose_gamma
+        choice = chooser(alpha.alpha, cost.cost_ratio, gamma_max=self.params.gamma_max,
+                         verify_cost=lambda g: verify[g + 1])
+        fallback = choice.method == "autoregressive" and self.params.fallback
+        reason = choice.reason if fallback or choice.method != "autoregressive" else \
+            f"{choice.reason}; the recipe disabled the fallback, so {self.params.strategy} is used anyway"
+        progress.status(f"speculative: alpha={alpha.alpha:.3f}±{alpha.stderr:.3f}, c={cost.cost_ratio:.3f}: {reason}")
+        return {
+            "strategy": decode["strategy"] if fallback else self.params.strategy,
+            "sampling": decode["strategy"] == "sample",
+            "gamma": choice.gamma, "num_candidates": self.params.num_candidates,
+            "fallback": fallback, "reason": reason,
+            "alpha": alpha.alpha, "alpha_stderr": alpha.stderr, "alpha_positions": alpha.positions,
+            "cost_ratio": cost.cost_ratio, "cost_backend": "torch",
+            "target_step_ms": cost.target_step_seconds * 1e3, "draft_step_ms": cost.draft_step_seconds * 1e3,
+            "verify_cost": {str(k): v for k, v in verify.items()},
+            "predicted_speedup": choice.predicted_speedup,
+            "predicted_curve": {str(k): v for k, v in choice.curve.items()},
+        }
+
+
+def _check_same_tokenizer(target_tok, draft_tok, draft_dir) -> None:
+    if target_tok.get_vocab() != draft_tok.get_vocab():
+        raise UsageError(f"speculative: the draft at {draft_dir} uses a different tokenizer from the target's "
+                         f"({len(draft_tok)} vs {len(target_tok)} tokens or different ids); draft and target "
+                         "must share one vocabulary")
+
+
+def _layer_skip_draft(model, keep: list[int], source_dir, out_dir):
+    """A draft made of a subset of the target's layers (shared embeddings and head), saved as a folder."""
+    import copy
+    import shutil
+
+    import torch
+
+    layers = _decoder_layers(model)
+    n = len(layers)
+    if sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= n:
+        raise UsageError(f"speculative: keep_layers must be increasing layer indices in 0..{n - 1}, got {keep}")
+    draft = copy.deepcopy(model)
+    kept = torch.nn.ModuleList([_decoder_layers(draft)[i] for i in keep])
+    _set_decoder_layers(draft, kept)
+    draft.config.num_hidden_layers = len(keep)
+    if getattr(draft.config, "layer_types", None):
+        draft.config.layer_types = [draft.config.layer_types[i] for i in keep]
+    draft.save_pretrained(out_dir, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "vocab.json", "merges.txt", "tokenizer.model"):
+        if (source_dir / name).exists():
+            shutil.copy2(source_dir / name, out_dir / name)
+    return out_dir
+
+
+def _decoder_layers(model):
+    for path in ("model.layers", "transformer.h", "model.decoder.layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except AttributeError:
+            continue
+    raise UsageError(f"speculative: cannot find the decoder layers of a {type(model).__name__}")
+
+
+def _set_decoder_layers(model, layers) -> None:
+    for path in ("model.layers", "transformer.h", "model.decoder.layers"):
+        *parents, last = path.split(".")
+        obj = model
+        try:
+            for part in parents:
+                obj = getattr(obj, part)
+            getattr(obj, last)
+        except AttributeError:
+            continue
+        setattr(obj, last, layers)
+        return

@@ -1,0 +1,74 @@
+"""The `speculative` pass end to end: plan figures, validation of the rewritten loop, bad drafts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+SPEC = """
+  - type: speculative
+    draft: {{keep_layers: [0]}}
+    strategy: {strategy}
+    fallback: {fallback}
+"""
+
+
+def spec_recipe(tiny_recipe, strategy="speculative", fallback="false", draft=None):
+    recipe = tiny_recipe()
+    step = SPEC.format(strategy=strategy, fallback=fallback)
+    if draft is not None:
+        step = step.replace("{keep_layers: [0]}", f"{{path: {draft}}}")
+    recipe.write_text(recipe.read_text().replace("passes:\n", "passes:" + step))
+    return recipe
+
+
+@pytest.mark.parametrize("strategy", ["speculative", "pearl", "stairs", "batch_speculative"])
+def test_rewritten_loop_is_validated_on_every_backend(cli, tiny_recipe, tmp_path, strategy):
+    out = tmp_path / "out"
+    code, _, err = cli("compile", spec_recipe(tiny_recipe, strategy), "-o", out)
+    assert code == 0, err
+    plan = json.loads((out / "decode" / "plan.json").read_text())
+    assert plan["strategy"] == strategy and plan["fallback"] is False
+    for key in ("alpha", "cost_ratio", "gamma", "predicted_speedup", "predicted_curve"):
+        assert key in plan
+    assert 0.0 <= plan["alpha"] <= 1.0 and plan["cost_ratio"] > 0
+    report = json.loads((out / "reports" / "validation.json").read_text())
+    assert report["decode_plan"]["verdict"] == "pass"
+    assert set(report["decode_plan"]["backends"]) == {"torch", "ort"}
+    assert report["draft"]["verdict"] == "pass"  # the draft's ONNX graph matches the torch draft
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["decode_plan"]["strategy"] == strategy and "model/draft_hf/config.json" in manifest["files"]
+    code, _, err = cli("run", out, "--prompt", "Hello", "--raw", "--max-new-tokens", 10)
+    assert code == 0 and f"[{strategy}]" in err and "target calls" in err
+
+
+def test_no_predicted_gain_falls_back_to_autoregressive(cli, tiny_recipe, tmp_path):
+    out = tmp_path / "out"
+    # a one-layer draft of a two-layer random model: low alpha, c near 1/2, no gamma pays
+    code, _, err = cli("compile", spec_recipe(tiny_recipe, fallback="true"), "-o", out)
+    assert code == 0, err
+    plan = json.loads((out / "decode" / "plan.json").read_text())
+    assert plan["fallback"] is True and plan["strategy"] == "greedy" and "no gain" in plan["reason"]
+    assert plan["predicted_speedup"] <= 1.0
+    assert not (out / "model" / "draft_hf").exists()
+
+
+def test_draft_with_another_vocabulary_is_a_usage_error(cli, tiny_recipe, tmp_path):
+    from accelc.families.causal_lm import _builtin_dir
+    from accelc.families.tiny import byte_tokenizer
+    import shutil
+
+    draft = tmp_path / "draft"
+    shutil.copytree(_builtin_dir("tiny-llama"), draft)
+    tok = byte_tokenizer()
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(draft)
+    code, _, err = cli("compile", spec_recipe(tiny_recipe, draft=draft), "-o", tmp_path / "out")
+    assert code == 2 and "different tokenizer" in err and "Traceback" not in err
+
+
+def test_bad_layer_selection_is_a_usage_error(cli, tiny_recipe, tmp_path):
+    recipe = spec_recipe(tiny_recipe)
+    recipe.write_text(recipe.read_text().replace("keep_layers: [0]", "keep_layers: [5]"))
+    code, _, err = cli("compile", recipe, "-o", tmp_path / "out")
+    assert code == 2 and "keep_layers" in err
