@@ -1,0 +1,130 @@
+"""TVMStepModel: runs the step function that `accelc.targets.tvm_build` compiled.
+
+The KV cache never leaves TVM: each extend passes the previous step's output tensors straight
+back in, so only the ids go in and the logits come out through numpy. Truncation calls the
+small `truncate_kv` function compiled into the same library (TVM tensors cannot be sliced along
+an inner axis from Python). tvm is imported on first use, so importing this module is cheap.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from accelc.errors import MissingDependency, UsageError
+from accelc.runtime.base import KVState, KVStepModel
+
+TVM_INSTALL = "pip install apache-tvm==0.27.0.post1"
+META_FILE = "tvm_meta.json"
+SUPPORTED_META_SCHEMA = 1
+
+
+def _import_tvm():
+    try:
+        import tvm
+        from tvm import relax  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependency("Apache TVM", TVM_INSTALL) from exc
+    return tvm
+
+
+class TVMStepModel(KVStepModel):
+    """A StepModel over a TVM Relax VM artifact directory (model.so, params, tvm_meta.json)."""
+
+    name = "tvm"
+
+    def __init__(self, artifact_dir: Path, device: str = "cpu", *, num_threads: int | None = None):
+        # TVM sizes its (per calling thread) worker pool once, on the first parallel kernel, from
+        # TVM_NUM_THREADS, else OMP_NUM_THREADS, else hardware_concurrency() / 2 on x86 (it
+        # assumes hyper-threading): on a 2-core VM without SMT that is ONE thread, and decode
+        # runs ~1.8x slower. So name the count before the first run unless the user already did.
+        # (Once a thread's pool exists, later values cannot raise its size.)
+        if num_threads is not None or not (os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")):
+            os.environ["TVM_NUM_THREADS"] = str(num_threads or os.cpu_count() or 1)
+        tvm = _import_tvm()
+        from safetensors import safe_open
+        from tvm import relax
+
+        self.artifact_dir = artifact_dir = Path(artifact_dir)
+        meta_path = artifact_dir / META_FILE
+        if not meta_path.is_file():
+            raise UsageError(f"{artifact_dir} is not a TVM artifact: {META_FILE} is missing")
+        self.meta = meta = json.loads(meta_path.read_text())
+        if meta.get("schema") != SUPPORTED_META_SCHEMA:
+            raise UsageError(f"{meta_path}: unsupported schema {meta.get('schema')!r}")
+        if device != "cpu":
+            raise UsageError(f"the TVM runtime supports device 'cpu' only, got {device!r}")
+
+        self._tvm = tvm
+        self._dev = tvm.cpu()
+        self.vocab_size = int(meta["vocab_size"])
+        self.num_layers = int(meta["num_layers"])
+        self.kv_heads = int(meta["kv_heads"])
+        self.head_dim = int(meta["head_dim"])
+        self.max_seq_len = int(meta["max_seq_len"])
+        self._dtype = meta["dtype"]
+
+        lib = tvm.runtime.load_module(str(artifact_dir / meta["library"]))
+        self._vm = relax.VirtualMachine(lib, self._dev)
+        self._step = self._vm[meta["function"]]
+        self._truncate = self._vm[meta["truncate_function"]]
+        # Copy each stored tensor into TVM once, as it is read (no second full copy of the
+        # weights in numpy); tied weights then fill several parameter slots with one tensor.
+        uploaded = {}
+        with safe_open(str(artifact_dir / meta["param_file"]), framework="numpy") as weights:
+            for key in weights.keys():
+                uploaded[key] = tvm.runtime.tensor(weights.get_tensor(key), self._dev)
+        self._params = [uploaded[key] for key in meta["params"]]
+
+    # -- StepModel ---------------------------------------------------------------------------
+
+    def empty_state(self) -> KVState:
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self._dtype)
+        tensor = self._tvm.runtime.tensor(empty, self._dev)
+        # Inputs are never written by the VM, so one zero-length tensor can fill every slot.
+        return KVState(0, (tensor,) * (2 * self.num_layers))
+
+    def extend(self, state: KVState, ids: np.ndarray) -> tuple[np.ndarray, KVState]:
+        ids = self._check_ids(ids)
+        new = ids.shape[0]
+        if state.length + new > self.max_seq_len:
+            raise UsageError(
+                f"sequence of {state.length + new} tokens exceeds the compiled max_seq_len {self.max_seq_len}"
+            )
+        tokens = self._tvm.runtime.tensor(ids.reshape(1, new), self._dev)
+        out = self._step(tokens, *state.tensors, *self._params)
+        logits = out[0].numpy()[0]  # [k, V]
+        present = tuple(out[i] for i in range(1, 1 + 2 * self.num_layers))
+        return logits.astype(np.float32, copy=False), KVState(state.length + new, present)
+
+    def truncate(self, state: KVState, n: int) -> KVState:
+        if not 0 <= n <= state.length:
+            raise ValueError(f"cannot truncate a KV state of length {state.length} to {n}")
+        if n == state.length:
+            return state
+        out = self._truncate(*state.tensors, self._tvm.runtime.ShapeTuple([n]))
+        return KVState(n, tuple(out[i] for i in range(len(state.tensors))))
+
+    def kv_numpy(self, state: KVState) -> list[np.ndarray]:
+        """The KV tensors copied to numpy (TVM tensors do not implement the array protocol)."""
+        return [t.numpy() for t in state.tensors]
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _check_ids(self, ids) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.ndim != 1:
+            raise UsageError(f"token ids must be a 1-D array (or [1, k]), got shape {ids.shape}")
+        if ids.shape[0] == 0:
+            raise UsageError("extend needs at least one token id; got an empty array")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise UsageError(f"token ids must be integers, got dtype {ids.dtype}")
+        # Not just hygiene: the embedding lookup is compiled as take(mode="fast"), which does no
+        # bounds check, so an out-of-range id would read (or crash on) arbitrary memory.
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise UsageError(f"token ids must lie in [0, {self.vocab_size}); got {ids.min()}..{ids.max()}")
+        return ids.astype(np.int64, copy=False)
