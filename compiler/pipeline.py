@@ -117,7 +117,7 @@ class PassManager:
         for step in self.recipe.passes:
             params = step.model_dump(mode="json", exclude={"type"})
             cls = registry.PASSES[step.type]
-            key = chain(bundle.id, f"pass:{step.type}", params)
+            key = chain(bundle.id, f"pass:{step.type}@{cls.version}", params)
             start = time.perf_counter()
             if self.cache.hit(key):
                 out = Bundle.load(self.cache.path(key))
@@ -141,7 +141,7 @@ class PassManager:
         for step in self.recipe.targets:
             params = step.model_dump(mode="json", exclude={"kind"})
             cls = registry.TARGETS[step.kind]
-            key = chain(bundle.id, f"target:{step.kind}", params)
+            key = chain(bundle.id, f"target:{step.kind}@{cls.version}", params)
             if self.cache.hit(key):
                 meta = json.loads((self.cache.path(key) / LOWERED_FILE).read_text())
                 progress.status(f"target {step.kind}: cached ({key[:12]})")

@@ -25,6 +25,9 @@ class Pass:
 
     name: ClassVar[str]
     Params: ClassVar[type[Params]] = Params
+    # Part of the cache key: bump it whenever the pass's output changes for the same params, so
+    # caches written by an older implementation are never reused.
+    version: ClassVar[int] = 1
     # Data the pass needs from the recipe's `data` section (e.g. "calibration"); checked up front.
     needs: ClassVar[tuple[str, ...]] = ()
 
@@ -40,6 +43,7 @@ class Target:
 
     kind: ClassVar[str]
     Params: ClassVar[type[Params]] = Params
+    version: ClassVar[int] = 1  # part of the cache key, as for passes
 
     def __init__(self, params: Params):
         self.params = params

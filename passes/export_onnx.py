@@ -13,6 +13,7 @@ class ExportOnnx(registry.Pass):
     """Export the causal LM to ONNX with past/present KV tensors (optimum-onnx exporter)."""
 
     name = "export_onnx"
+    version = 2  # 2: one graph per checkpoint role (target decoder, draft)
 
     class Params(registry.Params):
         opset: int | None = Field(None, ge=14, le=21, description="ONNX opset; default: the exporter's (18)")

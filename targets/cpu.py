@@ -35,6 +35,7 @@ class CpuTarget(registry.Target):
     """CPU artifacts: ONNX Runtime session config and/or a TVM llvm VM library."""
 
     kind = "cpu"
+    version = 2  # 2: runtime config names graphs/libraries per decode role (target, draft)
 
     class Params(registry.Params):
         backends: list[Literal["ort", "tvm"]] = Field(default_factory=lambda: ["ort", "tvm"], min_length=1)
