@@ -68,10 +68,10 @@ class CpuTarget(registry.Target):
     def _lower_tvm(self, bundle, ctx):
         if bundle.family != "causal_lm":
             raise UsageError("the cpu target's tvm backend lowers causal LM checkpoints only")
-        from accelc.errors import require
-
-        require("tvm", "pip install apache-tvm==0.27.0.post1")
         from accelc.families.causal_lm import load_model
+        from accelc.runtime.tvm_backend import import_tvm
+
+        import_tvm()  # a missing TVM is exit 3 with the pip command, before any work
         from accelc.targets import tvm_build
 
         target = tvm_build.host_llvm_target()

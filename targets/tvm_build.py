@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from accelc.errors import MissingDependency, PassFailed, UsageError
+from accelc.errors import PassFailed, UsageError
+from accelc.runtime.tvm_backend import import_tvm
 
-TVM_INSTALL = "pip install apache-tvm==0.27.0.post1"
 
 STEP_FUNC = "step"  # the Relax function the runtime calls for prefill / decode / verify
 TRUNCATE_FUNC = "truncate_kv"  # slices every past tensor to its first n positions
@@ -51,15 +51,6 @@ EXAMPLE_NEW_TOKENS = 3
 EXAMPLE_PAST_LEN = 5
 
 
-def _import_tvm():
-    try:
-        import tvm  # noqa: F401
-        from tvm import relax  # noqa: F401
-    except ImportError as exc:
-        raise MissingDependency("Apache TVM", TVM_INSTALL) from exc
-    return tvm
-
-
 def host_llvm_target(num_threads: int | None = None) -> dict:
     """An LLVM target dict for this machine's CPU.
 
@@ -69,7 +60,7 @@ def host_llvm_target(num_threads: int | None = None) -> dict:
     TVM's tuners read for the thread count; the runtime thread pool itself follows
     TVM_NUM_THREADS (TVMStepModel sets it to all cores; TVM alone would use half).
     """
-    tvm = _import_tvm()
+    tvm = import_tvm()
     cpu = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")()
     return {"kind": "llvm", "mcpu": cpu, "num-cores": int(num_threads or os.cpu_count() or 1)}
 
@@ -212,7 +203,7 @@ def _truncate_function(num_tensors: int, kv_heads: int, head_dim: int, dtype: st
 def _to_relax(exported, shapes: dict[str, int], dtype: str):
     """(IRModule with step + truncate_kv, input names, the stored-tensor name of each parameter
     slot in call order, {stored name: numpy array})."""
-    tvm = _import_tvm()
+    tvm = import_tvm()
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
@@ -544,7 +535,7 @@ def lower_causal_lm(model, out_dir: Path, target: dict, *, max_seq_len: int | No
     `max_seq_len` bounds P + k (default: the model's max_position_embeddings); TVM uses it as the
     upper bound of the dynamic dims.
     """
-    tvm = _import_tvm()
+    tvm = import_tvm()
     from safetensors.numpy import save_file
 
     shapes = _family_shapes(model)

@@ -21,7 +21,8 @@ META_FILE = "tvm_meta.json"
 SUPPORTED_META_SCHEMA = 1
 
 
-def _import_tvm():
+def import_tvm():
+    """tvm, or MissingDependency naming the pip command (exit 3)."""
     try:
         import tvm
         from tvm import relax  # noqa: F401
@@ -43,7 +44,7 @@ class TVMStepModel(KVStepModel):
         # (Once a thread's pool exists, later values cannot raise its size.)
         if num_threads is not None or not (os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")):
             os.environ["TVM_NUM_THREADS"] = str(num_threads or os.cpu_count() or 1)
-        tvm = _import_tvm()
+        tvm = import_tvm()
         from safetensors import safe_open
         from tvm import relax
 
