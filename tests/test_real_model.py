@@ -21,8 +21,11 @@ QUESTION = "What is the capital of France?"
 def artifact(tmp_path_factory):
     from accelc.cli import main
 
-    out = tmp_path_factory.mktemp("real") / "smollm2"
+    work = tmp_path_factory.mktemp("real")
+    out = work / "smollm2"
+    # a private pass cache: export and TVM lowering really run here, never reused from ~/.cache
     code = main(["-q", "compile", str(REPO / "recipes" / "quickstart.yaml"), "-o", str(out),
+                 "--set", f"cache.dir={work / 'cache'}",
                  "--set", "eval.bench.enabled=false", "--set", "eval.perplexity.max_windows=2",
                  "--set", "eval.parity.prompts=[The capital of France is]"])
     assert code == 0
