@@ -1,0 +1,174 @@
+"""Speculative family vs autoregressive decoding on SmolLM2-135M-Instruct (ONNX Runtime), side by side.
+
+    python benchmarks/speculative.py [--quick] [--draft-layers 0 1 2 3 27 28 29] --json OUT.json
+
+Compiles the embedded model with the `speculative` pass (a layer-skip draft derived from the
+target; fallback off so the rewritten loops are measured even when they do not pay), then, on
+continuations of real prompts (Austen, "Persuasion"), measures tokens/s of autoregressive,
+speculative, batch speculative, PEARL and stairs decoding at each temperature, in one run.
+Each row: measured speedup vs autoregressive, the cost model's predicted speedup (alpha and c
+measured on this backend at that temperature), the acceptance rate, and for greedy rows whether
+the tokens equal the autoregressive ones. PEARL's two workers get one ORT thread each (two cores
+here); the other methods use the artifact's session (all cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DRAFT_LAYERS = [0, 1, 2, 3, 26, 27, 28, 29]  # first and last layers of the 30
+
+
+def compile_artifact(out: Path, draft_layers: list[int], gamma_max: int) -> None:
+    from accelc.cli import main as accelc
+
+    recipe = out.parent / "speculative.yaml"
+    recipe.write_text(f"""
+version: 1
+model: {{builtin: smollm2-135m-instruct}}
+passes:
+  - type: speculative
+    draft: {{keep_layers: {draft_layers}}}
+    fallback: false
+    gamma_max: {gamma_max}
+  - type: export_onnx
+targets:
+  - kind: cpu
+    backends: [ort]
+eval:
+  parity: {{prompts: ["The capital of France is"], greedy_tokens: 8}}
+  perplexity: {{enabled: false}}
+  bench: {{enabled: false}}
+""")
+    if accelc(["compile", str(recipe), "-o", str(out)]):
+        raise SystemExit("compile failed")
+
+
+def main() -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="2 prompts, 32 tokens")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.8])
+    p.add_argument("--draft-layers", type=int, nargs="+", default=DEFAULT_DRAFT_LAYERS)
+    p.add_argument("--gamma-max", type=int, default=8)
+    p.add_argument("--artifact", help="reuse a compiled artifact")
+    p.add_argument("--json", required=True)
+    args = p.parse_args()
+    if args.quick:
+        args.prompts, args.new_tokens = 2, 32
+
+    import numpy as np
+
+    from accelc.data import load_text, token_windows
+    from accelc.decoding import cost_model
+    from accelc.decoding.autoregressive import Sampler, generate
+    from accelc.decoding.batch_speculative import batch_speculative_generate
+    from accelc.decoding.pearl import pearl_generate
+    from accelc.decoding.speculative import speculative_generate
+    from accelc.decoding.stairs import stairs_generate
+    from accelc.runtime.artifact import Artifact
+    from accelc.runtime.ort_backend import OrtStepModel
+
+    artifact = Path(args.artifact) if args.artifact else Path(tempfile.mkdtemp(prefix="accelc-spec-")) / "artifact"
+    if not (artifact / "manifest.json").exists():
+        compile_artifact(artifact, args.draft_layers, args.gamma_max)
+    art = Artifact(artifact)
+    plan = art.plan
+    target, draft = art.step_model("ort"), art.step_model("ort", "draft")
+    graphs = art.backends()["ort"]["runtime"]["graphs"]
+    one_thread = {**art.backends()["ort"]["runtime"]["session"], "intra_op_threads": 1}
+    pearl_target = OrtStepModel(art.dir / art.manifest["graphs"][graphs["target"]], one_thread)
+    pearl_draft = OrtStepModel(art.dir / art.manifest["graphs"][graphs["draft"]], one_thread)
+
+    ids = np.asarray(art.tokenizer.encode(load_text("austen:persuasion"), add_special_tokens=False))
+    # every fifth 48-token window: prompts from different places in the novel
+    windows = token_windows(ids, 48, 48, args.prompts * 5, what="prompt text")
+    prompts = [w.tolist() for w, _ in windows][::5]
+    gamma = int(plan["gamma"])
+    cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=range(2, gamma + 2))
+    v = cost.verify_cost[gamma + 1]
+    rows = []
+    for temp in args.temperatures:
+        sampler = Sampler(temp) if temp > 0 else Sampler()
+        alpha = cost_model.estimate_alpha(target, draft, prompts[:2], sampler=sampler).alpha
+        methods = {
+            "ar": (lambda pr, s: generate(target, pr, args.new_tokens, sampler=sampler, seed=s), 1.0),
+            "speculative": (lambda pr, s: speculative_generate(target, draft, pr, args.new_tokens, gamma=gamma,
+                                                               sampler=sampler, seed=s),
+                            cost_model.predicted_speedup(alpha, gamma, cost.cost_ratio, v)),
+            "batch_speculative": (lambda pr, s: batch_speculative_generate(target, draft, pr, args.new_tokens,
+                                                                           gamma=gamma, sampler=sampler, seed=s),
+                                  None),
+            "pearl": (lambda pr, s: pearl_generate(pearl_target, pearl_draft, pr, args.new_tokens, gamma=gamma,
+                                                   sampler=sampler, seed=s),
+                      cost_model.pearl_predicted_speedup(alpha, gamma, cost.cost_ratio, v)),
+        }
+        if temp == 0:
+            methods["stairs"] = (lambda pr, s: stairs_generate(target, draft, pr, args.new_tokens), None)
+        ar_tokens, ar_rate = {}, None
+        for name, (run, predicted) in methods.items():
+            rates, accept, same = [], [], []
+            for i, prompt in enumerate(prompts):
+                t = time.perf_counter()
+                result = run(prompt, i)
+                rates.append(len(result.tokens) / (time.perf_counter() - t))  # prefill included
+                accept.append(result.stats.get("acceptance_rate", float("nan")))
+                if name == "ar":
+                    ar_tokens[i] = result.tokens
+                elif temp == 0:
+                    same.append(result.tokens == ar_tokens[i])
+            rate = statistics.median(rates)
+            ar_rate = rate if name == "ar" else ar_rate
+            row = {"method": name, "temperature": temp, "tok_s": rate, "speedup_vs_ar": rate / ar_rate,
+                   "predicted_speedup": predicted, "acceptance": None if name == "ar" else statistics.median(accept),
+                   "identical_to_ar": (all(same) if same else True) if temp == 0 else None,
+                   "alpha_estimate": alpha, "cost_ratio": cost.cost_ratio, "gamma": gamma}
+            rows.append(row)
+            pred = "-" if predicted is None else f"{predicted:.2f}"
+            print(f"T={temp:<4} {name:<18} {rate:7.2f} tok/s  x{row['speedup_vs_ar']:.2f} (predicted {pred})  "
+                  f"acceptance {row['acceptance'] if row['acceptance'] is None else round(row['acceptance'], 3)}  "
+                  f"identical {row['identical_to_ar']}", flush=True)
+    report = {"protocol": {"model": "SmolLM2-135M-Instruct fp32", "backend": "onnxruntime CPU",
+                           "draft": f"layer skip {args.draft_layers}", "prompts": len(prompts),
+                           "prompt_tokens": 48, "prompt_text": "austen:persuasion", "new_tokens": args.new_tokens,
+                           "gamma": gamma, "cost_ratio": cost.cost_ratio, "verify_cost": v,
+                           "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
+              "plan": plan, "rows": rows}
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    plot(rows, Path(args.json).with_suffix(".png"))
+    return 0
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temps = sorted({r["temperature"] for r in rows})
+    fig, axes = plt.subplots(1, len(temps), figsize=(5 * len(temps), 3.5), squeeze=False)
+    for ax, t in zip(axes[0], temps):
+        sel = [r for r in rows if r["temperature"] == t]
+        ax.bar([r["method"] for r in sel], [r["speedup_vs_ar"] for r in sel], color="#2a7", label="measured")
+        ax.scatter([r["method"] for r in sel], [r["predicted_speedup"] or float("nan") for r in sel],
+                   color="k", zorder=3, label="predicted")
+        ax.axhline(1.0, color="#888", lw=0.8)
+        ax.set_title(f"temperature {t}: speedup vs autoregressive", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7, rotation=20)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
