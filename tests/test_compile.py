@@ -118,3 +118,19 @@ def test_onnx_file_input_is_lowered_for_ort_and_checked_against_itself(cli, tmp_
     # TVM lowers causal-LM checkpoints only: a clear usage error, not a traceback
     code, _, err = cli("compile", recipe, "-o", tmp_path / "out2", "--set", "targets.0.backends=[tvm]")
     assert code == 2 and "causal LM" in err
+
+
+def test_int4_weight_quantisation_uses_matmulnbits(cli, tiny_recipe, tmp_path):
+    import onnx
+
+    recipe = tiny_recipe()
+    recipe.write_text(recipe.read_text().replace("  - type: export_onnx\n",
+                                                 "  - type: export_onnx\n  - type: quantize_weights_int4\n"
+                                                 "    block_size: 16\n"))
+    out = tmp_path / "int4"
+    code, _, err = cli("compile", recipe, "-o", out, "--set", "eval.parity.atol=5", "--set", "eval.parity.greedy_tokens=0")
+    assert code == 0, err
+    graph = onnx.load(str(out / "model" / "onnx" / "decoder.onnx"), load_external_data=False)
+    assert sum(n.op_type == "MatMulNBits" for n in graph.graph.node) >= 2 * 7  # every projection of 2 layers
+    report = json.loads((out / "reports" / "validation.json").read_text())
+    assert 0 < report["backends"]["ort"]["max_abs_diff"]["prefill_logits"] < 5
