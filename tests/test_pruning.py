@@ -357,4 +357,28 @@ def test_oneshot_reformation_matches_sequential_on_the_first_layer(tiny):
     torch.testing.assert_close(one[(0, "o_proj")][0], seq[(0, "o_proj")][0], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(one[(0, "down_proj")][0], seq[(0, "down_proj")][0])
     fit = search.PerplexityFitness(model, windows(1, 32, seed=14), grams=stats.grams(), damp=0.05)
-    assert math.isfinite(fit(sub))
+    value = fit(sub)
+    assert math.isfinite(value) and len(fit.cache) == 4       # 2 layers x (o_proj, down_proj)
+    assert fit(sub) == value                                   # the cached solves are the same
+
+
+def test_seeds_enter_the_first_generation_and_bound_the_result():
+    """A given seed (e.g. a baseline's subnet) is fitted to the budget and evaluated first; the
+    elitist archive then guarantees the result is at least as fit. Fitness here: the importance
+    the subnet drops (a cheap stand-in for perplexity; no model needed)."""
+    sr = smol_searcher(seed=5)
+    space, budget, imp = sr.space, sr.budget, sr.imp
+
+    def dropped(sub):
+        return float(sum(imp.channel[i].sum() - imp.channel[i][list(m.channels)].sum()
+                         + imp.head[i].sum() - imp.head[i][list(m.heads)].sum()
+                         for i, m in enumerate(sub.layers)))
+
+    too_big = space.dense()   # over the limit: the search must repair it, not evaluate it as is
+    res = search.search(space, budget, imp, dropped, search.SearchSettings(
+        generations=3, population=8, parents=3, mutations=4, crossovers=2, seed=5),
+        seeds=[too_big], show_progress=False)
+    first = [r for r in res.log if r["generation"] == 0]
+    assert first[0]["origin"] == "seed" and first[1]["origin"] == "adaptive"
+    assert all(budget.floor <= r["cost"] <= budget.limit for r in res.log)
+    assert res.best_fitness <= min(r["fitness"] for r in first)

@@ -107,36 +107,36 @@ def _head_units(space: SearchSpace, head_scores: np.ndarray):
     return units
 
 
-def flap(model, space: SearchSpace, budget: Budget, stats: CalibrationStats, *,
-         bias_compensation: bool = True) -> Pruned:
-    """FLAP with adaptive structure, then widths snapped to the space and fitted to the budget."""
-    import torch
+def standardised(geometry: Geometry, imp: Importance) -> tuple[np.ndarray, np.ndarray]:
+    """FLAP's comparable scores: per-layer z-scores of the attention input channels averaged per
+    head [L, H], and per-layer z-scores of the MLP channels [L, F]."""
+    L = geometry.num_layers
+    head = _standardise(imp.attn_channel).reshape(L, geometry.num_heads, geometry.head_dim).mean(axis=2)
+    return head, _standardise(imp.channel)
 
-    geo: Geometry = space.geometry
-    L, d = geo.num_layers, geo.head_dim
-    imp = scores(geo, weight_norms(model), stats, "fluctuation")
-    attn = _standardise(imp.attn_channel).reshape(L, geo.num_heads, d).mean(axis=2)   # [L, H]
-    mlp = _standardise(imp.channel)                                                      # [L, F]
-    units = _head_units(space, attn)
-    n_units = len(space.head_options)
-    # global ranking of attention units and MLP channels on one standardised scale
-    items = [(s, "a", i, k) for i in range(L) for s, k in units[i]]
-    items += [(float(mlp[i, c]), "m", i, c) for i in range(L) for c in range(geo.intermediate)]
+
+def adaptive_subnet(space: SearchSpace, budget: Budget, head_z: np.ndarray, channel_z: np.ndarray) -> Subnet:
+    """FLAP's adaptive structure: attention units and MLP channels of every layer ranked on one
+    scale (z-scores), kept by decreasing score while the budget's limit allows; MLP widths then
+    snapped down to the space's ladder and the best snapped blocks added back while they fit."""
+    check_feasible(space, budget)
+    geo = space.geometry
+    L = geo.num_layers
+    units = _head_units(space, head_z)
+    items = [(sc, "a", i, k) for i in range(L) for sc, k in units[i]]
+    items += [(float(channel_z[i, c]), "m", i, c) for i in range(L) for c in range(geo.intermediate)]
     items.sort(key=lambda t: (-t[0], t[1], t[2], t[3]))
-    kept_units = np.zeros(L, dtype=int)
-    kept_ch: list[list[int]] = [[] for _ in range(L)]
-    order_ch = [np.argsort(-mlp[i], kind="stable") for i in range(L)]
+    order_ch = [np.argsort(-channel_z[i], kind="stable") for i in range(L)]
 
     def shape_of(units_, widths_):
-        return tuple(space.option_shape(max(u, 1) - 1, w) for u, w in zip(units_, widths_))
+        return tuple(space.option_shape(u - 1, w) for u, w in zip(units_, widths_))
 
     # everything starts at the minimum legal size; add by decreasing score while it fits
-    kept_units[:] = 1
-    for i in range(L):
-        kept_ch[i] = [int(c) for c in order_ch[i][:space.widths[0]]]
+    kept_units = np.ones(L, dtype=int)
+    kept_ch = [[int(c) for c in order_ch[i][:space.widths[0]]] for i in range(L)]
     in_set = [set(c) for c in kept_ch]
     widths = [len(c) for c in kept_ch]
-    for s, kind, i, k in items:
+    for _, kind, i, k in items:
         if kind == "a":
             if k + 1 <= kept_units[i]:
                 continue
@@ -159,20 +159,27 @@ def flap(model, space: SearchSpace, budget: Budget, stats: CalibrationStats, *,
             nxt = next((w for w in space.widths if w > snapped[i]), None)
             if nxt is None:
                 continue
-            block = order_ch[i][snapped[i]:nxt]
             trial = list(snapped)
             trial[i] = nxt
             if budget.cost(shape_of(kept_units, trial)) <= budget.limit:
-                gains.append((float(mlp[i, block].mean()), -i, nxt))
+                gains.append((float(channel_z[i, order_ch[i][snapped[i]:nxt]].mean()), -i, nxt))
         if not gains:
             break
         _, neg_i, nxt = max(gains)
         snapped[-neg_i] = nxt
-    options = [int(u) - 1 for u in kept_units]
-    heads_scores = attn  # standardised head scores decide which heads make each unit
-    subnet = Subnet(tuple(LayerMask(space.select_heads(o, heads_scores[i]),
-                                    tuple(sorted(int(c) for c in order_ch[i][:snapped[i]])))
-                          for i, o in enumerate(options)))
+    return Subnet(tuple(LayerMask(space.select_heads(int(u) - 1, head_z[i]),
+                                  tuple(sorted(int(c) for c in order_ch[i][:snapped[i]])))
+                        for i, u in enumerate(kept_units)))
+
+
+def flap(model, space: SearchSpace, budget: Budget, stats: CalibrationStats, *,
+         bias_compensation: bool = True) -> Pruned:
+    """FLAP with adaptive structure, then widths snapped to the space and fitted to the budget."""
+    import torch
+
+    geo: Geometry = space.geometry
+    imp = scores(geo, weight_norms(model), stats, "fluctuation")
+    subnet = adaptive_subnet(space, budget, *standardised(geo, imp))
     space.check(subnet)
     overrides = {}
     if bias_compensation:
@@ -191,7 +198,7 @@ def flap(model, space: SearchSpace, budget: Budget, stats: CalibrationStats, *,
                     if lin.bias is not None:
                         b = b + lin.bias.detach().double()
                     overrides[(i, name)] = (lin.weight.detach()[:, keep].clone(), b.to(lin.weight.dtype))
-    return Pruned("flap", subnet, overrides, info={"units": options, "widths": snapped})
+    return Pruned("flap", subnet, overrides)
 
 
 def _snap_down(space: SearchSpace, width: int) -> int:

@@ -4,8 +4,9 @@ A candidate is a Subnet (explicit kept heads and MLP channels per layer, masks.p
 (per layer: head option, MLP width) decides its cost; its index sets decide its quality. The loop
 is the released code's AutoFormer-style one with the paper's mask mutation:
 
-    cands  = uniform seeds (one per head option: the widest uniform MLP width that fits, top-k
-             masks) + importance-aware random candidates, P in all
+    cands  = given seeds + the adaptive seed (FLAP's allocation from the importance z-scores)
+             + uniform seeds (one per head option: the widest uniform MLP width that fits)
+             + importance-aware random candidates around the adaptive allocation, P in all
     for gen in 1..G:
         evaluate every new candidate once (memo by content hash); fitness = perplexity on a small
         calibration slice (lower is better)
@@ -15,9 +16,9 @@ is the released code's AutoFormer-style one with the paper's mask mutation:
 
 Operators (every candidate meets the budget before it is evaluated; `repair` makes it so):
 
-  random     per-layer keep ratios gamma_l = gamma* exp(sigma eps), gamma* = the uniform ratio that
-             meets the budget; head option by randomised rounding of gamma_l * H; masks = the
-             top-k channels/heads by importance ("importance-aware initialisation", 1(b).2).
+  random     per layer, the adaptive seed's head count and MLP width times exp(sigma eps) (heads
+             by randomised rounding between options); masks = the top-k channels/heads by
+             importance ("importance-aware initialisation", 1(b).2).
   mutation   each layer's MLP width moves by 1..width_steps multiples with probability m_prob, its
              head option by one step with probability m_prob; then repair. Every layer whose size
              changed, and with probability m_prob any other layer, gets a new kept set that
@@ -123,29 +124,17 @@ class Searcher:
         self.space, self.budget, self.imp, self.s = space, budget, importance, settings
         self.rng = np.random.default_rng(settings.seed)
         self.L = space.geometry.num_layers
-        self.gamma = self._uniform_gamma()
+        from accelc.pruning.baselines import adaptive_subnet, standardised
+
+        # the importance-aware centre of random candidates: FLAP's adaptive allocation of heads
+        # and MLP channels across layers, computed from this search's importance scores
+        self.adaptive = adaptive_subnet(space, budget, *standardised(space.geometry, importance))
+        self.center = self._shape_of(self.adaptive)
 
     # ---------------------------------------------------------------- shapes
     def _cost(self, shape) -> float:
         sp = self.space
         return self.budget.cost(tuple(sp.option_shape(o, w) for o, w in shape))
-
-    def _uniform_shape(self, gamma: float) -> list[list[int]]:
-        sp, g = self.space, self.space.geometry
-        n_q = [gr * r for gr, r in sp.head_options]
-        option = int(np.argmin([abs(q - gamma * g.num_heads) for q in n_q]))
-        return [[option, sp.snap_width(gamma * g.intermediate)] for _ in range(self.L)]
-
-    def _uniform_gamma(self) -> float:
-        """The keep ratio whose uniform shape costs about the budget's limit (bisection)."""
-        lo, hi = 0.0, 1.0
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            if self._cost(self._uniform_shape(mid)) <= self.budget.limit:
-                lo = mid
-            else:
-                hi = mid
-        return lo
 
     def _step_width(self, w: int, steps: int) -> int:
         ws = self.space.widths
@@ -274,24 +263,33 @@ class Searcher:
         return out
 
     def random(self) -> Subnet | None:
-        sp, g, rng = self.space, self.space.geometry, self.rng
+        """Per layer, the adaptive allocation's head count and MLP width times exp(sigma eps)
+        (heads by randomised rounding between neighbouring options); top-k masks; repaired."""
+        sp, rng = self.space, self.rng
         n_q = np.array([gr * r for gr, r in sp.head_options], dtype=float)
         shape = []
-        for _ in range(self.L):
-            ga = self.gamma * math.exp(self.s.init_spread * rng.standard_normal())
-            gm = self.gamma * math.exp(self.s.init_spread * rng.standard_normal())
-            want = min(ga, 1.0) * g.num_heads     # randomised rounding between neighbouring options
+        for option, width in self.center:
+            want = min(n_q[option] * math.exp(self.s.init_spread * rng.standard_normal()), n_q[-1])
             hi = int(np.searchsorted(n_q, want))
             if hi == 0:
-                option = 0
+                new_option = 0
             elif hi >= len(n_q):
-                option = len(n_q) - 1
+                new_option = len(n_q) - 1
             else:
                 frac = (want - n_q[hi - 1]) / (n_q[hi] - n_q[hi - 1])
-                option = hi if rng.random() < frac else hi - 1
-            shape.append([option, sp.snap_width(min(gm, 1.0) * g.intermediate)])
+                new_option = hi if rng.random() < frac else hi - 1
+            w = min(width * math.exp(self.s.init_spread * rng.standard_normal()), sp.widths[-1])
+            shape.append([new_option, sp.snap_width(w)])
         shape = self.repair(shape)
         return None if shape is None else self._build(shape, [None] * self.L, ["top"] * self.L)
+
+    def fit(self, subnet: Subnet) -> Subnet | None:
+        """A given subnet moved into the budget window (shape repaired, sets resized)."""
+        self.space.check(subnet)
+        if self.budget.meets(self.space.shape(subnet)):
+            return subnet
+        shape = self.repair(self._shape_of(subnet))
+        return None if shape is None else self._build(shape, list(subnet.layers), ["resize"] * self.L)
 
     def mutate(self, parent: Subnet) -> Subnet | None:
         s, rng, n_opt = self.s, self.rng, len(self.space.head_options)
@@ -329,8 +327,11 @@ class Searcher:
 
 
 def search(space: SearchSpace, budget: Budget, importance: Importance, fitness,
-           settings: SearchSettings = SearchSettings(), *, show_progress: bool = True) -> SearchResult:
-    """Run the evolutionary search; `fitness(subnet) -> float` is minimised (perplexity)."""
+           settings: SearchSettings = SearchSettings(), *, seeds=(), show_progress: bool = True) -> SearchResult:
+    """Run the evolutionary search; `fitness(subnet) -> float` is minimised (perplexity).
+
+    `seeds`: extra subnets for the first generation (e.g. a baseline's), fitted to the budget.
+    """
     start = time.perf_counter()
     sr = Searcher(space, budget, importance, settings)
     s, rng = settings, sr.rng
@@ -354,10 +355,12 @@ def search(space: SearchSpace, budget: Budget, importance: Importance, fitness,
 
     taken: set = set()
     cands = []
-    for seed in sr.uniforms()[:s.population]:
-        if seed.key not in taken:
-            taken.add(seed.key)
-            cands.append((seed, "uniform"))
+    starts = [(x, "seed") for x in seeds] + [(sr.adaptive, "adaptive")] + [(x, "uniform") for x in sr.uniforms()]
+    for start_subnet, origin in starts:
+        start_subnet = sr.fit(start_subnet)
+        if start_subnet is not None and start_subnet.key not in taken and len(cands) < s.population:
+            taken.add(start_subnet.key)
+            cands.append((start_subnet, origin))
     cands += propose(sr.random, s.population - len(cands), "random", taken)
     if not cands:
         raise UsageError("the search could not build any subnet that meets the budget "
@@ -420,6 +423,29 @@ def _finite(x: float) -> float:
 # --------------------------------------------------------------------------- fitness
 
 
+# Reformed layers kept for reuse by offspring (each 0.3-3 MB for SmolLM2): about 2.5 archives.
+CACHE_ENTRIES = 512
+
+
+class _LRU(dict):
+    """A dict that forgets its least recently used entry beyond `size` entries."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def __getitem__(self, key):
+        value = super().pop(key)
+        super().__setitem__(key, value)   # move to the end: most recently used
+        return value
+
+    def __setitem__(self, key, value):
+        super().pop(key, None)
+        super().__setitem__(key, value)
+        while len(self) > self.size:
+            super().pop(next(iter(self)))
+
+
 class PerplexityFitness:
     """Perplexity of the shrunk subnet on a few calibration windows (each scores window-1 tokens).
 
@@ -428,10 +454,12 @@ class PerplexityFitness:
     ranks masks by what they are worth after reformation.
     """
 
-    def __init__(self, model, windows, *, grams: dict | None = None, damp: float | None = None):
+    def __init__(self, model, windows, *, grams: dict | None = None, damp: float | None = None,
+                 cache_entries: int = CACHE_ENTRIES):
         from accelc.pruning.reform import DEFAULT_DAMP
 
         damp = DEFAULT_DAMP if damp is None else damp
+        self.cache = _LRU(cache_entries)
         if not windows:
             raise UsageError("fitness needs at least one calibration window")
         self.model, self.windows, self.grams, self.damp = model, windows, grams, damp
@@ -442,7 +470,8 @@ class PerplexityFitness:
         from accelc.pruning.materialize import shrink
         from accelc.pruning.reform import oneshot
 
-        overrides = oneshot(self.model, subnet, self.grams, damp=self.damp) if self.grams else None
+        overrides = (oneshot(self.model, subnet, self.grams, damp=self.damp, cache=self.cache)
+                     if self.grams else None)
         small = shrink(self.model, subnet, overrides)
         nll, n = 0.0, 0
         with torch.inference_mode():
