@@ -293,6 +293,19 @@ def test_calibration_text_shorter_than_one_window(tiny):
         importance.calibration_windows(byte_tokenizer(), "too short", window=64, text_name="file:x.txt")
 
 
+def test_calibration_windows_adjacent_and_spread():
+    from accelc.families.tiny import byte_tokenizer
+
+    text = "".join(chr(97 + i % 26) for i in range(1000))   # 1000 byte tokens
+    tok = byte_tokenizer()
+    adjacent = importance.calibration_windows(tok, text, window=100, max_windows=3, skip=2)
+    assert [list(w) for w in adjacent] == [tok.encode(text[a:a + 100]) for a in (200, 300, 400)]
+    spread = importance.calibration_windows(tok, text, window=100, max_windows=3, skip=2, spread=True)
+    assert len(spread) == 3 and list(spread[-1]) == list(tok.encode(text[900:1000]))
+    with pytest.raises(UsageError, match="none left after skipping"):
+        importance.calibration_windows(tok, text, window=100, max_windows=3, skip=10)
+
+
 def test_bad_settings_and_methods():
     with pytest.raises(UsageError, match="must not exceed the population"):
         search.SearchSettings(population=4, mutations=3, crossovers=2).check()
