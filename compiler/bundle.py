@@ -42,6 +42,10 @@ class Bundle:
     graphs: Mapping[str, Path] = field(default_factory=dict)        # role -> ONNX file
     graph_meta: Mapping[str, Any] = field(default_factory=dict)     # IO names, KV layout, exporter
     plan: Mapping[str, Any] = field(default_factory=dict)           # decode plan (strategy + params)
+    # files one pass leaves for a later one (calibration statistics, a subnet, reformed weights);
+    # a pass that consumes them (materialize) drops them, so they never reach the artifact
+    intermediates: Mapping[str, Path] = field(default_factory=dict)
+    reports: Mapping[str, Path] = field(default_factory=dict)       # name -> file for reports/ (search log, plots)
     provenance: tuple[PassRecord, ...] = ()
 
     def checkpoints(self) -> dict[str, Path]:
@@ -60,6 +64,8 @@ class Bundle:
             "draft_dir": str(self.draft_dir) if self.draft_dir else None,
             "graphs": {k: str(v) for k, v in self.graphs.items()},
             "graph_meta": dict(self.graph_meta), "plan": dict(self.plan),
+            "intermediates": {k: str(v) for k, v in self.intermediates.items()},
+            "reports": {k: str(v) for k, v in self.reports.items()},
             "provenance": [dataclasses.asdict(p) for p in self.provenance],
         }
 
@@ -71,6 +77,8 @@ class Bundle:
             draft_dir=Path(data["draft_dir"]) if data.get("draft_dir") else None,
             graphs={k: Path(v) for k, v in data["graphs"].items()},
             graph_meta=data["graph_meta"], plan=data["plan"],
+            intermediates={k: Path(v) for k, v in data.get("intermediates", {}).items()},
+            reports={k: Path(v) for k, v in data.get("reports", {}).items()},
             provenance=tuple(PassRecord(**p) for p in data["provenance"]),
         )
 
@@ -91,7 +99,17 @@ class Bundle:
             except ValueError:
                 return p
         return self.evolve(model_dir=move(self.model_dir), draft_dir=move(self.draft_dir),
-                           graphs={k: move(v) for k, v in self.graphs.items()})
+                           graphs={k: move(v) for k, v in self.graphs.items()},
+                           intermediates={k: move(v) for k, v in self.intermediates.items()},
+                           reports={k: move(v) for k, v in self.reports.items()})
+
+    def intermediate(self, kind: str, needed_by: str, made_by: str) -> Path:
+        """The file a previous pass left under `kind`, or a UsageError naming the pass to add."""
+        from accelc.errors import UsageError
+
+        if kind not in self.intermediates:
+            raise UsageError(f"{needed_by} needs {kind.replace('_', ' ')}: put {made_by} before it in the recipe")
+        return self.intermediates[kind]
 
 
 def canonical(params: Mapping[str, Any]) -> str:

@@ -60,6 +60,8 @@ def _assemble(writer: ArtifactWriter, bundle, lowered, cache_owned) -> dict:
         if data.exists():  # graphs over 2 GB keep weights in an external-data file beside them
             writer.place(data, rel + ".data", link=cache_owned(data))
         graphs[role] = rel
+    for name, report in bundle.reports.items():  # the passes' own reports (search log, plots)
+        writer.place(report, f"reports/{name}", link=cache_owned(report))
     targets = []
     for item in lowered:
         rel = f"targets/{item.kind}"
@@ -68,6 +70,12 @@ def _assemble(writer: ArtifactWriter, bundle, lowered, cache_owned) -> dict:
                 writer.place(child, f"{rel}/{child.name}", link=True)
         targets.append({"kind": item.kind, "dir": rel, "params": dict(item.params), "runtime": item.runtime})
     return {"graphs": graphs, "targets": targets}
+
+
+def _pruning_summary(bundle) -> dict:
+    """The pruned model's budget, parameter counts and widths (from the materialize pass)."""
+    report = bundle.reports.get("pruned_model.json")
+    return {"pruning": json.loads(Path(report).read_text())} if report else {}
 
 
 def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
@@ -103,6 +111,7 @@ def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
                 "graph_meta": dict(bundle.graph_meta),
                 **layout,
                 "decode_plan": plan,
+                **_pruning_summary(bundle),
                 "metrics": {},
                 "warnings": [],
             }
@@ -169,6 +178,8 @@ def prove(directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
         result = evaluate(art, recipe.data.evaluation, ppl_spec, {"torch": torch_model, **step_models})
         (reports / "eval.json").write_text(json.dumps(result, indent=2))
         metrics["perplexity"] = {b: r["ppl"] for b, r in result["backends"].items()}
+        if "source" in result:
+            metrics["perplexity"]["source"] = result["source"]["ppl"]
         if not result["ok"]:
             metrics["failure"] = result["failure"]
             return metrics, False
@@ -215,8 +226,32 @@ def evaluate(art, text_spec: str, spec, models: dict | None = None) -> dict:
             if r["ratio_vs_torch"] > spec.max_ratio:
                 failure = (f"perplexity of {backend} is {r['ratio_vs_torch']:.3f}x torch's "
                            f"(max_ratio {spec.max_ratio})")
-    return {"text": text_spec, "max_ratio": spec.max_ratio, "backends": results, "ok": failure is None,
-            "failure": failure}
+    out = {"text": text_spec, "max_ratio": spec.max_ratio, "backends": results}
+    source = _source_checkpoint(art)
+    if source is not None:  # a pass changed the weights (pruning): the quality cost, on the same protocol
+        from accelc.families.causal_lm import load_model
+
+        with progress.step(f"eval: perplexity of the source model on {text_spec}"):
+            ref = perplexity(TorchStepModel(load_model(source, art.trust_remote_code)), art.tokenizer, text,
+                             text_name=text_spec, window=spec.window, stride=spec.stride, max_windows=spec.max_windows)
+        out["source"] = {"model_dir": str(source), **ref}
+        for backend, r in results.items():
+            r["ratio_vs_source"] = r["ppl"] / ref["ppl"]
+        ratio = results.get("torch", {}).get("ratio_vs_source")
+        if failure is None and spec.max_ratio_vs_source and ratio and ratio > spec.max_ratio_vs_source:
+            failure = (f"perplexity of the pruned model is {ratio:.3f}x the source model's "
+                       f"(max_ratio_vs_source {spec.max_ratio_vs_source})")
+    return {**out, "ok": failure is None, "failure": failure}
+
+
+def _source_checkpoint(art) -> Path | None:
+    """The dense checkpoint a pruned artifact came from, when it is still on this machine."""
+    from accelc.pruning.materialize import is_pruned
+
+    source = art.manifest["model"].get("model_dir")
+    if not source or not is_pruned(art.dir / HF_DIRS["target"]) or not Path(source, "config.json").exists():
+        return None
+    return Path(source)
 
 
 def _prove_onnx(art, recipe, reports: Path) -> tuple[dict, bool]:

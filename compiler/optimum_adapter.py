@@ -16,18 +16,25 @@ INSTALL = 'pip install "optimum==2.1.0" "optimum-onnx[onnxruntime]==0.1.0"'
 TASK = "text-generation-with-past"  # one graph: past length may be 0, so it prefills and decodes
 
 
-def export_decoder_with_past(model_dir: Path, out_dir: Path, *, opset: int | None,
-                             trust_remote_code: bool) -> Path:
-    """Export a decoder whose single graph takes `past_key_values.{i}.key/value` (length >= 0)
-    and returns logits for every fed position plus `present.{i}.key/value`.
+def export_decoder_with_past(model, model_dir: Path, out_dir: Path, *, opset: int | None) -> Path:
+    """Export a loaded decoder whose single graph takes `past_key_values.{i}.key/value` (length
+    >= 0) and returns logits for every fed position plus `present.{i}.key/value`.
+
+    The model is passed in, loaded by accelc (families.causal_lm.load_model), rather than named
+    by folder: pruned checkpoints with per-layer widths load only through accelc's loader, and
+    one route for every checkpoint keeps the exported graphs comparable. `model_dir` supplies
+    the tokenizer/generation files optimum copies beside the graph.
 
     optimum's exporter uses the legacy TorchScript exporter with its own model patcher (the
     vmap-free attention masks); torch's dynamo exporter with a KV cache produces graphs that
     fail at run time in ONNX Runtime (stack.md section 2), so this is the route that works.
     """
-    exporters = require("optimum.exporters.onnx", INSTALL)
+    convert = require("optimum.exporters.onnx.convert", INSTALL)
+    from optimum.utils.save_utils import maybe_load_preprocessors
+
     import transformers
 
+    model.config.use_cache = True  # what main_export sets for a -with-past task
     # The tracer warns on every data-dependent branch of transformers' mask code (dozens of
     # lines per export, all expected: the graph is validated against torch afterwards).
     with warnings.catch_warnings():
@@ -36,9 +43,9 @@ def export_decoder_with_past(model_dir: Path, out_dir: Path, *, opset: int | Non
         transformers.logging.set_verbosity_error()
         try:
             with contextlib.redirect_stdout(sys.stderr):
-                exporters.main_export(
-                    str(model_dir), str(out_dir), task=TASK, opset=opset, local_files_only=True,
-                    trust_remote_code=trust_remote_code, device="cpu", do_validation=False,
+                convert.onnx_export_from_model(
+                    model=model, output=str(out_dir), task=TASK, opset=opset, device="cpu",
+                    do_validation=False, preprocessors=maybe_load_preprocessors(str(model_dir)),
                 )
         finally:
             transformers.logging.set_verbosity(verbosity)

@@ -76,6 +76,9 @@ class PerplexitySpec(Section):
     backends: list[str] = Field(default_factory=lambda: ["torch", "ort"],
                                 description="backends to score; untuned TVM is too slow for long windows")
     max_ratio: float = Field(1.05, gt=1, description="fail (exit 5) if a backend's perplexity exceeds torch's by this factor")
+    max_ratio_vs_source: float | None = Field(None, gt=1, description="for pruned models (whose source model is "
+                                              "scored too): fail (exit 5) if torch's perplexity exceeds the source "
+                                              "model's by this factor")
 
 
 class BenchSpec(Section):

@@ -57,6 +57,7 @@ TARGETS: dict[str, type[Target]] = {}
 
 BUILTIN_MODULES = (
     "accelc.passes.export_onnx",
+    "accelc.passes.pruning",
     "accelc.passes.quantize",
     "accelc.passes.speculative",
     "accelc.targets.cpu",

@@ -13,7 +13,7 @@ class ExportOnnx(registry.Pass):
     """Export the causal LM to ONNX with past/present KV tensors (optimum-onnx exporter)."""
 
     name = "export_onnx"
-    version = 2  # 2: one graph per checkpoint role (target decoder, draft)
+    version = 3  # 2: one graph per checkpoint role; 3: exported from accelc's loaded model
 
     class Params(registry.Params):
         opset: int | None = Field(None, ge=14, le=21, description="ONNX opset; default: the exporter's (18)")
@@ -24,12 +24,16 @@ class ExportOnnx(registry.Pass):
         import onnx
 
         from accelc import optimum_adapter
+        from accelc.families.causal_lm import load_model
+        from accelc.pruning.materialize import check_uniform_kv
 
+        trust = bool(bundle.source.get("trust_remote_code"))
         graphs, metas = {}, {}
         for role, checkpoint in bundle.checkpoints().items():  # the target, and a draft if any
-            graph = optimum_adapter.export_decoder_with_past(
-                checkpoint, ctx.workdir / role, opset=self.params.opset,
-                trust_remote_code=bool(bundle.source.get("trust_remote_code")))
+            model = load_model(checkpoint, trust)
+            check_uniform_kv(model, "export_onnx")
+            graph = optimum_adapter.export_decoder_with_past(model, checkpoint, ctx.workdir / role,
+                                                             opset=self.params.opset)
             model = onnx.load(str(graph), load_external_data=False)
             graphs[role] = graph
             metas[role] = {"exporter": "optimum-onnx", "task": optimum_adapter.TASK,

@@ -69,6 +69,7 @@ class CpuTarget(registry.Target):
         if bundle.family != "causal_lm":
             raise UsageError("the cpu target's tvm backend lowers causal LM checkpoints only")
         from accelc.families.causal_lm import load_model
+        from accelc.pruning.materialize import check_uniform_kv
         from accelc.runtime.tvm_backend import import_tvm
 
         import_tvm()  # a missing TVM is exit 3 with the pip command, before any work
@@ -82,6 +83,8 @@ class CpuTarget(registry.Target):
         for role, checkpoint in bundle.checkpoints().items():
             name = "target" if role == "decoder" else role
             dirs[name] = f"tvm/{name}"
-            metas[name] = tvm_build.lower_causal_lm(load_model(checkpoint, trust), ctx.workdir / dirs[name], target)
+            model = load_model(checkpoint, trust)
+            check_uniform_kv(model, "the cpu target's tvm backend")
+            metas[name] = tvm_build.lower_causal_lm(model, ctx.workdir / dirs[name], target)
         threads = self.params.tvm.num_threads or os.cpu_count()
         return {"dirs": dirs, "target": target, "num_threads": threads, "meta": metas}

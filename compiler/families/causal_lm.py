@@ -112,10 +112,15 @@ def ingest(spec, recipe=None) -> Bundle:
 
 
 def load_model(directory: Path, trust_remote_code: bool = False):
-    """The float32 torch model of record, in eval mode."""
+    """The float32 torch model of record, in eval mode (pruned folders through their own loader:
+    per-layer widths fail from_pretrained's shape check)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from accelc.pruning import materialize
+
+    if materialize.is_pruned(directory):
+        return materialize.load(directory)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
                                                      trust_remote_code=trust_remote_code,

@@ -101,6 +101,34 @@ class CalibrationStats:
     windows: int
     tokens: int
 
+    def save(self, path) -> None:
+        """Moments only (npz, no pickle); Gram matrices are not saved (hundreds of MB)."""
+        arrays = {"windows": np.int64(self.windows), "tokens": np.int64(self.tokens)}
+        for name, per_layer in (("o_proj", self.o_proj), ("down_proj", self.down_proj)):
+            arrays[f"{name}.count"] = np.array([s.count for s in per_layer], dtype=np.int64)
+            arrays[f"{name}.sum"] = np.stack([s.sum.numpy() for s in per_layer])
+            arrays[f"{name}.sumsq"] = np.stack([s.sumsq.numpy() for s in per_layer])
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path, geometry: Geometry) -> "CalibrationStats":
+        import torch
+
+        with np.load(path, allow_pickle=False) as data:
+            per_module = {}
+            for name in ("o_proj", "down_proj"):
+                stats = []
+                for count, total, sq in zip(data[f"{name}.count"], data[f"{name}.sum"], data[f"{name}.sumsq"]):
+                    st = ChannelStats(len(total))
+                    st.count, st.sum, st.sumsq = int(count), torch.from_numpy(total.copy()), torch.from_numpy(sq.copy())
+                    stats.append(st)
+                per_module[name] = stats
+            if (len(per_module["o_proj"]) != geometry.num_layers
+                    or per_module["down_proj"][0].channels != geometry.intermediate):
+                raise UsageError(f"{path}: calibration statistics were collected on a different model shape")
+            return cls(geometry, per_module["o_proj"], per_module["down_proj"], int(data["windows"]),
+                       int(data["tokens"]))
+
     def grams(self) -> dict:
         """{(layer, "o_proj"|"down_proj"): X^T X} (collect with gram=True), for reform.oneshot."""
         out = {}

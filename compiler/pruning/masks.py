@@ -349,11 +349,11 @@ def check_feasible(space: SearchSpace, budget: Budget) -> None:
     if smallest > budget.limit:
         g = space.geometry
         raise UsageError(
-            f"no subnet can meet the budget: limit {budget.limit:,.0f} {budget.unit}, but the smallest "
+            f"no subnet can meet the budget: limit {budget.limit:,.6g} {budget.unit}, but the smallest "
             f"legal subnet ({space.head_options[0][0] * space.head_options[0][1]} query heads and "
-            f"{space.widths[0]} MLP channels per layer, gqa='{space.gqa}') costs {smallest:,.0f} "
-            f"(dense {budget.cost(space.dense_shape()):,.0f}, {g.num_layers} layers); "
-            f"lower the removal ratio")
+            f"{space.widths[0]} MLP channels per layer, gqa='{space.gqa}') costs {smallest:,.6g} "
+            f"(dense {budget.cost(space.dense_shape()):,.6g}, {g.num_layers} layers); "
+            f"loosen the budget (a smaller removal ratio, more parameters or a larger latency ratio)")
 
 
 def overlap_ok(parent: Iterable[int], child: Iterable[int], alpha: float) -> bool:

@@ -232,6 +232,18 @@ def load(directory: Path):
     return model.eval()
 
 
+def check_uniform_kv(model, what: str) -> None:
+    """Exporters and runtimes size the KV cache from config.num_key_value_heads in every layer;
+    a gqa="group" subnet keeps different KV heads per layer, which they cannot express yet."""
+    if getattr(model.config, PRUNING_KEY, None) is None:
+        return
+    kv = set(widths(model)["num_kv_heads"])
+    dense = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+    if kv != {dense}:
+        raise UsageError(f"{what}: this pruned model keeps {sorted(kv)} KV heads per layer (gqa: group), but "
+                         f"exported graphs need {dense} in every layer; prune with gqa: query to export it")
+
+
 def widths(model) -> dict:
     """The per-layer widths read from the modules themselves (heads, KV heads, MLP channels)."""
     d = model.config.head_dim if getattr(model.config, "head_dim", None) else \

@@ -162,6 +162,30 @@ class Reformation:
     report: list = field(default_factory=list)      # dicts: layer, module, err_masked, err_reformed, ...
 
 
+def save_overrides(overrides: dict, path) -> None:
+    """Replacement consumer weights as safetensors: `layers.{i}.{module}.weight` / `.bias`."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for (i, name), (weight, bias) in overrides.items():
+        tensors[f"layers.{i}.{name}.weight"] = weight.contiguous()
+        if bias is not None:
+            tensors[f"layers.{i}.{name}.bias"] = bias.contiguous()
+    save_file(tensors, str(path))
+
+
+def load_overrides(path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    out = {}
+    for key, weight in tensors.items():
+        _, i, name, kind = key.split(".")
+        if kind == "weight":
+            out[(int(i), name)] = (weight, tensors.get(f"layers.{i}.{name}.bias"))
+    return out
+
+
 class _Stop(Exception):
     pass
 

@@ -1,0 +1,194 @@
+"""The pruning passes in real compiles of the seeded tiny Llama: search -> reform -> materialize ->
+export -> ORT and TVM, the baselines as passes, the latency budget, and bad recipes (exit 2)."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from tests.conftest import write_recipe
+
+PRUNE_RECIPE = """
+version: 1
+model: {{builtin: tiny-llama}}
+data: {{calibration: "{calibration}", evaluation: "austen:persuasion"}}
+passes:
+{passes}
+targets:
+  - kind: cpu
+    backends: {backends}
+eval:
+  parity: {{greedy_tokens: 8, decode_steps: 3}}
+  perplexity: {{window: 64, stride: 64, max_windows: 4}}
+  bench: {{enabled: false}}
+cache: {{dir: {cache}}}
+"""
+
+STATS = """
+  - type: importance
+    windows: 4
+    window: 64
+"""
+SEARCH = """
+  - type: arch_search
+    budget: {budget}
+    generations: 3
+    population: 8
+    parents: 3
+    mutations: 4
+    crossovers: 2
+    fitness_windows: 2
+    fitness_window: 64
+"""
+TAIL = """
+  - type: reform
+    windows: 4
+    window: 64
+  - type: materialize
+  - type: export_onnx
+"""
+
+
+@pytest.fixture
+def prune_recipe(tmp_path):
+    def make(passes: str, backends: str = "[ort]", calibration: str = "austen:emma", name: str = "recipe.yaml"):
+        body = PRUNE_RECIPE.format(passes=textwrap.indent(textwrap.dedent(passes).strip("\n"), ""),
+                                   backends=backends, calibration=calibration, cache=tmp_path / "cache")
+        return write_recipe(tmp_path, body, name)
+    return make
+
+
+def _search(budget: str = "{remove_ratio: 0.3}") -> str:
+    return STATS + SEARCH.format(budget=budget) + TAIL
+
+
+def test_search_reform_materialize_compiles_for_ort_and_tvm(cli, prune_recipe, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = cli("compile", prune_recipe(_search(), backends="[ort, tvm]"), "-o", out)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [p["name"] for p in manifest["passes"]] == ["importance", "arch_search", "reform", "materialize",
+                                                       "export_onnx"]
+    pruning = manifest["pruning"]
+    assert pruning["params_total"] < pruning["dense_params_total"]
+    assert pruning["params"]["removed_ratio"] >= 0.3 - 1e-9 and pruning["reformed"]
+    # the checkpoint really is smaller, and every backend agrees with it token for token
+    report = json.loads((out / "reports" / "validation.json").read_text())
+    assert report["verdict"] == "pass"
+    assert set(report["backends"]) >= {"ort", "tvm"}
+    # the search log and plot are in the artifact; every candidate met the budget; the best
+    # fitness never worsened across generations
+    log = json.loads((out / "reports" / "search_log.json").read_text())
+    budget = log["budget"]
+    assert log["log"] and all(budget["floor"] <= r["cost"] <= budget["limit"] for r in log["log"])
+    bests = [h["best_fitness"] for h in log["history"]]
+    assert all(b2 <= b1 for b1, b2 in zip(bests, bests[1:]))
+    assert (out / "reports" / "search.png").stat().st_size > 1000
+    # quality is measured against the source model on the same protocol
+    ev = json.loads((out / "reports" / "eval.json").read_text())
+    assert ev["source"]["ppl"] > 0 and ev["backends"]["torch"]["ratio_vs_source"] > 0
+    code, stdout, _ = cli("run", out, "--prompt", "Hello", "--max-new-tokens", 6, "--backend", "tvm", "--raw",
+                          "--show-tokens")
+    assert code == 0 and len(json.loads(stdout.strip().splitlines()[-1])) == 6
+
+
+@pytest.mark.parametrize("baseline", ["magnitude_prune", "wanda_sp", "flap"])
+def test_baselines_are_passes_under_the_same_budget(cli, prune_recipe, tmp_path, baseline):
+    passes = STATS + f"""
+  - type: {baseline}
+    budget: {{remove_ratio: 0.3}}
+  - type: materialize
+  - type: export_onnx
+"""
+    out = tmp_path / "out"
+    code, _, err = cli("compile", prune_recipe(passes), "-o", out)
+    assert code == 0, err
+    pruning = json.loads((out / "manifest.json").read_text())["pruning"]
+    assert pruning["method"] == baseline
+    assert pruning["budget_cost"] <= pruning["budget"]["limit"]
+    assert pruning["reformed"] == (baseline == "flap")  # FLAP's bias compensation replaces consumer weights
+
+
+def test_latency_budget_search_meets_the_measured_table(cli, prune_recipe, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = cli("compile", prune_recipe(_search("{latency_ratio: 0.9}")), "-o", out)
+    assert code == 0, err
+    log = json.loads((out / "reports" / "search_log.json").read_text())
+    assert log["budget"]["kind"] == "LatencyBudget"
+    assert all(r["cost"] <= log["budget"]["limit"] for r in log["log"])
+
+
+def test_latency_table_is_measured_once_and_monotone_in_width(tmp_path, monkeypatch):
+    from accelc.pruning import latency, masks
+
+    geo = masks.Geometry(num_layers=2, hidden=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate=176,
+                         biased=frozenset(), total_params=100_000)
+    space = masks.SearchSpace(geo)
+    protocol = latency.Protocol(repeats=3)
+    table = latency.measure(geo, space, 256, protocol, cache_dir=tmp_path)
+    assert all(b >= a for a, b in zip(table.mlp_ms, table.mlp_ms[1:]))
+    assert len(table.attention) == len(space.head_options)
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("the cached table should have been used")
+
+    monkeypatch.setattr(latency, "time_stack", no_measuring)
+    again = latency.measure(geo, space, 256, protocol, cache_dir=tmp_path)
+    assert again.to_json() == table.to_json()
+    dense, smallest = again.cost(space.dense_shape()), again.cost(space.smallest_shape())
+    assert dense > smallest > again.fixed_ms
+    budget = latency.LatencyBudget.from_ratio(space, again, (1 + smallest / dense) / 2)
+    assert dense > budget.limit >= smallest
+
+
+# --------------------------------------------------------------------------- bad input: exit 2
+
+
+@pytest.mark.parametrize("ratio", [0, 1, 1.5, -0.2])
+def test_ratio_outside_the_open_unit_interval(cli, prune_recipe, ratio):
+    code, _, err = cli("compile", prune_recipe(_search(f"{{remove_ratio: {ratio}}}")))
+    assert code == 2
+    assert "recipe.yaml:" in err and "remove_ratio" in err
+
+
+def test_a_budget_no_subnet_can_meet(cli, prune_recipe):
+    code, _, err = cli("compile", prune_recipe(_search("{remove_ratio: 0.99}")))
+    assert code == 2 and "no subnet can meet the budget" in err
+    code, _, err = cli("compile", prune_recipe(_search("{max_params: 1000}"), name="r2.yaml"))
+    assert code == 2 and "never pruned" in err
+
+
+def test_two_budgets_at_once(cli, prune_recipe):
+    code, _, err = cli("compile", prune_recipe(_search("{remove_ratio: 0.2, max_params: 90000}")))
+    assert code == 2 and "exactly one of" in err
+
+
+def test_calibration_text_shorter_than_one_window(cli, prune_recipe, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words of calibration text.")
+    code, _, err = cli("compile", prune_recipe(_search(), calibration=str(short)))
+    assert code == 2 and "calibration text" in err and "window" in err
+
+
+def test_search_without_statistics_names_the_missing_pass(cli, prune_recipe):
+    code, _, err = cli("compile", prune_recipe(SEARCH.format(budget="{remove_ratio: 0.3}") + TAIL))
+    assert code == 2 and "put the importance pass before it" in err
+
+
+def test_pruning_after_export_is_refused(cli, prune_recipe):
+    passes = "\n  - type: export_onnx\n" + STATS
+    code, _, err = cli("compile", prune_recipe(passes))
+    assert code == 2 and "before export_onnx" in err
+
+
+def test_group_gqa_subnet_cannot_be_exported_yet(cli, prune_recipe):
+    passes = STATS + """
+  - type: magnitude_prune
+    budget: {remove_ratio: 0.6}
+    gqa: group
+  - type: materialize
+  - type: export_onnx
+"""
+    code, _, err = cli("compile", prune_recipe(passes))
+    assert code == 2 and "gqa: query" in err
