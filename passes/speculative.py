@@ -1,7 +1,8 @@
 """speculative: rewrite the generation loop into draft-then-verify decoding, if it pays.
 
-The draft is a model folder named in the recipe, or derived from the target by keeping a subset
-of its layers (layer skip). The pass checks that both share one vocabulary, estimates the
+The draft is a model folder named in the recipe, or derived from the target: by keeping a subset
+of its layers (layer skip), or as a subnet found by architecture search and reformation at a
+given removal ratio (the pruning passes, run on the target). The pass checks that both share one vocabulary, estimates the
 acceptance rate alpha = 1 - E[TV(p, q)] along the target's own continuations of calibration
 prompts, measures the cost ratio c (draft step / target step, torch eager on this machine),
 and picks the draft length gamma that maximises the predicted speedup
@@ -21,16 +22,23 @@ from accelc.errors import UsageError
 
 
 class DraftSpec(registry.Params):
-    """Exactly one of `path` (a draft checkpoint folder) or `keep_layers` (layer skip)."""
+    """Exactly one of `path` (a draft checkpoint folder), `keep_layers` (layer skip) or
+    `subnet_ratio` (a subnet found by architecture search + reformation)."""
 
     path: str | None = Field(None, description="Hugging Face folder of a draft sharing the target's tokenizer")
     keep_layers: list[int] | None = Field(None, min_length=1,
                                           description="derive the draft from the target, keeping these layers")
+    subnet_ratio: float | None = Field(None, gt=0, lt=1, description="derive the draft by removing this fraction "
+                                       "of the target's attention + MLP weights (importance, arch_search, reform, "
+                                       "materialize: the pruning passes, run on the target)")
+    search_generations: int = Field(4, ge=1, description="arch_search generations for a subnet draft")
+    search_population: int = Field(12, ge=4, description="arch_search candidates per generation for a subnet draft")
 
     @model_validator(mode="after")
     def _one(self):
-        if (self.path is None) == (self.keep_layers is None):
-            raise ValueError("give exactly one of 'path' or 'keep_layers'")
+        given = [k for k in ("path", "keep_layers", "subnet_ratio") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'path', 'keep_layers' or 'subnet_ratio'")
         return self
 
 
@@ -64,9 +72,12 @@ class Speculative(registry.Pass):
                 raise UsageError(f"speculative: draft path {draft_dir} is not a checkpoint folder")
             check_checkpoint(draft_dir)
             _check_same_tokenizer(load_tokenizer(bundle.model_dir, trust), load_tokenizer(draft_dir, trust), draft_dir)
-        else:
+        elif self.params.draft.keep_layers is not None:
             draft_dir = _layer_skip_draft(target_model, self.params.draft.keep_layers, bundle.model_dir,
                                           ctx.workdir / "draft")
+        else:
+            draft_dir, reports = _subnet_draft(bundle, ctx, self.params.draft)
+            bundle = bundle.evolve(reports={**bundle.reports, **{f"draft_{k}": v for k, v in reports.items()}})
         draft_model = load_model(draft_dir, trust)
         if draft_model.config.vocab_size != target_model.config.vocab_size:
             raise UsageError(f"speculative: the draft's vocabulary has {draft_model.config.vocab_size} tokens, the "
@@ -123,6 +134,28 @@ def _check_same_tokenizer(target_tok, draft_tok, draft_dir) -> None:
         raise UsageError(f"speculative: the draft at {draft_dir} uses a different tokenizer from the target's "
                          f"({len(draft_tok)} vs {len(target_tok)} tokens or different ids); draft and target "
                          "must share one vocabulary")
+
+
+def _subnet_draft(bundle, ctx, spec: DraftSpec):
+    """The target pruned by the pruning passes themselves, each in its own folder of this pass's
+    workdir: what a recipe chaining them would produce, kept as the draft instead of the target."""
+    from accelc.passes import pruning
+    from accelc.pipeline import Context
+
+    budget = {"remove_ratio": spec.subnet_ratio}
+    n = spec.search_population
+    steps = [(pruning.CalibrationStatistics, {}),
+             (pruning.ArchSearch, {"budget": budget, "generations": spec.search_generations, "population": n,
+                                   "parents": max(2, n // 3), "mutations": n // 2, "crossovers": n // 4}),
+             (pruning.Reform, {}),
+             (pruning.Materialize, {})]
+    draft = bundle.evolve(intermediates={}, reports={})
+    for cls, params in steps:
+        workdir = ctx.workdir / "draft_subnet" / cls.name
+        workdir.mkdir(parents=True)
+        with progress.step(f"speculative: draft subnet, {cls.name}"):
+            draft = cls(cls.Params(**params)).run(draft, Context(ctx.recipe, workdir))
+    return draft.model_dir, dict(draft.reports)
 
 
 def _layer_skip_draft(model, keep: list[int], source_dir, out_dir):

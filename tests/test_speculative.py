@@ -409,13 +409,14 @@ def torch_models(llama):
 @pytest.fixture(scope="module")
 def ort_models(llama):
     pytest.importorskip("onnxruntime")
+    from accelc.families.causal_lm import load_model
     from accelc.optimum_adapter import export_decoder_with_past
     from accelc.runtime.ort_backend import OrtStepModel
 
     root, target_dir, drafts = llama
     options = {"intra_op_threads": 1}
-    graph = export_decoder_with_past(target_dir, root / "onnx-target", opset=None, trust_remote_code=False)
-    close = export_decoder_with_past(drafts["close"], root / "onnx-close", opset=None, trust_remote_code=False)
+    graph = export_decoder_with_past(load_model(target_dir), target_dir, root / "onnx-target", opset=None)
+    close = export_decoder_with_past(load_model(drafts["close"]), drafts["close"], root / "onnx-close", opset=None)
     return OrtStepModel(graph, options), OrtStepModel(close, options)
 
 

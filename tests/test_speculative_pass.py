@@ -42,6 +42,21 @@ def test_rewritten_loop_is_validated_on_every_backend(cli, tiny_recipe, tmp_path
     assert code == 0 and f"[{strategy}]" in err and "target calls" in err
 
 
+def test_subnet_draft_comes_from_the_pruning_passes(cli, tiny_recipe, tmp_path):
+    recipe = spec_recipe(tiny_recipe)
+    recipe.write_text(recipe.read_text().replace(
+        "{keep_layers: [0]}", "{subnet_ratio: 0.5, search_generations: 2, search_population: 6}"))
+    out = tmp_path / "out"
+    code, _, err = cli("compile", recipe, "-o", out)
+    assert code == 0, err
+    draft = json.loads((out / "reports" / "draft_pruned_model.json").read_text())
+    assert draft["method"] == "arch_search" and draft["reformed"]
+    assert draft["params"]["removed_ratio"] >= 0.5 - 1e-9
+    assert (out / "reports" / "draft_search_log.json").exists()
+    report = json.loads((out / "reports" / "validation.json").read_text())
+    assert report["draft"]["verdict"] == "pass" and report["decode_plan"]["verdict"] == "pass"
+
+
 def test_no_predicted_gain_falls_back_to_autoregressive(cli, tiny_recipe, tmp_path):
     out = tmp_path / "out"
     # a one-layer draft of a two-layer random model: low alpha, c near 1/2, no gamma pays
