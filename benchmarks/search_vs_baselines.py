@@ -15,8 +15,8 @@ every method sees the same calibration statistics and budget:
 and scores each materialised model (and the dense one) by perplexity on a held-out text with
 the torch model of record. Speed: each distinct shape is exported to ONNX (export_onnx pass) and
 timed under ONNX Runtime in worker processes, interleaved round by round, medians reported:
-prefill latency of a 64-token prompt, decode tokens/s over 32 greedy tokens, and the worker's
-peak RSS. Methods with the same shape (magnitude and wanda_sp; search and search_reform) share
+prefill latency of a 64-token prompt, decode tokens/s over 32 greedy tokens, the worker's peak
+RSS (VmHWM: includes session-creation transients) and its RSS after decoding (the loaded model). Methods with the same shape (magnitude and wanda_sp; search and search_reform) share
 one measurement, noted in `speed_from`.
 
 Calibration: austen:emma (16 x 512 tokens for statistics and reformation; the search's fitness
@@ -93,7 +93,7 @@ def held_out_ppl(model_dir: Path, tokenizer, windows: int) -> float:
 
 def worker(graph: str, prompt: list[int]) -> dict:
     """One measurement in a fresh process: load the graph, prefill, decode; report peak RSS."""
-    from accelc.benchmark import WARMUP_TOKENS, peak_rss_mb
+    from accelc.benchmark import WARMUP_TOKENS, peak_rss_mb, rss_mb
     from accelc.decoding.autoregressive import generate
     from accelc.runtime.ort_backend import OrtStepModel
 
@@ -101,7 +101,7 @@ def worker(graph: str, prompt: list[int]) -> dict:
     generate(model, prompt[:8], WARMUP_TOKENS)
     result = generate(model, prompt, NEW_TOKENS)
     return {"prefill_ms": result.prefill_seconds * 1e3, "decode_tok_s": result.decode_tokens_per_second,
-            "peak_mb": peak_rss_mb()}
+            "peak_mb": peak_rss_mb(), "rss_mb": rss_mb()}
 
 
 def time_graphs(graphs: dict[str, Path], prompt: list[int], repeats: int) -> dict[str, dict]:
@@ -119,7 +119,7 @@ def time_graphs(graphs: dict[str, Path], prompt: list[int], repeats: int) -> dic
             runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             bar.update()
     bar.close()
-    return {name: {k: statistics.median(r[k] for r in rs) for k in ("prefill_ms", "decode_tok_s", "peak_mb")}
+    return {name: {k: statistics.median(r[k] for r in rs) for k in ("prefill_ms", "decode_tok_s", "peak_mb", "rss_mb")}
             for name, rs in runs.items()}
 
 
@@ -228,6 +228,7 @@ def main() -> int:
         row["ppl_vs_dense"] = row["ppl"] / dense["ppl"]
         row["decode_speedup_vs_dense"] = row["decode_tok_s"] / dense["decode_tok_s"]
         row["peak_mb_vs_dense"] = row["peak_mb"] / dense["peak_mb"]
+        row["rss_mb_vs_dense"] = row["rss_mb"] / dense["rss_mb"]
     Path(args.json).write_text(json.dumps(rows, indent=2))
     plot(rows, Path(args.plot) if args.plot else Path(args.json).with_suffix(".png"))
     protocol = {"calibration": CALIBRATION, "held_out": HELD_OUT, "eval_windows": args.eval_windows,
@@ -235,10 +236,12 @@ def main() -> int:
                 f"median of {args.repeats} worker processes", "load_average": os.getloadavg(),
                 "seconds": round(time.perf_counter() - started, 1)}
     Path(args.json).with_suffix(".protocol.json").write_text(json.dumps(protocol, indent=2))
-    print(f"{'ratio':>5} {'method':<14} {'ppl':>9} {'params':>8} {'tok/s':>7} {'prefill':>8} {'peak MB':>8}")
+    print(f"{'ratio':>5} {'method':<14} {'ppl':>9} {'params':>8} {'tok/s':>7} {'x dense':>7} {'prefill':>8} "
+          f"{'peak MB':>8} {'RSS MB':>7}")
     for r in rows:
         print(f"{r['ratio']:>5} {r['method']:<14} {r['ppl']:>9.2f} {r['params'] / 1e6:>7.1f}M "
-              f"{r['decode_tok_s']:>7.1f} {r['prefill_ms']:>7.1f}ms {r['peak_mb']:>8.0f}")
+              f"{r['decode_tok_s']:>7.1f} {r['decode_speedup_vs_dense']:>7.3f} {r['prefill_ms']:>7.1f}ms "
+              f"{r['peak_mb']:>8.0f} {r['rss_mb']:>7.0f}")
     print(f"total {protocol['seconds']:.0f}s")
     return 0
 

@@ -1,9 +1,10 @@
 """Speculative family vs autoregressive decoding on SmolLM2-135M-Instruct (ONNX Runtime), side by side.
 
-    python benchmarks/speculative.py [--quick] [--draft-layers 0 1 2 3 27 28 29] --json OUT.json
+    python benchmarks/speculative.py [--quick] [--draft-ratio 0.6 | --draft-layers 0 1 2 27 28 29] --json OUT.json
 
-Compiles the embedded model with the `speculative` pass (a layer-skip draft derived from the
-target; fallback off so the rewritten loops are measured even when they do not pay), then, on
+Compiles the embedded model with the `speculative` pass (a draft derived from the target: a
+subnet from architecture search + reformation with --draft-ratio, else a layer skip; fallback
+off so the rewritten loops are measured even when they do not pay), then, on
 continuations of real prompts (Austen, "Persuasion"), measures tokens/s of autoregressive,
 speculative, batch speculative, PEARL and stairs decoding at each temperature, in one run.
 Each row: measured speedup vs autoregressive, the cost model's predicted speedup (alpha and c
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DRAFT_LAYERS = [0, 1, 2, 3, 26, 27, 28, 29]  # first and last layers of the 30
 
 
-def compile_artifact(out: Path, draft_layers: list[int], gamma_max: int) -> None:
+def compile_artifact(out: Path, draft: str, gamma_max: int) -> None:
     from accelc.cli import main as accelc
 
     recipe = out.parent / "speculative.yaml"
@@ -35,7 +36,7 @@ version: 1
 model: {{builtin: smollm2-135m-instruct}}
 passes:
   - type: speculative
-    draft: {{keep_layers: {draft_layers}}}
+    draft: {draft}
     fallback: false
     gamma_max: {gamma_max}
   - type: export_onnx
@@ -51,6 +52,12 @@ eval:
         raise SystemExit("compile failed")
 
 
+def draft_spec(args) -> str:
+    if args.draft_ratio is not None:
+        return f"{{subnet_ratio: {args.draft_ratio}}}"
+    return f"{{keep_layers: {args.draft_layers}}}"
+
+
 def main() -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -59,6 +66,8 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.8])
     p.add_argument("--draft-layers", type=int, nargs="+", default=DEFAULT_DRAFT_LAYERS)
+    p.add_argument("--draft-ratio", type=float, help="subnet draft: remove this fraction of the target's "
+                   "attention + MLP weights (search + reformation) instead of a layer skip")
     p.add_argument("--gamma-max", type=int, default=8)
     p.add_argument("--artifact", help="reuse a compiled artifact")
     p.add_argument("--json", required=True)
@@ -80,7 +89,7 @@ def main() -> int:
 
     artifact = Path(args.artifact) if args.artifact else Path(tempfile.mkdtemp(prefix="accelc-spec-")) / "artifact"
     if not (artifact / "manifest.json").exists():
-        compile_artifact(artifact, args.draft_layers, args.gamma_max)
+        compile_artifact(artifact, draft_spec(args), args.gamma_max)
     art = Artifact(artifact)
     plan = art.plan
     target, draft = art.step_model("ort"), art.step_model("ort", "draft")
@@ -107,13 +116,15 @@ def main() -> int:
                             cost_model.predicted_speedup(alpha, gamma, cost.cost_ratio, v)),
             "batch_speculative": (lambda pr, s: batch_speculative_generate(target, draft, pr, args.new_tokens,
                                                                            gamma=gamma, sampler=sampler, seed=s),
-                                  None),
+                                  cost_model.batch_predicted_speedup(alpha, gamma, cost.cost_ratio, v)),
             "pearl": (lambda pr, s: pearl_generate(pearl_target, pearl_draft, pr, args.new_tokens, gamma=gamma,
                                                    sampler=sampler, seed=s),
                       cost_model.pearl_predicted_speedup(alpha, gamma, cost.cost_ratio, v)),
         }
         if temp == 0:
-            methods["stairs"] = (lambda pr, s: stairs_generate(target, draft, pr, args.new_tokens), None)
+            # stairs adapts its draft length; the prediction is plain speculative's at the plan's gamma
+            methods["stairs"] = (lambda pr, s: stairs_generate(target, draft, pr, args.new_tokens),
+                                 cost_model.predicted_speedup(alpha, gamma, cost.cost_ratio, v))
         ar_tokens, ar_rate = {}, None
         for name, (run, predicted) in methods.items():
             rates, accept, same = [], [], []
@@ -137,13 +148,12 @@ def main() -> int:
             print(f"T={temp:<4} {name:<18} {rate:7.2f} tok/s  x{row['speedup_vs_ar']:.2f} (predicted {pred})  "
                   f"acceptance {row['acceptance'] if row['acceptance'] is None else round(row['acceptance'], 3)}  "
                   f"identical {row['identical_to_ar']}", flush=True)
-    report = {"protocol": {"model": "SmolLM2-135M-Instruct fp32", "backend": "onnxruntime CPU",
-                           "draft": f"layer skip {args.draft_layers}", "prompts": len(prompts),
-                           "prompt_tokens": 48, "prompt_text": "austen:persuasion", "new_tokens": args.new_tokens,
-                           "gamma": gamma, "cost_ratio": cost.cost_ratio, "verify_cost": v,
-                           "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
-              "plan": plan, "rows": rows}
-    Path(args.json).write_text(json.dumps(report, indent=2))
+    protocol = {"model": "SmolLM2-135M-Instruct fp32", "backend": "onnxruntime CPU", "draft": draft_spec(args),
+                "prompts": len(prompts), "prompt_tokens": 48, "prompt_text": "austen:persuasion",
+                "new_tokens": args.new_tokens, "gamma": gamma, "cost_ratio": cost.cost_ratio, "verify_cost": v,
+                "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "plan": plan}
+    Path(args.json).write_text(json.dumps(rows, indent=2))  # the rows; their protocol beside them
+    Path(args.json).with_suffix(".protocol.json").write_text(json.dumps(protocol, indent=2))
     plot(rows, Path(args.json).with_suffix(".png"))
     return 0
 

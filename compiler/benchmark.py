@@ -35,6 +35,14 @@ PROMPT_TEXT = (
 WARMUP_TOKENS = 4
 
 
+def rss_mb() -> float:
+    """Resident memory now (VmRSS): what a model occupies once loaded, without load-time peaks."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process's address space.
 

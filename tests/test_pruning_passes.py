@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import write_recipe
+from conftest import write_recipe
 
 PRUNE_RECIPE = """
 version: 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +111,11 @@ def test_cli_validate_and_schema(cli, tmp_path):
     assert code == 0 and "per_channel" in out
     code, _, err = cli("passes", "show", "nope")
     assert code == 2 and "export_onnx" in err
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(cli, path):
+    code, out, err = cli("validate", path)
+    assert code == 0, err
+    assert json.loads(out)["valid"] is True

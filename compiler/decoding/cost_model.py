@@ -174,6 +174,17 @@ def predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: VerifyCos
     return expected_accepted_length(alpha, gamma) / (gamma * c + _v(verify_cost, gamma))
 
 
+def batch_predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: VerifyCost = 1.0,
+                            candidates: int = 2) -> float:
+    """An approximation for k i.i.d. candidates: a depth is accepted unless every live candidate
+    is rejected, alpha_k = 1 - (1 - alpha)^k (exact when the candidates' rejections are
+    independent), drafting costs k gamma c (the trie shares nothing in the worst case), and
+    verification v for the scored path (extra branch calls are ignored): an upper bound."""
+    _check(alpha, gamma, c)
+    alpha_k = 1.0 - (1.0 - alpha) ** candidates
+    return expected_accepted_length(alpha_k, gamma) / (candidates * gamma * c + _v(verify_cost, gamma))
+
+
 def pearl_tokens_per_round(alpha: float, gamma: int) -> float:
     """(1 - alpha^gamma) / ((1 - alpha)(1 + alpha - alpha^gamma)); gamma at alpha = 1 (see module doc)."""
     _check(alpha, gamma, 0.0)
