@@ -175,7 +175,6 @@ def main() -> int:
     from accelc import optimum_adapter, progress
     from accelc.benchmark import PROMPT_TEXT
     from accelc.families.causal_lm import _builtin_dir, load_model, load_tokenizer
-    from accelc.pruning import materialize
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="accelc-svb-"))

@@ -36,8 +36,8 @@ import numpy as np
 
 from accelc.decoding.autoregressive import GenerationResult, Sampler
 from accelc.decoding.speculative import (DEFAULT_GAMMA, RESIDUAL_FLOOR, STREAM_ACCEPT, STREAM_DRAFT,
-                                         STREAM_RESIDUAL, ModelCursor, SpecStats, check_args, commit,
-                                         open_pair, own_sample, position_uniform, sample_index, tv_distance)
+                                         STREAM_RESIDUAL, ModelCursor, SpecStats, begin, check_args, commit,
+                                         own_sample, position_uniform, sample_index, tv_distance)
 from accelc.runtime.base import KVState, StepModel
 
 DEFAULT_CANDIDATES = 3  # k: P(all rejected) falls as prod TV(r_m, q) with diminishing returns (R4)
@@ -136,10 +136,9 @@ def batch_speculative_generate(target: StepModel, draft: StepModel, prompt: Sequ
     check_args(prompt, max_new_tokens, gamma=gamma, num_candidates=num_candidates)
     greedy = sampler.temperature == 0.0
     t0 = time.perf_counter()
-    tgt, dft = open_pair(target, draft, prompt)
     n_prompt = len(prompt)
-    tokens = list(prompt)
-    done = commit(tokens, [own_sample(tgt.next_logits, sampler, seed, n_prompt)], n_prompt, max_new_tokens, eos_ids)
+    tgt, dft, tokens, done = begin(target, draft, prompt, max_new_tokens, eos_ids,
+                                   lambda logits: own_sample(logits, sampler, seed, n_prompt))
     t1 = time.perf_counter()
     stats = SpecStats()
     attempts = 0

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
 from accelc.decoding.autoregressive import GenerationResult, Sampler
-from accelc.decoding.speculative import (SpecStats, check_args, commit, draft_tokens, open_pair, own_sample,
+from accelc.decoding.speculative import (SpecStats, begin, check_args, commit, draft_tokens, own_sample,
                                          verify_chain)
 from accelc.runtime.base import StepModel
 
@@ -90,11 +90,9 @@ def pearl_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], m
     workers = _Workers(concurrent)
     try:
         t0 = time.perf_counter()
-        tgt, dft = open_pair(target, draft, prompt)
         n_prompt = len(prompt)
-        tokens = list(prompt)  # verified
-        done = commit(tokens, [own_sample(tgt.next_logits, sampler, seed, n_prompt)], n_prompt,
-                      max_new_tokens, eos_ids)
+        tgt, dft, tokens, done = begin(target, draft, prompt, max_new_tokens, eos_ids,  # tokens: verified
+                                       lambda logits: own_sample(logits, sampler, seed, n_prompt))
         t1 = time.perf_counter()
         stats = SpecStats()
         unverified: list[int] = []  # U: drafts after `tokens`, the target has not checked them

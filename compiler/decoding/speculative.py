@@ -210,6 +210,17 @@ def open_pair(target: StepModel, draft: StepModel, prompt: Sequence[int]) -> tup
     return tgt, dft
 
 
+def begin(target: StepModel, draft: StepModel, prompt: Sequence[int], max_new_tokens: int, eos_ids,
+          first_token) -> tuple[ModelCursor, ModelCursor, list[int], bool]:
+    """Every draft-then-verify loop starts alike: prefill both models and commit the target's own
+    first token, `first_token(logits)`. Returns the cursors, the committed tokens and whether
+    generation is already done (eos or a budget of one)."""
+    tgt, dft = open_pair(target, draft, prompt)
+    tokens = list(prompt)
+    done = commit(tokens, [first_token(tgt.next_logits)], len(prompt), max_new_tokens, eos_ids)
+    return tgt, dft, tokens, done
+
+
 def draft_tokens(cursor: ModelCursor, context: Sequence[int], count: int, sampler: Sampler, seed: int,
                  index: int = 0) -> tuple[list[int], list[np.ndarray | None]]:
     """`count` tokens drafted after `context`, one draft call each; their q (None when greedy)."""
@@ -307,10 +318,9 @@ def speculative_generate(target: StepModel, draft: StepModel, prompt: Sequence[i
     """Speculative sampling with `gamma` drafts per round; greedy when sampler.temperature == 0."""
     check_args(prompt, max_new_tokens, gamma=gamma)
     t0 = time.perf_counter()
-    tgt, dft = open_pair(target, draft, prompt)
     n_prompt = len(prompt)
-    tokens = list(prompt)
-    done = commit(tokens, [own_sample(tgt.next_logits, sampler, seed, n_prompt)], n_prompt, max_new_tokens, eos_ids)
+    tgt, dft, tokens, done = begin(target, draft, prompt, max_new_tokens, eos_ids,
+                                   lambda logits: own_sample(logits, sampler, seed, n_prompt))
     t1 = time.perf_counter()
     stats = SpecStats()
     while not done:

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from accelc.decoding.autoregressive import GenerationResult, Sampler
-from accelc.decoding.speculative import ModelCursor, SpecStats, check_args, commit, draft_tokens, open_pair
+from accelc.decoding.speculative import ModelCursor, SpecStats, begin, check_args, commit, draft_tokens
 from accelc.errors import UsageError
 from accelc.runtime.base import StepModel
 
@@ -69,10 +69,8 @@ def stairs_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], 
         validation = "single" if getattr(target, "all_position_logits", True) else "staircase"
     greedy = Sampler()
     t0 = time.perf_counter()
-    tgt, dft = open_pair(target, draft, prompt)
     n_prompt = len(prompt)
-    tokens = list(prompt)
-    done = commit(tokens, [int(np.argmax(tgt.next_logits))], n_prompt, max_new_tokens, eos_ids)
+    tgt, dft, tokens, done = begin(target, draft, prompt, max_new_tokens, eos_ids, lambda logits: int(np.argmax(logits)))
     t1 = time.perf_counter()
     stats = SpecStats()
     n_assist = candidates
