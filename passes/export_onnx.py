@@ -21,23 +21,27 @@ class ExportOnnx(registry.Pass):
     def run(self, bundle, ctx):
         if bundle.family != "causal_lm":
             raise UsageError(f"export_onnx needs a causal LM checkpoint, got a {bundle.family} model")
-        import onnx
-
-        from accelc import optimum_adapter
         from accelc.families.causal_lm import load_model
-        from accelc.pruning.materialize import check_uniform_kv
 
         trust = bool(bundle.source.get("trust_remote_code"))
         graphs, metas = {}, {}
         for role, checkpoint in bundle.checkpoints().items():  # the target, and a draft if any
-            model = load_model(checkpoint, trust)
-            check_uniform_kv(model, "export_onnx")
-            graph = optimum_adapter.export_decoder_with_past(model, checkpoint, ctx.workdir / role,
-                                                             opset=self.params.opset)
-            model = onnx.load(str(graph), load_external_data=False)
-            graphs[role] = graph
-            metas[role] = {"exporter": "optimum-onnx", "task": optimum_adapter.TASK,
-                           "inputs": [i.name for i in model.graph.input],
-                           "outputs": [o.name for o in model.graph.output],
-                           "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))}
+            graphs[role], metas[role] = export_checkpoint(load_model(checkpoint, trust), checkpoint,
+                                                          ctx.workdir / role, self.params.opset)
         return bundle.evolve(graphs={**bundle.graphs, **graphs}, graph_meta={**bundle.graph_meta, **metas})
+
+
+def export_checkpoint(model, checkpoint, out_dir, opset: int | None):
+    """One loaded decoder as a KV-cache graph, and the graph metadata the artifact records."""
+    import onnx
+
+    from accelc import optimum_adapter
+    from accelc.pruning.materialize import check_uniform_kv
+
+    check_uniform_kv(model, "export_onnx")
+    graph = optimum_adapter.export_decoder_with_past(model, checkpoint, out_dir, opset=opset)
+    proto = onnx.load(str(graph), load_external_data=False)
+    return graph, {"exporter": "optimum-onnx", "task": optimum_adapter.TASK,
+                   "inputs": [i.name for i in proto.graph.input],
+                   "outputs": [o.name for o in proto.graph.output],
+                   "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))}

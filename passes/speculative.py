@@ -4,7 +4,8 @@ The draft is a model folder named in the recipe, or derived from the target: by 
 of its layers (layer skip), or as a subnet found by architecture search and reformation at a
 given removal ratio (the pruning passes, run on the target). The pass checks that both share one vocabulary, estimates the
 acceptance rate alpha = 1 - E[TV(p, q)] along the target's own continuations of calibration
-prompts, measures the cost ratio c (draft step / target step, torch eager on this machine),
+prompts, measures the cost ratio c (draft step / target step on this machine: on the ONNX
+Runtime graphs when the pass follows export_onnx, which is what deploys; torch eager otherwise),
 and picks the draft length gamma that maximises the predicted speedup
 S = (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + v)) (PEARL: its own round model). When no
 gamma predicts a gain, the plan stays autoregressive and says why. Every figure lands in
@@ -47,6 +48,7 @@ class Speculative(registry.Pass):
     """Speculative decoding plan: draft model, measured alpha and cost ratio, gamma by predicted speedup."""
 
     name = "speculative"
+    version = 2  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs
     needs = ("calibration",)
 
     class Params(registry.Params):
@@ -82,18 +84,33 @@ class Speculative(registry.Pass):
         if draft_model.config.vocab_size != target_model.config.vocab_size:
             raise UsageError(f"speculative: the draft's vocabulary has {draft_model.config.vocab_size} tokens, the "
                              f"target's {target_model.config.vocab_size}; draft and target must share a tokenizer")
-        plan = self._plan(target_model, draft_model, load_tokenizer(bundle.model_dir, trust), ctx)
-        return bundle.evolve(draft_dir=None if plan["fallback"] else draft_dir, plan={**bundle.plan, **plan})
+        graphs, metas = {}, {}
+        if "decoder" in bundle.graphs:
+            # placed after export_onnx: export the draft too, and measure alpha and c on the graphs
+            # that will be deployed (ORT's cost ratio differs from torch eager's per-op overhead)
+            from accelc.passes.export_onnx import export_checkpoint
+            from accelc.runtime.ort_backend import OrtStepModel
 
-    def _plan(self, target_model, draft_model, tokenizer, ctx) -> dict:
+            opset = bundle.graph_meta.get("decoder", {}).get("opset")
+            graphs["draft"], metas["draft"] = export_checkpoint(draft_model, draft_dir, ctx.workdir / "draft_onnx", opset)
+            target, draft, backend = OrtStepModel(bundle.graphs["decoder"]), OrtStepModel(graphs["draft"]), "ort"
+        else:
+            from accelc.runtime.torch_backend import TorchStepModel
+
+            target, draft, backend = TorchStepModel(target_model), TorchStepModel(draft_model), "torch"
+        plan = self._plan(target, draft, backend, load_tokenizer(bundle.model_dir, trust), ctx)
+        if plan["fallback"]:
+            return bundle.evolve(plan={**bundle.plan, **plan})
+        return bundle.evolve(draft_dir=draft_dir, plan={**bundle.plan, **plan}, graphs={**bundle.graphs, **graphs},
+                             graph_meta={**bundle.graph_meta, **metas})
+
+    def _plan(self, target, draft, backend: str, tokenizer, ctx) -> dict:
         import numpy as np
 
         from accelc.data import load_text, token_windows
         from accelc.decoding import cost_model
         from accelc.decoding.plan import sampler_of
-        from accelc.runtime.torch_backend import TorchStepModel
 
-        target, draft = TorchStepModel(target_model), TorchStepModel(draft_model)
         decode = ctx.recipe.decode.model_dump()
         sampler = sampler_of(decode)
         text = load_text(ctx.recipe.data.calibration)
@@ -103,7 +120,7 @@ class Speculative(registry.Pass):
         prompts = [w.tolist() for w, _ in windows]
         with progress.step(f"speculative: alpha on {len(prompts)} calibration prompts"):
             alpha = cost_model.estimate_alpha(target, draft, prompts, sampler=sampler)
-        with progress.step("speculative: cost ratio c (torch eager)"):
+        with progress.step(f"speculative: cost ratio c ({backend})"):
             cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=range(2, self.params.gamma_max + 2))
         # a verification round feeds the last committed token plus gamma drafts: gamma + 1 tokens,
         # which on a CPU costs more than one decode step (measured, in target steps)
@@ -121,7 +138,7 @@ class Speculative(registry.Pass):
             "gamma": choice.gamma, "num_candidates": self.params.num_candidates,
             "fallback": fallback, "reason": reason,
             "alpha": alpha.alpha, "alpha_stderr": alpha.stderr, "alpha_positions": alpha.positions,
-            "cost_ratio": cost.cost_ratio, "cost_backend": "torch",
+            "cost_ratio": cost.cost_ratio, "cost_backend": backend,
             "target_step_ms": cost.target_step_seconds * 1e3, "draft_step_ms": cost.draft_step_seconds * 1e3,
             "verify_cost": {str(k): v for k, v in verify.items()},
             "predicted_speedup": choice.predicted_speedup,
@@ -149,7 +166,7 @@ def _subnet_draft(bundle, ctx, spec: DraftSpec):
                                    "parents": max(2, n // 3), "mutations": n // 2, "crossovers": n // 4}),
              (pruning.Reform, {}),
              (pruning.Materialize, {})]
-    draft = bundle.evolve(intermediates={}, reports={})
+    draft = bundle.evolve(intermediates={}, reports={}, graphs={})  # the pruning passes work on torch
     for cls, params in steps:
         workdir = ctx.workdir / "draft_subnet" / cls.name
         workdir.mkdir(parents=True)

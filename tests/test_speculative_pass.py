@@ -57,6 +57,21 @@ def test_subnet_draft_comes_from_the_pruning_passes(cli, tiny_recipe, tmp_path):
     assert report["draft"]["verdict"] == "pass" and report["decode_plan"]["verdict"] == "pass"
 
 
+def test_after_export_alpha_and_cost_are_measured_on_the_ort_graphs(cli, tiny_recipe, tmp_path):
+    recipe = tiny_recipe()
+    step = SPEC.format(strategy="speculative", fallback="false")
+    recipe.write_text(recipe.read_text().replace("  - type: export_onnx\n", "  - type: export_onnx\n" + step.lstrip("\n")))
+    out = tmp_path / "out"
+    code, _, err = cli("compile", recipe, "-o", out)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [p["name"] for p in manifest["passes"]] == ["export_onnx", "speculative"]
+    assert manifest["decode_plan"]["cost_backend"] == "ort"
+    assert "model/onnx/draft.onnx" in manifest["files"]
+    report = json.loads((out / "reports" / "validation.json").read_text())
+    assert report["draft"]["verdict"] == "pass" and report["decode_plan"]["verdict"] == "pass"
+
+
 def test_no_predicted_gain_falls_back_to_autoregressive(cli, tiny_recipe, tmp_path):
     out = tmp_path / "out"
     # a one-layer draft of a two-layer random model: low alpha, c near 1/2, no gamma pays
