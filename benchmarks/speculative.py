@@ -35,11 +35,11 @@ def compile_artifact(out: Path, draft: str, gamma_max: int) -> None:
 version: 1
 model: {{builtin: smollm2-135m-instruct}}
 passes:
-  - type: speculative
+  - type: export_onnx
+  - type: speculative          # after export: alpha and c are measured on the ORT graphs
     draft: {draft}
     fallback: false
     gamma_max: {gamma_max}
-  - type: export_onnx
 targets:
   - kind: cpu
     backends: [ort]

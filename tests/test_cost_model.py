@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from accelc.decoding.autoregressive import Sampler
-from accelc.decoding.cost_model import (GAMMA_MAX, acceptance_from_logits, choose_gamma, choose_pearl_gamma,
+from accelc.decoding.cost_model import (GAMMA_MAX, acceptance_from_logits, batch_predicted_speedup, choose_gamma,
+                                        choose_pearl_gamma,
                                         estimate_alpha, expected_accepted_length, measure_cost_ratio,
                                         pearl_predicted_speedup, predicted_speedup)
 from accelc.decoding.speculative import tv_distance
@@ -119,3 +120,12 @@ def test_vocabulary_mismatch_is_a_usage_error():
         estimate_alpha(TableModel(random_table(4, seed=0)), TableModel(random_table(5, seed=0)), [[1]])
     with pytest.raises(UsageError, match="vocabulary"):
         measure_cost_ratio(TableModel(random_table(4, seed=0)), TableModel(random_table(5, seed=0)), [1])
+
+
+@pytest.mark.parametrize("alpha,gamma,c", [(0.3, 1, 0.2), (0.7, 4, 0.5), (0.9, 3, 0.05)])
+def test_batch_prediction_with_one_candidate_is_plain_speculative(alpha, gamma, c):
+    one = batch_predicted_speedup(alpha, gamma, c, 1.1, candidates=1)
+    assert one == pytest.approx(predicted_speedup(alpha, gamma, c, 1.1))
+    # a second candidate raises acceptance; at gamma=1 it shares the one draft call
+    two = batch_predicted_speedup(alpha, 1, c, 1.0, candidates=2)
+    assert two > 0

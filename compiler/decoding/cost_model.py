@@ -176,13 +176,17 @@ def predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: VerifyCos
 
 def batch_predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: VerifyCost = 1.0,
                             candidates: int = 2) -> float:
-    """An approximation for k i.i.d. candidates: a depth is accepted unless every live candidate
-    is rejected, alpha_k = 1 - (1 - alpha)^k (exact when the candidates' rejections are
-    independent), drafting costs k gamma c (the trie shares nothing in the worst case), and
-    verification v for the scored path (extra branch calls are ignored): an upper bound."""
+    """An approximation for k candidates (batch_speculative.py): a depth is accepted unless every
+    live candidate is rejected, alpha_k = 1 - (1 - alpha)^k (independent rejections); the
+    candidates share the first draft call (one prefix), so drafting costs c (1 + k (gamma - 1));
+    verification scores candidate 0's path, plus one more target call per round in which it is
+    rejected and another candidate is accepted, taken as v (1 + (1 - alpha)(k - 1))."""
     _check(alpha, gamma, c)
-    alpha_k = 1.0 - (1.0 - alpha) ** candidates
-    return expected_accepted_length(alpha_k, gamma) / (candidates * gamma * c + _v(verify_cost, gamma))
+    k = candidates
+    alpha_k = 1.0 - (1.0 - alpha) ** k
+    draft = c * (1 + k * (gamma - 1))
+    verify = _v(verify_cost, gamma) * (1.0 + (1.0 - alpha) * (k - 1))
+    return expected_accepted_length(alpha_k, gamma) / (draft + verify)
 
 
 def pearl_tokens_per_round(alpha: float, gamma: int) -> float:
