@@ -32,7 +32,7 @@ from accelc import progress
 from accelc.errors import UsageError
 from accelc.pruning.masks import DEFAULT_SLACK, Budget, Geometry, SearchSpace, Shape, check_feasible
 
-TABLE_FORMAT = 2
+TABLE_FORMAT = 3
 GRID_POINTS = 12      # MLP widths measured between the smallest allowed width and the dense one
 
 
@@ -150,35 +150,54 @@ def mlp_stack(hidden: int, width: int, tokens: int, copies: int, rng) -> _Stack:
 
 
 def attention_stack(geo: Geometry, n_q: int, n_kv: int, tokens: int, past: int, copies: int, rng) -> _Stack:
-    """Projections plus attention of n_q heads over `past` cached positions (GQA-expanded cache);
-    k and v are outputs so their projections are kept (the cache append is not timed)."""
+    """One decode step of attention as the exported decoder runs it: q/k/v projections, the new
+    keys and values appended to an n_kv-head cache of `past` positions, the cache repeated to
+    n_q heads (GQA: a copy per query head every step), scaled scores, softmax, weighted values,
+    o projection. The present K/V are outputs, as they are in the deployed graph."""
     from onnx import helper
 
-    d, h = geo.head_dim, geo.hidden
+    d, h, n = geo.head_dim, geo.hidden, past + tokens
+    group = n_q // n_kv
     st = _Stack(copies)
     st.input("x.0", _weights(rng, 1, tokens, h))
     st.inits.update({"qshape": np.array([1, tokens, n_q, d], dtype=np.int64),
-                     "oshape": np.array([1, tokens, n_q * d], dtype=np.int64)})
+                     "kvshape": np.array([1, tokens, n_kv, d], dtype=np.int64),
+                     "expand": np.array([1, n_kv, group, n, d], dtype=np.int64),
+                     "heads": np.array([1, n_q, n, d], dtype=np.int64),
+                     "oshape": np.array([1, tokens, n_q * d], dtype=np.int64),
+                     "axis2": np.array([2], dtype=np.int64),
+                     "scale": np.array(1.0 / np.sqrt(d), dtype=np.float32)})
     for i in range(copies):
         x, y = f"x.{i}", f"x.{i + 1}"
-        st.input(f"kt.{i}", _weights(rng, 1, n_q, d, past))
-        st.input(f"vc.{i}", _weights(rng, 1, n_q, past, d))
-        st.nodes += [
-            helper.make_node("MatMul", [x, f"wq.{i}"], [f"q.{i}"]),
-            helper.make_node("MatMul", [x, f"wk.{i}"], [f"k.{i}"]),
-            helper.make_node("MatMul", [x, f"wv.{i}"], [f"v.{i}"]),
-            helper.make_node("Reshape", [f"q.{i}", "qshape"], [f"q4.{i}"]),
-            helper.make_node("Transpose", [f"q4.{i}"], [f"qt.{i}"], perm=[0, 2, 1, 3]),
-            helper.make_node("MatMul", [f"qt.{i}", f"kt.{i}"], [f"s.{i}"]),
-            helper.make_node("Softmax", [f"s.{i}"], [f"p.{i}"], axis=-1),
-            helper.make_node("MatMul", [f"p.{i}", f"vc.{i}"], [f"c.{i}"]),
-            helper.make_node("Transpose", [f"c.{i}"], [f"ct.{i}"], perm=[0, 2, 1, 3]),
-            helper.make_node("Reshape", [f"ct.{i}", "oshape"], [f"c2.{i}"]),
-            helper.make_node("MatMul", [f"c2.{i}", f"wo.{i}"], [y]),
-        ]
-        st.inits.update({f"wq.{i}": _weights(rng, h, n_q * d), f"wk.{i}": _weights(rng, h, n_kv * d),
-                         f"wv.{i}": _weights(rng, h, n_kv * d), f"wo.{i}": _weights(rng, n_q * d, h)})
-        st.outputs += [(f"k.{i}", [1, tokens, n_kv * d]), (f"v.{i}", [1, tokens, n_kv * d])]
+
+        def t(name):
+            return f"{name}.{i}"
+
+        st.input(t("past_k"), _weights(rng, 1, n_kv, past, d))
+        st.input(t("past_v"), _weights(rng, 1, n_kv, past, d))
+        nodes = [helper.make_node("MatMul", [x, t("wq")], [t("q")]),
+                 helper.make_node("Reshape", [t("q"), "qshape"], [t("q4")]),
+                 helper.make_node("Transpose", [t("q4")], [t("qt")], perm=[0, 2, 1, 3])]
+        for kind in ("k", "v"):   # project, append to the cache, repeat to the query heads
+            nodes += [helper.make_node("MatMul", [x, t(f"w{kind}")], [t(kind)]),
+                      helper.make_node("Reshape", [t(kind), "kvshape"], [t(f"{kind}4")]),
+                      helper.make_node("Transpose", [t(f"{kind}4")], [t(f"{kind}t")], perm=[0, 2, 1, 3]),
+                      helper.make_node("Concat", [t(f"past_{kind}"), t(f"{kind}t")], [t(f"present_{kind}")], axis=2),
+                      helper.make_node("Unsqueeze", [t(f"present_{kind}"), "axis2"], [t(f"{kind}u")]),
+                      helper.make_node("Expand", [t(f"{kind}u"), "expand"], [t(f"{kind}e")]),
+                      helper.make_node("Reshape", [t(f"{kind}e"), "heads"], [t(f"{kind}h")])]
+        nodes += [helper.make_node("Transpose", [t("kh")], [t("kT")], perm=[0, 1, 3, 2]),
+                  helper.make_node("MatMul", [t("qt"), t("kT")], [t("s")]),
+                  helper.make_node("Mul", [t("s"), "scale"], [t("ss")]),
+                  helper.make_node("Softmax", [t("ss")], [t("p")], axis=-1),
+                  helper.make_node("MatMul", [t("p"), t("vh")], [t("c")]),
+                  helper.make_node("Transpose", [t("c")], [t("ct")], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", [t("ct"), "oshape"], [t("c2")]),
+                  helper.make_node("MatMul", [t("c2"), t("wo")], [y])]
+        st.nodes += nodes
+        st.inits.update({t("wq"): _weights(rng, h, n_q * d), t("wk"): _weights(rng, h, n_kv * d),
+                         t("wv"): _weights(rng, h, n_kv * d), t("wo"): _weights(rng, n_q * d, h)})
+        st.outputs += [(t("present_k"), [1, n_kv, n, d]), (t("present_v"), [1, n_kv, n, d])]
     st.outputs.append((f"x.{copies}", [1, tokens, h]))
     return st
 
