@@ -59,6 +59,12 @@ class SubnetParams(registry.Params):
     multiple: int = Field(8, ge=1, le=256, description="MLP widths snap to multiples of this (GEMM tiles)")
 
 
+class UniformParams(SubnetParams):
+    """The uniform baselines (one head count and MLP width in every layer)."""
+
+    prune_attention: bool = Field(True, description="also remove heads (false: MLP channels only)")
+
+
 # --------------------------------------------------------------------------- shared loading
 
 
@@ -264,9 +270,7 @@ class MagnitudePrune(_Baseline):
     name = "magnitude_prune"
     needs = ()
     uses_stats = False
-
-    class Params(SubnetParams):
-        prune_attention: bool = Field(True, description="also remove heads (false: MLP channels only)")
+    Params = UniformParams
 
     def prune(self, model, space, budget, stats):
         from accelc.pruning import baselines
@@ -279,9 +283,7 @@ class WandaSP(_Baseline):
     """Wanda-sp: uniform structured pruning by |W| x ||x|| (needs the importance pass)."""
 
     name = "wanda_sp"
-
-    class Params(SubnetParams):
-        prune_attention: bool = Field(True, description="also remove heads (false: MLP channels only)")
+    Params = UniformParams
 
     def prune(self, model, space, budget, stats):
         from accelc.pruning import baselines

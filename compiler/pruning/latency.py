@@ -3,17 +3,22 @@
 A subnet's latency is a function of its shape (masks.py), and on a CPU a decoder layer's decode
 step is the sum of its parts: the attention block (q/k/v/o projections and attention over the
 KV cache, per query-head count) and the MLP (gate/up/down, per width). So we time those two
-blocks alone, as ONNX graphs on ONNX Runtime with the artifact's threading, over a grid of head
-counts and MLP widths, and model
+blocks, each as a stack as deep as the model (so weights stream from memory, as in the real
+step), as ONNX graphs on ONNX Runtime with the artifact's threading, over a grid of head counts
+and MLP widths, and model
 
     latency(shape) = fixed + sum over layers (attention[n_q, n_kv] + mlp(width))
 
 with mlp(width) interpolated linearly between measured grid widths and `fixed` the LM head (the
-embedding gather and norms are negligible). Small GEMVs on a CPU are not linear in width (cache
+embedding gather and norms are not timed). Small GEMVs on a CPU are not linear in width (cache
 and tile effects), which is why this is measured rather than derived from the parameter count.
 
 The table is cached under ~/.cache/accelc/latency/ keyed by the geometry, the measurement
 protocol, the ORT version and the CPU model, so it is measured once per machine type.
+
+Known limit (docs/notes.md): isolated stacks under-price heads and leave out the per-token fixed
+part (norms, rotary, per-op dispatch: ~45% of SmolLM2's ORT step), so the table ranks shapes
+roughly, not exactly.
 """
 from __future__ import annotations
 
