@@ -130,12 +130,15 @@ def test_latency_budget_search_meets_the_measured_table(cli, prune_recipe, tmp_p
 def test_latency_table_is_measured_once_and_monotone_in_width(tmp_path, monkeypatch):
     from accelc.pruning import latency, masks
 
-    geo = masks.Geometry(num_layers=2, hidden=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate=176,
-                         biased=frozenset(), total_params=100_000)
+    # large enough that the widest MLP (4 layers x 3 x 256 x 1024 floats) clearly outweighs timing noise
+    geo = masks.Geometry(num_layers=4, hidden=256, num_heads=8, num_kv_heads=2, head_dim=32, intermediate=1024,
+                         biased=frozenset(), total_params=2_000_000)
     space = masks.SearchSpace(geo)
     protocol = latency.Protocol(repeats=3)
     table = latency.measure(geo, space, 256, protocol, cache_dir=tmp_path)
     assert all(b >= a for a, b in zip(table.mlp_ms, table.mlp_ms[1:]))
+    heads = [table.attention[k] for k in sorted(table.attention, key=lambda k: tuple(map(int, k.split(","))))]
+    assert all(b >= a for a, b in zip(heads, heads[1:]))
     assert len(table.attention) == len(space.head_options)
 
     def no_measuring(*args, **kwargs):
