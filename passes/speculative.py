@@ -48,7 +48,7 @@ class Speculative(registry.Pass):
     """Speculative decoding plan: draft model, measured alpha and cost ratio, gamma by predicted speedup."""
 
     name = "speculative"
-    version = 2  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs
+    version = 3  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused drafts
     needs = ("calibration",)
 
     class Params(registry.Params):
@@ -91,8 +91,9 @@ class Speculative(registry.Pass):
             from accelc.passes.export_onnx import export_checkpoint
             from accelc.runtime.ort_backend import OrtStepModel
 
-            opset = bundle.graph_meta.get("decoder", {}).get("opset")
-            graphs["draft"], metas["draft"] = export_checkpoint(draft_model, draft_dir, ctx.workdir / "draft_onnx", opset)
+            target_meta = bundle.graph_meta.get("decoder", {})  # the draft is written the way the target was
+            graphs["draft"], metas["draft"] = export_checkpoint(draft_model, draft_dir, ctx.workdir / "draft_onnx",
+                                                                target_meta.get("opset"), target_meta.get("graph", "auto"))
             target, draft, backend = OrtStepModel(bundle.graphs["decoder"]), OrtStepModel(graphs["draft"]), "ort"
         else:
             from accelc.runtime.torch_backend import TorchStepModel

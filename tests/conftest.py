@@ -15,6 +15,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _bind_transformers_logging_now():
+    """transformers creates its one log handler on first use, bound to the sys.stderr of that
+    moment; if that is a test's capsys stream, later warnings hit a closed file. Bind it to the
+    session's stream instead."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")
+
+
+_bind_transformers_logging_now()
+
+
 def write_recipe(directory: Path, body: str, name: str = "recipe.yaml") -> Path:
     path = directory / name
     path.write_text(textwrap.dedent(body).lstrip())

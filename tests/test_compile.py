@@ -71,7 +71,8 @@ def test_int8_quantisation_shrinks_the_graph_and_stays_close(cli, tiny_recipe, t
                                                  "  - type: export_onnx\n  - type: quantize_dynamic_int8\n"))
     out = tmp_path / "int8"
     # int8 weights drift: parity is judged with a looser tolerance and no token-for-token check
-    code, _, err = cli("compile", recipe, "-o", out, "--set", "eval.parity.atol=0.5",
+    # (the fused graph's packed q|k|v MatMul shares one per-tensor scale across the three)
+    code, _, err = cli("compile", recipe, "-o", out, "--set", "eval.parity.atol=1.0",
                        "--set", "eval.parity.greedy_tokens=0")
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
@@ -80,7 +81,7 @@ def test_int8_quantisation_shrinks_the_graph_and_stays_close(cli, tiny_recipe, t
     graph = "model/onnx/decoder.onnx"
     assert manifest["files"][graph]["bytes"] < 0.6 * fp32["files"][graph]["bytes"]
     report = json.loads((out / "reports" / "validation.json").read_text())
-    assert 0 < report["backends"]["ort"]["max_abs_diff"]["prefill_logits"] < 0.5
+    assert 0 < report["backends"]["ort"]["max_abs_diff"]["prefill_logits"] < 1.0
 
 
 def test_validation_failure_exits_5_and_keeps_reports(cli, tiny_recipe, tmp_path):
@@ -131,6 +132,9 @@ def test_int4_weight_quantisation_uses_matmulnbits(cli, tiny_recipe, tmp_path):
     code, _, err = cli("compile", recipe, "-o", out, "--set", "eval.parity.atol=5", "--set", "eval.parity.greedy_tokens=0")
     assert code == 0, err
     graph = onnx.load(str(out / "model" / "onnx" / "decoder.onnx"), load_external_data=False)
-    assert sum(n.op_type == "MatMulNBits" for n in graph.graph.node) >= 2 * 7  # every projection of 2 layers
+    # every projection of the 2 layers: the fused graph packs q|k|v, so 5 weight MatMuls per layer
+    weights = {t.name for t in graph.graph.initializer}
+    assert sum(n.op_type == "MatMulNBits" for n in graph.graph.node) >= 2 * 5
+    assert not [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
     report = json.loads((out / "reports" / "validation.json").read_text())
     assert 0 < report["backends"]["ort"]["max_abs_diff"]["prefill_logits"] < 5
