@@ -13,7 +13,8 @@ every method sees the same calibration statistics and budget:
     search_reform   importance -> arch_search -> reform -> materialize
 
 and scores each materialised model (and the dense one) by perplexity on a held-out text with
-the torch model of record. Speed: each distinct shape is exported to ONNX (export_onnx pass) and
+the torch model of record. Speed: each distinct shape is exported to ONNX (export_onnx's code; `--graph`
+chooses fused or traced graphs, default auto = fused for SmolLM2) and
 timed under ONNX Runtime in worker processes, interleaved round by round, medians reported:
 prefill latency of a 64-token prompt, decode tokens/s over 32 greedy tokens, the worker's peak
 RSS (VmHWM: includes session-creation transients) and its RSS after decoding (the loaded model). Methods with the same shape (magnitude and wanda_sp; search and search_reform) share
@@ -164,6 +165,8 @@ def main() -> int:
     p.add_argument("--eval-windows", type=int, default=24)
     p.add_argument("--repeats", type=int, default=5, help="timing runs per shape (medians)")
     p.add_argument("--cache", help="step cache to reuse between runs (default: a fresh temporary one)")
+    p.add_argument("--graph", choices=["auto", "fused", "optimum"], default="auto",
+                   help="ONNX graph the speed is measured on (export_onnx's `graph`; auto = fused for SmolLM2)")
     p.add_argument("--json", required=True)
     p.add_argument("--plot", help="PNG path (default: next to the JSON)")
     args = p.parse_args()
@@ -172,9 +175,10 @@ def main() -> int:
         args.ratios, args.eval_windows, args.repeats = [0.2], 8, 3
         search = {"generations": 3, "population": 10, "parents": 4, "mutations": 5, "crossovers": 2}
 
-    from accelc import optimum_adapter, progress
+    from accelc import progress
     from accelc.benchmark import PROMPT_TEXT
     from accelc.families.causal_lm import _builtin_dir, load_model, load_tokenizer
+    from accelc.passes.export_onnx import export_checkpoint
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="accelc-svb-"))
@@ -206,8 +210,8 @@ def main() -> int:
             rows.append(row)
             progress.status(f"ratio {ratio} {method}: ppl {row['ppl']:.2f}, {row['params'] / 1e6:.1f}M parameters "
                             f"({row['params_prunable_removed']:.1%} of prunable removed)")
-    # speed: one ONNX export per distinct shape, timed side by side
-    graphs, owner = {}, {}
+    # speed: one ONNX export per distinct shape (export_onnx's own code), timed side by side
+    graphs, owner, graph_kind = {}, {}, set()
     for row in rows:
         key = json.dumps(row.get("shape"))
         if key not in owner:
@@ -215,8 +219,8 @@ def main() -> int:
             out = work / "onnx" / owner[key]
             with progress.step(f"export {owner[key]} to ONNX"):
                 model_dir = Path(row["model_dir"])
-                graphs[owner[key]] = optimum_adapter.export_decoder_with_past(load_model(model_dir), model_dir,
-                                                                              out, opset=None)
+                graphs[owner[key]], meta = export_checkpoint(load_model(model_dir), model_dir, out, None, args.graph)
+                graph_kind.add(meta["graph"])
         row["speed_from"] = owner[key]
     timing = time_graphs(graphs, prompt, args.repeats)
     for row in rows:
@@ -231,7 +235,8 @@ def main() -> int:
     Path(args.json).write_text(json.dumps(rows, indent=2))
     plot(rows, Path(args.plot) if args.plot else Path(args.json).with_suffix(".png"))
     protocol = {"calibration": CALIBRATION, "held_out": HELD_OUT, "eval_windows": args.eval_windows,
-                "window": 512, "timing": f"ORT CPU, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy tokens, "
+                "window": 512, "onnx_graph": sorted(graph_kind),
+                "timing": f"ORT CPU, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy tokens, "
                 f"median of {args.repeats} worker processes", "load_average": os.getloadavg(),
                 "seconds": round(time.perf_counter() - started, 1)}
     Path(args.json).with_suffix(".protocol.json").write_text(json.dumps(protocol, indent=2))

@@ -1,10 +1,13 @@
 """Speculative family vs autoregressive decoding on SmolLM2-135M-Instruct (ONNX Runtime), side by side.
 
-    python benchmarks/speculative.py [--quick] [--draft-ratio 0.6 | --draft-layers 0 1 2 27 28 29] --json OUT.json
+    python benchmarks/speculative.py [--quick] [--draft-ratio 0.6 | --draft-layers 0 1 2 27 28 29 |
+                                     --draft-from-target] [--draft-weights int8] [--draft-vocab 8192] --json OUT.json
 
 Compiles the embedded model with the `speculative` pass (a draft derived from the target: a
-subnet from architecture search + reformation with --draft-ratio, else a layer skip; fallback
-off so the rewritten loops are measured even when they do not pay), then, on
+subnet from architecture search + reformation with --draft-ratio, the target's own weights with
+--draft-from-target, else a layer skip; its ONNX graph optionally with 8/4-bit weights and a head
+over the most frequent calibration tokens; fallback off so the rewritten loops are measured even
+when they do not pay), then, on
 continuations of real prompts (Austen, "Persuasion"), measures tokens/s of autoregressive,
 speculative, batch speculative, PEARL and stairs decoding at each temperature, in one run.
 Each row: measured speedup vs autoregressive, the cost model's predicted speedup (alpha and c
@@ -53,9 +56,14 @@ eval:
 
 
 def draft_spec(args) -> str:
-    if args.draft_ratio is not None:
-        return f"{{subnet_ratio: {args.draft_ratio}}}"
-    return f"{{keep_layers: {args.draft_layers}}}"
+    if args.draft_from_target:
+        source = "from_target: true"
+    elif args.draft_ratio is not None:
+        source = f"subnet_ratio: {args.draft_ratio}"
+    else:
+        source = f"keep_layers: {args.draft_layers}"
+    vocab = f", vocab: {args.draft_vocab}" if args.draft_vocab else ""
+    return f"{{{source}, weights: {args.draft_weights}{vocab}}}"
 
 
 def main() -> int:
@@ -68,6 +76,12 @@ def main() -> int:
     p.add_argument("--draft-layers", type=int, nargs="+", default=DEFAULT_DRAFT_LAYERS)
     p.add_argument("--draft-ratio", type=float, help="subnet draft: remove this fraction of the target's "
                    "attention + MLP weights (search + reformation) instead of a layer skip")
+    p.add_argument("--draft-from-target", action="store_true", help="the target's own weights as the draft "
+                   "(with --draft-weights and/or --draft-vocab)")
+    p.add_argument("--draft-weights", choices=["fp32", "int8", "int4"], default="fp32",
+                   help="weight precision of the draft's ONNX graph")
+    p.add_argument("--draft-vocab", type=int, help="the draft's head scores this many most frequent "
+                   "calibration tokens")
     p.add_argument("--gamma-max", type=int, default=8)
     p.add_argument("--artifact", help="reuse a compiled artifact")
     p.add_argument("--json", required=True)

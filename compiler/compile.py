@@ -155,9 +155,14 @@ def prove(directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
 
     report = validate(torch_model, tokenizer, step_models, recipe.eval.parity)
     if "draft" in art.roles():
-        # the draft's graphs are lowered too: hold them to the same parity against the torch draft
-        drafts = {b: art.step_model(b, "draft") for b in lowered}
+        # the draft's graphs are lowered too: hold them to the same parity against the torch draft,
+        # except a compressed draft graph (8/4-bit weights, truncated head), which differs by
+        # design; output never depends on draft numerics, and the decode plan is checked below
+        compressed = manifest["graph_meta"].get("draft", {}).get("compression")
+        drafts = {b: art.step_model(b, "draft") for b in lowered if not (compressed and b == "ort")}
         report["draft"] = validate(art.torch_model("draft"), tokenizer, drafts, recipe.eval.parity)
+        if compressed:
+            report["draft"]["not_compared"] = {"ort": f"compressed draft graph: {compressed}"}
         report["verdict"] = "pass" if report["verdict"] == report["draft"]["verdict"] == "pass" else "fail"
     if art.plan.get("strategy") not in ("greedy", "sample") and recipe.eval.parity.greedy_tokens:
         report["decode_plan"] = validate_plan(art, report["cases"], eos=art.eos_ids)

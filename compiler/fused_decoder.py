@@ -110,8 +110,11 @@ def _rotary_caches(model, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     return cos[:, :half], sin[:, :half]
 
 
-def build(model, out_dir: Path, opset: int = OPSET) -> Path:
-    """Write `out_dir/model.onnx` for a loaded Llama/Qwen2 causal LM (float32); return its path."""
+def build(model, out_dir: Path, opset: int = OPSET, vocab_subset=None) -> Path:
+    """Write `out_dir/model.onnx` for a loaded Llama/Qwen2 causal LM (float32); return its path.
+
+    vocab_subset: token ids the LM head scores (a draft's truncated head, see `_lm_head`); the
+    logits keep the full vocabulary, -inf outside the subset."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -164,7 +167,7 @@ def build(model, out_dir: Path, opset: int = OPSET) -> Path:
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), _linear(g, h, mlp.up_proj, f"{p}.up_proj")])
         pending = _linear(g, act, mlp.down_proj, f"{p}.down_proj")
     h, _ = _add_and_norm(g, pending, residual, body.norm.weight, "norm", eps)
-    g.op("Reshape", [_lm_head(g, model, h, hidden, embed),
+    g.op("Reshape", [_lm_head(g, model, h, hidden, embed, vocab_subset),
                      g.op("Concat", [g.op("Shape", ["input_ids"], dtype=int64),
                                      g.weight("vocab", np.array([vocab], np.int64))], axis=0, dtype=int64)],
          ["logits"])
@@ -201,13 +204,35 @@ def _add_and_norm(g: _Graph, block_out: str, residual: str | None, weight, name:
     return normed, summed
 
 
-def _lm_head(g: _Graph, model, h: str, hidden: int, embed: str) -> str:
-    """Logits as [tokens, vocab]; a tied head multiplies by the embedding itself (stored once)."""
+def _lm_head(g: _Graph, model, h: str, hidden: int, embed: str, vocab_subset) -> str:
+    """Logits as [tokens, vocab]. A tied head multiplies by the embedding itself (stored once).
+
+    With `vocab_subset` only those rows are multiplied (a plain MatMul, so weight quantisation
+    reaches it) and scattered into a -inf row: the head is a fifth of SmolLM2's weights, and a
+    draft that scores 8k likely tokens instead of 49k is that much cheaper. Speculative sampling
+    stays exact with such a draft: q is simply zero outside the subset."""
     head = model.lm_head
     flat = g.op("Reshape", [h, g.weight("flat_hidden", np.array([-1, hidden], np.int64))])
-    tied = head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    weight = embed if tied else g.weight("lm_head.weight", _np(head.weight))
-    logits = g.op("Gemm", [flat, weight], transB=1)
-    if head.bias is not None:
-        logits = g.op("Add", [logits, g.weight("lm_head.bias", _np(head.bias))])
-    return logits
+    weight, bias = _np(head.weight), None if head.bias is None else _np(head.bias)
+    if vocab_subset is None:
+        tied = head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        logits = g.op("Gemm", [flat, embed if tied else g.weight("lm_head.weight", weight)], transB=1)
+        return logits if bias is None else g.op("Add", [logits, g.weight("lm_head.bias", bias)])
+    from onnx import TensorProto, helper
+
+    subset = np.unique(np.asarray(vocab_subset, dtype=np.int64))
+    if subset.size == 0 or subset[0] < 0 or subset[-1] >= weight.shape[0]:
+        raise UsageError(f"vocab_subset must be token ids in [0, {weight.shape[0]})")
+    scores = g.op("MatMul", [flat, g.weight("lm_head.subset_weight_t", weight[subset].T)])
+    if bias is not None:
+        scores = g.op("Add", [scores, g.weight("lm_head.subset_bias", bias[subset])])
+    int64 = TensorProto.INT64
+    rows = g.op("Slice", [g.op("Shape", [flat], dtype=int64), g.weight("zero_1d", np.array([0], np.int64)),
+                          g.weight("one_1d", np.array([1], np.int64))], dtype=int64)
+    full = g.op("ConstantOfShape", [g.op("Concat", [rows, g.weight("vocab_1d", np.array([weight.shape[0]], np.int64))],
+                                         axis=0, dtype=int64)],
+                value=helper.make_tensor("neg_inf", TensorProto.FLOAT, [1], [-np.inf]))
+    index = g.op("Expand", [g.weight("lm_head.subset_ids", subset[None, :]),
+                            g.op("Concat", [rows, g.weight("subset_1d", np.array([subset.size], np.int64))],
+                                 axis=0, dtype=int64)], dtype=int64)
+    return g.op("ScatterElements", [full, index, scores], axis=1)

@@ -44,8 +44,9 @@ class ExportOnnx(registry.Pass):
         return bundle.evolve(graphs={**bundle.graphs, **graphs}, graph_meta={**bundle.graph_meta, **metas})
 
 
-def export_checkpoint(model, checkpoint, out_dir, opset: int | None, graph: str = "auto"):
-    """One loaded decoder as a KV-cache graph, and the graph metadata the artifact records."""
+def export_checkpoint(model, checkpoint, out_dir, opset: int | None, graph: str = "auto", vocab_subset=None):
+    """One loaded decoder as a KV-cache graph, and the graph metadata the artifact records.
+    vocab_subset: score only these tokens (a draft's truncated head; fused graphs only)."""
     import onnx
 
     from accelc import fused_decoder, optimum_adapter
@@ -55,11 +56,14 @@ def export_checkpoint(model, checkpoint, out_dir, opset: int | None, graph: str 
     unsupported = fused_decoder.unsupported_reason(model)
     if graph == "fused" and unsupported:
         raise UsageError(f"export_onnx graph: fused does not support {unsupported}; use graph: optimum or auto")
+    if vocab_subset is not None and (graph == "optimum" or unsupported):
+        raise UsageError(f"a truncated draft vocabulary needs a fused graph, which does not support "
+                         f"{unsupported or 'graph: optimum'}")
     if graph == "optimum" or unsupported:
         path = optimum_adapter.export_decoder_with_past(model, checkpoint, out_dir, opset=opset)
         meta = {"graph": "optimum", "exporter": "optimum-onnx", "task": optimum_adapter.TASK}
     else:
-        path = fused_decoder.build(model, out_dir, opset=opset or fused_decoder.OPSET)
+        path = fused_decoder.build(model, out_dir, opset=opset or fused_decoder.OPSET, vocab_subset=vocab_subset)
         meta = {"graph": "fused", "exporter": "accelc.fused_decoder"}
     proto = onnx.load(str(path), load_external_data=False)
     return path, {**meta, "inputs": [i.name for i in proto.graph.input],

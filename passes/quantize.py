@@ -6,6 +6,8 @@ and logits drift, so validation tolerances for quantised artifacts must be loose
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from accelc import registry
@@ -57,23 +59,31 @@ class QuantizeWeightsInt4(registry.Pass):
         quantisation keeps fp32 activations and gains nothing on AVX2 (stack.md section 5)."""
         if not bundle.graphs:
             raise UsageError("quantize_weights_int4 needs ONNX graphs: put export_onnx before it")
-        import logging
-
-        import onnx
-
-        # the quantizer logs one INFO line per node (thousands); keep warnings
-        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-        nbits = require("onnxruntime.quantization.matmul_nbits_quantizer", "pip install onnxruntime")
         graphs = {}
         for role, src in bundle.graphs.items():
             dst = ctx.workdir / role / "model.int4.onnx"
             dst.parent.mkdir(parents=True, exist_ok=True)
-            quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(src)), block_size=self.params.block_size,
-                                                   is_symmetric=self.params.symmetric,
-                                                   accuracy_level=self.params.accuracy_level)
-            quantizer.process()
-            quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
-            graphs[role] = dst
+            graphs[role] = quantize_matmul_nbits(src, dst, bits=4, block_size=self.params.block_size,
+                                                 symmetric=self.params.symmetric,
+                                                 accuracy_level=self.params.accuracy_level)
         meta = {role: {**bundle.graph_meta.get(role, {}), "quantization": f"int4 block {self.params.block_size}"}
                 for role in graphs}
         return bundle.evolve(graphs=graphs, graph_meta={**bundle.graph_meta, **meta})
+
+
+def quantize_matmul_nbits(src: Path, dst: Path, *, bits: int, block_size: int = 32, symmetric: bool = False,
+                          accuracy_level: int = 4) -> Path:
+    """Every MatMul with a constant weight in `src` as ORT MatMulNBits (`bits` = 4 or 8, blocks
+    along the input dimension); written to `dst`."""
+    import logging
+
+    import onnx
+
+    # the quantizer logs one INFO line per node (thousands); keep warnings
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    nbits = require("onnxruntime.quantization.matmul_nbits_quantizer", "pip install onnxruntime")
+    quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block_size,
+                                           is_symmetric=symmetric, accuracy_level=accuracy_level)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+    return dst

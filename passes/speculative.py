@@ -23,8 +23,12 @@ from accelc.errors import UsageError
 
 
 class DraftSpec(registry.Params):
-    """Exactly one of `path` (a draft checkpoint folder), `keep_layers` (layer skip) or
-    `subnet_ratio` (a subnet found by architecture search + reformation)."""
+    """Where the draft comes from: exactly one of `path` (a draft checkpoint folder), `keep_layers`
+    (layer skip), `subnet_ratio` (a subnet found by architecture search + reformation) or
+    `from_target` (the target's own weights). Then, when the pass follows export_onnx, the draft's
+    graph can be made cheaper still: `weights` (8- or 4-bit MatMulNBits) and `vocab` (a head that
+    scores only the most frequent tokens). Neither changes the output: speculative decoding is exact
+    for any draft; they trade acceptance (alpha) for draft cost (c), both measured."""
 
     path: str | None = Field(None, description="Hugging Face folder of a draft sharing the target's tokenizer")
     keep_layers: list[int] | None = Field(None, min_length=1,
@@ -32,15 +36,31 @@ class DraftSpec(registry.Params):
     subnet_ratio: float | None = Field(None, gt=0, lt=1, description="derive the draft by removing this fraction "
                                        "of the target's attention + MLP weights (importance, arch_search, reform, "
                                        "materialize: the pruning passes, run on the target)")
+    from_target: bool = Field(False, description="the target's own weights as the draft, made cheaper by "
+                              "`weights` and/or `vocab`")
+    weights: Literal["fp32", "int8", "int4"] = Field("fp32", description="weight precision of the draft's ONNX "
+                                                     "graph (ORT MatMulNBits, block 32); needs the pass after "
+                                                     "export_onnx")
+    vocab: int | None = Field(None, ge=16, description="the draft's head scores only the N most frequent tokens "
+                              "of data.calibration (plus special tokens); needs the pass after export_onnx and a "
+                              "fused graph (llama, qwen2)")
     search_generations: int = Field(4, ge=1, description="arch_search generations for a subnet draft")
     search_population: int = Field(12, ge=4, description="arch_search candidates per generation for a subnet draft")
 
     @model_validator(mode="after")
     def _one(self):
         given = [k for k in ("path", "keep_layers", "subnet_ratio") if getattr(self, k) is not None]
+        given += ["from_target"] if self.from_target else []
         if len(given) != 1:
-            raise ValueError("give exactly one of 'path', 'keep_layers' or 'subnet_ratio'")
+            raise ValueError("give exactly one of 'path', 'keep_layers', 'subnet_ratio' or 'from_target'")
+        if self.from_target and not self.compressed:
+            raise ValueError("'from_target' needs 'weights' (int8/int4) or 'vocab': an unchanged copy of the "
+                             "target cannot be a cheaper draft")
         return self
+
+    @property
+    def compressed(self) -> bool:
+        return self.weights != "fp32" or self.vocab is not None
 
 
 @registry.register_pass
@@ -74,6 +94,8 @@ class Speculative(registry.Pass):
                 raise UsageError(f"speculative: draft path {draft_dir} is not a checkpoint folder")
             check_checkpoint(draft_dir)
             _check_same_tokenizer(load_tokenizer(bundle.model_dir, trust), load_tokenizer(draft_dir, trust), draft_dir)
+        elif self.params.draft.from_target:
+            draft_dir = bundle.model_dir
         elif self.params.draft.keep_layers is not None:
             draft_dir = _layer_skip_draft(target_model, self.params.draft.keep_layers, bundle.model_dir,
                                           ctx.workdir / "draft")
@@ -88,13 +110,13 @@ class Speculative(registry.Pass):
         if "decoder" in bundle.graphs:
             # placed after export_onnx: export the draft too, and measure alpha and c on the graphs
             # that will be deployed (ORT's cost ratio differs from torch eager's per-op overhead)
-            from accelc.passes.export_onnx import export_checkpoint
             from accelc.runtime.ort_backend import OrtStepModel
 
-            target_meta = bundle.graph_meta.get("decoder", {})  # the draft is written the way the target was
-            graphs["draft"], metas["draft"] = export_checkpoint(draft_model, draft_dir, ctx.workdir / "draft_onnx",
-                                                                target_meta.get("opset"), target_meta.get("graph", "auto"))
+            graphs["draft"], metas["draft"] = self._draft_graph(bundle, draft_model, draft_dir, ctx)
             target, draft, backend = OrtStepModel(bundle.graphs["decoder"]), OrtStepModel(graphs["draft"]), "ort"
+        elif self.params.draft.compressed:
+            raise UsageError("speculative: draft 'weights'/'vocab' compress the draft's ONNX graph; put the "
+                             "speculative pass after export_onnx")
         else:
             from accelc.runtime.torch_backend import TorchStepModel
 
@@ -104,6 +126,31 @@ class Speculative(registry.Pass):
             return bundle.evolve(plan={**bundle.plan, **plan})
         return bundle.evolve(draft_dir=draft_dir, plan={**bundle.plan, **plan}, graphs={**bundle.graphs, **graphs},
                              graph_meta={**bundle.graph_meta, **metas})
+
+    def _draft_graph(self, bundle, draft_model, draft_dir, ctx):
+        """The draft as an ONNX graph written the way the target's was, then compressed as asked."""
+        from accelc.families.causal_lm import load_tokenizer
+        from accelc.passes.export_onnx import export_checkpoint
+        from accelc.passes.quantize import quantize_matmul_nbits
+
+        spec, target_meta = self.params.draft, bundle.graph_meta.get("decoder", {})
+        subset = None
+        if spec.vocab is not None:
+            from accelc.data import load_text
+
+            tokenizer = load_tokenizer(bundle.model_dir, bool(bundle.source.get("trust_remote_code")))
+            subset = frequent_tokens(tokenizer, load_text(ctx.recipe.data.calibration), spec.vocab)
+        graph, meta = export_checkpoint(draft_model, draft_dir, ctx.workdir / "draft_onnx", target_meta.get("opset"),
+                                        target_meta.get("graph", "auto"), vocab_subset=subset)
+        compression = []
+        if subset is not None:
+            compression.append(f"head scores {len(subset)} of {draft_model.config.vocab_size} tokens")
+        if spec.weights != "fp32":
+            bits = {"int8": 8, "int4": 4}[spec.weights]
+            with progress.step(f"speculative: draft weights to {spec.weights}"):
+                graph = quantize_matmul_nbits(graph, graph.with_name(f"model.{spec.weights}.onnx"), bits=bits)
+            compression.append(f"{spec.weights} weights (MatMulNBits, block 32)")
+        return graph, {**meta, **({"compression": "; ".join(compression)} if compression else {})}
 
     def _plan(self, target, draft, backend: str, tokenizer, ctx) -> dict:
         import numpy as np
@@ -145,6 +192,18 @@ class Speculative(registry.Pass):
             "predicted_speedup": choice.predicted_speedup,
             "predicted_curve": {str(k): v for k, v in choice.curve.items()},
         }
+
+
+def frequent_tokens(tokenizer, text: str, n: int) -> list[int]:
+    """The n most frequent token ids of `text`, plus every special token (end of sequence must
+    stay proposable), sorted."""
+    import collections
+
+    counts = collections.Counter(tokenizer.encode(text, add_special_tokens=False))
+    if len(counts) < n:
+        raise UsageError(f"speculative: draft vocab {n} exceeds the {len(counts)} distinct tokens of the calibration "
+                         "text; use a smaller vocab or a longer text")
+    return sorted({t for t, _ in counts.most_common(n)} | set(tokenizer.all_special_ids))
 
 
 def _check_same_tokenizer(target_tok, draft_tok, draft_dir) -> None:

@@ -92,3 +92,18 @@ def test_export_pass_picks_the_graph_and_refuses_fused_where_unsupported(cli, ti
     assert json.loads((tmp_path / "traced" / "manifest.json").read_text())["graph_meta"]["decoder"]["graph"] == "optimum"
     code, _, err = cli("compile", tiny_recipe("tiny-gpt2"), "-o", tmp_path / "gpt2", "--set", "passes.0.graph=fused")
     assert code == 2 and "model_type 'gpt2'" in err and "graph: optimum" in err
+
+
+def test_truncated_head_scores_its_subset_exactly_and_nothing_else(tmp_path):
+    model = _load("tiny-qwen2", tmp_path)
+    subset = np.arange(5, model.config.vocab_size, 7)
+    step = OrtStepModel(fused_decoder.build(model, tmp_path / "onnx", vocab_subset=subset))
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, size=(1, 9))
+    with torch.no_grad():
+        expected = model(torch.as_tensor(ids)).logits[0].numpy()
+    logits, _ = step.extend(step.empty_state(), ids)
+    np.testing.assert_allclose(logits[:, subset], expected[:, subset], atol=1e-4, rtol=1e-4)
+    outside = np.setdiff1d(np.arange(model.config.vocab_size), subset)
+    assert np.isneginf(logits[:, outside]).all()
+    with pytest.raises(UsageError, match="token ids"):
+        fused_decoder.build(model, tmp_path / "bad", vocab_subset=[model.config.vocab_size])

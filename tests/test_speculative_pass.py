@@ -110,3 +110,52 @@ def test_bad_layer_selection_is_a_usage_error(cli, tiny_recipe, tmp_path):
     recipe.write_text(recipe.read_text().replace("keep_layers: [0]", "keep_layers: [5]"))
     code, _, err = cli("compile", recipe, "-o", tmp_path / "out")
     assert code == 2 and "keep_layers" in err
+
+
+def after_export(tiny_recipe, draft: str):
+    recipe = tiny_recipe()
+    step = SPEC.format(strategy="speculative", fallback="false").replace("{keep_layers: [0]}", draft)
+    recipe.write_text(recipe.read_text().replace("  - type: export_onnx\n", "  - type: export_onnx\n" + step.lstrip("\n")))
+    return recipe
+
+
+def test_compressed_self_draft_int8_weights_and_truncated_head(cli, tiny_recipe, tmp_path):
+    import numpy as np
+    import onnx
+
+    from accelc.runtime.artifact import Artifact
+
+    out = tmp_path / "out"
+    code, _, err = cli("compile", after_export(tiny_recipe, "{from_target: true, weights: int8, vocab: 24}"), "-o", out)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "int8" in manifest["graph_meta"]["draft"]["compression"]
+    assert "head scores" in manifest["graph_meta"]["draft"]["compression"]
+    graph = onnx.load(str(out / "model" / "onnx" / "draft.onnx"), load_external_data=False).graph
+    bits = [a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"]
+    assert bits and set(bits) == {8}
+    # the draft scores only its subset (plus special tokens); elsewhere its probability is exactly 0
+    draft = Artifact(out).step_model("ort", "draft")
+    logits, _ = draft.extend(draft.empty_state(), np.array([[72, 101, 108]]))
+    scored = np.isfinite(logits[-1])
+    assert 24 <= scored.sum() < logits.shape[-1]
+    report = json.loads((out / "reports" / "validation.json").read_text())
+    assert report["draft"]["not_compared"]["ort"].startswith("compressed draft graph")
+    assert report["decode_plan"]["verdict"] == "pass" and report["verdict"] == "pass"
+    code, _, err = cli("run", out, "--prompt", "Hello", "--raw", "--max-new-tokens", 10)
+    assert code == 0 and "[speculative]" in err
+
+
+@pytest.mark.parametrize("draft, placed_after_export, message", [
+    ("{from_target: true}", True, "needs 'weights'"),
+    ("{from_target: true, weights: int4}", False, "after export_onnx"),
+    ("{keep_layers: [0], vocab: 100000}", True, "exceeds the"),
+])
+def test_bad_compressed_drafts_are_usage_errors(cli, tiny_recipe, tmp_path, draft, placed_after_export, message):
+    if placed_after_export:
+        recipe = after_export(tiny_recipe, draft)
+    else:
+        recipe = spec_recipe(tiny_recipe)
+        recipe.write_text(recipe.read_text().replace("{keep_layers: [0]}", draft))
+    code, _, err = cli("compile", recipe, "-o", tmp_path / "out")
+    assert code == 2 and message in err, err
