@@ -16,9 +16,11 @@ and tile effects), which is why this is measured rather than derived from the pa
 The table is cached under ~/.cache/accelc/latency/ keyed by the geometry, the measurement
 protocol, the ORT version and the CPU model, so it is measured once per machine type.
 
-Known limit (docs/notes.md): isolated stacks under-price heads and leave out the per-token fixed
-part (norms, rotary, per-op dispatch: ~45% of SmolLM2's ORT step), so the table ranks shapes
-roughly, not exactly.
+The blocks are built from the operators the deployed fused graph uses (fused_decoder.py), so
+heads and channels are priced as that graph runs them. Known limit (docs/notes.md): the layer
+norms, residual adds and embedding gather are not timed; they do not depend on the shape, so
+rankings are unaffected, but a `latency_ratio` budget is judged against a dense cost that
+leaves them out, i.e. slightly optimistically.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from accelc import progress
 from accelc.errors import UsageError
 from accelc.pruning.masks import DEFAULT_SLACK, Budget, Geometry, SearchSpace, Shape, check_feasible
 
-TABLE_FORMAT = 4
+TABLE_FORMAT = 5  # 5: attention timed as the fused graph runs it (GroupQueryAttention)
 GRID_POINTS = 12      # MLP widths measured between the smallest allowed width and the dense one
 
 
@@ -126,13 +128,13 @@ class _Stack:
     def model(self) -> bytes:
         from onnx import TensorProto, helper, numpy_helper
 
-        def info(name, shape):
-            return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
-        graph = helper.make_graph(self.nodes, "stack", [info(n, s) for n, s in self.inputs],
-                                  [info(n, s) for n, s in self.outputs],
+        inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(self.feed[n].dtype), s)
+                  for n, s in self.inputs]
+        outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in self.outputs]
+        graph = helper.make_graph(self.nodes, "stack", inputs, outputs,
                                   [numpy_helper.from_array(a, n) for n, a in self.inits.items()])
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                       helper.make_opsetid("com.microsoft", 1)]).SerializeToString()
 
 
 def mlp_stack(hidden: int, width: int, tokens: int, copies: int, rng) -> _Stack:
@@ -155,54 +157,33 @@ def mlp_stack(hidden: int, width: int, tokens: int, copies: int, rng) -> _Stack:
 
 
 def attention_stack(geo: Geometry, n_q: int, n_kv: int, tokens: int, past: int, copies: int, rng) -> _Stack:
-    """One decode step of attention as the exported decoder runs it: q/k/v projections, the new
-    keys and values appended to an n_kv-head cache of `past` positions, the cache repeated to
-    n_q heads (GQA: a copy per query head every step), scaled scores, softmax, weighted values,
-    o projection. The present K/V are outputs, as they are in the deployed graph."""
+    """One step of attention as the deployed (fused) decoder runs it, see fused_decoder.py: the
+    packed q|k|v projection, GroupQueryAttention (rotary, appending to an n_kv-head cache of
+    `past` positions, GQA, softmax) and the o projection. The present K/V are outputs, as they
+    are in the deployed graph."""
     from onnx import helper
 
     d, h, n = geo.head_dim, geo.hidden, past + tokens
-    group = n_q // n_kv
     st = _Stack(copies)
     st.input("x.0", _weights(rng, 1, tokens, h))
-    st.inits.update({"qshape": np.array([1, tokens, n_q, d], dtype=np.int64),
-                     "kvshape": np.array([1, tokens, n_kv, d], dtype=np.int64),
-                     "expand": np.array([1, n_kv, group, n, d], dtype=np.int64),
-                     "heads": np.array([1, n_q, n, d], dtype=np.int64),
-                     "oshape": np.array([1, tokens, n_q * d], dtype=np.int64),
-                     "axis2": np.array([2], dtype=np.int64),
-                     "scale": np.array(1.0 / np.sqrt(d), dtype=np.float32)})
+    st.input("seqlens_k", np.array([n - 1], dtype=np.int32))
+    st.input("total_sequence_length", np.array(n, dtype=np.int32))
+    angles = np.outer(np.arange(n), 1.0 / 10000 ** (np.arange(0, d, 2) / d)).astype(np.float32)
+    st.inits.update({"cos_cache": np.cos(angles), "sin_cache": np.sin(angles)})
     for i in range(copies):
         x, y = f"x.{i}", f"x.{i + 1}"
-
-        def t(name):
-            return f"{name}.{i}"
-
-        st.input(t("past_k"), _weights(rng, 1, n_kv, past, d))
-        st.input(t("past_v"), _weights(rng, 1, n_kv, past, d))
-        nodes = [helper.make_node("MatMul", [x, t("wq")], [t("q")]),
-                 helper.make_node("Reshape", [t("q"), "qshape"], [t("q4")]),
-                 helper.make_node("Transpose", [t("q4")], [t("qt")], perm=[0, 2, 1, 3])]
-        for kind in ("k", "v"):   # project, append to the cache, repeat to the query heads
-            nodes += [helper.make_node("MatMul", [x, t(f"w{kind}")], [t(kind)]),
-                      helper.make_node("Reshape", [t(kind), "kvshape"], [t(f"{kind}4")]),
-                      helper.make_node("Transpose", [t(f"{kind}4")], [t(f"{kind}t")], perm=[0, 2, 1, 3]),
-                      helper.make_node("Concat", [t(f"past_{kind}"), t(f"{kind}t")], [t(f"present_{kind}")], axis=2),
-                      helper.make_node("Unsqueeze", [t(f"present_{kind}"), "axis2"], [t(f"{kind}u")]),
-                      helper.make_node("Expand", [t(f"{kind}u"), "expand"], [t(f"{kind}e")]),
-                      helper.make_node("Reshape", [t(f"{kind}e"), "heads"], [t(f"{kind}h")])]
-        nodes += [helper.make_node("Transpose", [t("kh")], [t("kT")], perm=[0, 1, 3, 2]),
-                  helper.make_node("MatMul", [t("qt"), t("kT")], [t("s")]),
-                  helper.make_node("Mul", [t("s"), "scale"], [t("ss")]),
-                  helper.make_node("Softmax", [t("ss")], [t("p")], axis=-1),
-                  helper.make_node("MatMul", [t("p"), t("vh")], [t("c")]),
-                  helper.make_node("Transpose", [t("c")], [t("ct")], perm=[0, 2, 1, 3]),
-                  helper.make_node("Reshape", [t("ct"), "oshape"], [t("c2")]),
-                  helper.make_node("MatMul", [t("c2"), t("wo")], [y])]
-        st.nodes += nodes
-        st.inits.update({t("wq"): _weights(rng, h, n_q * d), t("wk"): _weights(rng, h, n_kv * d),
-                         t("wv"): _weights(rng, h, n_kv * d), t("wo"): _weights(rng, n_q * d, h)})
-        st.outputs += [(t("present_k"), [1, n_kv, n, d]), (t("present_v"), [1, n_kv, n, d])]
+        st.input(f"past_k.{i}", _weights(rng, 1, n_kv, past, d))
+        st.input(f"past_v.{i}", _weights(rng, 1, n_kv, past, d))
+        st.nodes += [
+            helper.make_node("MatMul", [x, f"wqkv.{i}"], [f"qkv.{i}"]),
+            helper.make_node("GroupQueryAttention",
+                             [f"qkv.{i}", "", "", f"past_k.{i}", f"past_v.{i}", "seqlens_k", "total_sequence_length",
+                              "cos_cache", "sin_cache"], [f"c.{i}", f"present_k.{i}", f"present_v.{i}"],
+                             domain="com.microsoft", num_heads=n_q, kv_num_heads=n_kv, scale=float(d ** -0.5),
+                             do_rotary=1, rotary_interleaved=0, local_window_size=-1),
+            helper.make_node("MatMul", [f"c.{i}", f"wo.{i}"], [y])]
+        st.inits.update({f"wqkv.{i}": _weights(rng, h, (n_q + 2 * n_kv) * d), f"wo.{i}": _weights(rng, n_q * d, h)})
+        st.outputs += [(f"present_k.{i}", [1, n_kv, n, d]), (f"present_v.{i}", [1, n_kv, n, d])]
     st.outputs.append((f"x.{copies}", [1, tokens, h]))
     return st
 
