@@ -79,9 +79,13 @@ class CpuTarget(registry.Target):
         if self.params.tvm.mcpu != "auto":
             target = {**target, "mcpu": self.params.tvm.mcpu}
         trust = bool(bundle.source.get("trust_remote_code"))
-        dirs, metas = {}, {}
+        dirs, metas, lowered = {}, {}, {}
         for role, checkpoint in bundle.checkpoints().items():
             name = "target" if role == "decoder" else role
+            if checkpoint in lowered:  # a draft made from the target's own weights: one library serves both
+                dirs[name], metas[name] = dirs[lowered[checkpoint]], metas[lowered[checkpoint]]
+                continue
+            lowered[checkpoint] = name
             dirs[name] = f"tvm/{name}"
             model = load_model(checkpoint, trust)
             check_uniform_kv(model, "the cpu target's tvm backend")

@@ -112,8 +112,8 @@ def test_bad_layer_selection_is_a_usage_error(cli, tiny_recipe, tmp_path):
     assert code == 2 and "keep_layers" in err
 
 
-def after_export(tiny_recipe, draft: str):
-    recipe = tiny_recipe()
+def after_export(tiny_recipe, draft: str, backends: str = "[ort]"):
+    recipe = tiny_recipe(backends=backends)
     step = SPEC.format(strategy="speculative", fallback="false").replace("{keep_layers: [0]}", draft)
     recipe.write_text(recipe.read_text().replace("  - type: export_onnx\n", "  - type: export_onnx\n" + step.lstrip("\n")))
     return recipe
@@ -126,9 +126,12 @@ def test_compressed_self_draft_int8_weights_and_truncated_head(cli, tiny_recipe,
     from accelc.runtime.artifact import Artifact
 
     out = tmp_path / "out"
-    code, _, err = cli("compile", after_export(tiny_recipe, "{from_target: true, weights: int8, vocab: 24}"), "-o", out)
+    recipe = after_export(tiny_recipe, "{from_target: true, weights: int8, vocab: 24}", backends="[ort, tvm]")
+    code, _, err = cli("compile", recipe, "-o", out)
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
+    tvm = manifest["targets"][0]["runtime"]["tvm"]
+    assert tvm["dirs"]["draft"] == tvm["dirs"]["target"]  # the same weights are lowered once
     assert "int8" in manifest["graph_meta"]["draft"]["compression"]
     assert "head scores" in manifest["graph_meta"]["draft"]["compression"]
     graph = onnx.load(str(out / "model" / "onnx" / "draft.onnx"), load_external_data=False).graph
@@ -142,6 +145,7 @@ def test_compressed_self_draft_int8_weights_and_truncated_head(cli, tiny_recipe,
     report = json.loads((out / "reports" / "validation.json").read_text())
     assert report["draft"]["not_compared"]["ort"].startswith("compressed draft graph")
     assert report["decode_plan"]["verdict"] == "pass" and report["verdict"] == "pass"
+    assert set(report["decode_plan"]["backends"]) == {"torch", "ort", "tvm"}
     code, _, err = cli("run", out, "--prompt", "Hello", "--raw", "--max-new-tokens", 10)
     assert code == 0 and "[speculative]" in err
 
