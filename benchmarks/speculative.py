@@ -13,7 +13,8 @@ speculative, batch speculative, PEARL and stairs decoding at each temperature, i
 Each row: measured speedup vs autoregressive, the cost model's predicted speedup (alpha and c
 measured on this backend at that temperature), the acceptance rate, and for greedy rows whether
 the tokens equal the autoregressive ones. PEARL's two workers get one ORT thread each (two cores
-here); the other methods use the artifact's session (all cores).
+here), and its prediction uses those workers' measured step times; the other methods use the
+artifact's session (all cores). Batch speculative uses the plan's number of candidates.
 """
 from __future__ import annotations
 
@@ -116,9 +117,14 @@ def main() -> int:
     # every fifth 48-token window: prompts from different places in the novel
     windows = token_windows(ids, 48, 48, args.prompts * 5, what="prompt text")
     prompts = [w.tolist() for w, _ in windows][::5]
-    gamma = int(plan["gamma"])
+    gamma, candidates = int(plan["gamma"]), int(plan.get("num_candidates", 2))
     cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=range(2, gamma + 2))
     v = cost.verify_cost[gamma + 1]
+    # PEARL's workers run one thread each: predict with their own costs, in units of the
+    # two-thread target step that autoregressive decoding takes
+    pearl_cost = cost_model.measure_cost_ratio(pearl_target, pearl_draft, prompts[0],
+                                               verify_lengths=range(2, gamma + 2))
+    pearl_slowdown = pearl_cost.target_step_seconds / cost.target_step_seconds
     rows = []
     for temp in args.temperatures:
         sampler = Sampler(temp) if temp > 0 else Sampler()
@@ -129,11 +135,13 @@ def main() -> int:
                                                                sampler=sampler, seed=s),
                             cost_model.predicted_speedup(alpha, gamma, cost.cost_ratio, v)),
             "batch_speculative": (lambda pr, s: batch_speculative_generate(target, draft, pr, args.new_tokens,
-                                                                           gamma=gamma, sampler=sampler, seed=s),
-                                  cost_model.batch_predicted_speedup(alpha, gamma, cost.cost_ratio, v)),
+                                                                           gamma=gamma, num_candidates=candidates,
+                                                                           sampler=sampler, seed=s),
+                                  cost_model.batch_predicted_speedup(alpha, gamma, cost.cost_ratio, v, candidates)),
             "pearl": (lambda pr, s: pearl_generate(pearl_target, pearl_draft, pr, args.new_tokens, gamma=gamma,
                                                    sampler=sampler, seed=s),
-                      cost_model.pearl_predicted_speedup(alpha, gamma, cost.cost_ratio, v)),
+                      cost_model.pearl_predicted_speedup(alpha, gamma, pearl_cost.cost_ratio,
+                                                         pearl_cost.verify_cost[gamma + 1]) / pearl_slowdown),
         }
         if temp == 0:
             # stairs adapts its draft length; the prediction is plain speculative's at the plan's gamma
@@ -164,7 +172,10 @@ def main() -> int:
                   f"identical {row['identical_to_ar']}", flush=True)
     protocol = {"model": "SmolLM2-135M-Instruct fp32", "backend": "onnxruntime CPU", "draft": draft_spec(args),
                 "prompts": len(prompts), "prompt_tokens": 48, "prompt_text": "austen:persuasion",
-                "new_tokens": args.new_tokens, "gamma": gamma, "cost_ratio": cost.cost_ratio, "verify_cost": v,
+                "new_tokens": args.new_tokens, "gamma": gamma, "num_candidates": candidates,
+                "cost_ratio": cost.cost_ratio, "verify_cost": v,
+                "pearl_workers": {"threads": 1, "cost_ratio": pearl_cost.cost_ratio,
+                                  "target_step_vs_ar": pearl_slowdown},
                 "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "plan": plan}
     Path(args.json).write_text(json.dumps(rows, indent=2))  # the rows; their protocol beside them
     Path(args.json).with_suffix(".protocol.json").write_text(json.dumps(protocol, indent=2))
