@@ -14,6 +14,7 @@ target's greedy tokens exactly, which validation then checks on every backend.
 """
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -68,7 +69,8 @@ class Speculative(registry.Pass):
     """Speculative decoding plan: draft model, measured alpha and cost ratio, gamma by predicted speedup."""
 
     name = "speculative"
-    version = 3  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused drafts
+    version = 4  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused
+    # drafts; 4: PEARL priced with its workers' threads
     needs = ("calibration",)
 
     class Params(registry.Params):
@@ -80,6 +82,9 @@ class Speculative(registry.Pass):
         num_candidates: int = Field(2, ge=2, description="draft sequences per step (batch_speculative)")
         fallback: bool = Field(True, description="decode autoregressively when no gamma predicts a gain "
                                "(false: use the strategy anyway, e.g. to measure it)")
+        pearl_threads: list[int] | None = Field(None, min_length=2, max_length=2,
+                                                description="ORT intra-op threads of PEARL's [target, draft] "
+                                                "workers, which run at once (default: the cores split in two)")
 
     def run(self, bundle, ctx):
         if bundle.family != "causal_lm":
@@ -114,6 +119,10 @@ class Speculative(registry.Pass):
 
             graphs["draft"], metas["draft"] = self._draft_graph(bundle, draft_model, draft_dir, ctx)
             target, draft, backend = OrtStepModel(bundle.graphs["decoder"]), OrtStepModel(graphs["draft"]), "ort"
+
+            def workers(target_threads: int, draft_threads: int):
+                return (OrtStepModel(bundle.graphs["decoder"], {"intra_op_threads": target_threads}),
+                        OrtStepModel(graphs["draft"], {"intra_op_threads": draft_threads}))
         elif self.params.draft.compressed:
             raise UsageError("speculative: draft 'weights'/'vocab' compress the draft's ONNX graph; put the "
                              "speculative pass after export_onnx")
@@ -121,7 +130,8 @@ class Speculative(registry.Pass):
             from accelc.runtime.torch_backend import TorchStepModel
 
             target, draft, backend = TorchStepModel(target_model), TorchStepModel(draft_model), "torch"
-        plan = self._plan(target, draft, backend, load_tokenizer(bundle.model_dir, trust), ctx)
+            workers = None  # torch's thread pool is process-wide: PEARL's workers cannot be given a share
+        plan = self._plan(target, draft, backend, load_tokenizer(bundle.model_dir, trust), ctx, workers)
         if plan["fallback"]:
             return bundle.evolve(plan={**bundle.plan, **plan})
         return bundle.evolve(draft_dir=draft_dir, plan={**bundle.plan, **plan}, graphs={**bundle.graphs, **graphs},
@@ -152,7 +162,7 @@ class Speculative(registry.Pass):
             compression.append(f"{spec.weights} weights (MatMulNBits, block 32)")
         return graph, {**meta, **({"compression": "; ".join(compression)} if compression else {})}
 
-    def _plan(self, target, draft, backend: str, tokenizer, ctx) -> dict:
+    def _plan(self, target, draft, backend: str, tokenizer, ctx, workers=None) -> dict:
         import numpy as np
 
         from accelc.data import load_text, token_windows
@@ -173,9 +183,25 @@ class Speculative(registry.Pass):
         # a verification round feeds the last committed token plus gamma drafts: gamma + 1 tokens,
         # which on a CPU costs more than one decode step (measured, in target steps)
         verify = dict(cost.verify_cost)
-        chooser = cost_model.choose_pearl_gamma if self.params.strategy == "pearl" else cost_model.choose_gamma
-        choice = chooser(alpha.alpha, cost.cost_ratio, gamma_max=self.params.gamma_max,
-                         verify_cost=lambda g: verify[g + 1])
+        pearl = {}
+        if self.params.strategy == "pearl":
+            c, pearl_verify, slowdown = cost.cost_ratio, verify, 1.0
+            if workers is not None:
+                # PEARL's workers run at once, each on its share of the cores: price them that way
+                cores = os.cpu_count() or 2
+                threads = self.params.pearl_threads or [max(1, cores - cores // 2), max(1, cores // 2)]
+                with progress.step(f"speculative: PEARL workers' costs ({threads[0]}+{threads[1]} threads)"):
+                    worker_cost = cost_model.measure_cost_ratio(*workers(*threads), prompts[0],
+                                                                verify_lengths=range(2, self.params.gamma_max + 2))
+                c, pearl_verify = worker_cost.cost_ratio, dict(worker_cost.verify_cost)
+                slowdown = worker_cost.target_step_seconds / cost.target_step_seconds
+                pearl = {"worker_threads": {"target": threads[0], "draft": threads[1]},
+                         "worker_slowdown": slowdown, "worker_cost_ratio": c}
+            choice = cost_model.choose_pearl_gamma(alpha.alpha, c, gamma_max=self.params.gamma_max,
+                                                   verify_cost=lambda g: pearl_verify[g + 1], worker_slowdown=slowdown)
+        else:
+            choice = cost_model.choose_gamma(alpha.alpha, cost.cost_ratio, gamma_max=self.params.gamma_max,
+                                             verify_cost=lambda g: verify[g + 1])
         fallback = choice.method == "autoregressive" and self.params.fallback
         reason = choice.reason if fallback or choice.method != "autoregressive" else \
             f"{choice.reason}; the recipe disabled the fallback, so {self.params.strategy} is used anyway"
@@ -189,6 +215,7 @@ class Speculative(registry.Pass):
             "cost_ratio": cost.cost_ratio, "cost_backend": backend,
             "target_step_ms": cost.target_step_seconds * 1e3, "draft_step_ms": cost.draft_step_seconds * 1e3,
             "verify_cost": {str(k): v for k, v in verify.items()},
+            **pearl,
             "predicted_speedup": choice.predicted_speedup,
             "predicted_curve": {str(k): v for k, v in choice.curve.items()},
         }

@@ -129,3 +129,14 @@ def test_batch_prediction_with_one_candidate_is_plain_speculative(alpha, gamma, 
     # a second candidate raises acceptance; at gamma=1 it shares the one draft call
     two = batch_predicted_speedup(alpha, 1, c, 1.0, candidates=2)
     assert two > 0
+
+
+def test_pearl_workers_slowdown_scales_the_curve_and_can_force_fallback():
+    alone = choose_pearl_gamma(0.8, 0.3, gamma_max=6)
+    shared = choose_pearl_gamma(0.8, 0.3, gamma_max=6, worker_slowdown=2.0)
+    assert shared.curve == pytest.approx({g: s / 2.0 for g, s in alone.curve.items()})
+    assert alone.method == "pearl"
+    slow = choose_pearl_gamma(0.8, 0.3, gamma_max=6, worker_slowdown=max(alone.curve.values()) * 1.01)
+    assert slow.method == "autoregressive"
+    with pytest.raises(UsageError):
+        choose_pearl_gamma(0.8, 0.3, worker_slowdown=0)

@@ -163,3 +163,19 @@ def test_bad_compressed_drafts_are_usage_errors(cli, tiny_recipe, tmp_path, draf
         recipe.write_text(recipe.read_text().replace("{keep_layers: [0]}", draft))
     code, _, err = cli("compile", recipe, "-o", tmp_path / "out")
     assert code == 2 and message in err, err
+
+
+def test_pearl_plan_prices_and_runs_its_workers_on_their_share_of_the_cores(cli, tiny_recipe, tmp_path):
+    from accelc.runtime.artifact import Artifact
+
+    recipe = after_export(tiny_recipe, "{keep_layers: [0]}")
+    recipe.write_text(recipe.read_text().replace("strategy: speculative", "strategy: pearl\n    pearl_threads: [1, 1]"))
+    out = tmp_path / "out"
+    code, _, err = cli("compile", recipe, "-o", out)
+    assert code == 0, err
+    plan = json.loads((out / "decode" / "plan.json").read_text())
+    assert plan["strategy"] == "pearl" and plan["worker_threads"] == {"target": 1, "draft": 1}
+    assert plan["worker_slowdown"] > 0 and plan["worker_cost_ratio"] > 0
+    target, draft = Artifact(out).decode_pair("ort")
+    assert [m.session.get_session_options().intra_op_num_threads for m in (target, draft)] == [1, 1]
+    assert json.loads((out / "reports" / "validation.json").read_text())["decode_plan"]["verdict"] == "pass"

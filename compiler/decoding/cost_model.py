@@ -237,6 +237,13 @@ def choose_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX, verify_c
 
 
 def choose_pearl_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX,
-                       verify_cost: VerifyCost = 1.0) -> GammaChoice:
-    """PEARL's window: argmax S_PEARL(gamma), or autoregressive when max S_PEARL <= 1."""
-    return _choose("pearl", lambda g: pearl_predicted_speedup(alpha, g, c, verify_cost), alpha, c, gamma_max)
+                       verify_cost: VerifyCost = 1.0, worker_slowdown: float = 1.0) -> GammaChoice:
+    """PEARL's window: argmax S_PEARL(gamma), or autoregressive when max S_PEARL <= 1.
+
+    PEARL's two workers split the cores, so each model steps slower than it does alone:
+    `c` and `verify_cost` are the workers' own, and `worker_slowdown` is the target worker's
+    step time over the autoregressive step (all cores) that the speedup is measured against."""
+    if worker_slowdown <= 0:
+        raise UsageError(f"worker_slowdown must be positive, got {worker_slowdown}")
+    return _choose("pearl", lambda g: pearl_predicted_speedup(alpha, g, c, verify_cost) / worker_slowdown,
+                   alpha, c, gamma_max)

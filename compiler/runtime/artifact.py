@@ -68,7 +68,8 @@ class Artifact:
 
         return load_model(self.dir / HF_DIRS[role], self.trust_remote_code)
 
-    def step_model(self, backend: str, role: str = "target", torch_model=None):
+    def step_model(self, backend: str, role: str = "target", torch_model=None, threads: int | None = None):
+        """`threads`: an ORT session's intra-op threads instead of the artifact's (PEARL workers)."""
         available = self.backends()
         if backend not in available:
             raise UsageError(f"backend '{backend}' is not in this artifact; available: {', '.join(available)}")
@@ -86,7 +87,8 @@ class Artifact:
             if role not in cfg["graphs"]:
                 raise UsageError(f"the ort backend of this artifact has no '{role}' graph")
             graph = self.dir / self.manifest["graphs"][cfg["graphs"][role]]
-            return OrtStepModel(graph, cfg["session"])
+            session = cfg["session"] if threads is None else {**cfg["session"], "intra_op_threads": threads}
+            return OrtStepModel(graph, session)
         if backend == "tvm":
             if role not in cfg["dirs"]:
                 raise UsageError(f"the tvm backend of this artifact has no '{role}' library")
@@ -99,6 +101,9 @@ class Artifact:
 
     def decode_pair(self, backend: str):
         """(target, draft or None) step models for the decode plan on `backend`."""
-        target = self.step_model(backend)
         needs_draft = self.plan.get("strategy") in ("speculative", "batch_speculative", "pearl", "stairs")
-        return target, (self.step_model(backend, "draft") if needs_draft else None)
+        # PEARL runs target and draft at once: on ORT each gets the share of cores it was planned with
+        workers = self.plan.get("worker_threads") if self.plan.get("strategy") == "pearl" and backend == "ort" else None
+        threads = workers or {}
+        target = self.step_model(backend, threads=threads.get("target"))
+        return target, (self.step_model(backend, "draft", threads=threads.get("draft")) if needs_draft else None)
