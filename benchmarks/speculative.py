@@ -1,13 +1,13 @@
 """Speculative family vs autoregressive decoding on SmolLM2-135M-Instruct (ONNX Runtime), side by side.
 
-    python benchmarks/speculative.py [--quick] [--draft-ratio 0.6 | --draft-layers 0 1 2 27 28 29 |
-                                     --draft-from-target] [--draft-weights int8] [--draft-vocab 8192] --json OUT.json
+    python benchmarks/speculative.py [--quick] [--draft-ratio 0.6 | --draft-layers 0 1 2 27 28 29]
+                                     [--draft-weights int8] [--draft-vocab 8192] --json OUT.json
 
-Compiles the embedded model with the `speculative` pass (a draft derived from the target: a
-subnet from architecture search + reformation with --draft-ratio, the target's own weights with
---draft-from-target, else a layer skip; its ONNX graph optionally with 8/4-bit weights and a head
-over the most frequent calibration tokens; fallback off so the rewritten loops are measured even
-when they do not pay), then, on
+Compiles the embedded model with the `speculative` pass (a draft derived from the target: by
+default the target's own weights, a subnet from architecture search + reformation with
+--draft-ratio, or a layer skip with --draft-layers; its ONNX graph with 8-bit weights and a head
+over the 8,192 most frequent calibration tokens unless --draft-weights fp32 / --draft-vocab 0;
+fallback off so the rewritten loops are measured even when they do not pay), then, on
 continuations of real prompts (Austen, "Persuasion"), measures tokens/s of autoregressive,
 speculative, batch speculative, PEARL and stairs decoding at each temperature, in one run.
 Each row: measured speedup vs autoregressive, the cost model's predicted speedup (alpha and c
@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DRAFT_LAYERS = [0, 1, 2, 3, 26, 27, 28, 29]  # first and last layers of the 30
 
 
 def compile_artifact(out: Path, draft: str, gamma_max: int) -> None:
@@ -57,12 +56,12 @@ eval:
 
 
 def draft_spec(args) -> str:
-    if args.draft_from_target:
-        source = "from_target: true"
-    elif args.draft_ratio is not None:
+    if args.draft_ratio is not None:
         source = f"subnet_ratio: {args.draft_ratio}"
-    else:
+    elif args.draft_layers is not None:
         source = f"keep_layers: {args.draft_layers}"
+    else:
+        source = "from_target: true"
     vocab = f", vocab: {args.draft_vocab}" if args.draft_vocab else ""
     return f"{{{source}, weights: {args.draft_weights}{vocab}}}"
 
@@ -74,15 +73,14 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.8])
-    p.add_argument("--draft-layers", type=int, nargs="+", default=DEFAULT_DRAFT_LAYERS)
-    p.add_argument("--draft-ratio", type=float, help="subnet draft: remove this fraction of the target's "
-                   "attention + MLP weights (search + reformation) instead of a layer skip")
-    p.add_argument("--draft-from-target", action="store_true", help="the target's own weights as the draft "
-                   "(with --draft-weights and/or --draft-vocab)")
-    p.add_argument("--draft-weights", choices=["fp32", "int8", "int4"], default="fp32",
-                   help="weight precision of the draft's ONNX graph")
-    p.add_argument("--draft-vocab", type=int, help="the draft's head scores this many most frequent "
-                   "calibration tokens")
+    draft = p.add_mutually_exclusive_group()
+    draft.add_argument("--draft-layers", type=int, nargs="+", help="layer-skip draft keeping these layers")
+    draft.add_argument("--draft-ratio", type=float, help="subnet draft: remove this fraction of the target's "
+                       "attention + MLP weights (search + reformation)")
+    p.add_argument("--draft-weights", choices=["fp32", "int8", "int4"], default="int8",
+                   help="weight precision of the draft's ONNX graph (default int8)")
+    p.add_argument("--draft-vocab", type=int, default=8192, help="the draft's head scores this many most "
+                   "frequent calibration tokens (0: the whole vocabulary)")
     p.add_argument("--gamma-max", type=int, default=8)
     p.add_argument("--artifact", help="reuse a compiled artifact")
     p.add_argument("--json", required=True)
