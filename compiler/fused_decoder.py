@@ -149,9 +149,10 @@ def build(model, out_dir: Path, opset: int = OPSET, vocab_subset=None) -> Path:
         h, residual = _add_and_norm(g, pending, residual, layer.input_layernorm.weight, f"{p}.input_layernorm", eps)
         qkv_w = np.concatenate([_np(attn.q_proj.weight), _np(attn.k_proj.weight), _np(attn.v_proj.weight)])
         qkv = g.op("MatMul", [h, g.weight(f"{p}.qkv_proj.weight_t", qkv_w.T)])
-        if attn.q_proj.bias is not None or attn.k_proj.bias is not None:
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        if any(lin.bias is not None for lin in projections):
             bias = [_np(lin.bias) if lin.bias is not None else np.zeros(lin.weight.shape[0], np.float32)
-                    for lin in (attn.q_proj, attn.k_proj, attn.v_proj)]
+                    for lin in projections]
             qkv = g.op("Add", [qkv, g.weight(f"{p}.qkv_proj.bias", np.concatenate(bias))])
         present = [f"present.{i}.key", f"present.{i}.value"]
         context, *_ = g.op("GroupQueryAttention",
