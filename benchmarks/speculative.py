@@ -55,6 +55,18 @@ eval:
         raise SystemExit("compile failed")
 
 
+def persuasion_prompts(tokenizer, n: int, length: int = 48) -> list[list[int]]:
+    """n prompts of `length` tokens from "Persuasion": every fifth window, so they come from
+    different places in the novel (held out: the drafts' vocab and the pass calibrate on emma)."""
+    import numpy as np
+
+    from accelc.data import load_text, token_windows
+
+    ids = np.asarray(tokenizer.encode(load_text("austen:persuasion"), add_special_tokens=False))
+    windows = token_windows(ids, length, length, n * 5, what="prompt text")
+    return [w.tolist() for w, _ in windows][::5]
+
+
 def draft_spec(args) -> str:
     if args.draft_ratio is not None:
         source = f"subnet_ratio: {args.draft_ratio}"
@@ -88,9 +100,6 @@ def main() -> int:
     if args.quick:
         args.prompts, args.new_tokens = 2, 32
 
-    import numpy as np
-
-    from accelc.data import load_text, token_windows
     from accelc.decoding import cost_model
     from accelc.decoding.autoregressive import Sampler, generate
     from accelc.decoding.batch_speculative import batch_speculative_generate
@@ -111,10 +120,7 @@ def main() -> int:
     pearl_target = OrtStepModel(art.dir / art.manifest["graphs"][graphs["target"]], one_thread)
     pearl_draft = OrtStepModel(art.dir / art.manifest["graphs"][graphs["draft"]], one_thread)
 
-    ids = np.asarray(art.tokenizer.encode(load_text("austen:persuasion"), add_special_tokens=False))
-    # every fifth 48-token window: prompts from different places in the novel
-    windows = token_windows(ids, 48, 48, args.prompts * 5, what="prompt text")
-    prompts = [w.tolist() for w, _ in windows][::5]
+    prompts = persuasion_prompts(art.tokenizer, args.prompts)
     gamma, candidates = int(plan["gamma"]), int(plan.get("num_candidates", 2))
     cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=range(2, gamma + 2))
     v = cost.verify_cost[gamma + 1]

@@ -1,0 +1,145 @@
+"""Which drafts derived from SmolLM2-135M-Instruct could pay for speculative decoding here?
+
+    python benchmarks/draft_sweep.py [--artifact DIR] [--goal 1.5] --json OUT.json
+
+Speculative decoding's speedup is set by two numbers (decoding/cost_model.py): the acceptance
+rate alpha of the draft's tokens and the cost c of a draft step in target steps. This sweep
+builds the self-derived drafts that keep the target's width (the ones worth considering after
+session 2: pruned subnets and deep layer skips are accepted too rarely, docs/notes.md) as fused
+ONNX graphs with a head over the calibration text's 8,192 most frequent tokens, and measures for
+each, against the target graph of a compiled speculative artifact on ONNX Runtime:
+
+  - alpha (greedy, 4 held-out "Persuasion" prompts, along the target's own continuations),
+  - c and the target's verify cost v(k) (medians of one-token steps),
+  - the gamma and speedup the cost model predicts, and the c this alpha would need to reach
+    `--goal` (the most expensive draft that still could).
+
+Variants: 8-bit and 4-bit weights (ORT MatMulNBits, several block layouts), and the default
+8-bit draft with its least harmful layer (or two) left out, chosen by how often the target's
+argmax survives the removal on calibration text. Thread spinning stays off, as in every
+benchmark here.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+VOCAB = 8192
+# (name, bits, block, symmetric, layers left out); bits 32 = fp32 weights
+VARIANTS = [("fp32", 32, 0, False, 0), ("int8 b32", 8, 32, False, 0), ("int8 b64 sym", 8, 64, True, 0),
+            ("int4 b32", 4, 32, False, 0), ("int4 b128 sym", 4, 128, True, 0),
+            ("int8 b32, 1 layer out", 8, 32, False, 1), ("int8 b32, 2 layers out", 8, 32, False, 2)]
+
+
+def least_harmful_layers(model, ids, n: int) -> list[int]:
+    """The n layers whose single removal keeps the target's argmax most often on `ids`
+    (teacher-forced, one forward per layer)."""
+    import torch
+
+    layers = model.model.layers
+    with torch.no_grad():
+        reference = model(ids, use_cache=False).logits.argmax(-1)
+        agreement = {}
+        for i in range(len(layers)):
+            model.model.layers = torch.nn.ModuleList([layer for j, layer in enumerate(layers) if j != i])
+            agreement[i] = (model(ids, use_cache=False).logits.argmax(-1) == reference).float().mean().item()
+    model.model.layers = layers
+    return sorted(agreement, key=agreement.get, reverse=True)[:n]
+
+
+def without_layers(model, drop: list[int]):
+    import torch
+
+    draft = copy.deepcopy(model)
+    draft.model.layers = torch.nn.ModuleList([layer for i, layer in enumerate(model.model.layers) if i not in drop])
+    draft.config.num_hidden_layers = len(draft.model.layers)
+    return draft
+
+
+def c_needed(alpha: float, verify, goal: float, gamma_max: int) -> float | None:
+    """The largest c for which some gamma predicts `goal`: S = E(alpha, gamma) / (gamma c + v)."""
+    from accelc.decoding.cost_model import expected_accepted_length
+
+    best = max((expected_accepted_length(alpha, g) / goal - verify(g)) / g for g in range(1, gamma_max + 1))
+    return best if best > 0 else None
+
+
+def main() -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--artifact", help="a compiled speculative artifact (default: compile one as "
+                   "benchmarks/speculative.py does)")
+    p.add_argument("--goal", type=float, default=1.5, help="the speedup whose required c is reported")
+    p.add_argument("--gamma-max", type=int, default=8)
+    p.add_argument("--json", required=True)
+    args = p.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from accelc import fused_decoder, progress
+    from accelc.data import load_text
+    from accelc.decoding import cost_model
+    from accelc.passes.quantize import quantize_matmul_nbits
+    from accelc.passes.speculative import frequent_tokens
+    from accelc.runtime.artifact import Artifact
+    from accelc.runtime.ort_backend import OrtStepModel
+    from speculative import compile_artifact, persuasion_prompts
+
+    work = Path(tempfile.mkdtemp(prefix="accelc-draft-sweep-"))
+    artifact = Path(args.artifact) if args.artifact else work / "artifact"
+    if not (artifact / "manifest.json").exists():
+        compile_artifact(artifact, "{from_target: true, weights: int8, vocab: %d}" % VOCAB, args.gamma_max)
+    art = Artifact(artifact)
+    target = art.step_model("ort")
+    checkpoint = art.dir / "model" / "hf"
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    calibration = load_text("austen:emma")
+    subset = frequent_tokens(art.tokenizer, calibration, VOCAB)
+    calib_ids = torch.tensor(art.tokenizer.encode(calibration, add_special_tokens=False)[10_000:10_512]).view(2, 256)
+    with progress.step("draft sweep: ranking layers by how little their removal changes the argmax"):
+        drop_order = least_harmful_layers(model, calib_ids, max(v[4] for v in VARIANTS))
+    prompts = persuasion_prompts(art.tokenizer, 4)
+
+    rows = []
+    for name, bits, block, symmetric, n_drop in VARIANTS:
+        with progress.step(f"draft sweep: {name}"):
+            folder = work / name.replace(" ", "_").replace(",", "")
+            source = without_layers(model, drop_order[:n_drop]) if n_drop else model
+            graph = fused_decoder.build(source, folder, vocab_subset=subset)
+            if bits < 32:
+                graph = quantize_matmul_nbits(graph, graph.with_name(f"model.q{bits}.onnx"), bits=bits,
+                                              block_size=block, symmetric=symmetric)
+            draft = OrtStepModel(graph, art.backends()["ort"]["runtime"]["session"])
+            alpha = cost_model.estimate_alpha(target, draft, prompts).alpha
+            cost = cost_model.measure_cost_ratio(target, draft, prompts[0],
+                                                 verify_lengths=range(2, args.gamma_max + 2))
+            choice = cost_model.choose_gamma(alpha, cost.cost_ratio, gamma_max=args.gamma_max, verify_cost=cost.verify)
+        row = {"draft": name, "weights": "fp32" if bits == 32 else f"int{bits}", "block": block or None,
+               "symmetric": symmetric, "layers_left_out": drop_order[:n_drop], "vocab": VOCAB,
+               "alpha": alpha, "cost_ratio": cost.cost_ratio, "draft_step_ms": cost.draft_step_seconds * 1e3,
+               "target_step_ms": cost.target_step_seconds * 1e3, "gamma": choice.gamma,
+               "predicted_speedup": choice.predicted_speedup,
+               "c_needed_for_goal": c_needed(alpha, cost.verify, args.goal, args.gamma_max)}
+        rows.append(row)
+        need = row["c_needed_for_goal"]
+        print(f"{name:24s} alpha {alpha:.3f}  c {cost.cost_ratio:.3f} ({row['draft_step_ms']:.1f} ms)  "
+              f"gamma {choice.gamma}  predicted {choice.predicted_speedup:.2f}x  "
+              f"c for {args.goal}x: {'unreachable' if need is None else f'{need:.3f}'}", flush=True)
+    protocol = {"model": "SmolLM2-135M-Instruct fp32 (fused ONNX graph)", "backend": "onnxruntime CPU",
+                "session": art.backends()["ort"]["runtime"]["session"], "prompts": len(prompts),
+                "prompt_text": "austen:persuasion", "vocab_text": "austen:emma", "goal": args.goal,
+                "layer_ranking_text": "austen:emma, 2 x 256 tokens", "cpu_count": os.cpu_count(),
+                "load_average": os.getloadavg()}
+    Path(args.json).write_text(json.dumps(rows, indent=2))
+    Path(args.json).with_suffix(".protocol.json").write_text(json.dumps(protocol, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
