@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 def compile_artifact(out: Path, draft: str, gamma_max: int) -> None:
     from accelc.cli import main as accelc
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     recipe = out.parent / "speculative.yaml"
     recipe.write_text(f"""
 version: 1

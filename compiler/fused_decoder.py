@@ -31,6 +31,7 @@ from accelc.errors import UsageError
 FAMILIES = ("llama", "qwen2")
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
+IN_PLACE_KV = ("accelc.kv_cache", "in_place")  # metadata: past and present may share one buffer
 INLINE_LIMIT = 1_800_000_000  # protobuf's 2 GB cap: larger graphs keep weights in <graph>.data
 
 
@@ -186,6 +187,9 @@ def build(model, out_dir: Path, opset: int = OPSET, vocab_subset=None) -> Path:
                                                 value_info=g.value_info(io)),
                               opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)],
                               producer_name="accelc.fused_decoder")
+    # GroupQueryAttention appends into `past` when present is the same buffer: runtimes may keep
+    # the cache in place (runtime/ort_backend.py) instead of copying it every step
+    helper.set_model_props(proto, {IN_PLACE_KV[0]: IN_PLACE_KV[1]})
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
     external = sum(t.ByteSize() for t in g.initializers) > INLINE_LIMIT

@@ -22,7 +22,8 @@ class ExportOnnx(registry.Pass):
     """Export the causal LM to ONNX with past/present KV tensors (fused builder or optimum-onnx)."""
 
     name = "export_onnx"
-    version = 4  # 2: one graph per checkpoint role; 3: exported from accelc's loaded model; 4: fused graphs
+    version = 5  # 2: one graph per checkpoint role; 3: exported from accelc's loaded model; 4: fused graphs;
+    # 5: fused graphs declare an in-place KV cache
 
     class Params(registry.Params):
         graph: Literal["auto", "fused", "optimum"] = Field(

@@ -23,6 +23,8 @@ class OrtOptions(registry.Params):
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
     allow_spinning: bool = Field(False, description="spin-wait threads: faster on an idle machine, "
                                  "much slower when cores are shared")
+    kv_cache: Literal["auto", "copy"] = Field("auto", description="auto: keep the KV cache in place for graphs "
+                                              "that declare it (fused), else copy it each step; copy: always copy")
 
 
 class TvmOptions(registry.Params):
@@ -35,7 +37,7 @@ class CpuTarget(registry.Target):
     """CPU artifacts: ONNX Runtime session config and/or a TVM llvm VM library."""
 
     kind = "cpu"
-    version = 2  # 2: runtime config names graphs/libraries per decode role (target, draft)
+    version = 3  # 2: runtime config names graphs/libraries per decode role (target, draft); 3: ort kv_cache
 
     class Params(registry.Params):
         backends: list[Literal["ort", "tvm"]] = Field(default_factory=lambda: ["ort", "tvm"], min_length=1)

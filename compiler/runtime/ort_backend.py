@@ -4,16 +4,31 @@ The graph takes input_ids [1, k], (for most families) attention_mask [1, P+k] an
 [1, k], and past_key_values.{i}.key/value [1, kv_heads, P, head_dim]; it returns logits [1, k, V]
 and present.{i}.key/value [1, kv_heads, P+k, head_dim]. Session options come from the artifact's
 runtime config, so what was validated is what runs.
+
+Graphs that declare `accelc.kv_cache: in_place` in their metadata (fused graphs, whose
+GroupQueryAttention appends new keys/values into the past buffer when past and present are one
+buffer) keep their cache in a preallocated arena bound to both through IO binding. A step then
+writes only its k new positions instead of copying the whole cache into a fresh present: on
+SmolLM2 at 1,000 cached tokens a decode step takes 29 instead of 38 ms, and truncation is free.
+The protocol's value semantics stay: a state is a view (arena, length, when it was made), and
+extending a state whose later positions another live state still needs copies the prefix into
+a new arena first (batch speculative's branches); CPython's reference counting tells which
+states are alive. The runtime option `kv_cache: copy` turns this off.
 """
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from accelc.errors import require
+from accelc.fused_decoder import IN_PLACE_KV
 from accelc.runtime.base import KVState, KVStepModel
+
+ARENA_START = 256  # positions; arenas double when a sequence outgrows them
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
               "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -50,27 +65,140 @@ class OrtStepModel(KVStepModel):
             self.session.get_outputs()[0].shape[-1], int) else None
         self._past_names = [f"past_key_values.{i}.{kind}" for i in range(self.n_layers) for kind in ("key", "value")]
         self._present_names = [f"present.{i}.{kind}" for i in range(self.n_layers) for kind in ("key", "value")]
+        key, value = IN_PLACE_KV
+        declared = self.session.get_modelmeta().custom_metadata_map.get(key) == value
+        self.in_place = declared and (options or {}).get("kv_cache", "auto") == "auto"
+        self._arena: _Arena | None = None
+        self.kv_copies = 0  # in-place arenas filled by copying a prefix (growth, or a branch still in use)
 
     def empty_state(self) -> KVState:
+        if self.in_place:
+            if self._arena is None:
+                self._arena = _Arena(self, ARENA_START)
+            return self._arena.state(0)
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
         return KVState(0, tuple(empty for _ in self._past_names))
 
-    def extend(self, state: KVState, ids: np.ndarray):
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+    def _feed(self, length: int, ids: np.ndarray) -> dict[str, np.ndarray]:
         k = ids.shape[1]
-        if k == 0:
-            raise ValueError("extend needs at least one token")
         feed = {"input_ids": ids}
         if "attention_mask" in self.inputs:
-            feed["attention_mask"] = np.ones((1, state.length + k), dtype=np.int64)
+            feed["attention_mask"] = np.ones((1, length + k), dtype=np.int64)
         if "position_ids" in self.inputs:
-            feed["position_ids"] = np.arange(state.length, state.length + k, dtype=np.int64).reshape(1, k)
-        feed.update(zip(self._past_names, state.tensors))
-        out = self.session.run(["logits", *self._present_names], feed)
-        logits = out[0][0]
+            feed["position_ids"] = np.arange(length, length + k, dtype=np.int64).reshape(1, k)
+        return feed
+
+    def extend(self, state: KVState, ids: np.ndarray):
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        if ids.shape[1] == 0:
+            raise ValueError("extend needs at least one token")
+        if self.in_place:
+            logits, new = self._extend_in_place(state, ids)
+        else:
+            feed = self._feed(state.length, ids)
+            feed.update(zip(self._past_names, state.tensors))
+            out = self.session.run(["logits", *self._present_names], feed)
+            logits, new = out[0][0], KVState(state.length + ids.shape[1], tuple(out[1:]))
         if self.vocab_size is None:
             self.vocab_size = logits.shape[-1]
-        return logits, KVState(state.length + k, tuple(out[1:]))
+        return logits, new
+
+    def _extend_in_place(self, state: KVState, ids: np.ndarray):
+        view = _view(state)
+        arena, n, k = view.arena, state.length, ids.shape[1]
+        arena.check(state)
+        if n + k > arena.capacity or arena.needed_beyond(n):
+            # outgrown (double it: amortised O(1) per token), or another live state still reads
+            # positions >= n: continue in a copy of the prefix
+            arena = arena.copy_prefix(n, arena.capacity if n + k <= arena.capacity else 2 * (n + k))
+            if view.arena is self._arena:
+                self._arena = arena
+        for name, value in self._feed(n, ids).items():
+            arena.binding.bind_cpu_input(name, value)
+        arena.binding.bind_output("logits")  # unallocated: its shape changes with k
+        self.session.run_with_iobinding(arena.binding)
+        logits = arena.binding.get_outputs()[0].numpy()[0]
+        return logits, arena.wrote(n, k)
+
+    def truncate(self, state: KVState, n: int) -> KVState:
+        if not self.in_place:
+            return super().truncate(state, n)
+        if not 0 <= n <= state.length:
+            raise ValueError(f"cannot truncate a KV state of length {state.length} to {n}")
+        view = _view(state)
+        view.arena.check(state)
+        return view.arena.state(n, view.stamp)
 
     def kv_numpy(self, state: KVState) -> list[np.ndarray]:
+        if self.in_place:
+            arena = _view(state).arena
+            arena.check(state)
+            return [b[:, :, :state.length].copy() for b in arena.buffers]
         return list(state.tensors)
+
+
+@dataclass(frozen=True, eq=False)
+class _View:
+    """An in-place state's tensors: its arena and the arena's clock when the state was made."""
+
+    arena: "_Arena"
+    stamp: int
+
+
+def _view(state: KVState) -> _View:
+    if len(state.tensors) != 1 or not isinstance(state.tensors[0], _View):
+        raise ValueError("this KV state does not belong to an in-place ONNX Runtime model")
+    return state.tensors[0]
+
+
+class _Arena:
+    """Preallocated past/present buffers of one model, bound to both through one IO binding.
+
+    `written[p]` is the clock value of the call that last wrote position p; a state made at
+    clock t owns positions [0, length) as long as none was written after t.
+    """
+
+    def __init__(self, model: OrtStepModel, capacity: int):
+        import onnxruntime as ort
+
+        self.model, self.capacity = model, capacity
+        shape = (1, model.kv_heads, capacity, model.head_dim)
+        self.buffers = [np.zeros(shape, dtype=np.float32) for _ in model._past_names]
+        self.written = np.zeros(capacity, dtype=np.int64)
+        self.clock = 0
+        self.live: weakref.WeakSet[KVState] = weakref.WeakSet()
+        self.binding = model.session.io_binding()
+        self.binding.bind_output("logits")  # first: get_outputs() lists outputs in binding order
+        for past, present, buffer in zip(model._past_names, model._present_names, self.buffers):
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the numpy memory
+            self.binding.bind_ortvalue_input(past, value)
+            self.binding.bind_ortvalue_output(present, value)
+
+    def state(self, length: int, stamp: int | None = None) -> KVState:
+        state = KVState(length, (_View(self, self.clock if stamp is None else stamp),))
+        self.live.add(state)
+        return state
+
+    def valid(self, state: KVState) -> bool:
+        return state.length == 0 or int(self.written[:state.length].max()) <= _view(state).stamp
+
+    def check(self, state: KVState) -> None:
+        if not self.valid(state):
+            raise ValueError("this KV state was overwritten: it was rebuilt outside the model (KVState(...)) "
+                             "instead of coming from prefill/extend/truncate")
+
+    def needed_beyond(self, n: int) -> bool:
+        """Whether a live state still reads a position >= n (extending at n would overwrite it)."""
+        return any(s.length > n and self.valid(s) for s in list(self.live))
+
+    def wrote(self, n: int, k: int) -> KVState:
+        self.clock += 1
+        self.written[n:n + k] = self.clock
+        return self.state(n + k)
+
+    def copy_prefix(self, n: int, capacity: int) -> "_Arena":
+        self.model.kv_copies += 1
+        arena = _Arena(self.model, capacity)
+        for dst, src in zip(arena.buffers, self.buffers):
+            dst[:, :, :n] = src[:, :, :n]
+        return arena

@@ -1,0 +1,88 @@
+"""In-place vs copied KV cache on ONNX Runtime, by prompt length, side by side in one run.
+
+    python benchmarks/kv_cache.py [--artifact DIR] [--prompt-tokens 48 512 1024] --json OUT.json
+
+The fused graph lets the runtime keep its KV cache in one arena bound as both past and present
+(runtime/ort_backend.py); `kv_cache: copy` is the classic loop, where every step copies the
+whole cache into a fresh present tensor. Both run the same graph of the speculative artifact
+(compiled as benchmarks/speculative.py does when missing), on "Persuasion" prompts of each
+length, interleaved prompt by prompt: greedy autoregressive decoding and speculative decoding
+with the artifact's draft and gamma. Reported: decode tokens/s (prefill excluded, it is the same
+computation), prefill seconds, and the in-place / copy ratio; every in-place output must equal
+the copying one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+
+def main() -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--artifact", help="a compiled speculative artifact (default: compile one)")
+    p.add_argument("--prompt-tokens", type=int, nargs="+", default=[48, 512, 1024])
+    p.add_argument("--prompts", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--json", required=True)
+    args = p.parse_args()
+
+    from accelc import progress
+    from accelc.decoding.autoregressive import generate
+    from accelc.decoding.speculative import speculative_generate
+    from accelc.runtime.artifact import Artifact
+    from accelc.runtime.ort_backend import OrtStepModel
+    from speculative import compile_artifact, persuasion_prompts
+
+    artifact = Path(args.artifact) if args.artifact else Path(tempfile.mkdtemp(prefix="accelc-kv-")) / "artifact"
+    if not (artifact / "manifest.json").exists():
+        compile_artifact(artifact, "{from_target: true, weights: int8, vocab: 8192}", 8)
+    art = Artifact(artifact)
+    runtime = art.backends()["ort"]["runtime"]
+    graph = {role: art.dir / art.manifest["graphs"][name] for role, name in runtime["graphs"].items()}
+    gamma = int(art.plan["gamma"])
+    models = {mode: {role: OrtStepModel(path, {**runtime["session"], "kv_cache": mode}) for role, path in graph.items()}
+              for mode in ("copy", "auto")}
+    if not models["auto"]["target"].in_place:
+        raise SystemExit("this artifact's graphs do not declare an in-place KV cache (re-export with graph: fused)")
+    loops = {"ar": lambda m, prompt: generate(m["target"], prompt, args.new_tokens),
+             "speculative": lambda m, prompt: speculative_generate(m["target"], m["draft"], prompt, args.new_tokens,
+                                                                   gamma=gamma)}
+    rows = []
+    for length in args.prompt_tokens:
+        prompts = persuasion_prompts(art.tokenizer, args.prompts, length)
+        for loop, run in loops.items():
+            rates, prefill, same = {"copy": [], "auto": []}, {"copy": [], "auto": []}, []
+            with progress.step(f"kv cache: {args.prompts} prompts of {length} tokens, {loop}"):
+                for prompt in prompts:
+                    out = {}
+                    for mode in ("copy", "auto"):
+                        out[mode] = run(models[mode], prompt)
+                        rates[mode].append(out[mode].decode_tokens_per_second)
+                        prefill[mode].append(out[mode].prefill_seconds)
+                    same.append(out["copy"].tokens == out["auto"].tokens)
+            row = {"prompt_tokens": length, "loop": loop,
+                   "copy_tok_s": statistics.median(rates["copy"]), "in_place_tok_s": statistics.median(rates["auto"]),
+                   "copy_prefill_s": statistics.median(prefill["copy"]),
+                   "in_place_prefill_s": statistics.median(prefill["auto"]), "identical": all(same)}
+            row["ratio"] = row["in_place_tok_s"] / row["copy_tok_s"]
+            rows.append(row)
+            print(f"{length:5d} prompt tokens  {loop:12s} copy {row['copy_tok_s']:6.1f} tok/s  in place "
+                  f"{row['in_place_tok_s']:6.1f} tok/s  x{row['ratio']:.2f}  prefill {row['copy_prefill_s']:.2f} / "
+                  f"{row['in_place_prefill_s']:.2f} s  identical {row['identical']}", flush=True)
+    protocol = {"model": "SmolLM2-135M-Instruct fp32 (fused ONNX graph)", "draft": "target weights int8, 8k head",
+                "gamma": gamma, "prompts": args.prompts, "new_tokens": args.new_tokens,
+                "prompt_text": "austen:persuasion", "session": runtime["session"], "cpu_count": os.cpu_count(),
+                "load_average": os.getloadavg()}
+    Path(args.json).write_text(json.dumps(rows, indent=2))
+    Path(args.json).with_suffix(".protocol.json").write_text(json.dumps(protocol, indent=2))
+    return 0 if all(r["identical"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The ONNX Runtime backend's in-place KV cache keeps the StepModel protocol's value semantics.
+
+Fused graphs declare that GroupQueryAttention may append into the past buffer, so the backend
+binds one arena as both past and present. These tests hold it to what the copying backend
+guarantees: every state stays usable while referenced (branches from one prefix, as batch
+speculative decoding makes), arenas grow past their first capacity, linear decoding (what AR and
+speculative decoding do) never copies, and a state rebuilt by hand is refused, not misread.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from accelc import fused_decoder
+from accelc.runtime import ort_backend
+from accelc.runtime.base import KVState
+from accelc.runtime.ort_backend import OrtStepModel
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from accelc.families import tiny
+    from accelc.families.causal_lm import load_model
+
+    tmp = tmp_path_factory.mktemp("ort-kv")
+    model = load_model(tiny.build("tiny-llama", tmp / "tiny-llama"))
+    graph = fused_decoder.build(model, tmp / "onnx")
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, size=40)
+    with torch.no_grad():
+        logits = model(torch.as_tensor(ids[None])).logits[0].numpy()
+    return graph, ids, logits
+
+
+def _close(a, b):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_graphs_run_in_place(tiny):
+    graph, ids, expected = tiny
+    step, copying = OrtStepModel(graph), OrtStepModel(graph, {"kv_cache": "copy"})
+    assert step.in_place and not copying.in_place
+    for model in (step, copying):
+        _, state = model.prefill(ids[:10])
+        for t in ids[10:20]:  # a decode loop that drops each old state, as generate() does
+            _, state = model.extend(state, np.array([t]))
+        state = model.truncate(state, 15)  # a rejection
+        logits, state = model.extend(state, ids[15:18])
+        _close(logits, expected[15:18])
+        assert [kv.shape[2] for kv in model.kv_numpy(state)] == [18] * 2 * model.n_layers
+    assert step.kv_copies == 0
+
+
+def test_branches_from_one_prefix_stay_valid(tiny):
+    graph, ids, expected = tiny
+    step = OrtStepModel(graph)
+    _, base = step.prefill(ids[:12])
+    other = np.array([5, 6, 7])
+    _, a = step.extend(base, ids[12:15])       # branch a: the true continuation
+    _, b = step.extend(base, other)            # branch b overwrites a's positions unless it copies
+    assert step.kv_copies == 1
+    la, _ = step.extend(a, ids[15:17])         # a still continues correctly
+    _close(la, expected[15:17])
+    _, b2 = step.extend(step.truncate(b, 12), ids[12:16])
+    lb, _ = step.extend(b2, ids[16:17])
+    _close(lb, expected[16:17])
+    kv = step.kv_numpy(a)
+    assert kv[0].shape[2] == 15
+
+
+def test_arena_grows_past_its_first_capacity(tiny, monkeypatch):
+    graph, ids, expected = tiny
+    monkeypatch.setattr(ort_backend, "ARENA_START", 8)
+    step = OrtStepModel(graph)
+    first, state = step.prefill(ids[:6])
+    rows = [first]
+    for start in range(6, 40, 5):
+        logits, state = step.extend(state, ids[start:start + 5])
+        rows.append(logits)
+    _close(np.concatenate(rows), expected)
+    assert step.kv_copies >= 2  # 8 -> 22 -> 44 positions
+
+
+def test_a_rebuilt_state_is_refused(tiny):
+    graph, ids, _ = tiny
+    step = OrtStepModel(graph)
+    _, state = step.prefill(ids[:8])
+    forged = KVState(state.length, state.tensors)  # not made by the model: nobody tracks it
+    shorter = step.truncate(state, 4)
+    del state
+    step.extend(shorter, ids[4:6])  # in place (no live state needs positions 4..): the forged one loses them
+    assert step.kv_copies == 0
+    with pytest.raises(ValueError, match="overwritten"):
+        step.extend(forged, ids[8:9])
