@@ -51,8 +51,9 @@ def main() -> int:
     if not models["auto"]["target"].in_place:
         raise SystemExit("this artifact's graphs do not declare an in-place KV cache (re-export with graph: fused)")
     loops = {"ar": lambda m, prompt: generate(m["target"], prompt, args.new_tokens),
-             "speculative": lambda m, prompt: speculative_generate(m["target"], m["draft"], prompt, args.new_tokens,
-                                                                   gamma=gamma)}
+             "speculative": lambda m, prompt: speculative_generate(
+                 m["target"], m["draft"], prompt, args.new_tokens, gamma=gamma,
+                 prompt_kv_from_target=art.plan.get("draft_prompt_kv") == "target")}
     rows = []
     for length in args.prompt_tokens:
         prompts = persuasion_prompts(art.tokenizer, args.prompts, length)

@@ -123,6 +123,7 @@ def main() -> int:
 
     prompts = persuasion_prompts(art.tokenizer, args.prompts)
     gamma, candidates = int(plan["gamma"]), int(plan.get("num_candidates", 2))
+    shared = {"prompt_kv_from_target": plan.get("draft_prompt_kv") == "target"}  # as run_plan does
     cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=range(2, gamma + 2))
     v = cost.verify_cost[gamma + 1]
     # PEARL's workers run one thread each: predict with their own costs, in units of the
@@ -137,20 +138,20 @@ def main() -> int:
         methods = {
             "ar": (lambda pr, s: generate(target, pr, args.new_tokens, sampler=sampler, seed=s), 1.0),
             "speculative": (lambda pr, s: speculative_generate(target, draft, pr, args.new_tokens, gamma=gamma,
-                                                               sampler=sampler, seed=s),
+                                                               sampler=sampler, seed=s, **shared),
                             cost_model.predicted_speedup(alpha, gamma, cost.cost_ratio, v)),
             "batch_speculative": (lambda pr, s: batch_speculative_generate(target, draft, pr, args.new_tokens,
                                                                            gamma=gamma, num_candidates=candidates,
-                                                                           sampler=sampler, seed=s),
+                                                                           sampler=sampler, seed=s, **shared),
                                   cost_model.batch_predicted_speedup(alpha, gamma, cost.cost_ratio, v, candidates)),
             "pearl": (lambda pr, s: pearl_generate(pearl_target, pearl_draft, pr, args.new_tokens, gamma=gamma,
-                                                   sampler=sampler, seed=s),
+                                                   sampler=sampler, seed=s, **shared),
                       cost_model.pearl_predicted_speedup(alpha, gamma, pearl_cost.cost_ratio,
                                                          pearl_cost.verify_cost[gamma + 1]) / pearl_slowdown),
         }
         if temp == 0:
             # stairs adapts its draft length; the prediction is plain speculative's at the plan's gamma
-            methods["stairs"] = (lambda pr, s: stairs_generate(target, draft, pr, args.new_tokens),
+            methods["stairs"] = (lambda pr, s: stairs_generate(target, draft, pr, args.new_tokens, **shared),
                                  cost_model.predicted_speedup(alpha, gamma, cost.cost_ratio, v))
         ar_tokens, ar_rate = {}, None
         for name, (run, predicted) in methods.items():

@@ -69,8 +69,8 @@ class Speculative(registry.Pass):
     """Speculative decoding plan: draft model, measured alpha and cost ratio, gamma by predicted speedup."""
 
     name = "speculative"
-    version = 4  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused
-    # drafts; 4: PEARL priced with its workers' threads
+    version = 5  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused
+    # drafts; 4: PEARL priced with its workers' threads; 5: a from_target draft adopts the prompt cache
     needs = ("calibration",)
 
     class Params(registry.Params):
@@ -132,6 +132,10 @@ class Speculative(registry.Pass):
             target, draft, backend = TorchStepModel(target_model), TorchStepModel(draft_model), "torch"
             workers = None  # torch's thread pool is process-wide: PEARL's workers cannot be given a share
         plan = self._plan(target, draft, backend, load_tokenizer(bundle.model_dir, trust), ctx, workers)
+        if self.params.draft.from_target and not plan["fallback"]:
+            # the draft's keys and values are the target's own (compressed): it starts from the
+            # target's prompt cache, so a long prompt is prefilled once, not twice
+            plan["draft_prompt_kv"] = "target"
         if plan["fallback"]:
             return bundle.evolve(plan={**bundle.plan, **plan})
         return bundle.evolve(draft_dir=draft_dir, plan={**bundle.plan, **plan}, graphs={**bundle.graphs, **graphs},

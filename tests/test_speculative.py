@@ -92,19 +92,21 @@ class RecordingModel(KVStepModel):
 # --------------------------------------------------------------------------- methods
 def run(method: str, target, draft, prompt, max_new, *, gamma=2, sampler=Sampler(), eos_ids=(), seed=0, **kw):
     """Every speculative method behind one call (stairs is greedy only: its n plays gamma)."""
+    shared = {"prompt_kv_from_target": kw.get("prompt_kv_from_target", False)}
     if method == "speculative":
         return speculative_generate(target, draft, prompt, max_new, gamma=gamma, sampler=sampler,
-                                    eos_ids=eos_ids, seed=seed)
+                                    eos_ids=eos_ids, seed=seed, **shared)
     if method == "batch_speculative":
         return batch_speculative_generate(target, draft, prompt, max_new, gamma=gamma, sampler=sampler,
-                                          eos_ids=eos_ids, seed=seed, num_candidates=kw.get("num_candidates", 3))
+                                          eos_ids=eos_ids, seed=seed, num_candidates=kw.get("num_candidates", 3),
+                                          **shared)
     if method == "pearl":
         return pearl_generate(target, draft, prompt, max_new, gamma=gamma, sampler=sampler, eos_ids=eos_ids,
-                              seed=seed, concurrent=kw.get("concurrent", False))
+                              seed=seed, concurrent=kw.get("concurrent", False), **shared)
     if method == "stairs":
         assert sampler.temperature == 0.0
         return stairs_generate(target, draft, prompt, max_new, candidates=gamma, eos_ids=eos_ids,
-                               validation=kw.get("validation", "auto"))
+                               validation=kw.get("validation", "auto"), **shared)
     raise KeyError(method)
 
 
@@ -462,6 +464,49 @@ def test_greedy_equality_through_onnx_runtime(ort_models, torch_models):
         for method in METHODS:
             assert run(method, target, draft, prompt, 20, gamma=3, concurrent=True).tokens == expected, method
         assert run("speculative", target, torch_models[1]["random"], prompt, 20, gamma=3).tokens == expected
+
+
+@pytest.fixture(scope="module")
+def fused_target(llama):
+    """The target as a fused ONNX graph: ORT keeps its KV cache in place."""
+    pytest.importorskip("onnxruntime")
+    from accelc import fused_decoder
+    from accelc.families.causal_lm import load_model
+    from accelc.runtime.ort_backend import OrtStepModel
+
+    root, target_dir, _ = llama
+    model = OrtStepModel(fused_decoder.build(load_model(target_dir), root / "fused"), {"intra_op_threads": 1})
+    assert model.in_place
+    return model
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_draft_of_the_target_weights_can_start_from_the_target_prompt_cache(method, torch_models, fused_target):
+    """prompt_kv_from_target: the draft adopts the target's prompt KV (torch -> in-place ORT, and
+    ORT -> torch) instead of prefilling. Output stays the target's; with the target's own weights
+    as draft the draft does exactly the same work minus the prompt."""
+    torch_target = torch_models[0]
+    prompt = PROMPTS[1]
+    expected = generate(torch_target, prompt, 20).tokens
+    for target, draft in ((torch_target, fused_target), (fused_target, torch_target)):
+        own = run(method, target, draft, prompt, 20, gamma=3)
+        adopted = run(method, target, draft, prompt, 20, gamma=3, prompt_kv_from_target=True)
+        assert own.tokens == adopted.tokens == expected, method
+        assert adopted.stats["rejections"] == own.stats["rejections"] == 0
+        assert own.stats["draft_tokens_fed"] - adopted.stats["draft_tokens_fed"] == len(prompt)
+        assert own.stats["draft_calls"] - adopted.stats["draft_calls"] == 1
+
+
+def test_a_prompt_cache_of_another_layout_is_refused(torch_models, fused_target):
+    target = torch_models[0]
+    _, state = target.prefill(np.array(PROMPTS[0]))
+    kv = target.kv_numpy(state)
+    for model in (target, fused_target):
+        assert model.state_from_kv(kv).length == len(PROMPTS[0])
+        with pytest.raises(UsageError, match="cannot seed a model"):
+            model.state_from_kv(kv[:-2])
+        with pytest.raises(UsageError, match="cannot seed a model"):
+            model.state_from_kv([t[:, :1] for t in kv])
 
 
 def test_sampling_on_torch_is_reproducible_and_thread_independent(torch_models):

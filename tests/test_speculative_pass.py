@@ -132,6 +132,8 @@ def test_compressed_self_draft_int8_weights_and_truncated_head(cli, tiny_recipe,
     manifest = json.loads((out / "manifest.json").read_text())
     tvm = manifest["targets"][0]["runtime"]["tvm"]
     assert tvm["dirs"]["draft"] == tvm["dirs"]["target"]  # the same weights are lowered once
+    # ... and mean the same keys and values: the draft starts from the target's prompt cache
+    assert json.loads((out / "decode" / "plan.json").read_text())["draft_prompt_kv"] == "target"
     assert "int8" in manifest["graph_meta"]["draft"]["compression"]
     assert "head scores" in manifest["graph_meta"]["draft"]["compression"]
     graph = onnx.load(str(out / "model" / "onnx" / "draft.onnx"), load_external_data=False).graph

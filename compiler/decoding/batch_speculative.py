@@ -131,14 +131,15 @@ class _TargetTree:
 def batch_speculative_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], max_new_tokens: int, *,
                                gamma: int = DEFAULT_GAMMA, num_candidates: int = DEFAULT_CANDIDATES,
                                sampler: Sampler = Sampler(), eos_ids: Sequence[int] = (),
-                               seed: int = 0) -> GenerationResult:
-    """Multi-draft speculative sampling with `num_candidates` draft sequences of length `gamma`."""
+                               seed: int = 0, prompt_kv_from_target: bool = False) -> GenerationResult:
+    """Multi-draft speculative sampling with `num_candidates` draft sequences of length `gamma`;
+    prompt_kv_from_target: see speculative.open_pair."""
     check_args(prompt, max_new_tokens, gamma=gamma, num_candidates=num_candidates)
     greedy = sampler.temperature == 0.0
     t0 = time.perf_counter()
     n_prompt = len(prompt)
     tgt, dft, tokens, done = begin(target, draft, prompt, max_new_tokens, eos_ids,
-                                   lambda logits: own_sample(logits, sampler, seed, n_prompt))
+                                   lambda logits: own_sample(logits, sampler, seed, n_prompt), prompt_kv_from_target)
     t1 = time.perf_counter()
     stats = SpecStats()
     attempts = 0

@@ -84,15 +84,17 @@ class _Workers:
 
 def pearl_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], max_new_tokens: int, *,
                    gamma: int = DEFAULT_GAMMA, sampler: Sampler = Sampler(), eos_ids: Sequence[int] = (),
-                   seed: int = 0, concurrent: bool = True) -> GenerationResult:
-    """PEARL with window `gamma`; `concurrent=False` is the deterministic single-thread schedule."""
+                   seed: int = 0, concurrent: bool = True, prompt_kv_from_target: bool = False) -> GenerationResult:
+    """PEARL with window `gamma`; `concurrent=False` is the deterministic single-thread schedule;
+    prompt_kv_from_target: see speculative.open_pair."""
     check_args(prompt, max_new_tokens, gamma=gamma)
     workers = _Workers(concurrent)
     try:
         t0 = time.perf_counter()
         n_prompt = len(prompt)
         tgt, dft, tokens, done = begin(target, draft, prompt, max_new_tokens, eos_ids,  # tokens: verified
-                                       lambda logits: own_sample(logits, sampler, seed, n_prompt))
+                                       lambda logits: own_sample(logits, sampler, seed, n_prompt),
+                                       prompt_kv_from_target)
         t1 = time.perf_counter()
         stats = SpecStats()
         unverified: list[int] = []  # U: drafts after `tokens`, the target has not checked them

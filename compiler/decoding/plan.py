@@ -35,24 +35,25 @@ def run_plan(plan: Mapping[str, Any], target, draft, prompt: Sequence[int], max_
     if draft is None:
         raise UsageError(f"decode plan strategy '{strategy}' needs a draft model, and this artifact has none")
     gamma = int(plan.get("gamma", 4))
+    shared = {"prompt_kv_from_target": plan.get("draft_prompt_kv") == "target"}
     if strategy == "speculative":
         from accelc.decoding.speculative import speculative_generate
 
         return speculative_generate(target, draft, prompt, max_new_tokens, gamma=gamma, sampler=sampler,
-                                    eos_ids=eos_ids, seed=seed)
+                                    eos_ids=eos_ids, seed=seed, **shared)
     if strategy == "batch_speculative":
         from accelc.decoding.batch_speculative import batch_speculative_generate
 
         return batch_speculative_generate(target, draft, prompt, max_new_tokens, gamma=gamma, sampler=sampler,
                                           num_candidates=int(plan.get("num_candidates", 2)),
-                                          eos_ids=eos_ids, seed=seed)
+                                          eos_ids=eos_ids, seed=seed, **shared)
     if strategy == "pearl":
         from accelc.decoding.pearl import pearl_generate
 
         return pearl_generate(target, draft, prompt, max_new_tokens, gamma=gamma, sampler=sampler,
-                              eos_ids=eos_ids, seed=seed)
+                              eos_ids=eos_ids, seed=seed, **shared)
     from accelc.decoding.stairs import stairs_generate
 
     if sampler.temperature != 0.0:
         raise UsageError("the stairs strategy is greedy only: set temperature 0 or choose another strategy")
-    return stairs_generate(target, draft, prompt, max_new_tokens, eos_ids=eos_ids)
+    return stairs_generate(target, draft, prompt, max_new_tokens, eos_ids=eos_ids, **shared)

@@ -143,15 +143,18 @@ class ModelCursor:
     extend and dropped by a truncation (the next call then re-feeds one token, in the same call).
     """
 
-    def __init__(self, model: StepModel, prompt: Sequence[int]):
+    def __init__(self, model: StepModel, prompt: Sequence[int], state: KVState | None = None):
+        """Prefill `model` on `prompt`, or adopt `state` (which holds the prompt) without a call."""
         self.model = model
         self.calls = 0
         self.tokens_fed = 0
-        logits, state = self._extend_call(None, list(prompt))
-        self.state: KVState = state
         self.fed: list[int] = list(prompt)
-        self.next_logits: np.ndarray | None = logits[-1]
-        self.vocab = int(logits.shape[-1])  # what the model really scores (vocab_size may be unset)
+        if state is None:
+            logits, self.state = self._extend_call(None, list(prompt))
+            self.next_logits: np.ndarray | None = logits[-1]
+            self.vocab = int(logits.shape[-1])  # what the model really scores (vocab_size may be unset)
+        else:  # nothing was scored: the first call after the prompt needs no prompt row
+            self.state, self.next_logits, self.vocab = state, None, int(model.vocab_size)
 
     def _extend_call(self, state: KVState | None, ids: list[int]) -> tuple[np.ndarray, KVState]:
         arr = np.asarray(ids, dtype=np.int64)
@@ -202,20 +205,28 @@ class ModelCursor:
         self.state, self.fed, self.next_logits = state, list(fed[:state.length]), next_logits
 
 
-def open_pair(target: StepModel, draft: StepModel, prompt: Sequence[int]) -> tuple[ModelCursor, ModelCursor]:
-    """Prefill both models on the prompt and check they score the same vocabulary."""
+def open_pair(target: StepModel, draft: StepModel, prompt: Sequence[int],
+              prompt_kv_from_target: bool = False) -> tuple[ModelCursor, ModelCursor]:
+    """Prefill both models on the prompt and check they score the same vocabulary.
+
+    prompt_kv_from_target: the draft starts from a copy of the target's prompt cache instead of
+    its own prefill. Only for drafts made from the target's own weights (compressed copies):
+    their keys and values mean the same, and a long prompt then costs one prefill, not two.
+    Exactness does not depend on it: acceptance uses whatever q the draft then computes."""
     check_pair(target, draft)
-    tgt, dft = ModelCursor(target, prompt), ModelCursor(draft, prompt)
+    tgt = ModelCursor(target, prompt)
+    adopted = draft.state_from_kv(target.kv_numpy(tgt.state)) if prompt_kv_from_target else None
+    dft = ModelCursor(draft, prompt, adopted)
     check_pair(target, draft, tgt.vocab, dft.vocab)
     return tgt, dft
 
 
 def begin(target: StepModel, draft: StepModel, prompt: Sequence[int], max_new_tokens: int, eos_ids,
-          first_token) -> tuple[ModelCursor, ModelCursor, list[int], bool]:
-    """Every draft-then-verify loop starts alike: prefill both models and commit the target's own
-    first token, `first_token(logits)`. Returns the cursors, the committed tokens and whether
-    generation is already done (eos or a budget of one)."""
-    tgt, dft = open_pair(target, draft, prompt)
+          first_token, prompt_kv_from_target: bool = False) -> tuple[ModelCursor, ModelCursor, list[int], bool]:
+    """Every draft-then-verify loop starts alike: prefill both models (see open_pair) and commit
+    the target's own first token, `first_token(logits)`. Returns the cursors, the committed
+    tokens and whether generation is already done (eos or a budget of one)."""
+    tgt, dft = open_pair(target, draft, prompt, prompt_kv_from_target)
     tokens = list(prompt)
     done = commit(tokens, [first_token(tgt.next_logits)], len(prompt), max_new_tokens, eos_ids)
     return tgt, dft, tokens, done
@@ -314,13 +325,14 @@ def verify_chain(rows: np.ndarray, drafts: Sequence[int], qs: Sequence[np.ndarra
 # --------------------------------------------------------------------------- the loop
 def speculative_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], max_new_tokens: int, *,
                          gamma: int = DEFAULT_GAMMA, sampler: Sampler = Sampler(), eos_ids: Sequence[int] = (),
-                         seed: int = 0) -> GenerationResult:
-    """Speculative sampling with `gamma` drafts per round; greedy when sampler.temperature == 0."""
+                         seed: int = 0, prompt_kv_from_target: bool = False) -> GenerationResult:
+    """Speculative sampling with `gamma` drafts per round; greedy when sampler.temperature == 0.
+    prompt_kv_from_target: see open_pair."""
     check_args(prompt, max_new_tokens, gamma=gamma)
     t0 = time.perf_counter()
     n_prompt = len(prompt)
     tgt, dft, tokens, done = begin(target, draft, prompt, max_new_tokens, eos_ids,
-                                   lambda logits: own_sample(logits, sampler, seed, n_prompt))
+                                   lambda logits: own_sample(logits, sampler, seed, n_prompt), prompt_kv_from_target)
     t1 = time.perf_counter()
     stats = SpecStats()
     while not done:

@@ -60,8 +60,9 @@ def staircase_predictions(cursor: ModelCursor, tokens: list[int], drafts: list[i
 
 def stairs_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], max_new_tokens: int, *,
                     candidates: int = INITIAL_CANDIDATES, adaptive: bool = True, eos_ids: Sequence[int] = (),
-                    validation: str = "auto") -> GenerationResult:
-    """Greedy assisted generation; `candidates` is the assistant's (initial) batch size n."""
+                    validation: str = "auto", prompt_kv_from_target: bool = False) -> GenerationResult:
+    """Greedy assisted generation; `candidates` is the assistant's (initial) batch size n;
+    prompt_kv_from_target: see speculative.open_pair."""
     check_args(prompt, max_new_tokens, candidates=candidates)
     if validation not in VALIDATIONS:
         raise UsageError(f"validation must be one of {', '.join(VALIDATIONS)}, got {validation!r}")
@@ -70,7 +71,8 @@ def stairs_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], 
     greedy = Sampler()
     t0 = time.perf_counter()
     n_prompt = len(prompt)
-    tgt, dft, tokens, done = begin(target, draft, prompt, max_new_tokens, eos_ids, lambda logits: int(np.argmax(logits)))
+    tgt, dft, tokens, done = begin(target, draft, prompt, max_new_tokens, eos_ids, lambda logits: int(np.argmax(logits)),
+                                   prompt_kv_from_target)
     t1 = time.perf_counter()
     stats = SpecStats()
     n_assist = candidates

@@ -14,7 +14,7 @@ which is what lets speculative decoding roll back cheaply.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -68,3 +68,21 @@ class KVStepModel:
     def kv_numpy(self, state: KVState) -> list[np.ndarray]:
         """The KV tensors as numpy arrays (validation compares them across backends)."""
         return [np.asarray(t) for t in state.tensors]
+
+    def state_from_kv(self, kv: Sequence[np.ndarray]) -> KVState:
+        """A state holding `kv` (kv_numpy's layout), so a draft built from the target's own
+        weights can start from the target's prompt cache instead of a prefill of its own."""
+        raise NotImplementedError(f"the {self.name} backend cannot adopt KV tensors")
+
+
+def kv_length(kv: Sequence[np.ndarray], layers: int, kv_heads: int, head_dim: int) -> int:
+    """The number of positions `kv` holds, after checking it has this model's layout."""
+    from accelc.errors import UsageError
+
+    want = (1, kv_heads, head_dim)
+    if len(kv) != 2 * layers or any(t.ndim != 4 or (t.shape[0], t.shape[1], t.shape[3]) != want for t in kv) \
+            or len({t.shape[2] for t in kv}) != 1:
+        got = sorted({tuple(t.shape) for t in kv})
+        raise UsageError(f"KV tensors of another layout ({len(kv)} tensors, shapes {got}) cannot seed a model "
+                         f"with {layers} layers of [1, {kv_heads}, length, {head_dim}] keys and values")
+    return int(kv[0].shape[2])

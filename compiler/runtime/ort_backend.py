@@ -26,7 +26,7 @@ import numpy as np
 
 from accelc.errors import require
 from accelc.fused_decoder import IN_PLACE_KV
-from accelc.runtime.base import KVState, KVStepModel
+from accelc.runtime.base import KVState, KVStepModel, kv_length
 
 ARENA_START = 256  # positions; arenas double when a sequence outgrows them
 
@@ -128,6 +128,15 @@ class OrtStepModel(KVStepModel):
         view = _view(state)
         view.arena.check(state)
         return view.arena.state(n, view.stamp)
+
+    def state_from_kv(self, kv) -> KVState:
+        n = kv_length(kv, self.n_layers, self.kv_heads, self.head_dim)
+        if not self.in_place:
+            return KVState(n, tuple(np.ascontiguousarray(t, dtype=np.float32) for t in kv))
+        self._arena = _Arena(self, max(ARENA_START, 2 * n))
+        for dst, src in zip(self._arena.buffers, kv):
+            dst[:, :, :n] = src
+        return self._arena.state(n)
 
     def kv_numpy(self, state: KVState) -> list[np.ndarray]:
         if self.in_place:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from accelc.runtime.base import KVState, KVStepModel
+from accelc.runtime.base import KVState, KVStepModel, kv_length
 
 
 class TorchStepModel(KVStepModel):
@@ -44,3 +44,10 @@ class TorchStepModel(KVStepModel):
 
     def kv_numpy(self, state: KVState) -> list[np.ndarray]:
         return [t.numpy() for t in state.tensors]
+
+    def state_from_kv(self, kv) -> KVState:
+        cfg = self.model.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        n = kv_length(kv, cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads, head_dim)
+        return KVState(n, tuple(self._torch.from_numpy(np.array(t, dtype=np.float32)) for t in kv))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from accelc.errors import MissingDependency, UsageError
-from accelc.runtime.base import KVState, KVStepModel
+from accelc.runtime.base import KVState, KVStepModel, kv_length
 
 TVM_INSTALL = "pip install apache-tvm==0.27.0.post1"
 META_FILE = "tvm_meta.json"
@@ -111,6 +111,11 @@ class TVMStepModel(KVStepModel):
     def kv_numpy(self, state: KVState) -> list[np.ndarray]:
         """The KV tensors copied to numpy (TVM tensors do not implement the array protocol)."""
         return [t.numpy() for t in state.tensors]
+
+    def state_from_kv(self, kv) -> KVState:
+        n = kv_length(kv, self.num_layers, self.kv_heads, self.head_dim)
+        return KVState(n, tuple(self._tvm.runtime.tensor(np.ascontiguousarray(t, dtype=self._dtype), self._dev)
+                                for t in kv))
 
     # -- helpers -----------------------------------------------------------------------------
 
