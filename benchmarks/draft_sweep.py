@@ -9,7 +9,8 @@ session 2: pruned subnets and deep layer skips are accepted too rarely, docs/not
 ONNX graphs with a head over the calibration text's 8,192 most frequent tokens, and measures for
 each, against the target graph of a compiled speculative artifact on ONNX Runtime:
 
-  - alpha (greedy, 4 held-out "Persuasion" prompts, along the target's own continuations),
+  - alpha (greedy, 4 held-out "Persuasion" prompts, along the target's own continuations; the
+    full-width drafts start from the target's prompt cache, as their plans run),
   - c and the target's verify cost v(k) (medians of one-token steps),
   - the gamma and speedup the cost model predicts, and the c this alpha would need to reach
     `--goal` (the most expensive draft that still could).
@@ -116,12 +117,14 @@ def main() -> int:
                 graph = quantize_matmul_nbits(graph, graph.with_name(f"model.q{bits}.onnx"), bits=bits,
                                               block_size=block, symmetric=symmetric)
             draft = OrtStepModel(graph, art.backends()["ort"]["runtime"]["session"])
-            alpha = cost_model.estimate_alpha(target, draft, prompts).alpha
+            # full-width drafts start from the target's prompt cache, as their plans run
+            alpha = cost_model.estimate_alpha(target, draft, prompts, prompt_kv_from_target=not n_drop).alpha
             cost = cost_model.measure_cost_ratio(target, draft, prompts[0],
                                                  verify_lengths=range(2, args.gamma_max + 2))
             choice = cost_model.choose_gamma(alpha, cost.cost_ratio, gamma_max=args.gamma_max, verify_cost=cost.verify)
         row = {"draft": name, "weights": "fp32" if bits == 32 else f"int{bits}", "block": block or None,
                "symmetric": symmetric, "layers_left_out": drop_order[:n_drop], "vocab": VOCAB,
+               "prompt_kv_from_target": not n_drop,
                "alpha": alpha, "cost_ratio": cost.cost_ratio, "draft_step_ms": cost.draft_step_seconds * 1e3,
                "target_step_ms": cost.target_step_seconds * 1e3, "gamma": choice.gamma,
                "predicted_speedup": choice.predicted_speedup,

@@ -134,7 +134,8 @@ def main() -> int:
     rows = []
     for temp in args.temperatures:
         sampler = Sampler(temp) if temp > 0 else Sampler()
-        alpha = cost_model.estimate_alpha(target, draft, prompts[:4], sampler=sampler).alpha  # 2 were too noisy
+        alpha = cost_model.estimate_alpha(target, draft, prompts[:4], sampler=sampler,  # 2 were too noisy
+                                          **shared).alpha
         methods = {
             "ar": (lambda pr, s: generate(target, pr, args.new_tokens, sampler=sampler, seed=s), 1.0),
             "speculative": (lambda pr, s: speculative_generate(target, draft, pr, args.new_tokens, gamma=gamma,

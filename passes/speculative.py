@@ -70,7 +70,8 @@ class Speculative(registry.Pass):
 
     name = "speculative"
     version = 5  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused
-    # drafts; 4: PEARL priced with its workers' threads; 5: a from_target draft adopts the prompt cache
+    # drafts; 4: PEARL priced with its workers' threads; 5: a from_target draft adopts the prompt cache (and
+    # alpha is measured that way, over 32 tokens per prompt)
     needs = ("calibration",)
 
     class Params(registry.Params):
@@ -181,7 +182,8 @@ class Speculative(registry.Pass):
         windows = token_windows(ids, n, n, self.params.calibration_prompts, what="calibration text")
         prompts = [w.tolist() for w, _ in windows]
         with progress.step(f"speculative: alpha on {len(prompts)} calibration prompts"):
-            alpha = cost_model.estimate_alpha(target, draft, prompts, sampler=sampler)
+            alpha = cost_model.estimate_alpha(target, draft, prompts, sampler=sampler,
+                                              prompt_kv_from_target=self.params.draft.from_target)
         with progress.step(f"speculative: cost ratio c ({backend})"):
             cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=range(2, self.params.gamma_max + 2))
         # a verification round feeds the last committed token plus gamma drafts: gamma + 1 tokens,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from accelc.decoding.autoregressive import Sampler
-from accelc.decoding.cost_model import (GAMMA_MAX, acceptance_from_logits, batch_predicted_speedup, choose_gamma,
-                                        choose_pearl_gamma,
+from accelc.decoding.cost_model import (CALIBRATION_NEW_TOKENS, GAMMA_MAX, acceptance_from_logits,
+                                        batch_predicted_speedup, choose_gamma, choose_pearl_gamma,
                                         estimate_alpha, expected_accepted_length, measure_cost_ratio,
                                         pearl_predicted_speedup, predicted_speedup)
 from accelc.decoding.speculative import tv_distance
@@ -23,7 +23,7 @@ def test_alpha_of_a_draft_equal_to_the_target_is_one():
     table = random_table(6, seed=0)
     for sampler in (Sampler(), Sampler(temperature=1.0), Sampler(temperature=0.7, top_p=0.9)):
         est = estimate_alpha(TableModel(table), TableModel(table.copy()), [[1, 2], [3]], sampler=sampler)
-        assert est.alpha == pytest.approx(1.0, abs=1e-12) and est.positions == 32
+        assert est.alpha == pytest.approx(1.0, abs=1e-12) and est.positions == 2 * CALIBRATION_NEW_TOKENS
 
 
 def test_alpha_of_a_unigram_pair_is_one_minus_tv():

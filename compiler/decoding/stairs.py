@@ -71,8 +71,8 @@ def stairs_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], 
     greedy = Sampler()
     t0 = time.perf_counter()
     n_prompt = len(prompt)
-    tgt, dft, tokens, done = begin(target, draft, prompt, max_new_tokens, eos_ids, lambda logits: int(np.argmax(logits)),
-                                   prompt_kv_from_target)
+    tgt, dft, tokens, done = begin(target, draft, prompt, max_new_tokens, eos_ids,
+                                   lambda logits: int(np.argmax(logits)), prompt_kv_from_target)
     t1 = time.perf_counter()
     stats = SpecStats()
     n_assist = candidates
