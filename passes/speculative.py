@@ -69,9 +69,9 @@ class Speculative(registry.Pass):
     """Speculative decoding plan: draft model, measured alpha and cost ratio, gamma by predicted speedup."""
 
     name = "speculative"
-    version = 5  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused
-    # drafts; 4: PEARL priced with its workers' threads; 5: a from_target draft adopts the prompt cache (and
-    # alpha is measured that way, over 32 tokens per prompt)
+    version = 6  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused
+    # drafts; 4: PEARL priced with its workers' threads; 5: a from_target draft adopts the prompt cache;
+    # 6: alpha is measured that way, over 32 tokens per prompt
     needs = ("calibration",)
 
     class Params(registry.Params):
