@@ -215,7 +215,9 @@ def open_pair(target: StepModel, draft: StepModel, prompt: Sequence[int],
     Exactness does not depend on it: acceptance uses whatever q the draft then computes."""
     check_pair(target, draft)
     tgt = ModelCursor(target, prompt)
-    adopted = draft.state_from_kv(target.kv_numpy(tgt.state)) if prompt_kv_from_target else None
+    # a draft whose vocabulary size is not known before its first call keeps its own prefill
+    adopt = prompt_kv_from_target and getattr(draft, "vocab_size", None) is not None
+    adopted = draft.state_from_kv(target.kv_numpy(tgt.state)) if adopt else None
     dft = ModelCursor(draft, prompt, adopted)
     check_pair(target, draft, tgt.vocab, dft.vocab)
     return tgt, dft
