@@ -93,3 +93,17 @@ def test_a_rebuilt_state_is_refused(tiny):
     assert step.kv_copies == 0
     with pytest.raises(ValueError, match="overwritten"):
         step.extend(forged, ids[8:9])
+
+
+def test_one_model_as_both_pearl_workers(tiny):
+    """PEARL runs its two workers in two threads; with the draft being the target itself, both
+    extend the same model's arena at once. The arena's lock and copy-on-write keep each right."""
+    from accelc.decoding.autoregressive import generate
+    from accelc.decoding.pearl import pearl_generate
+
+    graph, ids, _ = tiny
+    step = OrtStepModel(graph, {"intra_op_threads": 1})
+    prompt = ids[:9].tolist()
+    expected = generate(step, prompt, 16).tokens
+    got = pearl_generate(step, step, prompt, 16, gamma=3, concurrent=True)
+    assert got.tokens == expected and got.stats["rejections"] == 0

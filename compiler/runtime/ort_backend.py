@@ -17,6 +17,7 @@ states are alive. The runtime option `kv_cache: copy` turns this off.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,13 +70,15 @@ class OrtStepModel(KVStepModel):
         declared = self.session.get_modelmeta().custom_metadata_map.get(key) == value
         self.in_place = declared and (options or {}).get("kv_cache", "auto") == "auto"
         self._arena: _Arena | None = None
+        self._arena_lock = threading.Lock()  # one model may serve two threads (PEARL with draft = target)
         self.kv_copies = 0  # in-place arenas filled by copying a prefix (growth, or a branch still in use)
 
     def empty_state(self) -> KVState:
         if self.in_place:
-            if self._arena is None:
-                self._arena = _Arena(self, ARENA_START)
-            return self._arena.state(0)
+            with self._arena_lock:
+                if self._arena is None:
+                    self._arena = _Arena(self, ARENA_START)
+                return self._arena.state(0)
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
         return KVState(0, tuple(empty for _ in self._past_names))
 
@@ -93,7 +96,8 @@ class OrtStepModel(KVStepModel):
         if ids.shape[1] == 0:
             raise ValueError("extend needs at least one token")
         if self.in_place:
-            logits, new = self._extend_in_place(state, ids)
+            with self._arena_lock:
+                logits, new = self._extend_in_place(state, ids)
         else:
             feed = self._feed(state.length, ids)
             feed.update(zip(self._past_names, state.tensors))
@@ -126,23 +130,27 @@ class OrtStepModel(KVStepModel):
         if not 0 <= n <= state.length:
             raise ValueError(f"cannot truncate a KV state of length {state.length} to {n}")
         view = _view(state)
-        view.arena.check(state)
-        return view.arena.state(n, view.stamp)
+        with self._arena_lock:
+            view.arena.check(state)
+            return view.arena.state(n, view.stamp)
 
     def state_from_kv(self, kv) -> KVState:
         n = kv_length(kv, self.n_layers, self.kv_heads, self.head_dim)
         if not self.in_place:
             return KVState(n, tuple(np.ascontiguousarray(t, dtype=np.float32) for t in kv))
-        self._arena = _Arena(self, max(ARENA_START, 2 * n))
-        for dst, src in zip(self._arena.buffers, kv):
+        arena = _Arena(self, max(ARENA_START, 2 * n))
+        for dst, src in zip(arena.buffers, kv):
             dst[:, :, :n] = src
-        return self._arena.state(n)
+        with self._arena_lock:
+            self._arena = arena
+            return arena.state(n)
 
     def kv_numpy(self, state: KVState) -> list[np.ndarray]:
         if self.in_place:
             arena = _view(state).arena
-            arena.check(state)
-            return [b[:, :, :state.length].copy() for b in arena.buffers]
+            with self._arena_lock:
+                arena.check(state)
+                return [b[:, :, :state.length].copy() for b in arena.buffers]
         return list(state.tensors)
 
 
