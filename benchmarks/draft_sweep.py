@@ -30,7 +30,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-VOCAB = 8192
 # (name, bits, block, symmetric, layers left out); bits 32 = fp32 weights
 VARIANTS = [("fp32", 32, 0, False, 0), ("int8 b32", 8, 32, False, 0), ("int8 b64 sym", 8, 64, True, 0),
             ("int4 b32", 4, 32, False, 0), ("int4 b128 sym", 4, 128, True, 0),
@@ -90,18 +89,18 @@ def main() -> int:
     from accelc.passes.speculative import frequent_tokens
     from accelc.runtime.artifact import Artifact
     from accelc.runtime.ort_backend import OrtStepModel
-    from speculative import compile_artifact, persuasion_prompts
+    from speculative import DEFAULT_DRAFT, DRAFT_VOCAB, compile_artifact, persuasion_prompts
 
     work = Path(tempfile.mkdtemp(prefix="accelc-draft-sweep-"))
     artifact = Path(args.artifact) if args.artifact else work / "artifact"
     if not (artifact / "manifest.json").exists():
-        compile_artifact(artifact, "{from_target: true, weights: int8, vocab: %d}" % VOCAB, args.gamma_max)
+        compile_artifact(artifact, DEFAULT_DRAFT, args.gamma_max)
     art = Artifact(artifact)
     target = art.step_model("ort")
     checkpoint = art.dir / "model" / "hf"
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     calibration = load_text("austen:emma")
-    subset = frequent_tokens(art.tokenizer, calibration, VOCAB)
+    subset = frequent_tokens(art.tokenizer, calibration, DRAFT_VOCAB)
     calib_ids = torch.tensor(art.tokenizer.encode(calibration, add_special_tokens=False)[10_000:10_512]).view(2, 256)
     with progress.step("draft sweep: ranking layers by how little their removal changes the argmax"):
         drop_order = least_harmful_layers(model, calib_ids, max(v[4] for v in VARIANTS))
@@ -123,7 +122,7 @@ def main() -> int:
                                                  verify_lengths=range(2, args.gamma_max + 2))
             choice = cost_model.choose_gamma(alpha, cost.cost_ratio, gamma_max=args.gamma_max, verify_cost=cost.verify)
         row = {"draft": name, "weights": "fp32" if bits == 32 else f"int{bits}", "block": block or None,
-               "symmetric": symmetric, "layers_left_out": drop_order[:n_drop], "vocab": VOCAB,
+               "symmetric": symmetric, "layers_left_out": drop_order[:n_drop], "vocab": DRAFT_VOCAB,
                "prompt_kv_from_target": not n_drop,
                "alpha": alpha, "cost_ratio": cost.cost_ratio, "draft_step_ms": cost.draft_step_seconds * 1e3,
                "target_step_ms": cost.target_step_seconds * 1e3, "gamma": choice.gamma,

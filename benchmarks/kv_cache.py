@@ -34,14 +34,15 @@ def main() -> int:
 
     from accelc import progress
     from accelc.decoding.autoregressive import generate
+    from accelc.decoding.plan import prompt_kv_from_target
     from accelc.decoding.speculative import speculative_generate
     from accelc.runtime.artifact import Artifact
     from accelc.runtime.ort_backend import OrtStepModel
-    from speculative import compile_artifact, persuasion_prompts
+    from speculative import DEFAULT_DRAFT, compile_artifact, persuasion_prompts
 
     artifact = Path(args.artifact) if args.artifact else Path(tempfile.mkdtemp(prefix="accelc-kv-")) / "artifact"
     if not (artifact / "manifest.json").exists():
-        compile_artifact(artifact, "{from_target: true, weights: int8, vocab: 8192}", 8)
+        compile_artifact(artifact, DEFAULT_DRAFT, 8)
     art = Artifact(artifact)
     runtime = art.backends()["ort"]["runtime"]
     graph = {role: art.dir / art.manifest["graphs"][name] for role, name in runtime["graphs"].items()}
@@ -53,7 +54,7 @@ def main() -> int:
     loops = {"ar": lambda m, prompt: generate(m["target"], prompt, args.new_tokens),
              "speculative": lambda m, prompt: speculative_generate(
                  m["target"], m["draft"], prompt, args.new_tokens, gamma=gamma,
-                 prompt_kv_from_target=art.plan.get("draft_prompt_kv") == "target")}
+                 prompt_kv_from_target=prompt_kv_from_target(art.plan))}
     rows = []
     for length in args.prompt_tokens:
         prompts = persuasion_prompts(art.tokenizer, args.prompts, length)

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+DRAFT_WEIGHTS, DRAFT_VOCAB = "int8", 8192  # the best draft measured here (docs/notes.md)
+DEFAULT_DRAFT = f"{{from_target: true, weights: {DRAFT_WEIGHTS}, vocab: {DRAFT_VOCAB}}}"
 
 
 def compile_artifact(out: Path, draft: str, gamma_max: int) -> None:
@@ -90,9 +92,9 @@ def main() -> int:
     draft.add_argument("--draft-layers", type=int, nargs="+", help="layer-skip draft keeping these layers")
     draft.add_argument("--draft-ratio", type=float, help="subnet draft: remove this fraction of the target's "
                        "attention + MLP weights (search + reformation)")
-    p.add_argument("--draft-weights", choices=["fp32", "int8", "int4"], default="int8",
+    p.add_argument("--draft-weights", choices=["fp32", "int8", "int4"], default=DRAFT_WEIGHTS,
                    help="weight precision of the draft's ONNX graph (default int8)")
-    p.add_argument("--draft-vocab", type=int, default=8192, help="the draft's head scores this many most "
+    p.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB, help="the draft's head scores this many most "
                    "frequent calibration tokens (0: the whole vocabulary)")
     p.add_argument("--gamma-max", type=int, default=8)
     p.add_argument("--artifact", help="reuse a compiled artifact")
@@ -105,6 +107,7 @@ def main() -> int:
     from accelc.decoding.autoregressive import Sampler, generate
     from accelc.decoding.batch_speculative import batch_speculative_generate
     from accelc.decoding.pearl import pearl_generate
+    from accelc.decoding.plan import prompt_kv_from_target
     from accelc.decoding.speculative import speculative_generate
     from accelc.decoding.stairs import stairs_generate
     from accelc.runtime.artifact import Artifact
@@ -123,7 +126,7 @@ def main() -> int:
 
     prompts = persuasion_prompts(art.tokenizer, args.prompts)
     gamma, candidates = int(plan["gamma"]), int(plan.get("num_candidates", 2))
-    shared = {"prompt_kv_from_target": plan.get("draft_prompt_kv") == "target"}  # as run_plan does
+    shared = {"prompt_kv_from_target": prompt_kv_from_target(plan)}  # as run_plan does
     cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=range(2, gamma + 2))
     v = cost.verify_cost[gamma + 1]
     # PEARL's workers run one thread each: predict with their own costs, in units of the

@@ -16,6 +16,11 @@ NEEDS_DRAFT = ("speculative", "batch_speculative", "pearl", "stairs")
 STRATEGIES = AUTOREGRESSIVE + NEEDS_DRAFT
 
 
+def prompt_kv_from_target(plan: Mapping[str, Any]) -> bool:
+    """Whether the plan's draft starts from the target's prompt cache (speculative.open_pair)."""
+    return plan.get("draft_prompt_kv") == "target"
+
+
 def sampler_of(plan: Mapping[str, Any], temperature: float | None = None) -> Sampler:
     """greedy unless the plan samples; an explicit temperature (0 = greedy) overrides the plan."""
     t = plan.get("temperature", 1.0) if temperature is None else temperature
@@ -35,7 +40,7 @@ def run_plan(plan: Mapping[str, Any], target, draft, prompt: Sequence[int], max_
     if draft is None:
         raise UsageError(f"decode plan strategy '{strategy}' needs a draft model, and this artifact has none")
     gamma = int(plan.get("gamma", 4))
-    shared = {"prompt_kv_from_target": plan.get("draft_prompt_kv") == "target"}
+    shared = {"prompt_kv_from_target": prompt_kv_from_target(plan)}
     if strategy == "speculative":
         from accelc.decoding.speculative import speculative_generate
 
