@@ -6,8 +6,9 @@ given removal ratio (the pruning passes, run on the target). The pass checks tha
 acceptance rate alpha = 1 - E[TV(p, q)] along the target's own continuations of calibration
 prompts, measures the cost ratio c (draft step / target step on this machine: on the ONNX
 Runtime graphs when the pass follows export_onnx, which is what deploys; torch eager otherwise),
-and picks the draft length gamma that maximises the predicted speedup
-S = (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + v)) (PEARL: its own round model). When no
+and picks the draft length gamma that maximises the predicted speedup: for one draft sequence a
+round (speculative, stairs), the measured per-position acceptance replayed through the loop
+(cost_model.replayed_speedup); for PEARL and batch speculative, their i.i.d.-alpha round models. When no
 gamma predicts a gain, the plan stays autoregressive and says why. Every figure lands in
 decode/plan.json and the manifest. Output is unchanged by construction: greedy plans give the
 target's greedy tokens exactly, which validation then checks on every backend.
@@ -40,8 +41,11 @@ class DraftSpec(registry.Params):
     from_target: bool = Field(False, description="the target's own weights as the draft, made cheaper by "
                               "`weights` and/or `vocab`")
     weights: Literal["fp32", "int8", "int4"] = Field("fp32", description="weight precision of the draft's ONNX "
-                                                     "graph (ORT MatMulNBits, block 32); needs the pass after "
-                                                     "export_onnx")
+                                                     "graph (ORT MatMulNBits); needs the pass after export_onnx")
+    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="input channels per quantisation block of "
+                                                      "`weights` (one scale each): larger blocks are cheaper to run "
+                                                      "and cost acceptance")
+    symmetric: bool = Field(False, description="`weights` without zero points (cheaper kernels, coarser levels)")
     vocab: int | None = Field(None, ge=16, description="the draft's head scores only the N most frequent tokens "
                               "of data.calibration (plus special tokens); needs the pass after export_onnx and a "
                               "fused graph (llama, qwen2)")
@@ -54,6 +58,8 @@ class DraftSpec(registry.Params):
         given += ["from_target"] if self.from_target else []
         if len(given) != 1:
             raise ValueError("give exactly one of 'path', 'keep_layers', 'subnet_ratio' or 'from_target'")
+        if self.weights == "fp32" and (self.block_size != 32 or self.symmetric):
+            raise ValueError("'block_size' and 'symmetric' describe 8- or 4-bit draft weights; set 'weights' too")
         if self.from_target and not self.compressed:
             raise ValueError("'from_target' needs 'weights' (int8/int4) or 'vocab': an unchanged copy of the "
                              "target cannot be a cheaper draft")
@@ -69,9 +75,10 @@ class Speculative(registry.Pass):
     """Speculative decoding plan: draft model, measured alpha and cost ratio, gamma by predicted speedup."""
 
     name = "speculative"
-    version = 6  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused
+    version = 7  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused
     # drafts; 4: PEARL priced with its workers' threads; 5: a from_target draft adopts the prompt cache;
-    # 6: alpha is measured that way, over 32 tokens per prompt
+    # 6: alpha is measured that way, over 32 tokens per prompt; 7: gamma by replayed acceptance, c by
+    # paired timings
     needs = ("calibration",)
 
     class Params(registry.Params):
@@ -163,8 +170,10 @@ class Speculative(registry.Pass):
         if spec.weights != "fp32":
             bits = {"int8": 8, "int4": 4}[spec.weights]
             with progress.step(f"speculative: draft weights to {spec.weights}"):
-                graph = quantize_matmul_nbits(graph, graph.with_name(f"model.{spec.weights}.onnx"), bits=bits)
-            compression.append(f"{spec.weights} weights (MatMulNBits, block 32)")
+                graph = quantize_matmul_nbits(graph, graph.with_name(f"model.{spec.weights}.onnx"), bits=bits,
+                                              block_size=spec.block_size, symmetric=spec.symmetric)
+            compression.append(f"{spec.weights} weights (MatMulNBits, block {spec.block_size}"
+                               f"{', symmetric' if spec.symmetric else ''})")
         return graph, {**meta, **({"compression": "; ".join(compression)} if compression else {})}
 
     def _plan(self, target, draft, backend: str, tokenizer, ctx, workers=None) -> dict:
@@ -189,9 +198,9 @@ class Speculative(registry.Pass):
         # a verification round feeds the last committed token plus gamma drafts: gamma + 1 tokens,
         # which on a CPU costs more than one decode step (measured, in target steps)
         verify = dict(cost.verify_cost)
-        pearl = {}
+        pearl, prediction = {}, "i.i.d. alpha (algorithms.md 4 R6)"
         if self.params.strategy == "pearl":
-            c, pearl_verify, slowdown = cost.cost_ratio, verify, 1.0
+            c, pearl_verify, slowdown = cost.cost_ratio, cost.verify, 1.0
             if workers is not None:
                 # PEARL's workers run at once, each on its share of the cores: price them that way
                 cores = os.cpu_count() or 2
@@ -199,15 +208,20 @@ class Speculative(registry.Pass):
                 with progress.step(f"speculative: PEARL workers' costs ({threads[0]}+{threads[1]} threads)"):
                     worker_cost = cost_model.measure_cost_ratio(*workers(*threads), prompts[0],
                                                                 verify_lengths=range(2, self.params.gamma_max + 2))
-                c, pearl_verify = worker_cost.cost_ratio, dict(worker_cost.verify_cost)
+                c, pearl_verify = worker_cost.cost_ratio, worker_cost.verify
                 slowdown = worker_cost.target_step_seconds / cost.target_step_seconds
                 pearl = {"worker_threads": {"target": threads[0], "draft": threads[1]},
                          "worker_slowdown": slowdown, "worker_cost_ratio": c}
             choice = cost_model.choose_pearl_gamma(alpha.alpha, c, gamma_max=self.params.gamma_max,
-                                                   verify_cost=lambda g: pearl_verify[g + 1], worker_slowdown=slowdown)
-        else:
+                                                   verify_cost=pearl_verify, worker_slowdown=slowdown)
+        elif self.params.strategy == "batch_speculative":
             choice = cost_model.choose_gamma(alpha.alpha, cost.cost_ratio, gamma_max=self.params.gamma_max,
-                                             verify_cost=lambda g: verify[g + 1])
+                                             verify_cost=cost.verify)
+        else:  # one draft sequence a round: replay the measured acceptance through the loop
+            prediction = "acceptance replayed over the calibration continuations (cost_model.replayed_speedup)"
+            choice = cost_model.choose_gamma(alpha.alpha, cost.cost_ratio, gamma_max=self.params.gamma_max,
+                                             verify_cost=cost.verify, trajectories=alpha.trajectories,
+                                             catchup_cost=cost.catchup_cost)
         fallback = choice.method == "autoregressive" and self.params.fallback
         reason = choice.reason if fallback or choice.method != "autoregressive" else \
             f"{choice.reason}; the recipe disabled the fallback, so {self.params.strategy} is used anyway"
@@ -220,7 +234,8 @@ class Speculative(registry.Pass):
             "alpha": alpha.alpha, "alpha_stderr": alpha.stderr, "alpha_positions": alpha.positions,
             "cost_ratio": cost.cost_ratio, "cost_backend": backend,
             "target_step_ms": cost.target_step_seconds * 1e3, "draft_step_ms": cost.draft_step_seconds * 1e3,
-            "verify_cost": {str(k): v for k, v in verify.items()},
+            "verify_cost": {str(k): v for k, v in verify.items()}, "draft_catchup_cost": cost.catchup_cost,
+            "prediction": prediction,
             **pearl,
             "predicted_speedup": choice.predicted_speedup,
             "predicted_curve": {str(k): v for k, v in choice.curve.items()},

@@ -10,7 +10,7 @@ from accelc.decoding.autoregressive import Sampler
 from accelc.decoding.cost_model import (CALIBRATION_NEW_TOKENS, GAMMA_MAX, acceptance_from_logits,
                                         batch_predicted_speedup, choose_gamma, choose_pearl_gamma,
                                         estimate_alpha, expected_accepted_length, measure_cost_ratio,
-                                        pearl_predicted_speedup, predicted_speedup)
+                                        pearl_predicted_speedup, predicted_speedup, replayed_speedup)
 from accelc.decoding.speculative import tv_distance
 from accelc.errors import UsageError
 from test_speculative import TableModel, noisy, random_table, unigram
@@ -23,7 +23,7 @@ def test_alpha_of_a_draft_equal_to_the_target_is_one():
     table = random_table(6, seed=0)
     for sampler in (Sampler(), Sampler(temperature=1.0), Sampler(temperature=0.7, top_p=0.9)):
         est = estimate_alpha(TableModel(table), TableModel(table.copy()), [[1, 2], [3]], sampler=sampler)
-        assert est.alpha == pytest.approx(1.0, abs=1e-12) and est.positions == 2 * CALIBRATION_NEW_TOKENS
+        assert est.alpha == pytest.approx(1.0, abs=1e-12) and est.positions == 2 * (CALIBRATION_NEW_TOKENS - 1)
 
 
 def test_alpha_of_a_unigram_pair_is_one_minus_tv():
@@ -112,7 +112,9 @@ def test_cost_ratio_is_measured_per_decode_step():
     # sleeps only ever overshoot, and a busy shared machine makes them jitter: loose bounds
     assert 0.1 < m.cost_ratio < 0.5
     assert 0.5 < m.verify_cost[1] < 2.0 and 0.5 < m.verify(3) < 2.0
-    assert set(m.to_dict()) == {"cost_ratio", "target_step_seconds", "draft_step_seconds", "verify_cost"}
+    assert set(m.to_dict()) == {"cost_ratio", "target_step_seconds", "draft_step_seconds", "verify_cost",
+                                "catchup_cost"}
+    assert 0.1 < m.catchup_cost < 0.5  # the draft's two-token call: one sleep of the draft, in target steps
 
 
 def test_vocabulary_mismatch_is_a_usage_error():
@@ -140,3 +142,43 @@ def test_pearl_workers_slowdown_scales_the_curve_and_can_force_fallback():
     assert slow.method == "autoregressive"
     with pytest.raises(UsageError):
         choose_pearl_gamma(0.8, 0.3, worker_slowdown=0)
+
+
+@pytest.mark.parametrize("alpha,gamma", [(0.5, 1), (0.8, 3), (0.95, 6), (1.0, 4)])
+def test_replay_of_constant_acceptance_is_the_iid_formula(alpha, gamma):
+    # beta = alpha at every position is R6's assumption; only the end of the trajectory (the
+    # loop never drafts past the budget) differs, by O(gamma / length)
+    replayed = replayed_speedup([np.full(20_000, alpha)], gamma, 0.2, verify_cost=1.3)
+    assert replayed == pytest.approx(predicted_speedup(alpha, gamma, 0.2, 1.3), rel=2e-3)
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+def test_greedy_replay_prices_the_loops_own_rounds_and_calls(gamma):
+    """Greedy acceptance is deterministic, so replaying the measured trajectories must count
+    exactly the rounds, draft calls and two-token catch-up calls that speculative_generate makes."""
+    from accelc.decoding.speculative import speculative_generate
+
+    target = TableModel(random_table(8, seed=3))
+    draft = TableModel(noisy(target.table, seed=4, sigma=0.7))
+    prompts, new_tokens, c, c2 = [[1, 2], [5], [7, 0, 3]], 40, 0.3, 0.45
+    est = estimate_alpha(target, draft, prompts, new_tokens=new_tokens)
+    assert 0.3 < est.alpha < 0.95  # a draft that is right often, and wrong often enough to matter
+    positions = cost = 0.0
+    for prompt in prompts:
+        stats = speculative_generate(target, draft, prompt, new_tokens, gamma=gamma).stats
+        one_token_calls = stats["draft_calls"] - 1  # every call but the prefill feeds 1 token ...
+        catchups = stats["draft_tokens_fed"] - len(prompt) - one_token_calls  # ... or 2
+        positions += new_tokens - 1  # the first token comes from the prefill
+        cost += stats["rounds"] + c * stats["drafted"] + (c2 - c) * catchups
+    assert replayed_speedup(est.trajectories, gamma, c, 1.0, catchup_cost=c2) == pytest.approx(positions / cost)
+
+
+def test_replayed_gamma_choice_follows_bursty_acceptance():
+    # the same mean acceptance, 0.9, in runs of 9 agreements and a miss: a draft of 9 tokens
+    # fits every run exactly, while the i.i.d. model prices each draft as a fresh 0.9 coin
+    bursty = [np.tile(np.r_[np.ones(9), 0.0], 40)]
+    iid = choose_gamma(0.9, 0.1, gamma_max=12, verify_cost=1.0)
+    replayed = choose_gamma(0.9, 0.1, gamma_max=12, verify_cost=1.0, trajectories=bursty)
+    assert replayed.curve == pytest.approx({g: replayed_speedup(bursty, g, 0.1) for g in range(1, 13)})
+    assert replayed.gamma == 9 and iid.gamma != 9
+    assert replayed.predicted_speedup > iid.predicted_speedup

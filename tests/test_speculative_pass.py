@@ -119,14 +119,15 @@ def after_export(tiny_recipe, draft: str, backends: str = "[ort]"):
     return recipe
 
 
-def test_compressed_self_draft_int8_weights_and_truncated_head(cli, tiny_recipe, tmp_path):
+@pytest.mark.parametrize("layout, block, symmetric", [("", 32, False), (", block_size: 16, symmetric: true", 16, True)])
+def test_compressed_self_draft_int8_weights_and_truncated_head(cli, tiny_recipe, tmp_path, layout, block, symmetric):
     import numpy as np
     import onnx
 
     from accelc.runtime.artifact import Artifact
 
     out = tmp_path / "out"
-    recipe = after_export(tiny_recipe, "{from_target: true, weights: int8, vocab: 24}", backends="[ort, tvm]")
+    recipe = after_export(tiny_recipe, f"{{from_target: true, weights: int8{layout}, vocab: 24}}", backends="[ort, tvm]")
     code, _, err = cli("compile", recipe, "-o", out)
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
@@ -137,8 +138,11 @@ def test_compressed_self_draft_int8_weights_and_truncated_head(cli, tiny_recipe,
     assert "int8" in manifest["graph_meta"]["draft"]["compression"]
     assert "head scores" in manifest["graph_meta"]["draft"]["compression"]
     graph = onnx.load(str(out / "model" / "onnx" / "draft.onnx"), load_external_data=False).graph
-    bits = [a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"]
-    assert bits and set(bits) == {8}
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: a.i for a in n.attribute} for n in nbits]
+    assert nbits and {a["bits"] for a in attrs} == {8} and {a["block_size"] for a in attrs} == {block}
+    has_zero_points = [len(n.input) > 3 and n.input[3] != "" for n in nbits]
+    assert not any(has_zero_points) if symmetric else all(has_zero_points)
     # the draft scores only its subset (plus special tokens); elsewhere its probability is exactly 0
     draft = Artifact(out).step_model("ort", "draft")
     logits, _ = draft.extend(draft.empty_state(), np.array([[72, 101, 108]]))
@@ -156,6 +160,7 @@ def test_compressed_self_draft_int8_weights_and_truncated_head(cli, tiny_recipe,
     ("{from_target: true}", True, "needs 'weights'"),
     ("{from_target: true, weights: int4}", False, "after export_onnx"),
     ("{keep_layers: [0], vocab: 100000}", True, "exceeds the"),
+    ("{keep_layers: [0], block_size: 64}", True, "set 'weights' too"),
 ])
 def test_bad_compressed_drafts_are_usage_errors(cli, tiny_recipe, tmp_path, draft, placed_after_export, message):
     if placed_after_export:

@@ -23,6 +23,22 @@ two-state chain's stationary mix gives
     S_PEARL(gamma) = E[tokens per round] / max(gamma c, v)
 
 which assumes the two workers truly overlap (two devices, or spare cores).
+
+Trajectory replay [derived here]: acceptance is not i.i.d. A draft agrees with the target for
+long runs (set phrases, names, repetition) and disagrees in clusters, so the i.i.d. formula,
+fed the mean alpha, misjudges how long rounds really are. `replayed_speedup` instead replays
+the measured per-position acceptance beta_i of the calibration continuations through the loop
+itself: a round from position i drafts g = min(gamma, positions left - 1) tokens, accepts the
+first a of them with probability beta_i ... beta_{i+a-1} (1 - beta_{i+a}) (greedy: exactly the
+agreeing run), and continues at i + a + 1. Backwards over positions,
+
+    T(i, f) = g c + v(g) + f (c2 - c) + sum_a P(a | i) T(i + a + 1, [a == g])
+
+is the expected cost (in target steps) of committing positions i.. when the previous round
+accepted everything (f = 1: the draft's first call then feeds two tokens, the last draft and
+the bonus token, at the measured cost c2). S = positions / T(0, 0). With constant beta = alpha
+and c2 = c this is R6's S(gamma) again (tests/test_cost_model.py); greedy, it counts the loop's
+own rounds and draft calls exactly.
 """
 from __future__ import annotations
 
@@ -41,7 +57,7 @@ GAMMA_MAX = 16  # algorithms.md 4 R6: search gamma in 1..16, S is unimodal in pr
 MIN_GAIN = 1.0  # speculate only when the best predicted speedup exceeds plain decoding's 1.0
 CALIBRATION_NEW_TOKENS = 32  # target-sampled positions per calibration prompt (4 x 16 left a 0.04 stderr)
 TIMING_STEPS = 8    # one-token decode steps per timing repeat
-TIMING_REPEATS = 3  # medians over repeats: shared machines have noisy neighbours
+TIMING_REPEATS = 5  # medians over repeats: shared machines have noisy neighbours
 
 VerifyCost = float | Callable[[int], float]
 
@@ -64,9 +80,11 @@ class AlphaEstimate:
     alpha: float
     stderr: float  # of the mean, treating positions as independent
     positions: int
+    # beta per generated position, one array per calibration prompt: what replayed_speedup replays
+    trajectories: tuple[np.ndarray, ...] = field(default=(), repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"alpha": self.alpha, "stderr": self.stderr, "positions": self.positions}
 
 
 def estimate_alpha(target: StepModel, draft: StepModel, prompts: Sequence[Sequence[int]], *,
@@ -75,10 +93,11 @@ def estimate_alpha(target: StepModel, draft: StepModel, prompts: Sequence[Sequen
     """alpha = 1 - E[TV(p, q)] on calibration prompts, along the target's own continuations.
 
     Per prompt: the target generates `new_tokens` with `sampler`; then one prefill of each model
-    over prompt + continuation gives paired logits for every generated position.
+    over prompt + continuation gives paired logits for every generated position but the first,
+    which the loops take from the target's prefill and never draft (so a trajectory holds the
+    new_tokens - 1 positions a loop of that budget verifies, in order).
     prompt_kv_from_target: as the loops then run (speculative.open_pair), the draft starts from
-    the target's cache of the prompt and scores the continuation from there; its first token,
-    which the target's prefill commits, is not counted.
+    the target's cache of the prompt and scores the continuation from there.
     """
     check_pair(target, draft)
     betas = []
@@ -94,7 +113,7 @@ def estimate_alpha(target: StepModel, draft: StepModel, prompts: Sequence[Sequen
             t_logits = t_logits[n:]
         else:
             d_logits, _ = draft.prefill(seq)
-            rows = slice(len(prompt) - 1, None)  # the rows that predict the generated tokens
+            rows = slice(len(prompt), None)  # the rows that predict the generated tokens after the first
             t_logits, d_logits = t_logits[rows], d_logits[rows]
         check_pair(target, draft, t_logits.shape[-1], d_logits.shape[-1])
         betas.append(acceptance_from_logits(t_logits, d_logits, sampler))
@@ -102,7 +121,7 @@ def estimate_alpha(target: StepModel, draft: StepModel, prompts: Sequence[Sequen
         raise UsageError("estimating alpha needs at least one calibration prompt")
     beta = np.concatenate(betas)
     stderr = float(beta.std(ddof=1) / np.sqrt(beta.size)) if beta.size > 1 else float("inf")
-    return AlphaEstimate(float(beta.mean()), stderr, int(beta.size))
+    return AlphaEstimate(float(beta.mean()), stderr, int(beta.size), tuple(betas))
 
 
 # --------------------------------------------------------------------------- c
@@ -112,50 +131,72 @@ class CostMeasurement:
     target_step_seconds: float
     draft_step_seconds: float
     verify_cost: dict = field(default_factory=dict)  # k -> target time to score k tokens, in target steps
+    # the draft scoring 2 tokens in one call, in target steps: a round's first draft call after a
+    # round that accepted every draft (it feeds the last draft and the bonus token); None: not measured
+    catchup_cost: float | None = None
 
     def verify(self, gamma: int) -> float:
-        """v(gamma): scoring gamma + 1 tokens, interpolated from the measured k (1.0 if none)."""
+        """v(gamma): scoring gamma + 1 tokens, interpolated from the measured k (1.0 if none).
+
+        Scoring more tokens never costs less; the measured curve is made nondecreasing so that
+        timing noise between neighbouring k cannot make a longer draft look cheaper to verify."""
         if not self.verify_cost:
             return 1.0
         ks = sorted(self.verify_cost)
-        return float(np.interp(gamma + 1, ks, [self.verify_cost[k] for k in ks]))
+        costs = np.maximum.accumulate([self.verify_cost[k] for k in ks])
+        return float(np.interp(gamma + 1, ks, costs))
 
     def to_dict(self) -> dict:
         return {**asdict(self), "verify_cost": {str(k): v for k, v in self.verify_cost.items()}}
 
 
-def _step_seconds(model: StepModel, prompt: Sequence[int], steps: int, repeats: int) -> float:
+def _decode_timer(model: StepModel, prompt: Sequence[int], steps: int) -> Callable[[], float]:
+    """A timer of `steps` greedy one-token decode steps from the prompt's state (seconds per step)."""
     logits, state = model.prefill(np.asarray(prompt, dtype=np.int64))
-    times = []
-    for _ in range(repeats):
-        s, tok = state, int(np.argmax(logits[-1]))
+    first = int(np.argmax(logits[-1]))
+
+    def per_step() -> float:
+        s, tok = state, first
         t = time.perf_counter()
         for _ in range(steps):
             out, s = model.extend(s, np.array([tok], dtype=np.int64))
             tok = int(np.argmax(out[-1]))
-        times.append((time.perf_counter() - t) / steps)
-    return float(np.median(times))
+        return (time.perf_counter() - t) / steps
+    return per_step
+
+
+def _call_seconds(model: StepModel, prompt: Sequence[int], lengths: Sequence[int], repeats: int) -> dict[int, float]:
+    """k -> the median time of one call scoring k tokens after the prompt (always from the prompt's state)."""
+    _, state = model.prefill(np.asarray(prompt, dtype=np.int64))
+    seconds = {}
+    for k in lengths:
+        ids = np.asarray((list(prompt) * k)[:k], dtype=np.int64)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model.extend(state, ids)
+            times.append(time.perf_counter() - t)
+        seconds[int(k)] = float(np.median(times))
+    return seconds
 
 
 def measure_cost_ratio(target: StepModel, draft: StepModel, prompt: Sequence[int], *, steps: int = TIMING_STEPS,
                        repeats: int = TIMING_REPEATS, verify_lengths: Sequence[int] = ()) -> CostMeasurement:
-    """Time one-token decode steps of both models on this backend (medians), and optionally the
-    target scoring k tokens in one call for each k in `verify_lengths`."""
+    """Time one-token decode steps of both models on this backend (medians), the draft's
+    two-token catch-up call, and optionally the target scoring k tokens in one call for each k
+    in `verify_lengths`."""
     check_pair(target, draft)
-    t_step = _step_seconds(target, prompt, steps, repeats)
-    d_step = _step_seconds(draft, prompt, steps, repeats)
-    verify = {}
-    if verify_lengths:
-        _, state = target.prefill(np.asarray(prompt, dtype=np.int64))
-        for k in verify_lengths:
-            ids = np.asarray((list(prompt) * k)[:k], dtype=np.int64)
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                target.extend(state, ids)
-                times.append(time.perf_counter() - t)
-            verify[int(k)] = float(np.median(times)) / t_step
-    return CostMeasurement(d_step / t_step, t_step, d_step, verify)
+    timers = _decode_timer(target, prompt, steps), _decode_timer(draft, prompt, steps)
+    for timer in timers:  # untimed: a fresh session's first one-token calls allocate and pack
+        timer()
+    # the two models alternate, so a neighbour that slows the machine for a while slows both:
+    # c is the median of paired ratios, not a ratio of medians taken minutes apart
+    pairs = [(timers[0](), timers[1]()) for _ in range(repeats)]
+    t_step, d_step = (float(np.median(column)) for column in zip(*pairs))
+    c = float(np.median([d / t for t, d in pairs]))
+    catchup = _call_seconds(draft, prompt, [2], repeats)[2] / t_step
+    verify = {k: s / t_step for k, s in _call_seconds(target, prompt, verify_lengths, repeats).items()}
+    return CostMeasurement(c, t_step, d_step, verify, catchup)
 
 
 # --------------------------------------------------------------------------- predictions
@@ -182,6 +223,32 @@ def predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: VerifyCos
     """S(gamma) = (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + v)) against autoregressive decoding."""
     _check(alpha, gamma, c)
     return expected_accepted_length(alpha, gamma) / (gamma * c + _v(verify_cost, gamma))
+
+
+def replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: float,
+                     verify_cost: VerifyCost = 1.0, catchup_cost: float | None = None) -> float:
+    """Speculative decoding's speedup replayed over measured acceptance (see the module doc):
+    `trajectories` holds beta per position (AlphaEstimate.trajectories), `catchup_cost` the
+    draft's two-token call in target steps (None: priced as one step, c)."""
+    _check(0.0, gamma, c)
+    extra = 0.0 if catchup_cost is None else max(float(catchup_cost) - c, 0.0)
+    positions = cost = 0.0
+    for trajectory in trajectories:
+        beta = np.clip(np.asarray(trajectory, dtype=np.float64), 0.0, 1.0)
+        n = beta.size
+        after = np.zeros((n + gamma + 2, 2))  # after[i, f] = T(i, f); zero past the last position
+        for i in range(n - 1, -1, -1):
+            g = min(gamma, n - i - 1)  # the loop never drafts past the token budget
+            b = beta[i:i + g]
+            run = np.cumprod(np.concatenate(([1.0], b)))  # run[a] = P(the first a drafts accepted)
+            rest = float(np.dot(run[:-1] * (1.0 - b), after[i + 1:i + g + 1, 0])) + run[g] * after[i + g + 1, 1]
+            base = (g * c + _v(verify_cost, g) if g else 1.0) + rest  # g = 0: the target's own step
+            after[i] = (base, base + (extra if g else 0.0))  # no draft call, no catch-up
+        positions += n
+        cost += after[0, 0]
+    if cost <= 0.0:
+        raise UsageError("replaying speculative decoding needs at least one measured position")
+    return positions / cost
 
 
 def batch_predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: VerifyCost = 1.0,
@@ -241,8 +308,13 @@ def _choose(name: str, speedup: Callable[[int], float], alpha: float, c: float, 
                        f"gamma={best} maximises the predicted speedup {s:.3f} over 1..{gamma_max}", curve)
 
 
-def choose_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX, verify_cost: VerifyCost = 1.0) -> GammaChoice:
-    """gamma* = argmax S(gamma) over 1..gamma_max, or autoregressive when max S <= 1."""
+def choose_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX, verify_cost: VerifyCost = 1.0,
+                 trajectories: Sequence[Sequence[float]] = (), catchup_cost: float | None = None) -> GammaChoice:
+    """gamma* = argmax S(gamma) over 1..gamma_max, or autoregressive when max S <= 1. With
+    measured `trajectories`, S is replayed over them (replayed_speedup); else R6's i.i.d. S."""
+    if trajectories:
+        return _choose("speculative", lambda g: replayed_speedup(trajectories, g, c, verify_cost, catchup_cost),
+                       alpha, c, gamma_max)
     return _choose("speculative", lambda g: predicted_speedup(alpha, g, c, verify_cost), alpha, c, gamma_max)
 
 
