@@ -1,20 +1,25 @@
 """Speculative family vs autoregressive decoding on SmolLM2-135M-Instruct (ONNX Runtime), side by side.
 
     python benchmarks/speculative.py [--quick] [--draft-ratio 0.6 | --draft-layers 0 1 2 27 28 29]
-                                     [--draft-weights int8] [--draft-vocab 8192] --json OUT.json
+                                     [--draft-weights int8] [--draft-block 128] [--draft-symmetric]
+                                     [--draft-vocab 8192] --json OUT.json
 
 Compiles the embedded model with the `speculative` pass (a draft derived from the target: by
 default the target's own weights, a subnet from architecture search + reformation with
---draft-ratio, or a layer skip with --draft-layers; its ONNX graph with 8-bit weights and a head
-over the 8,192 most frequent calibration tokens unless --draft-weights fp32 / --draft-vocab 0;
+--draft-ratio, or a layer skip with --draft-layers; its ONNX graph with 8-bit weights in blocks
+of 128 without zero points and a head over the 8,192 most frequent calibration tokens unless
+--draft-weights fp32 / --draft-block / --no-draft-symmetric / --draft-vocab 0 say otherwise;
 fallback off so the rewritten loops are measured even when they do not pay), then, on
 continuations of real prompts (Austen, "Persuasion"), measures tokens/s of autoregressive,
-speculative, batch speculative, PEARL and stairs decoding at each temperature, in one run.
-Each row: measured speedup vs autoregressive, the cost model's predicted speedup (alpha and c
-measured on this backend at that temperature), the acceptance rate, and for greedy rows whether
-the tokens equal the autoregressive ones. PEARL's two workers get one ORT thread each (two cores
-here), and its prediction uses those workers' measured step times; the other methods use the
-artifact's session (all cores). Batch speculative uses the plan's number of candidates.
+speculative, batch speculative, PEARL and stairs decoding at each temperature, in one run,
+interleaved prompt by prompt. Each row: measured speedup vs autoregressive (the median of the
+per-prompt ratios), the cost model's predicted speedup (alpha and c measured on this backend at
+that temperature; speculative and stairs: the acceptance replayed over 4 prompts' trajectories),
+the acceptance rate, and for greedy rows whether the tokens equal the autoregressive ones.
+Speculative, batch speculative and stairs use the plan's gamma; PEARL the gamma its own round
+model picks for its workers, which get one ORT thread each (two cores here), priced with those
+workers' measured step times; the other methods use the artifact's session (all cores). Batch
+speculative uses the plan's number of candidates.
 """
 from __future__ import annotations
 
@@ -28,8 +33,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DRAFT_WEIGHTS, DRAFT_VOCAB = "int8", 8192  # the best draft measured here (docs/notes.md)
-DEFAULT_DRAFT = f"{{from_target: true, weights: {DRAFT_WEIGHTS}, vocab: {DRAFT_VOCAB}}}"
+# the best draft measured here (docs/notes.md): the target's own weights, 8-bit in blocks of 128
+# without zero points, and a head over the 8,192 most frequent calibration tokens
+DRAFT_WEIGHTS, DRAFT_BLOCK, DRAFT_SYMMETRIC, DRAFT_VOCAB = "int8", 128, True, 8192
+DEFAULT_DRAFT = (f"{{from_target: true, weights: {DRAFT_WEIGHTS}, block_size: {DRAFT_BLOCK}, "
+                 f"symmetric: {str(DRAFT_SYMMETRIC).lower()}, vocab: {DRAFT_VOCAB}}}")
 
 
 def compile_artifact(out: Path, draft: str, gamma_max: int) -> None:
@@ -78,7 +86,9 @@ def draft_spec(args) -> str:
     else:
         source = "from_target: true"
     vocab = f", vocab: {args.draft_vocab}" if args.draft_vocab else ""
-    return f"{{{source}, weights: {args.draft_weights}{vocab}}}"
+    layout = "" if args.draft_weights == "fp32" else \
+        f", block_size: {args.draft_block}, symmetric: {str(args.draft_symmetric).lower()}"
+    return f"{{{source}, weights: {args.draft_weights}{layout}{vocab}}}"
 
 
 def main() -> int:
@@ -94,6 +104,9 @@ def main() -> int:
                        "attention + MLP weights (search + reformation)")
     p.add_argument("--draft-weights", choices=["fp32", "int8", "int4"], default=DRAFT_WEIGHTS,
                    help="weight precision of the draft's ONNX graph (default int8)")
+    p.add_argument("--draft-block", type=int, default=DRAFT_BLOCK, help="quantisation block of the draft's weights")
+    p.add_argument("--draft-symmetric", action=argparse.BooleanOptionalAction, default=DRAFT_SYMMETRIC,
+                   help="draft weights without zero points")
     p.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB, help="the draft's head scores this many most "
                    "frequent calibration tokens (0: the whole vocabulary)")
     p.add_argument("--gamma-max", type=int, default=8)
@@ -127,63 +140,74 @@ def main() -> int:
     prompts = persuasion_prompts(art.tokenizer, args.prompts)
     gamma, candidates = int(plan["gamma"]), int(plan.get("num_candidates", 2))
     shared = {"prompt_kv_from_target": prompt_kv_from_target(plan)}  # as run_plan does
-    cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=range(2, gamma + 2))
-    v = cost.verify_cost[gamma + 1]
+    lengths = range(2, args.gamma_max + 2)
+    cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=lengths)
     # PEARL's workers run one thread each: predict with their own costs, in units of the
     # two-thread target step that autoregressive decoding takes
-    pearl_cost = cost_model.measure_cost_ratio(pearl_target, pearl_draft, prompts[0],
-                                               verify_lengths=range(2, gamma + 2))
+    pearl_cost = cost_model.measure_cost_ratio(pearl_target, pearl_draft, prompts[0], verify_lengths=lengths)
     pearl_slowdown = pearl_cost.target_step_seconds / cost.target_step_seconds
     rows = []
     for temp in args.temperatures:
         sampler = Sampler(temp) if temp > 0 else Sampler()
-        alpha = cost_model.estimate_alpha(target, draft, prompts[:4], sampler=sampler,  # 2 were too noisy
-                                          **shared).alpha
+        est = cost_model.estimate_alpha(target, draft, prompts[:4], sampler=sampler, **shared)  # 2 were too noisy
+        # each loop runs at the draft length its own cost model picks, as the pass would
+        pearl_choice = cost_model.choose_pearl_gamma(est.alpha, pearl_cost.cost_ratio, gamma_max=args.gamma_max,
+                                                     verify_cost=pearl_cost.verify, worker_slowdown=pearl_slowdown)
+        pearl_gamma = pearl_choice.gamma
+        replayed = cost_model.replayed_speedup(est.trajectories, gamma, cost.cost_ratio, cost.verify,
+                                               cost.catchup_cost)
         methods = {
-            "ar": (lambda pr, s: generate(target, pr, args.new_tokens, sampler=sampler, seed=s), 1.0),
+            "ar": (lambda pr, s: generate(target, pr, args.new_tokens, sampler=sampler, seed=s), 1.0, None),
             "speculative": (lambda pr, s: speculative_generate(target, draft, pr, args.new_tokens, gamma=gamma,
-                                                               sampler=sampler, seed=s, **shared),
-                            cost_model.predicted_speedup(alpha, gamma, cost.cost_ratio, v)),
+                                                               sampler=sampler, seed=s, **shared), replayed, gamma),
             "batch_speculative": (lambda pr, s: batch_speculative_generate(target, draft, pr, args.new_tokens,
                                                                            gamma=gamma, num_candidates=candidates,
                                                                            sampler=sampler, seed=s, **shared),
-                                  cost_model.batch_predicted_speedup(alpha, gamma, cost.cost_ratio, v, candidates)),
-            "pearl": (lambda pr, s: pearl_generate(pearl_target, pearl_draft, pr, args.new_tokens, gamma=gamma,
+                                  cost_model.batch_predicted_speedup(est.alpha, gamma, cost.cost_ratio,
+                                                                     cost.verify, candidates), gamma),
+            "pearl": (lambda pr, s: pearl_generate(pearl_target, pearl_draft, pr, args.new_tokens, gamma=pearl_gamma,
                                                    sampler=sampler, seed=s, **shared),
-                      cost_model.pearl_predicted_speedup(alpha, gamma, pearl_cost.cost_ratio,
-                                                         pearl_cost.verify_cost[gamma + 1]) / pearl_slowdown),
+                      pearl_choice.predicted_speedup, pearl_gamma),
         }
         if temp == 0:
             # stairs adapts its draft length; the prediction is plain speculative's at the plan's gamma
             methods["stairs"] = (lambda pr, s: stairs_generate(target, draft, pr, args.new_tokens, **shared),
-                                 cost_model.predicted_speedup(alpha, gamma, cost.cost_ratio, v))
-        ar_tokens, ar_rate = {}, None
-        for name, (run, predicted) in methods.items():
-            rates, accept, same = [], [], []
-            for i, prompt in enumerate(prompts):
+                                 replayed, None)
+        # interleaved: every method on a prompt before the next prompt, so a machine that speeds up
+        # or slows down during the run moves every column alike; speedups are medians of the
+        # per-prompt ratios to autoregressive decoding on that same prompt
+        rates = {name: [] for name in methods}
+        accept = {name: [] for name in methods}
+        same = {name: [] for name in methods}
+        for i, prompt in enumerate(prompts):
+            ar_tokens = None
+            for name, (run, _, _) in methods.items():
                 t = time.perf_counter()
                 result = run(prompt, i)
-                rates.append(len(result.tokens) / (time.perf_counter() - t))  # prefill included
-                accept.append(result.stats.get("acceptance_rate", float("nan")))
+                rates[name].append(len(result.tokens) / (time.perf_counter() - t))  # prefill included
+                accept[name].append(result.stats.get("acceptance_rate", float("nan")))
                 if name == "ar":
-                    ar_tokens[i] = result.tokens
+                    ar_tokens = result.tokens
                 elif temp == 0:
-                    same.append(result.tokens == ar_tokens[i])
-            rate = statistics.median(rates)
-            ar_rate = rate if name == "ar" else ar_rate
-            row = {"method": name, "temperature": temp, "tok_s": rate, "speedup_vs_ar": rate / ar_rate,
-                   "predicted_speedup": predicted, "acceptance": None if name == "ar" else statistics.median(accept),
-                   "identical_to_ar": (all(same) if same else True) if temp == 0 else None,
-                   "alpha_estimate": alpha, "cost_ratio": cost.cost_ratio, "gamma": gamma}
+                    same[name].append(result.tokens == ar_tokens)
+        for name, (_, predicted, g) in methods.items():
+            ratios = [r / a for r, a in zip(rates[name], rates["ar"])]
+            row = {"method": name, "temperature": temp, "tok_s": statistics.median(rates[name]),
+                   "speedup_vs_ar": statistics.median(ratios), "predicted_speedup": predicted,
+                   "acceptance": None if name == "ar" else statistics.median(accept[name]),
+                   "identical_to_ar": all(same[name]) if temp == 0 else None,
+                   "alpha_estimate": est.alpha, "cost_ratio": cost.cost_ratio, "gamma": g,
+                   "speedup_per_prompt": ratios}
             rows.append(row)
             pred = "-" if predicted is None else f"{predicted:.2f}"
-            print(f"T={temp:<4} {name:<18} {rate:7.2f} tok/s  x{row['speedup_vs_ar']:.2f} (predicted {pred})  "
-                  f"acceptance {row['acceptance'] if row['acceptance'] is None else round(row['acceptance'], 3)}  "
+            print(f"T={temp:<4} {name:<18} {row['tok_s']:7.2f} tok/s  x{row['speedup_vs_ar']:.2f} (predicted {pred})  "
+                  f"gamma {g}  acceptance {row['acceptance'] if row['acceptance'] is None else round(row['acceptance'], 3)}  "
                   f"identical {row['identical_to_ar']}", flush=True)
     protocol = {"model": "SmolLM2-135M-Instruct fp32", "backend": "onnxruntime CPU", "draft": draft_spec(args),
                 "prompts": len(prompts), "prompt_tokens": 48, "prompt_text": "austen:persuasion",
                 "new_tokens": args.new_tokens, "gamma": gamma, "num_candidates": candidates,
-                "cost_ratio": cost.cost_ratio, "verify_cost": v,
+                "cost_ratio": cost.cost_ratio, "verify_cost": cost.verify_cost, "catchup_cost": cost.catchup_cost,
+                "schedule": "interleaved: every method on a prompt, then the next prompt",
                 "pearl_workers": {"threads": 1, "cost_ratio": pearl_cost.cost_ratio,
                                   "target_step_vs_ar": pearl_slowdown},
                 "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "plan": plan}
