@@ -142,9 +142,10 @@ def main() -> int:
     shared = {"prompt_kv_from_target": prompt_kv_from_target(plan)}  # as run_plan does
     lengths = range(2, args.gamma_max + 2)
     cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=lengths)
-    # PEARL's workers run one thread each: predict with their own costs, in units of the
-    # two-thread target step that autoregressive decoding takes
-    pearl_cost = cost_model.measure_cost_ratio(pearl_target, pearl_draft, prompts[0], verify_lengths=lengths)
+    # PEARL's workers run one thread each, at once: predict with their own costs measured while
+    # both run, in units of the two-thread target step that autoregressive decoding takes
+    pearl_cost = cost_model.measure_cost_ratio(pearl_target, pearl_draft, prompts[0], verify_lengths=lengths,
+                                               concurrent=True)
     pearl_slowdown = pearl_cost.target_step_seconds / cost.target_step_seconds
     rows = []
     for temp in args.temperatures:

@@ -78,7 +78,7 @@ class Speculative(registry.Pass):
     version = 7  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused
     # drafts; 4: PEARL priced with its workers' threads; 5: a from_target draft adopts the prompt cache;
     # 6: alpha is measured that way, over 32 tokens per prompt; 7: gamma by replayed acceptance, c by
-    # paired timings
+    # paired timings, PEARL's workers timed while both run
     needs = ("calibration",)
 
     class Params(registry.Params):
@@ -202,11 +202,12 @@ class Speculative(registry.Pass):
         if self.params.strategy == "pearl":
             c, pearl_verify, slowdown = cost.cost_ratio, cost.verify, 1.0
             if workers is not None:
-                # PEARL's workers run at once, each on its share of the cores: price them that way
+                # PEARL's workers run at once, each on its share of the cores and each slowed by the
+                # other's use of the caches and memory bandwidth: price them that way
                 cores = os.cpu_count() or 2
                 threads = self.params.pearl_threads or [max(1, cores - cores // 2), max(1, cores // 2)]
                 with progress.step(f"speculative: PEARL workers' costs ({threads[0]}+{threads[1]} threads)"):
-                    worker_cost = cost_model.measure_cost_ratio(*workers(*threads), prompts[0],
+                    worker_cost = cost_model.measure_cost_ratio(*workers(*threads), prompts[0], concurrent=True,
                                                                 verify_lengths=range(2, self.params.gamma_max + 2))
                 c, pearl_verify = worker_cost.cost_ratio, worker_cost.verify
                 slowdown = worker_cost.target_step_seconds / cost.target_step_seconds

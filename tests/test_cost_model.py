@@ -117,6 +117,26 @@ def test_cost_ratio_is_measured_per_decode_step():
     assert 0.1 < m.catchup_cost < 0.5  # the draft's two-token call: one sleep of the draft, in target steps
 
 
+def test_concurrent_costs_time_each_model_while_the_other_decodes():
+    class Counting(Slow):
+        calls = 0
+
+        def extend(self, state, ids):
+            type(self).calls += 1
+            return super().extend(state, ids)
+
+    table = random_table(4, seed=0)
+    calls = {}
+    for concurrent in (False, True):
+        Counting.calls = 0
+        m = measure_cost_ratio(Slow(table, 0.010), Counting(table, 0.0025), [1, 2], steps=4, repeats=3,
+                               concurrent=concurrent)
+        calls[concurrent] = Counting.calls
+        assert 0.1 < m.cost_ratio < 0.5  # sleeps do not contend for the machine: c is unchanged
+    # timing the target (3 repeats x 4 steps of 10 ms) kept the draft busy for ~120 ms more
+    assert calls[True] > calls[False] + 20
+
+
 def test_vocabulary_mismatch_is_a_usage_error():
     with pytest.raises(UsageError, match="vocabulary"):
         estimate_alpha(TableModel(random_table(4, seed=0)), TableModel(random_table(5, seed=0)), [[1]])

@@ -42,6 +42,8 @@ own rounds and draft calls exactly.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -180,22 +182,52 @@ def _call_seconds(model: StepModel, prompt: Sequence[int], lengths: Sequence[int
     return seconds
 
 
+@contextlib.contextmanager
+def _busy(model: StepModel | None, prompt: Sequence[int], steps: int):
+    """While the block runs, `model` keeps decoding on a thread of its own: the other PEARL
+    worker, which shares the machine's cores, caches and memory bandwidth with the timed one."""
+    if model is None:
+        yield
+        return
+    timer, stop = _decode_timer(model, prompt, steps), threading.Event()
+
+    def keep_decoding() -> None:
+        while not stop.is_set():
+            timer()
+    worker = threading.Thread(target=keep_decoding, daemon=True)
+    worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        worker.join()
+
+
 def measure_cost_ratio(target: StepModel, draft: StepModel, prompt: Sequence[int], *, steps: int = TIMING_STEPS,
-                       repeats: int = TIMING_REPEATS, verify_lengths: Sequence[int] = ()) -> CostMeasurement:
+                       repeats: int = TIMING_REPEATS, verify_lengths: Sequence[int] = (),
+                       concurrent: bool = False) -> CostMeasurement:
     """Time one-token decode steps of both models on this backend (medians), the draft's
     two-token catch-up call, and optionally the target scoring k tokens in one call for each k
-    in `verify_lengths`."""
+    in `verify_lengths`. concurrent: time each model while the other one decodes on another
+    thread, as PEARL's workers run (on a small CPU they slow each other down)."""
     check_pair(target, draft)
     timers = _decode_timer(target, prompt, steps), _decode_timer(draft, prompt, steps)
     for timer in timers:  # untimed: a fresh session's first one-token calls allocate and pack
         timer()
+    other = {id(target): draft if concurrent else None, id(draft): target if concurrent else None}
+
+    def timed(model: StepModel, timer: Callable[[], float]) -> float:
+        with _busy(other[id(model)], prompt, steps):
+            return timer()
     # the two models alternate, so a neighbour that slows the machine for a while slows both:
     # c is the median of paired ratios, not a ratio of medians taken minutes apart
-    pairs = [(timers[0](), timers[1]()) for _ in range(repeats)]
+    pairs = [(timed(target, timers[0]), timed(draft, timers[1])) for _ in range(repeats)]
     t_step, d_step = (float(np.median(column)) for column in zip(*pairs))
     c = float(np.median([d / t for t, d in pairs]))
-    catchup = _call_seconds(draft, prompt, [2], repeats)[2] / t_step
-    verify = {k: s / t_step for k, s in _call_seconds(target, prompt, verify_lengths, repeats).items()}
+    with _busy(other[id(draft)], prompt, steps):
+        catchup = _call_seconds(draft, prompt, [2], repeats)[2] / t_step
+    with _busy(other[id(target)], prompt, steps):
+        verify = {k: s / t_step for k, s in _call_seconds(target, prompt, verify_lengths, repeats).items()}
     return CostMeasurement(c, t_step, d_step, verify, catchup)
 
 
