@@ -68,6 +68,7 @@ def _worker(artifact: str, backend: str, prompt_tokens: int, new_tokens: int, ro
     from accelc.decoding.plan import run_plan
 
     art = Artifact(artifact)
+    plan = art.plan_for(backend)
     t0 = time.perf_counter()
     model, draft = art.decode_pair(backend)
     load_s = time.perf_counter() - t0
@@ -79,13 +80,14 @@ def _worker(artifact: str, backend: str, prompt_tokens: int, new_tokens: int, ro
         prefill.append(result.prefill_seconds * 1e3)
         decode.append(result.decode_tokens_per_second)
         if draft is not None:  # the artifact's rewritten loop, on the same prompt and length
-            rewritten = run_plan(art.plan, model, draft, ids, new_tokens)
+            rewritten = run_plan(plan, model, draft, ids, new_tokens)
             plan_decode.append(rewritten.decode_tokens_per_second)
             plan_stats.append(rewritten.stats)
     out = {"backend": backend, "load_s": load_s, "prefill_ms": prefill, "decode_tok_s": decode,
            "peak_rss_mb": peak_rss_mb()}
     if draft is not None:
         out.update(plan_decode_tok_s=plan_decode, plan_stats=plan_stats)
+    out["plan_strategy"] = plan["strategy"]
     return out
 
 
@@ -133,7 +135,10 @@ def bench(artifact: Path, spec, backends: list[str] | None = None) -> dict:
                 plan_decode_tok_s_median=statistics.median(plan_rates),
                 plan_speedup_vs_autoregressive=statistics.median(plan_rates) / rows[backend]["decode_tok_s_median"],
                 plan_acceptance_rate=statistics.median(s.get("acceptance_rate", float("nan")) for s in stats),
-                plan_mean_accepted_length=statistics.median(s.get("mean_accepted_length", float("nan")) for s in stats))
+                plan_mean_accepted_length=statistics.median(s.get("mean_accepted_length", float("nan")) for s in stats),
+                plan_target_calls=statistics.median(s["target_calls"] for s in stats),
+                plan_draft_calls=statistics.median(s["draft_calls"] for s in stats))
+        rows[backend]["plan_strategy"] = runs[0].get("plan_strategy")
     base = rows["torch"]
     for row in rows.values():
         row["decode_speedup_vs_torch"] = row["decode_tok_s_median"] / base["decode_tok_s_median"]

@@ -69,8 +69,10 @@ def cmd_run(args) -> int:
     from accelc.runtime.artifact import Artifact
 
     art = Artifact(args.artifact)
-    plan = art.plan
     backend = args.backend or ("ort" if "ort" in art.backends() else "torch")
+    plan = art.plan_for(backend)
+    if "planned_strategy" in plan:
+        progress.status(plan["reason"])
     target, draft = art.decode_pair(backend)
     tok = art.tokenizer
     ids = encode_prompt(tok, args.prompt, plan.get("chat_template", True) and not args.raw)
@@ -152,6 +154,19 @@ def cmd_bench(args) -> int:
     for name, r in result["backends"].items():
         print(f"{name:<8} {r['prefill_ms_median']:>11.1f} {r['decode_tok_s_median']:>13.2f} "
               f"{r['decode_speedup_vs_torch']:>8.2f} {r['peak_rss_mb_median']:>9.0f}")
+    rewritten = {name: r for name, r in result["backends"].items() if "plan_decode_tok_s_median" in r}
+    if rewritten or art.plan.get("strategy") not in ("greedy", "sample"):
+        # the decode plan's loop against plain greedy decoding, same prompt, same worker
+        print(f"\ndecode plan '{art.plan.get('strategy')}' (greedy, same prompt):")
+        print(f"{'backend':<8} {'tok/s':>8} {'x plain':>8} {'acceptance':>11} {'accepted/round':>15} "
+              f"{'target calls':>13} {'draft calls':>12}")
+        for name, r in result["backends"].items():
+            if name not in rewritten:
+                print(f"{name:<8} decodes plainly ({r.get('plan_strategy')}): no draft on this backend")
+                continue
+            print(f"{name:<8} {r['plan_decode_tok_s_median']:>8.2f} {r['plan_speedup_vs_autoregressive']:>8.2f} "
+                  f"{r['plan_acceptance_rate']:>11.3f} {r['plan_mean_accepted_length']:>15.2f} "
+                  f"{r['plan_target_calls']:>13.0f} {r['plan_draft_calls']:>12.0f}")
     progress.status(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

@@ -116,6 +116,7 @@ def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
                 "warnings": [],
             }
             writer.write_json("manifest.json", manifest)  # provisional: the runtime opens the tree
+            manifest["warnings"] += _plan_coverage(writer.tmp)
             metrics, reports_ok = prove(writer.tmp, recipe, manifest)
             manifest["metrics"] = metrics
             manifest["seconds"] = round(time.perf_counter() - started, 1)
@@ -136,6 +137,19 @@ def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
     return manifest
 
 
+def _plan_coverage(directory: Path) -> list[str]:
+    """Warn about the backends on which a rewritten loop cannot run (no draft there): they decode
+    autoregressively (Artifact.plan_for), which a deployment on them should know."""
+    from accelc.runtime.artifact import Artifact
+
+    art = Artifact(directory)
+    plain = {b: art.plan_for(b) for b in art.backends()}
+    plain = {b: p["reason"] for b, p in plain.items() if "planned_strategy" in p}
+    for reason in plain.values():
+        progress.status(reason)
+    return list(plain.values())
+
+
 def prove(directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
     """Validation, evaluation and benchmark of a (provisional) artifact; writes reports/."""
     from accelc.runtime.artifact import Artifact
@@ -154,11 +168,13 @@ def prove(directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
     from accelc.validation import validate, validate_plan
 
     report = validate(torch_model, tokenizer, step_models, recipe.eval.parity)
-    if "draft" in art.roles():
-        # the draft's graphs are lowered too: hold them to the same parity against the torch draft,
-        # except a compressed draft graph (8/4-bit weights, truncated head), which differs by
-        # design; output never depends on draft numerics, and the decode plan is checked below
-        compressed = manifest["graph_meta"].get("draft", {}).get("compression")
+    # the draft's graphs are lowered too: hold them to the same parity against the torch draft,
+    # except a compressed draft graph (8/4-bit weights, truncated head), which differs by design;
+    # output never depends on draft numerics, and the decode plan is checked below
+    compressed = manifest["graph_meta"].get("draft", {}).get("compression")
+    if "draft" not in art.roles() and compressed:  # made from the target's own weights: no torch draft
+        report["draft"] = {"not_compared": {"ort": f"compressed draft graph of the target's weights: {compressed}"}}
+    elif "draft" in art.roles():
         drafts = {b: art.step_model(b, "draft") for b in lowered if not (compressed and b == "ort")}
         report["draft"] = validate(art.torch_model("draft"), tokenizer, drafts, recipe.eval.parity)
         if compressed:
@@ -197,9 +213,9 @@ def prove(directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
         result = bench(directory, bench_spec)
         (reports / "bench.json").write_text(json.dumps(result, indent=2))
         plot(result, reports / "bench.png")
-        metrics["bench"] = {b: {k: r[k] for k in ("prefill_ms_median", "decode_tok_s_median", "peak_rss_mb_median",
-                                                  "decode_speedup_vs_torch")}
-                            for b, r in result["backends"].items()}
+        keys = ("prefill_ms_median", "decode_tok_s_median", "peak_rss_mb_median", "decode_speedup_vs_torch",
+                "plan_decode_tok_s_median", "plan_speedup_vs_autoregressive", "plan_acceptance_rate")
+        metrics["bench"] = {b: {k: r[k] for k in keys if k in r} for b, r in result["backends"].items()}
     return metrics, True
 
 

@@ -103,16 +103,18 @@ def validate_plan(art, cases: list[dict], eos: tuple[int, ...]) -> dict:
 
     rows = {}
     for backend in art.backends():
+        plan = art.plan_for(backend)  # plain decoding where the backend holds no draft
         target, draft = art.decode_pair(backend)
         checks = []
         for case in cases:
             ids = list(art.tokenizer(case["prompt"])["input_ids"])
-            with progress.step(f"validate: decode plan '{art.plan['strategy']}' on {backend}"):
-                got = run_plan(art.plan, target, draft, ids, len(case["expected_tokens"]), eos_ids=eos,
+            with progress.step(f"validate: decode plan '{plan['strategy']}' on {backend}"):
+                got = run_plan(plan, target, draft, ids, len(case["expected_tokens"]), eos_ids=eos,
                                sampler=Sampler())
             checks.append({"prompt": case["prompt"], "tokens": got.tokens, "match": got.tokens == case["expected_tokens"],
                            "stats": got.stats})
-        rows[backend] = {"verdict": "pass" if all(c["match"] for c in checks) else "fail", "cases": checks}
+        rows[backend] = {"verdict": "pass" if all(c["match"] for c in checks) else "fail", "strategy": plan["strategy"],
+                         **({"reason": plan["reason"]} if "planned_strategy" in plan else {}), "cases": checks}
     return {"strategy": art.plan["strategy"], "check": "greedy tokens equal transformers.generate",
             "verdict": "pass" if all(r["verdict"] == "pass" for r in rows.values()) else "fail", "backends": rows}
 

@@ -75,10 +75,11 @@ class Speculative(registry.Pass):
     """Speculative decoding plan: draft model, measured alpha and cost ratio, gamma by predicted speedup."""
 
     name = "speculative"
-    version = 7  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused
+    version = 8  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused
     # drafts; 4: PEARL priced with its workers' threads; 5: a from_target draft adopts the prompt cache;
     # 6: alpha is measured that way, over 32 tokens per prompt; 7: gamma by replayed acceptance, c by
-    # paired timings, PEARL's workers timed while both run
+    # paired timings, PEARL's workers timed while both run; 8: a from_target draft is carried only
+    # as its compressed graph, and the plan names the draft's source
     needs = ("calibration",)
 
     class Params(registry.Params):
@@ -146,7 +147,13 @@ class Speculative(registry.Pass):
             plan["draft_prompt_kv"] = "target"
         if plan["fallback"]:
             return bundle.evolve(plan={**bundle.plan, **plan})
-        return bundle.evolve(draft_dir=draft_dir, plan={**bundle.plan, **plan}, graphs={**bundle.graphs, **graphs},
+        plan["draft_source"] = next(k for k in ("path", "keep_layers", "subnet_ratio", "from_target")
+                                    if getattr(self.params.draft, k) not in (None, False))
+        # a draft made from the target's own weights differs from it only in its compressed graph:
+        # as a torch checkpoint (or a TVM library) it would be the target itself, a draft that only
+        # adds work, so the bundle carries no draft checkpoint and those backends decode plainly
+        checkpoint = None if self.params.draft.from_target else draft_dir
+        return bundle.evolve(draft_dir=checkpoint, plan={**bundle.plan, **plan}, graphs={**bundle.graphs, **graphs},
                              graph_meta={**bundle.graph_meta, **metas})
 
     def _draft_graph(self, bundle, draft_model, draft_dir, ctx):

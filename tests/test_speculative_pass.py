@@ -131,10 +131,14 @@ def test_compressed_self_draft_int8_weights_and_truncated_head(cli, tiny_recipe,
     code, _, err = cli("compile", recipe, "-o", out)
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
-    tvm = manifest["targets"][0]["runtime"]["tvm"]
-    assert tvm["dirs"]["draft"] == tvm["dirs"]["target"]  # the same weights are lowered once
-    # ... and mean the same keys and values: the draft starts from the target's prompt cache
-    assert json.loads((out / "decode" / "plan.json").read_text())["draft_prompt_kv"] == "target"
+    # the draft is the target's own weights: it exists only as its compressed graph, so torch and
+    # TVM (where it would be the target itself) carry none and decode plainly, and say so
+    assert "draft" not in manifest["targets"][0]["runtime"]["tvm"]["dirs"]
+    assert not any(f.startswith("model/draft_hf/") for f in manifest["files"])
+    assert sorted(w.split("'")[1] for w in manifest["warnings"] if "has no draft" in w) == ["torch", "tvm"]
+    # its keys and values mean the target's: the draft starts from the target's prompt cache
+    plan = json.loads((out / "decode" / "plan.json").read_text())
+    assert plan["draft_prompt_kv"] == "target" and plan["draft_source"] == "from_target"
     assert "int8" in manifest["graph_meta"]["draft"]["compression"]
     assert "head scores" in manifest["graph_meta"]["draft"]["compression"]
     graph = onnx.load(str(out / "model" / "onnx" / "draft.onnx"), load_external_data=False).graph
@@ -151,9 +155,12 @@ def test_compressed_self_draft_int8_weights_and_truncated_head(cli, tiny_recipe,
     report = json.loads((out / "reports" / "validation.json").read_text())
     assert report["draft"]["not_compared"]["ort"].startswith("compressed draft graph")
     assert report["decode_plan"]["verdict"] == "pass" and report["verdict"] == "pass"
-    assert set(report["decode_plan"]["backends"]) == {"torch", "ort", "tvm"}
+    ran = {b: r["strategy"] for b, r in report["decode_plan"]["backends"].items()}
+    assert ran == {"torch": "greedy", "ort": "speculative", "tvm": "greedy"}
     code, _, err = cli("run", out, "--prompt", "Hello", "--raw", "--max-new-tokens", 10)
     assert code == 0 and "[speculative]" in err
+    code, _, err = cli("run", out, "--prompt", "Hello", "--raw", "--max-new-tokens", 10, "--backend", "tvm")
+    assert code == 0 and "[greedy]" in err and "has no draft for the 'speculative' plan" in err
 
 
 @pytest.mark.parametrize("draft, placed_after_export, message", [
@@ -186,3 +193,33 @@ def test_pearl_plan_prices_and_runs_its_workers_on_their_share_of_the_cores(cli,
     target, draft = Artifact(out).decode_pair("ort")
     assert [m.session.get_session_options().intra_op_num_threads for m in (target, draft)] == [1, 1]
     assert json.loads((out / "reports" / "validation.json").read_text())["decode_plan"]["verdict"] == "pass"
+
+
+@pytest.mark.parametrize("plan, tvm_dirs, expected", [
+    # a draft of its own on every backend: the plan runs everywhere
+    ({"strategy": "stairs", "draft_source": "path"}, {"target": "tvm/target", "draft": "tvm/draft"},
+     {"torch": "stairs", "ort": "stairs", "tvm": "stairs"}),
+    # made from the target's weights by an older accelc: torch's and TVM's "draft" is the target itself
+    ({"strategy": "speculative", "draft_prompt_kv": "target"}, {"target": "tvm/target", "draft": "tvm/target"},
+     {"torch": "greedy", "ort": "speculative", "tvm": "greedy"}),
+    # a sampling plan falls back to sampling, not to greedy decoding
+    ({"strategy": "pearl", "sampling": True, "draft_source": "from_target"}, {"target": "tvm/target"},
+     {"torch": "sample", "ort": "pearl", "tvm": "sample"}),
+])
+def test_a_backend_without_the_draft_decodes_plainly_and_says_why(tmp_path, plan, tvm_dirs, expected):
+    from accelc.runtime.artifact import HF_DIRS, Artifact
+
+    for rel in HF_DIRS.values():
+        (tmp_path / rel).mkdir(parents=True)
+        (tmp_path / rel / "config.json").write_text("{}")
+    runtime = {"ort": {"graphs": {"target": "decoder", "draft": "draft"}, "session": {}}, "tvm": {"dirs": tvm_dirs}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"targets": [{"kind": "cpu", "dir": "targets/cpu",
+                                                                     "runtime": runtime}]}))
+    (tmp_path / "decode").mkdir()
+    (tmp_path / "decode" / "plan.json").write_text(json.dumps(plan))
+    art = Artifact(tmp_path)
+    ran = {b: art.plan_for(b) for b in ("torch", "ort", "tvm")}
+    assert {b: p["strategy"] for b, p in ran.items()} == expected
+    for p in ran.values():
+        if p["strategy"] != plan["strategy"]:
+            assert p["planned_strategy"] == plan["strategy"] and "runs on: ort" in p["reason"]

@@ -10,6 +10,7 @@ import os
 from functools import cached_property
 from pathlib import Path
 
+from accelc.decoding.plan import NEEDS_DRAFT
 from accelc.errors import UsageError
 
 MANIFEST = "manifest.json"
@@ -99,11 +100,42 @@ class Artifact:
             return TVMStepModel(entry["dir"] / cfg["dirs"][role])
         raise UsageError(f"backend '{backend}' has no runtime loader in this accelc version")
 
+    def has_draft(self, backend: str) -> bool:
+        """Whether `backend` holds a draft model that differs from the target.
+
+        A draft compressed from the target's own weights (`draft_source: from_target`) exists only
+        as its ONNX graph; artifacts of older accelc versions carried it on torch and TVM as the
+        target's own weights too (TVM: the target's library), which is no draft at all."""
+        entry = self.backends().get(backend)
+        if entry is None:
+            return False
+        plan = self.plan
+        from_target = plan.get("draft_source") == "from_target" or plan.get("draft_prompt_kv") == "target"
+        if backend == "torch":
+            return "draft" in self.roles() and not from_target
+        if backend == "ort":
+            return "draft" in entry["runtime"].get("graphs", {})
+        dirs = entry["runtime"].get("dirs", {})
+        return "draft" in dirs and dirs["draft"] != dirs.get("target")
+
+    def plan_for(self, backend: str) -> dict:
+        """The decode plan as it runs on `backend`: a rewritten loop where the backend holds the
+        plan's draft; elsewhere plain decoding (greedy, or sampling when the plan samples), with the
+        planned strategy and the reason recorded."""
+        plan = self.plan
+        if plan.get("strategy") not in NEEDS_DRAFT or self.has_draft(backend):
+            return plan
+        where = [b for b in self.backends() if self.has_draft(b)]
+        return {**plan, "strategy": "sample" if plan.get("sampling") else "greedy", "planned_strategy": plan["strategy"],
+                "reason": f"backend '{backend}' has no draft for the '{plan['strategy']}' plan (it runs on: "
+                          f"{', '.join(where) or 'no backend of this artifact'}), so it decodes autoregressively"}
+
     def decode_pair(self, backend: str):
-        """(target, draft or None) step models for the decode plan on `backend`."""
-        needs_draft = self.plan.get("strategy") in ("speculative", "batch_speculative", "pearl", "stairs")
+        """(target, draft or None) step models for `plan_for(backend)`."""
+        plan = self.plan_for(backend)
         # PEARL runs target and draft at once: on ORT each gets the share of cores it was planned with
-        workers = self.plan.get("worker_threads") if self.plan.get("strategy") == "pearl" and backend == "ort" else None
+        workers = plan.get("worker_threads") if plan.get("strategy") == "pearl" and backend == "ort" else None
         threads = workers or {}
         target = self.step_model(backend, threads=threads.get("target"))
+        needs_draft = plan.get("strategy") in NEEDS_DRAFT
         return target, (self.step_model(backend, "draft", threads=threads.get("draft")) if needs_draft else None)
