@@ -171,9 +171,10 @@ def main() -> int:
                       pearl_choice.predicted_speedup, pearl_gamma),
         }
         if temp == 0:
-            # stairs adapts its draft length; the prediction is plain speculative's at the plan's gamma
-            methods["stairs"] = (lambda pr, s: stairs_generate(target, draft, pr, args.new_tokens, **shared),
-                                 replayed, None)
+            # stairs adapts its draft length, starting from the plan's gamma as run_plan does; the
+            # prediction is plain speculative's at that gamma
+            methods["stairs"] = (lambda pr, s: stairs_generate(target, draft, pr, args.new_tokens, candidates=gamma,
+                                                               **shared), replayed, gamma)
         # interleaved: every method on a prompt before the next prompt, so a machine that speeds up
         # or slows down during the run moves every column alike; speedups are medians of the
         # per-prompt ratios to autoregressive decoding on that same prompt

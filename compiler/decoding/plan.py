@@ -61,4 +61,5 @@ def run_plan(plan: Mapping[str, Any], target, draft, prompt: Sequence[int], max_
 
     if sampler.temperature != 0.0:
         raise UsageError("the stairs strategy is greedy only: set temperature 0 or choose another strategy")
-    return stairs_generate(target, draft, prompt, max_new_tokens, eos_ids=eos_ids, **shared)
+    # the plan's gamma (the best fixed draft length) is where the assistant's adaptive schedule starts
+    return stairs_generate(target, draft, prompt, max_new_tokens, candidates=gamma, eos_ids=eos_ids, **shared)

@@ -16,7 +16,8 @@ Two validations give the same m_0..m_n:
 every StepModel does; a model object can opt out with `all_position_logits = False`.
 
 The assistant's batch size n adapts as HF assisted generation does (algorithms.md 6, [recall]):
-start at 5, +2 after a round where all were accepted, else -1 (never below 1).
+start at `candidates` (HF's 5 by default; a decode plan starts it at its gamma), +2 after a round
+where all were accepted, else -1 (never below 1).
 """
 from __future__ import annotations
 
