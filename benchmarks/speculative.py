@@ -122,7 +122,7 @@ def main() -> int:
     from accelc.decoding.pearl import pearl_generate
     from accelc.decoding.plan import prompt_kv_from_target
     from accelc.decoding.speculative import speculative_generate
-    from accelc.decoding.stairs import stairs_generate
+    from accelc.decoding.stairs import next_candidates, stairs_generate
     from accelc.runtime.artifact import Artifact
     from accelc.runtime.ort_backend import OrtStepModel
 
@@ -171,10 +171,11 @@ def main() -> int:
                       pearl_choice.predicted_speedup, pearl_gamma),
         }
         if temp == 0:
-            # stairs adapts its draft length, starting from the plan's gamma as run_plan does; the
-            # prediction is plain speculative's at that gamma
+            # stairs adapts its draft length, starting from the plan's gamma as run_plan does
+            stairs = cost_model.replayed_speedup(est.trajectories, gamma, cost.cost_ratio, cost.verify,
+                                                 cost.catchup_cost, schedule=next_candidates)
             methods["stairs"] = (lambda pr, s: stairs_generate(target, draft, pr, args.new_tokens, candidates=gamma,
-                                                               **shared), replayed, gamma)
+                                                               **shared), stairs, gamma)
         # interleaved: every method on a prompt before the next prompt, so a machine that speeds up
         # or slows down during the run moves every column alike; speedups are medians of the
         # per-prompt ratios to autoregressive decoding on that same prompt

@@ -79,7 +79,7 @@ class Speculative(registry.Pass):
     # drafts; 4: PEARL priced with its workers' threads; 5: a from_target draft adopts the prompt cache;
     # 6: alpha is measured that way, over 32 tokens per prompt; 7: gamma by replayed acceptance, c by
     # paired timings, PEARL's workers timed while both run; 8: a from_target draft is carried only
-    # as its compressed graph, and the plan names the draft's source
+    # as its compressed graph, the plan names the draft's source, stairs is replayed with its schedule
     needs = ("calibration",)
 
     class Params(registry.Params):
@@ -227,9 +227,14 @@ class Speculative(registry.Pass):
                                              verify_cost=cost.verify)
         else:  # one draft sequence a round: replay the measured acceptance through the loop
             prediction = "acceptance replayed over the calibration continuations (cost_model.replayed_speedup)"
+            schedule = None
+            if self.params.strategy == "stairs":  # gamma is where its adaptive draft length starts
+                from accelc.decoding.stairs import next_candidates as schedule
+
+                prediction += ", with stairs' adaptive draft length"
             choice = cost_model.choose_gamma(alpha.alpha, cost.cost_ratio, gamma_max=self.params.gamma_max,
                                              verify_cost=cost.verify, trajectories=alpha.trajectories,
-                                             catchup_cost=cost.catchup_cost)
+                                             catchup_cost=cost.catchup_cost, schedule=schedule)
         fallback = choice.method == "autoregressive" and self.params.fallback
         reason = choice.reason if fallback or choice.method != "autoregressive" else \
             f"{choice.reason}; the recipe disabled the fallback, so {self.params.strategy} is used anyway"

@@ -193,6 +193,27 @@ def test_greedy_replay_prices_the_loops_own_rounds_and_calls(gamma):
     assert replayed_speedup(est.trajectories, gamma, c, 1.0, catchup_cost=c2) == pytest.approx(positions / cost)
 
 
+@pytest.mark.parametrize("start", [1, 3, 5])
+def test_greedy_replay_of_the_stairs_schedule_prices_its_rounds_and_calls(start):
+    """The same exact count for stairs, whose draft length moves every round (next_candidates)."""
+    from accelc.decoding.stairs import next_candidates, stairs_generate
+
+    target = TableModel(random_table(8, seed=5))
+    draft = TableModel(noisy(target.table, seed=6, sigma=0.5))
+    prompts, new_tokens, c, c2 = [[1, 2], [4], [6, 0, 3]], 48, 0.25, 0.4
+    est = estimate_alpha(target, draft, prompts, new_tokens=new_tokens)
+    positions = cost = 0.0
+    for prompt in prompts:
+        stats = stairs_generate(target, draft, prompt, new_tokens, candidates=start).stats
+        one_token_calls = stats["draft_calls"] - 1
+        catchups = stats["draft_tokens_fed"] - len(prompt) - one_token_calls
+        positions += new_tokens - 1
+        cost += stats["rounds"] + c * stats["drafted"] + (c2 - c) * catchups
+    replayed = replayed_speedup(est.trajectories, start, c, 1.0, catchup_cost=c2, schedule=next_candidates)
+    assert replayed == pytest.approx(positions / cost)
+    assert replayed != pytest.approx(replayed_speedup(est.trajectories, start, c, 1.0, catchup_cost=c2))
+
+
 def test_replayed_gamma_choice_follows_bursty_acceptance():
     # the same mean acceptance, 0.9, in runs of 9 agreements and a miss: a draft of 9 tokens
     # fits every run exactly, while the i.i.d. model prices each draft as a fresh 0.9 coin

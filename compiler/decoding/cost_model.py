@@ -257,27 +257,39 @@ def predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: VerifyCos
     return expected_accepted_length(alpha, gamma) / (gamma * c + _v(verify_cost, gamma))
 
 
+Schedule = Callable[[int, bool], int]  # a draft length's next value, from it and "every draft was accepted"
+
+
 def replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: float,
-                     verify_cost: VerifyCost = 1.0, catchup_cost: float | None = None) -> float:
+                     verify_cost: VerifyCost = 1.0, catchup_cost: float | None = None,
+                     schedule: Schedule | None = None) -> float:
     """Speculative decoding's speedup replayed over measured acceptance (see the module doc):
     `trajectories` holds beta per position (AlphaEstimate.trajectories), `catchup_cost` the
-    draft's two-token call in target steps (None: priced as one step, c)."""
+    draft's two-token call in target steps (None: priced as one step, c). `schedule`: how the
+    draft length moves between rounds (stairs' adaptive one, starting at gamma); None keeps gamma."""
     _check(0.0, gamma, c)
     extra = 0.0 if catchup_cost is None else max(float(catchup_cost) - c, 0.0)
     positions = cost = 0.0
     for trajectory in trajectories:
         beta = np.clip(np.asarray(trajectory, dtype=np.float64), 0.0, 1.0)
         n = beta.size
-        after = np.zeros((n + gamma + 2, 2))  # after[i, f] = T(i, f); zero past the last position
+        # a length past the positions left drafts as much as a shorter one: cap lengths at n
+        top = max(gamma, n)
+        lengths = [gamma] if schedule is None else range(1, top + 1)
+        after = np.zeros((n + 1, top + 1, 2))  # after[i, length, f] = T(i, f) at that draft length
         for i in range(n - 1, -1, -1):
-            g = min(gamma, n - i - 1)  # the loop never drafts past the token budget
-            b = beta[i:i + g]
-            run = np.cumprod(np.concatenate(([1.0], b)))  # run[a] = P(the first a drafts accepted)
-            rest = float(np.dot(run[:-1] * (1.0 - b), after[i + 1:i + g + 1, 0])) + run[g] * after[i + g + 1, 1]
-            base = (g * c + _v(verify_cost, g) if g else 1.0) + rest  # g = 0: the target's own step
-            after[i] = (base, base + (extra if g else 0.0))  # no draft call, no catch-up
+            for length in lengths:
+                g = min(length, n - i - 1)  # the loop never drafts past the token budget
+                shorter, longer = ((length, length) if schedule is None else
+                                   (min(schedule(length, False), top), min(schedule(length, True), top)))
+                b = beta[i:i + g]
+                run = np.cumprod(np.concatenate(([1.0], b)))  # run[a] = P(the first a drafts accepted)
+                rest = (float(np.dot(run[:-1] * (1.0 - b), after[i + 1:i + g + 1, shorter, 0]))
+                        + run[g] * after[i + g + 1, longer, 1])
+                base = (g * c + _v(verify_cost, g) if g else 1.0) + rest  # g = 0: the target's own step
+                after[i, length] = (base, base + (extra if g else 0.0))  # no draft call, no catch-up
         positions += n
-        cost += after[0, 0]
+        cost += after[0, gamma, 0]
     if cost <= 0.0:
         raise UsageError("replaying speculative decoding needs at least one measured position")
     return positions / cost
@@ -341,12 +353,14 @@ def _choose(name: str, speedup: Callable[[int], float], alpha: float, c: float, 
 
 
 def choose_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX, verify_cost: VerifyCost = 1.0,
-                 trajectories: Sequence[Sequence[float]] = (), catchup_cost: float | None = None) -> GammaChoice:
+                 trajectories: Sequence[Sequence[float]] = (), catchup_cost: float | None = None,
+                 schedule: Schedule | None = None) -> GammaChoice:
     """gamma* = argmax S(gamma) over 1..gamma_max, or autoregressive when max S <= 1. With
-    measured `trajectories`, S is replayed over them (replayed_speedup); else R6's i.i.d. S."""
+    measured `trajectories`, S is replayed over them (replayed_speedup; with a `schedule`, gamma
+    is where the draft length starts); else R6's i.i.d. S."""
     if trajectories:
-        return _choose("speculative", lambda g: replayed_speedup(trajectories, g, c, verify_cost, catchup_cost),
-                       alpha, c, gamma_max)
+        return _choose("speculative", lambda g: replayed_speedup(trajectories, g, c, verify_cost, catchup_cost,
+                                                                 schedule), alpha, c, gamma_max)
     return _choose("speculative", lambda g: predicted_speedup(alpha, g, c, verify_cost), alpha, c, gamma_max)
 
 

@@ -37,6 +37,12 @@ SHRINK_ON_REJECT = 1     # ... and -1 otherwise
 VALIDATIONS = ("auto", "single", "staircase")
 
 
+def next_candidates(n: int, all_accepted: bool) -> int:
+    """The assistant's next batch size: +2 after a round that accepted every candidate, else -1
+    (never below 1). cost_model.replayed_speedup replays the same schedule."""
+    return n + GROW_ON_FULL_ACCEPT if all_accepted else max(1, n - SHRINK_ON_REJECT)
+
+
 def staircase_predictions(cursor: ModelCursor, tokens: list[int], drafts: list[int]):
     """m_0..m_n from n + 1 staircase rows, each read from its last position only.
 
@@ -98,7 +104,7 @@ def stairs_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], 
             tgt.reset(states[k], tokens + drafts[:k], rows[k])
         dft.rollback(n + k)
         if adaptive:
-            n_assist = n_assist + GROW_ON_FULL_ACCEPT if k == g else max(1, n_assist - SHRINK_ON_REJECT)
+            n_assist = next_candidates(n_assist, k == g)
         stats.rounds += 1
         stats.drafted += g
         before = len(tokens)
