@@ -38,7 +38,9 @@ is the expected cost (in target steps) of committing positions i.. when the prev
 accepted everything (f = 1: the draft's first call then feeds two tokens, the last draft and
 the bonus token, at the measured cost c2). S = positions / T(0, 0). With constant beta = alpha
 and c2 = c this is R6's S(gamma) again (tests/test_cost_model.py); greedy, it counts the loop's
-own rounds and draft calls exactly.
+own rounds and draft calls exactly. A loop whose draft length moves between rounds (stairs:
++2 after a fully accepted round, else -1) adds the length to the state: T(i, l, f), the next
+round at schedule(l, a == g); gamma is then the length of the first round.
 """
 from __future__ import annotations
 
