@@ -2,7 +2,7 @@
 
     python benchmarks/speculative.py [--quick] [--draft-ratio 0.6 | --draft-layers 0 1 2 27 28 29]
                                      [--draft-weights int8] [--draft-block 128] [--draft-symmetric]
-                                     [--draft-vocab 8192] --json OUT.json
+                                     [--draft-vocab 8192] [--lookup 8] --json OUT.json
 
 Compiles the embedded model with the `speculative` pass (a draft derived from the target: by
 default the target's own weights, a subnet from architecture search + reformation with
@@ -16,7 +16,9 @@ interleaved prompt by prompt. Each row: measured speedup vs autoregressive (the 
 per-prompt ratios), the cost model's predicted speedup (alpha and c measured on this backend at
 that temperature; speculative and stairs: the acceptance replayed over 4 prompts' trajectories),
 the acceptance rate, and for greedy rows whether the tokens equal the autoregressive ones.
-Speculative, batch speculative and stairs use the plan's gamma; PEARL the gamma its own round
+With --lookup N the draft also copies up to N tokens from the context where its last tokens
+recurred (draft.lookup); speculative and stairs rows then use it, PEARL and batch speculative
+rows cannot. Speculative, batch speculative and stairs use the plan's gamma; PEARL the gamma its own round
 model picks for its workers, which get one ORT thread each (two cores here), priced with those
 workers' measured step times; the other methods use the artifact's session (all cores). Batch
 speculative uses the plan's number of candidates.
@@ -88,7 +90,8 @@ def draft_spec(args) -> str:
     vocab = f", vocab: {args.draft_vocab}" if args.draft_vocab else ""
     layout = "" if args.draft_weights == "fp32" else \
         f", block_size: {args.draft_block}, symmetric: {str(args.draft_symmetric).lower()}"
-    return f"{{{source}, weights: {args.draft_weights}{layout}{vocab}}}"
+    lookup = f", lookup: {args.lookup}" if args.lookup else ""
+    return f"{{{source}, weights: {args.draft_weights}{layout}{vocab}{lookup}}}"
 
 
 def main() -> int:
@@ -109,6 +112,8 @@ def main() -> int:
                    help="draft weights without zero points")
     p.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB, help="the draft's head scores this many most "
                    "frequent calibration tokens (0: the whole vocabulary)")
+    p.add_argument("--lookup", type=int, default=0, help="speculative and stairs rounds first copy up to N drafts "
+                   "from the context (draft.lookup; PEARL and batch speculative cannot); 0: off")
     p.add_argument("--gamma-max", type=int, default=8)
     p.add_argument("--artifact", help="reuse a compiled artifact")
     p.add_argument("--json", required=True)
@@ -119,6 +124,7 @@ def main() -> int:
     from accelc.decoding import cost_model
     from accelc.decoding.autoregressive import Sampler, generate
     from accelc.decoding.batch_speculative import batch_speculative_generate
+    from accelc.decoding.lookup import Lookup
     from accelc.decoding.pearl import pearl_generate
     from accelc.decoding.plan import prompt_kv_from_target
     from accelc.decoding.speculative import speculative_generate
@@ -139,6 +145,7 @@ def main() -> int:
 
     prompts = persuasion_prompts(art.tokenizer, args.prompts)
     gamma, candidates = int(plan["gamma"]), int(plan.get("num_candidates", 2))
+    lookup = Lookup(**plan["lookup"]) if plan.get("lookup") else None  # as run_plan does
     shared = {"prompt_kv_from_target": prompt_kv_from_target(plan)}  # as run_plan does
     lengths = range(2, args.gamma_max + 2)
     cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=lengths)
@@ -150,17 +157,19 @@ def main() -> int:
     rows = []
     for temp in args.temperatures:
         sampler = Sampler(temp) if temp > 0 else Sampler()
-        est = cost_model.estimate_alpha(target, draft, prompts[:4], sampler=sampler, **shared)  # 2 were too noisy
+        est = cost_model.estimate_alpha(target, draft, prompts[:4], sampler=sampler, lookup=lookup,
+                                        **shared)  # 2 prompts were too noisy
         # each loop runs at the draft length its own cost model picks, as the pass would
         pearl_choice = cost_model.choose_pearl_gamma(est.alpha, pearl_cost.cost_ratio, gamma_max=args.gamma_max,
                                                      verify_cost=pearl_cost.verify, worker_slowdown=pearl_slowdown)
         pearl_gamma = pearl_choice.gamma
         replayed = cost_model.replayed_speedup(est.trajectories, gamma, cost.cost_ratio, cost.verify,
-                                               cost.catchup_cost)
+                                               cost.catchup_cost, lookups=est.lookups)
         methods = {
             "ar": (lambda pr, s: generate(target, pr, args.new_tokens, sampler=sampler, seed=s), 1.0, None),
             "speculative": (lambda pr, s: speculative_generate(target, draft, pr, args.new_tokens, gamma=gamma,
-                                                               sampler=sampler, seed=s, **shared), replayed, gamma),
+                                                               sampler=sampler, seed=s, lookup=lookup, **shared),
+                            replayed, gamma),
             "batch_speculative": (lambda pr, s: batch_speculative_generate(target, draft, pr, args.new_tokens,
                                                                            gamma=gamma, num_candidates=candidates,
                                                                            sampler=sampler, seed=s, **shared),
@@ -173,9 +182,9 @@ def main() -> int:
         if temp == 0:
             # stairs adapts its draft length, starting from the plan's gamma as run_plan does
             stairs = cost_model.replayed_speedup(est.trajectories, gamma, cost.cost_ratio, cost.verify,
-                                                 cost.catchup_cost, schedule=next_candidates)
+                                                 cost.catchup_cost, schedule=next_candidates, lookups=est.lookups)
             methods["stairs"] = (lambda pr, s: stairs_generate(target, draft, pr, args.new_tokens, candidates=gamma,
-                                                               **shared), stairs, gamma)
+                                                               lookup=lookup, **shared), stairs, gamma)
         # interleaved: every method on a prompt before the next prompt, so a machine that speeds up
         # or slows down during the run moves every column alike; speedups are medians of the
         # per-prompt ratios to autoregressive decoding on that same prompt
@@ -200,6 +209,7 @@ def main() -> int:
                    "acceptance": None if name == "ar" else statistics.median(accept[name]),
                    "identical_to_ar": all(same[name]) if temp == 0 else None,
                    "alpha_estimate": est.alpha, "cost_ratio": cost.cost_ratio, "gamma": g,
+                   "lookup": lookup.to_dict() if lookup and name in ("speculative", "stairs") else None,
                    "speedup_per_prompt": ratios}
             rows.append(row)
             pred = "-" if predicted is None else f"{predicted:.2f}"
@@ -211,6 +221,7 @@ def main() -> int:
                 "new_tokens": args.new_tokens, "gamma": gamma, "num_candidates": candidates,
                 "cost_ratio": cost.cost_ratio, "verify_cost": cost.verify_cost, "catchup_cost": cost.catchup_cost,
                 "schedule": "interleaved: every method on a prompt, then the next prompt",
+                "lookup": lookup.to_dict() if lookup else None,
                 "pearl_workers": {"threads": 1, "cost_ratio": pearl_cost.cost_ratio,
                                   "target_step_vs_ar": pearl_slowdown},
                 "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "plan": plan}

@@ -49,6 +49,12 @@ class DraftSpec(registry.Params):
     vocab: int | None = Field(None, ge=16, description="the draft's head scores only the N most frequent tokens "
                               "of data.calibration (plus special tokens); needs the pass after export_onnx and a "
                               "fused graph (llama, qwen2)")
+    lookup: int | None = Field(None, ge=1, le=64, description="each round first tries to copy up to N drafts "
+                               "from the context: what followed the latest earlier occurrence of the sequence's "
+                               "last tokens (prompt lookup decoding, no model call); the draft model drafts where "
+                               "nothing matches. speculative and stairs strategies")
+    lookup_ngram: int = Field(3, ge=1, le=8, description="longest suffix `lookup` matches (it tries down to 2 "
+                              "tokens, or 1 when this is 1)")
     search_generations: int = Field(4, ge=1, description="arch_search generations for a subnet draft")
     search_population: int = Field(12, ge=4, description="arch_search candidates per generation for a subnet draft")
 
@@ -60,6 +66,8 @@ class DraftSpec(registry.Params):
             raise ValueError("give exactly one of 'path', 'keep_layers', 'subnet_ratio' or 'from_target'")
         if self.weights == "fp32" and (self.block_size != 32 or self.symmetric):
             raise ValueError("'block_size' and 'symmetric' describe 8- or 4-bit draft weights; set 'weights' too")
+        if self.lookup is None and self.lookup_ngram != 3:
+            raise ValueError("'lookup_ngram' tunes drafts copied from the context; set 'lookup' too")
         if self.from_target and not self.compressed:
             raise ValueError("'from_target' needs 'weights' (int8/int4) or 'vocab': an unchanged copy of the "
                              "target cannot be a cheaper draft")
@@ -68,6 +76,14 @@ class DraftSpec(registry.Params):
     @property
     def compressed(self) -> bool:
         return self.weights != "fp32" or self.vocab is not None
+
+    def copying(self):
+        """The Lookup the loops use, or None."""
+        from accelc.decoding.lookup import Lookup
+
+        if self.lookup is None:
+            return None
+        return Lookup(tokens=self.lookup, max_ngram=self.lookup_ngram, min_ngram=min(2, self.lookup_ngram))
 
 
 @registry.register_pass
@@ -79,7 +95,8 @@ class Speculative(registry.Pass):
     # drafts; 4: PEARL priced with its workers' threads; 5: a from_target draft adopts the prompt cache;
     # 6: alpha is measured that way, over 32 tokens per prompt; 7: gamma by replayed acceptance, c by
     # paired timings, PEARL's workers timed while both run; 8: a from_target draft is carried only
-    # as its compressed graph, the plan names the draft's source, stairs is replayed with its schedule
+    # as its compressed graph, the plan names the draft's source, stairs is replayed with its
+    # schedule, drafts copied from the context (draft.lookup)
     needs = ("calibration",)
 
     class Params(registry.Params):
@@ -94,6 +111,13 @@ class Speculative(registry.Pass):
         pearl_threads: list[int] | None = Field(None, min_length=2, max_length=2,
                                                 description="ORT intra-op threads of PEARL's [target, draft] "
                                                 "workers, which run at once (default: the cores split in two)")
+
+        @model_validator(mode="after")
+        def _lookup_loops(self):
+            if self.draft.lookup is not None and self.strategy not in ("speculative", "stairs"):
+                raise ValueError(f"draft 'lookup' (drafts copied from the context) works with the speculative "
+                                 f"and stairs strategies, not {self.strategy}")
+            return self
 
     def run(self, bundle, ctx):
         if bundle.family != "causal_lm":
@@ -197,9 +221,10 @@ class Speculative(registry.Pass):
         n = self.params.prompt_tokens
         windows = token_windows(ids, n, n, self.params.calibration_prompts, what="calibration text")
         prompts = [w.tolist() for w, _ in windows]
+        lookup = self.params.draft.copying()
         with progress.step(f"speculative: alpha on {len(prompts)} calibration prompts"):
             alpha = cost_model.estimate_alpha(target, draft, prompts, sampler=sampler,
-                                              prompt_kv_from_target=self.params.draft.from_target)
+                                              prompt_kv_from_target=self.params.draft.from_target, lookup=lookup)
         with progress.step(f"speculative: cost ratio c ({backend})"):
             cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=range(2, self.params.gamma_max + 2))
         # a verification round feeds the last committed token plus gamma drafts: gamma + 1 tokens,
@@ -232,9 +257,12 @@ class Speculative(registry.Pass):
                 from accelc.decoding.stairs import next_candidates as schedule
 
                 prediction += ", with stairs' adaptive draft length"
+            if lookup is not None:
+                prediction += ", with drafts copied from the context where it matches"
             choice = cost_model.choose_gamma(alpha.alpha, cost.cost_ratio, gamma_max=self.params.gamma_max,
                                              verify_cost=cost.verify, trajectories=alpha.trajectories,
-                                             catchup_cost=cost.catchup_cost, schedule=schedule)
+                                             catchup_cost=cost.catchup_cost, schedule=schedule,
+                                             lookups=alpha.lookups)
         fallback = choice.method == "autoregressive" and self.params.fallback
         reason = choice.reason if fallback or choice.method != "autoregressive" else \
             f"{choice.reason}; the recipe disabled the fallback, so {self.params.strategy} is used anyway"
@@ -249,6 +277,8 @@ class Speculative(registry.Pass):
             "target_step_ms": cost.target_step_seconds * 1e3, "draft_step_ms": cost.draft_step_seconds * 1e3,
             "verify_cost": {str(k): v for k, v in verify.items()}, "draft_catchup_cost": cost.catchup_cost,
             "prediction": prediction,
+            **({"lookup": lookup.to_dict(),
+                "lookup_match_rate": float(np.mean([c.size > 0 for t in alpha.lookups for c in t]))} if lookup else {}),
             **pearl,
             "predicted_speedup": choice.predicted_speedup,
             "predicted_curve": {str(k): v for k, v in choice.curve.items()},

@@ -95,7 +95,7 @@ def run(method: str, target, draft, prompt, max_new, *, gamma=2, sampler=Sampler
     shared = {"prompt_kv_from_target": kw.get("prompt_kv_from_target", False)}
     if method == "speculative":
         return speculative_generate(target, draft, prompt, max_new, gamma=gamma, sampler=sampler,
-                                    eos_ids=eos_ids, seed=seed, **shared)
+                                    eos_ids=eos_ids, seed=seed, lookup=kw.get("lookup"), **shared)
     if method == "batch_speculative":
         return batch_speculative_generate(target, draft, prompt, max_new, gamma=gamma, sampler=sampler,
                                           eos_ids=eos_ids, seed=seed, num_candidates=kw.get("num_candidates", 3),

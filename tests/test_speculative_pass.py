@@ -163,7 +163,21 @@ def test_compressed_self_draft_int8_weights_and_truncated_head(cli, tiny_recipe,
     assert code == 0 and "[greedy]" in err and "has no draft for the 'speculative' plan" in err
 
 
+def test_lookup_drafts_are_planned_priced_and_validated(cli, tiny_recipe, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = cli("compile", after_export(tiny_recipe, "{keep_layers: [0], lookup: 6, lookup_ngram: 2}"),
+                       "-o", out)
+    assert code == 0, err
+    plan = json.loads((out / "decode" / "plan.json").read_text())
+    assert plan["lookup"] == {"tokens": 6, "max_ngram": 2, "min_ngram": 2}
+    assert 0.0 <= plan["lookup_match_rate"] <= 1.0 and "copied from the context" in plan["prediction"]
+    assert json.loads((out / "reports" / "validation.json").read_text())["decode_plan"]["verdict"] == "pass"
+    code, _, err = cli("run", out, "--prompt", "Hello Hello Hello Hello", "--raw", "--max-new-tokens", 12)
+    assert code == 0 and "[speculative]" in err
+
+
 @pytest.mark.parametrize("draft, placed_after_export, message", [
+    ("{keep_layers: [0], lookup_ngram: 2}", True, "set 'lookup' too"),
     ("{from_target: true}", True, "needs 'weights'"),
     ("{from_target: true, weights: int4}", False, "after export_onnx"),
     ("{keep_layers: [0], vocab: 100000}", True, "exceeds the"),
@@ -177,6 +191,13 @@ def test_bad_compressed_drafts_are_usage_errors(cli, tiny_recipe, tmp_path, draf
         recipe.write_text(recipe.read_text().replace("{keep_layers: [0]}", draft))
     code, _, err = cli("compile", recipe, "-o", tmp_path / "out")
     assert code == 2 and message in err, err
+
+
+def test_lookup_with_a_loop_that_cannot_copy_is_a_usage_error(cli, tiny_recipe, tmp_path):
+    recipe = after_export(tiny_recipe, "{keep_layers: [0], lookup: 4}")
+    recipe.write_text(recipe.read_text().replace("strategy: speculative", "strategy: pearl"))
+    code, _, err = cli("compile", recipe, "-o", tmp_path / "out")
+    assert code == 2 and "speculative and stairs" in err and "Traceback" not in err
 
 
 def test_pearl_plan_prices_and_runs_its_workers_on_their_share_of_the_cores(cli, tiny_recipe, tmp_path):

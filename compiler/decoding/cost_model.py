@@ -53,6 +53,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from accelc.decoding.autoregressive import Sampler, generate
+from accelc.decoding.lookup import Lookup, lookup_draft
 from accelc.decoding.speculative import check_pair
 from accelc.errors import UsageError
 from accelc.runtime.base import StepModel
@@ -86,14 +87,35 @@ class AlphaEstimate:
     positions: int
     # beta per generated position, one array per calibration prompt: what replayed_speedup replays
     trajectories: tuple[np.ndarray, ...] = field(default=(), repr=False, compare=False)
+    # with a Lookup: per prompt and position, the acceptance of each token copied from the context
+    # there (empty: no match); see copied_acceptance
+    lookups: tuple[tuple[np.ndarray, ...], ...] = field(default=(), repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {"alpha": self.alpha, "stderr": self.stderr, "positions": self.positions}
 
 
+def copied_acceptance(prompt: Sequence[int], continuation: Sequence[int], probs: np.ndarray | None,
+                      lookup: Lookup) -> tuple[np.ndarray, ...]:
+    """For each position a loop verifies (continuation[1:]), the acceptance of every token that
+    lookup copies from the context there: greedy (probs None), 1 while it equals the continuation;
+    sampling, p(x) at its position along the continuation (probs [positions, V]: exact for the
+    first copied token, an estimate after it, where the loop's context may differ)."""
+    seq, n = list(prompt) + list(continuation), len(continuation) - 1
+    out = []
+    for i in range(n):
+        copied = lookup_draft(seq[:len(prompt) + i + 1], lookup, n - i)
+        if probs is None:
+            out.append(np.array([float(x == continuation[i + 1 + k]) for k, x in enumerate(copied)]))
+        else:
+            out.append(np.array([probs[i + k][x] for k, x in enumerate(copied)]))
+    return tuple(out)
+
+
 def estimate_alpha(target: StepModel, draft: StepModel, prompts: Sequence[Sequence[int]], *,
                    sampler: Sampler = Sampler(), new_tokens: int = CALIBRATION_NEW_TOKENS,
-                   seed: int = 0, prompt_kv_from_target: bool = False) -> AlphaEstimate:
+                   seed: int = 0, prompt_kv_from_target: bool = False,
+                   lookup: Lookup | None = None) -> AlphaEstimate:
     """alpha = 1 - E[TV(p, q)] on calibration prompts, along the target's own continuations.
 
     Per prompt: the target generates `new_tokens` with `sampler`; then one prefill of each model
@@ -102,9 +124,10 @@ def estimate_alpha(target: StepModel, draft: StepModel, prompts: Sequence[Sequen
     new_tokens - 1 positions a loop of that budget verifies, in order).
     prompt_kv_from_target: as the loops then run (speculative.open_pair), the draft starts from
     the target's cache of the prompt and scores the continuation from there.
+    lookup: also record what copying from the context would propose and keep (copied_acceptance).
     """
     check_pair(target, draft)
-    betas = []
+    betas, lookups = [], []
     for i, prompt in enumerate(prompts):
         prompt = list(prompt)
         cont = generate(target, prompt, new_tokens, sampler=sampler, seed=seed + i).tokens
@@ -121,11 +144,14 @@ def estimate_alpha(target: StepModel, draft: StepModel, prompts: Sequence[Sequen
             t_logits, d_logits = t_logits[rows], d_logits[rows]
         check_pair(target, draft, t_logits.shape[-1], d_logits.shape[-1])
         betas.append(acceptance_from_logits(t_logits, d_logits, sampler))
+        if lookup is not None:
+            probs = None if sampler.temperature == 0.0 else np.stack([sampler.probs(row) for row in t_logits])
+            lookups.append(copied_acceptance(prompt, cont, probs, lookup))
     if not betas:
         raise UsageError("estimating alpha needs at least one calibration prompt")
     beta = np.concatenate(betas)
     stderr = float(beta.std(ddof=1) / np.sqrt(beta.size)) if beta.size > 1 else float("inf")
-    return AlphaEstimate(float(beta.mean()), stderr, int(beta.size), tuple(betas))
+    return AlphaEstimate(float(beta.mean()), stderr, int(beta.size), tuple(betas), tuple(lookups))
 
 
 # --------------------------------------------------------------------------- c
@@ -264,23 +290,35 @@ Schedule = Callable[[int, bool], int]  # a draft length's next value, from it an
 
 def replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: float,
                      verify_cost: VerifyCost = 1.0, catchup_cost: float | None = None,
-                     schedule: Schedule | None = None) -> float:
+                     schedule: Schedule | None = None, lookups: Sequence[Sequence[np.ndarray]] = ()) -> float:
     """Speculative decoding's speedup replayed over measured acceptance (see the module doc):
     `trajectories` holds beta per position (AlphaEstimate.trajectories), `catchup_cost` the
     draft's two-token call in target steps (None: priced as one step, c). `schedule`: how the
-    draft length moves between rounds (stairs' adaptive one, starting at gamma); None keeps gamma."""
+    draft length moves between rounds (stairs' adaptive one, starting at gamma); None keeps gamma.
+    `lookups` (AlphaEstimate.lookups): rounds that copy their drafts from the context where it
+    has a match; they call no draft, and leave the draft a catch-up call (priced as c2 whatever
+    its length) and the draft length where it was."""
     _check(0.0, gamma, c)
     extra = 0.0 if catchup_cost is None else max(float(catchup_cost) - c, 0.0)
     positions = cost = 0.0
-    for trajectory in trajectories:
+    for t, trajectory in enumerate(trajectories):
         beta = np.clip(np.asarray(trajectory, dtype=np.float64), 0.0, 1.0)
         n = beta.size
+        copies = lookups[t] if lookups else ()
         # a length past the positions left drafts as much as a shorter one: cap lengths at n
         top = max(gamma, n)
         lengths = [gamma] if schedule is None else range(1, top + 1)
         after = np.zeros((n + 1, top + 1, 2))  # after[i, length, f] = T(i, f) at that draft length
         for i in range(n - 1, -1, -1):
+            copied = np.clip(copies[i][:n - i - 1], 0.0, 1.0) if copies else np.zeros(0)
             for length in lengths:
+                if copied.size:  # a round of copied drafts: the target's verify call only
+                    run = np.cumprod(np.concatenate(([1.0], copied)))
+                    k = copied.size
+                    base = (_v(verify_cost, k) + float(np.dot(run[:-1] * (1.0 - copied), after[i + 1:i + k + 1, length, 1]))
+                            + run[k] * after[i + k + 1, length, 1])
+                    after[i, length] = (base, base)
+                    continue
                 g = min(length, n - i - 1)  # the loop never drafts past the token budget
                 shorter, longer = ((length, length) if schedule is None else
                                    (min(schedule(length, False), top), min(schedule(length, True), top)))
@@ -356,13 +394,14 @@ def _choose(name: str, speedup: Callable[[int], float], alpha: float, c: float, 
 
 def choose_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX, verify_cost: VerifyCost = 1.0,
                  trajectories: Sequence[Sequence[float]] = (), catchup_cost: float | None = None,
-                 schedule: Schedule | None = None) -> GammaChoice:
+                 schedule: Schedule | None = None, lookups: Sequence[Sequence[np.ndarray]] = ()) -> GammaChoice:
     """gamma* = argmax S(gamma) over 1..gamma_max, or autoregressive when max S <= 1. With
     measured `trajectories`, S is replayed over them (replayed_speedup; with a `schedule`, gamma
-    is where the draft length starts); else R6's i.i.d. S."""
+    is where the draft length starts; with `lookups`, rounds copy from the context where they
+    can); else R6's i.i.d. S."""
     if trajectories:
         return _choose("speculative", lambda g: replayed_speedup(trajectories, g, c, verify_cost, catchup_cost,
-                                                                 schedule), alpha, c, gamma_max)
+                                                                 schedule, lookups), alpha, c, gamma_max)
     return _choose("speculative", lambda g: predicted_speedup(alpha, g, c, verify_cost), alpha, c, gamma_max)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from accelc.decoding.autoregressive import GenerationResult, Sampler, generate
+from accelc.decoding.lookup import Lookup
 from accelc.errors import UsageError
 
 AUTOREGRESSIVE = ("greedy", "sample")
@@ -41,11 +42,12 @@ def run_plan(plan: Mapping[str, Any], target, draft, prompt: Sequence[int], max_
         raise UsageError(f"decode plan strategy '{strategy}' needs a draft model, and this artifact has none")
     gamma = int(plan.get("gamma", 4))
     shared = {"prompt_kv_from_target": prompt_kv_from_target(plan)}
+    lookup = Lookup(**plan["lookup"]) if plan.get("lookup") else None  # drafts copied from the context
     if strategy == "speculative":
         from accelc.decoding.speculative import speculative_generate
 
         return speculative_generate(target, draft, prompt, max_new_tokens, gamma=gamma, sampler=sampler,
-                                    eos_ids=eos_ids, seed=seed, **shared)
+                                    eos_ids=eos_ids, seed=seed, lookup=lookup, **shared)
     if strategy == "batch_speculative":
         from accelc.decoding.batch_speculative import batch_speculative_generate
 
@@ -62,4 +64,5 @@ def run_plan(plan: Mapping[str, Any], target, draft, prompt: Sequence[int], max_
     if sampler.temperature != 0.0:
         raise UsageError("the stairs strategy is greedy only: set temperature 0 or choose another strategy")
     # the plan's gamma (the best fixed draft length) is where the assistant's adaptive schedule starts
-    return stairs_generate(target, draft, prompt, max_new_tokens, candidates=gamma, eos_ids=eos_ids, **shared)
+    return stairs_generate(target, draft, prompt, max_new_tokens, candidates=gamma, eos_ids=eos_ids, lookup=lookup,
+                           **shared)

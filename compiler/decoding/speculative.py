@@ -36,6 +36,9 @@ Statistics (GenerationResult.stats), shared by every method in this package:
     draft_efficiency            accepted / drafted
     mean_accepted_length        tokens committed per verification round (R6's
                                 (1 - alpha^(gamma+1)) / (1 - alpha); the prefill token excluded)
+    draft_catchup_calls         draft calls feeding several tokens (after a fully accepted round,
+                                or rounds the draft sat out)
+    lookup_rounds               rounds whose drafts were copied from the context (lookup.py)
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ from typing import Sequence
 import numpy as np
 
 from accelc.decoding.autoregressive import GenerationResult, Sampler
+from accelc.decoding.lookup import Lookup, lookup_draft
 from accelc.errors import UsageError
 from accelc.runtime.base import KVState, StepModel
 
@@ -148,6 +152,7 @@ class ModelCursor:
         self.model = model
         self.calls = 0
         self.tokens_fed = 0
+        self.multi_token_calls = 0  # calls after the first that fed more than one token (a draft's catch-ups)
         self.fed: list[int] = list(prompt)
         if state is None:
             logits, self.state = self._extend_call(None, list(prompt))
@@ -159,6 +164,7 @@ class ModelCursor:
     def _extend_call(self, state: KVState | None, ids: list[int]) -> tuple[np.ndarray, KVState]:
         arr = np.asarray(ids, dtype=np.int64)
         logits, new = self.model.prefill(arr) if state is None else self.model.extend(state, arr)
+        self.multi_token_calls += self.calls > 0 and len(ids) > 1
         self.calls += 1
         self.tokens_fed += len(ids)
         return logits, new
@@ -254,6 +260,24 @@ def draft_tokens(cursor: ModelCursor, context: Sequence[int], count: int, sample
     return drafts, qs
 
 
+def propose(cursor: ModelCursor, context: Sequence[int], count: int, sampler: Sampler, seed: int,
+            lookup: Lookup | None = None, limit: int | None = None) -> tuple[list[int], list[np.ndarray | None], bool]:
+    """A round's drafts after `context`: copied from the context when `lookup` finds a match (at
+    most `limit` tokens; each with the one-hot q of a deterministic draft, None when greedy),
+    else `count` tokens from the draft model (draft_tokens). The flag says whether they were copied."""
+    copied = lookup_draft(context, lookup, limit) if lookup is not None else []
+    if not copied:
+        return (*draft_tokens(cursor, context, count, sampler, seed), False)
+    if sampler.temperature == 0.0:
+        return copied, [None] * len(copied), True
+    qs = []
+    for x in copied:
+        q = np.zeros(cursor.vocab)
+        q[x] = 1.0
+        qs.append(q)
+    return copied, qs, True
+
+
 def commit(tokens: list[int], new: Sequence[int], n_prompt: int, max_new_tokens: int,
            eos_ids: Sequence[int]) -> bool:
     """Append `new`, stopping after an eos or at the token budget; True when generation is over."""
@@ -274,6 +298,7 @@ class SpecStats:
     rejections: int = 0
     expected_rejections: float = 0.0
     round_tokens: int = 0  # tokens committed by verification rounds (the prefill token excluded)
+    lookup_rounds: int = 0  # rounds whose drafts were copied from the context (lookup.py)
 
     def record(self, p: np.ndarray | None, q: np.ndarray | None, accepted: bool, *, greedy_tv: float = 0.0) -> None:
         """One verified position: a draft checked against the target."""
@@ -288,6 +313,7 @@ class SpecStats:
         return {
             "target_calls": target.calls, "draft_calls": draft.calls,
             "target_tokens_fed": target.tokens_fed, "draft_tokens_fed": draft.tokens_fed,
+            "draft_catchup_calls": draft.multi_token_calls, "lookup_rounds": self.lookup_rounds,
             "rounds": self.rounds, "drafted": self.drafted, "verified": self.verified,
             "accepted": self.accepted, "rejections": self.rejections,
             "expected_rejections": self.expected_rejections,
@@ -327,9 +353,11 @@ def verify_chain(rows: np.ndarray, drafts: Sequence[int], qs: Sequence[np.ndarra
 # --------------------------------------------------------------------------- the loop
 def speculative_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], max_new_tokens: int, *,
                          gamma: int = DEFAULT_GAMMA, sampler: Sampler = Sampler(), eos_ids: Sequence[int] = (),
-                         seed: int = 0, prompt_kv_from_target: bool = False) -> GenerationResult:
+                         seed: int = 0, prompt_kv_from_target: bool = False,
+                         lookup: Lookup | None = None) -> GenerationResult:
     """Speculative sampling with `gamma` drafts per round; greedy when sampler.temperature == 0.
-    prompt_kv_from_target: see open_pair."""
+    prompt_kv_from_target: see open_pair. lookup: rounds copy their drafts from the context where
+    it has a match (lookup.py), and ask the draft model elsewhere."""
     check_args(prompt, max_new_tokens, gamma=gamma)
     t0 = time.perf_counter()
     n_prompt = len(prompt)
@@ -339,9 +367,11 @@ def speculative_generate(target: StepModel, draft: StepModel, prompt: Sequence[i
     stats = SpecStats()
     while not done:
         n = len(tokens)
-        g = min(gamma, max_new_tokens - (n - n_prompt) - 1)  # never draft past the budget
-        # 1. draft g tokens: positions n .. n+g-1
-        drafts, qs = draft_tokens(dft, tokens, g, sampler, seed)
+        budget = max_new_tokens - (n - n_prompt) - 1  # never draft past the token budget
+        # 1. draft g tokens (positions n .. n+g-1): copied from the context, or gamma from the model
+        drafts, qs, copied = propose(dft, tokens, min(gamma, budget), sampler, seed, lookup, budget)
+        g = len(drafts)
+        stats.lookup_rounds += copied
         # 2. one target call: rows [g+1, V] predict positions n .. n+g
         rows = tgt.logits_from(tokens + drafts, start=n)
         # 3. accept a prefix, then a residual sample or the bonus token
@@ -358,4 +388,5 @@ def speculative_generate(target: StepModel, draft: StepModel, prompt: Sequence[i
         stats.round_tokens += len(tokens) - before
     t2 = time.perf_counter()
     return GenerationResult(tokens[n_prompt:], t1 - t0, t2 - t1,
-                            stats.as_dict(tgt, dft, method="speculative", gamma=gamma))
+                            stats.as_dict(tgt, dft, method="speculative", gamma=gamma,
+                                          lookup=lookup.to_dict() if lookup else None))

@@ -27,7 +27,8 @@ from typing import Sequence
 import numpy as np
 
 from accelc.decoding.autoregressive import GenerationResult, Sampler
-from accelc.decoding.speculative import ModelCursor, SpecStats, begin, check_args, commit, draft_tokens
+from accelc.decoding.lookup import Lookup
+from accelc.decoding.speculative import ModelCursor, SpecStats, begin, check_args, commit, propose
 from accelc.errors import UsageError
 from accelc.runtime.base import StepModel
 
@@ -67,9 +68,11 @@ def staircase_predictions(cursor: ModelCursor, tokens: list[int], drafts: list[i
 
 def stairs_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], max_new_tokens: int, *,
                     candidates: int = INITIAL_CANDIDATES, adaptive: bool = True, eos_ids: Sequence[int] = (),
-                    validation: str = "auto", prompt_kv_from_target: bool = False) -> GenerationResult:
+                    validation: str = "auto", prompt_kv_from_target: bool = False,
+                    lookup: Lookup | None = None) -> GenerationResult:
     """Greedy assisted generation; `candidates` is the assistant's (initial) batch size n;
-    prompt_kv_from_target: see speculative.open_pair."""
+    prompt_kv_from_target: see speculative.open_pair; lookup: rounds copy their candidates from
+    the context where it has a match (lookup.py; the assistant's batch size is then left as it is)."""
     check_args(prompt, max_new_tokens, candidates=candidates)
     if validation not in VALIDATIONS:
         raise UsageError(f"validation must be one of {', '.join(VALIDATIONS)}, got {validation!r}")
@@ -86,9 +89,11 @@ def stairs_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], 
     schedule = []
     while not done:
         n = len(tokens)
-        g = min(n_assist, max_new_tokens - (n - n_prompt) - 1)
+        budget = max_new_tokens - (n - n_prompt) - 1
+        drafts, _, copied = propose(dft, tokens, min(n_assist, budget), greedy, 0, lookup, budget)
+        g = len(drafts)
         schedule.append(g)
-        drafts, _ = draft_tokens(dft, tokens, g, greedy, seed=0)
+        stats.lookup_rounds += copied
         if validation == "single":
             m = [int(i) for i in np.argmax(tgt.logits_from(tokens + drafts, start=n), axis=-1)]
         else:
@@ -103,7 +108,7 @@ def stairs_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], 
         else:
             tgt.reset(states[k], tokens + drafts[:k], rows[k])
         dft.rollback(n + k)
-        if adaptive:
+        if adaptive and not copied:
             n_assist = next_candidates(n_assist, k == g)
         stats.rounds += 1
         stats.drafted += g
@@ -112,4 +117,5 @@ def stairs_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], 
         stats.round_tokens += len(tokens) - before
     t2 = time.perf_counter()
     return GenerationResult(tokens[n_prompt:], t1 - t0, t2 - t1, stats.as_dict(
-        tgt, dft, method="stairs", validation=validation, candidates_schedule=schedule))
+        tgt, dft, method="stairs", validation=validation, candidates_schedule=schedule,
+        lookup=lookup.to_dict() if lookup else None))
