@@ -157,8 +157,10 @@ def main() -> int:
     rows = []
     for temp in args.temperatures:
         sampler = Sampler(temp) if temp > 0 else Sampler()
+        # 4 of the prompts (2 were too noisy), continued as far as the runs go: how much text
+        # repeats itself, and so what copied drafts keep, grows with its length
         est = cost_model.estimate_alpha(target, draft, prompts[:4], sampler=sampler, lookup=lookup,
-                                        **shared)  # 2 prompts were too noisy
+                                        new_tokens=args.new_tokens, **shared)
         # each loop runs at the draft length its own cost model picks, as the pass would
         pearl_choice = cost_model.choose_pearl_gamma(est.alpha, pearl_cost.cost_ratio, gamma_max=args.gamma_max,
                                                      verify_cost=pearl_cost.verify, worker_slowdown=pearl_slowdown)

@@ -24,6 +24,9 @@ from accelc import progress, registry
 from accelc.errors import UsageError
 
 
+MAX_CALIBRATION_TOKENS = 128  # per calibration prompt: alpha's continuations follow decode.max_new_tokens up to this
+
+
 class DraftSpec(registry.Params):
     """Where the draft comes from: exactly one of `path` (a draft checkpoint folder), `keep_layers`
     (layer skip), `subnet_ratio` (a subnet found by architecture search + reformation) or
@@ -91,12 +94,13 @@ class Speculative(registry.Pass):
     """Speculative decoding plan: draft model, measured alpha and cost ratio, gamma by predicted speedup."""
 
     name = "speculative"
-    version = 8  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused
+    version = 9  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused
     # drafts; 4: PEARL priced with its workers' threads; 5: a from_target draft adopts the prompt cache;
     # 6: alpha is measured that way, over 32 tokens per prompt; 7: gamma by replayed acceptance, c by
     # paired timings, PEARL's workers timed while both run; 8: a from_target draft is carried only
     # as its compressed graph, the plan names the draft's source, stairs is replayed with its
-    # schedule, drafts copied from the context (draft.lookup)
+    # schedule, drafts copied from the context (draft.lookup); 9: calibration continuations as long
+    # as decode.max_new_tokens (32..128), copying kept only where the replay predicts a gain
     needs = ("calibration",)
 
     class Params(registry.Params):
@@ -222,15 +226,18 @@ class Speculative(registry.Pass):
         windows = token_windows(ids, n, n, self.params.calibration_prompts, what="calibration text")
         prompts = [w.tolist() for w, _ in windows]
         lookup = self.params.draft.copying()
-        with progress.step(f"speculative: alpha on {len(prompts)} calibration prompts"):
-            alpha = cost_model.estimate_alpha(target, draft, prompts, sampler=sampler,
+        # continuations as long as the plan's own (within limits): text repeats itself more the
+        # longer it runs, which is what copied drafts live on
+        new_tokens = min(max(cost_model.CALIBRATION_NEW_TOKENS, int(decode["max_new_tokens"])), MAX_CALIBRATION_TOKENS)
+        with progress.step(f"speculative: alpha on {len(prompts)} calibration prompts x {new_tokens} tokens"):
+            alpha = cost_model.estimate_alpha(target, draft, prompts, sampler=sampler, new_tokens=new_tokens,
                                               prompt_kv_from_target=self.params.draft.from_target, lookup=lookup)
         with progress.step(f"speculative: cost ratio c ({backend})"):
             cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=range(2, self.params.gamma_max + 2))
         # a verification round feeds the last committed token plus gamma drafts: gamma + 1 tokens,
         # which on a CPU costs more than one decode step (measured, in target steps)
         verify = dict(cost.verify_cost)
-        pearl, prediction = {}, "i.i.d. alpha (algorithms.md 4 R6)"
+        pearl, prediction, lookup_report = {}, "i.i.d. alpha (algorithms.md 4 R6)", {}
         if self.params.strategy == "pearl":
             c, pearl_verify, slowdown = cost.cost_ratio, cost.verify, 1.0
             if workers is not None:
@@ -257,12 +264,25 @@ class Speculative(registry.Pass):
                 from accelc.decoding.stairs import next_candidates as schedule
 
                 prediction += ", with stairs' adaptive draft length"
+            def replay(lookups):
+                return cost_model.choose_gamma(alpha.alpha, cost.cost_ratio, gamma_max=self.params.gamma_max,
+                                               verify_cost=cost.verify, trajectories=alpha.trajectories,
+                                               catchup_cost=cost.catchup_cost, schedule=schedule, lookups=lookups)
+            choice = replay(())
             if lookup is not None:
-                prediction += ", with drafts copied from the context where it matches"
-            choice = cost_model.choose_gamma(alpha.alpha, cost.cost_ratio, gamma_max=self.params.gamma_max,
-                                             verify_cost=cost.verify, trajectories=alpha.trajectories,
-                                             catchup_cost=cost.catchup_cost, schedule=schedule,
-                                             lookups=alpha.lookups)
+                # copied drafts pay where the text repeats itself and the target agrees with the
+                # copy (greedy, mostly); sampled, a copied token survives with probability p(x):
+                # keep copying only where the replay says it gains
+                copying = replay(alpha.lookups)
+                lookup_report = {"lookup_predicted_speedup": copying.predicted_speedup,
+                                 "lookup_match_rate": float(np.mean([c.size > 0 for t in alpha.lookups for c in t])),
+                                 "predicted_speedup_without_lookup": choice.predicted_speedup}
+                if copying.predicted_speedup > choice.predicted_speedup:
+                    choice = copying
+                    prediction += ", with drafts copied from the context where it matches"
+                else:
+                    lookup = None
+                    prediction += "; copying drafts from the context predicted no gain, so it is off"
         fallback = choice.method == "autoregressive" and self.params.fallback
         reason = choice.reason if fallback or choice.method != "autoregressive" else \
             f"{choice.reason}; the recipe disabled the fallback, so {self.params.strategy} is used anyway"
@@ -277,8 +297,7 @@ class Speculative(registry.Pass):
             "target_step_ms": cost.target_step_seconds * 1e3, "draft_step_ms": cost.draft_step_seconds * 1e3,
             "verify_cost": {str(k): v for k, v in verify.items()}, "draft_catchup_cost": cost.catchup_cost,
             "prediction": prediction,
-            **({"lookup": lookup.to_dict(),
-                "lookup_match_rate": float(np.mean([c.size > 0 for t in alpha.lookups for c in t]))} if lookup else {}),
+            **({"lookup": lookup.to_dict()} if lookup else {}), **lookup_report,
             **pearl,
             "predicted_speedup": choice.predicted_speedup,
             "predicted_curve": {str(k): v for k, v in choice.curve.items()},
