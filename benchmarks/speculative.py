@@ -14,7 +14,7 @@ continuations of real prompts (Austen, "Persuasion"), measures tokens/s of autor
 speculative, batch speculative, PEARL and stairs decoding at each temperature, in one run,
 interleaved prompt by prompt. Each row: measured speedup vs autoregressive (the median of the
 per-prompt ratios), the cost model's predicted speedup (alpha and c measured on this backend at
-that temperature; speculative and stairs: the acceptance replayed over 4 prompts' trajectories),
+that temperature; speculative and stairs: the acceptance replayed over the prompts' trajectories),
 the acceptance rate, and for greedy rows whether the tokens equal the autoregressive ones.
 With --lookup N the draft also copies up to N tokens from the context where its last tokens
 recurred (draft.lookup); speculative and stairs rows then use it, PEARL and batch speculative
@@ -157,9 +157,9 @@ def main() -> int:
     rows = []
     for temp in args.temperatures:
         sampler = Sampler(temp) if temp > 0 else Sampler()
-        # 4 of the prompts (2 were too noisy), continued as far as the runs go: how much text
-        # repeats itself, and so what copied drafts keep, grows with its length
-        est = cost_model.estimate_alpha(target, draft, prompts[:4], sampler=sampler, lookup=lookup,
+        # the same prompts, continued as far as the runs go: how much text repeats itself, and so
+        # what copied drafts keep, differs from prompt to prompt and grows with length
+        est = cost_model.estimate_alpha(target, draft, prompts, sampler=sampler, lookup=lookup,
                                         new_tokens=args.new_tokens, **shared)
         # each loop runs at the draft length its own cost model picks, as the pass would
         pearl_choice = cost_model.choose_pearl_gamma(est.alpha, pearl_cost.cost_ratio, gamma_max=args.gamma_max,

@@ -86,6 +86,8 @@ def cmd_run(args) -> int:
         extra = (f", acceptance {stats['acceptance_rate']:.2f}, mean accepted length "
                  f"{stats['mean_accepted_length']:.2f}, target calls {stats['target_calls']}, "
                  f"draft calls {stats['draft_calls']}")
+        if stats.get("lookup"):
+            extra += f", rounds copied from the context {stats['lookup_rounds']} of {stats['rounds']}"
     progress.status(f"{backend} [{plan.get('strategy', 'greedy')}]: {len(result.tokens)} tokens, prefill "
                     f"{result.prefill_seconds * 1e3:.0f} ms, decode {result.decode_tokens_per_second:.1f} tok/s{extra}")
     if args.show_tokens:

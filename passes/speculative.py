@@ -9,7 +9,9 @@ Runtime graphs when the pass follows export_onnx, which is what deploys; torch e
 and picks the draft length gamma that maximises the predicted speedup: for one draft sequence a
 round (speculative, stairs), the measured per-position acceptance replayed through the loop
 (cost_model.replayed_speedup); for PEARL and batch speculative, their i.i.d.-alpha round models. When no
-gamma predicts a gain, the plan stays autoregressive and says why. Every figure lands in
+gamma predicts a gain, the plan stays autoregressive and says why. With `draft.lookup`, rounds
+of the speculative and stairs loops first copy their drafts from the context (decoding/lookup.py)
+and the replay prices that too; copying stays on only where it predicts a gain. Every figure lands in
 decode/plan.json and the manifest. Output is unchanged by construction: greedy plans give the
 target's greedy tokens exactly, which validation then checks on every backend.
 """
