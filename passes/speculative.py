@@ -266,6 +266,7 @@ class Speculative(registry.Pass):
                 from accelc.decoding.stairs import next_candidates as schedule
 
                 prediction += ", with stairs' adaptive draft length"
+
             def replay(lookups):
                 return cost_model.choose_gamma(alpha.alpha, cost.cost_ratio, gamma_max=self.params.gamma_max,
                                                verify_cost=cost.verify, trajectories=alpha.trajectories,

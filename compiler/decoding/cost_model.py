@@ -40,7 +40,10 @@ the bonus token, at the measured cost c2). S = positions / T(0, 0). With constan
 and c2 = c this is R6's S(gamma) again (tests/test_cost_model.py); greedy, it counts the loop's
 own rounds and draft calls exactly. A loop whose draft length moves between rounds (stairs:
 +2 after a fully accepted round, else -1) adds the length to the state: T(i, l, f), the next
-round at schedule(l, a == g); gamma is then the length of the first round.
+round at schedule(l, a == g); gamma is then the length of the first round. A round that copies
+its drafts from the context (lookup.py) costs the verify call v(k) alone, accepts the copies
+with their recorded acceptance (copied_acceptance), keeps the length, and leaves the draft a
+catch-up call (f = 1).
 """
 from __future__ import annotations
 
