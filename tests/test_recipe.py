@@ -98,6 +98,16 @@ def test_json_schema_covers_registered_passes_and_targets():
         assert name in schema
 
 
+def test_the_schema_editors_read_is_the_current_one():
+    """recipes/*.yaml point yaml-language-server at docs/recipe.schema.json: it must be what
+    `accelc schema` prints now (regenerate: accelc schema > docs/recipe.schema.json)."""
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parents[1] / "docs" / "recipe.schema.json"
+    assert committed.exists() and json.loads(committed.read_text()) == json.loads(json.dumps(json_schema())), \
+        "docs/recipe.schema.json is stale: run `accelc schema > docs/recipe.schema.json`"
+
+
 def test_cli_validate_and_schema(cli, tmp_path):
     good = write_recipe(tmp_path, "model:\n  builtin: tiny-llama\n", "good.yaml")
     code, out, _ = cli("validate", good)
