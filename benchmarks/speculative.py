@@ -163,7 +163,8 @@ def main() -> int:
                                         new_tokens=args.new_tokens, **shared)
         # each loop runs at the draft length its own cost model picks, as the pass would
         pearl_choice = cost_model.choose_pearl_gamma(est.alpha, pearl_cost.cost_ratio, gamma_max=args.gamma_max,
-                                                     verify_cost=pearl_cost.verify, worker_slowdown=pearl_slowdown)
+                                                     verify_cost=pearl_cost.verify, worker_slowdown=pearl_slowdown,
+                                                     trajectories=est.trajectories)
         pearl_gamma = pearl_choice.gamma
         replayed = cost_model.replayed_speedup(est.trajectories, gamma, cost.cost_ratio, cost.verify,
                                                cost.catchup_cost, lookups=est.lookups)

@@ -8,7 +8,8 @@ prompts, measures the cost ratio c (draft step / target step on this machine: on
 Runtime graphs when the pass follows export_onnx, which is what deploys; torch eager otherwise),
 and picks the draft length gamma that maximises the predicted speedup: for one draft sequence a
 round (speculative, stairs), the measured per-position acceptance replayed through the loop
-(cost_model.replayed_speedup); for PEARL and batch speculative, their i.i.d.-alpha round models. When no
+(cost_model.replayed_speedup); for PEARL, the same acceptance replayed through its two modes;
+for batch speculative, its i.i.d.-alpha round model. When no
 gamma predicts a gain, the plan stays autoregressive and says why. With `draft.lookup`, rounds
 of the speculative and stairs loops first copy their drafts from the context (decoding/lookup.py)
 and the replay prices that too; copying stays on only where it predicts a gain. Every figure lands in
@@ -102,7 +103,8 @@ class Speculative(registry.Pass):
     # paired timings, PEARL's workers timed while both run; 8: a from_target draft is carried only
     # as its compressed graph, the plan names the draft's source, stairs is replayed with its
     # schedule, drafts copied from the context (draft.lookup); 9: calibration continuations as long
-    # as decode.max_new_tokens (32..128), copying kept only where the replay predicts a gain
+    # as decode.max_new_tokens (32..128), copying kept only where the replay predicts a gain,
+    # PEARL's window by replay too
     needs = ("calibration",)
 
     class Params(registry.Params):
@@ -254,8 +256,10 @@ class Speculative(registry.Pass):
                 slowdown = worker_cost.target_step_seconds / cost.target_step_seconds
                 pearl = {"worker_threads": {"target": threads[0], "draft": threads[1]},
                          "worker_slowdown": slowdown, "worker_cost_ratio": c}
+            prediction = "acceptance replayed through PEARL's two modes (cost_model.pearl_replayed_speedup)"
             choice = cost_model.choose_pearl_gamma(alpha.alpha, c, gamma_max=self.params.gamma_max,
-                                                   verify_cost=pearl_verify, worker_slowdown=slowdown)
+                                                   verify_cost=pearl_verify, worker_slowdown=slowdown,
+                                                   trajectories=alpha.trajectories)
         elif self.params.strategy == "batch_speculative":
             choice = cost_model.choose_gamma(alpha.alpha, cost.cost_ratio, gamma_max=self.params.gamma_max,
                                              verify_cost=cost.verify)

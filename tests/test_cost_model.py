@@ -214,6 +214,27 @@ def test_greedy_replay_of_the_stairs_schedule_prices_its_rounds_and_calls(start)
     assert replayed != pytest.approx(replayed_speedup(est.trajectories, start, c, 1.0, catchup_cost=c2))
 
 
+@pytest.mark.parametrize("gamma, c", [(1, 0.3), (3, 0.2), (4, 0.45)])
+def test_greedy_pearl_replay_counts_the_loops_own_rounds_in_each_mode(gamma, c):
+    """PEARL greedy is deterministic too: the replay prices exactly its pre- and post-verify rounds."""
+    from accelc.decoding.cost_model import pearl_replayed_speedup
+    from accelc.decoding.pearl import pearl_generate
+
+    target = TableModel(random_table(8, seed=7))
+    draft = TableModel(noisy(target.table, seed=8, sigma=0.6))
+    prompts, new_tokens = [[1, 2], [4], [6, 0, 3]], 40
+
+    def verify(g):  # scoring g + 1 tokens
+        return 1.0 + 0.1 * g
+    est = estimate_alpha(target, draft, prompts, new_tokens=new_tokens)
+    positions = cost = 0.0
+    for prompt in prompts:
+        stats = pearl_generate(target, draft, prompt, new_tokens, gamma=gamma, concurrent=False).stats
+        positions += new_tokens - 1
+        cost += stats["rounds_pre"] * max(gamma * c, 1.0) + stats["rounds_post"] * max(gamma * c, verify(gamma - 1))
+    assert pearl_replayed_speedup(est.trajectories, gamma, c, verify) == pytest.approx(positions / cost)
+
+
 def test_replayed_gamma_choice_follows_bursty_acceptance():
     # the same mean acceptance, 0.9, in runs of 9 agreements and a miss: a draft of 9 tokens
     # fits every run exactly, while the i.i.d. model prices each draft as a fresh 0.9 coin

@@ -22,7 +22,9 @@ two-state chain's stationary mix gives
     E[tokens per round] = (1 - alpha^gamma) / ((1 - alpha) (1 + alpha - alpha^gamma))
     S_PEARL(gamma) = E[tokens per round] / max(gamma c, v)
 
-which assumes the two workers truly overlap (two devices, or spare cores).
+which assumes the two workers truly overlap (two devices, or spare cores). With measured
+acceptance, `pearl_replayed_speedup` replays the two modes position by position instead, as
+`replayed_speedup` does for one draft sequence a round (below).
 
 Trajectory replay [derived here]: acceptance is not i.i.d. A draft agrees with the target for
 long runs (set phrases, names, repetition) and disagrees in clusters, so the i.i.d. formula,
@@ -338,6 +340,37 @@ def replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: flo
     return positions / cost
 
 
+def pearl_replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: float,
+                           verify_cost: VerifyCost = 1.0) -> float:
+    """PEARL's speedup replayed over measured acceptance, through its two modes (pearl.py), in
+    units of the workers' own target step (divide by their slowdown, as choose_pearl_gamma does):
+
+        pre(i)  = max(gamma c, 1)          + beta_i post(i + 1) + (1 - beta_i) pre(i + 1)
+        post(i) = max(gamma c, v(gamma - 1)) + sum_a P(a | i) pre(i + a + 1) + P(gamma | i) post(i + gamma)
+
+    A pre-verify round checks one draft while the draft model drafts gamma; a post-verify round
+    checks gamma positions (the target feeds gamma tokens) while it drafts gamma more. Runs of
+    acceptance keep PEARL in post-verify, which the i.i.d. chain fed the mean alpha undercounts."""
+    _check(0.0, gamma, c)
+    pre_round, post_round = max(gamma * c, 1.0), max(gamma * c, _v(verify_cost, gamma - 1))
+    positions = cost = 0.0
+    for trajectory in trajectories:
+        beta = np.clip(np.asarray(trajectory, dtype=np.float64), 0.0, 1.0)
+        n = beta.size
+        pre, post = np.zeros(n + gamma + 1), np.zeros(n + gamma + 1)  # zero once every position is committed
+        for i in range(n - 1, -1, -1):
+            pre[i] = pre_round + beta[i] * post[i + 1] + (1.0 - beta[i]) * pre[i + 1]
+            b = beta[i:i + gamma]  # the window, cut where the budget ends
+            run = np.cumprod(np.concatenate(([1.0], b)))
+            post[i] = post_round + float(np.dot(run[:-1] * (1.0 - b), pre[i + 1:i + b.size + 1]))
+            post[i] += run[b.size] * (post[i + gamma] if b.size == gamma else 0.0)
+        positions += n
+        cost += pre[0]
+    if cost <= 0.0:
+        raise UsageError("replaying PEARL needs at least one measured position")
+    return positions / cost
+
+
 def batch_predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: VerifyCost = 1.0,
                             candidates: int = 2) -> float:
     """An approximation for k candidates (batch_speculative.py): a depth is accepted unless every
@@ -409,13 +442,18 @@ def choose_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX, verify_c
 
 
 def choose_pearl_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX,
-                       verify_cost: VerifyCost = 1.0, worker_slowdown: float = 1.0) -> GammaChoice:
-    """PEARL's window: argmax S_PEARL(gamma), or autoregressive when max S_PEARL <= 1.
+                       verify_cost: VerifyCost = 1.0, worker_slowdown: float = 1.0,
+                       trajectories: Sequence[Sequence[float]] = ()) -> GammaChoice:
+    """PEARL's window: argmax S_PEARL(gamma), or autoregressive when max S_PEARL <= 1; with
+    measured `trajectories`, S_PEARL is replayed over them (pearl_replayed_speedup).
 
     PEARL's two workers split the cores, so each model steps slower than it does alone:
     `c` and `verify_cost` are the workers' own, and `worker_slowdown` is the target worker's
     step time over the autoregressive step (all cores) that the speedup is measured against."""
     if worker_slowdown <= 0:
         raise UsageError(f"worker_slowdown must be positive, got {worker_slowdown}")
+    if trajectories:
+        return _choose("pearl", lambda g: pearl_replayed_speedup(trajectories, g, c, verify_cost) / worker_slowdown,
+                       alpha, c, gamma_max)
     return _choose("pearl", lambda g: pearl_predicted_speedup(alpha, g, c, verify_cost) / worker_slowdown,
                    alpha, c, gamma_max)
