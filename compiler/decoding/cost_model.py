@@ -316,14 +316,14 @@ def replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: flo
         after = np.zeros((n + 1, top + 1, 2))  # after[i, length, f] = T(i, f) at that draft length
         for i in range(n - 1, -1, -1):
             copied = np.clip(copies[i][:n - i - 1], 0.0, 1.0) if copies else np.zeros(0)
+            k = copied.size
+            if k:  # a round of copied drafts: the target's verify call only, for every draft length
+                run = np.cumprod(np.concatenate(([1.0], copied)))
+                base = (_v(verify_cost, k) + (run[:-1] * (1.0 - copied)) @ after[i + 1:i + k + 1, :, 1]
+                        + run[k] * after[i + k + 1, :, 1])
+                after[i] = np.stack([base, base], axis=-1)
+                continue
             for length in lengths:
-                if copied.size:  # a round of copied drafts: the target's verify call only
-                    run = np.cumprod(np.concatenate(([1.0], copied)))
-                    k = copied.size
-                    base = (_v(verify_cost, k) + float(np.dot(run[:-1] * (1.0 - copied), after[i + 1:i + k + 1, length, 1]))
-                            + run[k] * after[i + k + 1, length, 1])
-                    after[i, length] = (base, base)
-                    continue
                 g = min(length, n - i - 1)  # the loop never drafts past the token budget
                 shorter, longer = ((length, length) if schedule is None else
                                    (min(schedule(length, False), top), min(schedule(length, True), top)))

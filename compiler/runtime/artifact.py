@@ -31,8 +31,9 @@ class Artifact:
         except json.JSONDecodeError as exc:
             raise UsageError(f"{manifest}: corrupt manifest ({exc})") from None
 
-    @property
+    @cached_property
     def plan(self) -> dict:
+        """decode/plan.json, read once (an artifact does not change once written)."""
         path = self.dir / "decode" / "plan.json"
         return json.loads(path.read_text()) if path.exists() else {"strategy": "greedy"}
 
