@@ -17,8 +17,8 @@ per-prompt ratios), the cost model's predicted speedup (alpha and c measured on 
 that temperature; speculative and stairs: the acceptance replayed over the prompts' trajectories),
 the acceptance rate, and for greedy rows whether the tokens equal the autoregressive ones.
 With --lookup N the draft also copies up to N tokens from the context where its last tokens
-recurred (draft.lookup); speculative and stairs rows then use it, PEARL and batch speculative
-rows cannot. Speculative, batch speculative and stairs use the plan's gamma; PEARL the gamma its own round
+recurred (draft.lookup); speculative and stairs rows then use it where the plan kept it, PEARL
+where its own replay predicts a gain, batch speculative rows cannot. Speculative, batch speculative and stairs use the plan's gamma; PEARL the gamma its own round
 model picks for its workers, which get one ORT thread each (two cores here), priced with those
 workers' measured step times; the other methods use the artifact's session (all cores). Batch
 speculative uses the plan's number of candidates.
@@ -112,8 +112,8 @@ def main() -> int:
                    help="draft weights without zero points")
     p.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB, help="the draft's head scores this many most "
                    "frequent calibration tokens (0: the whole vocabulary)")
-    p.add_argument("--lookup", type=int, default=0, help="speculative and stairs rounds first copy up to N drafts "
-                   "from the context (draft.lookup; PEARL and batch speculative cannot); 0: off")
+    p.add_argument("--lookup", type=int, default=0, help="speculative, PEARL and stairs rounds first copy up to N "
+                   "drafts from the context (draft.lookup; batch speculative cannot); 0: off")
     p.add_argument("--gamma-max", type=int, default=8)
     p.add_argument("--artifact", help="reuse a compiled artifact")
     p.add_argument("--json", required=True)
@@ -161,10 +161,18 @@ def main() -> int:
         # what copied drafts keep, differs from prompt to prompt and grows with length
         est = cost_model.estimate_alpha(target, draft, prompts, sampler=sampler, lookup=lookup,
                                         new_tokens=args.new_tokens, **shared)
-        # each loop runs at the draft length its own cost model picks, as the pass would
-        pearl_choice = cost_model.choose_pearl_gamma(est.alpha, pearl_cost.cost_ratio, gamma_max=args.gamma_max,
-                                                     verify_cost=pearl_cost.verify, worker_slowdown=pearl_slowdown,
-                                                     trajectories=est.trajectories)
+        # each loop runs at the draft length its own cost model picks, and PEARL copies drafts
+        # only where its replay predicts that gains, as the pass would
+        def pearl_replay(lookups):
+            return cost_model.choose_pearl_gamma(est.alpha, pearl_cost.cost_ratio, gamma_max=args.gamma_max,
+                                                 verify_cost=pearl_cost.verify, worker_slowdown=pearl_slowdown,
+                                                 trajectories=est.trajectories, lookups=lookups,
+                                                 catchup_cost=pearl_cost.catchup_cost)
+        pearl_choice, pearl_lookup = pearl_replay(()), None
+        if lookup is not None:
+            copying = pearl_replay(est.lookups)
+            if copying.predicted_speedup > pearl_choice.predicted_speedup:
+                pearl_choice, pearl_lookup = copying, lookup
         pearl_gamma = pearl_choice.gamma
         replayed = cost_model.replayed_speedup(est.trajectories, gamma, cost.cost_ratio, cost.verify,
                                                cost.catchup_cost, lookups=est.lookups)
@@ -179,7 +187,7 @@ def main() -> int:
                                   cost_model.batch_predicted_speedup(est.alpha, gamma, cost.cost_ratio,
                                                                      cost.verify, candidates), gamma),
             "pearl": (lambda pr, s: pearl_generate(pearl_target, pearl_draft, pr, args.new_tokens, gamma=pearl_gamma,
-                                                   sampler=sampler, seed=s, **shared),
+                                                   sampler=sampler, seed=s, lookup=pearl_lookup, **shared),
                       pearl_choice.predicted_speedup, pearl_gamma),
         }
         if temp == 0:
@@ -212,7 +220,8 @@ def main() -> int:
                    "acceptance": None if name == "ar" else statistics.median(accept[name]),
                    "identical_to_ar": all(same[name]) if temp == 0 else None,
                    "alpha_estimate": est.alpha, "cost_ratio": cost.cost_ratio, "gamma": g,
-                   "lookup": lookup.to_dict() if lookup and name in ("speculative", "stairs") else None,
+                   "lookup": (pearl_lookup if name == "pearl" else lookup if name in ("speculative", "stairs")
+                              else None) and lookup.to_dict(),
                    "speedup_per_prompt": ratios}
             rows.append(row)
             pred = "-" if predicted is None else f"{predicted:.2f}"

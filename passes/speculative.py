@@ -11,7 +11,7 @@ round (speculative, stairs), the measured per-position acceptance replayed throu
 (cost_model.replayed_speedup); for PEARL, the same acceptance replayed through its two modes;
 for batch speculative, its i.i.d.-alpha round model. When no
 gamma predicts a gain, the plan stays autoregressive and says why. With `draft.lookup`, rounds
-of the speculative and stairs loops first copy their drafts from the context (decoding/lookup.py)
+of the speculative, stairs and PEARL loops first copy drafts from the context (decoding/lookup.py)
 and the replay prices that too; copying stays on only where it predicts a gain. Every figure lands in
 decode/plan.json and the manifest. Output is unchanged by construction: greedy plans give the
 target's greedy tokens exactly, which validation then checks on every backend.
@@ -58,7 +58,7 @@ class DraftSpec(registry.Params):
     lookup: int | None = Field(None, ge=1, le=64, description="each round first tries to copy up to N drafts "
                                "from the context: what followed the latest earlier occurrence of the sequence's "
                                "last tokens (prompt lookup decoding, no model call); the draft model drafts where "
-                               "nothing matches. speculative and stairs strategies")
+                               "nothing matches (PEARL: copies join its unverified drafts). Not batch_speculative")
     lookup_ngram: int = Field(3, ge=1, le=8, description="longest suffix `lookup` matches (it tries down to 2 "
                               "tokens, or 1 when this is 1)")
     search_generations: int = Field(4, ge=1, description="arch_search generations for a subnet draft")
@@ -97,14 +97,14 @@ class Speculative(registry.Pass):
     """Speculative decoding plan: draft model, measured alpha and cost ratio, gamma by predicted speedup."""
 
     name = "speculative"
-    version = 9  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused
+    version = 10  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused
     # drafts; 4: PEARL priced with its workers' threads; 5: a from_target draft adopts the prompt cache;
     # 6: alpha is measured that way, over 32 tokens per prompt; 7: gamma by replayed acceptance, c by
     # paired timings, PEARL's workers timed while both run; 8: a from_target draft is carried only
     # as its compressed graph, the plan names the draft's source, stairs is replayed with its
     # schedule, drafts copied from the context (draft.lookup); 9: calibration continuations as long
     # as decode.max_new_tokens (32..128), copying kept only where the replay predicts a gain,
-    # PEARL's window by replay too
+    # PEARL's window by replay too; 10: PEARL copies drafts too
     needs = ("calibration",)
 
     class Params(registry.Params):
@@ -122,9 +122,9 @@ class Speculative(registry.Pass):
 
         @model_validator(mode="after")
         def _lookup_loops(self):
-            if self.draft.lookup is not None and self.strategy not in ("speculative", "stairs"):
-                raise ValueError(f"draft 'lookup' (drafts copied from the context) works with the speculative "
-                                 f"and stairs strategies, not {self.strategy}")
+            if self.draft.lookup is not None and self.strategy == "batch_speculative":
+                raise ValueError("draft 'lookup' (drafts copied from the context) works with the speculative, "
+                                 "pearl and stairs strategies, not batch_speculative")
             return self
 
     def run(self, bundle, ctx):
@@ -243,7 +243,7 @@ class Speculative(registry.Pass):
         verify = dict(cost.verify_cost)
         pearl, prediction, lookup_report = {}, "i.i.d. alpha (algorithms.md 4 R6)", {}
         if self.params.strategy == "pearl":
-            c, pearl_verify, slowdown = cost.cost_ratio, cost.verify, 1.0
+            c, pearl_verify, pearl_catchup, slowdown = cost.cost_ratio, cost.verify, cost.catchup_cost, 1.0
             if workers is not None:
                 # PEARL's workers run at once, each on its share of the cores and each slowed by the
                 # other's use of the caches and memory bandwidth: price them that way
@@ -252,17 +252,21 @@ class Speculative(registry.Pass):
                 with progress.step(f"speculative: PEARL workers' costs ({threads[0]}+{threads[1]} threads)"):
                     worker_cost = cost_model.measure_cost_ratio(*workers(*threads), prompts[0], concurrent=True,
                                                                 verify_lengths=range(2, self.params.gamma_max + 2))
-                c, pearl_verify = worker_cost.cost_ratio, worker_cost.verify
+                c, pearl_verify, pearl_catchup = worker_cost.cost_ratio, worker_cost.verify, worker_cost.catchup_cost
                 slowdown = worker_cost.target_step_seconds / cost.target_step_seconds
                 pearl = {"worker_threads": {"target": threads[0], "draft": threads[1]},
                          "worker_slowdown": slowdown, "worker_cost_ratio": c}
             prediction = "acceptance replayed through PEARL's two modes (cost_model.pearl_replayed_speedup)"
-            choice = cost_model.choose_pearl_gamma(alpha.alpha, c, gamma_max=self.params.gamma_max,
-                                                   verify_cost=pearl_verify, worker_slowdown=slowdown,
-                                                   trajectories=alpha.trajectories)
+
+            def replay(lookups):
+                return cost_model.choose_pearl_gamma(alpha.alpha, c, gamma_max=self.params.gamma_max,
+                                                     verify_cost=pearl_verify, worker_slowdown=slowdown,
+                                                     trajectories=alpha.trajectories, lookups=lookups,
+                                                     catchup_cost=pearl_catchup)
         elif self.params.strategy == "batch_speculative":
-            choice = cost_model.choose_gamma(alpha.alpha, cost.cost_ratio, gamma_max=self.params.gamma_max,
-                                             verify_cost=cost.verify)
+            def replay(lookups):
+                return cost_model.choose_gamma(alpha.alpha, cost.cost_ratio, gamma_max=self.params.gamma_max,
+                                               verify_cost=cost.verify)
         else:  # one draft sequence a round: replay the measured acceptance through the loop
             prediction = "acceptance replayed over the calibration continuations (cost_model.replayed_speedup)"
             schedule = None
@@ -275,21 +279,21 @@ class Speculative(registry.Pass):
                 return cost_model.choose_gamma(alpha.alpha, cost.cost_ratio, gamma_max=self.params.gamma_max,
                                                verify_cost=cost.verify, trajectories=alpha.trajectories,
                                                catchup_cost=cost.catchup_cost, schedule=schedule, lookups=lookups)
-            choice = replay(())
-            if lookup is not None:
-                # copied drafts pay where the text repeats itself and the target agrees with the
-                # copy (greedy, mostly); sampled, a copied token survives with probability p(x):
-                # keep copying only where the replay says it gains
-                copying = replay(alpha.lookups)
-                lookup_report = {"lookup_predicted_speedup": copying.predicted_speedup,
-                                 "lookup_match_rate": float(np.mean([c.size > 0 for t in alpha.lookups for c in t])),
-                                 "predicted_speedup_without_lookup": choice.predicted_speedup}
-                if copying.predicted_speedup > choice.predicted_speedup:
-                    choice = copying
-                    prediction += ", with drafts copied from the context where it matches"
-                else:
-                    lookup = None
-                    prediction += "; copying drafts from the context predicted no gain, so it is off"
+        choice = replay(())
+        if lookup is not None:
+            # copied drafts pay where the text repeats itself and the target agrees with the
+            # copy (greedy, mostly); sampled, a copied token survives with probability p(x):
+            # keep copying only where the replay says it gains
+            copying = replay(alpha.lookups)
+            lookup_report = {"lookup_predicted_speedup": copying.predicted_speedup,
+                             "lookup_match_rate": float(np.mean([c.size > 0 for t in alpha.lookups for c in t])),
+                             "predicted_speedup_without_lookup": choice.predicted_speedup}
+            if copying.predicted_speedup > choice.predicted_speedup:
+                choice = copying
+                prediction += ", with drafts copied from the context where it matches"
+            else:
+                lookup = None
+                prediction += "; copying drafts from the context predicted no gain, so it is off"
         fallback = choice.method == "autoregressive" and self.params.fallback
         reason = choice.reason if fallback or choice.method != "autoregressive" else \
             f"{choice.reason}; the recipe disabled the fallback, so {self.params.strategy} is used anyway"

@@ -2,15 +2,14 @@
 exact sampling of the loops that use it, and the replay that prices it."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from accelc.decoding.autoregressive import Sampler, generate
 from accelc.decoding.lookup import Lookup, lookup_draft
-from accelc.decoding.speculative import speculative_generate
-from accelc.decoding.stairs import stairs_generate
 from accelc.errors import UsageError
 
-from test_speculative import (SAMPLES, TableModel, assert_distribution, exact_joint, noisy, random_table,
+from test_speculative import (SAMPLES, TableModel, assert_distribution, exact_joint, noisy, random_table, run,
                               sample_first_tokens)
 
 
@@ -41,7 +40,7 @@ def looping_pair(case: int):
     return target, draft
 
 
-@pytest.mark.parametrize("loop", ["speculative", "stairs"])
+@pytest.mark.parametrize("loop", ["speculative", "pearl", "stairs"])
 def test_greedy_output_is_the_targets_with_lookup_drafts(loop):
     copied_rounds = 0
     for case in range(6):
@@ -49,17 +48,16 @@ def test_greedy_output_is_the_targets_with_lookup_drafts(loop):
         prompt = [case % 10, (7 * case + 3) % 10]
         expected = generate(target, prompt, 48).tokens
         for lookup in (Lookup(), Lookup(tokens=2, max_ngram=1, min_ngram=1)):
-            if loop == "speculative":
-                got = speculative_generate(target, draft, prompt, 48, gamma=3, lookup=lookup)
-            else:
-                got = stairs_generate(target, draft, prompt, 48, candidates=3, lookup=lookup)
+            got = run(loop, target, draft, prompt, 48, gamma=3, lookup=lookup)
             assert got.tokens == expected, (loop, case, lookup)
             copied_rounds += got.stats["lookup_rounds"]
     assert copied_rounds > 20  # the loops really took their drafts from the context
 
 
-@pytest.mark.parametrize("sampler", [Sampler(temperature=1.0), Sampler(temperature=0.7, top_k=2)])
-def test_sampling_with_lookup_drafts_is_distributed_as_the_target(sampler):
+@pytest.mark.parametrize("loop, sampler", [("speculative", Sampler(temperature=1.0)),
+                                           ("speculative", Sampler(temperature=0.7, top_k=2)),
+                                           ("pearl", Sampler(temperature=1.0))])
+def test_sampling_with_lookup_drafts_is_distributed_as_the_target(loop, sampler):
     """A copied token is a draft with a one-hot q: accepted with probability p(x), else p without
     x is sampled. Over a 3-token vocabulary with 1-gram matches, most rounds are copied."""
     target = TableModel(random_table(3, seed=21))
@@ -67,7 +65,7 @@ def test_sampling_with_lookup_drafts_is_distributed_as_the_target(sampler):
     prompt, horizon = [0, 2, 1, 0], 4
     lookup = Lookup(tokens=2, max_ngram=2, min_ngram=1)
     exact = exact_joint(target, prompt, horizon, sampler)
-    samples = sample_first_tokens("speculative", target, draft, prompt, horizon, SAMPLES, gamma=2, sampler=sampler,
+    samples = sample_first_tokens(loop, target, draft, prompt, horizon, SAMPLES, gamma=2, sampler=sampler,
                                   lookup=lookup)
     assert_distribution(samples, exact)
 
@@ -90,10 +88,7 @@ def test_greedy_replay_with_lookup_prices_the_loops_own_rounds_and_calls(loop, s
         est = estimate_alpha(target, draft, [prompt], new_tokens=new_tokens, lookup=lookup)
         trajectories += est.trajectories
         lookups += est.lookups
-        if loop == "speculative":
-            stats = speculative_generate(target, draft, prompt, new_tokens, gamma=start, lookup=lookup).stats
-        else:
-            stats = stairs_generate(target, draft, prompt, new_tokens, candidates=start, lookup=lookup).stats
+        stats = run(loop, target, draft, prompt, new_tokens, gamma=start, lookup=lookup).stats
         model_drafted = stats["draft_calls"] - 1  # after the prefill every draft call drafts one token
         positions += new_tokens - 1
         cost += stats["rounds"] + c * model_drafted + (c2 - c) * stats["draft_catchup_calls"]
@@ -102,3 +97,60 @@ def test_greedy_replay_with_lookup_prices_the_loops_own_rounds_and_calls(loop, s
     schedule = next_candidates if loop == "stairs" else None
     replayed = replayed_speedup(trajectories, start, c, 1.0, catchup_cost=c2, schedule=schedule, lookups=lookups)
     assert replayed == pytest.approx(positions / cost)
+
+
+class FeedLog(TableModel):
+    """A TableModel that logs how many tokens each call fed (a round's target call)."""
+
+    def __init__(self, table):
+        super().__init__(table)
+        self.fed: list[int] = []
+
+    def extend(self, state, ids):
+        self.fed.append(int(np.asarray(ids).size))
+        return super().extend(state, ids)
+
+
+@pytest.mark.parametrize("gamma, c, c2, slope", [(1, 0.3, 0.5, 0.1), (3, 0.2, 0.2, 0.0), (4, 0.45, 0.45, 0.0),
+                                                 (3, 0.2, 0.5, 0.1), (4, 0.45, 0.5, 0.0)])
+def test_greedy_pearl_replay_with_lookup_prices_each_round_it_runs(gamma, c, c2, slope):
+    """PEARL's rounds with copies check U + copies + d_0 while the draft model first feeds the
+    copies: the replay counts the rounds the loop runs exactly and prices each at
+    max(draft work, v(tokens the target fed - 1)), the draft's work being gamma calls, the first
+    priced c2 when it fed several tokens. The one thing the replay cannot know is how many tokens
+    a lookup copies after a U that holds a wrong draft (the loop copies after whatever U is; the
+    replay sees the target's tokens there), so where a round's price depends on that count (a
+    verify cost that grows with the tokens fed, slope > 0, or a catch-up call dearer than a step,
+    c2 > c) the replay is within a few percent, not exact."""
+    from accelc.decoding.cost_model import estimate_alpha, pearl_replayed_speedup
+
+    lookup = Lookup(tokens=4, max_ngram=2, min_ngram=1)
+    new_tokens = 40
+
+    def verify(g):  # scoring g + 1 tokens
+        return 1.0 + slope * g
+    positions = cost = 0.0
+    trajectories, lookups, copied_rounds = [], [], 0
+    for case in range(3):
+        target, _ = looping_pair(case)
+        draft = TableModel(noisy(target.table, seed=case, sigma=1.5))
+        prompt = [case, (case + 4) % 10]
+        est = estimate_alpha(target, draft, [prompt], new_tokens=new_tokens, lookup=lookup)
+        trajectories += est.trajectories
+        lookups += est.lookups
+        logged_target, logged_draft = FeedLog(target.table), FeedLog(draft.table)
+        stats = run("pearl", logged_target, logged_draft, prompt, new_tokens, gamma=gamma, lookup=lookup).stats
+        rounds = logged_target.fed[1:]  # after the prefill, one target call a round ...
+        drafts = logged_draft.fed[1:]   # ... and gamma draft calls
+        assert len(rounds) == stats["rounds"] and len(drafts) == gamma * stats["rounds"]
+        for r, fed in enumerate(rounds):
+            first = drafts[gamma * r]
+            draft_work = (c2 if first > 1 else c) + (gamma - 1) * c
+            cost += max(draft_work, verify(fed - 1) if fed > 1 else 1.0)
+        positions += new_tokens - 1
+        copied_rounds += stats["lookup_rounds"]
+    assert copied_rounds > 5
+    replayed = pearl_replayed_speedup(trajectories, gamma, c, verify, lookups, catchup_cost=c2)
+    exact = gamma == 1 or (slope == 0 and c2 == c)
+    assert replayed == pytest.approx(positions / cost, rel=1e-6 if exact else 0.03)
+    assert replayed != pytest.approx(pearl_replayed_speedup(trajectories, gamma, c, verify), rel=0.03)

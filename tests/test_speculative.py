@@ -102,11 +102,11 @@ def run(method: str, target, draft, prompt, max_new, *, gamma=2, sampler=Sampler
                                           **shared)
     if method == "pearl":
         return pearl_generate(target, draft, prompt, max_new, gamma=gamma, sampler=sampler, eos_ids=eos_ids,
-                              seed=seed, concurrent=kw.get("concurrent", False), **shared)
+                              seed=seed, concurrent=kw.get("concurrent", False), lookup=kw.get("lookup"), **shared)
     if method == "stairs":
         assert sampler.temperature == 0.0
         return stairs_generate(target, draft, prompt, max_new, candidates=gamma, eos_ids=eos_ids,
-                               validation=kw.get("validation", "auto"), **shared)
+                               validation=kw.get("validation", "auto"), lookup=kw.get("lookup"), **shared)
     raise KeyError(method)
 
 

@@ -201,21 +201,23 @@ def test_bad_compressed_drafts_are_usage_errors(cli, tiny_recipe, tmp_path, draf
 
 def test_lookup_with_a_loop_that_cannot_copy_is_a_usage_error(cli, tiny_recipe, tmp_path):
     recipe = after_export(tiny_recipe, "{keep_layers: [0], lookup: 4}")
-    recipe.write_text(recipe.read_text().replace("strategy: speculative", "strategy: pearl"))
+    recipe.write_text(recipe.read_text().replace("strategy: speculative", "strategy: batch_speculative"))
     code, _, err = cli("compile", recipe, "-o", tmp_path / "out")
-    assert code == 2 and "speculative and stairs" in err and "Traceback" not in err
+    assert code == 2 and "not batch_speculative" in err and "Traceback" not in err
 
 
 def test_pearl_plan_prices_and_runs_its_workers_on_their_share_of_the_cores(cli, tiny_recipe, tmp_path):
     from accelc.runtime.artifact import Artifact
 
-    recipe = after_export(tiny_recipe, "{keep_layers: [0]}")
+    recipe = after_export(tiny_recipe, "{keep_layers: [0], lookup: 4}")
     recipe.write_text(recipe.read_text().replace("strategy: speculative", "strategy: pearl\n    pearl_threads: [1, 1]"))
     out = tmp_path / "out"
     code, _, err = cli("compile", recipe, "-o", out)
     assert code == 0, err
     plan = json.loads((out / "decode" / "plan.json").read_text())
     assert plan["strategy"] == "pearl" and plan["worker_threads"] == {"target": 1, "draft": 1}
+    # PEARL copies drafts too, where its replay predicts that gains
+    assert ("lookup" in plan) == (plan["lookup_predicted_speedup"] > plan["predicted_speedup_without_lookup"])
     assert plan["worker_slowdown"] > 0 and plan["worker_cost_ratio"] > 0
     target, draft = Artifact(out).decode_pair("ort")
     assert [m.session.get_session_options().intra_op_num_threads for m in (target, draft)] == [1, 1]

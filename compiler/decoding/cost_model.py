@@ -341,29 +341,42 @@ def replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: flo
 
 
 def pearl_replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: float,
-                           verify_cost: VerifyCost = 1.0) -> float:
+                           verify_cost: VerifyCost = 1.0, lookups: Sequence[Sequence[np.ndarray]] = (),
+                           catchup_cost: float | None = None) -> float:
     """PEARL's speedup replayed over measured acceptance, through its two modes (pearl.py), in
-    units of the workers' own target step (divide by their slowdown, as choose_pearl_gamma does):
+    units of the workers' own target step (divide by their slowdown, as choose_pearl_gamma does).
+    A round at position i with u unverified drafts (pre-verify: u = 0; post-verify: u = gamma - 1)
+    checks them and d_0 while the draft model drafts gamma tokens:
 
-        pre(i)  = max(gamma c, 1)          + beta_i post(i + 1) + (1 - beta_i) pre(i + 1)
-        post(i) = max(gamma c, v(gamma - 1)) + sum_a P(a | i) pre(i + a + 1) + P(gamma | i) post(i + gamma)
+        T(i, u) = max(gamma c, v(u)) + sum_a P(first rejection at a | i) pre(i + a + 1)
+                                     + P(all u + 1 accepted | i) post(i + u + 1)
 
-    A pre-verify round checks one draft while the draft model drafts gamma; a post-verify round
-    checks gamma positions (the target feeds gamma tokens) while it drafts gamma more. Runs of
-    acceptance keep PEARL in post-verify, which the i.i.d. chain fed the mean alpha undercounts."""
+    Runs of acceptance keep PEARL in post-verify, which the i.i.d. chain fed the mean alpha
+    undercounts. `lookups` (AlphaEstimate.lookups): where the context matches at position i + u,
+    its k copied drafts join U, so the round checks u + k + 1 positions, and the draft model,
+    which drafts after the copies, first feeds them: max(c2 + (gamma - 1) c, v(u + k)), with c2
+    the draft's measured two-token call (`catchup_cost`; None: c) whatever k is.
+    Copies rarely pay here when the draft paces the rounds (gamma c > v): they lengthen no round's
+    draft work, and a rejected copy ends a post-verify run the draft's own tokens might have kept."""
     _check(0.0, gamma, c)
-    pre_round, post_round = max(gamma * c, 1.0), max(gamma * c, _v(verify_cost, gamma - 1))
+    copied_round = (c if catchup_cost is None else float(catchup_cost)) + (gamma - 1) * c
     positions = cost = 0.0
-    for trajectory in trajectories:
+    for t, trajectory in enumerate(trajectories):
         beta = np.clip(np.asarray(trajectory, dtype=np.float64), 0.0, 1.0)
         n = beta.size
-        pre, post = np.zeros(n + gamma + 1), np.zeros(n + gamma + 1)  # zero once every position is committed
+        copies = lookups[t] if lookups else ()
+        pre, post = np.zeros(n + 1), np.zeros(n + 1)  # zero once every position is committed
         for i in range(n - 1, -1, -1):
-            pre[i] = pre_round + beta[i] * post[i + 1] + (1.0 - beta[i]) * pre[i + 1]
-            b = beta[i:i + gamma]  # the window, cut where the budget ends
-            run = np.cumprod(np.concatenate(([1.0], b)))
-            post[i] = post_round + float(np.dot(run[:-1] * (1.0 - b), pre[i + 1:i + b.size + 1]))
-            post[i] += run[b.size] * (post[i + gamma] if b.size == gamma else 0.0)
+            for u, out in ((0, pre), (gamma - 1, post)):
+                # the checked positions' acceptance: U, the copies, d_0; cut where the budget ends
+                at = min(i + u, n)
+                copied = np.clip(copies[at][:n - at - 1], 0.0, 1.0) if copies and at < n else np.zeros(0)
+                k = copied.size
+                b = np.concatenate((beta[i:i + u], copied, beta[i + u + k:i + u + k + 1]))[:n - i]
+                run = np.cumprod(np.concatenate(([1.0], b)))  # run[a] = P(the first a accepted)
+                out[i] = (max(copied_round if k else gamma * c, _v(verify_cost, u + k) if u + k else 1.0)
+                          + float(np.dot(run[:-1] * (1.0 - b), pre[i + 1:i + b.size + 1]))
+                          + run[b.size] * (post[i + b.size] if b.size == u + k + 1 else 0.0))
         positions += n
         cost += pre[0]
     if cost <= 0.0:
@@ -443,9 +456,11 @@ def choose_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX, verify_c
 
 def choose_pearl_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX,
                        verify_cost: VerifyCost = 1.0, worker_slowdown: float = 1.0,
-                       trajectories: Sequence[Sequence[float]] = ()) -> GammaChoice:
+                       trajectories: Sequence[Sequence[float]] = (),
+                       lookups: Sequence[Sequence[np.ndarray]] = (), catchup_cost: float | None = None) -> GammaChoice:
     """PEARL's window: argmax S_PEARL(gamma), or autoregressive when max S_PEARL <= 1; with
-    measured `trajectories`, S_PEARL is replayed over them (pearl_replayed_speedup).
+    measured `trajectories` (and `lookups`, with the draft's `catchup_cost`), S_PEARL is replayed
+    over them (pearl_replayed_speedup).
 
     PEARL's two workers split the cores, so each model steps slower than it does alone:
     `c` and `verify_cost` are the workers' own, and `worker_slowdown` is the target worker's
@@ -453,7 +468,7 @@ def choose_pearl_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX,
     if worker_slowdown <= 0:
         raise UsageError(f"worker_slowdown must be positive, got {worker_slowdown}")
     if trajectories:
-        return _choose("pearl", lambda g: pearl_replayed_speedup(trajectories, g, c, verify_cost) / worker_slowdown,
-                       alpha, c, gamma_max)
+        return _choose("pearl", lambda g: pearl_replayed_speedup(trajectories, g, c, verify_cost, lookups, catchup_cost)
+                       / worker_slowdown, alpha, c, gamma_max)
     return _choose("pearl", lambda g: pearl_predicted_speedup(alpha, g, c, verify_cost) / worker_slowdown,
                    alpha, c, gamma_max)

@@ -4,8 +4,9 @@
 Generated text repeats its context: names, phrases, code, a quoted passage, a loop a small model
 falls into. Where the last n tokens of the sequence occurred before, the tokens that followed
 them then are a draft that costs no model call at all. The loops in `speculative` and `stairs`
-try this first each round and fall back to the draft model where the context has no match, so
-a round's draft has one of two sources:
+try this first each round and fall back to the draft model where the context has no match
+(`pearl` adds the copies to its unverified drafts instead, and drafts after them), so a round's
+draft has one of two sources:
 
     lookup: the longest suffix of the sequence, of max_ngram down to min_ngram tokens, that also
             occurs earlier (its latest earlier occurrence wins); up to `tokens` of what followed

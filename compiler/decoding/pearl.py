@@ -20,6 +20,12 @@ d_1.. become U, stay in post-verify: this is the adaptive draft length, runs of 
 ... tokens continue without a break. A rejection at i: commit the accepted prefix and a
 residual sample, roll both models back with `truncate`, switch to pre-verify.
 
+Drafts copied from the context (`lookup`, lookup.py): at the start of a round, where the end of
+x = verified + U recurred earlier in the sequence, the tokens that followed it then join U as
+copied drafts C (one-hot q), so the target checks U + C + d_0 in this round's call while the
+draft model drafts after x + C: a post-verify round whose window grew at no draft cost. The
+target's call feeds |C| more tokens, which on a CPU costs little more than one.
+
 Every committed token passes the exact SD rule min(1, p/q) with residual norm(max(p - q, 0))
 (there is no bonus token in PEARL), so the output is distributed exactly as the target's;
 at temperature 0 it is the target's greedy output. Randomness is per position (see
@@ -39,8 +45,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
 from accelc.decoding.autoregressive import GenerationResult, Sampler
-from accelc.decoding.speculative import (SpecStats, begin, check_args, commit, draft_tokens, own_sample,
-                                         verify_chain)
+from accelc.decoding.lookup import Lookup
+from accelc.decoding.speculative import (SpecStats, begin, check_args, commit, copied_drafts, draft_tokens,
+                                         own_sample, verify_chain)
 from accelc.runtime.base import StepModel
 
 DEFAULT_GAMMA = 4  # PEARL's scripts use 3 to 5 (gamma ~ t_target / t_draft); the cost model refines it
@@ -84,9 +91,11 @@ class _Workers:
 
 def pearl_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], max_new_tokens: int, *,
                    gamma: int = DEFAULT_GAMMA, sampler: Sampler = Sampler(), eos_ids: Sequence[int] = (),
-                   seed: int = 0, concurrent: bool = True, prompt_kv_from_target: bool = False) -> GenerationResult:
+                   seed: int = 0, concurrent: bool = True, prompt_kv_from_target: bool = False,
+                   lookup: Lookup | None = None) -> GenerationResult:
     """PEARL with window `gamma`; `concurrent=False` is the deterministic single-thread schedule;
-    prompt_kv_from_target: see speculative.open_pair."""
+    prompt_kv_from_target: see speculative.open_pair; lookup: rounds add drafts copied from the
+    context to U where it has a match (the module doc)."""
     check_args(prompt, max_new_tokens, gamma=gamma)
     workers = _Workers(concurrent)
     try:
@@ -104,14 +113,22 @@ def pearl_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], m
         while not done:
             n = len(tokens)
             x = tokens + unverified
+            # copies go only as far as the budget: U, the copies and d_0 are all this round can commit
+            copies, copies_q = copied_drafts(x, lookup, max_new_tokens - (len(x) - n_prompt) - 1, sampler, dft.vocab)
+            if copies:
+                unverified, unverified_q, x = unverified + copies, unverified_q + copies_q, x + copies
+                stats.lookup_rounds += 1
+                if mode == PRE:  # U is no longer empty: this round verifies it
+                    transitions["pre_to_post"] += 1
+                    mode = POST
             # both workers start from x: the draft drafts gamma tokens after it, the target scores
-            # positions n .. len(x) (pre-verify: 1 row; post-verify: gamma rows)
+            # positions n .. len(x) (pre-verify: 1 row; post-verify: |U| + 1 rows)
             (drafts, qs), rows = workers.both(lambda: draft_tokens(dft, x, gamma, sampler, seed),
                                               lambda: tgt.logits_from(x, start=n))
             checked, checked_q = unverified + drafts[:1], unverified_q + qs[:1]
             j, t = verify_chain(rows, checked, checked_q, sampler, seed, n, stats)
             stats.rounds += 1
-            stats.drafted += gamma
+            stats.drafted += gamma + len(copies)
             trace.append(mode)
             before = len(tokens)
             if t is None:  # all checked tokens accepted: the rest of this round's drafts become U
@@ -136,4 +153,5 @@ def pearl_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], m
     return GenerationResult(tokens[n_prompt:], t1 - t0, t2 - t1, stats.as_dict(
         tgt, dft, method="pearl", gamma=gamma, concurrent=concurrent, mode_trace=trace,
         rounds_pre=trace.count(PRE), rounds_post=trace.count(POST), **transitions,
+        lookup=lookup.to_dict() if lookup else None,
         draft_busy_seconds=workers.busy["draft"], target_busy_seconds=workers.busy["target"]))

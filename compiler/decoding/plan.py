@@ -58,7 +58,7 @@ def run_plan(plan: Mapping[str, Any], target, draft, prompt: Sequence[int], max_
         from accelc.decoding.pearl import pearl_generate
 
         return pearl_generate(target, draft, prompt, max_new_tokens, gamma=gamma, sampler=sampler,
-                              eos_ids=eos_ids, seed=seed, **shared)
+                              eos_ids=eos_ids, seed=seed, lookup=lookup, **shared)
     from accelc.decoding.stairs import stairs_generate
 
     if sampler.temperature != 0.0:

@@ -260,21 +260,29 @@ def draft_tokens(cursor: ModelCursor, context: Sequence[int], count: int, sample
     return drafts, qs
 
 
+def copied_drafts(context: Sequence[int], lookup: Lookup | None, limit: int | None, sampler: Sampler,
+                  vocab: int) -> tuple[list[int], list[np.ndarray | None]]:
+    """Drafts copied from the context (lookup.py; [] without a match or a lookup), each with the
+    one-hot q of a deterministic draft (None when greedy)."""
+    copied = lookup_draft(context, lookup, limit) if lookup is not None else []
+    if sampler.temperature == 0.0:
+        return copied, [None] * len(copied)
+    qs = []
+    for x in copied:
+        q = np.zeros(vocab)
+        q[x] = 1.0
+        qs.append(q)
+    return copied, qs
+
+
 def propose(cursor: ModelCursor, context: Sequence[int], count: int, sampler: Sampler, seed: int,
             lookup: Lookup | None = None, limit: int | None = None) -> tuple[list[int], list[np.ndarray | None], bool]:
     """A round's drafts after `context`: copied from the context when `lookup` finds a match (at
-    most `limit` tokens; each with the one-hot q of a deterministic draft, None when greedy),
-    else `count` tokens from the draft model (draft_tokens). The flag says whether they were copied."""
-    copied = lookup_draft(context, lookup, limit) if lookup is not None else []
+    most `limit` tokens, copied_drafts), else `count` tokens from the draft model (draft_tokens).
+    The flag says whether they were copied."""
+    copied, qs = copied_drafts(context, lookup, limit, sampler, cursor.vocab)
     if not copied:
         return (*draft_tokens(cursor, context, count, sampler, seed), False)
-    if sampler.temperature == 0.0:
-        return copied, [None] * len(copied), True
-    qs = []
-    for x in copied:
-        q = np.zeros(cursor.vocab)
-        q[x] = 1.0
-        qs.append(q)
     return copied, qs, True
 
 
