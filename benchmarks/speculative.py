@@ -14,7 +14,7 @@ continuations of real prompts (Austen, "Persuasion"), measures tokens/s of autor
 speculative, batch speculative, PEARL and stairs decoding at each temperature, in one run,
 interleaved prompt by prompt. Each row: measured speedup vs autoregressive (the median of the
 per-prompt ratios), the cost model's predicted speedup (alpha and c measured on this backend at
-that temperature; speculative and stairs: the acceptance replayed over the prompts' trajectories),
+that temperature, the acceptance replayed over the prompts' trajectories through each loop),
 the acceptance rate, and for greedy rows whether the tokens equal the autoregressive ones.
 With --lookup N the draft also copies up to N tokens from the context where its last tokens
 recurred (draft.lookup); speculative and stairs rows then use it where the plan kept it, PEARL
@@ -152,15 +152,15 @@ def main() -> int:
     # PEARL's workers run one thread each, at once: predict with their own costs measured while
     # both run, in units of the two-thread target step that autoregressive decoding takes
     pearl_cost = cost_model.measure_cost_ratio(pearl_target, pearl_draft, prompts[0], verify_lengths=lengths,
-                                               concurrent=True)
-    pearl_slowdown = pearl_cost.target_step_seconds / cost.target_step_seconds
+                                               concurrent=True, baseline=target)
+    pearl_slowdown = pearl_cost.baseline_ratio  # timed beside the two-thread target, repeat by repeat
     rows = []
     for temp in args.temperatures:
         sampler = Sampler(temp) if temp > 0 else Sampler()
         # the same prompts, continued as far as the runs go: how much text repeats itself, and so
         # what copied drafts keep, differs from prompt to prompt and grows with length
         est = cost_model.estimate_alpha(target, draft, prompts, sampler=sampler, lookup=lookup,
-                                        new_tokens=args.new_tokens, **shared)
+                                        new_tokens=args.new_tokens, candidates=candidates, **shared)
         # each loop runs at the draft length its own cost model picks, and PEARL copies drafts
         # only where its replay predicts that gains, as the pass would
         def pearl_replay(lookups):
@@ -184,8 +184,9 @@ def main() -> int:
             "batch_speculative": (lambda pr, s: batch_speculative_generate(target, draft, pr, args.new_tokens,
                                                                            gamma=gamma, num_candidates=candidates,
                                                                            sampler=sampler, seed=s, **shared),
-                                  cost_model.batch_predicted_speedup(est.alpha, gamma, cost.cost_ratio,
-                                                                     cost.verify, candidates), gamma),
+                                  cost_model.batch_replayed_speedup(est.trajectories, est.first_accepts, gamma,
+                                                                    cost.cost_ratio, candidates, cost.verify,
+                                                                    cost.catchup_cost), gamma),
             "pearl": (lambda pr, s: pearl_generate(pearl_target, pearl_draft, pr, args.new_tokens, gamma=pearl_gamma,
                                                    sampler=sampler, seed=s, lookup=pearl_lookup, **shared),
                       pearl_choice.predicted_speedup, pearl_gamma),

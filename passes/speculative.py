@@ -9,7 +9,7 @@ Runtime graphs when the pass follows export_onnx, which is what deploys; torch e
 and picks the draft length gamma that maximises the predicted speedup: for one draft sequence a
 round (speculative, stairs), the measured per-position acceptance replayed through the loop
 (cost_model.replayed_speedup); for PEARL, the same acceptance replayed through its two modes;
-for batch speculative, its i.i.d.-alpha round model. When no
+for batch speculative, replayed with its candidates' acceptance at each round's first position. When no
 gamma predicts a gain, the plan stays autoregressive and says why. With `draft.lookup`, rounds
 of the speculative, stairs and PEARL loops first copy drafts from the context (decoding/lookup.py)
 and the replay prices that too; copying stays on only where it predicts a gain. Every figure lands in
@@ -104,7 +104,7 @@ class Speculative(registry.Pass):
     # as its compressed graph, the plan names the draft's source, stairs is replayed with its
     # schedule, drafts copied from the context (draft.lookup); 9: calibration continuations as long
     # as decode.max_new_tokens (32..128), copying kept only where the replay predicts a gain,
-    # PEARL's window by replay too; 10: PEARL copies drafts too
+    # PEARL's window by replay too; 10: PEARL copies drafts too, batch speculative by replay
     needs = ("calibration",)
 
     class Params(registry.Params):
@@ -235,7 +235,9 @@ class Speculative(registry.Pass):
         new_tokens = min(max(cost_model.CALIBRATION_NEW_TOKENS, int(decode["max_new_tokens"])), MAX_CALIBRATION_TOKENS)
         with progress.step(f"speculative: alpha on {len(prompts)} calibration prompts x {new_tokens} tokens"):
             alpha = cost_model.estimate_alpha(target, draft, prompts, sampler=sampler, new_tokens=new_tokens,
-                                              prompt_kv_from_target=self.params.draft.from_target, lookup=lookup)
+                                              prompt_kv_from_target=self.params.draft.from_target, lookup=lookup,
+                                              candidates=(self.params.num_candidates
+                                                          if self.params.strategy == "batch_speculative" else 1))
         with progress.step(f"speculative: cost ratio c ({backend})"):
             cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=range(2, self.params.gamma_max + 2))
         # a verification round feeds the last committed token plus gamma drafts: gamma + 1 tokens,
@@ -250,10 +252,12 @@ class Speculative(registry.Pass):
                 cores = os.cpu_count() or 2
                 threads = self.params.pearl_threads or [max(1, cores - cores // 2), max(1, cores // 2)]
                 with progress.step(f"speculative: PEARL workers' costs ({threads[0]}+{threads[1]} threads)"):
+                    # the slowdown against the all-core target is timed in the same repeats
                     worker_cost = cost_model.measure_cost_ratio(*workers(*threads), prompts[0], concurrent=True,
-                                                                verify_lengths=range(2, self.params.gamma_max + 2))
+                                                                verify_lengths=range(2, self.params.gamma_max + 2),
+                                                                baseline=target)
                 c, pearl_verify, pearl_catchup = worker_cost.cost_ratio, worker_cost.verify, worker_cost.catchup_cost
-                slowdown = worker_cost.target_step_seconds / cost.target_step_seconds
+                slowdown = worker_cost.baseline_ratio
                 pearl = {"worker_threads": {"target": threads[0], "draft": threads[1]},
                          "worker_slowdown": slowdown, "worker_cost_ratio": c}
             prediction = "acceptance replayed through PEARL's two modes (cost_model.pearl_replayed_speedup)"
@@ -264,9 +268,14 @@ class Speculative(registry.Pass):
                                                      trajectories=alpha.trajectories, lookups=lookups,
                                                      catchup_cost=pearl_catchup)
         elif self.params.strategy == "batch_speculative":
+            prediction = ("acceptance replayed over the calibration continuations, the candidates' own at each "
+                          "round's first position (cost_model.batch_replayed_speedup)")
+
             def replay(lookups):
-                return cost_model.choose_gamma(alpha.alpha, cost.cost_ratio, gamma_max=self.params.gamma_max,
-                                               verify_cost=cost.verify)
+                return cost_model.choose_batch_gamma(alpha.alpha, cost.cost_ratio, self.params.num_candidates,
+                                                     gamma_max=self.params.gamma_max, verify_cost=cost.verify,
+                                                     trajectories=alpha.trajectories,
+                                                     first_accepts=alpha.first_accepts, catchup_cost=cost.catchup_cost)
         else:  # one draft sequence a round: replay the measured acceptance through the loop
             prediction = "acceptance replayed over the calibration continuations (cost_model.replayed_speedup)"
             schedule = None

@@ -113,8 +113,13 @@ def test_cost_ratio_is_measured_per_decode_step():
     assert 0.1 < m.cost_ratio < 0.5
     assert 0.5 < m.verify_cost[1] < 2.0 and 0.5 < m.verify(3) < 2.0
     assert set(m.to_dict()) == {"cost_ratio", "target_step_seconds", "draft_step_seconds", "verify_cost",
-                                "catchup_cost"}
+                                "catchup_cost", "baseline_ratio"}
     assert 0.1 < m.catchup_cost < 0.5  # the draft's two-token call: one sleep of the draft, in target steps
+    assert m.baseline_ratio is None
+    # a baseline timed in the same repeats: the target's step over it (PEARL's worker slowdown)
+    paired = measure_cost_ratio(Slow(table, 0.010), Slow(table, 0.0025), [1, 2], steps=4, repeats=3,
+                                baseline=Slow(table, 0.005))
+    assert 1.3 < paired.baseline_ratio < 3.0
 
 
 def test_concurrent_costs_time_each_model_while_the_other_decodes():
@@ -191,6 +196,30 @@ def test_greedy_replay_prices_the_loops_own_rounds_and_calls(gamma):
         positions += new_tokens - 1  # the first token comes from the prefill
         cost += stats["rounds"] + c * stats["drafted"] + (c2 - c) * catchups
     assert replayed_speedup(est.trajectories, gamma, c, 1.0, catchup_cost=c2) == pytest.approx(positions / cost)
+
+
+@pytest.mark.parametrize("gamma, candidates", [(1, 2), (3, 2), (4, 3)])
+def test_greedy_batch_replay_prices_the_loops_own_rounds_and_calls(gamma, candidates):
+    """Greedy batch speculative is deterministic too: with the k candidates' first-position
+    acceptance recorded, the replay counts exactly its rounds, draft calls (1 + k (g - 1) a
+    round), catch-up calls and the target's extra call for a path other than candidate 0's."""
+    from accelc.decoding.batch_speculative import batch_speculative_generate
+    from accelc.decoding.cost_model import batch_replayed_speedup
+
+    target = TableModel(random_table(8, seed=11))
+    draft = TableModel(noisy(target.table, seed=12, sigma=1.0))
+    prompts, new_tokens, c, c2 = [[1, 2], [4], [6, 0, 3]], 40, 0.3, 0.45
+    est = estimate_alpha(target, draft, prompts, new_tokens=new_tokens, candidates=candidates)
+    assert all((f >= b).all() for f, b in zip(est.first_accepts, est.trajectories))
+    assert sum(f.sum() - b.sum() for f, b in zip(est.first_accepts, est.trajectories)) > 3  # later candidates matter
+    positions = cost = 0.0
+    for prompt in prompts:
+        stats = batch_speculative_generate(target, draft, prompt, new_tokens, gamma=gamma,
+                                           num_candidates=candidates).stats
+        positions += new_tokens - 1
+        cost += (stats["target_calls"] - 1) + c * (stats["draft_calls"] - 1) + (c2 - c) * stats["draft_catchup_calls"]
+    replayed = batch_replayed_speedup(est.trajectories, est.first_accepts, gamma, c, candidates, 1.0, catchup_cost=c2)
+    assert replayed == pytest.approx(positions / cost)
 
 
 @pytest.mark.parametrize("start", [1, 3, 5])

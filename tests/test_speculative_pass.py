@@ -32,6 +32,7 @@ def test_rewritten_loop_is_validated_on_every_backend(cli, tiny_recipe, tmp_path
     for key in ("alpha", "cost_ratio", "gamma", "predicted_speedup", "predicted_curve"):
         assert key in plan
     assert 0.0 <= plan["alpha"] <= 1.0 and plan["cost_ratio"] > 0
+    assert "replayed" in plan["prediction"]  # every loop is priced over the measured acceptance
     report = json.loads((out / "reports" / "validation.json").read_text())
     assert report["decode_plan"]["verdict"] == "pass"
     assert set(report["decode_plan"]["backends"]) == {"torch", "ort"}

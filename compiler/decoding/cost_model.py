@@ -45,7 +45,9 @@ own rounds and draft calls exactly. A loop whose draft length moves between roun
 round at schedule(l, a == g); gamma is then the length of the first round. A round that copies
 its drafts from the context (lookup.py) costs the verify call v(k) alone, accepts the copies
 with their recorded acceptance (copied_acceptance), keeps the length, and leaves the draft a
-catch-up call (f = 1).
+catch-up call (f = 1). Batch speculative decoding replays the same way
+(`batch_replayed_speedup`), with its k candidates' acceptance at a round's first position,
+where they all start from one prefix.
 """
 from __future__ import annotations
 
@@ -85,6 +87,21 @@ def acceptance_from_logits(target_logits: np.ndarray, draft_logits: np.ndarray,
                      for t, d in zip(target_logits, draft_logits)])
 
 
+def first_acceptance(target_logits: np.ndarray, draft_logits: np.ndarray, sampler: Sampler,
+                     candidates: int) -> np.ndarray:
+    """Per paired row, P(some of k draft candidates is accepted) at a batch speculative round's
+    first position, where all k are drafted from one prefix (batch_speculative.py): greedy, 1
+    where the target's argmax is among the draft's k most likely tokens (the loop's candidates);
+    sampling, 1 - prod_m TV(r_m, q) of recursive rejection over k i.i.d. draws."""
+    from accelc.decoding.batch_speculative import all_rejected_probability
+
+    if sampler.temperature == 0.0:
+        top = np.argsort(-draft_logits, axis=-1, kind="stable")[:, :candidates]
+        return (top == np.argmax(target_logits, -1)[:, None]).any(-1).astype(np.float64)
+    return np.array([1.0 - all_rejected_probability(sampler.probs(t), sampler.probs(d), candidates)
+                     for t, d in zip(target_logits, draft_logits)])
+
+
 @dataclass(frozen=True)
 class AlphaEstimate:
     alpha: float
@@ -95,6 +112,9 @@ class AlphaEstimate:
     # with a Lookup: per prompt and position, the acceptance of each token copied from the context
     # there (empty: no match); see copied_acceptance
     lookups: tuple[tuple[np.ndarray, ...], ...] = field(default=(), repr=False, compare=False)
+    # with candidates k > 1: per prompt and position, P(one of k candidates accepted) there
+    # (first_acceptance), what batch_replayed_speedup prices a round's first position with
+    first_accepts: tuple[np.ndarray, ...] = field(default=(), repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {"alpha": self.alpha, "stderr": self.stderr, "positions": self.positions}
@@ -120,7 +140,7 @@ def copied_acceptance(prompt: Sequence[int], continuation: Sequence[int], probs:
 def estimate_alpha(target: StepModel, draft: StepModel, prompts: Sequence[Sequence[int]], *,
                    sampler: Sampler = Sampler(), new_tokens: int = CALIBRATION_NEW_TOKENS,
                    seed: int = 0, prompt_kv_from_target: bool = False,
-                   lookup: Lookup | None = None) -> AlphaEstimate:
+                   lookup: Lookup | None = None, candidates: int = 1) -> AlphaEstimate:
     """alpha = 1 - E[TV(p, q)] on calibration prompts, along the target's own continuations.
 
     Per prompt: the target generates `new_tokens` with `sampler`; then one prefill of each model
@@ -130,9 +150,10 @@ def estimate_alpha(target: StepModel, draft: StepModel, prompts: Sequence[Sequen
     prompt_kv_from_target: as the loops then run (speculative.open_pair), the draft starts from
     the target's cache of the prompt and scores the continuation from there.
     lookup: also record what copying from the context would propose and keep (copied_acceptance).
+    candidates > 1: also record the acceptance of that many candidates (first_acceptance).
     """
     check_pair(target, draft)
-    betas, lookups = [], []
+    betas, lookups, firsts = [], [], []
     for i, prompt in enumerate(prompts):
         prompt = list(prompt)
         cont = generate(target, prompt, new_tokens, sampler=sampler, seed=seed + i).tokens
@@ -149,6 +170,8 @@ def estimate_alpha(target: StepModel, draft: StepModel, prompts: Sequence[Sequen
             t_logits, d_logits = t_logits[rows], d_logits[rows]
         check_pair(target, draft, t_logits.shape[-1], d_logits.shape[-1])
         betas.append(acceptance_from_logits(t_logits, d_logits, sampler))
+        if candidates > 1:
+            firsts.append(first_acceptance(t_logits, d_logits, sampler, candidates))
         if lookup is not None:
             probs = None if sampler.temperature == 0.0 else np.stack([sampler.probs(row) for row in t_logits])
             lookups.append(copied_acceptance(prompt, cont, probs, lookup))
@@ -156,7 +179,7 @@ def estimate_alpha(target: StepModel, draft: StepModel, prompts: Sequence[Sequen
         raise UsageError("estimating alpha needs at least one calibration prompt")
     beta = np.concatenate(betas)
     stderr = float(beta.std(ddof=1) / np.sqrt(beta.size)) if beta.size > 1 else float("inf")
-    return AlphaEstimate(float(beta.mean()), stderr, int(beta.size), tuple(betas), tuple(lookups))
+    return AlphaEstimate(float(beta.mean()), stderr, int(beta.size), tuple(betas), tuple(lookups), tuple(firsts))
 
 
 # --------------------------------------------------------------------------- c
@@ -169,6 +192,9 @@ class CostMeasurement:
     # the draft scoring 2 tokens in one call, in target steps: a round's first draft call after a
     # round that accepted every draft (it feeds the last draft and the bonus token); None: not measured
     catchup_cost: float | None = None
+    # the target's step over a `baseline` model's step timed beside it (PEARL's one-thread worker
+    # against the all-core target that plain decoding runs); None: no baseline was timed
+    baseline_ratio: float | None = None
 
     def verify(self, gamma: int) -> float:
         """v(gamma): scoring gamma + 1 tokens, interpolated from the measured k (1.0 if none).
@@ -238,30 +264,35 @@ def _busy(model: StepModel | None, prompt: Sequence[int], steps: int):
 
 def measure_cost_ratio(target: StepModel, draft: StepModel, prompt: Sequence[int], *, steps: int = TIMING_STEPS,
                        repeats: int = TIMING_REPEATS, verify_lengths: Sequence[int] = (),
-                       concurrent: bool = False) -> CostMeasurement:
+                       concurrent: bool = False, baseline: StepModel | None = None) -> CostMeasurement:
     """Time one-token decode steps of both models on this backend (medians), the draft's
     two-token catch-up call, and optionally the target scoring k tokens in one call for each k
     in `verify_lengths`. concurrent: time each model while the other one decodes on another
-    thread, as PEARL's workers run (on a small CPU they slow each other down)."""
+    thread, as PEARL's workers run (on a small CPU they slow each other down). baseline: also
+    time this model's step alone in every repeat, for the target's step over it (baseline_ratio)."""
     check_pair(target, draft)
     timers = _decode_timer(target, prompt, steps), _decode_timer(draft, prompt, steps)
-    for timer in timers:  # untimed: a fresh session's first one-token calls allocate and pack
-        timer()
+    base_timer = _decode_timer(baseline, prompt, steps) if baseline is not None else None
+    for timer in (*timers, base_timer):  # untimed: a fresh session's first one-token calls allocate and pack
+        if timer is not None:
+            timer()
     other = {id(target): draft if concurrent else None, id(draft): target if concurrent else None}
 
     def timed(model: StepModel, timer: Callable[[], float]) -> float:
         with _busy(other[id(model)], prompt, steps):
             return timer()
-    # the two models alternate, so a neighbour that slows the machine for a while slows both:
+    # the models alternate, so a neighbour that slows the machine for a while slows all of them:
     # c is the median of paired ratios, not a ratio of medians taken minutes apart
-    pairs = [(timed(target, timers[0]), timed(draft, timers[1])) for _ in range(repeats)]
-    t_step, d_step = (float(np.median(column)) for column in zip(*pairs))
-    c = float(np.median([d / t for t, d in pairs]))
+    rounds = [(timed(target, timers[0]), timed(draft, timers[1]), base_timer() if base_timer else None)
+              for _ in range(repeats)]
+    t_step, d_step = (float(np.median([r[i] for r in rounds])) for i in (0, 1))
+    c = float(np.median([d / t for t, d, _ in rounds]))
+    baseline_ratio = float(np.median([t / b for t, _, b in rounds])) if base_timer else None
     with _busy(other[id(draft)], prompt, steps):
         catchup = _call_seconds(draft, prompt, [2], repeats)[2] / t_step
     with _busy(other[id(target)], prompt, steps):
         verify = {k: s / t_step for k, s in _call_seconds(target, prompt, verify_lengths, repeats).items()}
-    return CostMeasurement(c, t_step, d_step, verify, catchup)
+    return CostMeasurement(c, t_step, d_step, verify, catchup, baseline_ratio)
 
 
 # --------------------------------------------------------------------------- predictions
@@ -399,6 +430,49 @@ def batch_predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: Ver
     return expected_accepted_length(alpha_k, gamma) / (draft + verify)
 
 
+def batch_replayed_speedup(trajectories: Sequence[Sequence[float]], first_accepts: Sequence[Sequence[float]],
+                           gamma: int, c: float, candidates: int, verify_cost: VerifyCost = 1.0,
+                           catchup_cost: float | None = None) -> float:
+    """Batch speculative decoding's speedup replayed over measured acceptance, as replayed_speedup
+    does for one candidate. A round from position i drafts k candidates of g tokens from one
+    prefix (1 + k (g - 1) draft calls), and the target scores candidate 0's path (v(g)):
+
+        T(i, f) = c (1 + k (g - 1)) + f (c2 - c) + v(g) + (beta^k_i - beta_i) v(g - 1)
+                  + sum_a P(a | i) T(i + a + 1, [a == g])
+
+    The first position is accepted with the k candidates' probability beta^k_i (`first_accepts`,
+    first_acceptance); when a candidate other than the first is, the target scores its path in
+    one more call (v(g - 1)). Past the first position only the accepted candidate's branch is
+    priced as live, at beta: exact greedy (the candidates' first tokens differ, so they never
+    share a path), a slight underestimate sampling, where candidates that drew the same tokens
+    stay live together (and share draft calls, which this prices as k branches). g = 0 (the
+    budget's last token): the draft's root call and the target's own step."""
+    _check(0.0, gamma, c)
+    k = int(candidates)
+    extra = 0.0 if catchup_cost is None else max(float(catchup_cost) - c, 0.0)
+    positions = cost = 0.0
+    for beta, first in zip(trajectories, first_accepts):
+        beta = np.clip(np.asarray(beta, dtype=np.float64), 0.0, 1.0)
+        first = np.maximum(np.clip(np.asarray(first, dtype=np.float64), 0.0, 1.0), beta)
+        n = beta.size
+        after = np.zeros((n + 1, 2))  # after[i, f]: the expected cost of committing positions i..
+        for i in range(n - 1, -1, -1):
+            g = min(gamma, n - i - 1)
+            if g == 0:
+                base = c + 1.0
+            else:
+                b = np.concatenate(([first[i]], beta[i + 1:i + g]))
+                run = np.cumprod(np.concatenate(([1.0], b)))
+                base = (c * (1 + k * (g - 1)) + _v(verify_cost, g) + (first[i] - beta[i]) * _v(verify_cost, g - 1)
+                        + float(np.dot(run[:-1] * (1.0 - b), after[i + 1:i + g + 1, 0])) + run[g] * after[i + g + 1, 1])
+            after[i] = (base, base + extra)
+        positions += n
+        cost += after[0, 0]
+    if cost <= 0.0:
+        raise UsageError("replaying batch speculative decoding needs at least one measured position")
+    return positions / cost
+
+
 def pearl_tokens_per_round(alpha: float, gamma: int) -> float:
     """(1 - alpha^gamma) / ((1 - alpha)(1 + alpha - alpha^gamma)); gamma at alpha = 1 (see module doc)."""
     _check(alpha, gamma, 0.0)
@@ -452,6 +526,18 @@ def choose_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX, verify_c
         return _choose("speculative", lambda g: replayed_speedup(trajectories, g, c, verify_cost, catchup_cost,
                                                                  schedule, lookups), alpha, c, gamma_max)
     return _choose("speculative", lambda g: predicted_speedup(alpha, g, c, verify_cost), alpha, c, gamma_max)
+
+
+def choose_batch_gamma(alpha: float, c: float, candidates: int, *, gamma_max: int = GAMMA_MAX,
+                       verify_cost: VerifyCost = 1.0, trajectories: Sequence[Sequence[float]] = (),
+                       first_accepts: Sequence[Sequence[float]] = (), catchup_cost: float | None = None) -> GammaChoice:
+    """Batch speculative decoding's draft length: replayed over measured `trajectories` and the
+    k candidates' `first_accepts` (batch_replayed_speedup), else the i.i.d. approximation."""
+    if trajectories and first_accepts:
+        return _choose("batch_speculative", lambda g: batch_replayed_speedup(
+            trajectories, first_accepts, g, c, candidates, verify_cost, catchup_cost), alpha, c, gamma_max)
+    return _choose("batch_speculative", lambda g: batch_predicted_speedup(alpha, g, c, verify_cost, candidates),
+                   alpha, c, gamma_max)
 
 
 def choose_pearl_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX,
