@@ -2,7 +2,7 @@
 
     python benchmarks/speculative.py [--quick] [--draft-ratio 0.6 | --draft-layers 0 1 2 27 28 29]
                                      [--draft-weights int8] [--draft-block 128] [--draft-symmetric]
-                                     [--draft-vocab 8192] [--lookup 8] --json OUT.json
+                                     [--draft-vocab 8192] [--lookup 8 | 0] --json OUT.json
 
 Compiles the embedded model with the `speculative` pass (a draft derived from the target: by
 default the target's own weights, a subnet from architecture search + reformation with
@@ -16,12 +16,13 @@ interleaved prompt by prompt. Each row: measured speedup vs autoregressive (the 
 per-prompt ratios), the cost model's predicted speedup (alpha and c measured on this backend at
 that temperature, the acceptance replayed over the prompts' trajectories through each loop),
 the acceptance rate, and for greedy rows whether the tokens equal the autoregressive ones.
-With --lookup N the draft also copies up to N tokens from the context where its last tokens
-recurred (draft.lookup); speculative and stairs rows then use it where the plan kept it, PEARL
-where its own replay predicts a gain, batch speculative rows cannot. Speculative, batch speculative and stairs use the plan's gamma; PEARL the gamma its own round
-model picks for its workers, which get one ORT thread each (two cores here), priced with those
-workers' measured step times; the other methods use the artifact's session (all cores). Batch
-speculative uses the plan's number of candidates.
+The draft also copies up to 8 tokens (--lookup N; 0: never) from the context where its last
+tokens recurred (draft.lookup, as README's recipe); speculative, PEARL and stairs rows use the
+copies where their own replay at that temperature predicts a 5% gain (as the pass decides), batch
+speculative rows never copy. Speculative, batch speculative and stairs use the plan's gamma; PEARL
+the gamma its own round model picks for its workers, which get one ORT thread each (two cores
+here), priced with those workers' measured step times; the other methods use the artifact's
+session (all cores). Batch speculative uses the plan's number of candidates.
 """
 from __future__ import annotations
 
@@ -112,8 +113,9 @@ def main() -> int:
                    help="draft weights without zero points")
     p.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB, help="the draft's head scores this many most "
                    "frequent calibration tokens (0: the whole vocabulary)")
-    p.add_argument("--lookup", type=int, default=0, help="speculative, PEARL and stairs rounds first copy up to N "
-                   "drafts from the context (draft.lookup; batch speculative cannot); 0: off")
+    p.add_argument("--lookup", type=int, default=8, help="speculative, PEARL and stairs rounds first copy up to N "
+                   "drafts from the context (draft.lookup, as README's recipe; batch speculative cannot); 0: the "
+                   "draft model alone")
     p.add_argument("--gamma-max", type=int, default=8)
     p.add_argument("--artifact", help="reuse a compiled artifact")
     p.add_argument("--json", required=True)
@@ -161,26 +163,29 @@ def main() -> int:
         # what copied drafts keep, differs from prompt to prompt and grows with length
         est = cost_model.estimate_alpha(target, draft, prompts, sampler=sampler, lookup=lookup,
                                         new_tokens=args.new_tokens, candidates=candidates, **shared)
-        # each loop runs at the draft length its own cost model picks, and PEARL copies drafts
-        # only where its replay predicts that gains, as the pass would
-        def pearl_replay(lookups):
-            return cost_model.choose_pearl_gamma(est.alpha, pearl_cost.cost_ratio, gamma_max=args.gamma_max,
-                                                 verify_cost=pearl_cost.verify, worker_slowdown=pearl_slowdown,
-                                                 trajectories=est.trajectories, lookups=lookups,
-                                                 catchup_cost=pearl_cost.catchup_cost)
-        pearl_choice, pearl_lookup = pearl_replay(()), None
-        if lookup is not None:
-            copying = pearl_replay(est.lookups)
-            if copying.predicted_speedup > pearl_choice.predicted_speedup:
-                pearl_choice, pearl_lookup = copying, lookup
+        def keep_copies(predict, speedup=lambda prediction: prediction):
+            """(prediction, lookup): a loop copies drafts from the context only where its replay at
+            this temperature predicts a 5% gain, as the pass decides for its plan"""
+            plain = predict(())
+            if lookup is None:
+                return plain, None
+            copying = predict(est.lookups)
+            return (copying, lookup) if cost_model.copying_pays(speedup(copying), speedup(plain)) else (plain, None)
+        # each loop runs at the draft length its own cost model picks (speculative and batch: the
+        # plan's; stairs starts there; PEARL: its own replay)
+        spec_predicted, spec_lookup = keep_copies(lambda lookups: cost_model.replayed_speedup(
+            est.trajectories, gamma, cost.cost_ratio, cost.verify, cost.catchup_cost, lookups=lookups))
+        pearl_choice, pearl_lookup = keep_copies(lambda lookups: cost_model.choose_pearl_gamma(
+            est.alpha, pearl_cost.cost_ratio, gamma_max=args.gamma_max, verify_cost=pearl_cost.verify,
+            worker_slowdown=pearl_slowdown, trajectories=est.trajectories, lookups=lookups,
+            catchup_cost=pearl_cost.catchup_cost), lambda choice: choice.predicted_speedup)
         pearl_gamma = pearl_choice.gamma
-        replayed = cost_model.replayed_speedup(est.trajectories, gamma, cost.cost_ratio, cost.verify,
-                                               cost.catchup_cost, lookups=est.lookups)
+        copies = {"speculative": spec_lookup, "pearl": pearl_lookup}
         methods = {
             "ar": (lambda pr, s: generate(target, pr, args.new_tokens, sampler=sampler, seed=s), 1.0, None),
             "speculative": (lambda pr, s: speculative_generate(target, draft, pr, args.new_tokens, gamma=gamma,
-                                                               sampler=sampler, seed=s, lookup=lookup, **shared),
-                            replayed, gamma),
+                                                               sampler=sampler, seed=s, lookup=spec_lookup, **shared),
+                            spec_predicted, gamma),
             "batch_speculative": (lambda pr, s: batch_speculative_generate(target, draft, pr, args.new_tokens,
                                                                            gamma=gamma, num_candidates=candidates,
                                                                            sampler=sampler, seed=s, **shared),
@@ -193,10 +198,11 @@ def main() -> int:
         }
         if temp == 0:
             # stairs adapts its draft length, starting from the plan's gamma as run_plan does
-            stairs = cost_model.replayed_speedup(est.trajectories, gamma, cost.cost_ratio, cost.verify,
-                                                 cost.catchup_cost, schedule=next_candidates, lookups=est.lookups)
+            stairs, copies["stairs"] = keep_copies(lambda lookups: cost_model.replayed_speedup(
+                est.trajectories, gamma, cost.cost_ratio, cost.verify, cost.catchup_cost, schedule=next_candidates,
+                lookups=lookups))
             methods["stairs"] = (lambda pr, s: stairs_generate(target, draft, pr, args.new_tokens, candidates=gamma,
-                                                               lookup=lookup, **shared), stairs, gamma)
+                                                               lookup=copies["stairs"], **shared), stairs, gamma)
         # interleaved: every method on a prompt before the next prompt, so a machine that speeds up
         # or slows down during the run moves every column alike; speedups are medians of the
         # per-prompt ratios to autoregressive decoding on that same prompt
@@ -221,8 +227,7 @@ def main() -> int:
                    "acceptance": None if name == "ar" else statistics.median(accept[name]),
                    "identical_to_ar": all(same[name]) if temp == 0 else None,
                    "alpha_estimate": est.alpha, "cost_ratio": cost.cost_ratio, "gamma": g,
-                   "lookup": (pearl_lookup if name == "pearl" else lookup if name in ("speculative", "stairs")
-                              else None) and lookup.to_dict(),
+                   "lookup": copies[name].to_dict() if copies.get(name) else None,
                    "speedup_per_prompt": ratios}
             rows.append(row)
             pred = "-" if predicted is None else f"{predicted:.2f}"

@@ -12,7 +12,7 @@ round (speculative, stairs), the measured per-position acceptance replayed throu
 for batch speculative, replayed with its candidates' acceptance at each round's first position. When no
 gamma predicts a gain, the plan stays autoregressive and says why. With `draft.lookup`, rounds
 of the speculative, stairs and PEARL loops first copy drafts from the context (decoding/lookup.py)
-and the replay prices that too; copying stays on only where it predicts a gain. Every figure lands in
+and the replay prices that too; copying stays on only where it predicts a 5% gain. Every figure lands in
 decode/plan.json and the manifest. Output is unchanged by construction: greedy plans give the
 target's greedy tokens exactly, which validation then checks on every backend.
 """
@@ -292,17 +292,18 @@ class Speculative(registry.Pass):
         if lookup is not None:
             # copied drafts pay where the text repeats itself and the target agrees with the
             # copy (greedy, mostly); sampled, a copied token survives with probability p(x):
-            # keep copying only where the replay says it gains
+            # keep copying only where the replay says it gains enough (copying_pays)
             copying = replay(alpha.lookups)
             lookup_report = {"lookup_predicted_speedup": copying.predicted_speedup,
                              "lookup_match_rate": float(np.mean([c.size > 0 for t in alpha.lookups for c in t])),
                              "predicted_speedup_without_lookup": choice.predicted_speedup}
-            if copying.predicted_speedup > choice.predicted_speedup:
+            if cost_model.copying_pays(copying.predicted_speedup, choice.predicted_speedup):
                 choice = copying
                 prediction += ", with drafts copied from the context where it matches"
             else:
                 lookup = None
-                prediction += "; copying drafts from the context predicted no gain, so it is off"
+                prediction += (f"; copying drafts from the context predicted less than a "
+                               f"{cost_model.MIN_COPY_GAIN - 1:.0%} gain, so it is off")
         fallback = choice.method == "autoregressive" and self.params.fallback
         reason = choice.reason if fallback or choice.method != "autoregressive" else \
             f"{choice.reason}; the recipe disabled the fallback, so {self.params.strategy} is used anyway"

@@ -172,12 +172,12 @@ def test_lookup_drafts_are_planned_priced_and_validated(cli, tiny_recipe, tmp_pa
     plan = json.loads((out / "decode" / "plan.json").read_text())
     assert 0.0 <= plan["lookup_match_rate"] <= 1.0
     # copying stays on only where the replay predicts it gains, and the plan shows both figures
-    gains = plan["lookup_predicted_speedup"] > plan["predicted_speedup_without_lookup"]
+    gains = plan["lookup_predicted_speedup"] > plan["predicted_speedup_without_lookup"] * 1.05
     if gains:
         assert plan["lookup"] == {"tokens": 6, "max_ngram": 2, "min_ngram": 2}
         assert plan["predicted_speedup"] == plan["lookup_predicted_speedup"]
     else:
-        assert "lookup" not in plan and "copying drafts from the context predicted no gain" in plan["prediction"]
+        assert "lookup" not in plan and "predicted less than a 5% gain, so it is off" in plan["prediction"]
     assert json.loads((out / "reports" / "validation.json").read_text())["decode_plan"]["verdict"] == "pass"
     code, _, err = cli("run", out, "--prompt", "Hello Hello Hello Hello", "--raw", "--max-new-tokens", 12)
     assert code == 0 and "[speculative]" in err
@@ -218,7 +218,7 @@ def test_pearl_plan_prices_and_runs_its_workers_on_their_share_of_the_cores(cli,
     plan = json.loads((out / "decode" / "plan.json").read_text())
     assert plan["strategy"] == "pearl" and plan["worker_threads"] == {"target": 1, "draft": 1}
     # PEARL copies drafts too, where its replay predicts that gains
-    assert ("lookup" in plan) == (plan["lookup_predicted_speedup"] > plan["predicted_speedup_without_lookup"])
+    assert ("lookup" in plan) == (plan["lookup_predicted_speedup"] > plan["predicted_speedup_without_lookup"] * 1.05)
     assert plan["worker_slowdown"] > 0 and plan["worker_cost_ratio"] > 0
     target, draft = Artifact(out).decode_pair("ort")
     assert [m.session.get_session_options().intra_op_num_threads for m in (target, draft)] == [1, 1]

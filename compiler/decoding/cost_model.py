@@ -67,6 +67,10 @@ from accelc.runtime.base import StepModel
 
 GAMMA_MAX = 16  # algorithms.md 4 R6: search gamma in 1..16, S is unimodal in practice
 MIN_GAIN = 1.0  # speculate only when the best predicted speedup exceeds plain decoding's 1.0
+# copy drafts from the context only when the replay predicts at least this gain over not copying:
+# what it does not price (a longer verify call's rows checked in Python, PEARL's rounds made more
+# even, so their slower worker's jitter shows) measured 5-7% for PEARL, whose predicted gain was 1-3%
+MIN_COPY_GAIN = 1.05
 CALIBRATION_NEW_TOKENS = 32  # target-sampled positions per calibration prompt (4 x 16 left a 0.04 stderr)
 TIMING_STEPS = 8    # one-token decode steps per timing repeat
 TIMING_REPEATS = 5  # medians over repeats: shared machines have noisy neighbours
@@ -226,19 +230,23 @@ def _decode_timer(model: StepModel, prompt: Sequence[int], steps: int) -> Callab
     return per_step
 
 
-def _call_seconds(model: StepModel, prompt: Sequence[int], lengths: Sequence[int], repeats: int) -> dict[int, float]:
-    """k -> the median time of one call scoring k tokens after the prompt (always from the prompt's state)."""
+def _call_ratios(model: StepModel, prompt: Sequence[int], lengths: Sequence[int], repeats: int) -> dict[int, float]:
+    """k -> one call scoring k tokens after the prompt over one call scoring 1 token: the median
+    of ratios timed back to back (always from the prompt's state), every k in every repeat, so a
+    machine that changes speed while it is measured moves both calls of a ratio alike."""
     _, state = model.prefill(np.asarray(prompt, dtype=np.int64))
-    seconds = {}
-    for k in lengths:
+
+    def call(k: int) -> float:
         ids = np.asarray((list(prompt) * k)[:k], dtype=np.int64)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model.extend(state, ids)
-            times.append(time.perf_counter() - t)
-        seconds[int(k)] = float(np.median(times))
-    return seconds
+        t = time.perf_counter()
+        model.extend(state, ids)
+        return time.perf_counter() - t
+    ratios: dict[int, list[float]] = {int(k): [] for k in lengths}
+    for _ in range(repeats):
+        for k in ratios:
+            one = call(1)
+            ratios[k].append(call(k) / one)
+    return {k: float(np.median(r)) for k, r in ratios.items()}
 
 
 @contextlib.contextmanager
@@ -288,14 +296,21 @@ def measure_cost_ratio(target: StepModel, draft: StepModel, prompt: Sequence[int
     t_step, d_step = (float(np.median([r[i] for r in rounds])) for i in (0, 1))
     c = float(np.median([d / t for t, d, _ in rounds]))
     baseline_ratio = float(np.median([t / b for t, _, b in rounds])) if base_timer else None
+    # multi-token calls in units of their own model's one-token call, timed beside it (a call
+    # from the prompt's state is one decode step): the draft's in target steps through c
     with _busy(other[id(draft)], prompt, steps):
-        catchup = _call_seconds(draft, prompt, [2], repeats)[2] / t_step
+        catchup = _call_ratios(draft, prompt, [2], repeats)[2] * c
     with _busy(other[id(target)], prompt, steps):
-        verify = {k: s / t_step for k, s in _call_seconds(target, prompt, verify_lengths, repeats).items()}
+        verify = _call_ratios(target, prompt, verify_lengths, repeats)
     return CostMeasurement(c, t_step, d_step, verify, catchup, baseline_ratio)
 
 
 # --------------------------------------------------------------------------- predictions
+def copying_pays(with_copies: float, without: float) -> bool:
+    """Whether a loop should copy drafts from the context, from its replayed speedups (MIN_COPY_GAIN)."""
+    return with_copies > without * MIN_COPY_GAIN
+
+
 def _check(alpha: float, gamma: int, c: float) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise UsageError(f"alpha must lie in [0, 1], got {alpha}")
