@@ -150,12 +150,15 @@ def main() -> int:
     lookup = Lookup(**plan["lookup"]) if plan.get("lookup") else None  # as run_plan does
     shared = {"prompt_kv_from_target": prompt_kv_from_target(plan)}  # as run_plan does
     lengths = range(2, args.gamma_max + 2)
-    cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=lengths)
-    # PEARL's workers run one thread each, at once: predict with their own costs measured while
-    # both run, in units of the two-thread target step that autoregressive decoding takes
-    pearl_cost = cost_model.measure_cost_ratio(pearl_target, pearl_draft, prompts[0], verify_lengths=lengths,
-                                               concurrent=True, baseline=target)
-    pearl_slowdown = pearl_cost.baseline_ratio  # timed beside the two-thread target, repeat by repeat
+
+    def measure_costs() -> tuple[cost_model.CostMeasurement, cost_model.CostMeasurement]:
+        """The sequential pair's costs, and PEARL's workers': one ORT thread each, timed while both
+        run, their target step over the two-thread step autoregressive decoding takes (baseline)."""
+        return (cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=lengths),
+                cost_model.measure_cost_ratio(pearl_target, pearl_draft, prompts[0], verify_lengths=lengths,
+                                              concurrent=True, baseline=target))
+    start_costs = measure_costs()
+    costs = {"start": {"sequential": start_costs[0].to_dict(), "pearl_workers": start_costs[1].to_dict()}}
     rows = []
     for temp in args.temperatures:
         sampler = Sampler(temp) if temp > 0 else Sampler()
@@ -163,55 +166,66 @@ def main() -> int:
         # what copied drafts keep, differs from prompt to prompt and grows with length
         est = cost_model.estimate_alpha(target, draft, prompts, sampler=sampler, lookup=lookup,
                                         new_tokens=args.new_tokens, candidates=candidates, **shared)
-        def keep_copies(predict, speedup=lambda prediction: prediction):
-            """(prediction, lookup): a loop copies drafts from the context only where its replay at
-            this temperature predicts a 5% gain, as the pass decides for its plan"""
-            plain = predict(())
-            if lookup is None:
-                return plain, None
-            copying = predict(est.lookups)
-            return (copying, lookup) if cost_model.copying_pays(speedup(copying), speedup(plain)) else (plain, None)
-        # each loop runs at the draft length its own cost model picks (speculative and batch: the
-        # plan's; stairs starts there; PEARL: its own replay)
-        spec_predicted, spec_lookup = keep_copies(lambda lookups: cost_model.replayed_speedup(
-            est.trajectories, gamma, cost.cost_ratio, cost.verify, cost.catchup_cost, lookups=lookups))
-        pearl_choice, pearl_lookup = keep_copies(lambda lookups: cost_model.choose_pearl_gamma(
-            est.alpha, pearl_cost.cost_ratio, gamma_max=args.gamma_max, verify_cost=pearl_cost.verify,
-            worker_slowdown=pearl_slowdown, trajectories=est.trajectories, lookups=lookups,
-            catchup_cost=pearl_cost.catchup_cost), lambda choice: choice.predicted_speedup)
-        pearl_gamma = pearl_choice.gamma
-        copies = {"speculative": spec_lookup, "pearl": pearl_lookup}
+
+        def predict(name: str, costs, copying: bool, g: int) -> float:
+            """A loop's speedup replayed over the prompts' measured acceptance with these costs."""
+            cost, pearl_cost = costs
+            lookups = est.lookups if copying else ()
+            if name in ("speculative", "stairs"):
+                return cost_model.replayed_speedup(est.trajectories, g, cost.cost_ratio, cost.verify, cost.catchup_cost,
+                                                   schedule=next_candidates if name == "stairs" else None,
+                                                   lookups=lookups)
+            if name == "batch_speculative":
+                return cost_model.batch_replayed_speedup(est.trajectories, est.first_accepts, g, cost.cost_ratio,
+                                                         candidates, cost.verify, cost.catchup_cost)
+            if name == "pearl":
+                return cost_model.pearl_replayed_speedup(est.trajectories, g, pearl_cost.cost_ratio, pearl_cost.verify,
+                                                         lookups, pearl_cost.catchup_cost) / pearl_cost.baseline_ratio
+            return 1.0
+        # decided from the costs measured before the run, as a compile decides: each loop copies
+        # drafts from the context only where its replay predicts a 5% gain; speculative, batch and
+        # stairs (its start) at the plan's gamma, PEARL at the window its own replay picks
+        loops = ["speculative", "batch_speculative", "pearl"] + (["stairs"] if temp == 0 else [])
+        gammas = {"ar": None, **{name: gamma for name in loops}}
+        copies = {name: lookup if lookup and name != "pearl" and cost_model.copying_pays(
+                      predict(name, start_costs, True, gamma), predict(name, start_costs, False, gamma)) else None
+                  for name in loops if name != "batch_speculative"}
+        workers = start_costs[1]
+        pearl_choices = {copying: cost_model.choose_pearl_gamma(
+            est.alpha, workers.cost_ratio, gamma_max=args.gamma_max, verify_cost=workers.verify,
+            worker_slowdown=workers.baseline_ratio, trajectories=est.trajectories,
+            lookups=est.lookups if copying else (), catchup_cost=workers.catchup_cost)
+            for copying in ((False, True) if lookup else (False,))}
+        copying = lookup is not None and cost_model.copying_pays(pearl_choices[True].predicted_speedup,
+                                                                pearl_choices[False].predicted_speedup)
+        copies["pearl"], gammas["pearl"] = (lookup if copying else None), pearl_choices[copying].gamma
         methods = {
-            "ar": (lambda pr, s: generate(target, pr, args.new_tokens, sampler=sampler, seed=s), 1.0, None),
-            "speculative": (lambda pr, s: speculative_generate(target, draft, pr, args.new_tokens, gamma=gamma,
-                                                               sampler=sampler, seed=s, lookup=spec_lookup, **shared),
-                            spec_predicted, gamma),
-            "batch_speculative": (lambda pr, s: batch_speculative_generate(target, draft, pr, args.new_tokens,
-                                                                           gamma=gamma, num_candidates=candidates,
-                                                                           sampler=sampler, seed=s, **shared),
-                                  cost_model.batch_replayed_speedup(est.trajectories, est.first_accepts, gamma,
-                                                                    cost.cost_ratio, candidates, cost.verify,
-                                                                    cost.catchup_cost), gamma),
-            "pearl": (lambda pr, s: pearl_generate(pearl_target, pearl_draft, pr, args.new_tokens, gamma=pearl_gamma,
-                                                   sampler=sampler, seed=s, lookup=pearl_lookup, **shared),
-                      pearl_choice.predicted_speedup, pearl_gamma),
+            "ar": lambda pr, s: generate(target, pr, args.new_tokens, sampler=sampler, seed=s),
+            "speculative": lambda pr, s: speculative_generate(target, draft, pr, args.new_tokens, gamma=gamma,
+                                                              sampler=sampler, seed=s, lookup=copies["speculative"],
+                                                              **shared),
+            "batch_speculative": lambda pr, s: batch_speculative_generate(target, draft, pr, args.new_tokens,
+                                                                          gamma=gamma, num_candidates=candidates,
+                                                                          sampler=sampler, seed=s, **shared),
+            "pearl": lambda pr, s: pearl_generate(pearl_target, pearl_draft, pr, args.new_tokens,
+                                                  gamma=gammas["pearl"], sampler=sampler, seed=s,
+                                                  lookup=copies["pearl"], **shared),
         }
-        if temp == 0:
-            # stairs adapts its draft length, starting from the plan's gamma as run_plan does
-            stairs, copies["stairs"] = keep_copies(lambda lookups: cost_model.replayed_speedup(
-                est.trajectories, gamma, cost.cost_ratio, cost.verify, cost.catchup_cost, schedule=next_candidates,
-                lookups=lookups))
-            methods["stairs"] = (lambda pr, s: stairs_generate(target, draft, pr, args.new_tokens, candidates=gamma,
-                                                               lookup=copies["stairs"], **shared), stairs, gamma)
+        if temp == 0:  # stairs adapts its draft length, starting from the plan's gamma as run_plan does
+            methods["stairs"] = lambda pr, s: stairs_generate(target, draft, pr, args.new_tokens, candidates=gamma,
+                                                              lookup=copies["stairs"], **shared)
         # interleaved: every method on a prompt before the next prompt, so a machine that speeds up
         # or slows down during the run moves every column alike; speedups are medians of the
-        # per-prompt ratios to autoregressive decoding on that same prompt
+        # per-prompt ratios to autoregressive decoding on that same prompt. The costs are measured
+        # again before every prompt: the prediction uses their medians, the run's typical state
         rates = {name: [] for name in methods}
         accept = {name: [] for name in methods}
         same = {name: [] for name in methods}
+        during = []
         for i, prompt in enumerate(prompts):
+            during.append(measure_costs())
             ar_tokens = None
-            for name, (run, _, _) in methods.items():
+            for name, run in methods.items():
                 t = time.perf_counter()
                 result = run(prompt, i)
                 rates[name].append(len(result.tokens) / (time.perf_counter() - t))  # prefill included
@@ -220,28 +234,32 @@ def main() -> int:
                     ar_tokens = result.tokens
                 elif temp == 0:
                     same[name].append(result.tokens == ar_tokens)
-        for name, (_, predicted, g) in methods.items():
+        run_costs = tuple(cost_model.CostMeasurement.median([m[i] for m in during]) for i in (0, 1))
+        for name in methods:
             ratios = [r / a for r, a in zip(rates[name], rates["ar"])]
+            copying, g = copies.get(name) is not None, gammas[name]
+            predicted = predict(name, run_costs, copying, g)
             row = {"method": name, "temperature": temp, "tok_s": statistics.median(rates[name]),
                    "speedup_vs_ar": statistics.median(ratios), "predicted_speedup": predicted,
+                   "predicted_with_start_costs": predict(name, start_costs, copying, g),
                    "acceptance": None if name == "ar" else statistics.median(accept[name]),
                    "identical_to_ar": all(same[name]) if temp == 0 else None,
-                   "alpha_estimate": est.alpha, "cost_ratio": cost.cost_ratio, "gamma": g,
+                   "alpha_estimate": est.alpha, "cost_ratio": run_costs[0].cost_ratio, "gamma": g,
                    "lookup": copies[name].to_dict() if copies.get(name) else None,
                    "speedup_per_prompt": ratios}
             rows.append(row)
-            pred = "-" if predicted is None else f"{predicted:.2f}"
-            print(f"T={temp:<4} {name:<18} {row['tok_s']:7.2f} tok/s  x{row['speedup_vs_ar']:.2f} (predicted {pred})  "
-                  f"gamma {g}  acceptance {row['acceptance'] if row['acceptance'] is None else round(row['acceptance'], 3)}  "
-                  f"identical {row['identical_to_ar']}", flush=True)
+            print(f"T={temp:<4} {name:<18} {row['tok_s']:7.2f} tok/s  x{row['speedup_vs_ar']:.2f} (predicted "
+                  f"{predicted:.2f})  gamma {g}  acceptance "
+                  f"{row['acceptance'] if row['acceptance'] is None else round(row['acceptance'], 3)}  "
+                  f"copies {'on' if copying else 'off'}  identical {row['identical_to_ar']}", flush=True)
+        costs[f"during T={temp} (medians)"] = {"sequential": run_costs[0].to_dict(), "pearl_workers": run_costs[1].to_dict()}
     protocol = {"model": "SmolLM2-135M-Instruct fp32", "backend": "onnxruntime CPU", "draft": draft_spec(args),
                 "prompts": len(prompts), "prompt_tokens": 48, "prompt_text": "austen:persuasion",
                 "new_tokens": args.new_tokens, "gamma": gamma, "num_candidates": candidates,
-                "cost_ratio": cost.cost_ratio, "verify_cost": cost.verify_cost, "catchup_cost": cost.catchup_cost,
-                "schedule": "interleaved: every method on a prompt, then the next prompt",
+                "schedule": "interleaved: every method on a prompt, then the next prompt; costs measured "
+                            "before the run (decisions) and before every prompt (predictions: their medians)",
+                "costs": costs,  # pearl_workers: one ORT thread each, timed while both run
                 "lookup": lookup.to_dict() if lookup else None,
-                "pearl_workers": {"threads": 1, "cost_ratio": pearl_cost.cost_ratio,
-                                  "target_step_vs_ar": pearl_slowdown},
                 "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "plan": plan}
     Path(args.json).write_text(json.dumps(rows, indent=2))  # the rows; their protocol beside them
     Path(args.json).with_suffix(".protocol.json").write_text(json.dumps(protocol, indent=2))

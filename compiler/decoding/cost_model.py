@@ -214,6 +214,20 @@ class CostMeasurement:
     def to_dict(self) -> dict:
         return {**asdict(self), "verify_cost": {str(k): v for k, v in self.verify_cost.items()}}
 
+    @classmethod
+    def median(cls, measurements: Sequence["CostMeasurement"]) -> "CostMeasurement":
+        """Field by field medians of measurements taken over a while (a benchmark's run): the
+        costs of the machine's typical state, where one measurement catches whichever it is in."""
+        if not measurements:
+            raise UsageError("a median of cost measurements needs at least one")
+
+        def med(values):
+            return None if any(v is None for v in values) else float(np.median(values))
+        fields = {name: med([getattr(m, name) for m in measurements]) for name in
+                  ("cost_ratio", "target_step_seconds", "draft_step_seconds", "catchup_cost", "baseline_ratio")}
+        verify = {k: med([m.verify_cost.get(k) for m in measurements]) for k in measurements[0].verify_cost}
+        return cls(verify_cost=verify, **fields)
+
 
 def _decode_timer(model: StepModel, prompt: Sequence[int], steps: int) -> Callable[[], float]:
     """A timer of `steps` greedy one-token decode steps from the prompt's state (seconds per step)."""
