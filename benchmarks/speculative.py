@@ -123,6 +123,8 @@ def main() -> int:
     if args.quick:
         args.prompts, args.new_tokens = 2, 32
 
+    import numpy as np
+
     from accelc.decoding import cost_model
     from accelc.decoding.autoregressive import Sampler, generate
     from accelc.decoding.batch_speculative import batch_speculative_generate
@@ -151,14 +153,31 @@ def main() -> int:
     shared = {"prompt_kv_from_target": prompt_kv_from_target(plan)}  # as run_plan does
     lengths = range(2, args.gamma_max + 2)
 
-    def measure_costs() -> tuple[cost_model.CostMeasurement, cost_model.CostMeasurement]:
+    def prefill_seconds(model) -> float:
+        ids, times = np.asarray(prompts[0], dtype=np.int64), []
+        for _ in range(3):
+            t = time.perf_counter()
+            model.prefill(ids)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    def measure_costs() -> tuple[cost_model.CostMeasurement, cost_model.CostMeasurement, dict]:
         """The sequential pair's costs, and PEARL's workers': one ORT thread each, timed while both
-        run, their target step over the two-thread step autoregressive decoding takes (baseline)."""
-        return (cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=lengths),
+        run, their target step over the two-thread step autoregressive decoding takes (baseline);
+        and the prompt's prefill on the two-thread target and on PEARL's one-thread one."""
+        catchups = cost_model.COPY_CATCHUP_LENGTHS if lookup else (2,)
+        return (cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=lengths,
+                                              catchup_lengths=catchups),
                 cost_model.measure_cost_ratio(pearl_target, pearl_draft, prompts[0], verify_lengths=lengths,
-                                              concurrent=True, baseline=target))
+                                              catchup_lengths=catchups,
+                                              concurrent=True, baseline=target),
+                {"all_cores": prefill_seconds(target), "pearl": prefill_seconds(pearl_target)})
+
+    def as_dict(measured) -> dict:
+        sequential, workers, prefill = measured
+        return {"sequential": sequential.to_dict(), "pearl_workers": workers.to_dict(), "prefill_seconds": prefill}
     start_costs = measure_costs()
-    costs = {"start": {"sequential": start_costs[0].to_dict(), "pearl_workers": start_costs[1].to_dict()}}
+    costs = {"start": as_dict(start_costs)}
     rows = []
     for temp in args.temperatures:
         sampler = Sampler(temp) if temp > 0 else Sampler()
@@ -167,21 +186,29 @@ def main() -> int:
         est = cost_model.estimate_alpha(target, draft, prompts, sampler=sampler, lookup=lookup,
                                         new_tokens=args.new_tokens, candidates=candidates, **shared)
 
-        def predict(name: str, costs, copying: bool, g: int) -> float:
-            """A loop's speedup replayed over the prompts' measured acceptance with these costs."""
-            cost, pearl_cost = costs
+        def predict_decode(name: str, costs, copying: bool, g: int) -> float:
+            """A loop's decode speedup replayed over the prompts' measured acceptance with these costs."""
+            cost, pearl_cost, _ = costs
             lookups = est.lookups if copying else ()
             if name in ("speculative", "stairs"):
-                return cost_model.replayed_speedup(est.trajectories, g, cost.cost_ratio, cost.verify, cost.catchup_cost,
+                return cost_model.replayed_speedup(est.trajectories, g, cost.cost_ratio, cost.verify, cost.catchup,
                                                    schedule=next_candidates if name == "stairs" else None,
                                                    lookups=lookups)
             if name == "batch_speculative":
                 return cost_model.batch_replayed_speedup(est.trajectories, est.first_accepts, g, cost.cost_ratio,
-                                                         candidates, cost.verify, cost.catchup_cost)
+                                                         candidates, cost.verify, cost.catchup)
             if name == "pearl":
                 return cost_model.pearl_replayed_speedup(est.trajectories, g, pearl_cost.cost_ratio, pearl_cost.verify,
-                                                         lookups, pearl_cost.catchup_cost) / pearl_cost.baseline_ratio
+                                                         lookups, pearl_cost.catchup) / pearl_cost.baseline_ratio
             return 1.0
+
+        def predict(name: str, costs, copying: bool, g: int) -> float:
+            """The speedup in tokens/s as measured, prefill included: the loops prefill the prompt
+            on the target as autoregressive decoding does, but PEARL's target is one thread."""
+            cost, _, prefill = costs
+            decode = (args.new_tokens - 1) * cost.target_step_seconds  # autoregressive, after its prefill
+            own = prefill["pearl" if name == "pearl" else "all_cores"]
+            return (prefill["all_cores"] + decode) / (own + decode / predict_decode(name, costs, copying, g))
         # decided from the costs measured before the run, as a compile decides: each loop copies
         # drafts from the context only where its replay predicts a 5% gain; speculative, batch and
         # stairs (its start) at the plan's gamma, PEARL at the window its own replay picks
@@ -194,7 +221,7 @@ def main() -> int:
         pearl_choices = {copying: cost_model.choose_pearl_gamma(
             est.alpha, workers.cost_ratio, gamma_max=args.gamma_max, verify_cost=workers.verify,
             worker_slowdown=workers.baseline_ratio, trajectories=est.trajectories,
-            lookups=est.lookups if copying else (), catchup_cost=workers.catchup_cost)
+            lookups=est.lookups if copying else (), catchup_cost=workers.catchup)
             for copying in ((False, True) if lookup else (False,))}
         copying = lookup is not None and cost_model.copying_pays(pearl_choices[True].predicted_speedup,
                                                                 pearl_choices[False].predicted_speedup)
@@ -221,6 +248,7 @@ def main() -> int:
         rates = {name: [] for name in methods}
         accept = {name: [] for name in methods}
         same = {name: [] for name in methods}
+        decode_rates = {name: [] for name in methods}
         during = []
         for i, prompt in enumerate(prompts):
             during.append(measure_costs())
@@ -229,12 +257,14 @@ def main() -> int:
                 t = time.perf_counter()
                 result = run(prompt, i)
                 rates[name].append(len(result.tokens) / (time.perf_counter() - t))  # prefill included
+                decode_rates[name].append(result.decode_tokens_per_second)
                 accept[name].append(result.stats.get("acceptance_rate", float("nan")))
                 if name == "ar":
                     ar_tokens = result.tokens
                 elif temp == 0:
                     same[name].append(result.tokens == ar_tokens)
-        run_costs = tuple(cost_model.CostMeasurement.median([m[i] for m in during]) for i in (0, 1))
+        run_costs = (*(cost_model.CostMeasurement.median([m[i] for m in during]) for i in (0, 1)),
+                     {key: statistics.median(m[2][key] for m in during) for key in during[0][2]})
         for name in methods:
             ratios = [r / a for r, a in zip(rates[name], rates["ar"])]
             copying, g = copies.get(name) is not None, gammas[name]
@@ -242,6 +272,10 @@ def main() -> int:
             row = {"method": name, "temperature": temp, "tok_s": statistics.median(rates[name]),
                    "speedup_vs_ar": statistics.median(ratios), "predicted_speedup": predicted,
                    "predicted_with_start_costs": predict(name, start_costs, copying, g),
+                   # the decode phase alone (what the pass's plan predicts): the prompt's prefill left out
+                   "decode_speedup_vs_ar": statistics.median(
+                       r / a for r, a in zip(decode_rates[name], decode_rates["ar"])),
+                   "predicted_decode_speedup": predict_decode(name, run_costs, copying, g),
                    "acceptance": None if name == "ar" else statistics.median(accept[name]),
                    "identical_to_ar": all(same[name]) if temp == 0 else None,
                    "alpha_estimate": est.alpha, "cost_ratio": run_costs[0].cost_ratio, "gamma": g,
@@ -252,7 +286,7 @@ def main() -> int:
                   f"{predicted:.2f})  gamma {g}  acceptance "
                   f"{row['acceptance'] if row['acceptance'] is None else round(row['acceptance'], 3)}  "
                   f"copies {'on' if copying else 'off'}  identical {row['identical_to_ar']}", flush=True)
-        costs[f"during T={temp} (medians)"] = {"sequential": run_costs[0].to_dict(), "pearl_workers": run_costs[1].to_dict()}
+        costs[f"during T={temp} (medians)"] = as_dict(run_costs)
     protocol = {"model": "SmolLM2-135M-Instruct fp32", "backend": "onnxruntime CPU", "draft": draft_spec(args),
                 "prompts": len(prompts), "prompt_tokens": 48, "prompt_text": "austen:persuasion",
                 "new_tokens": args.new_tokens, "gamma": gamma, "num_candidates": candidates,

@@ -104,7 +104,8 @@ class Speculative(registry.Pass):
     # as its compressed graph, the plan names the draft's source, stairs is replayed with its
     # schedule, drafts copied from the context (draft.lookup); 9: calibration continuations as long
     # as decode.max_new_tokens (32..128), copying kept only where the replay predicts a gain,
-    # PEARL's window by replay too; 10: PEARL copies drafts too, batch speculative by replay
+    # PEARL's window by replay too; 10: PEARL copies drafts too, batch speculative by replay, costs
+    # timed as paired ratios, a copy's catch-up priced by the tokens it feeds
     needs = ("calibration",)
 
     class Params(registry.Params):
@@ -239,13 +240,16 @@ class Speculative(registry.Pass):
                                               candidates=(self.params.num_candidates
                                                           if self.params.strategy == "batch_speculative" else 1))
         with progress.step(f"speculative: cost ratio c ({backend})"):
-            cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=range(2, self.params.gamma_max + 2))
+            # with copies, the draft's catch-up calls feed every token it skipped: time those too
+            catchups = cost_model.COPY_CATCHUP_LENGTHS if lookup else (2,)
+            cost = cost_model.measure_cost_ratio(target, draft, prompts[0], catchup_lengths=catchups,
+                                                 verify_lengths=range(2, self.params.gamma_max + 2))
         # a verification round feeds the last committed token plus gamma drafts: gamma + 1 tokens,
         # which on a CPU costs more than one decode step (measured, in target steps)
         verify = dict(cost.verify_cost)
         pearl, prediction, lookup_report = {}, "i.i.d. alpha (algorithms.md 4 R6)", {}
         if self.params.strategy == "pearl":
-            c, pearl_verify, pearl_catchup, slowdown = cost.cost_ratio, cost.verify, cost.catchup_cost, 1.0
+            c, pearl_verify, pearl_catchup, slowdown = cost.cost_ratio, cost.verify, cost.catchup, 1.0
             if workers is not None:
                 # PEARL's workers run at once, each on its share of the cores and each slowed by the
                 # other's use of the caches and memory bandwidth: price them that way
@@ -254,9 +258,10 @@ class Speculative(registry.Pass):
                 with progress.step(f"speculative: PEARL workers' costs ({threads[0]}+{threads[1]} threads)"):
                     # the slowdown against the all-core target is timed in the same repeats
                     worker_cost = cost_model.measure_cost_ratio(*workers(*threads), prompts[0], concurrent=True,
+                                                                catchup_lengths=catchups,
                                                                 verify_lengths=range(2, self.params.gamma_max + 2),
                                                                 baseline=target)
-                c, pearl_verify, pearl_catchup = worker_cost.cost_ratio, worker_cost.verify, worker_cost.catchup_cost
+                c, pearl_verify, pearl_catchup = worker_cost.cost_ratio, worker_cost.verify, worker_cost.catchup
                 slowdown = worker_cost.baseline_ratio
                 pearl = {"worker_threads": {"target": threads[0], "draft": threads[1]},
                          "worker_slowdown": slowdown, "worker_cost_ratio": c}
@@ -275,7 +280,7 @@ class Speculative(registry.Pass):
                 return cost_model.choose_batch_gamma(alpha.alpha, cost.cost_ratio, self.params.num_candidates,
                                                      gamma_max=self.params.gamma_max, verify_cost=cost.verify,
                                                      trajectories=alpha.trajectories,
-                                                     first_accepts=alpha.first_accepts, catchup_cost=cost.catchup_cost)
+                                                     first_accepts=alpha.first_accepts, catchup_cost=cost.catchup)
         else:  # one draft sequence a round: replay the measured acceptance through the loop
             prediction = "acceptance replayed over the calibration continuations (cost_model.replayed_speedup)"
             schedule = None
@@ -287,7 +292,7 @@ class Speculative(registry.Pass):
             def replay(lookups):
                 return cost_model.choose_gamma(alpha.alpha, cost.cost_ratio, gamma_max=self.params.gamma_max,
                                                verify_cost=cost.verify, trajectories=alpha.trajectories,
-                                               catchup_cost=cost.catchup_cost, schedule=schedule, lookups=lookups)
+                                               catchup_cost=cost.catchup, schedule=schedule, lookups=lookups)
         choice = replay(())
         if lookup is not None:
             # copied drafts pay where the text repeats itself and the target agrees with the
@@ -317,6 +322,7 @@ class Speculative(registry.Pass):
             "cost_ratio": cost.cost_ratio, "cost_backend": backend,
             "target_step_ms": cost.target_step_seconds * 1e3, "draft_step_ms": cost.draft_step_seconds * 1e3,
             "verify_cost": {str(k): v for k, v in verify.items()}, "draft_catchup_cost": cost.catchup_cost,
+            "draft_catchup_costs": {str(k): v for k, v in cost.catchup_costs.items()},
             "prediction": prediction,
             **({"lookup": lookup.to_dict()} if lookup else {}), **lookup_report,
             **pearl,

@@ -113,8 +113,9 @@ def test_cost_ratio_is_measured_per_decode_step():
     assert 0.1 < m.cost_ratio < 0.5
     assert 0.5 < m.verify_cost[1] < 2.0 and 0.5 < m.verify(3) < 2.0
     assert set(m.to_dict()) == {"cost_ratio", "target_step_seconds", "draft_step_seconds", "verify_cost",
-                                "catchup_cost", "baseline_ratio"}
+                                "catchup_cost", "baseline_ratio", "catchup_costs"}
     assert 0.1 < m.catchup_cost < 0.5  # the draft's two-token call: one sleep of the draft, in target steps
+    assert m.catchup_costs == {2: m.catchup_cost} and m.catchup(9) == m.catchup(2) and m.catchup(1) == m.cost_ratio
     assert m.baseline_ratio is None
     # a baseline timed in the same repeats: the target's step over it (PEARL's worker slowdown)
     paired = measure_cost_ratio(Slow(table, 0.010), Slow(table, 0.0025), [1, 2], steps=4, repeats=3,

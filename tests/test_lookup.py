@@ -73,29 +73,34 @@ def test_sampling_with_lookup_drafts_is_distributed_as_the_target(loop, sampler)
 @pytest.mark.parametrize("loop, start", [("speculative", 2), ("speculative", 5), ("stairs", 3)])
 def test_greedy_replay_with_lookup_prices_the_loops_own_rounds_and_calls(loop, start):
     """Greedy, copying is deterministic too: the replay over the calibration continuations counts
-    exactly the rounds, the verified positions' draft calls and the catch-up calls the loop makes."""
+    exactly the rounds and the draft's calls the loop makes, each call priced by the tokens it
+    feeds (a catch-up after copied rounds feeds every token the draft skipped)."""
     from accelc.decoding.cost_model import estimate_alpha, replayed_speedup
     from accelc.decoding.stairs import next_candidates
 
     lookup = Lookup(tokens=4, max_ngram=2, min_ngram=1)
-    c, c2, new_tokens = 0.3, 0.5, 40
+    c, new_tokens = 0.3, 40
+
+    def draft_call(m):  # a draft call feeding m tokens, in target steps
+        return c * (1.0 + 0.15 * (m - 1))
     positions = cost = 0.0
-    trajectories, lookups, copied_rounds = [], [], 0
-    for case in range(3):
-        target, draft = looping_pair(case)
-        draft = TableModel(noisy(target.table, seed=case, sigma=1.5))  # right often enough to matter
+    trajectories, lookups, copied_rounds, longest = [], [], 0, 0
+    for case in range(6):
+        target, _ = looping_pair(case)
+        draft = FeedLog(noisy(target.table, seed=case, sigma=1.5))  # right often enough to matter
         prompt = [case, (case + 4) % 10]
-        est = estimate_alpha(target, draft, [prompt], new_tokens=new_tokens, lookup=lookup)
+        est = estimate_alpha(target, TableModel(draft.table), [prompt], new_tokens=new_tokens, lookup=lookup)
         trajectories += est.trajectories
         lookups += est.lookups
         stats = run(loop, target, draft, prompt, new_tokens, gamma=start, lookup=lookup).stats
-        model_drafted = stats["draft_calls"] - 1  # after the prefill every draft call drafts one token
         positions += new_tokens - 1
-        cost += stats["rounds"] + c * model_drafted + (c2 - c) * stats["draft_catchup_calls"]
+        cost += stats["rounds"] + sum(draft_call(m) for m in draft.fed[1:])  # after the prefill
         copied_rounds += stats["lookup_rounds"]
-    assert 0 < copied_rounds
+        longest = max(longest, *draft.fed[1:])
+    assert copied_rounds > 0 and longest > 2  # some catch-up fed more than a two-token call does
     schedule = next_candidates if loop == "stairs" else None
-    replayed = replayed_speedup(trajectories, start, c, 1.0, catchup_cost=c2, schedule=schedule, lookups=lookups)
+    replayed = replayed_speedup(trajectories, start, c, 1.0, catchup_cost=draft_call, schedule=schedule,
+                                lookups=lookups)
     assert replayed == pytest.approx(positions / cost)
 
 
@@ -117,7 +122,7 @@ def test_greedy_pearl_replay_with_lookup_prices_each_round_it_runs(gamma, c, c2,
     """PEARL's rounds with copies check U + copies + d_0 while the draft model first feeds the
     copies: the replay counts the rounds the loop runs exactly and prices each at
     max(draft work, v(tokens the target fed - 1)), the draft's work being gamma calls, the first
-    priced c2 when it fed several tokens. The one thing the replay cannot know is how many tokens
+    priced by the tokens it fed (the copies). The one thing the replay cannot know is how many tokens
     a lookup copies after a U that holds a wrong draft (the loop copies after whatever U is; the
     replay sees the target's tokens there), so where a round's price depends on that count (a
     verify cost that grows with the tokens fed, slope > 0, or a catch-up call dearer than a step,
@@ -129,6 +134,9 @@ def test_greedy_pearl_replay_with_lookup_prices_each_round_it_runs(gamma, c, c2,
 
     def verify(g):  # scoring g + 1 tokens
         return 1.0 + slope * g
+
+    def draft_call(m):  # the draft feeding m tokens in one call: c2 for two, a quarter of that step for each more
+        return c if m == 1 else c2 + 0.25 * (c2 - c) * (m - 2)
     positions = cost = 0.0
     trajectories, lookups, copied_rounds = [], [], 0
     for case in range(3):
@@ -144,13 +152,12 @@ def test_greedy_pearl_replay_with_lookup_prices_each_round_it_runs(gamma, c, c2,
         drafts = logged_draft.fed[1:]   # ... and gamma draft calls
         assert len(rounds) == stats["rounds"] and len(drafts) == gamma * stats["rounds"]
         for r, fed in enumerate(rounds):
-            first = drafts[gamma * r]
-            draft_work = (c2 if first > 1 else c) + (gamma - 1) * c
+            draft_work = draft_call(drafts[gamma * r]) + (gamma - 1) * c
             cost += max(draft_work, verify(fed - 1) if fed > 1 else 1.0)
         positions += new_tokens - 1
         copied_rounds += stats["lookup_rounds"]
     assert copied_rounds > 5
-    replayed = pearl_replayed_speedup(trajectories, gamma, c, verify, lookups, catchup_cost=c2)
+    replayed = pearl_replayed_speedup(trajectories, gamma, c, verify, lookups, catchup_cost=draft_call)
     exact = gamma == 1 or (slope == 0 and c2 == c)
     assert replayed == pytest.approx(positions / cost, rel=1e-6 if exact else 0.03)
     assert replayed != pytest.approx(pearl_replayed_speedup(trajectories, gamma, c, verify), rel=0.03)

@@ -79,7 +79,7 @@ def test_no_predicted_gain_falls_back_to_autoregressive(cli, tiny_recipe, tmp_pa
     # Timings of tiny models on a busy machine decide nothing reliably, so the draft is priced
     # like the target (c = 1, verification = one step per token): then no gamma can pay,
     # whatever alpha is measured, and the pass must keep plain decoding.
-    def as_costly_as_the_target(target, draft, prompt, verify_lengths=()):
+    def as_costly_as_the_target(target, draft, prompt, verify_lengths=(), **_):
         return cost_model.CostMeasurement(1.0, 1e-3, 1e-3, {k: float(k) for k in verify_lengths})
 
     monkeypatch.setattr(cost_model, "measure_cost_ratio", as_costly_as_the_target)

@@ -34,18 +34,19 @@ itself: a round from position i drafts g = min(gamma, positions left - 1) tokens
 first a of them with probability beta_i ... beta_{i+a-1} (1 - beta_{i+a}) (greedy: exactly the
 agreeing run), and continues at i + a + 1. Backwards over positions,
 
-    T(i, f) = g c + v(g) + f (c2 - c) + sum_a P(a | i) T(i + a + 1, [a == g])
+    T(i, m) = (g - 1) c + c_m + v(g) + sum_{a<g} P(a | i) T(i + a + 1, 1) + P(g | i) T(i + g + 1, 2)
 
-is the expected cost (in target steps) of committing positions i.. when the previous round
-accepted everything (f = 1: the draft's first call then feeds two tokens, the last draft and
-the bonus token, at the measured cost c2). S = positions / T(0, 0). With constant beta = alpha
-and c2 = c this is R6's S(gamma) again (tests/test_cost_model.py); greedy, it counts the loop's
-own rounds and draft calls exactly. A loop whose draft length moves between rounds (stairs:
-+2 after a fully accepted round, else -1) adds the length to the state: T(i, l, f), the next
-round at schedule(l, a == g); gamma is then the length of the first round. A round that copies
-its drafts from the context (lookup.py) costs the verify call v(k) alone, accepts the copies
-with their recorded acceptance (copied_acceptance), keeps the length, and leaves the draft a
-catch-up call (f = 1). Batch speculative decoding replays the same way
+is the expected cost (in target steps) of committing positions i.. when the draft's next call
+feeds m tokens, at the measured cost c_m of such a call (c_1 = c): 1 after a rejection, 2 after
+a fully accepted round (the last draft and the bonus token). S = positions / T(0, 1). With
+constant beta = alpha and c_2 = c this is R6's S(gamma) again (tests/test_cost_model.py);
+greedy, it counts the loop's own rounds and draft calls exactly. A loop whose draft length
+moves between rounds (stairs: +2 after a fully accepted round, else -1) adds the length to the
+state: T(i, l, m), the next round at schedule(l, a == g); gamma is then the length of the first
+round. A round that copies its drafts from the context (lookup.py) costs the verify call v(k)
+alone, accepts the copies with their recorded acceptance (copied_acceptance), keeps the length,
+and adds what it commits to m: the draft, which sat it out, feeds all of it in its next call.
+Batch speculative decoding replays the same way
 (`batch_replayed_speedup`), with its k candidates' acceptance at a round's first position,
 where they all start from one prefix.
 """
@@ -76,6 +77,9 @@ TIMING_STEPS = 8    # one-token decode steps per timing repeat
 TIMING_REPEATS = 5  # medians over repeats: shared machines have noisy neighbours
 
 VerifyCost = float | Callable[[int], float]
+CatchupCost = float | Callable[[int], float] | None
+LAG_MAX = 33  # tokens a draft's catch-up call is priced for at most (longer calls: as this one)
+COPY_CATCHUP_LENGTHS = (2, 3, 5, 9, 17, 33)  # the draft's call lengths to time when rounds copy drafts
 
 
 # --------------------------------------------------------------------------- alpha
@@ -199,6 +203,9 @@ class CostMeasurement:
     # the target's step over a `baseline` model's step timed beside it (PEARL's one-thread worker
     # against the all-core target that plain decoding runs); None: no baseline was timed
     baseline_ratio: float | None = None
+    # m -> the draft scoring m tokens in one call, in target steps (m = 2 is catchup_cost): the
+    # catch-up after rounds that copied their drafts, which feeds every token the draft skipped
+    catchup_costs: dict = field(default_factory=dict)
 
     def verify(self, gamma: int) -> float:
         """v(gamma): scoring gamma + 1 tokens, interpolated from the measured k (1.0 if none).
@@ -211,8 +218,21 @@ class CostMeasurement:
         costs = np.maximum.accumulate([self.verify_cost[k] for k in ks])
         return float(np.interp(gamma + 1, ks, costs))
 
+    def catchup(self, m: int) -> float:
+        """The draft's call feeding m tokens, in target steps, interpolated from the measured m
+        (nondecreasing, as verify; past the longest measured, priced as that one)."""
+        if m <= 1:
+            return self.cost_ratio
+        measured = self.catchup_costs or ({2: self.catchup_cost} if self.catchup_cost is not None else {})
+        if not measured:
+            return self.cost_ratio
+        ms = [1, *sorted(measured)]
+        costs = np.maximum.accumulate([self.cost_ratio, *(measured[k] for k in ms[1:])])
+        return float(np.interp(m, ms, costs))
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "verify_cost": {str(k): v for k, v in self.verify_cost.items()}}
+        return {**asdict(self), "verify_cost": {str(k): v for k, v in self.verify_cost.items()},
+                "catchup_costs": {str(k): v for k, v in self.catchup_costs.items()}}
 
     @classmethod
     def median(cls, measurements: Sequence["CostMeasurement"]) -> "CostMeasurement":
@@ -225,8 +245,9 @@ class CostMeasurement:
             return None if any(v is None for v in values) else float(np.median(values))
         fields = {name: med([getattr(m, name) for m in measurements]) for name in
                   ("cost_ratio", "target_step_seconds", "draft_step_seconds", "catchup_cost", "baseline_ratio")}
-        verify = {k: med([m.verify_cost.get(k) for m in measurements]) for k in measurements[0].verify_cost}
-        return cls(verify_cost=verify, **fields)
+        curves = {name: {k: med([getattr(m, name).get(k) for m in measurements])
+                         for k in getattr(measurements[0], name)} for name in ("verify_cost", "catchup_costs")}
+        return cls(**curves, **fields)
 
 
 def _decode_timer(model: StepModel, prompt: Sequence[int], steps: int) -> Callable[[], float]:
@@ -286,12 +307,14 @@ def _busy(model: StepModel | None, prompt: Sequence[int], steps: int):
 
 def measure_cost_ratio(target: StepModel, draft: StepModel, prompt: Sequence[int], *, steps: int = TIMING_STEPS,
                        repeats: int = TIMING_REPEATS, verify_lengths: Sequence[int] = (),
-                       concurrent: bool = False, baseline: StepModel | None = None) -> CostMeasurement:
+                       concurrent: bool = False, baseline: StepModel | None = None,
+                       catchup_lengths: Sequence[int] = (2,)) -> CostMeasurement:
     """Time one-token decode steps of both models on this backend (medians), the draft's
     two-token catch-up call, and optionally the target scoring k tokens in one call for each k
     in `verify_lengths`. concurrent: time each model while the other one decodes on another
     thread, as PEARL's workers run (on a small CPU they slow each other down). baseline: also
-    time this model's step alone in every repeat, for the target's step over it (baseline_ratio)."""
+    time this model's step alone in every repeat, for the target's step over it (baseline_ratio).
+    catchup_lengths: the draft's calls of that many tokens to time (catchup_costs; 2 always)."""
     check_pair(target, draft)
     timers = _decode_timer(target, prompt, steps), _decode_timer(draft, prompt, steps)
     base_timer = _decode_timer(baseline, prompt, steps) if baseline is not None else None
@@ -313,10 +336,10 @@ def measure_cost_ratio(target: StepModel, draft: StepModel, prompt: Sequence[int
     # multi-token calls in units of their own model's one-token call, timed beside it (a call
     # from the prompt's state is one decode step): the draft's in target steps through c
     with _busy(other[id(draft)], prompt, steps):
-        catchup = _call_ratios(draft, prompt, [2], repeats)[2] * c
+        catchups = {m: r * c for m, r in _call_ratios(draft, prompt, sorted({2, *catchup_lengths}), repeats).items()}
     with _busy(other[id(target)], prompt, steps):
         verify = _call_ratios(target, prompt, verify_lengths, repeats)
-    return CostMeasurement(c, t_step, d_step, verify, catchup, baseline_ratio)
+    return CostMeasurement(c, t_step, d_step, verify, catchups[2], baseline_ratio, catchups)
 
 
 # --------------------------------------------------------------------------- predictions
@@ -353,18 +376,31 @@ def predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: VerifyCos
 Schedule = Callable[[int, bool], int]  # a draft length's next value, from it and "every draft was accepted"
 
 
+def _catchup_table(catchup_cost: CatchupCost, c: float) -> np.ndarray:
+    """cost[m]: a draft call feeding m tokens (1 <= m <= LAG_MAX), in target steps; a call never
+    costs less than a one-token step (c). catchup_cost None: every call is a step; a number: the
+    two-token call, for every m >= 2; a function: m -> its cost (CostMeasurement.catchup)."""
+    if catchup_cost is None:
+        longer = [c] * (LAG_MAX - 1)
+    elif callable(catchup_cost):
+        longer = [float(catchup_cost(m)) for m in range(2, LAG_MAX + 1)]
+    else:
+        longer = [float(catchup_cost)] * (LAG_MAX - 1)
+    return np.maximum(np.array([c, c, *longer]), c)
+
+
 def replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: float,
-                     verify_cost: VerifyCost = 1.0, catchup_cost: float | None = None,
+                     verify_cost: VerifyCost = 1.0, catchup_cost: CatchupCost = None,
                      schedule: Schedule | None = None, lookups: Sequence[Sequence[np.ndarray]] = ()) -> float:
     """Speculative decoding's speedup replayed over measured acceptance (see the module doc):
     `trajectories` holds beta per position (AlphaEstimate.trajectories), `catchup_cost` the
-    draft's two-token call in target steps (None: priced as one step, c). `schedule`: how the
-    draft length moves between rounds (stairs' adaptive one, starting at gamma); None keeps gamma.
+    draft's multi-token calls in target steps (_catchup_table). `schedule`: how the draft length
+    moves between rounds (stairs' adaptive one, starting at gamma); None keeps gamma.
     `lookups` (AlphaEstimate.lookups): rounds that copy their drafts from the context where it
-    has a match; they call no draft, and leave the draft a catch-up call (priced as c2 whatever
-    its length) and the draft length where it was."""
+    has a match; they call no draft and keep the draft length, and the draft's next call feeds
+    every token it skipped. The state is (position, draft length, tokens the draft's next call
+    feeds): 1 after a rejection, 2 after a fully accepted round, more after copied rounds."""
     _check(0.0, gamma, c)
-    extra = 0.0 if catchup_cost is None else max(float(catchup_cost) - c, 0.0)
     positions = cost = 0.0
     for t, trajectory in enumerate(trajectories):
         beta = np.clip(np.asarray(trajectory, dtype=np.float64), 0.0, 1.0)
@@ -373,15 +409,23 @@ def replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: flo
         # a length past the positions left drafts as much as a shorter one: cap lengths at n
         top = max(gamma, n)
         lengths = [gamma] if schedule is None else range(1, top + 1)
-        after = np.zeros((n + 1, top + 1, 2))  # after[i, length, f] = T(i, f) at that draft length
+        slot = (lambda length: 0) if schedule is None else (lambda length: length)  # a fixed length: one slot
+        # without copies the draft's next call feeds 1 or 2 tokens; copied rounds add what they commit
+        lag_top = LAG_MAX if copies else 2
+        extra = _catchup_table(catchup_cost, c)[:lag_top + 1] - c  # a draft round's first call beyond a step
+        lags = np.arange(lag_top + 1)
+        # after[i, slot(length), m]: the expected cost of committing positions i.. at that draft
+        # length, the draft's next call feeding m tokens (index 0 unused)
+        after = np.zeros((n + 1, top + 1 if schedule else 1, lag_top + 1))
         for i in range(n - 1, -1, -1):
             copied = np.clip(copies[i][:n - i - 1], 0.0, 1.0) if copies else np.zeros(0)
             k = copied.size
             if k:  # a round of copied drafts: the target's verify call only, for every draft length
                 run = np.cumprod(np.concatenate(([1.0], copied)))
-                base = (_v(verify_cost, k) + (run[:-1] * (1.0 - copied)) @ after[i + 1:i + k + 1, :, 1]
-                        + run[k] * after[i + k + 1, :, 1])
-                after[i] = np.stack([base, base], axis=-1)
+                weights = np.append(run[:-1] * (1.0 - copied), run[k])  # j copies kept, then t: j + 1 tokens
+                after[i] = _v(verify_cost, k)
+                for j, w in enumerate(weights):
+                    after[i] += w * after[i + j + 1][:, np.minimum(lags + j + 1, lag_top)]
                 continue
             for length in lengths:
                 g = min(length, n - i - 1)  # the loop never drafts past the token budget
@@ -389,12 +433,14 @@ def replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: flo
                                    (min(schedule(length, False), top), min(schedule(length, True), top)))
                 b = beta[i:i + g]
                 run = np.cumprod(np.concatenate(([1.0], b)))  # run[a] = P(the first a drafts accepted)
-                rest = (float(np.dot(run[:-1] * (1.0 - b), after[i + 1:i + g + 1, shorter, 0]))
-                        + run[g] * after[i + g + 1, longer, 1])
-                base = (g * c + _v(verify_cost, g) if g else 1.0) + rest  # g = 0: the target's own step
-                after[i, length] = (base, base + (extra if g else 0.0))  # no draft call, no catch-up
+                rest = (float(np.dot(run[:-1] * (1.0 - b), after[i + 1:i + g + 1, slot(shorter), 1]))
+                        + run[g] * after[i + g + 1, slot(longer), 2])
+                if g:
+                    after[i, slot(length)] = g * c + _v(verify_cost, g) + rest + extra
+                else:  # the budget's last token: the target's own step, no draft call
+                    after[i, slot(length)] = 1.0 + rest
         positions += n
-        cost += after[0, gamma, 0]
+        cost += after[0, slot(gamma), 1]
     if cost <= 0.0:
         raise UsageError("replaying speculative decoding needs at least one measured position")
     return positions / cost
@@ -402,7 +448,7 @@ def replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: flo
 
 def pearl_replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: float,
                            verify_cost: VerifyCost = 1.0, lookups: Sequence[Sequence[np.ndarray]] = (),
-                           catchup_cost: float | None = None) -> float:
+                           catchup_cost: CatchupCost = None) -> float:
     """PEARL's speedup replayed over measured acceptance, through its two modes (pearl.py), in
     units of the workers' own target step (divide by their slowdown, as choose_pearl_gamma does).
     A round at position i with u unverified drafts (pre-verify: u = 0; post-verify: u = gamma - 1)
@@ -414,12 +460,12 @@ def pearl_replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, 
     Runs of acceptance keep PEARL in post-verify, which the i.i.d. chain fed the mean alpha
     undercounts. `lookups` (AlphaEstimate.lookups): where the context matches at position i + u,
     its k copied drafts join U, so the round checks u + k + 1 positions, and the draft model,
-    which drafts after the copies, first feeds them: max(c2 + (gamma - 1) c, v(u + k)), with c2
-    the draft's measured two-token call (`catchup_cost`; None: c) whatever k is.
-    Copies rarely pay here when the draft paces the rounds (gamma c > v): they lengthen no round's
+    which drafts after the copies, first feeds them: max(c_{k+1} + (gamma - 1) c, v(u + k)), with
+    c_m the draft's call feeding m tokens (`catchup_cost`, as in replayed_speedup).
+    Copies rarely pay where the draft paces the rounds (gamma c > v): they shorten no round's
     draft work, and a rejected copy ends a post-verify run the draft's own tokens might have kept."""
     _check(0.0, gamma, c)
-    copied_round = (c if catchup_cost is None else float(catchup_cost)) + (gamma - 1) * c
+    catchup = _catchup_table(catchup_cost, c)  # a copied round's first draft call feeds the copies too
     positions = cost = 0.0
     for t, trajectory in enumerate(trajectories):
         beta = np.clip(np.asarray(trajectory, dtype=np.float64), 0.0, 1.0)
@@ -434,7 +480,8 @@ def pearl_replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, 
                 k = copied.size
                 b = np.concatenate((beta[i:i + u], copied, beta[i + u + k:i + u + k + 1]))[:n - i]
                 run = np.cumprod(np.concatenate(([1.0], b)))  # run[a] = P(the first a accepted)
-                out[i] = (max(copied_round if k else gamma * c, _v(verify_cost, u + k) if u + k else 1.0)
+                drafting = catchup[min(k + 1, LAG_MAX)] + (gamma - 1) * c
+                out[i] = (max(drafting, _v(verify_cost, u + k) if u + k else 1.0)
                           + float(np.dot(run[:-1] * (1.0 - b), pre[i + 1:i + b.size + 1]))
                           + run[b.size] * (post[i + b.size] if b.size == u + k + 1 else 0.0))
         positions += n
@@ -461,7 +508,7 @@ def batch_predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: Ver
 
 def batch_replayed_speedup(trajectories: Sequence[Sequence[float]], first_accepts: Sequence[Sequence[float]],
                            gamma: int, c: float, candidates: int, verify_cost: VerifyCost = 1.0,
-                           catchup_cost: float | None = None) -> float:
+                           catchup_cost: CatchupCost = None) -> float:
     """Batch speculative decoding's speedup replayed over measured acceptance, as replayed_speedup
     does for one candidate. A round from position i drafts k candidates of g tokens from one
     prefix (1 + k (g - 1) draft calls), and the target scores candidate 0's path (v(g)):
@@ -478,7 +525,7 @@ def batch_replayed_speedup(trajectories: Sequence[Sequence[float]], first_accept
     budget's last token): the draft's root call and the target's own step."""
     _check(0.0, gamma, c)
     k = int(candidates)
-    extra = 0.0 if catchup_cost is None else max(float(catchup_cost) - c, 0.0)
+    extra = _catchup_table(catchup_cost, c)[2] - c  # the two-token call after a fully accepted round
     positions = cost = 0.0
     for beta, first in zip(trajectories, first_accepts):
         beta = np.clip(np.asarray(beta, dtype=np.float64), 0.0, 1.0)
@@ -545,7 +592,7 @@ def _choose(name: str, speedup: Callable[[int], float], alpha: float, c: float, 
 
 
 def choose_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX, verify_cost: VerifyCost = 1.0,
-                 trajectories: Sequence[Sequence[float]] = (), catchup_cost: float | None = None,
+                 trajectories: Sequence[Sequence[float]] = (), catchup_cost: CatchupCost = None,
                  schedule: Schedule | None = None, lookups: Sequence[Sequence[np.ndarray]] = ()) -> GammaChoice:
     """gamma* = argmax S(gamma) over 1..gamma_max, or autoregressive when max S <= 1. With
     measured `trajectories`, S is replayed over them (replayed_speedup; with a `schedule`, gamma
@@ -559,7 +606,7 @@ def choose_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX, verify_c
 
 def choose_batch_gamma(alpha: float, c: float, candidates: int, *, gamma_max: int = GAMMA_MAX,
                        verify_cost: VerifyCost = 1.0, trajectories: Sequence[Sequence[float]] = (),
-                       first_accepts: Sequence[Sequence[float]] = (), catchup_cost: float | None = None) -> GammaChoice:
+                       first_accepts: Sequence[Sequence[float]] = (), catchup_cost: CatchupCost = None) -> GammaChoice:
     """Batch speculative decoding's draft length: replayed over measured `trajectories` and the
     k candidates' `first_accepts` (batch_replayed_speedup), else the i.i.d. approximation."""
     if trajectories and first_accepts:
@@ -572,7 +619,7 @@ def choose_batch_gamma(alpha: float, c: float, candidates: int, *, gamma_max: in
 def choose_pearl_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX,
                        verify_cost: VerifyCost = 1.0, worker_slowdown: float = 1.0,
                        trajectories: Sequence[Sequence[float]] = (),
-                       lookups: Sequence[Sequence[np.ndarray]] = (), catchup_cost: float | None = None) -> GammaChoice:
+                       lookups: Sequence[Sequence[np.ndarray]] = (), catchup_cost: CatchupCost = None) -> GammaChoice:
     """PEARL's window: argmax S_PEARL(gamma), or autoregressive when max S_PEARL <= 1; with
     measured `trajectories` (and `lookups`, with the draft's `catchup_cost`), S_PEARL is replayed
     over them (pearl_replayed_speedup).
