@@ -33,7 +33,12 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from accelc.decoding.cost_model import AlphaEstimate, CostMeasurement
 
 REPO = Path(__file__).resolve().parents[1]
 # the best draft measured here (docs/notes.md): the target's own weights, 8-bit in blocks of 128
@@ -95,6 +100,154 @@ def draft_spec(args) -> str:
     return f"{{{source}, weights: {args.draft_weights}{layout}{vocab}{lookup}}}"
 
 
+@dataclass(frozen=True)
+class Models:
+    """The artifact's ORT sessions: the target and draft on the artifact's threads, and PEARL's
+    workers, one thread each (two cores here)."""
+    target: object
+    draft: object
+    pearl_target: object
+    pearl_draft: object
+
+    @classmethod
+    def open(cls, art) -> "Models":
+        from accelc.runtime.ort_backend import OrtStepModel
+
+        graphs = art.backends()["ort"]["runtime"]["graphs"]
+        one_thread = {**art.backends()["ort"]["runtime"]["session"], "intra_op_threads": 1}
+        return cls(art.step_model("ort"), art.step_model("ort", "draft"),
+                   *(OrtStepModel(art.dir / art.manifest["graphs"][graphs[role]], one_thread)
+                     for role in ("target", "draft")))
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What a prediction is priced with, measured together: the sequential pair's costs, PEARL's
+    workers' (timed while both run; baseline_ratio: their target step over the all-core step
+    autoregressive decoding takes), and the prompt's prefill on both targets (seconds)."""
+    sequential: CostMeasurement
+    workers: CostMeasurement
+    prefill: dict
+
+    @classmethod
+    def measure(cls, models: Models, prompt: list[int], gamma_max: int, copying: bool) -> "Costs":
+        from accelc.decoding import cost_model
+
+        timing = {"verify_lengths": range(2, gamma_max + 2),
+                  "catchup_lengths": cost_model.COPY_CATCHUP_LENGTHS if copying else (2,)}
+        return cls(cost_model.measure_cost_ratio(models.target, models.draft, prompt, **timing),
+                   cost_model.measure_cost_ratio(models.pearl_target, models.pearl_draft, prompt, concurrent=True,
+                                                 baseline=models.target, **timing),
+                   {"all_cores": _prefill_seconds(models.target, prompt),
+                    "pearl": _prefill_seconds(models.pearl_target, prompt)})
+
+    @classmethod
+    def median(cls, measured: list["Costs"]) -> "Costs":
+        """The medians of costs measured through a run: its typical state, where one measurement
+        catches whichever state the machine is in."""
+        from accelc.decoding.cost_model import CostMeasurement
+
+        return cls(CostMeasurement.median([m.sequential for m in measured]),
+                   CostMeasurement.median([m.workers for m in measured]),
+                   {key: statistics.median(m.prefill[key] for m in measured) for key in measured[0].prefill})
+
+    def to_dict(self) -> dict:
+        return {"sequential": self.sequential.to_dict(), "pearl_workers": self.workers.to_dict(),
+                "prefill_seconds": self.prefill}
+
+
+def _prefill_seconds(model, prompt: list[int], repeats: int = 3) -> float:
+    import numpy as np
+
+    ids, times = np.asarray(prompt, dtype=np.int64), []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.prefill(ids)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """Each loop's speedup, replayed over the prompts' measured acceptance (`est`) with given costs."""
+    est: AlphaEstimate
+    candidates: int
+    new_tokens: int
+
+    def decode(self, name: str, costs: Costs, copying: bool, g: int | None) -> float:
+        """The decode phase's speedup (what the pass's plan predicts)."""
+        from accelc.decoding import cost_model
+        from accelc.decoding.stairs import next_candidates
+
+        est, seq, workers = self.est, costs.sequential, costs.workers
+        lookups = est.lookups if copying else ()
+        if name in ("speculative", "stairs"):
+            return cost_model.replayed_speedup(est.trajectories, g, seq.cost_ratio, seq.verify, seq.catchup,
+                                               schedule=next_candidates if name == "stairs" else None,
+                                               lookups=lookups)
+        if name == "batch_speculative":
+            return cost_model.batch_replayed_speedup(est.trajectories, est.first_accepts, g, seq.cost_ratio,
+                                                     self.candidates, seq.verify, seq.catchup)
+        if name == "pearl":
+            return cost_model.pearl_replayed_speedup(est.trajectories, g, workers.cost_ratio, workers.verify,
+                                                     lookups, workers.catchup) / workers.baseline_ratio
+        return 1.0
+
+    def tokens_per_second(self, name: str, costs: Costs, copying: bool, g: int | None) -> float:
+        """The speedup in tokens/s as the benchmark measures it, prefill included: the loops
+        prefill the prompt on the target as autoregressive decoding does, but PEARL's target is
+        one thread."""
+        decode = (self.new_tokens - 1) * costs.sequential.target_step_seconds  # autoregressive, after prefill
+        own = costs.prefill["pearl" if name == "pearl" else "all_cores"]
+        return (costs.prefill["all_cores"] + decode) / (own + decode / self.decode(name, costs, copying, g))
+
+
+def decide(predictor: Predictor, costs: Costs, loops: list[str], lookup, gamma: int,
+           gamma_max: int) -> tuple[dict, dict]:
+    """(copies, gammas) per loop, as a compile decides them from costs measured before the run:
+    each loop copies drafts from the context only where its replay predicts a 5% gain (MIN_COPY_GAIN);
+    speculative, batch and stairs (its start) run at the plan's gamma, PEARL at the window its
+    own replay picks."""
+    from accelc.decoding import cost_model
+
+    def pays(name: str, g: int) -> bool:
+        return lookup is not None and cost_model.copying_pays(predictor.decode(name, costs, True, g),
+                                                             predictor.decode(name, costs, False, g))
+    gammas = {"ar": None, **{name: gamma for name in loops}}
+    pearl = {copying: max(range(1, gamma_max + 1), key=lambda g: (predictor.decode("pearl", costs, copying, g), -g))
+             for copying in ((False, True) if lookup else (False,))}
+    copying = lookup is not None and cost_model.copying_pays(predictor.decode("pearl", costs, True, pearl[True]),
+                                                            predictor.decode("pearl", costs, False, pearl[False]))
+    gammas["pearl"] = pearl[copying]
+    copies = {name: lookup if (copying if name == "pearl" else pays(name, gamma)) else None
+              for name in loops if name != "batch_speculative"}
+    return copies, gammas
+
+
+def run_interleaved(methods: dict, prompts: list[list[int]], greedy: bool, measure) -> tuple[dict, list]:
+    """Every method on a prompt before the next prompt, so a machine that speeds up or slows down
+    during the run moves every column alike; `measure()` (the costs) runs before every prompt.
+    Returns per method its per-prompt results (tok/s with prefill, decode tok/s, acceptance,
+    whether greedy tokens equal autoregressive decoding's), and the costs measured."""
+    results = {name: {"rate": [], "decode_rate": [], "acceptance": [], "identical": []} for name in methods}
+    measured = []
+    for i, prompt in enumerate(prompts):
+        measured.append(measure())
+        ar_tokens = None
+        for name, run in methods.items():
+            t = time.perf_counter()
+            result = run(prompt, i)
+            out = results[name]
+            out["rate"].append(len(result.tokens) / (time.perf_counter() - t))  # prefill included
+            out["decode_rate"].append(result.decode_tokens_per_second)
+            out["acceptance"].append(result.stats.get("acceptance_rate", float("nan")))
+            if name == "ar":
+                ar_tokens = result.tokens
+            elif greedy:
+                out["identical"].append(result.tokens == ar_tokens)
+    return results, measured
+
+
 def main() -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -123,8 +276,6 @@ def main() -> int:
     if args.quick:
         args.prompts, args.new_tokens = 2, 32
 
-    import numpy as np
-
     from accelc.decoding import cost_model
     from accelc.decoding.autoregressive import Sampler, generate
     from accelc.decoding.batch_speculative import batch_speculative_generate
@@ -132,52 +283,25 @@ def main() -> int:
     from accelc.decoding.pearl import pearl_generate
     from accelc.decoding.plan import prompt_kv_from_target
     from accelc.decoding.speculative import speculative_generate
-    from accelc.decoding.stairs import next_candidates, stairs_generate
+    from accelc.decoding.stairs import stairs_generate
     from accelc.runtime.artifact import Artifact
-    from accelc.runtime.ort_backend import OrtStepModel
 
     artifact = Path(args.artifact) if args.artifact else Path(tempfile.mkdtemp(prefix="accelc-spec-")) / "artifact"
     if not (artifact / "manifest.json").exists():
         compile_artifact(artifact, draft_spec(args), args.gamma_max)
     art = Artifact(artifact)
     plan = art.plan
-    target, draft = art.step_model("ort"), art.step_model("ort", "draft")
-    graphs = art.backends()["ort"]["runtime"]["graphs"]
-    one_thread = {**art.backends()["ort"]["runtime"]["session"], "intra_op_threads": 1}
-    pearl_target = OrtStepModel(art.dir / art.manifest["graphs"][graphs["target"]], one_thread)
-    pearl_draft = OrtStepModel(art.dir / art.manifest["graphs"][graphs["draft"]], one_thread)
-
+    models = Models.open(art)
+    target, draft = models.target, models.draft
     prompts = persuasion_prompts(art.tokenizer, args.prompts)
     gamma, candidates = int(plan["gamma"]), int(plan.get("num_candidates", 2))
     lookup = Lookup(**plan["lookup"]) if plan.get("lookup") else None  # as run_plan does
     shared = {"prompt_kv_from_target": prompt_kv_from_target(plan)}  # as run_plan does
-    lengths = range(2, args.gamma_max + 2)
 
-    def prefill_seconds(model) -> float:
-        ids, times = np.asarray(prompts[0], dtype=np.int64), []
-        for _ in range(3):
-            t = time.perf_counter()
-            model.prefill(ids)
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
-    def measure_costs() -> tuple[cost_model.CostMeasurement, cost_model.CostMeasurement, dict]:
-        """The sequential pair's costs, and PEARL's workers': one ORT thread each, timed while both
-        run, their target step over the two-thread step autoregressive decoding takes (baseline);
-        and the prompt's prefill on the two-thread target and on PEARL's one-thread one."""
-        catchups = cost_model.COPY_CATCHUP_LENGTHS if lookup else (2,)
-        return (cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=lengths,
-                                              catchup_lengths=catchups),
-                cost_model.measure_cost_ratio(pearl_target, pearl_draft, prompts[0], verify_lengths=lengths,
-                                              catchup_lengths=catchups,
-                                              concurrent=True, baseline=target),
-                {"all_cores": prefill_seconds(target), "pearl": prefill_seconds(pearl_target)})
-
-    def as_dict(measured) -> dict:
-        sequential, workers, prefill = measured
-        return {"sequential": sequential.to_dict(), "pearl_workers": workers.to_dict(), "prefill_seconds": prefill}
-    start_costs = measure_costs()
-    costs = {"start": as_dict(start_costs)}
+    def measure() -> Costs:
+        return Costs.measure(models, prompts[0], args.gamma_max, copying=lookup is not None)
+    start_costs = measure()  # what the decisions are made with, as a compile makes them
+    costs = {"start": start_costs.to_dict()}
     rows = []
     for temp in args.temperatures:
         sampler = Sampler(temp) if temp > 0 else Sampler()
@@ -185,47 +309,9 @@ def main() -> int:
         # what copied drafts keep, differs from prompt to prompt and grows with length
         est = cost_model.estimate_alpha(target, draft, prompts, sampler=sampler, lookup=lookup,
                                         new_tokens=args.new_tokens, candidates=candidates, **shared)
-
-        def predict_decode(name: str, costs, copying: bool, g: int) -> float:
-            """A loop's decode speedup replayed over the prompts' measured acceptance with these costs."""
-            cost, pearl_cost, _ = costs
-            lookups = est.lookups if copying else ()
-            if name in ("speculative", "stairs"):
-                return cost_model.replayed_speedup(est.trajectories, g, cost.cost_ratio, cost.verify, cost.catchup,
-                                                   schedule=next_candidates if name == "stairs" else None,
-                                                   lookups=lookups)
-            if name == "batch_speculative":
-                return cost_model.batch_replayed_speedup(est.trajectories, est.first_accepts, g, cost.cost_ratio,
-                                                         candidates, cost.verify, cost.catchup)
-            if name == "pearl":
-                return cost_model.pearl_replayed_speedup(est.trajectories, g, pearl_cost.cost_ratio, pearl_cost.verify,
-                                                         lookups, pearl_cost.catchup) / pearl_cost.baseline_ratio
-            return 1.0
-
-        def predict(name: str, costs, copying: bool, g: int) -> float:
-            """The speedup in tokens/s as measured, prefill included: the loops prefill the prompt
-            on the target as autoregressive decoding does, but PEARL's target is one thread."""
-            cost, _, prefill = costs
-            decode = (args.new_tokens - 1) * cost.target_step_seconds  # autoregressive, after its prefill
-            own = prefill["pearl" if name == "pearl" else "all_cores"]
-            return (prefill["all_cores"] + decode) / (own + decode / predict_decode(name, costs, copying, g))
-        # decided from the costs measured before the run, as a compile decides: each loop copies
-        # drafts from the context only where its replay predicts a 5% gain; speculative, batch and
-        # stairs (its start) at the plan's gamma, PEARL at the window its own replay picks
+        predictor = Predictor(est, candidates, args.new_tokens)
         loops = ["speculative", "batch_speculative", "pearl"] + (["stairs"] if temp == 0 else [])
-        gammas = {"ar": None, **{name: gamma for name in loops}}
-        copies = {name: lookup if lookup and name != "pearl" and cost_model.copying_pays(
-                      predict(name, start_costs, True, gamma), predict(name, start_costs, False, gamma)) else None
-                  for name in loops if name != "batch_speculative"}
-        workers = start_costs[1]
-        pearl_choices = {copying: cost_model.choose_pearl_gamma(
-            est.alpha, workers.cost_ratio, gamma_max=args.gamma_max, verify_cost=workers.verify,
-            worker_slowdown=workers.baseline_ratio, trajectories=est.trajectories,
-            lookups=est.lookups if copying else (), catchup_cost=workers.catchup)
-            for copying in ((False, True) if lookup else (False,))}
-        copying = lookup is not None and cost_model.copying_pays(pearl_choices[True].predicted_speedup,
-                                                                pearl_choices[False].predicted_speedup)
-        copies["pearl"], gammas["pearl"] = (lookup if copying else None), pearl_choices[copying].gamma
+        copies, gammas = decide(predictor, start_costs, loops, lookup, gamma, args.gamma_max)
         methods = {
             "ar": lambda pr, s: generate(target, pr, args.new_tokens, sampler=sampler, seed=s),
             "speculative": lambda pr, s: speculative_generate(target, draft, pr, args.new_tokens, gamma=gamma,
@@ -234,59 +320,40 @@ def main() -> int:
             "batch_speculative": lambda pr, s: batch_speculative_generate(target, draft, pr, args.new_tokens,
                                                                           gamma=gamma, num_candidates=candidates,
                                                                           sampler=sampler, seed=s, **shared),
-            "pearl": lambda pr, s: pearl_generate(pearl_target, pearl_draft, pr, args.new_tokens,
+            "pearl": lambda pr, s: pearl_generate(models.pearl_target, models.pearl_draft, pr, args.new_tokens,
                                                   gamma=gammas["pearl"], sampler=sampler, seed=s,
                                                   lookup=copies["pearl"], **shared),
         }
         if temp == 0:  # stairs adapts its draft length, starting from the plan's gamma as run_plan does
             methods["stairs"] = lambda pr, s: stairs_generate(target, draft, pr, args.new_tokens, candidates=gamma,
                                                               lookup=copies["stairs"], **shared)
-        # interleaved: every method on a prompt before the next prompt, so a machine that speeds up
-        # or slows down during the run moves every column alike; speedups are medians of the
-        # per-prompt ratios to autoregressive decoding on that same prompt. The costs are measured
-        # again before every prompt: the prediction uses their medians, the run's typical state
-        rates = {name: [] for name in methods}
-        accept = {name: [] for name in methods}
-        same = {name: [] for name in methods}
-        decode_rates = {name: [] for name in methods}
-        during = []
-        for i, prompt in enumerate(prompts):
-            during.append(measure_costs())
-            ar_tokens = None
-            for name, run in methods.items():
-                t = time.perf_counter()
-                result = run(prompt, i)
-                rates[name].append(len(result.tokens) / (time.perf_counter() - t))  # prefill included
-                decode_rates[name].append(result.decode_tokens_per_second)
-                accept[name].append(result.stats.get("acceptance_rate", float("nan")))
-                if name == "ar":
-                    ar_tokens = result.tokens
-                elif temp == 0:
-                    same[name].append(result.tokens == ar_tokens)
-        run_costs = (*(cost_model.CostMeasurement.median([m[i] for m in during]) for i in (0, 1)),
-                     {key: statistics.median(m[2][key] for m in during) for key in during[0][2]})
-        for name in methods:
-            ratios = [r / a for r, a in zip(rates[name], rates["ar"])]
+        results, measured = run_interleaved(methods, prompts, temp == 0, measure)
+        # predictions replay each loop with the run's median costs; speedups are medians of the
+        # per-prompt ratios to autoregressive decoding on that same prompt
+        run_costs = Costs.median(measured)
+        costs[f"during T={temp} (medians)"] = run_costs.to_dict()
+        ar = results["ar"]
+        for name, out in results.items():
             copying, g = copies.get(name) is not None, gammas[name]
-            predicted = predict(name, run_costs, copying, g)
-            row = {"method": name, "temperature": temp, "tok_s": statistics.median(rates[name]),
+            ratios = [r / a for r, a in zip(out["rate"], ar["rate"])]
+            predicted = predictor.tokens_per_second(name, run_costs, copying, g)
+            row = {"method": name, "temperature": temp, "tok_s": statistics.median(out["rate"]),
                    "speedup_vs_ar": statistics.median(ratios), "predicted_speedup": predicted,
-                   "predicted_with_start_costs": predict(name, start_costs, copying, g),
+                   "predicted_with_start_costs": predictor.tokens_per_second(name, start_costs, copying, g),
                    # the decode phase alone (what the pass's plan predicts): the prompt's prefill left out
-                   "decode_speedup_vs_ar": statistics.median(
-                       r / a for r, a in zip(decode_rates[name], decode_rates["ar"])),
-                   "predicted_decode_speedup": predict_decode(name, run_costs, copying, g),
-                   "acceptance": None if name == "ar" else statistics.median(accept[name]),
-                   "identical_to_ar": all(same[name]) if temp == 0 else None,
-                   "alpha_estimate": est.alpha, "cost_ratio": run_costs[0].cost_ratio, "gamma": g,
-                   "lookup": copies[name].to_dict() if copies.get(name) else None,
+                   "decode_speedup_vs_ar": statistics.median(r / a for r, a in zip(out["decode_rate"],
+                                                                                   ar["decode_rate"])),
+                   "predicted_decode_speedup": predictor.decode(name, run_costs, copying, g),
+                   "acceptance": None if name == "ar" else statistics.median(out["acceptance"]),
+                   "identical_to_ar": all(out["identical"]) if temp == 0 else None,
+                   "alpha_estimate": est.alpha, "cost_ratio": run_costs.sequential.cost_ratio, "gamma": g,
+                   "lookup": copies[name].to_dict() if copying else None,
                    "speedup_per_prompt": ratios}
             rows.append(row)
             print(f"T={temp:<4} {name:<18} {row['tok_s']:7.2f} tok/s  x{row['speedup_vs_ar']:.2f} (predicted "
                   f"{predicted:.2f})  gamma {g}  acceptance "
                   f"{row['acceptance'] if row['acceptance'] is None else round(row['acceptance'], 3)}  "
                   f"copies {'on' if copying else 'off'}  identical {row['identical_to_ar']}", flush=True)
-        costs[f"during T={temp} (medians)"] = as_dict(run_costs)
     protocol = {"model": "SmolLM2-135M-Instruct fp32", "backend": "onnxruntime CPU", "draft": draft_spec(args),
                 "prompts": len(prompts), "prompt_tokens": 48, "prompt_text": "austen:persuasion",
                 "new_tokens": args.new_tokens, "gamma": gamma, "num_candidates": candidates,
