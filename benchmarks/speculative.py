@@ -214,11 +214,15 @@ def decide(predictor: Predictor, costs: Costs, loops: list[str], lookup, gamma: 
         return lookup is not None and cost_model.copying_pays(predictor.decode(name, costs, True, g),
                                                              predictor.decode(name, costs, False, g))
     gammas = {"ar": None, **{name: gamma for name in loops}}
-    pearl = {copying: max(range(1, gamma_max + 1), key=lambda g: (predictor.decode("pearl", costs, copying, g), -g))
-             for copying in ((False, True) if lookup else (False,))}
-    copying = lookup is not None and cost_model.copying_pays(predictor.decode("pearl", costs, True, pearl[True]),
-                                                            predictor.decode("pearl", costs, False, pearl[False]))
-    gammas["pearl"] = pearl[copying]
+    workers = costs.workers
+    pearl = {copying: cost_model.choose_pearl_gamma(
+        predictor.est.alpha, workers.cost_ratio, gamma_max=gamma_max, verify_cost=workers.verify,
+        worker_slowdown=workers.baseline_ratio, trajectories=predictor.est.trajectories,
+        lookups=predictor.est.lookups if copying else (), catchup_cost=workers.catchup)
+        for copying in ((False, True) if lookup else (False,))}
+    copying = lookup is not None and cost_model.copying_pays(pearl[True].predicted_speedup,
+                                                            pearl[False].predicted_speedup)
+    gammas["pearl"] = pearl[copying].gamma
     copies = {name: lookup if (copying if name == "pearl" else pays(name, gamma)) else None
               for name in loops if name != "batch_speculative"}
     return copies, gammas

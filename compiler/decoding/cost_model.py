@@ -197,42 +197,31 @@ class CostMeasurement:
     target_step_seconds: float
     draft_step_seconds: float
     verify_cost: dict = field(default_factory=dict)  # k -> target time to score k tokens, in target steps
-    # the draft scoring 2 tokens in one call, in target steps: a round's first draft call after a
-    # round that accepted every draft (it feeds the last draft and the bonus token); None: not measured
-    catchup_cost: float | None = None
+    # m -> the draft scoring m tokens in one call, in target steps: a round's first draft call
+    # after a fully accepted round feeds 2 (the last draft and the bonus token), after copied
+    # rounds every token the draft skipped
+    catchup_costs: dict = field(default_factory=dict)
     # the target's step over a `baseline` model's step timed beside it (PEARL's one-thread worker
     # against the all-core target that plain decoding runs); None: no baseline was timed
     baseline_ratio: float | None = None
-    # m -> the draft scoring m tokens in one call, in target steps (m = 2 is catchup_cost): the
-    # catch-up after rounds that copied their drafts, which feeds every token the draft skipped
-    catchup_costs: dict = field(default_factory=dict)
+
+    @property
+    def catchup_cost(self) -> float | None:
+        """The draft's two-token call, in target steps (None: not measured)."""
+        return self.catchup_costs.get(2)
 
     def verify(self, gamma: int) -> float:
-        """v(gamma): scoring gamma + 1 tokens, interpolated from the measured k (1.0 if none).
-
-        Scoring more tokens never costs less; the measured curve is made nondecreasing so that
-        timing noise between neighbouring k cannot make a longer draft look cheaper to verify."""
-        if not self.verify_cost:
-            return 1.0
-        ks = sorted(self.verify_cost)
-        costs = np.maximum.accumulate([self.verify_cost[k] for k in ks])
-        return float(np.interp(gamma + 1, ks, costs))
+        """v(gamma): scoring gamma + 1 tokens, interpolated from the measured k (1.0 if none)."""
+        return _monotone(self.verify_cost, gamma + 1, default=1.0)
 
     def catchup(self, m: int) -> float:
-        """The draft's call feeding m tokens, in target steps, interpolated from the measured m
-        (nondecreasing, as verify; past the longest measured, priced as that one)."""
-        if m <= 1:
-            return self.cost_ratio
-        measured = self.catchup_costs or ({2: self.catchup_cost} if self.catchup_cost is not None else {})
-        if not measured:
-            return self.cost_ratio
-        ms = [1, *sorted(measured)]
-        costs = np.maximum.accumulate([self.cost_ratio, *(measured[k] for k in ms[1:])])
-        return float(np.interp(m, ms, costs))
+        """The draft's call feeding m tokens, in target steps, from the measured m (c for one)."""
+        return _monotone({1: self.cost_ratio, **self.catchup_costs}, m, default=self.cost_ratio)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "verify_cost": {str(k): v for k, v in self.verify_cost.items()},
-                "catchup_costs": {str(k): v for k, v in self.catchup_costs.items()}}
+                "catchup_costs": {str(k): v for k, v in self.catchup_costs.items()},
+                "catchup_cost": self.catchup_cost}
 
     @classmethod
     def median(cls, measurements: Sequence["CostMeasurement"]) -> "CostMeasurement":
@@ -244,10 +233,20 @@ class CostMeasurement:
         def med(values):
             return None if any(v is None for v in values) else float(np.median(values))
         fields = {name: med([getattr(m, name) for m in measurements]) for name in
-                  ("cost_ratio", "target_step_seconds", "draft_step_seconds", "catchup_cost", "baseline_ratio")}
+                  ("cost_ratio", "target_step_seconds", "draft_step_seconds", "baseline_ratio")}
         curves = {name: {k: med([getattr(m, name).get(k) for m in measurements])
                          for k in getattr(measurements[0], name)} for name in ("verify_cost", "catchup_costs")}
         return cls(**curves, **fields)
+
+
+def _monotone(measured: dict, x: float, default: float) -> float:
+    """A measured call cost at x, interpolated (past the ends: the end's). Feeding more tokens never
+    costs less, so the curve is made nondecreasing: timing noise between neighbouring lengths
+    cannot make a longer call look cheaper."""
+    if not measured:
+        return default
+    xs = sorted(measured)
+    return float(np.interp(x, xs, np.maximum.accumulate([measured[k] for k in xs])))
 
 
 def _decode_timer(model: StepModel, prompt: Sequence[int], steps: int) -> Callable[[], float]:
@@ -339,7 +338,7 @@ def measure_cost_ratio(target: StepModel, draft: StepModel, prompt: Sequence[int
         catchups = {m: r * c for m, r in _call_ratios(draft, prompt, sorted({2, *catchup_lengths}), repeats).items()}
     with _busy(other[id(target)], prompt, steps):
         verify = _call_ratios(target, prompt, verify_lengths, repeats)
-    return CostMeasurement(c, t_step, d_step, verify, catchups[2], baseline_ratio, catchups)
+    return CostMeasurement(c, t_step, d_step, verify, catchups, baseline_ratio)
 
 
 # --------------------------------------------------------------------------- predictions
@@ -401,6 +400,7 @@ def replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: flo
     every token it skipped. The state is (position, draft length, tokens the draft's next call
     feeds): 1 after a rejection, 2 after a fully accepted round, more after copied rounds."""
     _check(0.0, gamma, c)
+    catchup_beyond_step = _catchup_table(catchup_cost, c) - c  # a draft round's first call beyond a step
     positions = cost = 0.0
     for t, trajectory in enumerate(trajectories):
         beta = np.clip(np.asarray(trajectory, dtype=np.float64), 0.0, 1.0)
@@ -412,7 +412,7 @@ def replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: flo
         slot = (lambda length: 0) if schedule is None else (lambda length: length)  # a fixed length: one slot
         # without copies the draft's next call feeds 1 or 2 tokens; copied rounds add what they commit
         lag_top = LAG_MAX if copies else 2
-        extra = _catchup_table(catchup_cost, c)[:lag_top + 1] - c  # a draft round's first call beyond a step
+        extra = catchup_beyond_step[:lag_top + 1]
         lags = np.arange(lag_top + 1)
         # after[i, slot(length), m]: the expected cost of committing positions i.. at that draft
         # length, the draft's next call feeding m tokens (index 0 unused)
