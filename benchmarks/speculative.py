@@ -21,8 +21,10 @@ tokens recurred (draft.lookup, as README's recipe); speculative, PEARL and stair
 copies where their own replay at that temperature predicts a 5% gain (as the pass decides), batch
 speculative rows never copy. Speculative, batch speculative and stairs use the plan's gamma; PEARL
 the gamma its own round model picks for its workers, which get one ORT thread each (two cores
-here), priced with those workers' measured step times; the other methods use the artifact's
-session (all cores). Batch speculative uses the plan's number of candidates.
+here), priced with those workers' measured step times; its prefill and its rounds of copied
+drafts run alone on the target's all-core session, as the pass plans (alone_session). The other
+methods use the artifact's session (all cores). Batch speculative uses the plan's number of
+candidates.
 """
 from __future__ import annotations
 
@@ -103,7 +105,8 @@ def draft_spec(args) -> str:
 @dataclass(frozen=True)
 class Models:
     """The artifact's ORT sessions: the target and draft on the artifact's threads, and PEARL's
-    workers, one thread each (two cores here)."""
+    workers, one thread each (two cores here), the target's with the artifact's session beside
+    it for the calls made alone."""
     target: object
     draft: object
     pearl_target: object
@@ -111,23 +114,18 @@ class Models:
 
     @classmethod
     def open(cls, art) -> "Models":
-        from accelc.runtime.ort_backend import OrtStepModel
-
-        graphs = art.backends()["ort"]["runtime"]["graphs"]
-        one_thread = {**art.backends()["ort"]["runtime"]["session"], "intra_op_threads": 1}
         return cls(art.step_model("ort"), art.step_model("ort", "draft"),
-                   *(OrtStepModel(art.dir / art.manifest["graphs"][graphs[role]], one_thread)
-                     for role in ("target", "draft")))
+                   art.step_model("ort", threads=1, alone_session=True), art.step_model("ort", "draft", threads=1))
 
 
 @dataclass(frozen=True)
 class Costs:
     """What a prediction is priced with, measured together: the sequential pair's costs, PEARL's
     workers' (timed while both run; baseline_ratio: their target step over the all-core step
-    autoregressive decoding takes), and the prompt's prefill on both targets (seconds)."""
+    autoregressive decoding takes), and the prompt's prefill (seconds, all cores: every loop's)."""
     sequential: CostMeasurement
     workers: CostMeasurement
-    prefill: dict
+    prefill: float
 
     @classmethod
     def measure(cls, models: Models, prompt: list[int], gamma_max: int, copying: bool) -> "Costs":
@@ -138,8 +136,7 @@ class Costs:
         return cls(cost_model.measure_cost_ratio(models.target, models.draft, prompt, **timing),
                    cost_model.measure_cost_ratio(models.pearl_target, models.pearl_draft, prompt, concurrent=True,
                                                  baseline=models.target, **timing),
-                   {"all_cores": _prefill_seconds(models.target, prompt),
-                    "pearl": _prefill_seconds(models.pearl_target, prompt)})
+                   _prefill_seconds(models.target, prompt))
 
     @classmethod
     def median(cls, measured: list["Costs"]) -> "Costs":
@@ -149,7 +146,7 @@ class Costs:
 
         return cls(CostMeasurement.median([m.sequential for m in measured]),
                    CostMeasurement.median([m.workers for m in measured]),
-                   {key: statistics.median(m.prefill[key] for m in measured) for key in measured[0].prefill})
+                   statistics.median(m.prefill for m in measured))
 
     def to_dict(self) -> dict:
         return {"sequential": self.sequential.to_dict(), "pearl_workers": self.workers.to_dict(),
@@ -190,16 +187,15 @@ class Predictor:
                                                      self.candidates, seq.verify, seq.catchup)
         if name == "pearl":
             return cost_model.pearl_replayed_speedup(est.trajectories, g, workers.cost_ratio, workers.verify,
-                                                     lookups, workers.catchup) / workers.baseline_ratio
+                                                     lookups, workers.catchup,
+                                                     cost_model.alone_verify(seq, workers)) / workers.baseline_ratio
         return 1.0
 
     def tokens_per_second(self, name: str, costs: Costs, copying: bool, g: int | None) -> float:
-        """The speedup in tokens/s as the benchmark measures it, prefill included: the loops
-        prefill the prompt on the target as autoregressive decoding does, but PEARL's target is
-        one thread."""
+        """The speedup in tokens/s as the benchmark measures it, prefill included: every loop
+        prefills the prompt on the all-core target, as autoregressive decoding does."""
         decode = (self.new_tokens - 1) * costs.sequential.target_step_seconds  # autoregressive, after prefill
-        own = costs.prefill["pearl" if name == "pearl" else "all_cores"]
-        return (costs.prefill["all_cores"] + decode) / (own + decode / self.decode(name, costs, copying, g))
+        return (costs.prefill + decode) / (costs.prefill + decode / self.decode(name, costs, copying, g))
 
 
 def decide(predictor: Predictor, costs: Costs, loops: list[str], lookup, gamma: int,
@@ -218,7 +214,8 @@ def decide(predictor: Predictor, costs: Costs, loops: list[str], lookup, gamma: 
     pearl = {copying: cost_model.choose_pearl_gamma(
         predictor.est.alpha, workers.cost_ratio, gamma_max=gamma_max, verify_cost=workers.verify,
         worker_slowdown=workers.baseline_ratio, trajectories=predictor.est.trajectories,
-        lookups=predictor.est.lookups if copying else (), catchup_cost=workers.catchup)
+        lookups=predictor.est.lookups if copying else (), catchup_cost=workers.catchup,
+        alone_verify=cost_model.alone_verify(costs.sequential, workers))
         for copying in ((False, True) if lookup else (False,))}
     copying = lookup is not None and cost_model.copying_pays(pearl[True].predicted_speedup,
                                                             pearl[False].predicted_speedup)

@@ -97,7 +97,7 @@ class Speculative(registry.Pass):
     """Speculative decoding plan: draft model, measured alpha and cost ratio, gamma by predicted speedup."""
 
     name = "speculative"
-    version = 11  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused
+    version = 12  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused
     # drafts; 4: PEARL priced with its workers' threads; 5: a from_target draft adopts the prompt cache;
     # 6: alpha is measured that way, over 32 tokens per prompt; 7: gamma by replayed acceptance, c by
     # paired timings, PEARL's workers timed while both run; 8: a from_target draft is carried only
@@ -105,7 +105,8 @@ class Speculative(registry.Pass):
     # schedule, drafts copied from the context (draft.lookup); 9: calibration continuations as long
     # as decode.max_new_tokens (32..128), copying kept only where the replay predicts a gain,
     # PEARL's window by replay too; 10: PEARL copies drafts too, batch speculative by replay; 11: costs
-    # timed as paired ratios, a copy's catch-up priced by the tokens it feeds
+    # timed as paired ratios, a copy's catch-up priced by the tokens it feeds; 12: PEARL's copied rounds
+    # and prefill run alone, on a second, all-core target session (alone_session)
     needs = ("calibration",)
 
     class Params(registry.Params):
@@ -120,6 +121,10 @@ class Speculative(registry.Pass):
         pearl_threads: list[int] | None = Field(None, min_length=2, max_length=2,
                                                 description="ORT intra-op threads of PEARL's [target, draft] "
                                                 "workers, which run at once (default: the cores split in two)")
+        pearl_alone_session: bool = Field(True, description="PEARL on ORT: a second session of the target on "
+                                          "the artifact's threads for the calls no worker runs beside (the "
+                                          "prefill, rounds of copied drafts); it costs the target's weights "
+                                          "once more in memory (false: those calls run on the worker's threads)")
 
         @model_validator(mode="after")
         def _lookup_loops(self):
@@ -250,6 +255,7 @@ class Speculative(registry.Pass):
         pearl, prediction, lookup_report = {}, "i.i.d. alpha (algorithms.md 4 R6)", {}
         if self.params.strategy == "pearl":
             c, pearl_verify, pearl_catchup, slowdown = cost.cost_ratio, cost.verify, cost.catchup, 1.0
+            alone_verify = None  # rounds made alone run on the workers' target
             if workers is not None:
                 # PEARL's workers run at once, each on its share of the cores and each slowed by the
                 # other's use of the caches and memory bandwidth: price them that way
@@ -264,14 +270,17 @@ class Speculative(registry.Pass):
                 c, pearl_verify, pearl_catchup = worker_cost.cost_ratio, worker_cost.verify, worker_cost.catchup
                 slowdown = worker_cost.baseline_ratio
                 pearl = {"worker_threads": {"target": threads[0], "draft": threads[1]},
-                         "worker_slowdown": slowdown, "worker_cost_ratio": c}
+                         "worker_slowdown": slowdown, "worker_cost_ratio": c,
+                         "alone_session": self.params.pearl_alone_session}
+                if self.params.pearl_alone_session:
+                    alone_verify = cost_model.alone_verify(cost, worker_cost)
             prediction = "acceptance replayed through PEARL's two modes (cost_model.pearl_replayed_speedup)"
 
             def replay(lookups):
                 return cost_model.choose_pearl_gamma(alpha.alpha, c, gamma_max=self.params.gamma_max,
                                                      verify_cost=pearl_verify, worker_slowdown=slowdown,
                                                      trajectories=alpha.trajectories, lookups=lookups,
-                                                     catchup_cost=pearl_catchup)
+                                                     catchup_cost=pearl_catchup, alone_verify=alone_verify)
         elif self.params.strategy == "batch_speculative":
             prediction = ("acceptance replayed over the calibration continuations, the candidates' own at each "
                           "round's first position (cost_model.batch_replayed_speedup)")

@@ -8,6 +8,8 @@ speculative decoding do) never copies, and a state rebuilt by hand is refused, n
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -107,3 +109,32 @@ def test_one_model_as_both_pearl_workers(tiny):
     expected = generate(step, prompt, 16).tokens
     got = pearl_generate(step, step, prompt, 16, gamma=3, concurrent=True)
     assert got.tokens == expected and got.stats["rejections"] == 0
+
+
+@pytest.mark.parametrize("kv_cache", ["auto", "copy"])
+def test_calls_made_alone_run_on_the_second_session_over_the_same_cache(tiny, kv_cache):
+    """A PEARL worker's target: one thread for the rounds both workers run, all cores for the
+    calls made alone (prefill, copied rounds), one cache for both sessions."""
+    graph, ids, expected = tiny
+    step = OrtStepModel(graph, {"intra_op_threads": 1, "kv_cache": kv_cache},
+                        alone_options={"intra_op_threads": 2, "kv_cache": kv_cache})
+    runs = {"worker": 0, "alone": 0}
+    for who, session in (("worker", step.session), ("alone", step.alone_session)):
+        # count each session's runs: the calls must land on the session they were made for
+        for method in ("run", "run_with_iobinding"):
+            original = getattr(session, method)
+
+            def counted(*args, _original=original, _who=who, **kwargs):
+                runs[_who] += 1
+                return _original(*args, **kwargs)
+            setattr(session, method, counted)
+    with step.alone():
+        first, state = step.prefill(ids[:10])
+    rows = [first]
+    for start, who in zip(range(10, 40, 6), ("worker", "alone", "worker", "alone", "worker")):
+        with step.alone() if who == "alone" else contextlib.nullcontext():
+            logits, state = step.extend(state, ids[start:start + 6])
+        rows.append(logits)
+    _close(np.concatenate(rows), expected)
+    assert runs == {"worker": 3, "alone": 3}
+    assert not step._alone  # the context restores the worker's session

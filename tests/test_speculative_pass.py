@@ -222,6 +222,10 @@ def test_pearl_plan_prices_and_runs_its_workers_on_their_share_of_the_cores(cli,
     assert plan["worker_slowdown"] > 0 and plan["worker_cost_ratio"] > 0
     target, draft = Artifact(out).decode_pair("ort")
     assert [m.session.get_session_options().intra_op_num_threads for m in (target, draft)] == [1, 1]
+    # the prefill and the rounds of copied drafts run alone, on the target's session with the artifact's threads
+    assert plan["alone_session"] and draft.alone_session is None
+    artifact_threads = Artifact(out).backends()["ort"]["runtime"]["session"].get("intra_op_threads", 0)
+    assert target.alone_session.get_session_options().intra_op_num_threads == artifact_threads
     assert json.loads((out / "reports" / "validation.json").read_text())["decode_plan"]["verdict"] == "pass"
 
 

@@ -341,6 +341,17 @@ def measure_cost_ratio(target: StepModel, draft: StepModel, prompt: Sequence[int
     return CostMeasurement(c, t_step, d_step, verify, catchups, baseline_ratio)
 
 
+def alone_verify(sequential: CostMeasurement, workers: CostMeasurement) -> Callable[[int], float]:
+    """PEARL's rounds made alone (pearl.py: copied drafts) on the target's all-core session: its
+    verify call scoring g + 1 tokens, in the units PEARL is replayed in, the worker target's step."""
+    if not workers.baseline_ratio:
+        raise UsageError("pricing PEARL's rounds made alone needs the workers timed against the all-core target")
+
+    def cost(g: int) -> float:
+        return sequential.verify(g) / workers.baseline_ratio
+    return cost
+
+
 # --------------------------------------------------------------------------- predictions
 def copying_pays(with_copies: float, without: float) -> bool:
     """Whether a loop should copy drafts from the context, from its replayed speedups (MIN_COPY_GAIN)."""
@@ -448,44 +459,63 @@ def replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: flo
 
 def pearl_replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: float,
                            verify_cost: VerifyCost = 1.0, lookups: Sequence[Sequence[np.ndarray]] = (),
-                           catchup_cost: CatchupCost = None) -> float:
+                           catchup_cost: CatchupCost = None, alone_verify: VerifyCost | None = None) -> float:
     """PEARL's speedup replayed over measured acceptance, through its two modes (pearl.py), in
     units of the workers' own target step (divide by their slowdown, as choose_pearl_gamma does).
     A round at position i with u unverified drafts (pre-verify: u = 0; post-verify: u = gamma - 1)
-    checks them and d_0 while the draft model drafts gamma tokens:
+    checks them and d_0 while the draft model drafts gamma tokens, its first call feeding the m
+    tokens it lags by (1, but after a copied round everything it skipped):
 
-        T(i, u) = max(gamma c, v(u)) + sum_a P(first rejection at a | i) pre(i + a + 1)
-                                     + P(all u + 1 accepted | i) post(i + u + 1)
+        pre(i, m) = max(c_m + (gamma - 1) c, 1) + sum_a P(first rejection at a | i) pre(i + a + 1, 1)
+                                                + P(d_0 accepted | i) post(i + 1)
+        post(i)   = max(gamma c, v(u)) + sum_a P(...) pre(i + a + 1, 1) + P(all u + 1 | i) post(i + u + 1)
 
     Runs of acceptance keep PEARL in post-verify, which the i.i.d. chain fed the mean alpha
     undercounts. `lookups` (AlphaEstimate.lookups): where the context matches at position i + u,
-    its k copied drafts join U, so the round checks u + k + 1 positions, and the draft model,
-    which drafts after the copies, first feeds them: max(c_{k+1} + (gamma - 1) c, v(u + k)), with
-    c_m the draft's call feeding m tokens (`catchup_cost`, as in replayed_speedup).
-    Copies rarely pay where the draft paces the rounds (gamma c > v): they shorten no round's
-    draft work, and a rejected copy ends a post-verify run the draft's own tokens might have kept."""
+    the round verifies U and the k copies alone instead (`alone_verify`, scoring u + k + 1 tokens,
+    in the same units: on ORT the all-core session's cost over the worker's step; default the
+    workers' `verify_cost`), commits the accepted j and one more token, and the draft then lags
+    by what it skipped: m + j + 1 from pre-verify, max(j + 2 - u, 1) from post-verify."""
     _check(0.0, gamma, c)
-    catchup = _catchup_table(catchup_cost, c)  # a copied round's first draft call feeds the copies too
+    alone_verify = verify_cost if alone_verify is None else alone_verify
+    catchup = _catchup_table(catchup_cost, c)
+    lags = np.arange(LAG_MAX + 1)
     positions = cost = 0.0
     for t, trajectory in enumerate(trajectories):
         beta = np.clip(np.asarray(trajectory, dtype=np.float64), 0.0, 1.0)
         n = beta.size
         copies = lookups[t] if lookups else ()
-        pre, post = np.zeros(n + 1), np.zeros(n + 1)  # zero once every position is committed
+        # pre[i, m]: the expected cost of committing positions i.. from pre-verify with the draft
+        # lagging m tokens; post[i]: from post-verify (the draft lags 1); zero once all are committed
+        pre, post = np.zeros((n + 2, LAG_MAX + 1)), np.zeros(n + 2)
         for i in range(n - 1, -1, -1):
-            for u, out in ((0, pre), (gamma - 1, post)):
-                # the checked positions' acceptance: U, the copies, d_0; cut where the budget ends
+            # gamma 1: post-verify holds no drafts, it is pre-verify with the draft lagging 1
+            for u in ((gamma - 1, 0) if gamma > 1 else (0,)):
                 at = min(i + u, n)
                 copied = np.clip(copies[at][:n - at - 1], 0.0, 1.0) if copies and at < n else np.zeros(0)
-                k = copied.size
-                b = np.concatenate((beta[i:i + u], copied, beta[i + u + k:i + u + k + 1]))[:n - i]
-                run = np.cumprod(np.concatenate(([1.0], b)))  # run[a] = P(the first a accepted)
-                drafting = catchup[min(k + 1, LAG_MAX)] + (gamma - 1) * c
-                out[i] = (max(drafting, _v(verify_cost, u + k) if u + k else 1.0)
-                          + float(np.dot(run[:-1] * (1.0 - b), pre[i + 1:i + b.size + 1]))
-                          + run[b.size] * (post[i + b.size] if b.size == u + k + 1 else 0.0))
+                if copied.size:  # a round of copied drafts, run alone: j accepted, then one more token
+                    b = np.concatenate((beta[i:i + u], copied))
+                    run = np.cumprod(np.concatenate(([1.0], b)))
+                    weights = np.append(run[:-1] * (1.0 - b), run[b.size])
+                    lag = (lambda j: np.minimum(lags + j + 1, LAG_MAX)) if u == 0 else \
+                        (lambda j: max(j + 2 - u, 1))
+                    value = _v(alone_verify, u + copied.size) + sum(
+                        w * pre[i + j + 1, lag(j)] for j, w in enumerate(weights))
+                else:
+                    b = beta[i:i + u + 1]  # U and d_0, cut where the positions end
+                    run = np.cumprod(np.concatenate(([1.0], b)))
+                    rest = (float(np.dot(run[:-1] * (1.0 - b), pre[i + 1:i + b.size + 1, 1]))
+                            + run[b.size] * (post[i + b.size] if b.size == u + 1 else 0.0))
+                    drafting = catchup[lags] + (gamma - 1) * c if u == 0 else gamma * c
+                    value = np.maximum(drafting, _v(verify_cost, u) if u else 1.0) + rest
+                if u == 0:
+                    pre[i] = value
+                else:
+                    post[i] = value
+            if gamma == 1:
+                post[i] = pre[i, 1]
         positions += n
-        cost += pre[0]
+        cost += pre[0, 1]
     if cost <= 0.0:
         raise UsageError("replaying PEARL needs at least one measured position")
     return positions / cost
@@ -619,10 +649,11 @@ def choose_batch_gamma(alpha: float, c: float, candidates: int, *, gamma_max: in
 def choose_pearl_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX,
                        verify_cost: VerifyCost = 1.0, worker_slowdown: float = 1.0,
                        trajectories: Sequence[Sequence[float]] = (),
-                       lookups: Sequence[Sequence[np.ndarray]] = (), catchup_cost: CatchupCost = None) -> GammaChoice:
+                       lookups: Sequence[Sequence[np.ndarray]] = (), catchup_cost: CatchupCost = None,
+                       alone_verify: VerifyCost | None = None) -> GammaChoice:
     """PEARL's window: argmax S_PEARL(gamma), or autoregressive when max S_PEARL <= 1; with
-    measured `trajectories` (and `lookups`, with the draft's `catchup_cost`), S_PEARL is replayed
-    over them (pearl_replayed_speedup).
+    measured `trajectories` (and `lookups`, with the draft's `catchup_cost` and the cost of the
+    rounds made alone, `alone_verify`), S_PEARL is replayed over them (pearl_replayed_speedup).
 
     PEARL's two workers split the cores, so each model steps slower than it does alone:
     `c` and `verify_cost` are the workers' own, and `worker_slowdown` is the target worker's
@@ -630,7 +661,7 @@ def choose_pearl_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX,
     if worker_slowdown <= 0:
         raise UsageError(f"worker_slowdown must be positive, got {worker_slowdown}")
     if trajectories:
-        return _choose("pearl", lambda g: pearl_replayed_speedup(trajectories, g, c, verify_cost, lookups, catchup_cost)
-                       / worker_slowdown, alpha, c, gamma_max)
+        return _choose("pearl", lambda g: pearl_replayed_speedup(trajectories, g, c, verify_cost, lookups, catchup_cost,
+                                                                 alone_verify) / worker_slowdown, alpha, c, gamma_max)
     return _choose("pearl", lambda g: pearl_predicted_speedup(alpha, g, c, verify_cost) / worker_slowdown,
                    alpha, c, gamma_max)

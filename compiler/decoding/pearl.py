@@ -20,11 +20,17 @@ d_1.. become U, stay in post-verify: this is the adaptive draft length, runs of 
 ... tokens continue without a break. A rejection at i: commit the accepted prefix and a
 residual sample, roll both models back with `truncate`, switch to pre-verify.
 
-Drafts copied from the context (`lookup`, lookup.py): at the start of a round, where the end of
-x = verified + U recurred earlier in the sequence, the tokens that followed it then join U as
-copied drafts C (one-hot q), so the target checks U + C + d_0 in this round's call while the
-draft model drafts after x + C: a post-verify round whose window grew at no draft cost. The
-target's call feeds |C| more tokens, which on a CPU costs little more than one.
+Drafts copied from the context (`lookup`, lookup.py): where the end of x = verified + U
+recurred earlier in the sequence, the tokens that followed it then are drafts C (one-hot q)
+that cost the draft model nothing, so there is no drafting to overlap with their verification:
+such a round runs alone, as a round of plain speculative decoding does. The target checks U + C
+in one call, on all the cores where its backend can (StepModel.alone: ORT opens a second,
+all-core session over the same cache), and commits the accepted prefix and a residual, or a
+bonus token from its last row when all are accepted; the draft model idles, and its next call
+feeds every token it skipped. The next round starts in pre-verify. (Copies added to a parallel
+round's U instead measured 5-7% slower on a 2-core CPU: PEARL's rounds there are paced by the
+draft model, so a copy shortened no round, and the target verified it on its one thread.)
+The prompt's prefill runs alone too.
 
 Every committed token passes the exact SD rule min(1, p/q) with residual norm(max(p - q, 0))
 (there is no bonus token in PEARL), so the output is distributed exactly as the target's;
@@ -36,7 +42,7 @@ identical tokens for the same seed.
 Threads: the draft and the target each run on their own single worker thread; ONNX Runtime and
 torch release the GIL inside their kernels, and each backend keeps its own intra-op thread pool
 (for ORT the session options; give each model 1 thread on a 2-core machine). The coordinator
-only verifies.
+verifies, and runs the rounds made alone itself.
 """
 from __future__ import annotations
 
@@ -48,10 +54,10 @@ from accelc.decoding.autoregressive import GenerationResult, Sampler
 from accelc.decoding.lookup import Lookup
 from accelc.decoding.speculative import (SpecStats, begin, check_args, commit, copied_drafts, draft_tokens,
                                          own_sample, verify_chain)
-from accelc.runtime.base import StepModel
+from accelc.runtime.base import StepModel, alone
 
 DEFAULT_GAMMA = 4  # PEARL's scripts use 3 to 5 (gamma ~ t_target / t_draft); the cost model refines it
-PRE, POST = "pre", "post"
+PRE, POST, COPIED = "pre", "post", "copied"  # COPIED: a round of copied drafts, run alone
 
 A = TypeVar("A")
 B = TypeVar("B")
@@ -94,16 +100,17 @@ def pearl_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], m
                    seed: int = 0, concurrent: bool = True, prompt_kv_from_target: bool = False,
                    lookup: Lookup | None = None) -> GenerationResult:
     """PEARL with window `gamma`; `concurrent=False` is the deterministic single-thread schedule;
-    prompt_kv_from_target: see speculative.open_pair; lookup: rounds add drafts copied from the
-    context to U where it has a match (the module doc)."""
+    prompt_kv_from_target: see speculative.open_pair; lookup: where the context has a match, a
+    round verifies U and the copied drafts alone (the module doc)."""
     check_args(prompt, max_new_tokens, gamma=gamma)
     workers = _Workers(concurrent)
     try:
         t0 = time.perf_counter()
         n_prompt = len(prompt)
-        tgt, dft, tokens, done = begin(target, draft, prompt, max_new_tokens, eos_ids,  # tokens: verified
-                                       lambda logits: own_sample(logits, sampler, seed, n_prompt),
-                                       prompt_kv_from_target)
+        with alone(target):
+            tgt, dft, tokens, done = begin(target, draft, prompt, max_new_tokens, eos_ids,  # tokens: verified
+                                           lambda logits: own_sample(logits, sampler, seed, n_prompt),
+                                           prompt_kv_from_target)
         t1 = time.perf_counter()
         stats = SpecStats()
         unverified: list[int] = []  # U: drafts after `tokens`, the target has not checked them
@@ -113,31 +120,35 @@ def pearl_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], m
         while not done:
             n = len(tokens)
             x = tokens + unverified
-            # copies go only as far as the budget: U, the copies and d_0 are all this round can commit
+            # copies go only as far as the budget: U, the copies and a bonus are all a round can commit
             copies, copies_q = copied_drafts(x, lookup, max_new_tokens - (len(x) - n_prompt) - 1, sampler, dft.vocab)
-            if copies:
-                unverified, unverified_q, x = unverified + copies, unverified_q + copies_q, x + copies
+            checked, checked_q = unverified + copies, unverified_q + copies_q
+            if copies:  # nothing to draft: verify U + the copies alone, then a bonus as speculative decoding does
+                with alone(target):
+                    rows = tgt.logits_from(x + copies, start=n)
                 stats.lookup_rounds += 1
-                if mode == PRE:  # U is no longer empty: this round verifies it
-                    transitions["pre_to_post"] += 1
-                    mode = POST
-            # both workers start from x: the draft drafts gamma tokens after it, the target scores
-            # positions n .. len(x) (pre-verify: 1 row; post-verify: |U| + 1 rows)
-            (drafts, qs), rows = workers.both(lambda: draft_tokens(dft, x, gamma, sampler, seed),
-                                              lambda: tgt.logits_from(x, start=n))
-            checked, checked_q = unverified + drafts[:1], unverified_q + qs[:1]
+                round_mode, drafted = COPIED, len(copies)
+            else:
+                # both workers start from x: the draft drafts gamma tokens after it, the target scores
+                # positions n .. len(x) (pre-verify: 1 row; post-verify: |U| + 1 rows)
+                (drafts, qs), rows = workers.both(lambda: draft_tokens(dft, x, gamma, sampler, seed),
+                                                  lambda: tgt.logits_from(x, start=n))
+                checked, checked_q = checked + drafts[:1], checked_q + qs[:1]
+                round_mode, drafted = mode, gamma
             j, t = verify_chain(rows, checked, checked_q, sampler, seed, n, stats)
             stats.rounds += 1
-            stats.drafted += gamma + len(copies)
-            trace.append(mode)
+            stats.drafted += drafted
+            trace.append(round_mode)
             before = len(tokens)
+            if t is None and round_mode == COPIED:  # all accepted: the target's own token after them
+                t = own_sample(rows[j], sampler, seed, n + j)
             if t is None:  # all checked tokens accepted: the rest of this round's drafts become U
                 done = commit(tokens, checked, n_prompt, max_new_tokens, eos_ids)
                 unverified, unverified_q = drafts[1:], qs[1:]
                 if mode == PRE:
                     transitions["pre_to_post"] += 1
                 mode = POST
-            else:  # rejection at j: keep the accepted prefix and the residual, roll both models back
+            else:  # a rejection at j (or a copied round's end): keep the accepted prefix and t, roll back
                 done = commit(tokens, checked[:j] + [t], n_prompt, max_new_tokens, eos_ids)
                 unverified, unverified_q = [], []
                 tgt.rollback(n + j)
@@ -152,6 +163,6 @@ def pearl_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], m
     # mode_trace: the mode each round ran in; draft/target busy seconds show how much they overlapped
     return GenerationResult(tokens[n_prompt:], t1 - t0, t2 - t1, stats.as_dict(
         tgt, dft, method="pearl", gamma=gamma, concurrent=concurrent, mode_trace=trace,
-        rounds_pre=trace.count(PRE), rounds_post=trace.count(POST), **transitions,
+        rounds_pre=trace.count(PRE), rounds_post=trace.count(POST), rounds_copied=trace.count(COPIED), **transitions,
         lookup=lookup.to_dict() if lookup else None,
         draft_busy_seconds=workers.busy["draft"], target_busy_seconds=workers.busy["target"]))

@@ -70,8 +70,11 @@ class Artifact:
 
         return load_model(self.dir / HF_DIRS[role], self.trust_remote_code)
 
-    def step_model(self, backend: str, role: str = "target", torch_model=None, threads: int | None = None):
-        """`threads`: an ORT session's intra-op threads instead of the artifact's (PEARL workers)."""
+    def step_model(self, backend: str, role: str = "target", torch_model=None, threads: int | None = None,
+                   alone_session: bool = False):
+        """`threads`: an ORT session's intra-op threads instead of the artifact's (PEARL workers);
+        `alone_session`: with them, a second session on the artifact's threads for the calls made
+        alone (StepModel.alone)."""
         available = self.backends()
         if backend not in available:
             raise UsageError(f"backend '{backend}' is not in this artifact; available: {', '.join(available)}")
@@ -89,8 +92,10 @@ class Artifact:
             if role not in cfg["graphs"]:
                 raise UsageError(f"the ort backend of this artifact has no '{role}' graph")
             graph = self.dir / self.manifest["graphs"][cfg["graphs"][role]]
-            session = cfg["session"] if threads is None else {**cfg["session"], "intra_op_threads": threads}
-            return OrtStepModel(graph, session)
+            if threads is None:
+                return OrtStepModel(graph, cfg["session"])
+            return OrtStepModel(graph, {**cfg["session"], "intra_op_threads": threads},
+                                alone_options=cfg["session"] if alone_session else None)
         if backend == "tvm":
             if role not in cfg["dirs"]:
                 raise UsageError(f"the tvm backend of this artifact has no '{role}' library")
@@ -134,9 +139,10 @@ class Artifact:
     def decode_pair(self, backend: str):
         """(target, draft or None) step models for `plan_for(backend)`."""
         plan = self.plan_for(backend)
-        # PEARL runs target and draft at once: on ORT each gets the share of cores it was planned with
+        # PEARL runs target and draft at once: on ORT each gets the share of cores it was planned
+        # with, and the target its all-core session too for the calls made alone, where planned
         workers = plan.get("worker_threads") if plan.get("strategy") == "pearl" and backend == "ort" else None
         threads = workers or {}
-        target = self.step_model(backend, threads=threads.get("target"))
+        target = self.step_model(backend, threads=threads.get("target"), alone_session=bool(plan.get("alone_session")))
         needs_draft = plan.get("strategy") in NEEDS_DRAFT
         return target, (self.step_model(backend, "draft", threads=threads.get("draft")) if needs_draft else None)

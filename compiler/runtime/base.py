@@ -7,12 +7,14 @@ so a decoding loop never knows whether torch, ONNX Runtime or TVM computed them.
     prefill(ids)            -> logits [T, V], state      (state.length == T)
     extend(state, ids[k])   -> logits [k, V], new state  (k >= 1: verification of k drafts)
     truncate(state, n)      -> state holding only the first n positions (rejected drafts)
+    alone()                 -> optional: a context for calls no other worker runs beside (`alone`)
 
 States are values: extend and truncate return new states and never invalidate the input one,
 which is what lets speculative decoding roll back cheaply.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -65,6 +67,13 @@ class KVStepModel:
             return state
         return KVState(n, tuple(t[:, :, :n, :] for t in state.tensors))
 
+    def alone(self) -> contextlib.AbstractContextManager:
+        """A context in which no other worker runs beside this model (PEARL's prefill and its
+        copied rounds). A model opened with a share of the cores for a parallel worker runs the
+        calls made inside on all of them where its backend can (ORT: a second session); others
+        have one thread pool for every call, and this changes nothing."""
+        return contextlib.nullcontext()
+
     def kv_numpy(self, state: KVState) -> list[np.ndarray]:
         """The KV tensors as numpy arrays (validation compares them across backends)."""
         return [np.asarray(t) for t in state.tensors]
@@ -73,6 +82,13 @@ class KVStepModel:
         """A state holding `kv` (kv_numpy's layout), so a draft built from the target's own
         weights can start from the target's prompt cache instead of a prefill of its own."""
         raise NotImplementedError(f"the {self.name} backend cannot adopt KV tensors")
+
+
+def alone(model: StepModel) -> contextlib.AbstractContextManager:
+    """`model.alone()` where the model has it (KVStepModel.alone), else a context that changes
+    nothing: a StepModel of one's own needs no such method."""
+    method = getattr(model, "alone", None)
+    return method() if method is not None else contextlib.nullcontext()
 
 
 def kv_length(kv: Sequence[np.ndarray], layers: int, kv_heads: int, head_dim: int) -> int:

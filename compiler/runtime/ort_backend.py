@@ -14,9 +14,16 @@ The protocol's value semantics stay: a state is a view (arena, length, when it w
 extending a state whose later positions another live state still needs copies the prefix into
 a new arena first (batch speculative's branches); CPython's reference counting tells which
 states are alive. The runtime option `kv_cache: copy` turns this off.
+
+A model opened for one of PEARL's parallel workers (a share of the cores) can carry a second
+session of the same graph (`alone_options`: all cores) for the calls made inside `alone()`,
+when the other worker idles: the prompt's prefill and rounds of copied drafts. Both sessions
+bind the same arena, so a state moves between them for free. ORT's Python API cannot share
+prepacked weights between sessions, so the second one costs the weights once more in memory.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from dataclasses import dataclass
@@ -53,10 +60,17 @@ def session_options(cfg: Mapping[str, Any]):
 class OrtStepModel(KVStepModel):
     name = "ort"
 
-    def __init__(self, graph: Path, options: Mapping[str, Any] | None = None):
+    def __init__(self, graph: Path, options: Mapping[str, Any] | None = None,
+                 alone_options: Mapping[str, Any] | None = None):
+        """`alone_options`: a second session of the same graph (all cores, say) for the calls made
+        inside `alone()`; both share the KV cache. It costs the graph's weights once more in memory."""
         ort = require("onnxruntime", "pip install onnxruntime")
-        self.session = ort.InferenceSession(str(graph), sess_options=session_options(options or {}),
-                                            providers=["CPUExecutionProvider"])
+
+        def open_session(opts: Mapping[str, Any]):
+            return ort.InferenceSession(str(graph), sess_options=session_options(opts), providers=["CPUExecutionProvider"])
+        self.session = open_session(options or {})
+        self.alone_session = open_session(alone_options) if alone_options is not None else None
+        self._alone = False
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.n_layers = sum(1 for n in self.inputs if n.startswith("past_key_values.") and n.endswith(".key"))
@@ -72,6 +86,21 @@ class OrtStepModel(KVStepModel):
         self._arena: _Arena | None = None
         self._arena_lock = threading.Lock()  # one model may serve two threads (PEARL with draft = target)
         self.kv_copies = 0  # in-place arenas filled by copying a prefix (growth, or a branch still in use)
+
+    @contextlib.contextmanager
+    def alone(self):
+        if self.alone_session is None:
+            yield
+            return
+        self._alone = True
+        try:
+            yield
+        finally:
+            self._alone = False
+
+    def _session(self):
+        """The session a call runs on now: the alone one inside `alone()`, where there is one."""
+        return self.alone_session if self._alone else self.session
 
     def empty_state(self) -> KVState:
         if self.in_place:
@@ -101,7 +130,7 @@ class OrtStepModel(KVStepModel):
         else:
             feed = self._feed(state.length, ids)
             feed.update(zip(self._past_names, state.tensors))
-            out = self.session.run(["logits", *self._present_names], feed)
+            out = self._session().run(["logits", *self._present_names], feed)
             logits, new = out[0][0], KVState(state.length + ids.shape[1], tuple(out[1:]))
         if self.vocab_size is None:
             self.vocab_size = logits.shape[-1]
@@ -117,11 +146,13 @@ class OrtStepModel(KVStepModel):
             arena = arena.copy_prefix(n, arena.capacity if n + k <= arena.capacity else 2 * (n + k))
             if view.arena is self._arena:
                 self._arena = arena
+        session = self._session()
+        binding = arena.binding(session)
         for name, value in self._feed(n, ids).items():
-            arena.binding.bind_cpu_input(name, value)
-        arena.binding.bind_output("logits")  # unallocated: its shape changes with k
-        self.session.run_with_iobinding(arena.binding)
-        logits = arena.binding.get_outputs()[0].numpy()[0]
+            binding.bind_cpu_input(name, value)
+        binding.bind_output("logits")  # unallocated: its shape changes with k
+        session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()[0]
         return logits, arena.wrote(n, k)
 
     def truncate(self, state: KVState, n: int) -> KVState:
@@ -169,27 +200,35 @@ def _view(state: KVState) -> _View:
 
 
 class _Arena:
-    """Preallocated past/present buffers of one model, bound to both through one IO binding.
+    """Preallocated past/present buffers of one model, bound to both through an IO binding per
+    session (a model with an `alone` session runs both on the same cache).
 
     `written[p]` is the clock value of the call that last wrote position p; a state made at
     clock t owns positions [0, length) as long as none was written after t.
     """
 
     def __init__(self, model: OrtStepModel, capacity: int):
-        import onnxruntime as ort
-
         self.model, self.capacity = model, capacity
         shape = (1, model.kv_heads, capacity, model.head_dim)
         self.buffers = [np.zeros(shape, dtype=np.float32) for _ in model._past_names]
         self.written = np.zeros(capacity, dtype=np.int64)
         self.clock = 0
         self.live: weakref.WeakSet[KVState] = weakref.WeakSet()
-        self.binding = model.session.io_binding()
-        self.binding.bind_output("logits")  # first: get_outputs() lists outputs in binding order
-        for past, present, buffer in zip(model._past_names, model._present_names, self.buffers):
-            value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the numpy memory
-            self.binding.bind_ortvalue_input(past, value)
-            self.binding.bind_ortvalue_output(present, value)
+        self._bindings: dict[int, Any] = {}
+
+    def binding(self, session):
+        """`session`'s IO binding of these buffers, made on its first call."""
+        binding = self._bindings.get(id(session))
+        if binding is None:
+            import onnxruntime as ort
+
+            binding = self._bindings[id(session)] = session.io_binding()
+            binding.bind_output("logits")  # first: get_outputs() lists outputs in binding order
+            for past, present, buffer in zip(self.model._past_names, self.model._present_names, self.buffers):
+                value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the numpy memory
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+        return binding
 
     def state(self, length: int, stamp: int | None = None) -> KVState:
         state = KVState(length, (_View(self, self.clock if stamp is None else stamp),))
