@@ -296,7 +296,8 @@ def main() -> int:
     target, draft = models.target, models.draft
     prompts = persuasion_prompts(art.tokenizer, args.prompts)
     gamma, candidates = int(plan["gamma"]), int(plan.get("num_candidates", 2))
-    lookup = Lookup(**plan["lookup"]) if plan.get("lookup") else None  # as run_plan does
+    # the copies --lookup asks for (an artifact compiled with other ones is measured with these)
+    lookup = Lookup(tokens=args.lookup) if args.lookup else None
     shared = {"prompt_kv_from_target": prompt_kv_from_target(plan)}  # as run_plan does
 
     def measure() -> Costs:
