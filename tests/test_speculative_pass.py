@@ -226,6 +226,9 @@ def test_pearl_plan_prices_and_runs_its_workers_on_their_share_of_the_cores(cli,
     assert plan["alone_session"] and draft.alone_session is None
     artifact_threads = Artifact(out).backends()["ort"]["runtime"]["session"].get("intra_op_threads", 0)
     assert target.alone_session.get_session_options().intra_op_num_threads == artifact_threads
+    # pearl_alone_session: false plans none (those calls then run on the worker's session)
+    (out / "decode" / "plan.json").write_text(json.dumps({**plan, "alone_session": False}))
+    assert Artifact(out).decode_pair("ort")[0].alone_session is None
     assert json.loads((out / "reports" / "validation.json").read_text())["decode_plan"]["verdict"] == "pass"
 
 
