@@ -111,11 +111,27 @@ class Models:
     draft: object
     pearl_target: object
     pearl_draft: object
+    opened_mib: dict  # the process's resident memory growth as each one opened (PEARL's target: two sessions)
 
     @classmethod
     def open(cls, art) -> "Models":
-        return cls(art.step_model("ort"), art.step_model("ort", "draft"),
-                   art.step_model("ort", threads=1, alone_session=True), art.step_model("ort", "draft", threads=1))
+        opened, models = {}, {}
+        for name, args in (("target", {}), ("draft", {"role": "draft"}),
+                           ("pearl_target", {"threads": 1, "alone_session": True}),
+                           ("pearl_draft", {"role": "draft", "threads": 1})):
+            before = _resident_mib()
+            models[name] = art.step_model("ort", **args)
+            opened[name] = _resident_mib() - before
+        return cls(**models, opened_mib=opened)
+
+
+def _resident_mib() -> float:
+    """Resident memory (Linux: the second field of /proc/self/statm, in pages); NaN elsewhere."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:
+        return float("nan")
 
 
 @dataclass(frozen=True)
@@ -363,6 +379,7 @@ def main() -> int:
                             "before the run (decisions) and before every prompt (predictions: their medians)",
                 "costs": costs,  # pearl_workers: one ORT thread each, timed while both run
                 "lookup": lookup.to_dict() if lookup else None,
+                "opened_mib": models.opened_mib,
                 "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "plan": plan}
     Path(args.json).write_text(json.dumps(rows, indent=2))  # the rows; their protocol beside them
     Path(args.json).with_suffix(".protocol.json").write_text(json.dumps(protocol, indent=2))
