@@ -32,8 +32,9 @@ round's U instead measured 5-7% slower on a 2-core CPU: PEARL's rounds there are
 draft model, so a copy shortened no round, and the target verified it on its one thread.)
 The prompt's prefill runs alone too.
 
-Every committed token passes the exact SD rule min(1, p/q) with residual norm(max(p - q, 0))
-(there is no bonus token in PEARL), so the output is distributed exactly as the target's;
+Every committed token passes the exact SD rule min(1, p/q) with residual norm(max(p - q, 0)),
+or is the target's own sample (the first token, a copied round's bonus; PEARL's parallel rounds
+have no bonus token), so the output is distributed exactly as the target's;
 at temperature 0 it is the target's greedy output. Randomness is per position (see
 `accelc.decoding.speculative`), so the threaded schedule and the deterministic sequential one
 (`concurrent=False`: the same maths, the draft's work then the target's in one thread) emit
