@@ -58,7 +58,7 @@ class DraftSpec(registry.Params):
     lookup: int | None = Field(None, ge=1, le=64, description="each round first tries to copy up to N drafts "
                                "from the context: what followed the latest earlier occurrence of the sequence's "
                                "last tokens (prompt lookup decoding, no model call); the draft model drafts where "
-                               "nothing matches (PEARL: copies join its unverified drafts). Not batch_speculative")
+                               "nothing matches (PEARL verifies copies in a round of their own, alone). Not batch_speculative")
     lookup_ngram: int = Field(3, ge=1, le=8, description="longest suffix `lookup` matches (it tries down to 2 "
                               "tokens, or 1 when this is 1)")
     search_generations: int = Field(4, ge=1, description="arch_search generations for a subnet draft")
