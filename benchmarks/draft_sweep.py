@@ -20,6 +20,7 @@ Variants: 8-bit and 4-bit weights (ORT MatMulNBits, several block layouts), and 
 argmax survives the removal on calibration text. Thread spinning stays off, as in every
 benchmark here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,15 @@ import tempfile
 from pathlib import Path
 
 # (name, bits, block, symmetric, layers left out); bits 32 = fp32 weights
-VARIANTS = [("fp32", 32, 0, False, 0), ("int8 b32", 8, 32, False, 0), ("int8 b64 sym", 8, 64, True, 0),
-            ("int4 b32", 4, 32, False, 0), ("int4 b128 sym", 4, 128, True, 0),
-            ("int8 b32, 1 layer out", 8, 32, False, 1), ("int8 b32, 2 layers out", 8, 32, False, 2)]
+VARIANTS = [
+    ("fp32", 32, 0, False, 0),
+    ("int8 b32", 8, 32, False, 0),
+    ("int8 b64 sym", 8, 64, True, 0),
+    ("int4 b32", 4, 32, False, 0),
+    ("int4 b128 sym", 4, 128, True, 0),
+    ("int8 b32, 1 layer out", 8, 32, False, 1),
+    ("int8 b32, 2 layers out", 8, 32, False, 2),
+]
 
 
 def least_harmful_layers(model, ids, n: int) -> list[int]:
@@ -63,7 +70,7 @@ def without_layers(model, drop: list[int]):
 
 def c_needed(alpha: float, verify, goal: float, gamma_max: int) -> float | None:
     """The largest c for which some gamma predicts `goal`: S = E(alpha, gamma) / (gamma c + v)."""
-    from accelc.decoding.cost_model import expected_accepted_length
+    from accelc.loops.cost_model import expected_accepted_length
 
     best = max((expected_accepted_length(alpha, g) / goal - verify(g)) / g for g in range(1, gamma_max + 1))
     return best if best > 0 else None
@@ -72,24 +79,26 @@ def c_needed(alpha: float, verify, goal: float, gamma_max: int) -> float | None:
 def main() -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--artifact", help="a compiled speculative artifact (default: compile one as "
-                   "benchmarks/speculative.py does)")
+    p.add_argument(
+        "--artifact", help="a compiled speculative artifact (default: compile one as benchmarks/speculative.py does)"
+    )
     p.add_argument("--goal", type=float, default=1.5, help="the speedup whose required c is reported")
     p.add_argument("--gamma-max", type=int, default=8)
     p.add_argument("--json", required=True)
     args = p.parse_args()
 
     import torch
+    from speculative import DEFAULT_DRAFT, DRAFT_VOCAB, compile_artifact, persuasion_prompts
     from transformers import AutoModelForCausalLM
 
-    from accelc import fused_decoder, progress
+    from accelc import progress
+    from accelc.compiler import fused_decoder
     from accelc.data import load_text
-    from accelc.decoding import cost_model
+    from accelc.loops import cost_model
     from accelc.passes.quantize import quantize_matmul_nbits
     from accelc.passes.speculative import frequent_tokens
     from accelc.runtime.artifact import Artifact
     from accelc.runtime.ort_backend import OrtStepModel
-    from speculative import DEFAULT_DRAFT, DRAFT_VOCAB, compile_artifact, persuasion_prompts
 
     work = Path(tempfile.mkdtemp(prefix="accelc-draft-sweep-"))
     artifact = Path(args.artifact) if args.artifact else work / "artifact"
@@ -113,31 +122,50 @@ def main() -> int:
             source = without_layers(model, drop_order[:n_drop]) if n_drop else model
             graph = fused_decoder.build(source, folder, vocab_subset=subset)
             if bits < 32:
-                graph = quantize_matmul_nbits(graph, graph.with_name(f"model.q{bits}.onnx"), bits=bits,
-                                              block_size=block, symmetric=symmetric)
+                graph = quantize_matmul_nbits(
+                    graph, graph.with_name(f"model.q{bits}.onnx"), bits=bits, block_size=block, symmetric=symmetric
+                )
             draft = OrtStepModel(graph, art.backends()["ort"]["runtime"]["session"])
             # full-width drafts start from the target's prompt cache, as their plans run
             alpha = cost_model.estimate_alpha(target, draft, prompts, prompt_kv_from_target=not n_drop).alpha
-            cost = cost_model.measure_cost_ratio(target, draft, prompts[0],
-                                                 verify_lengths=range(2, args.gamma_max + 2))
+            cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=range(2, args.gamma_max + 2))
             choice = cost_model.choose_gamma(alpha, cost.cost_ratio, gamma_max=args.gamma_max, verify_cost=cost.verify)
-        row = {"draft": name, "weights": "fp32" if bits == 32 else f"int{bits}", "block": block or None,
-               "symmetric": symmetric, "layers_left_out": drop_order[:n_drop], "vocab": DRAFT_VOCAB,
-               "prompt_kv_from_target": not n_drop,
-               "alpha": alpha, "cost_ratio": cost.cost_ratio, "draft_step_ms": cost.draft_step_seconds * 1e3,
-               "target_step_ms": cost.target_step_seconds * 1e3, "gamma": choice.gamma,
-               "predicted_speedup": choice.predicted_speedup,
-               "c_needed_for_goal": c_needed(alpha, cost.verify, args.goal, args.gamma_max)}
+        row = {
+            "draft": name,
+            "weights": "fp32" if bits == 32 else f"int{bits}",
+            "block": block or None,
+            "symmetric": symmetric,
+            "layers_left_out": drop_order[:n_drop],
+            "vocab": DRAFT_VOCAB,
+            "prompt_kv_from_target": not n_drop,
+            "alpha": alpha,
+            "cost_ratio": cost.cost_ratio,
+            "draft_step_ms": cost.draft_step_seconds * 1e3,
+            "target_step_ms": cost.target_step_seconds * 1e3,
+            "gamma": choice.gamma,
+            "predicted_speedup": choice.predicted_speedup,
+            "c_needed_for_goal": c_needed(alpha, cost.verify, args.goal, args.gamma_max),
+        }
         rows.append(row)
         need = row["c_needed_for_goal"]
-        print(f"{name:24s} alpha {alpha:.3f}  c {cost.cost_ratio:.3f} ({row['draft_step_ms']:.1f} ms)  "
-              f"gamma {choice.gamma}  predicted {choice.predicted_speedup:.2f}x  "
-              f"c for {args.goal}x: {'unreachable' if need is None else f'{need:.3f}'}", flush=True)
-    protocol = {"model": "SmolLM2-135M-Instruct fp32 (fused ONNX graph)", "backend": "onnxruntime CPU",
-                "session": art.backends()["ort"]["runtime"]["session"], "prompts": len(prompts),
-                "prompt_text": "austen:persuasion", "vocab_text": "austen:emma", "goal": args.goal,
-                "layer_ranking_text": "austen:emma, 2 x 256 tokens", "cpu_count": os.cpu_count(),
-                "load_average": os.getloadavg()}
+        print(
+            f"{name:24s} alpha {alpha:.3f}  c {cost.cost_ratio:.3f} ({row['draft_step_ms']:.1f} ms)  "
+            f"gamma {choice.gamma}  predicted {choice.predicted_speedup:.2f}x  "
+            f"c for {args.goal}x: {'unreachable' if need is None else f'{need:.3f}'}",
+            flush=True,
+        )
+    protocol = {
+        "model": "SmolLM2-135M-Instruct fp32 (fused ONNX graph)",
+        "backend": "onnxruntime CPU",
+        "session": art.backends()["ort"]["runtime"]["session"],
+        "prompts": len(prompts),
+        "prompt_text": "austen:persuasion",
+        "vocab_text": "austen:emma",
+        "goal": args.goal,
+        "layer_ranking_text": "austen:emma, 2 x 256 tokens",
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
     Path(args.json).write_text(json.dumps(rows, indent=2))
     Path(args.json).with_suffix(".protocol.json").write_text(json.dumps(protocol, indent=2))
     return 0

@@ -11,6 +11,7 @@ with the artifact's draft and gamma. Reported: decode tokens/s (prefill excluded
 computation), prefill seconds, and the in-place / copy ratio; every in-place output must equal
 the copying one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,13 +33,14 @@ def main() -> int:
     p.add_argument("--json", required=True)
     args = p.parse_args()
 
+    from speculative import DEFAULT_DRAFT, compile_artifact, persuasion_prompts
+
     from accelc import progress
-    from accelc.decoding.autoregressive import generate
-    from accelc.decoding.plan import prompt_kv_from_target
-    from accelc.decoding.speculative import speculative_generate
+    from accelc.loops.autoregressive import generate
+    from accelc.loops.plan import prompt_kv_from_target
+    from accelc.loops.speculative import speculative_generate
     from accelc.runtime.artifact import Artifact
     from accelc.runtime.ort_backend import OrtStepModel
-    from speculative import DEFAULT_DRAFT, compile_artifact, persuasion_prompts
 
     artifact = Path(args.artifact) if args.artifact else Path(tempfile.mkdtemp(prefix="accelc-kv-")) / "artifact"
     if not (artifact / "manifest.json").exists():
@@ -47,14 +49,23 @@ def main() -> int:
     runtime = art.backends()["ort"]["runtime"]
     graph = {role: art.dir / art.manifest["graphs"][name] for role, name in runtime["graphs"].items()}
     gamma = int(art.plan["gamma"])
-    models = {mode: {role: OrtStepModel(path, {**runtime["session"], "kv_cache": mode}) for role, path in graph.items()}
-              for mode in ("copy", "auto")}
+    models = {
+        mode: {role: OrtStepModel(path, {**runtime["session"], "kv_cache": mode}) for role, path in graph.items()}
+        for mode in ("copy", "auto")
+    }
     if not models["auto"]["target"].in_place:
         raise SystemExit("this artifact's graphs do not declare an in-place KV cache (re-export with graph: fused)")
-    loops = {"ar": lambda m, prompt: generate(m["target"], prompt, args.new_tokens),
-             "speculative": lambda m, prompt: speculative_generate(
-                 m["target"], m["draft"], prompt, args.new_tokens, gamma=gamma,
-                 prompt_kv_from_target=prompt_kv_from_target(art.plan))}
+    loops = {
+        "ar": lambda m, prompt: generate(m["target"], prompt, args.new_tokens),
+        "speculative": lambda m, prompt: speculative_generate(
+            m["target"],
+            m["draft"],
+            prompt,
+            args.new_tokens,
+            gamma=gamma,
+            prompt_kv_from_target=prompt_kv_from_target(art.plan),
+        ),
+    }
     rows = []
     for length in args.prompt_tokens:
         prompts = persuasion_prompts(art.tokenizer, args.prompts, length)
@@ -68,19 +79,34 @@ def main() -> int:
                         rates[mode].append(out[mode].decode_tokens_per_second)
                         prefill[mode].append(out[mode].prefill_seconds)
                     same.append(out["copy"].tokens == out["auto"].tokens)
-            row = {"prompt_tokens": length, "loop": loop,
-                   "copy_tok_s": statistics.median(rates["copy"]), "in_place_tok_s": statistics.median(rates["auto"]),
-                   "copy_prefill_s": statistics.median(prefill["copy"]),
-                   "in_place_prefill_s": statistics.median(prefill["auto"]), "identical": all(same)}
+            row = {
+                "prompt_tokens": length,
+                "loop": loop,
+                "copy_tok_s": statistics.median(rates["copy"]),
+                "in_place_tok_s": statistics.median(rates["auto"]),
+                "copy_prefill_s": statistics.median(prefill["copy"]),
+                "in_place_prefill_s": statistics.median(prefill["auto"]),
+                "identical": all(same),
+            }
             row["ratio"] = row["in_place_tok_s"] / row["copy_tok_s"]
             rows.append(row)
-            print(f"{length:5d} prompt tokens  {loop:12s} copy {row['copy_tok_s']:6.1f} tok/s  in place "
-                  f"{row['in_place_tok_s']:6.1f} tok/s  x{row['ratio']:.2f}  prefill {row['copy_prefill_s']:.2f} / "
-                  f"{row['in_place_prefill_s']:.2f} s  identical {row['identical']}", flush=True)
-    protocol = {"model": "SmolLM2-135M-Instruct fp32 (fused ONNX graph)", "draft": "target weights int8, 8k head",
-                "gamma": gamma, "prompts": args.prompts, "new_tokens": args.new_tokens,
-                "prompt_text": "austen:persuasion", "session": runtime["session"], "cpu_count": os.cpu_count(),
-                "load_average": os.getloadavg()}
+            print(
+                f"{length:5d} prompt tokens  {loop:12s} copy {row['copy_tok_s']:6.1f} tok/s  in place "
+                f"{row['in_place_tok_s']:6.1f} tok/s  x{row['ratio']:.2f}  prefill {row['copy_prefill_s']:.2f} / "
+                f"{row['in_place_prefill_s']:.2f} s  identical {row['identical']}",
+                flush=True,
+            )
+    protocol = {
+        "model": "SmolLM2-135M-Instruct fp32 (fused ONNX graph)",
+        "draft": "target weights int8, 8k head",
+        "gamma": gamma,
+        "prompts": args.prompts,
+        "new_tokens": args.new_tokens,
+        "prompt_text": "austen:persuasion",
+        "session": runtime["session"],
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
     Path(args.json).write_text(json.dumps(rows, indent=2))
     Path(args.json).with_suffix(".protocol.json").write_text(json.dumps(protocol, indent=2))
     return 0 if all(r["identical"] for r in rows) else 1

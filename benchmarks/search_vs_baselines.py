@@ -24,6 +24,7 @@ Calibration: austen:emma (16 x 512 tokens for statistics and reformation; the se
 uses 4 further windows spread over the rest of the novel). Held-out: austen:persuasion, 24 x 512
 tokens (--quick: 8). --quick: ratio 0.2, search of 3 generations x 10 candidates.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,9 +71,9 @@ def chain(method: str, ratio: float, search: dict) -> list[str]:
 
 def run_passes(passes: list[str], work: Path, cache: Path):
     """The bundle after the recipe's passes (cached steps are reused), via accelc's PassManager."""
+    from accelc.compiler.pipeline import PassManager, StepCache
+    from accelc.compiler.recipe import load_recipe
     from accelc.families.causal_lm import ingest
-    from accelc.pipeline import PassManager, StepCache
-    from accelc.recipe import load_recipe
 
     text = recipe_text(passes, cache)
     path = work / f"recipe-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
@@ -82,27 +83,39 @@ def run_passes(passes: list[str], work: Path, cache: Path):
 
 
 def held_out_ppl(model_dir: Path, tokenizer, windows: int) -> float:
+    from accelc.compiler.evaluation import perplexity
     from accelc.data import load_text
-    from accelc.evaluation import perplexity
     from accelc.families.causal_lm import load_model
     from accelc.runtime.torch_backend import TorchStepModel
 
-    r = perplexity(TorchStepModel(load_model(model_dir)), tokenizer, load_text(HELD_OUT), text_name=HELD_OUT,
-                   window=512, stride=512, max_windows=windows, progress=False)
+    r = perplexity(
+        TorchStepModel(load_model(model_dir)),
+        tokenizer,
+        load_text(HELD_OUT),
+        text_name=HELD_OUT,
+        window=512,
+        stride=512,
+        max_windows=windows,
+        progress=False,
+    )
     return r["ppl"]
 
 
 def worker(graph: str, prompt: list[int]) -> dict:
     """One measurement in a fresh process: load the graph, prefill, decode; report peak RSS."""
-    from accelc.benchmark import WARMUP_TOKENS, peak_rss_mb, rss_mb
-    from accelc.decoding.autoregressive import generate
+    from accelc.compiler.benchmark import WARMUP_TOKENS, peak_rss_mb, rss_mb
+    from accelc.loops.autoregressive import generate
     from accelc.runtime.ort_backend import OrtStepModel
 
     model = OrtStepModel(Path(graph), {"intra_op_threads": 0, "allow_spinning": False})
     generate(model, prompt[:8], WARMUP_TOKENS)
     result = generate(model, prompt, NEW_TOKENS)
-    return {"prefill_ms": result.prefill_seconds * 1e3, "decode_tok_s": result.decode_tokens_per_second,
-            "peak_mb": peak_rss_mb(), "rss_mb": rss_mb()}
+    return {
+        "prefill_ms": result.prefill_seconds * 1e3,
+        "decode_tok_s": result.decode_tokens_per_second,
+        "peak_mb": peak_rss_mb(),
+        "rss_mb": rss_mb(),
+    }
 
 
 def time_graphs(graphs: dict[str, Path], prompt: list[int], repeats: int) -> dict[str, dict]:
@@ -111,17 +124,23 @@ def time_graphs(graphs: dict[str, Path], prompt: list[int], repeats: int) -> dic
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
     runs: dict[str, list] = {k: [] for k in graphs}
     bar = progress.bar(total=repeats * len(graphs), desc="ORT timing", unit="run")
-    for _ in range(repeats):            # round robin: load drifts hit every model alike
+    for _ in range(repeats):  # round robin: load drifts hit every model alike
         for name, graph in graphs.items():
-            proc = subprocess.run([sys.executable, __file__, "--worker", str(graph), json.dumps(prompt)],
-                                  capture_output=True, text=True, env=env)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--worker", str(graph), json.dumps(prompt)],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             if proc.returncode:
                 raise SystemExit(f"timing worker for {name} failed: {proc.stderr.strip().splitlines()[-1:]}")
             runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             bar.update()
     bar.close()
-    return {name: {k: statistics.median(r[k] for r in rs) for k in ("prefill_ms", "decode_tok_s", "peak_mb", "rss_mb")}
-            for name, rs in runs.items()}
+    return {
+        name: {k: statistics.median(r[k] for r in rs) for k in ("prefill_ms", "decode_tok_s", "peak_mb", "rss_mb")}
+        for name, rs in runs.items()
+    }
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -165,8 +184,12 @@ def main() -> int:
     p.add_argument("--eval-windows", type=int, default=24)
     p.add_argument("--repeats", type=int, default=5, help="timing runs per shape (medians)")
     p.add_argument("--cache", help="step cache to reuse between runs (default: a fresh temporary one)")
-    p.add_argument("--graph", choices=["auto", "fused", "optimum"], default="auto",
-                   help="ONNX graph the speed is measured on (export_onnx's `graph`; auto = fused for SmolLM2)")
+    p.add_argument(
+        "--graph",
+        choices=["auto", "fused", "optimum"],
+        default="auto",
+        help="ONNX graph the speed is measured on (export_onnx's `graph`; auto = fused for SmolLM2)",
+    )
     p.add_argument("--json", required=True)
     p.add_argument("--plot", help="PNG path (default: next to the JSON)")
     args = p.parse_args()
@@ -176,7 +199,7 @@ def main() -> int:
         search = {"generations": 3, "population": 10, "parents": 4, "mutations": 5, "crossovers": 2}
 
     from accelc import progress
-    from accelc.benchmark import PROMPT_TEXT
+    from accelc.compiler.benchmark import PROMPT_TEXT
     from accelc.families.causal_lm import _builtin_dir, load_model, load_tokenizer
     from accelc.passes.export_onnx import export_checkpoint
 
@@ -189,27 +212,44 @@ def main() -> int:
     dense_model = load_model(dense_dir)
     dense_params = sum(t.numel() for t in dense_model.parameters())
     del dense_model
-    rows = [{"ratio": 0.0, "method": "dense", "model_dir": str(dense_dir), "params": dense_params,
-             "params_prunable_removed": 0.0,
-             "ppl": held_out_ppl(dense_dir, tokenizer, args.eval_windows)}]
+    rows = [
+        {
+            "ratio": 0.0,
+            "method": "dense",
+            "model_dir": str(dense_dir),
+            "params": dense_params,
+            "params_prunable_removed": 0.0,
+            "ppl": held_out_ppl(dense_dir, tokenizer, args.eval_windows),
+        }
+    ]
     progress.status(f"dense: ppl {rows[0]['ppl']:.2f}, {dense_params / 1e6:.1f}M parameters")
     for ratio in args.ratios:
         for method in METHODS:
             t0 = time.perf_counter()
             bundle = run_passes(chain(method, ratio, search), work, cache)
             info = json.loads(bundle.reports["pruned_model.json"].read_text())
-            row = {"ratio": ratio, "method": method, "model_dir": str(bundle.model_dir),
-                   "params": info["params_total"], "params_prunable_removed": info["params"]["removed_ratio"],
-                   "shape": {"heads": info["heads"], "mlp_widths": info["mlp_widths"]},
-                   "ppl": held_out_ppl(bundle.model_dir, tokenizer, args.eval_windows),
-                   "seconds": round(time.perf_counter() - t0, 1)}
+            row = {
+                "ratio": ratio,
+                "method": method,
+                "model_dir": str(bundle.model_dir),
+                "params": info["params_total"],
+                "params_prunable_removed": info["params"]["removed_ratio"],
+                "shape": {"heads": info["heads"], "mlp_widths": info["mlp_widths"]},
+                "ppl": held_out_ppl(bundle.model_dir, tokenizer, args.eval_windows),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
             if "search_log.json" in bundle.reports:
                 log = json.loads(bundle.reports["search_log.json"].read_text())
-                row.update(search_seconds=round(log["seconds"], 1), evaluations=len(log["log"]),
-                           search_best_fitness=log["best_fitness"])
+                row.update(
+                    search_seconds=round(log["seconds"], 1),
+                    evaluations=len(log["log"]),
+                    search_best_fitness=log["best_fitness"],
+                )
             rows.append(row)
-            progress.status(f"ratio {ratio} {method}: ppl {row['ppl']:.2f}, {row['params'] / 1e6:.1f}M parameters "
-                            f"({row['params_prunable_removed']:.1%} of prunable removed)")
+            progress.status(
+                f"ratio {ratio} {method}: ppl {row['ppl']:.2f}, {row['params'] / 1e6:.1f}M parameters "
+                f"({row['params_prunable_removed']:.1%} of prunable removed)"
+            )
     # speed: one ONNX export per distinct shape (export_onnx's own code), timed side by side
     graphs, owner, graph_kind = {}, {}, set()
     for row in rows:
@@ -234,18 +274,28 @@ def main() -> int:
         row["rss_mb_vs_dense"] = row["rss_mb"] / dense["rss_mb"]
     Path(args.json).write_text(json.dumps(rows, indent=2))
     plot(rows, Path(args.plot) if args.plot else Path(args.json).with_suffix(".png"))
-    protocol = {"calibration": CALIBRATION, "held_out": HELD_OUT, "eval_windows": args.eval_windows,
-                "window": 512, "onnx_graph": sorted(graph_kind),
-                "timing": f"ORT CPU, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy tokens, "
-                f"median of {args.repeats} worker processes", "load_average": os.getloadavg(),
-                "seconds": round(time.perf_counter() - started, 1)}
+    protocol = {
+        "calibration": CALIBRATION,
+        "held_out": HELD_OUT,
+        "eval_windows": args.eval_windows,
+        "window": 512,
+        "onnx_graph": sorted(graph_kind),
+        "timing": f"ORT CPU, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy tokens, "
+        f"median of {args.repeats} worker processes",
+        "load_average": os.getloadavg(),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     Path(args.json).with_suffix(".protocol.json").write_text(json.dumps(protocol, indent=2))
-    print(f"{'ratio':>5} {'method':<14} {'ppl':>9} {'params':>8} {'tok/s':>7} {'x dense':>7} {'prefill':>8} "
-          f"{'peak MB':>8} {'RSS MB':>7}")
+    print(
+        f"{'ratio':>5} {'method':<14} {'ppl':>9} {'params':>8} {'tok/s':>7} {'x dense':>7} {'prefill':>8} "
+        f"{'peak MB':>8} {'RSS MB':>7}"
+    )
     for r in rows:
-        print(f"{r['ratio']:>5} {r['method']:<14} {r['ppl']:>9.2f} {r['params'] / 1e6:>7.1f}M "
-              f"{r['decode_tok_s']:>7.1f} {r['decode_speedup_vs_dense']:>7.3f} {r['prefill_ms']:>7.1f}ms "
-              f"{r['peak_mb']:>8.0f} {r['rss_mb']:>7.0f}")
+        print(
+            f"{r['ratio']:>5} {r['method']:<14} {r['ppl']:>9.2f} {r['params'] / 1e6:>7.1f}M "
+            f"{r['decode_tok_s']:>7.1f} {r['decode_speedup_vs_dense']:>7.3f} {r['prefill_ms']:>7.1f}ms "
+            f"{r['peak_mb']:>8.0f} {r['rss_mb']:>7.0f}"
+        )
     print(f"total {protocol['seconds']:.0f}s")
     return 0
 

@@ -26,6 +26,7 @@ drafts run alone on the target's all-core session, as the pass plans (alone_sess
 methods use the artifact's session (all cores). Batch speculative uses the plan's number of
 candidates.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,14 +41,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from accelc.decoding.cost_model import AlphaEstimate, CostMeasurement
+    from accelc.loops.cost_model import AlphaEstimate, CostMeasurement
 
 REPO = Path(__file__).resolve().parents[1]
 # the best draft measured here (docs/notes.md): the target's own weights, 8-bit in blocks of 128
 # without zero points, and a head over the 8,192 most frequent calibration tokens
 DRAFT_WEIGHTS, DRAFT_BLOCK, DRAFT_SYMMETRIC, DRAFT_VOCAB = "int8", 128, True, 8192
-DEFAULT_DRAFT = (f"{{from_target: true, weights: {DRAFT_WEIGHTS}, block_size: {DRAFT_BLOCK}, "
-                 f"symmetric: {str(DRAFT_SYMMETRIC).lower()}, vocab: {DRAFT_VOCAB}}}")
+DEFAULT_DRAFT = (
+    f"{{from_target: true, weights: {DRAFT_WEIGHTS}, block_size: {DRAFT_BLOCK}, "
+    f"symmetric: {str(DRAFT_SYMMETRIC).lower()}, vocab: {DRAFT_VOCAB}}}"
+)
 
 
 def compile_artifact(out: Path, draft: str, gamma_max: int) -> None:
@@ -96,8 +99,11 @@ def draft_spec(args) -> str:
     else:
         source = "from_target: true"
     vocab = f", vocab: {args.draft_vocab}" if args.draft_vocab else ""
-    layout = "" if args.draft_weights == "fp32" else \
-        f", block_size: {args.draft_block}, symmetric: {str(args.draft_symmetric).lower()}"
+    layout = (
+        ""
+        if args.draft_weights == "fp32"
+        else f", block_size: {args.draft_block}, symmetric: {str(args.draft_symmetric).lower()}"
+    )
     lookup = f", lookup: {args.lookup}" if args.lookup else ""
     return f"{{{source}, weights: {args.draft_weights}{layout}{vocab}{lookup}}}"
 
@@ -107,6 +113,7 @@ class Models:
     """The artifact's ORT sessions: the target and draft on the artifact's threads, and PEARL's
     workers, one thread each (two cores here), the target's with the artifact's session beside
     it for the calls made alone."""
+
     target: object
     draft: object
     pearl_target: object
@@ -114,11 +121,14 @@ class Models:
     opened_mib: dict  # the process's resident memory growth as each one opened (PEARL's target: two sessions)
 
     @classmethod
-    def open(cls, art) -> "Models":
+    def open(cls, art) -> Models:
         opened, models = {}, {}
-        for name, args in (("target", {}), ("draft", {"role": "draft"}),
-                           ("pearl_target", {"threads": 1, "alone_session": True}),
-                           ("pearl_draft", {"role": "draft", "threads": 1})):
+        for name, args in (
+            ("target", {}),
+            ("draft", {"role": "draft"}),
+            ("pearl_target", {"threads": 1, "alone_session": True}),
+            ("pearl_draft", {"role": "draft", "threads": 1}),
+        ):
             before = _resident_mib()
             models[name] = art.step_model("ort", **args)
             opened[name] = _resident_mib() - before
@@ -129,7 +139,7 @@ def _resident_mib() -> float:
     """Resident memory (Linux: the second field of /proc/self/statm, in pages); NaN elsewhere."""
     try:
         with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return float("nan")
 
@@ -139,34 +149,45 @@ class Costs:
     """What a prediction is priced with, measured together: the sequential pair's costs, PEARL's
     workers' (timed while both run; baseline_ratio: their target step over the all-core step
     autoregressive decoding takes), and the prompt's prefill (seconds, all cores: every loop's)."""
+
     sequential: CostMeasurement
     workers: CostMeasurement
     prefill: float
 
     @classmethod
-    def measure(cls, models: Models, prompt: list[int], gamma_max: int, copying: bool) -> "Costs":
-        from accelc.decoding import cost_model
+    def measure(cls, models: Models, prompt: list[int], gamma_max: int, copying: bool) -> Costs:
+        from accelc.loops import cost_model
 
-        timing = {"verify_lengths": range(2, gamma_max + 2),
-                  "catchup_lengths": cost_model.COPY_CATCHUP_LENGTHS if copying else (2,)}
-        return cls(cost_model.measure_cost_ratio(models.target, models.draft, prompt, **timing),
-                   cost_model.measure_cost_ratio(models.pearl_target, models.pearl_draft, prompt, concurrent=True,
-                                                 baseline=models.target, **timing),
-                   _prefill_seconds(models.target, prompt))
+        timing = {
+            "verify_lengths": range(2, gamma_max + 2),
+            "catchup_lengths": cost_model.COPY_CATCHUP_LENGTHS if copying else (2,),
+        }
+        return cls(
+            cost_model.measure_cost_ratio(models.target, models.draft, prompt, **timing),
+            cost_model.measure_cost_ratio(
+                models.pearl_target, models.pearl_draft, prompt, concurrent=True, baseline=models.target, **timing
+            ),
+            _prefill_seconds(models.target, prompt),
+        )
 
     @classmethod
-    def median(cls, measured: list["Costs"]) -> "Costs":
+    def median(cls, measured: list[Costs]) -> Costs:
         """The medians of costs measured through a run: its typical state, where one measurement
         catches whichever state the machine is in."""
-        from accelc.decoding.cost_model import CostMeasurement
+        from accelc.loops.cost_model import CostMeasurement
 
-        return cls(CostMeasurement.median([m.sequential for m in measured]),
-                   CostMeasurement.median([m.workers for m in measured]),
-                   statistics.median(m.prefill for m in measured))
+        return cls(
+            CostMeasurement.median([m.sequential for m in measured]),
+            CostMeasurement.median([m.workers for m in measured]),
+            statistics.median(m.prefill for m in measured),
+        )
 
     def to_dict(self) -> dict:
-        return {"sequential": self.sequential.to_dict(), "pearl_workers": self.workers.to_dict(),
-                "prefill_seconds": self.prefill}
+        return {
+            "sequential": self.sequential.to_dict(),
+            "pearl_workers": self.workers.to_dict(),
+            "prefill_seconds": self.prefill,
+        }
 
 
 def _prefill_seconds(model, prompt: list[int], repeats: int = 3) -> float:
@@ -183,28 +204,45 @@ def _prefill_seconds(model, prompt: list[int], repeats: int = 3) -> float:
 @dataclass(frozen=True)
 class Predictor:
     """Each loop's speedup, replayed over the prompts' measured acceptance (`est`) with given costs."""
+
     est: AlphaEstimate
     candidates: int
     new_tokens: int
 
     def decode(self, name: str, costs: Costs, copying: bool, g: int | None) -> float:
         """The decode phase's speedup (what the pass's plan predicts)."""
-        from accelc.decoding import cost_model
-        from accelc.decoding.stairs import next_candidates
+        from accelc.loops import cost_model
+        from accelc.loops.stairs import next_candidates
 
         est, seq, workers = self.est, costs.sequential, costs.workers
         lookups = est.lookups if copying else ()
         if name in ("speculative", "stairs"):
-            return cost_model.replayed_speedup(est.trajectories, g, seq.cost_ratio, seq.verify, seq.catchup,
-                                               schedule=next_candidates if name == "stairs" else None,
-                                               lookups=lookups)
+            return cost_model.replayed_speedup(
+                est.trajectories,
+                g,
+                seq.cost_ratio,
+                seq.verify,
+                seq.catchup,
+                schedule=next_candidates if name == "stairs" else None,
+                lookups=lookups,
+            )
         if name == "batch_speculative":
-            return cost_model.batch_replayed_speedup(est.trajectories, est.first_accepts, g, seq.cost_ratio,
-                                                     self.candidates, seq.verify, seq.catchup)
+            return cost_model.batch_replayed_speedup(
+                est.trajectories, est.first_accepts, g, seq.cost_ratio, self.candidates, seq.verify, seq.catchup
+            )
         if name == "pearl":
-            return cost_model.pearl_replayed_speedup(est.trajectories, g, workers.cost_ratio, workers.verify,
-                                                     lookups, workers.catchup,
-                                                     cost_model.alone_verify(seq, workers)) / workers.baseline_ratio
+            return (
+                cost_model.pearl_replayed_speedup(
+                    est.trajectories,
+                    g,
+                    workers.cost_ratio,
+                    workers.verify,
+                    lookups,
+                    workers.catchup,
+                    cost_model.alone_verify(seq, workers),
+                )
+                / workers.baseline_ratio
+            )
         return 1.0
 
     def tokens_per_second(self, name: str, costs: Costs, copying: bool, g: int | None) -> float:
@@ -214,30 +252,45 @@ class Predictor:
         return (costs.prefill + decode) / (costs.prefill + decode / self.decode(name, costs, copying, g))
 
 
-def decide(predictor: Predictor, costs: Costs, loops: list[str], lookup, gamma: int,
-           gamma_max: int) -> tuple[dict, dict]:
+def decide(
+    predictor: Predictor, costs: Costs, loops: list[str], lookup, gamma: int, gamma_max: int
+) -> tuple[dict, dict]:
     """(copies, gammas) per loop, as a compile decides them from costs measured before the run:
     each loop copies drafts from the context only where its replay predicts a 5% gain (MIN_COPY_GAIN);
     speculative, batch and stairs (its start) run at the plan's gamma, PEARL at the window its
     own replay picks."""
-    from accelc.decoding import cost_model
+    from accelc.loops import cost_model
 
     def pays(name: str, g: int) -> bool:
-        return lookup is not None and cost_model.copying_pays(predictor.decode(name, costs, True, g),
-                                                             predictor.decode(name, costs, False, g))
+        return lookup is not None and cost_model.copying_pays(
+            predictor.decode(name, costs, True, g), predictor.decode(name, costs, False, g)
+        )
+
     gammas = {"ar": None, **{name: gamma for name in loops}}
     workers = costs.workers
-    pearl = {copying: cost_model.choose_pearl_gamma(
-        predictor.est.alpha, workers.cost_ratio, gamma_max=gamma_max, verify_cost=workers.verify,
-        worker_slowdown=workers.baseline_ratio, trajectories=predictor.est.trajectories,
-        lookups=predictor.est.lookups if copying else (), catchup_cost=workers.catchup,
-        alone_verify=cost_model.alone_verify(costs.sequential, workers))
-        for copying in ((False, True) if lookup else (False,))}
-    copying = lookup is not None and cost_model.copying_pays(pearl[True].predicted_speedup,
-                                                            pearl[False].predicted_speedup)
+    pearl = {
+        copying: cost_model.choose_pearl_gamma(
+            predictor.est.alpha,
+            workers.cost_ratio,
+            gamma_max=gamma_max,
+            verify_cost=workers.verify,
+            worker_slowdown=workers.baseline_ratio,
+            trajectories=predictor.est.trajectories,
+            lookups=predictor.est.lookups if copying else (),
+            catchup_cost=workers.catchup,
+            alone_verify=cost_model.alone_verify(costs.sequential, workers),
+        )
+        for copying in ((False, True) if lookup else (False,))
+    }
+    copying = lookup is not None and cost_model.copying_pays(
+        pearl[True].predicted_speedup, pearl[False].predicted_speedup
+    )
     gammas["pearl"] = pearl[copying].gamma
-    copies = {name: lookup if (copying if name == "pearl" else pays(name, gamma)) else None
-              for name in loops if name != "batch_speculative"}
+    copies = {
+        name: lookup if (copying if name == "pearl" else pays(name, gamma)) else None
+        for name in loops
+        if name != "batch_speculative"
+    }
     return copies, gammas
 
 
@@ -274,18 +327,38 @@ def main() -> int:
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.8])
     draft = p.add_mutually_exclusive_group()
     draft.add_argument("--draft-layers", type=int, nargs="+", help="layer-skip draft keeping these layers")
-    draft.add_argument("--draft-ratio", type=float, help="subnet draft: remove this fraction of the target's "
-                       "attention + MLP weights (search + reformation)")
-    p.add_argument("--draft-weights", choices=["fp32", "int8", "int4"], default=DRAFT_WEIGHTS,
-                   help="weight precision of the draft's ONNX graph (default int8)")
+    draft.add_argument(
+        "--draft-ratio",
+        type=float,
+        help="subnet draft: remove this fraction of the target's attention + MLP weights (search + reformation)",
+    )
+    p.add_argument(
+        "--draft-weights",
+        choices=["fp32", "int8", "int4"],
+        default=DRAFT_WEIGHTS,
+        help="weight precision of the draft's ONNX graph (default int8)",
+    )
     p.add_argument("--draft-block", type=int, default=DRAFT_BLOCK, help="quantisation block of the draft's weights")
-    p.add_argument("--draft-symmetric", action=argparse.BooleanOptionalAction, default=DRAFT_SYMMETRIC,
-                   help="draft weights without zero points")
-    p.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB, help="the draft's head scores this many most "
-                   "frequent calibration tokens (0: the whole vocabulary)")
-    p.add_argument("--lookup", type=int, default=8, help="speculative, PEARL and stairs rounds first copy up to N "
-                   "drafts from the context (draft.lookup, as README's recipe; batch speculative cannot); 0: the "
-                   "draft model alone")
+    p.add_argument(
+        "--draft-symmetric",
+        action=argparse.BooleanOptionalAction,
+        default=DRAFT_SYMMETRIC,
+        help="draft weights without zero points",
+    )
+    p.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=DRAFT_VOCAB,
+        help="the draft's head scores this many most frequent calibration tokens (0: the whole vocabulary)",
+    )
+    p.add_argument(
+        "--lookup",
+        type=int,
+        default=8,
+        help="speculative, PEARL and stairs rounds first copy up to N "
+        "drafts from the context (draft.lookup, as README's recipe; batch speculative cannot); 0: the "
+        "draft model alone",
+    )
     p.add_argument("--gamma-max", type=int, default=8)
     p.add_argument("--artifact", help="reuse a compiled artifact")
     p.add_argument("--json", required=True)
@@ -293,14 +366,14 @@ def main() -> int:
     if args.quick:
         args.prompts, args.new_tokens = 2, 32
 
-    from accelc.decoding import cost_model
-    from accelc.decoding.autoregressive import Sampler, generate
-    from accelc.decoding.batch_speculative import batch_speculative_generate
-    from accelc.decoding.lookup import Lookup
-    from accelc.decoding.pearl import pearl_generate
-    from accelc.decoding.plan import prompt_kv_from_target
-    from accelc.decoding.speculative import speculative_generate
-    from accelc.decoding.stairs import stairs_generate
+    from accelc.loops import cost_model
+    from accelc.loops.autoregressive import Sampler, generate
+    from accelc.loops.batch_speculative import batch_speculative_generate
+    from accelc.loops.lookup import Lookup
+    from accelc.loops.pearl import pearl_generate
+    from accelc.loops.plan import prompt_kv_from_target
+    from accelc.loops.speculative import speculative_generate
+    from accelc.loops.stairs import stairs_generate
     from accelc.runtime.artifact import Artifact
 
     artifact = Path(args.artifact) if args.artifact else Path(tempfile.mkdtemp(prefix="accelc-spec-")) / "artifact"
@@ -318,6 +391,7 @@ def main() -> int:
 
     def measure() -> Costs:
         return Costs.measure(models, prompts[0], args.gamma_max, copying=lookup is not None)
+
     start_costs = measure()  # what the decisions are made with, as a compile makes them
     costs = {"start": start_costs.to_dict()}
     rows = []
@@ -325,26 +399,59 @@ def main() -> int:
         sampler = Sampler(temp) if temp > 0 else Sampler()
         # the same prompts, continued as far as the runs go: how much text repeats itself, and so
         # what copied drafts keep, differs from prompt to prompt and grows with length
-        est = cost_model.estimate_alpha(target, draft, prompts, sampler=sampler, lookup=lookup,
-                                        new_tokens=args.new_tokens, candidates=candidates, **shared)
+        est = cost_model.estimate_alpha(
+            target,
+            draft,
+            prompts,
+            sampler=sampler,
+            lookup=lookup,
+            new_tokens=args.new_tokens,
+            candidates=candidates,
+            **shared,
+        )
         predictor = Predictor(est, candidates, args.new_tokens)
         loops = ["speculative", "batch_speculative", "pearl"] + (["stairs"] if temp == 0 else [])
         copies, gammas = decide(predictor, start_costs, loops, lookup, gamma, args.gamma_max)
         methods = {
             "ar": lambda pr, s: generate(target, pr, args.new_tokens, sampler=sampler, seed=s),
-            "speculative": lambda pr, s: speculative_generate(target, draft, pr, args.new_tokens, gamma=gamma,
-                                                              sampler=sampler, seed=s, lookup=copies["speculative"],
-                                                              **shared),
-            "batch_speculative": lambda pr, s: batch_speculative_generate(target, draft, pr, args.new_tokens,
-                                                                          gamma=gamma, num_candidates=candidates,
-                                                                          sampler=sampler, seed=s, **shared),
-            "pearl": lambda pr, s: pearl_generate(models.pearl_target, models.pearl_draft, pr, args.new_tokens,
-                                                  gamma=gammas["pearl"], sampler=sampler, seed=s,
-                                                  lookup=copies["pearl"], **shared),
+            "speculative": lambda pr, s: speculative_generate(
+                target,
+                draft,
+                pr,
+                args.new_tokens,
+                gamma=gamma,
+                sampler=sampler,
+                seed=s,
+                lookup=copies["speculative"],
+                **shared,
+            ),
+            "batch_speculative": lambda pr, s: batch_speculative_generate(
+                target,
+                draft,
+                pr,
+                args.new_tokens,
+                gamma=gamma,
+                num_candidates=candidates,
+                sampler=sampler,
+                seed=s,
+                **shared,
+            ),
+            "pearl": lambda pr, s: pearl_generate(
+                models.pearl_target,
+                models.pearl_draft,
+                pr,
+                args.new_tokens,
+                gamma=gammas["pearl"],
+                sampler=sampler,
+                seed=s,
+                lookup=copies["pearl"],
+                **shared,
+            ),
         }
         if temp == 0:  # stairs adapts its draft length, starting from the plan's gamma as run_plan does
-            methods["stairs"] = lambda pr, s: stairs_generate(target, draft, pr, args.new_tokens, candidates=gamma,
-                                                              lookup=copies["stairs"], **shared)
+            methods["stairs"] = lambda pr, s: stairs_generate(
+                target, draft, pr, args.new_tokens, candidates=gamma, lookup=copies["stairs"], **shared
+            )
         results, measured = run_interleaved(methods, prompts, temp == 0, measure)
         # predictions replay each loop with the run's median costs; speedups are medians of the
         # per-prompt ratios to autoregressive decoding on that same prompt
@@ -355,32 +462,51 @@ def main() -> int:
             copying, g = copies.get(name) is not None, gammas[name]
             ratios = [r / a for r, a in zip(out["rate"], ar["rate"])]
             predicted = predictor.tokens_per_second(name, run_costs, copying, g)
-            row = {"method": name, "temperature": temp, "tok_s": statistics.median(out["rate"]),
-                   "speedup_vs_ar": statistics.median(ratios), "predicted_speedup": predicted,
-                   "predicted_with_start_costs": predictor.tokens_per_second(name, start_costs, copying, g),
-                   # the decode phase alone (what the pass's plan predicts): the prompt's prefill left out
-                   "decode_speedup_vs_ar": statistics.median(r / a for r, a in zip(out["decode_rate"],
-                                                                                   ar["decode_rate"])),
-                   "predicted_decode_speedup": predictor.decode(name, run_costs, copying, g),
-                   "acceptance": None if name == "ar" else statistics.median(out["acceptance"]),
-                   "identical_to_ar": all(out["identical"]) if temp == 0 else None,
-                   "alpha_estimate": est.alpha, "cost_ratio": run_costs.sequential.cost_ratio, "gamma": g,
-                   "lookup": copies[name].to_dict() if copying else None,
-                   "speedup_per_prompt": ratios}
+            row = {
+                "method": name,
+                "temperature": temp,
+                "tok_s": statistics.median(out["rate"]),
+                "speedup_vs_ar": statistics.median(ratios),
+                "predicted_speedup": predicted,
+                "predicted_with_start_costs": predictor.tokens_per_second(name, start_costs, copying, g),
+                # the decode phase alone (what the pass's plan predicts): the prompt's prefill left out
+                "decode_speedup_vs_ar": statistics.median(r / a for r, a in zip(out["decode_rate"], ar["decode_rate"])),
+                "predicted_decode_speedup": predictor.decode(name, run_costs, copying, g),
+                "acceptance": None if name == "ar" else statistics.median(out["acceptance"]),
+                "identical_to_ar": all(out["identical"]) if temp == 0 else None,
+                "alpha_estimate": est.alpha,
+                "cost_ratio": run_costs.sequential.cost_ratio,
+                "gamma": g,
+                "lookup": copies[name].to_dict() if copying else None,
+                "speedup_per_prompt": ratios,
+            }
             rows.append(row)
-            print(f"T={temp:<4} {name:<18} {row['tok_s']:7.2f} tok/s  x{row['speedup_vs_ar']:.2f} (predicted "
-                  f"{predicted:.2f})  gamma {g}  acceptance "
-                  f"{row['acceptance'] if row['acceptance'] is None else round(row['acceptance'], 3)}  "
-                  f"copies {'on' if copying else 'off'}  identical {row['identical_to_ar']}", flush=True)
-    protocol = {"model": "SmolLM2-135M-Instruct fp32", "backend": "onnxruntime CPU", "draft": draft_spec(args),
-                "prompts": len(prompts), "prompt_tokens": 48, "prompt_text": "austen:persuasion",
-                "new_tokens": args.new_tokens, "gamma": gamma, "num_candidates": candidates,
-                "schedule": "interleaved: every method on a prompt, then the next prompt; costs measured "
-                            "before the run (decisions) and before every prompt (predictions: their medians)",
-                "costs": costs,  # pearl_workers: one ORT thread each, timed while both run
-                "lookup": lookup.to_dict() if lookup else None,
-                "opened_mib": models.opened_mib,
-                "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "plan": plan}
+            print(
+                f"T={temp:<4} {name:<18} {row['tok_s']:7.2f} tok/s  x{row['speedup_vs_ar']:.2f} (predicted "
+                f"{predicted:.2f})  gamma {g}  acceptance "
+                f"{row['acceptance'] if row['acceptance'] is None else round(row['acceptance'], 3)}  "
+                f"copies {'on' if copying else 'off'}  identical {row['identical_to_ar']}",
+                flush=True,
+            )
+    protocol = {
+        "model": "SmolLM2-135M-Instruct fp32",
+        "backend": "onnxruntime CPU",
+        "draft": draft_spec(args),
+        "prompts": len(prompts),
+        "prompt_tokens": 48,
+        "prompt_text": "austen:persuasion",
+        "new_tokens": args.new_tokens,
+        "gamma": gamma,
+        "num_candidates": candidates,
+        "schedule": "interleaved: every method on a prompt, then the next prompt; costs measured "
+        "before the run (decisions) and before every prompt (predictions: their medians)",
+        "costs": costs,  # pearl_workers: one ORT thread each, timed while both run
+        "lookup": lookup.to_dict() if lookup else None,
+        "opened_mib": models.opened_mib,
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "plan": plan,
+    }
     Path(args.json).write_text(json.dumps(rows, indent=2))  # the rows; their protocol beside them
     Path(args.json).with_suffix(".protocol.json").write_text(json.dumps(protocol, indent=2))
     plot(rows, Path(args.json).with_suffix(".png"))
@@ -398,8 +524,13 @@ def plot(rows, path: Path) -> None:
     for ax, t in zip(axes[0], temps):
         sel = [r for r in rows if r["temperature"] == t]
         ax.bar([r["method"] for r in sel], [r["speedup_vs_ar"] for r in sel], color="#2a7", label="measured")
-        ax.scatter([r["method"] for r in sel], [r["predicted_speedup"] or float("nan") for r in sel],
-                   color="k", zorder=3, label="predicted")
+        ax.scatter(
+            [r["method"] for r in sel],
+            [r["predicted_speedup"] or float("nan") for r in sel],
+            color="k",
+            zorder=3,
+            label="predicted",
+        )
         ax.axhline(1.0, color="#888", lw=0.8)
         ax.set_title(f"temperature {t}: speedup vs autoregressive", fontsize=9)
         ax.tick_params(axis="x", labelsize=7, rotation=20)

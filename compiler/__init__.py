@@ -1,3 +1,1 @@
-"""accelc: an inference-acceleration compiler for language models and neural networks."""
-
-__version__ = "0.1.0"
+"""accelc.compiler: recipe -> passes -> targets -> a proven artifact (docs/architecture.md)."""

@@ -5,6 +5,7 @@ new tree is built in `.<name>.tmp-<pid>` next to the destination; on success the
 (if any) is moved aside, the new one renamed into place, and the old one deleted. A compile that
 fails validation keeps its tree as `<name>.rejected` so the reports can be read.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -21,8 +22,20 @@ from accelc.errors import UsageError
 from accelc.fileutil import link_or_copy, remove, sha256_file
 
 SCHEMA_VERSION = 1
-DEPENDENCIES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxscript",
-                "apache-tvm", "numpy", "pydantic", "safetensors", "tokenizers")
+DEPENDENCIES = (
+    "torch",
+    "transformers",
+    "optimum",
+    "optimum-onnx",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "apache-tvm",
+    "numpy",
+    "pydantic",
+    "safetensors",
+    "tokenizers",
+)
 
 
 def dependency_versions() -> dict[str, str | None]:

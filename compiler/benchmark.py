@@ -7,6 +7,7 @@ ORT spinning is off (session options), because spinning threads on a shared 2-co
 timings up to 50x worse. Workers run in rounds (backend A, B, C, A, B, C, ...) so slow drifts
 of machine load hit every backend alike; medians are reported.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,7 @@ WARMUP_TOKENS = 4
 
 def rss_mb() -> float:
     """Resident memory now (VmRSS): what a model occupies once loaded, without load-time peaks."""
-    for line in open("/proc/self/status"):
+    for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
@@ -51,7 +52,7 @@ def peak_rss_mb() -> float:
     report the compile process's peak for every backend.
     """
     try:
-        for line in open("/proc/self/status"):
+        for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:
@@ -62,10 +63,9 @@ def peak_rss_mb() -> float:
 
 
 def _worker(artifact: str, backend: str, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
-    from accelc.decoding.autoregressive import generate
+    from accelc.loops.autoregressive import generate
+    from accelc.loops.plan import run_plan
     from accelc.runtime.artifact import Artifact
-
-    from accelc.decoding.plan import run_plan
 
     art = Artifact(artifact)
     plan = art.plan_for(backend)
@@ -83,8 +83,13 @@ def _worker(artifact: str, backend: str, prompt_tokens: int, new_tokens: int, ro
             rewritten = run_plan(plan, model, draft, ids, new_tokens)
             plan_decode.append(rewritten.decode_tokens_per_second)
             plan_stats.append(rewritten.stats)
-    out = {"backend": backend, "load_s": load_s, "prefill_ms": prefill, "decode_tok_s": decode,
-           "peak_rss_mb": peak_rss_mb()}
+    out = {
+        "backend": backend,
+        "load_s": load_s,
+        "prefill_ms": prefill,
+        "decode_tok_s": decode,
+        "peak_rss_mb": peak_rss_mb(),
+    }
     if draft is not None:
         out.update(plan_decode_tok_s=plan_decode, plan_stats=plan_stats)
     out["plan_strategy"] = plan["strategy"]
@@ -93,8 +98,16 @@ def _worker(artifact: str, backend: str, prompt_tokens: int, new_tokens: int, ro
 
 def _run_worker(artifact: Path, backend: str, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "accelc.benchmark", str(artifact), backend,
-           str(prompt_tokens), str(new_tokens), str(rounds)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelc.compiler.benchmark",
+        str(artifact),
+        backend,
+        str(prompt_tokens),
+        str(new_tokens),
+        str(rounds),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-3:]
@@ -137,20 +150,27 @@ def bench(artifact: Path, spec, backends: list[str] | None = None) -> dict:
                 plan_acceptance_rate=statistics.median(s.get("acceptance_rate", float("nan")) for s in stats),
                 plan_mean_accepted_length=statistics.median(s.get("mean_accepted_length", float("nan")) for s in stats),
                 plan_target_calls=statistics.median(s["target_calls"] for s in stats),
-                plan_draft_calls=statistics.median(s["draft_calls"] for s in stats))
+                plan_draft_calls=statistics.median(s["draft_calls"] for s in stats),
+            )
         rows[backend]["plan_strategy"] = runs[0].get("plan_strategy")
     base = rows["torch"]
     for row in rows.values():
         row["decode_speedup_vs_torch"] = row["decode_tok_s_median"] / base["decode_tok_s_median"]
         row["prefill_speedup_vs_torch"] = base["prefill_ms_median"] / row["prefill_ms_median"]
     return {
-        "protocol": {"prompt_tokens": spec.prompt_tokens, "new_tokens": spec.new_tokens,
-                     "tvm_new_tokens": spec.tvm_new_tokens, "repeats": spec.repeats,
-                     "decoding": "greedy, batch 1, KV cache, eos ignored",
-                     "process_per_measurement": True, "OMP_WAIT_POLICY": "PASSIVE",
-                     "ort_spinning": "per artifact session options",
-                     "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                     "load_average": os.getloadavg()},
+        "protocol": {
+            "prompt_tokens": spec.prompt_tokens,
+            "new_tokens": spec.new_tokens,
+            "tvm_new_tokens": spec.tvm_new_tokens,
+            "repeats": spec.repeats,
+            "decoding": "greedy, batch 1, KV cache, eos ignored",
+            "process_per_measurement": True,
+            "OMP_WAIT_POLICY": "PASSIVE",
+            "ort_spinning": "per artifact session options",
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "load_average": os.getloadavg(),
+        },
         "backends": rows,
     }
 
@@ -164,17 +184,21 @@ def plot(report: dict, path: Path) -> None:
     names = list(report["backends"])
     rows = [report["backends"][n] for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for ax, key, label in zip(axes, ("prefill_ms_median", "decode_tok_s_median", "peak_rss_mb_median"),
-                              ("prefill latency (ms, lower is better)", "decode tokens/s (higher is better)",
-                               "peak RSS (MB)")):
+    for ax, key, label in zip(
+        axes,
+        ("prefill_ms_median", "decode_tok_s_median", "peak_rss_mb_median"),
+        ("prefill latency (ms, lower is better)", "decode tokens/s (higher is better)", "peak RSS (MB)"),
+    ):
         values = [r[key] for r in rows]
         ax.bar(names, values, color=["#888", "#2a7", "#27a", "#a72"][: len(names)])
         ax.set_title(label, fontsize=9)
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
     p = report["protocol"]
-    fig.suptitle(f"accelc bench: {p['prompt_tokens']} prompt tokens, {p['new_tokens']} new tokens, "
-                 f"median of {p['repeats']}", fontsize=10)
+    fig.suptitle(
+        f"accelc bench: {p['prompt_tokens']} prompt tokens, {p['new_tokens']} new tokens, median of {p['repeats']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -4,6 +4,7 @@ Order matters for what a failure leaves behind: the pass cache is committed step
 rerun resumes), and the artifact is assembled in a temporary directory that only replaces the
 previous artifact once parity, quality and benchmarks have been written.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,10 @@ from pathlib import Path
 import yaml
 
 from accelc import progress
-from accelc.artifacts import ArtifactWriter, base_manifest, check_writable
+from accelc.compiler.artifacts import ArtifactWriter, base_manifest, check_writable
+from accelc.compiler.pipeline import PassManager, StepCache
+from accelc.compiler.recipe import recipe_dict, recipe_hash, resolve_path
 from accelc.errors import ValidationFailed
-from accelc.pipeline import PassManager, StepCache
-from accelc.recipe import recipe_dict, recipe_hash, resolve_path
 from accelc.runtime.artifact import HF_DIRS
 
 
@@ -35,11 +36,14 @@ def cache_for(recipe, no_cache: bool) -> StepCache:
 
 def plan_summary(recipe, out: Path) -> dict:
     """What a compile would do, without doing it (`--dry-run`)."""
-    model = recipe.model.builtin and f"builtin:{recipe.model.builtin}" or recipe.model.path
-    return {"model": model,
-            "passes": [s.model_dump(mode="json") for s in recipe.passes],
-            "targets": [s.model_dump(mode="json") for s in recipe.targets],
-            "output": str(out), "cache": recipe.cache.enabled}
+    model = (recipe.model.builtin and f"builtin:{recipe.model.builtin}") or recipe.model.path
+    return {
+        "model": model,
+        "passes": [s.model_dump(mode="json") for s in recipe.passes],
+        "targets": [s.model_dump(mode="json") for s in recipe.targets],
+        "output": str(out),
+        "cache": recipe.cache.enabled,
+    }
 
 
 def _assemble(writer: ArtifactWriter, bundle, lowered, cache_owned) -> dict:
@@ -104,8 +108,11 @@ def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
             manifest = {
                 **base_manifest(),
                 "recipe_sha256": recipe_hash(recipe),
-                "model": {"family": bundle.family, **bundle.source,
-                          "trust_remote_code": recipe.model.trust_remote_code},
+                "model": {
+                    "family": bundle.family,
+                    **bundle.source,
+                    "trust_remote_code": recipe.model.trust_remote_code,
+                },
                 "bundle_id": bundle.id,
                 "passes": [dict(vars(p)) for p in bundle.provenance],
                 "graph_meta": dict(bundle.graph_meta),
@@ -124,8 +131,10 @@ def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
             writer.write_json("manifest.json", manifest)
             if not reports_ok:
                 rejected = writer.reject()
-                raise ValidationFailed(f"validation failed: {metrics.get('failure')}; reports kept in {rejected} "
-                                       f"(the previous artifact at {out}, if any, is untouched)")
+                raise ValidationFailed(
+                    f"validation failed: {metrics.get('failure')}; reports kept in {rejected} "
+                    f"(the previous artifact at {out}, if any, is untouched)"
+                )
             writer.commit()
         except BaseException:
             if writer.tmp.exists():
@@ -165,7 +174,7 @@ def prove(directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
     lowered = [b for b in art.backends() if b != "torch"]
     step_models = {b: art.step_model(b) for b in lowered}
 
-    from accelc.validation import validate, validate_plan
+    from accelc.compiler.validation import validate, validate_plan
 
     report = validate(torch_model, tokenizer, step_models, recipe.eval.parity)
     # the draft's graphs are lowered too: hold them to the same parity against the torch draft,
@@ -208,21 +217,28 @@ def prove(directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
 
     bench_spec = recipe.eval.bench
     if bench_spec.enabled:
-        from accelc.benchmark import bench, plot
+        from accelc.compiler.benchmark import bench, plot
 
         result = bench(directory, bench_spec)
         (reports / "bench.json").write_text(json.dumps(result, indent=2))
         plot(result, reports / "bench.png")
-        keys = ("prefill_ms_median", "decode_tok_s_median", "peak_rss_mb_median", "decode_speedup_vs_torch",
-                "plan_decode_tok_s_median", "plan_speedup_vs_autoregressive", "plan_acceptance_rate")
+        keys = (
+            "prefill_ms_median",
+            "decode_tok_s_median",
+            "peak_rss_mb_median",
+            "decode_speedup_vs_torch",
+            "plan_decode_tok_s_median",
+            "plan_speedup_vs_autoregressive",
+            "plan_acceptance_rate",
+        )
         metrics["bench"] = {b: {k: r[k] for k in keys if k in r} for b, r in result["backends"].items()}
     return metrics, True
 
 
 def evaluate(art, text_spec: str, spec, models: dict | None = None) -> dict:
     """Perplexity of each requested backend on held-out text, with the protocol and a goal check."""
+    from accelc.compiler.evaluation import perplexity
     from accelc.data import load_text
-    from accelc.evaluation import perplexity
     from accelc.runtime.torch_backend import TorchStepModel
 
     text = load_text(text_spec)
@@ -237,37 +253,52 @@ def evaluate(art, text_spec: str, spec, models: dict | None = None) -> dict:
         elif backend == "torch" and not hasattr(model, "prefill"):
             model = TorchStepModel(model)
         with progress.step(f"eval: perplexity on {text_spec} with {backend}"):
-            results[backend] = perplexity(model, art.tokenizer, text, text_name=text_spec, window=spec.window,
-                                          stride=spec.stride, max_windows=spec.max_windows)
+            results[backend] = perplexity(
+                model,
+                art.tokenizer,
+                text,
+                text_name=text_spec,
+                window=spec.window,
+                stride=spec.stride,
+                max_windows=spec.max_windows,
+            )
     failure = None
     if "torch" in results:
         base = results["torch"]["ppl"]
         for backend, r in results.items():
             r["ratio_vs_torch"] = r["ppl"] / base
             if r["ratio_vs_torch"] > spec.max_ratio:
-                failure = (f"perplexity of {backend} is {r['ratio_vs_torch']:.3f}x torch's "
-                           f"(max_ratio {spec.max_ratio})")
+                failure = f"perplexity of {backend} is {r['ratio_vs_torch']:.3f}x torch's (max_ratio {spec.max_ratio})"
     out = {"text": text_spec, "max_ratio": spec.max_ratio, "backends": results}
     source = _source_checkpoint(art)
     if source is not None:  # a pass changed the weights (pruning): the quality cost, on the same protocol
         from accelc.families.causal_lm import load_model
 
         with progress.step(f"eval: perplexity of the source model on {text_spec}"):
-            ref = perplexity(TorchStepModel(load_model(source, art.trust_remote_code)), art.tokenizer, text,
-                             text_name=text_spec, window=spec.window, stride=spec.stride, max_windows=spec.max_windows)
+            ref = perplexity(
+                TorchStepModel(load_model(source, art.trust_remote_code)),
+                art.tokenizer,
+                text,
+                text_name=text_spec,
+                window=spec.window,
+                stride=spec.stride,
+                max_windows=spec.max_windows,
+            )
         out["source"] = {"model_dir": str(source), **ref}
-        for backend, r in results.items():
+        for r in results.values():
             r["ratio_vs_source"] = r["ppl"] / ref["ppl"]
         ratio = results.get("torch", {}).get("ratio_vs_source")
         if failure is None and spec.max_ratio_vs_source and ratio and ratio > spec.max_ratio_vs_source:
-            failure = (f"perplexity of the pruned model is {ratio:.3f}x the source model's "
-                       f"(max_ratio_vs_source {spec.max_ratio_vs_source})")
+            failure = (
+                f"perplexity of the pruned model is {ratio:.3f}x the source model's "
+                f"(max_ratio_vs_source {spec.max_ratio_vs_source})"
+            )
     return {**out, "ok": failure is None, "failure": failure}
 
 
 def _source_checkpoint(art) -> Path | None:
     """The dense checkpoint a pruned artifact came from, when it is still on this machine."""
-    from accelc.pruning.materialize import is_pruned
+    from accelc.compiler.pruning.materialize import is_pruned
 
     source = art.manifest["model"].get("model_dir")
     if not source or not is_pruned(art.dir / HF_DIRS["target"]) or not Path(source, "config.json").exists():
@@ -277,16 +308,20 @@ def _source_checkpoint(art) -> Path | None:
 
 def _prove_onnx(art, recipe, reports: Path) -> tuple[dict, bool]:
     """An ONNX input can only be checked against itself: see validation.validate_onnx."""
-    from accelc.validation import validate_onnx
+    from accelc.compiler.validation import validate_onnx
 
     backends = art.backends()
     if "ort" not in backends:
         return {}, True
     cfg = backends["ort"]["runtime"]
-    report = validate_onnx(art.dir / art.manifest["graphs"][cfg["graphs"]["target"]], cfg["session"],
-                           recipe.eval.parity)
+    report = validate_onnx(
+        art.dir / art.manifest["graphs"][cfg["graphs"]["target"]], cfg["session"], recipe.eval.parity
+    )
     (reports / "validation.json").write_text(json.dumps(report, indent=2))
-    metrics = {"validation": {"ort": report["verdict"]}, "max_abs_diff": {"ort": report["backends"]["ort"]["max_abs_diff"]}}
+    metrics = {
+        "validation": {"ort": report["verdict"]},
+        "max_abs_diff": {"ort": report["backends"]["ort"]["max_abs_diff"]},
+    }
     if report["verdict"] != "pass":
         metrics["failure"] = "the lowered ONNX Runtime session disagrees with the input graph (reports/validation.json)"
     return metrics, report["verdict"] == "pass"

@@ -5,6 +5,7 @@ token perplexities of models with different tokenizers do not compare, so the re
 carries bits per UTF-8 byte of the scored text. Backend agnostic: only `prefill` logits are
 used, so torch is never imported here.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,17 +29,25 @@ def _scored_nll(logits: np.ndarray, targets: np.ndarray) -> float:
     """
     total = 0.0
     for lo in range(0, len(targets), ROWS_PER_CHUNK):
-        x = logits[lo:lo + ROWS_PER_CHUNK].astype(np.float64)    # [c, V]
-        t = targets[lo:lo + ROWS_PER_CHUNK]                        # [c]
-        peak = x.max(axis=1)                                       # [c], for a stable logsumexp
+        x = logits[lo : lo + ROWS_PER_CHUNK].astype(np.float64)  # [c, V]
+        t = targets[lo : lo + ROWS_PER_CHUNK]  # [c]
+        peak = x.max(axis=1)  # [c], for a stable logsumexp
         lse = peak + np.log(np.exp(x - peak[:, None]).sum(axis=1))
         total += float((lse - x[np.arange(len(t)), t]).sum())
     return total
 
 
-def perplexity(step_model: StepModel, tokenizer, text: str, *, text_name: str,
-               window: int = 512, stride: int = 512, max_windows: int | None = 8,
-               progress: bool = True) -> dict:
+def perplexity(
+    step_model: StepModel,
+    tokenizer,
+    text: str,
+    *,
+    text_name: str,
+    window: int = 512,
+    stride: int = 512,
+    max_windows: int | None = 8,
+    progress: bool = True,
+) -> dict:
     """Strided-window perplexity (see accelc.data.token_windows) of `step_model` on `text`.
 
     `tokenizer` is duck-typed like a Hugging Face tokenizer: `encode(text,
@@ -58,19 +67,22 @@ def perplexity(step_model: StepModel, tokenizer, text: str, *, text_name: str,
 
     total_nll = 0.0
     runs: list[list[int]] = []  # [start, end) of the scored tokens in `ids`, adjacent ones merged
-    bar = progress_bar(windows, desc=f"perplexity {text_name}", unit="window",
-                       **({} if progress else {"disable": True}))
+    bar = progress_bar(
+        windows, desc=f"perplexity {text_name}", unit="window", **({} if progress else {"disable": True})
+    )
     for k, (win, n) in enumerate(bar):
-        logits, _ = step_model.prefill(win)                       # [window, V]
+        logits, _ = step_model.prefill(win)  # [window, V]
         logits = np.asarray(logits)
         if logits.ndim != 2 or logits.shape[0] != len(win):
-            raise ValidationFailed(f"backend '{step_model.name}' returned logits of shape "
-                                   f"{logits.shape} for {len(win)} tokens")
+            raise ValidationFailed(
+                f"backend '{step_model.name}' returned logits of shape {logits.shape} for {len(win)} tokens"
+            )
         # Row i predicts token i + 1, so the last n tokens are predicted by rows [-n-1, -1).
-        window_nll = _scored_nll(logits[len(win) - n - 1:len(win) - 1], win[len(win) - n:])
+        window_nll = _scored_nll(logits[len(win) - n - 1 : len(win) - 1], win[len(win) - n :])
         if not math.isfinite(window_nll):
-            raise ValidationFailed(f"backend '{step_model.name}' produced non-finite logits "
-                                   f"in window {k} of '{text_name}'")
+            raise ValidationFailed(
+                f"backend '{step_model.name}' produced non-finite logits in window {k} of '{text_name}'"
+            )
         total_nll += window_nll
         end = k * stride + len(win)
         if runs and runs[-1][1] == end - n:
@@ -80,8 +92,9 @@ def perplexity(step_model: StepModel, tokenizer, text: str, *, text_name: str,
 
     # Decoding each contiguous run of scored tokens at once (one run when stride < window)
     # avoids splitting multi-byte characters between tokens, which would miscount bytes.
-    n_bytes = sum(len(tokenizer.decode(ids[a:b].tolist(), clean_up_tokenization_spaces=False)
-                      .encode("utf-8")) for a, b in runs)
+    n_bytes = sum(
+        len(tokenizer.decode(ids[a:b].tolist(), clean_up_tokenization_spaces=False).encode("utf-8")) for a, b in runs
+    )
     n_scored = sum(b - a for a, b in runs)
     nll_mean = total_nll / n_scored
     return {

@@ -20,6 +20,7 @@ the attention mask (seqlens_k = sum(mask) - 1), i.e. positions are contiguous fr
 length, which is how every accelc runtime calls a decoder (batch 1, no left padding).
 The tied LM head reads the embedding matrix through Gemm(transB=1), so it is stored once.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,23 +66,28 @@ class _Graph:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "",
-           dtype: int = 1, **attrs):  # dtype: TensorProto element type of the outputs (1 = FLOAT)
+    def op(
+        self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", dtype: int = 1, **attrs
+    ):  # dtype: TensorProto element type of the outputs (1 = FLOAT)
         from onnx import helper
 
         if isinstance(outputs, int):
             self._count += 1
             outputs = [f"{op_type.lower()}_{self._count}_{i}" for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=f"{op_type}_{len(self.nodes)}",
-                                           domain=domain, **attrs))
+        self.nodes.append(
+            helper.make_node(op_type, inputs, outputs, name=f"{op_type}_{len(self.nodes)}", domain=domain, **attrs)
+        )
         self.types.update((name, attrs.get("to", dtype)) for name in outputs if name)
         return outputs[0] if len(outputs) == 1 else outputs
 
     def value_info(self, graph_io: set[str]) -> list:
         from onnx import helper
 
-        return [helper.make_tensor_value_info(name, dtype, None) for name, dtype in self.types.items()
-                if name not in graph_io]
+        return [
+            helper.make_tensor_value_info(name, dtype, None)
+            for name, dtype in self.types.items()
+            if name not in graph_io
+        ]
 
 
 def _np(tensor) -> np.ndarray:
@@ -136,13 +142,14 @@ def build(model, out_dir: Path, opset: int = OPSET, vocab_subset=None) -> Path:
     # GroupQueryAttention's view of the mask: per-sequence index of the last token, total length
     one = g.weight("one", np.array(1, dtype=np.int64))
     int64 = TensorProto.INT64
-    summed = g.op("ReduceSum", ["attention_mask", g.weight("axis_1", np.array([1], dtype=np.int64))],
-                  keepdims=0, dtype=int64)
+    summed = g.op(
+        "ReduceSum", ["attention_mask", g.weight("axis_1", np.array([1], dtype=np.int64))], keepdims=0, dtype=int64
+    )
     seqlens_k = g.op("Cast", [g.op("Sub", [summed, one], dtype=int64)], to=TensorProto.INT32)
     mask_shape = g.op("Shape", ["attention_mask"], dtype=int64)
     total = g.op("Cast", [g.op("Gather", [mask_shape, one], axis=0, dtype=int64)], to=TensorProto.INT32)
 
-    residual, pending = None, x   # pending: the block output not yet added to the residual stream
+    residual, pending = None, x  # pending: the block output not yet added to the residual stream
     presents = []
     for i, layer in enumerate(layers):
         p = f"layers.{i}"
@@ -152,49 +159,77 @@ def build(model, out_dir: Path, opset: int = OPSET, vocab_subset=None) -> Path:
         qkv = g.op("MatMul", [h, g.weight(f"{p}.qkv_proj.weight_t", qkv_w.T)])
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
         if any(lin.bias is not None for lin in projections):
-            bias = [_np(lin.bias) if lin.bias is not None else np.zeros(lin.weight.shape[0], np.float32)
-                    for lin in projections]
+            bias = [
+                _np(lin.bias) if lin.bias is not None else np.zeros(lin.weight.shape[0], np.float32)
+                for lin in projections
+            ]
             qkv = g.op("Add", [qkv, g.weight(f"{p}.qkv_proj.bias", np.concatenate(bias))])
         present = [f"present.{i}.key", f"present.{i}.value"]
-        context, *_ = g.op("GroupQueryAttention",
-                       [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total,
-                        cos, sin], [f"{p}.attn_out", *present], domain=MS_DOMAIN,
-                       num_heads=attn.q_proj.weight.shape[0] // head_dim, kv_num_heads=n_kv,
-                       scale=float(attn.scaling), do_rotary=1, rotary_interleaved=0, local_window_size=-1)
+        context, *_ = g.op(
+            "GroupQueryAttention",
+            [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total, cos, sin],
+            [f"{p}.attn_out", *present],
+            domain=MS_DOMAIN,
+            num_heads=attn.q_proj.weight.shape[0] // head_dim,
+            kv_num_heads=n_kv,
+            scale=float(attn.scaling),
+            do_rotary=1,
+            rotary_interleaved=0,
+            local_window_size=-1,
+        )
         presents += present
         attn_out = _linear(g, context, attn.o_proj, f"{p}.o_proj")
-        h, residual = _add_and_norm(g, attn_out, residual, layer.post_attention_layernorm.weight,
-                                    f"{p}.post_attention_layernorm", eps)
+        h, residual = _add_and_norm(
+            g, attn_out, residual, layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm", eps
+        )
         gate = _linear(g, h, mlp.gate_proj, f"{p}.gate_proj")
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), _linear(g, h, mlp.up_proj, f"{p}.up_proj")])
         pending = _linear(g, act, mlp.down_proj, f"{p}.down_proj")
     h, _ = _add_and_norm(g, pending, residual, body.norm.weight, "norm", eps)
-    g.op("Reshape", [_lm_head(g, model, h, hidden, embed, vocab_subset),
-                     g.op("Concat", [g.op("Shape", ["input_ids"], dtype=int64),
-                                     g.weight("vocab", np.array([vocab], np.int64))], axis=0, dtype=int64)],
-         ["logits"])
+    g.op(
+        "Reshape",
+        [
+            _lm_head(g, model, h, hidden, embed, vocab_subset),
+            g.op(
+                "Concat",
+                [g.op("Shape", ["input_ids"], dtype=int64), g.weight("vocab", np.array([vocab], np.int64))],
+                axis=0,
+                dtype=int64,
+            ),
+        ],
+        ["logits"],
+    )
 
     batch, seq, past, total_len = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
     kv_shape = lambda length: [batch, n_kv, length, head_dim]  # noqa: E731
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total_len])]
-    inputs += [helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape(past))
-               for i in range(len(layers)) for kind in ("key", "value")]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total_len]),
+    ]
+    inputs += [
+        helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape(past))
+        for i in range(len(layers))
+        for kind in ("key", "value")
+    ]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, seq, vocab])]
     outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, kv_shape(total_len)) for name in presents]
     io = {v.name for v in inputs + outputs}
-    proto = helper.make_model(helper.make_graph(g.nodes, "accelc_fused_decoder", inputs, outputs, g.initializers,
-                                                value_info=g.value_info(io)),
-                              opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)],
-                              producer_name="accelc.fused_decoder")
+    proto = helper.make_model(
+        helper.make_graph(
+            g.nodes, "accelc_fused_decoder", inputs, outputs, g.initializers, value_info=g.value_info(io)
+        ),
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)],
+        producer_name="accelc.compiler.fused_decoder",
+    )
     # GroupQueryAttention appends into `past` when present is the same buffer: runtimes may keep
     # the cache in place (runtime/ort_backend.py) instead of copying it every step
     helper.set_model_props(proto, {IN_PLACE_KV[0]: IN_PLACE_KV[1]})
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
     external = sum(t.ByteSize() for t in g.initializers) > INLINE_LIMIT
-    onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=path.name + ".data")
+    onnx.save_model(
+        proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=path.name + ".data"
+    )
     return path
 
 
@@ -204,8 +239,13 @@ def _add_and_norm(g: _Graph, block_out: str, residual: str | None, weight, name:
     if residual is None:
         return g.op("SimplifiedLayerNormalization", [block_out, gamma], epsilon=eps, axis=-1, stash_type=1), block_out
     normed, summed = f"{name}.out", f"{name}.residual"
-    g.op("SkipSimplifiedLayerNormalization", [block_out, residual, gamma], [normed, "", "", summed],
-         domain=MS_DOMAIN, epsilon=eps)
+    g.op(
+        "SkipSimplifiedLayerNormalization",
+        [block_out, residual, gamma],
+        [normed, "", "", summed],
+        domain=MS_DOMAIN,
+        epsilon=eps,
+    )
     return normed, summed
 
 
@@ -232,12 +272,26 @@ def _lm_head(g: _Graph, model, h: str, hidden: int, embed: str, vocab_subset) ->
     if bias is not None:
         scores = g.op("Add", [scores, g.weight("lm_head.subset_bias", bias[subset])])
     int64 = TensorProto.INT64
-    rows = g.op("Slice", [g.op("Shape", [flat], dtype=int64), g.weight("zero_1d", np.array([0], np.int64)),
-                          g.weight("one_1d", np.array([1], np.int64))], dtype=int64)
-    full = g.op("ConstantOfShape", [g.op("Concat", [rows, g.weight("vocab_1d", np.array([weight.shape[0]], np.int64))],
-                                         axis=0, dtype=int64)],
-                value=helper.make_tensor("neg_inf", TensorProto.FLOAT, [1], [-np.inf]))
-    index = g.op("Expand", [g.weight("lm_head.subset_ids", subset[None, :]),
-                            g.op("Concat", [rows, g.weight("subset_1d", np.array([subset.size], np.int64))],
-                                 axis=0, dtype=int64)], dtype=int64)
+    rows = g.op(
+        "Slice",
+        [
+            g.op("Shape", [flat], dtype=int64),
+            g.weight("zero_1d", np.array([0], np.int64)),
+            g.weight("one_1d", np.array([1], np.int64)),
+        ],
+        dtype=int64,
+    )
+    full = g.op(
+        "ConstantOfShape",
+        [g.op("Concat", [rows, g.weight("vocab_1d", np.array([weight.shape[0]], np.int64))], axis=0, dtype=int64)],
+        value=helper.make_tensor("neg_inf", TensorProto.FLOAT, [1], [-np.inf]),
+    )
+    index = g.op(
+        "Expand",
+        [
+            g.weight("lm_head.subset_ids", subset[None, :]),
+            g.op("Concat", [rows, g.weight("subset_1d", np.array([subset.size], np.int64))], axis=0, dtype=int64),
+        ],
+        dtype=int64,
+    )
     return g.op("ScatterElements", [full, index, scores], axis=1)

@@ -3,6 +3,7 @@
 optimum-onnx 0.1.0 caps transformers below 4.58, so accelc pins transformers 4.57.x. Keeping the
 calls in one module means moving that pin (or replacing the exporter) touches one file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,9 +31,8 @@ def export_decoder_with_past(model, model_dir: Path, out_dir: Path, *, opset: in
     fail at run time in ONNX Runtime (stack.md section 2), so this is the route that works.
     """
     convert = require("optimum.exporters.onnx.convert", INSTALL)
-    from optimum.utils.save_utils import maybe_load_preprocessors
-
     import transformers
+    from optimum.utils.save_utils import maybe_load_preprocessors
 
     model.config.use_cache = True  # what main_export sets for a -with-past task
     # The tracer warns on every data-dependent branch of transformers' mask code (dozens of
@@ -44,8 +44,13 @@ def export_decoder_with_past(model, model_dir: Path, out_dir: Path, *, opset: in
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 convert.onnx_export_from_model(
-                    model=model, output=str(out_dir), task=TASK, opset=opset, device="cpu",
-                    do_validation=False, preprocessors=maybe_load_preprocessors(str(model_dir)),
+                    model=model,
+                    output=str(out_dir),
+                    task=TASK,
+                    opset=opset,
+                    device="cpu",
+                    do_validation=False,
+                    preprocessors=maybe_load_preprocessors(str(model_dir)),
                 )
         finally:
             transformers.logging.set_verbosity(verbosity)

@@ -6,6 +6,7 @@ directory lives in the cache as `<root>/steps/<key>.tmp-<pid>` and is renamed to
 a compile interrupted at step k resumes at step k. With the cache off, work directories live in
 a scratch folder that is deleted at the end. `key` is the bundle hash chain (bundle.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,12 +14,14 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from accelc import progress, registry
-from accelc.bundle import Bundle, PassRecord, chain
+from accelc import progress
+from accelc.compiler import registry
+from accelc.compiler.bundle import Bundle, PassRecord, chain
 from accelc.errors import AccelcError, PassFailed
 
 LOWERED_FILE = "lowered.json"
@@ -46,7 +49,7 @@ class Context:
     workdir: Path
 
     def resolve(self, value: str) -> Path:
-        from accelc.recipe import resolve_path
+        from accelc.compiler.recipe import resolve_path
 
         return resolve_path(self.recipe, value)
 
@@ -125,8 +128,9 @@ class PassManager:
                 status = "cached"
             else:
                 instance = cls(cls.Params(**params))
-                tmp, out = _run_step(self.cache, key, f"pass {step.type}",
-                                     lambda wd: instance.run(bundle, Context(self.recipe, wd)))
+                tmp, out = _run_step(
+                    self.cache, key, f"pass {step.type}", lambda wd: instance.run(bundle, Context(self.recipe, wd))
+                )
                 out = out.evolve(id=key)
                 final = self.cache.commit(key, tmp)
                 out = out.relocate(tmp, final)
@@ -148,8 +152,9 @@ class PassManager:
                 results.append(Lowered(step.kind, self.cache.path(key), meta["runtime"], params))
                 continue
             instance = cls(cls.Params(**params))
-            tmp, runtime = _run_step(self.cache, key, f"target {step.kind}",
-                                     lambda wd: instance.lower(bundle, Context(self.recipe, wd)))
+            tmp, runtime = _run_step(
+                self.cache, key, f"target {step.kind}", lambda wd: instance.lower(bundle, Context(self.recipe, wd))
+            )
             (tmp / LOWERED_FILE).write_text(json.dumps({"kind": step.kind, "runtime": runtime}, indent=2))
             final = self.cache.commit(key, tmp)
             results.append(Lowered(step.kind, final, runtime, params))

@@ -5,6 +5,7 @@ documented in `accelc schema` and listed in error messages without touching this
 `--set key.path=value` overrides are applied to the raw YAML data before validation, so they are
 checked exactly like recipe content. YAML is read with `safe_load` only: a recipe never runs code.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from accelc import registry
+from accelc.compiler import registry
 from accelc.errors import RecipeError
 
 RECIPE_VERSION = 1
@@ -31,8 +32,10 @@ class ModelSpec(Section):
 
     path: str | None = Field(None, description="Hugging Face checkpoint folder, a .gguf file or an .onnx file")
     builtin: str | None = Field(
-        None, description="built-in model: smollm2-135m-instruct (real, fetched once) or a tiny seeded "
-        "test model (tiny-llama, tiny-gpt2, tiny-opt, tiny-qwen2)")
+        None,
+        description="built-in model: smollm2-135m-instruct (real, fetched once) or a tiny seeded "
+        "test model (tiny-llama, tiny-gpt2, tiny-opt, tiny-qwen2)",
+    )
     trust_remote_code: bool = Field(False, description="allow the checkpoint's own Python code (off unless asked)")
 
     @model_validator(mode="after")
@@ -43,7 +46,9 @@ class ModelSpec(Section):
 
 
 class DataSpec(Section):
-    calibration: str = Field("austen:emma", description="text for calibration: austen:NAME, shakespeare:NAME or a file path")
+    calibration: str = Field(
+        "austen:emma", description="text for calibration: austen:NAME, shakespeare:NAME or a file path"
+    )
     evaluation: str = Field("austen:persuasion", description="held-out text for perplexity")
 
 
@@ -54,7 +59,9 @@ class DecodeSpec(Section):
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = 0
-    chat_template: bool = Field(True, description="wrap `accelc run` prompts in the tokenizer's chat template when it has one")
+    chat_template: bool = Field(
+        True, description="wrap `accelc run` prompts in the tokenizer's chat template when it has one"
+    )
 
 
 class ParitySpec(Section):
@@ -62,8 +69,8 @@ class ParitySpec(Section):
 
     atol: float = Field(1e-3, gt=0, description="max abs logit difference allowed (fp32 exports measure ~1e-5)")
     prompts: list[str] = Field(
-        default_factory=lambda: ["The capital of France is", "Once upon a time, in a small village,"],
-        min_length=1)
+        default_factory=lambda: ["The capital of France is", "Once upon a time, in a small village,"], min_length=1
+    )
     decode_steps: int = Field(4, ge=0, description="teacher-forced single-token steps compared after prefill")
     greedy_tokens: int = Field(16, ge=0, description="greedy tokens that must equal transformers' generate")
 
@@ -73,12 +80,20 @@ class PerplexitySpec(Section):
     window: int = Field(512, gt=1)
     stride: int = Field(512, gt=0)
     max_windows: int = Field(8, gt=0)
-    backends: list[str] = Field(default_factory=lambda: ["torch", "ort"],
-                                description="backends to score; untuned TVM is too slow for long windows")
-    max_ratio: float = Field(1.05, gt=1, description="fail (exit 5) if a backend's perplexity exceeds torch's by this factor")
-    max_ratio_vs_source: float | None = Field(None, gt=1, description="for pruned models (whose source model is "
-                                              "scored too): fail (exit 5) if torch's perplexity exceeds the source "
-                                              "model's by this factor")
+    backends: list[str] = Field(
+        default_factory=lambda: ["torch", "ort"],
+        description="backends to score; untuned TVM is too slow for long windows",
+    )
+    max_ratio: float = Field(
+        1.05, gt=1, description="fail (exit 5) if a backend's perplexity exceeds torch's by this factor"
+    )
+    max_ratio_vs_source: float | None = Field(
+        None,
+        gt=1,
+        description="for pruned models (whose source model is "
+        "scored too): fail (exit 5) if torch's perplexity exceeds the source "
+        "model's by this factor",
+    )
 
 
 class BenchSpec(Section):
@@ -107,8 +122,11 @@ class CacheSpec(Section):
 
 def _tagged(cls, tag_key: str, tag: str):
     """The Params model of a pass/target with its discriminator field added (`type:`/`kind:`)."""
-    return create_model(f"{cls.__name__}Step", __base__=cls.Params,
-                        **{tag_key: (Literal[tag], Field(..., description=(cls.__doc__ or "").strip().split("\n")[0]))})
+    return create_model(
+        f"{cls.__name__}Step",
+        __base__=cls.Params,
+        **{tag_key: (Literal[tag], Field(..., description=(cls.__doc__ or "").strip().split("\n")[0]))},
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,12 +135,12 @@ def recipe_model() -> type[BaseModel]:
     registry.load_all()
     pass_models = [_tagged(c, "type", n) for n, c in sorted(registry.PASSES.items())]
     target_models = [_tagged(c, "kind", k) for k, c in sorted(registry.TARGETS.items())]
-    PassStep = Annotated[Union[tuple(pass_models)], Field(discriminator="type")] if len(pass_models) > 1 \
-        else pass_models[0]
-    TargetStep = Annotated[Union[tuple(target_models)], Field(discriminator="kind")] if len(target_models) > 1 \
-        else target_models[0]
+    # Union[tuple] spells a union of a run-time list of types; `X | Y` cannot
+    PassStep = Annotated[Union[tuple(pass_models)], Field(discriminator="type")]  # noqa: UP007
+    TargetStep = Annotated[Union[tuple(target_models)], Field(discriminator="kind")]  # noqa: UP007
     return create_model(
-        "Recipe", __base__=Section,
+        "Recipe",
+        __base__=Section,
         version=(Literal[RECIPE_VERSION], RECIPE_VERSION),
         model=(ModelSpec, ...),
         data=(DataSpec, Field(default_factory=DataSpec)),
@@ -143,6 +161,7 @@ def json_schema() -> dict:
 
 
 # ---------------------------------------------------------------------------------------- loading
+
 
 def _line_map(node: yaml.Node, path: tuple = (), lines: dict | None = None) -> dict[tuple, int]:
     """Map every key path of a composed YAML document to its 1-based line."""
@@ -169,10 +188,9 @@ def _data_path(loc: tuple, data: Any) -> tuple:
     tags = set(registry.PASSES) | set(registry.TARGETS)
     out, cur = [], data
     for part in loc:
-        if isinstance(cur, dict) and part in cur:
-            out.append(part)
-            cur = cur[part]
-        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+        if (isinstance(cur, dict) and part in cur) or (
+            isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur)
+        ):
             out.append(part)
             cur = cur[part]
         elif isinstance(part, str) and (part in tags or part.startswith("function-")):
@@ -222,8 +240,9 @@ def _format_errors(exc: ValidationError, data: Any, source: str, lines: dict, ov
     msgs = []
     for err in exc.errors():
         path = _data_path(err["loc"], data)
-        where = overrides.get(path) or (f"{source}:{lines[path]}" if path in lines
-                                         else f"{source}:{lines.get(path[:-1], lines.get((), 1))}")
+        where = overrides.get(path) or (
+            f"{source}:{lines[path]}" if path in lines else f"{source}:{lines.get(path[:-1], lines.get((), 1))}"
+        )
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(data, path)
@@ -252,8 +271,9 @@ def _apply_override(data: dict, assignment: str) -> tuple:
         nxt = parts[i + 1]
         if isinstance(cur, list):
             if not isinstance(part, int) or part >= len(cur):
-                raise RecipeError(f"--set {key}: index {part} is out of range for {_dotted(tuple(parts[:i]))} "
-                                  f"({len(cur)} items)")
+                raise RecipeError(
+                    f"--set {key}: index {part} is out of range for {_dotted(tuple(parts[:i]))} ({len(cur)} items)"
+                )
             cur = cur[part]
         elif isinstance(cur, dict):
             cur = cur.setdefault(part, [] if isinstance(nxt, int) else {})
@@ -292,8 +312,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()):
     if data is None:
         raise RecipeError(f"{source}: the recipe is empty; it needs at least a 'model' section")
     if not isinstance(data, dict):
-        raise RecipeError(f"{source}:1: a recipe is a mapping of sections (model, passes, targets, ...), "
-                          f"not a {type(data).__name__}")
+        raise RecipeError(
+            f"{source}:1: a recipe is a mapping of sections (model, passes, targets, ...), not a {type(data).__name__}"
+        )
     lines = _line_map(node) if node is not None else {}
     override_sites = {}
     for assignment in overrides:

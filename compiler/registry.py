@@ -6,6 +6,7 @@ them usable from a recipe, listable by `accelc passes` and part of the recipe's 
 Modules register on import; `load_all()` imports the built-in ones (their heavy dependencies
 are imported lazily inside `run`/`lower`, so listing stays fast).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -87,13 +88,19 @@ def describe(cls: type[Pass] | type[Target]) -> dict[str, Any]:
     """Name, summary and every parameter with type, default and description (for `passes show`)."""
     params = []
     for field_name, field in cls.Params.model_fields.items():
-        params.append({
-            "name": field_name,
-            "type": getattr(field.annotation, "__name__", str(field.annotation)),
-            "default": None if field.is_required() else field.get_default(call_default_factory=True),
-            "required": field.is_required(),
-            "description": field.description or "",
-        })
+        params.append(
+            {
+                "name": field_name,
+                "type": getattr(field.annotation, "__name__", str(field.annotation)),
+                "default": None if field.is_required() else field.get_default(call_default_factory=True),
+                "required": field.is_required(),
+                "description": field.description or "",
+            }
+        )
     doc = (cls.__doc__ or "").strip()
-    return {"name": getattr(cls, "name", getattr(cls, "kind", "")), "summary": doc.split("\n")[0],
-            "doc": doc, "params": params}
+    return {
+        "name": getattr(cls, "name", getattr(cls, "kind", "")),
+        "summary": doc.split("\n")[0],
+        "doc": doc,
+        "params": params,
+    }

@@ -6,12 +6,13 @@ output); then `greedy_tokens` greedy tokens must equal transformers' own `genera
 token. The torch StepModel itself is checked against `generate` too, so the decoding loop that
 every backend shares is validated, not assumed.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 from accelc import progress
-from accelc.decoding.autoregressive import generate
+from accelc.loops.autoregressive import generate
 
 
 def _eos_ids(model) -> tuple[int, ...]:
@@ -26,10 +27,18 @@ def reference_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
     import torch
 
     with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                             max_new_tokens=n, do_sample=False, num_beams=1, temperature=None, top_p=None,
-                             top_k=None, pad_token_id=_eos_ids(model)[0] if _eos_ids(model) else 0)
-    return out[0, len(prompt_ids):].tolist()
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            num_beams=1,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=_eos_ids(model)[0] if _eos_ids(model) else 0,
+        )
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def _teacher_forced(step_model, prompt_ids, forced):
@@ -42,7 +51,11 @@ def _teacher_forced(step_model, prompt_ids, forced):
 
 
 def _max_diff(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)))) if a is not None else 0.0
+    return (
+        float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+        if a is not None
+        else 0.0
+    )
 
 
 def validate(torch_model, tokenizer, backends: dict, spec) -> dict:
@@ -74,10 +87,11 @@ def validate(torch_model, tokenizer, backends: dict, spec) -> dict:
                     row["parity_ok"] = all(v <= spec.atol for v in row["max_abs_diff"].values())
                 if spec.greedy_tokens:
                     got = generate(model, ids, spec.greedy_tokens, eos_ids=eos).tokens
-                    first_mismatch = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
-                                          None if len(got) == len(expected) else min(len(got), len(expected)))
-                    row.update(greedy_tokens=got, greedy_match=first_mismatch is None,
-                               first_mismatch=first_mismatch)
+                    first_mismatch = next(
+                        (i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
+                        None if len(got) == len(expected) else min(len(got), len(expected)),
+                    )
+                    row.update(greedy_tokens=got, greedy_match=first_mismatch is None, first_mismatch=first_mismatch)
                 case["backends"][name] = row
         cases.append(case)
     verdicts = {}
@@ -89,17 +103,22 @@ def validate(torch_model, tokenizer, backends: dict, spec) -> dict:
             for k, v in r.get("max_abs_diff", {}).items():
                 worst[k] = max(worst.get(k, 0.0), v)
         verdicts[name] = {"verdict": "pass" if ok else "fail", "max_abs_diff": worst}
-    return {"atol": spec.atol, "decode_steps": spec.decode_steps, "greedy_tokens": spec.greedy_tokens,
-            "reference": "source torch model (fp32 eager) and transformers.generate(do_sample=False)",
-            "verdict": "pass" if all(v["verdict"] == "pass" for v in verdicts.values()) else "fail",
-            "backends": verdicts, "cases": cases}
+    return {
+        "atol": spec.atol,
+        "decode_steps": spec.decode_steps,
+        "greedy_tokens": spec.greedy_tokens,
+        "reference": "source torch model (fp32 eager) and transformers.generate(do_sample=False)",
+        "verdict": "pass" if all(v["verdict"] == "pass" for v in verdicts.values()) else "fail",
+        "backends": verdicts,
+        "cases": cases,
+    }
 
 
 def validate_plan(art, cases: list[dict], eos: tuple[int, ...]) -> dict:
     """A rewritten generation loop must give the same greedy tokens as the target alone, on every
     backend: run the artifact's decode plan at temperature 0 on each validation prompt."""
-    from accelc.decoding.autoregressive import Sampler
-    from accelc.decoding.plan import run_plan
+    from accelc.loops.autoregressive import Sampler
+    from accelc.loops.plan import run_plan
 
     rows = {}
     for backend in art.backends():
@@ -109,14 +128,27 @@ def validate_plan(art, cases: list[dict], eos: tuple[int, ...]) -> dict:
         for case in cases:
             ids = list(art.tokenizer(case["prompt"])["input_ids"])
             with progress.step(f"validate: decode plan '{plan['strategy']}' on {backend}"):
-                got = run_plan(plan, target, draft, ids, len(case["expected_tokens"]), eos_ids=eos,
-                               sampler=Sampler())
-            checks.append({"prompt": case["prompt"], "tokens": got.tokens, "match": got.tokens == case["expected_tokens"],
-                           "stats": got.stats})
-        rows[backend] = {"verdict": "pass" if all(c["match"] for c in checks) else "fail", "strategy": plan["strategy"],
-                         **({"reason": plan["reason"]} if "planned_strategy" in plan else {}), "cases": checks}
-    return {"strategy": art.plan["strategy"], "check": "greedy tokens equal transformers.generate",
-            "verdict": "pass" if all(r["verdict"] == "pass" for r in rows.values()) else "fail", "backends": rows}
+                got = run_plan(plan, target, draft, ids, len(case["expected_tokens"]), eos_ids=eos, sampler=Sampler())
+            checks.append(
+                {
+                    "prompt": case["prompt"],
+                    "tokens": got.tokens,
+                    "match": got.tokens == case["expected_tokens"],
+                    "stats": got.stats,
+                }
+            )
+        rows[backend] = {
+            "verdict": "pass" if all(c["match"] for c in checks) else "fail",
+            "strategy": plan["strategy"],
+            **({"reason": plan["reason"]} if "planned_strategy" in plan else {}),
+            "cases": checks,
+        }
+    return {
+        "strategy": art.plan["strategy"],
+        "check": "greedy tokens equal transformers.generate",
+        "verdict": "pass" if all(r["verdict"] == "pass" for r in rows.values()) else "fail",
+        "backends": rows,
+    }
 
 
 # ------------------------------------------------------------------ ONNX input (lowering only)
@@ -147,11 +179,14 @@ def validate_onnx(graph, session_cfg: dict, spec) -> dict:
 
     from accelc.runtime.ort_backend import session_options
 
-    lowered = ort.InferenceSession(str(graph), sess_options=session_options(session_cfg),
-                                   providers=["CPUExecutionProvider"])
+    lowered = ort.InferenceSession(
+        str(graph), sess_options=session_options(session_cfg), providers=["CPUExecutionProvider"]
+    )
     reference = ort.InferenceSession(
-        str(graph), sess_options=session_options({"graph_optimization_level": "disable", "intra_op_threads": 1}),
-        providers=["CPUExecutionProvider"])
+        str(graph),
+        sess_options=session_options({"graph_optimization_level": "disable", "intra_op_threads": 1}),
+        providers=["CPUExecutionProvider"],
+    )
     worst: dict[str, float] = {}
     for seed in range(ONNX_PARITY_SEEDS):
         feed = _random_feed(reference, np.random.default_rng(seed))
@@ -159,7 +194,10 @@ def validate_onnx(graph, session_cfg: dict, spec) -> dict:
         for name, a, b in zip(names, lowered.run(names, feed), reference.run(names, feed)):
             worst[name] = max(worst.get(name, 0.0), _max_diff(a, b))
     ok = all(v <= spec.atol for v in worst.values())
-    return {"atol": spec.atol, "reference": "the input graph in ONNX Runtime, optimisations off, 1 thread",
-            "inputs": f"{ONNX_PARITY_SEEDS} seeded random feeds, symbolic dims = {ONNX_DYNAMIC_DIM}",
-            "verdict": "pass" if ok else "fail",
-            "backends": {"ort": {"verdict": "pass" if ok else "fail", "max_abs_diff": worst}}}
+    return {
+        "atol": spec.atol,
+        "reference": "the input graph in ONNX Runtime, optimisations off, 1 thread",
+        "inputs": f"{ONNX_PARITY_SEEDS} seeded random feeds, symbolic dims = {ONNX_DYNAMIC_DIM}",
+        "verdict": "pass" if ok else "fail",
+        "backends": {"ort": {"verdict": "pass" if ok else "fail", "max_abs_diff": worst}},
+    }

@@ -1,1 +1,1 @@
-"""accelc.passes: model transformations, one module per pass (see accelc.registry)."""
+"""accelc.passes: model transformations, one module per pass (see accelc.compiler.registry)."""

@@ -7,13 +7,14 @@ Two ways to write that graph, one I/O contract:
   optimum  optimum-onnx's traced export of transformers' own code: every supported family.
 `auto` takes fused where the model allows it, optimum otherwise.
 """
+
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import Field
 
-from accelc import registry
+from accelc.compiler import registry
 from accelc.errors import UsageError
 
 
@@ -27,10 +28,13 @@ class ExportOnnx(registry.Pass):
 
     class Params(registry.Params):
         graph: Literal["auto", "fused", "optimum"] = Field(
-            "auto", description="fused: ORT fused kernels (llama, qwen2); optimum: traced export (every family); "
-            "auto: fused where supported")
-        opset: int | None = Field(None, ge=14, le=21, description="ONNX opset; default: the exporter's "
-                                  "(17 fused, 18 optimum)")
+            "auto",
+            description="fused: ORT fused kernels (llama, qwen2); optimum: traced export (every family); "
+            "auto: fused where supported",
+        )
+        opset: int | None = Field(
+            None, ge=14, le=21, description="ONNX opset; default: the exporter's (17 fused, 18 optimum)"
+        )
 
     def run(self, bundle, ctx):
         if bundle.family != "causal_lm":
@@ -40,8 +44,9 @@ class ExportOnnx(registry.Pass):
         trust = bool(bundle.source.get("trust_remote_code"))
         graphs, metas = {}, {}
         for role, checkpoint in bundle.checkpoints().items():  # the target, and a draft if any
-            graphs[role], metas[role] = export_checkpoint(load_model(checkpoint, trust), checkpoint,
-                                                          ctx.workdir / role, self.params.opset, self.params.graph)
+            graphs[role], metas[role] = export_checkpoint(
+                load_model(checkpoint, trust), checkpoint, ctx.workdir / role, self.params.opset, self.params.graph
+            )
         return bundle.evolve(graphs={**bundle.graphs, **graphs}, graph_meta={**bundle.graph_meta, **metas})
 
 
@@ -50,23 +55,28 @@ def export_checkpoint(model, checkpoint, out_dir, opset: int | None, graph: str 
     vocab_subset: score only these tokens (a draft's truncated head; fused graphs only)."""
     import onnx
 
-    from accelc import fused_decoder, optimum_adapter
-    from accelc.pruning.materialize import check_uniform_kv
+    from accelc.compiler import fused_decoder, optimum_adapter
+    from accelc.compiler.pruning.materialize import check_uniform_kv
 
     check_uniform_kv(model, "export_onnx")
     unsupported = fused_decoder.unsupported_reason(model)
     if graph == "fused" and unsupported:
         raise UsageError(f"export_onnx graph: fused does not support {unsupported}; use graph: optimum or auto")
     if vocab_subset is not None and (graph == "optimum" or unsupported):
-        raise UsageError(f"a truncated draft vocabulary needs a fused graph, which does not support "
-                         f"{unsupported or 'graph: optimum'}")
+        raise UsageError(
+            f"a truncated draft vocabulary needs a fused graph, which does not support "
+            f"{unsupported or 'graph: optimum'}"
+        )
     if graph == "optimum" or unsupported:
         path = optimum_adapter.export_decoder_with_past(model, checkpoint, out_dir, opset=opset)
         meta = {"graph": "optimum", "exporter": "optimum-onnx", "task": optimum_adapter.TASK}
     else:
         path = fused_decoder.build(model, out_dir, opset=opset or fused_decoder.OPSET, vocab_subset=vocab_subset)
-        meta = {"graph": "fused", "exporter": "accelc.fused_decoder"}
+        meta = {"graph": "fused", "exporter": "accelc.compiler.fused_decoder"}
     proto = onnx.load(str(path), load_external_data=False)
-    return path, {**meta, "inputs": [i.name for i in proto.graph.input],
-                   "outputs": [o.name for o in proto.graph.output],
-                   "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))}
+    return path, {
+        **meta,
+        "inputs": [i.name for i in proto.graph.input],
+        "outputs": [o.name for o in proto.graph.output],
+        "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+    }

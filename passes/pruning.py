@@ -13,9 +13,10 @@ A recipe chains them; each leaves its result for the next as a file in the bundl
 
 Every subnet-producing pass shares one budget definition (BudgetSpec) and one search space
 (gqa, multiple), and every calibration-driven step reads the recipe's `data.calibration` text,
-so baselines and search compare on the same data. The algorithms live in accelc.pruning; these
+so baselines and search compare on the same data. The algorithms live in accelc.compiler.pruning; these
 classes only load, call and save.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from accelc import progress, registry
+from accelc import progress
+from accelc.compiler import registry
 from accelc.errors import UsageError
 
 STATS, SUBNET, CONSUMERS = "calibration_stats", "subnet", "consumer_weights"
@@ -32,12 +34,22 @@ STATS, SUBNET, CONSUMERS = "calibration_stats", "subnet", "consumer_weights"
 class BudgetSpec(registry.Params):
     """Exactly one of `remove_ratio`, `max_params` or `latency_ratio`."""
 
-    remove_ratio: float | None = Field(None, gt=0, lt=1, description="fraction of the prunable (attention + "
-                                       "MLP projection) weights to remove; embeddings, norms and LM head are kept")
+    remove_ratio: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="fraction of the prunable (attention + "
+        "MLP projection) weights to remove; embeddings, norms and LM head are kept",
+    )
     max_params: int | None = Field(None, gt=0, description="total parameters at most (embeddings included)")
-    latency_ratio: float | None = Field(None, gt=0, lt=1, description="decode latency at most this fraction of "
-                                        "the dense model's, from a per-layer latency table measured once on "
-                                        "ONNX Runtime CPU and cached")
+    latency_ratio: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="decode latency at most this fraction of "
+        "the dense model's, from a per-layer latency table measured once on "
+        "ONNX Runtime CPU and cached",
+    )
     slack: float = Field(0.01, ge=0, lt=1, description="search candidates cost at least (limit - slack x dense)")
     latency_threads: int = Field(0, ge=0, description="ORT threads for the latency table (0: all cores)")
     latency_past: int = Field(128, ge=1, description="KV-cache length the latency table's attention reads")
@@ -54,8 +66,11 @@ class SubnetParams(registry.Params):
     """What every subnet-producing pass takes: the budget and the search space."""
 
     budget: BudgetSpec
-    gqa: Literal["query", "group"] = Field("query", description="query: prune query heads inside every KV "
-                                           "group (exportable); group: whole KV groups (torch only for now)")
+    gqa: Literal["query", "group"] = Field(
+        "query",
+        description="query: prune query heads inside every KV "
+        "group (exportable); group: whole KV groups (torch only for now)",
+    )
     multiple: int = Field(8, ge=1, le=256, description="MLP widths snap to multiples of this (GEMM tiles)")
 
 
@@ -69,44 +84,52 @@ class UniformParams(SubnetParams):
 
 
 def _dense_model(bundle, pass_name: str):
+    from accelc.compiler.pruning import materialize
     from accelc.families.causal_lm import load_model, load_tokenizer
-    from accelc.pruning import materialize
 
     if bundle.family != "causal_lm":
         raise UsageError(f"{pass_name} needs a causal LM checkpoint, got a {bundle.family} model")
     if bundle.graphs:
         raise UsageError(f"{pass_name} changes the torch model: put it before export_onnx in the recipe")
     if materialize.is_pruned(bundle.model_dir):
-        raise UsageError(f"{pass_name}: the model is already pruned (materialize ran earlier); "
-                         "prune the dense model once, with one search or baseline")
+        raise UsageError(
+            f"{pass_name}: the model is already pruned (materialize ran earlier); "
+            "prune the dense model once, with one search or baseline"
+        )
     trust = bool(bundle.source.get("trust_remote_code"))
     model = load_model(bundle.model_dir, trust)
-    if not hasattr(getattr(model, "model", None), "layers") or not hasattr(model.model.layers[0], "mlp") \
-            or not hasattr(model.model.layers[0].mlp, "gate_proj"):
-        raise UsageError(f"{pass_name}: structured pruning supports Llama-style decoders (llama, qwen2: "
-                         f"q/k/v/o and gate/up/down projections); this is '{model.config.model_type}'")
+    if (
+        not hasattr(getattr(model, "model", None), "layers")
+        or not hasattr(model.model.layers[0], "mlp")
+        or not hasattr(model.model.layers[0].mlp, "gate_proj")
+    ):
+        raise UsageError(
+            f"{pass_name}: structured pruning supports Llama-style decoders (llama, qwen2: "
+            f"q/k/v/o and gate/up/down projections); this is '{model.config.model_type}'"
+        )
     return model, load_tokenizer(bundle.model_dir, trust)
 
 
 def _calibration(ctx, tokenizer, windows: int, window: int, *, skip: int = 0, spread: bool = False):
+    from accelc.compiler.pruning.importance import calibration_windows
     from accelc.data import load_text
-    from accelc.pruning.importance import calibration_windows
 
     spec = ctx.recipe.data.calibration
-    return calibration_windows(tokenizer, load_text(spec), window=window, max_windows=windows,
-                               text_name=spec, skip=skip, spread=spread)
+    return calibration_windows(
+        tokenizer, load_text(spec), window=window, max_windows=windows, text_name=spec, skip=skip, spread=spread
+    )
 
 
 def _stats(bundle, model, pass_name: str):
-    from accelc.pruning.importance import CalibrationStats
-    from accelc.pruning.masks import Geometry
+    from accelc.compiler.pruning.importance import CalibrationStats
+    from accelc.compiler.pruning.masks import Geometry
 
     path = bundle.intermediate(STATS, pass_name, "the importance pass")
     return CalibrationStats.load(path, Geometry.from_model(model)), json.loads(path.with_suffix(".json").read_text())
 
 
 def _space_and_budget(params: SubnetParams, model):
-    from accelc.pruning import masks
+    from accelc.compiler.pruning import masks
 
     space = masks.SearchSpace(masks.Geometry.from_model(model), gqa=params.gqa, multiple=params.multiple)
     spec = params.budget
@@ -116,30 +139,46 @@ def _space_and_budget(params: SubnetParams, model):
         geo = space.geometry
         limit = spec.max_params - geo.fixed_params
         if limit <= 0:
-            raise UsageError(f"budget max_params {spec.max_params:,} is below the parameters that are never "
-                             f"pruned ({geo.fixed_params:,}: embeddings, norms, LM head); no subnet can meet it")
+            raise UsageError(
+                f"budget max_params {spec.max_params:,} is below the parameters that are never "
+                f"pruned ({geo.fixed_params:,}: embeddings, norms, LM head); no subnet can meet it"
+            )
         return space, masks.ParamBudget(space, limit, limit - spec.slack * geo.dense_prunable)
-    from accelc.pruning import latency
+    from accelc.compiler.pruning import latency
 
-    table = latency.measure(space.geometry, space, model.config.vocab_size,
-                            latency.Protocol(past=spec.latency_past, threads=spec.latency_threads))
+    table = latency.measure(
+        space.geometry,
+        space,
+        model.config.vocab_size,
+        latency.Protocol(past=spec.latency_past, threads=spec.latency_threads),
+    )
     return space, latency.LatencyBudget.from_ratio(space, table, spec.latency_ratio, spec.slack)
 
 
 def _subnet_out(bundle, ctx, subnet, space, budget, method: str, overrides=None, **report):
     """Save the subnet (and replacement consumer weights) for materialize; describe it."""
-    from accelc.pruning.reform import save_overrides
+    from accelc.compiler.pruning.reform import save_overrides
 
     path = ctx.workdir / "subnet.json"
     shape = space.shape(subnet)
     count = space.count(shape)
-    info = {"method": method, "budget": budget.describe(), "budget_cost": budget.cost(shape),
-            "params": count.to_json(), "gqa": space.gqa, "multiple": space.multiple,
-            "heads": [q for q, _, _ in shape], "kv_heads": [kv for _, kv, _ in shape],
-            "mlp_widths": [w for _, _, w in shape], **report}
+    info = {
+        "method": method,
+        "budget": budget.describe(),
+        "budget_cost": budget.cost(shape),
+        "params": count.to_json(),
+        "gqa": space.gqa,
+        "multiple": space.multiple,
+        "heads": [q for q, _, _ in shape],
+        "kv_heads": [kv for _, kv, _ in shape],
+        "mlp_widths": [w for _, _, w in shape],
+        **report,
+    }
     path.write_text(json.dumps({"subnet": subnet.to_json(), "info": info}))
-    progress.status(f"{method}: {count.removed_ratio:.1%} of prunable weights removed, "
-                    f"{count.total / 1e6:.1f}M parameters in total (dense {space.geometry.total_params / 1e6:.1f}M)")
+    progress.status(
+        f"{method}: {count.removed_ratio:.1%} of prunable weights removed, "
+        f"{count.total / 1e6:.1f}M parameters in total (dense {space.geometry.total_params / 1e6:.1f}M)"
+    )
     intermediates = {k: v for k, v in bundle.intermediates.items() if k != CONSUMERS}
     intermediates[SUBNET] = path
     if overrides:
@@ -151,7 +190,7 @@ def _subnet_out(bundle, ctx, subnet, space, budget, method: str, overrides=None,
 
 
 def load_subnet(path):
-    from accelc.pruning.masks import Subnet
+    from accelc.compiler.pruning.masks import Subnet
 
     data = json.loads(path.read_text())
     return Subnet.from_json(data["subnet"]), data["info"]
@@ -172,15 +211,19 @@ class CalibrationStatistics(registry.Pass):
         window: int = Field(512, ge=8, description="tokens per window")
 
     def run(self, bundle, ctx):
-        from accelc.pruning.importance import collect
+        from accelc.compiler.pruning.importance import collect
 
         model, tok = _dense_model(bundle, self.name)
         wins = _calibration(ctx, tok, self.params.windows, self.params.window)
         stats = collect(model, wins)
         path = ctx.workdir / f"{STATS}.npz"
         stats.save(path)
-        protocol = {"text": ctx.recipe.data.calibration, "windows": len(wins), "window": self.params.window,
-                    "tokens": stats.tokens}
+        protocol = {
+            "text": ctx.recipe.data.calibration,
+            "windows": len(wins),
+            "window": self.params.window,
+            "tokens": stats.tokens,
+        }
         path.with_suffix(".json").write_text(json.dumps(protocol))
         return bundle.evolve(intermediates={**bundle.intermediates, STATS: path})
 
@@ -194,26 +237,35 @@ class ArchSearch(registry.Pass):
 
     class Params(SubnetParams):
         metric: Literal["energy", "fluctuation", "wanda", "magnitude"] = Field(
-            "energy", description="importance that ranks heads/channels for initial masks and mutation fills")
+            "energy", description="importance that ranks heads/channels for initial masks and mutation fills"
+        )
         generations: int = Field(8, ge=1)
         population: int = Field(24, ge=2)
         parents: int = Field(8, ge=1, description="elitist archive size")
         mutations: int = Field(12, ge=0)
         crossovers: int = Field(6, ge=0)
         m_prob: float = Field(0.2, ge=0, le=1, description="per-layer mutation probability")
-        alpha: float = Field(0.9, ge=0, le=1, description="a mutation keeps at least this fraction of the "
-                             "parent's kept heads/channels")
+        alpha: float = Field(
+            0.9, ge=0, le=1, description="a mutation keeps at least this fraction of the parent's kept heads/channels"
+        )
         seed: int = 0
-        fitness_windows: int = Field(4, ge=1, description="calibration windows (spread over the text after the "
-                                     "statistics' windows) scored by the fitness")
+        fitness_windows: int = Field(
+            4,
+            ge=1,
+            description="calibration windows (spread over the text after the "
+            "statistics' windows) scored by the fitness",
+        )
         fitness_window: int = Field(512, ge=8)
-        reform_in_fitness: bool = Field(True, description="score each candidate after one-shot closed-form "
-                                        "reformation, so the search ranks masks by what they are worth reformed")
+        reform_in_fitness: bool = Field(
+            True,
+            description="score each candidate after one-shot closed-form "
+            "reformation, so the search ranks masks by what they are worth reformed",
+        )
         damp: float = Field(0.2, gt=0, description="reformation ridge, x mean(diag H)")
         seed_with_flap: bool = Field(True, description="FLAP's subnet joins the first generation")
 
     def run(self, bundle, ctx):
-        from accelc.pruning import baselines, importance, search
+        from accelc.compiler.pruning import baselines, importance, search
 
         p = self.params
         model, tok = _dense_model(bundle, self.name)
@@ -227,22 +279,58 @@ class ArchSearch(registry.Pass):
             cal = _calibration(ctx, tok, protocol["windows"], protocol["window"])
             grams = importance.collect(model, cal, gram=True).grams()
         fitness = search.PerplexityFitness(model, fit_windows, grams=grams, damp=p.damp)
-        settings = search.SearchSettings(generations=p.generations, population=p.population, parents=p.parents,
-                                         mutations=p.mutations, crossovers=p.crossovers, m_prob=p.m_prob,
-                                         alpha=p.alpha, seed=p.seed)
-        seeds = [baselines.flap(model, space, budget, stats, bias_compensation=False).subnet] if p.seed_with_flap else []
+        settings = search.SearchSettings(
+            generations=p.generations,
+            population=p.population,
+            parents=p.parents,
+            mutations=p.mutations,
+            crossovers=p.crossovers,
+            m_prob=p.m_prob,
+            alpha=p.alpha,
+            seed=p.seed,
+        )
+        seeds = (
+            [baselines.flap(model, space, budget, stats, bias_compensation=False).subnet] if p.seed_with_flap else []
+        )
         result = search.search(space, budget, imp, fitness, settings, seeds=seeds)
         log = ctx.workdir / "search_log.json"
-        log.write_text(json.dumps({"best": result.best.to_json(), "best_fitness": result.best_fitness,
-                                   "history": result.history, "log": result.log, "settings": result.settings,
-                                   "budget": result.budget, "seconds": result.seconds,
-                                   "fitness": {"windows": len(fit_windows), "window": p.fitness_window,
-                                               "text": ctx.recipe.data.calibration, "spread": True,
-                                               "reform_in_fitness": p.reform_in_fitness}}, default=str))
-        search.plot(result, ctx.workdir / "search.png",
-                    title=f"architecture search: {result.budget['kind']}, {len(result.log)} candidates")
-        out = _subnet_out(bundle, ctx, result.best, space, budget, self.name, best_fitness=result.best_fitness,
-                          evaluations=len(result.log), seconds=result.seconds)
+        log.write_text(
+            json.dumps(
+                {
+                    "best": result.best.to_json(),
+                    "best_fitness": result.best_fitness,
+                    "history": result.history,
+                    "log": result.log,
+                    "settings": result.settings,
+                    "budget": result.budget,
+                    "seconds": result.seconds,
+                    "fitness": {
+                        "windows": len(fit_windows),
+                        "window": p.fitness_window,
+                        "text": ctx.recipe.data.calibration,
+                        "spread": True,
+                        "reform_in_fitness": p.reform_in_fitness,
+                    },
+                },
+                default=str,
+            )
+        )
+        search.plot(
+            result,
+            ctx.workdir / "search.png",
+            title=f"architecture search: {result.budget['kind']}, {len(result.log)} candidates",
+        )
+        out = _subnet_out(
+            bundle,
+            ctx,
+            result.best,
+            space,
+            budget,
+            self.name,
+            best_fitness=result.best_fitness,
+            evaluations=len(result.log),
+            seconds=result.seconds,
+        )
         return out.evolve(reports={**out.reports, "search_log.json": log, "search.png": ctx.workdir / "search.png"})
 
 
@@ -273,7 +361,7 @@ class MagnitudePrune(_Baseline):
     Params = UniformParams
 
     def prune(self, model, space, budget, stats):
-        from accelc.pruning import baselines
+        from accelc.compiler.pruning import baselines
 
         return baselines.magnitude(model, space, budget, prune_attention=self.params.prune_attention)
 
@@ -286,7 +374,7 @@ class WandaSP(_Baseline):
     Params = UniformParams
 
     def prune(self, model, space, budget, stats):
-        from accelc.pruning import baselines
+        from accelc.compiler.pruning import baselines
 
         return baselines.wanda_sp(model, space, budget, stats, prune_attention=self.params.prune_attention)
 
@@ -301,7 +389,7 @@ class Flap(_Baseline):
         bias_compensation: bool = Field(True, description="fold the removed channels' mean output into a bias")
 
     def prune(self, model, space, budget, stats):
-        from accelc.pruning import baselines
+        from accelc.compiler.pruning import baselines
 
         return baselines.flap(model, space, budget, stats, bias_compensation=self.params.bias_compensation)
 
@@ -314,8 +402,9 @@ class Reform(registry.Pass):
     needs = ("calibration",)
 
     class Params(registry.Params):
-        method: Literal["closed_form", "admm"] = Field("closed_form", description="closed form for column "
-                                                        "masks (exact); ADMM for general masks")
+        method: Literal["closed_form", "admm"] = Field(
+            "closed_form", description="closed form for column masks (exact); ADMM for general masks"
+        )
         damp: float = Field(0.2, gt=0, description="ridge toward the inherited weights, x mean(diag H)")
         windows: int = Field(16, ge=1, description="calibration windows from data.calibration")
         window: int = Field(512, ge=8)
@@ -323,7 +412,7 @@ class Reform(registry.Pass):
         iters: int = Field(20, ge=1, description="ADMM iterations")
 
     def run(self, bundle, ctx):
-        from accelc.pruning import reform
+        from accelc.compiler.pruning import reform
 
         p = self.params
         model, tok = _dense_model(bundle, self.name)
@@ -333,13 +422,25 @@ class Reform(registry.Pass):
         path = ctx.workdir / "consumer_weights.safetensors"
         reform.save_overrides(result.overrides, path)
         report = ctx.workdir / "reform.json"
-        report.write_text(json.dumps({"method": p.method, "damp": p.damp, "windows": len(wins), "window": p.window,
-                                      "text": ctx.recipe.data.calibration, "layers": result.report}, default=float))
+        report.write_text(
+            json.dumps(
+                {
+                    "method": p.method,
+                    "damp": p.damp,
+                    "windows": len(wins),
+                    "window": p.window,
+                    "text": ctx.recipe.data.calibration,
+                    "layers": result.report,
+                },
+                default=float,
+            )
+        )
         worse = [r for r in result.report if r["err_reformed"] > r["err_masked"] * (1 + 1e-6)]
         if worse:
             progress.status(f"warning: reformation raised the calibration error of {len(worse)} module(s)")
-        return bundle.evolve(intermediates={**bundle.intermediates, CONSUMERS: path},
-                             reports={**bundle.reports, "reform.json": report})
+        return bundle.evolve(
+            intermediates={**bundle.intermediates, CONSUMERS: path}, reports={**bundle.reports, "reform.json": report}
+        )
 
 
 @registry.register_pass
@@ -349,7 +450,7 @@ class Materialize(registry.Pass):
     name = "materialize"
 
     def run(self, bundle, ctx):
-        from accelc.pruning import materialize, reform
+        from accelc.compiler.pruning import materialize, reform
 
         model, _ = _dense_model(bundle, self.name)
         subnet, info = load_subnet(bundle.intermediate(SUBNET, self.name, "arch_search or a baseline pass"))
@@ -358,8 +459,17 @@ class Materialize(registry.Pass):
         out = materialize.save(small, ctx.workdir / "model", source_dir=bundle.model_dir, subnet=subnet)
         total = sum(p.numel() for p in small.parameters())
         report = ctx.workdir / "pruned_model.json"
-        report.write_text(json.dumps({**info, "reformed": consumers is not None, "params_total": total,
-                                      "dense_params_total": sum(p.numel() for p in model.parameters()),
-                                      "widths": materialize.widths(small)}, indent=2, default=str))
-        return bundle.evolve(model_dir=out, intermediates={},
-                             reports={**bundle.reports, "pruned_model.json": report})
+        report.write_text(
+            json.dumps(
+                {
+                    **info,
+                    "reformed": consumers is not None,
+                    "params_total": total,
+                    "dense_params_total": sum(p.numel() for p in model.parameters()),
+                    "widths": materialize.widths(small),
+                },
+                indent=2,
+                default=str,
+            )
+        )
+        return bundle.evolve(model_dir=out, intermediates={}, reports={**bundle.reports, "pruned_model.json": report})

@@ -4,13 +4,14 @@ Weights become int8 with per-tensor (or per-channel) scales; activations are qua
 time. Shrinks graphs 3-4x. On CPUs without VNNI (AVX2 only) it is not faster (stack.md section 5),
 and logits drift, so validation tolerances for quantised artifacts must be looser.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from pydantic import Field
 
-from accelc import registry
+from accelc.compiler import registry
 from accelc.errors import UsageError, require
 
 
@@ -33,8 +34,7 @@ class QuantizeDynamicInt8(registry.Pass):
         for role, src in bundle.graphs.items():
             dst = ctx.workdir / role / "model.int8.onnx"
             dst.parent.mkdir(parents=True, exist_ok=True)
-            quant.quantize_dynamic(str(src), str(dst), weight_type=weight_type,
-                                   per_channel=self.params.per_channel)
+            quant.quantize_dynamic(str(src), str(dst), weight_type=weight_type, per_channel=self.params.per_channel)
             graphs[role] = dst
         meta = {role: {**bundle.graph_meta.get(role, {}), "quantization": "dynamic_int8"} for role in graphs}
         return bundle.evolve(graphs=graphs, graph_meta={**bundle.graph_meta, **meta})
@@ -47,11 +47,19 @@ class QuantizeWeightsInt4(registry.Pass):
     name = "quantize_weights_int4"
 
     class Params(registry.Params):
-        block_size: int = Field(32, ge=16, le=256, description="weights per quantisation block along the "
-                                "input dimension (32 matches GGUF Q4_0/Q4_1 blocks)")
+        block_size: int = Field(
+            32,
+            ge=16,
+            le=256,
+            description="weights per quantisation block along the input dimension (32 matches GGUF Q4_0/Q4_1 blocks)",
+        )
         symmetric: bool = Field(False, description="symmetric blocks (no zero point); asymmetric matches Q4_1")
-        accuracy_level: int = Field(4, ge=0, le=4, description="MatMulNBits compute type: 4 = int8 activations "
-                                    "(fastest on AVX2/AVX-512), 0 = fp32")
+        accuracy_level: int = Field(
+            4,
+            ge=0,
+            le=4,
+            description="MatMulNBits compute type: 4 = int8 activations (fastest on AVX2/AVX-512), 0 = fp32",
+        )
 
     def run(self, bundle, ctx):
         """Decoding one token is matrix-vector work bound by weight bandwidth, so 4-bit weights
@@ -63,16 +71,24 @@ class QuantizeWeightsInt4(registry.Pass):
         for role, src in bundle.graphs.items():
             dst = ctx.workdir / role / "model.int4.onnx"
             dst.parent.mkdir(parents=True, exist_ok=True)
-            graphs[role] = quantize_matmul_nbits(src, dst, bits=4, block_size=self.params.block_size,
-                                                 symmetric=self.params.symmetric,
-                                                 accuracy_level=self.params.accuracy_level)
-        meta = {role: {**bundle.graph_meta.get(role, {}), "quantization": f"int4 block {self.params.block_size}"}
-                for role in graphs}
+            graphs[role] = quantize_matmul_nbits(
+                src,
+                dst,
+                bits=4,
+                block_size=self.params.block_size,
+                symmetric=self.params.symmetric,
+                accuracy_level=self.params.accuracy_level,
+            )
+        meta = {
+            role: {**bundle.graph_meta.get(role, {}), "quantization": f"int4 block {self.params.block_size}"}
+            for role in graphs
+        }
         return bundle.evolve(graphs=graphs, graph_meta={**bundle.graph_meta, **meta})
 
 
-def quantize_matmul_nbits(src: Path, dst: Path, *, bits: int, block_size: int = 32, symmetric: bool = False,
-                          accuracy_level: int = 4) -> Path:
+def quantize_matmul_nbits(
+    src: Path, dst: Path, *, bits: int, block_size: int = 32, symmetric: bool = False, accuracy_level: int = 4
+) -> Path:
     """Every MatMul with a constant weight in `src` as ORT MatMulNBits (`bits` = 4 or 8, blocks
     along the input dimension); written to `dst`."""
     import logging
@@ -82,8 +98,9 @@ def quantize_matmul_nbits(src: Path, dst: Path, *, bits: int, block_size: int = 
     # the quantizer logs one INFO line per node (thousands); keep warnings
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     nbits = require("onnxruntime.quantization.matmul_nbits_quantizer", "pip install onnxruntime")
-    quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block_size,
-                                           is_symmetric=symmetric, accuracy_level=accuracy_level)
+    quantizer = nbits.MatMulNBitsQuantizer(
+        onnx.load(str(src)), bits=bits, block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level
+    )
     quantizer.process()
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
     return dst

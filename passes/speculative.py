@@ -16,6 +16,7 @@ and the replay prices that too; copying stays on only where it predicts a 5% gai
 decode/plan.json and the manifest. Output is unchanged by construction: greedy plans give the
 target's greedy tokens exactly, which validation then checks on every backend.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,9 +24,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from accelc import progress, registry
+from accelc import progress
+from accelc.compiler import registry
 from accelc.errors import UsageError
-
 
 MAX_CALIBRATION_TOKENS = 128  # per calibration prompt: alpha's continuations follow decode.max_new_tokens up to this
 
@@ -39,28 +40,50 @@ class DraftSpec(registry.Params):
     for any draft; they trade acceptance (alpha) for draft cost (c), both measured."""
 
     path: str | None = Field(None, description="Hugging Face folder of a draft sharing the target's tokenizer")
-    keep_layers: list[int] | None = Field(None, min_length=1,
-                                          description="derive the draft from the target, keeping these layers")
-    subnet_ratio: float | None = Field(None, gt=0, lt=1, description="derive the draft by removing this fraction "
-                                       "of the target's attention + MLP weights (importance, arch_search, reform, "
-                                       "materialize: the pruning passes, run on the target)")
-    from_target: bool = Field(False, description="the target's own weights as the draft, made cheaper by "
-                              "`weights` and/or `vocab`")
-    weights: Literal["fp32", "int8", "int4"] = Field("fp32", description="weight precision of the draft's ONNX "
-                                                     "graph (ORT MatMulNBits); needs the pass after export_onnx")
-    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="input channels per quantisation block of "
-                                                      "`weights` (one scale each): larger blocks are cheaper to run "
-                                                      "and cost acceptance")
+    keep_layers: list[int] | None = Field(
+        None, min_length=1, description="derive the draft from the target, keeping these layers"
+    )
+    subnet_ratio: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="derive the draft by removing this fraction "
+        "of the target's attention + MLP weights (importance, arch_search, reform, "
+        "materialize: the pruning passes, run on the target)",
+    )
+    from_target: bool = Field(
+        False, description="the target's own weights as the draft, made cheaper by `weights` and/or `vocab`"
+    )
+    weights: Literal["fp32", "int8", "int4"] = Field(
+        "fp32",
+        description="weight precision of the draft's ONNX graph (ORT MatMulNBits); needs the pass after export_onnx",
+    )
+    block_size: Literal[16, 32, 64, 128, 256] = Field(
+        32,
+        description="input channels per quantisation block of "
+        "`weights` (one scale each): larger blocks are cheaper to run "
+        "and cost acceptance",
+    )
     symmetric: bool = Field(False, description="`weights` without zero points (cheaper kernels, coarser levels)")
-    vocab: int | None = Field(None, ge=16, description="the draft's head scores only the N most frequent tokens "
-                              "of data.calibration (plus special tokens); needs the pass after export_onnx and a "
-                              "fused graph (llama, qwen2)")
-    lookup: int | None = Field(None, ge=1, le=64, description="each round first tries to copy up to N drafts "
-                               "from the context: what followed the latest earlier occurrence of the sequence's "
-                               "last tokens (prompt lookup decoding, no model call); the draft model drafts where "
-                               "nothing matches (PEARL verifies copies in a round of their own, alone). Not batch_speculative")
-    lookup_ngram: int = Field(3, ge=1, le=8, description="longest suffix `lookup` matches (it tries down to 2 "
-                              "tokens, or 1 when this is 1)")
+    vocab: int | None = Field(
+        None,
+        ge=16,
+        description="the draft's head scores only the N most frequent tokens "
+        "of data.calibration (plus special tokens); needs the pass after export_onnx and a "
+        "fused graph (llama, qwen2)",
+    )
+    lookup: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="each round first tries to copy up to N drafts "
+        "from the context: what followed the latest earlier occurrence of the sequence's "
+        "last tokens (prompt lookup decoding, no model call); the draft model drafts where "
+        "nothing matches (PEARL verifies copies in a round of their own, alone). Not batch_speculative",
+    )
+    lookup_ngram: int = Field(
+        3, ge=1, le=8, description="longest suffix `lookup` matches (it tries down to 2 tokens, or 1 when this is 1)"
+    )
     search_generations: int = Field(4, ge=1, description="arch_search generations for a subnet draft")
     search_population: int = Field(12, ge=4, description="arch_search candidates per generation for a subnet draft")
 
@@ -75,8 +98,10 @@ class DraftSpec(registry.Params):
         if self.lookup is None and self.lookup_ngram != 3:
             raise ValueError("'lookup_ngram' tunes drafts copied from the context; set 'lookup' too")
         if self.from_target and not self.compressed:
-            raise ValueError("'from_target' needs 'weights' (int8/int4) or 'vocab': an unchanged copy of the "
-                             "target cannot be a cheaper draft")
+            raise ValueError(
+                "'from_target' needs 'weights' (int8/int4) or 'vocab': an unchanged copy of the "
+                "target cannot be a cheaper draft"
+            )
         return self
 
     @property
@@ -85,7 +110,7 @@ class DraftSpec(registry.Params):
 
     def copying(self):
         """The Lookup the loops use, or None."""
-        from accelc.decoding.lookup import Lookup
+        from accelc.loops.lookup import Lookup
 
         if self.lookup is None:
             return None
@@ -116,21 +141,33 @@ class Speculative(registry.Pass):
         calibration_prompts: int = Field(4, ge=1, description="prompts from data.calibration for alpha")
         prompt_tokens: int = Field(48, ge=4, description="tokens per calibration prompt")
         num_candidates: int = Field(2, ge=2, description="draft sequences per step (batch_speculative)")
-        fallback: bool = Field(True, description="decode autoregressively when no gamma predicts a gain "
-                               "(false: use the strategy anyway, e.g. to measure it)")
-        pearl_threads: list[int] | None = Field(None, min_length=2, max_length=2,
-                                                description="ORT intra-op threads of PEARL's [target, draft] "
-                                                "workers, which run at once (default: the cores split in two)")
-        pearl_alone_session: bool = Field(True, description="PEARL on ORT: a second session of the target on "
-                                          "the artifact's threads for the calls no worker runs beside (the "
-                                          "prefill, rounds of copied drafts); it costs the target's weights "
-                                          "once more in memory (false: those calls run on the worker's threads)")
+        fallback: bool = Field(
+            True,
+            description="decode autoregressively when no gamma predicts a gain "
+            "(false: use the strategy anyway, e.g. to measure it)",
+        )
+        pearl_threads: list[int] | None = Field(
+            None,
+            min_length=2,
+            max_length=2,
+            description="ORT intra-op threads of PEARL's [target, draft] "
+            "workers, which run at once (default: the cores split in two)",
+        )
+        pearl_alone_session: bool = Field(
+            True,
+            description="PEARL on ORT: a second session of the target on "
+            "the artifact's threads for the calls no worker runs beside (the "
+            "prefill, rounds of copied drafts); it costs the target's weights "
+            "once more in memory (false: those calls run on the worker's threads)",
+        )
 
         @model_validator(mode="after")
         def _lookup_loops(self):
             if self.draft.lookup is not None and self.strategy == "batch_speculative":
-                raise ValueError("draft 'lookup' (drafts copied from the context) works with the speculative, "
-                                 "pearl and stairs strategies, not batch_speculative")
+                raise ValueError(
+                    "draft 'lookup' (drafts copied from the context) works with the speculative, "
+                    "pearl and stairs strategies, not batch_speculative"
+                )
             return self
 
     def run(self, bundle, ctx):
@@ -149,15 +186,18 @@ class Speculative(registry.Pass):
         elif self.params.draft.from_target:
             draft_dir = bundle.model_dir
         elif self.params.draft.keep_layers is not None:
-            draft_dir = _layer_skip_draft(target_model, self.params.draft.keep_layers, bundle.model_dir,
-                                          ctx.workdir / "draft")
+            draft_dir = _layer_skip_draft(
+                target_model, self.params.draft.keep_layers, bundle.model_dir, ctx.workdir / "draft"
+            )
         else:
             draft_dir, reports = _subnet_draft(bundle, ctx, self.params.draft)
             bundle = bundle.evolve(reports={**bundle.reports, **{f"draft_{k}": v for k, v in reports.items()}})
         draft_model = load_model(draft_dir, trust)
         if draft_model.config.vocab_size != target_model.config.vocab_size:
-            raise UsageError(f"speculative: the draft's vocabulary has {draft_model.config.vocab_size} tokens, the "
-                             f"target's {target_model.config.vocab_size}; draft and target must share a tokenizer")
+            raise UsageError(
+                f"speculative: the draft's vocabulary has {draft_model.config.vocab_size} tokens, the "
+                f"target's {target_model.config.vocab_size}; draft and target must share a tokenizer"
+            )
         graphs, metas = {}, {}
         if "decoder" in bundle.graphs:
             # placed after export_onnx: export the draft too, and measure alpha and c on the graphs
@@ -168,11 +208,15 @@ class Speculative(registry.Pass):
             target, draft, backend = OrtStepModel(bundle.graphs["decoder"]), OrtStepModel(graphs["draft"]), "ort"
 
             def workers(target_threads: int, draft_threads: int):
-                return (OrtStepModel(bundle.graphs["decoder"], {"intra_op_threads": target_threads}),
-                        OrtStepModel(graphs["draft"], {"intra_op_threads": draft_threads}))
+                return (
+                    OrtStepModel(bundle.graphs["decoder"], {"intra_op_threads": target_threads}),
+                    OrtStepModel(graphs["draft"], {"intra_op_threads": draft_threads}),
+                )
         elif self.params.draft.compressed:
-            raise UsageError("speculative: draft 'weights'/'vocab' compress the draft's ONNX graph; put the "
-                             "speculative pass after export_onnx")
+            raise UsageError(
+                "speculative: draft 'weights'/'vocab' compress the draft's ONNX graph; put the "
+                "speculative pass after export_onnx"
+            )
         else:
             from accelc.runtime.torch_backend import TorchStepModel
 
@@ -185,14 +229,21 @@ class Speculative(registry.Pass):
             plan["draft_prompt_kv"] = "target"
         if plan["fallback"]:
             return bundle.evolve(plan={**bundle.plan, **plan})
-        plan["draft_source"] = next(k for k in ("path", "keep_layers", "subnet_ratio", "from_target")
-                                    if getattr(self.params.draft, k) not in (None, False))
+        plan["draft_source"] = next(
+            k
+            for k in ("path", "keep_layers", "subnet_ratio", "from_target")
+            if getattr(self.params.draft, k) not in (None, False)
+        )
         # a draft made from the target's own weights differs from it only in its compressed graph:
         # as a torch checkpoint (or a TVM library) it would be the target itself, a draft that only
         # adds work, so the bundle carries no draft checkpoint and those backends decode plainly
         checkpoint = None if self.params.draft.from_target else draft_dir
-        return bundle.evolve(draft_dir=checkpoint, plan={**bundle.plan, **plan}, graphs={**bundle.graphs, **graphs},
-                             graph_meta={**bundle.graph_meta, **metas})
+        return bundle.evolve(
+            draft_dir=checkpoint,
+            plan={**bundle.plan, **plan},
+            graphs={**bundle.graphs, **graphs},
+            graph_meta={**bundle.graph_meta, **metas},
+        )
 
     def _draft_graph(self, bundle, draft_model, draft_dir, ctx):
         """The draft as an ONNX graph written the way the target's was, then compressed as asked."""
@@ -207,26 +258,39 @@ class Speculative(registry.Pass):
 
             tokenizer = load_tokenizer(bundle.model_dir, bool(bundle.source.get("trust_remote_code")))
             subset = frequent_tokens(tokenizer, load_text(ctx.recipe.data.calibration), spec.vocab)
-        graph, meta = export_checkpoint(draft_model, draft_dir, ctx.workdir / "draft_onnx", target_meta.get("opset"),
-                                        target_meta.get("graph", "auto"), vocab_subset=subset)
+        graph, meta = export_checkpoint(
+            draft_model,
+            draft_dir,
+            ctx.workdir / "draft_onnx",
+            target_meta.get("opset"),
+            target_meta.get("graph", "auto"),
+            vocab_subset=subset,
+        )
         compression = []
         if subset is not None:
             compression.append(f"head scores {len(subset)} of {draft_model.config.vocab_size} tokens")
         if spec.weights != "fp32":
             bits = {"int8": 8, "int4": 4}[spec.weights]
             with progress.step(f"speculative: draft weights to {spec.weights}"):
-                graph = quantize_matmul_nbits(graph, graph.with_name(f"model.{spec.weights}.onnx"), bits=bits,
-                                              block_size=spec.block_size, symmetric=spec.symmetric)
-            compression.append(f"{spec.weights} weights (MatMulNBits, block {spec.block_size}"
-                               f"{', symmetric' if spec.symmetric else ''})")
+                graph = quantize_matmul_nbits(
+                    graph,
+                    graph.with_name(f"model.{spec.weights}.onnx"),
+                    bits=bits,
+                    block_size=spec.block_size,
+                    symmetric=spec.symmetric,
+                )
+            compression.append(
+                f"{spec.weights} weights (MatMulNBits, block {spec.block_size}"
+                f"{', symmetric' if spec.symmetric else ''})"
+            )
         return graph, {**meta, **({"compression": "; ".join(compression)} if compression else {})}
 
     def _plan(self, target, draft, backend: str, tokenizer, ctx, workers=None) -> dict:
         import numpy as np
 
         from accelc.data import load_text, token_windows
-        from accelc.decoding import cost_model
-        from accelc.decoding.plan import sampler_of
+        from accelc.loops import cost_model
+        from accelc.loops.plan import sampler_of
 
         decode = ctx.recipe.decode.model_dump()
         sampler = sampler_of(decode)
@@ -240,15 +304,22 @@ class Speculative(registry.Pass):
         # longer it runs, which is what copied drafts live on
         new_tokens = min(max(cost_model.CALIBRATION_NEW_TOKENS, int(decode["max_new_tokens"])), MAX_CALIBRATION_TOKENS)
         with progress.step(f"speculative: alpha on {len(prompts)} calibration prompts x {new_tokens} tokens"):
-            alpha = cost_model.estimate_alpha(target, draft, prompts, sampler=sampler, new_tokens=new_tokens,
-                                              prompt_kv_from_target=self.params.draft.from_target, lookup=lookup,
-                                              candidates=(self.params.num_candidates
-                                                          if self.params.strategy == "batch_speculative" else 1))
+            alpha = cost_model.estimate_alpha(
+                target,
+                draft,
+                prompts,
+                sampler=sampler,
+                new_tokens=new_tokens,
+                prompt_kv_from_target=self.params.draft.from_target,
+                lookup=lookup,
+                candidates=(self.params.num_candidates if self.params.strategy == "batch_speculative" else 1),
+            )
         with progress.step(f"speculative: cost ratio c ({backend})"):
             # with copies, the draft's catch-up calls feed every token it skipped: time those too
             catchups = cost_model.COPY_CATCHUP_LENGTHS if lookup else (2,)
-            cost = cost_model.measure_cost_ratio(target, draft, prompts[0], catchup_lengths=catchups,
-                                                 verify_lengths=range(2, self.params.gamma_max + 2))
+            cost = cost_model.measure_cost_ratio(
+                target, draft, prompts[0], catchup_lengths=catchups, verify_lengths=range(2, self.params.gamma_max + 2)
+            )
         # a verification round feeds the last committed token plus gamma drafts: gamma + 1 tokens,
         # which on a CPU costs more than one decode step (measured, in target steps)
         verify = dict(cost.verify_cost)
@@ -263,77 +334,122 @@ class Speculative(registry.Pass):
                 threads = self.params.pearl_threads or [max(1, cores - cores // 2), max(1, cores // 2)]
                 with progress.step(f"speculative: PEARL workers' costs ({threads[0]}+{threads[1]} threads)"):
                     # the slowdown against the all-core target is timed in the same repeats
-                    worker_cost = cost_model.measure_cost_ratio(*workers(*threads), prompts[0], concurrent=True,
-                                                                catchup_lengths=catchups,
-                                                                verify_lengths=range(2, self.params.gamma_max + 2),
-                                                                baseline=target)
+                    worker_cost = cost_model.measure_cost_ratio(
+                        *workers(*threads),
+                        prompts[0],
+                        concurrent=True,
+                        catchup_lengths=catchups,
+                        verify_lengths=range(2, self.params.gamma_max + 2),
+                        baseline=target,
+                    )
                 c, pearl_verify, pearl_catchup = worker_cost.cost_ratio, worker_cost.verify, worker_cost.catchup
                 slowdown = worker_cost.baseline_ratio
-                pearl = {"worker_threads": {"target": threads[0], "draft": threads[1]},
-                         "worker_slowdown": slowdown, "worker_cost_ratio": c,
-                         "alone_session": self.params.pearl_alone_session}
+                pearl = {
+                    "worker_threads": {"target": threads[0], "draft": threads[1]},
+                    "worker_slowdown": slowdown,
+                    "worker_cost_ratio": c,
+                    "alone_session": self.params.pearl_alone_session,
+                }
                 if self.params.pearl_alone_session:
                     alone_verify = cost_model.alone_verify(cost, worker_cost)
             prediction = "acceptance replayed through PEARL's two modes (cost_model.pearl_replayed_speedup)"
 
             def replay(lookups):
-                return cost_model.choose_pearl_gamma(alpha.alpha, c, gamma_max=self.params.gamma_max,
-                                                     verify_cost=pearl_verify, worker_slowdown=slowdown,
-                                                     trajectories=alpha.trajectories, lookups=lookups,
-                                                     catchup_cost=pearl_catchup, alone_verify=alone_verify)
+                return cost_model.choose_pearl_gamma(
+                    alpha.alpha,
+                    c,
+                    gamma_max=self.params.gamma_max,
+                    verify_cost=pearl_verify,
+                    worker_slowdown=slowdown,
+                    trajectories=alpha.trajectories,
+                    lookups=lookups,
+                    catchup_cost=pearl_catchup,
+                    alone_verify=alone_verify,
+                )
         elif self.params.strategy == "batch_speculative":
-            prediction = ("acceptance replayed over the calibration continuations, the candidates' own at each "
-                          "round's first position (cost_model.batch_replayed_speedup)")
+            prediction = (
+                "acceptance replayed over the calibration continuations, the candidates' own at each "
+                "round's first position (cost_model.batch_replayed_speedup)"
+            )
 
             def replay(lookups):
-                return cost_model.choose_batch_gamma(alpha.alpha, cost.cost_ratio, self.params.num_candidates,
-                                                     gamma_max=self.params.gamma_max, verify_cost=cost.verify,
-                                                     trajectories=alpha.trajectories,
-                                                     first_accepts=alpha.first_accepts, catchup_cost=cost.catchup)
+                return cost_model.choose_batch_gamma(
+                    alpha.alpha,
+                    cost.cost_ratio,
+                    self.params.num_candidates,
+                    gamma_max=self.params.gamma_max,
+                    verify_cost=cost.verify,
+                    trajectories=alpha.trajectories,
+                    first_accepts=alpha.first_accepts,
+                    catchup_cost=cost.catchup,
+                )
         else:  # one draft sequence a round: replay the measured acceptance through the loop
             prediction = "acceptance replayed over the calibration continuations (cost_model.replayed_speedup)"
             schedule = None
             if self.params.strategy == "stairs":  # gamma is where its adaptive draft length starts
-                from accelc.decoding.stairs import next_candidates as schedule
+                from accelc.loops.stairs import next_candidates as schedule
 
                 prediction += ", with stairs' adaptive draft length"
 
             def replay(lookups):
-                return cost_model.choose_gamma(alpha.alpha, cost.cost_ratio, gamma_max=self.params.gamma_max,
-                                               verify_cost=cost.verify, trajectories=alpha.trajectories,
-                                               catchup_cost=cost.catchup, schedule=schedule, lookups=lookups)
+                return cost_model.choose_gamma(
+                    alpha.alpha,
+                    cost.cost_ratio,
+                    gamma_max=self.params.gamma_max,
+                    verify_cost=cost.verify,
+                    trajectories=alpha.trajectories,
+                    catchup_cost=cost.catchup,
+                    schedule=schedule,
+                    lookups=lookups,
+                )
+
         choice = replay(())
         if lookup is not None:
             # copied drafts pay where the text repeats itself and the target agrees with the
             # copy (greedy, mostly); sampled, a copied token survives with probability p(x):
             # keep copying only where the replay says it gains enough (copying_pays)
             copying = replay(alpha.lookups)
-            lookup_report = {"lookup_predicted_speedup": copying.predicted_speedup,
-                             "lookup_match_rate": float(np.mean([c.size > 0 for t in alpha.lookups for c in t])),
-                             "predicted_speedup_without_lookup": choice.predicted_speedup}
+            lookup_report = {
+                "lookup_predicted_speedup": copying.predicted_speedup,
+                "lookup_match_rate": float(np.mean([c.size > 0 for t in alpha.lookups for c in t])),
+                "predicted_speedup_without_lookup": choice.predicted_speedup,
+            }
             if cost_model.copying_pays(copying.predicted_speedup, choice.predicted_speedup):
                 choice = copying
                 prediction += ", with drafts copied from the context where it matches"
             else:
                 lookup = None
-                prediction += (f"; copying drafts from the context predicted less than a "
-                               f"{cost_model.MIN_COPY_GAIN - 1:.0%} gain, so it is off")
+                prediction += (
+                    f"; copying drafts from the context predicted less than a "
+                    f"{cost_model.MIN_COPY_GAIN - 1:.0%} gain, so it is off"
+                )
         fallback = choice.method == "autoregressive" and self.params.fallback
-        reason = choice.reason if fallback or choice.method != "autoregressive" else \
-            f"{choice.reason}; the recipe disabled the fallback, so {self.params.strategy} is used anyway"
+        reason = (
+            choice.reason
+            if fallback or choice.method != "autoregressive"
+            else f"{choice.reason}; the recipe disabled the fallback, so {self.params.strategy} is used anyway"
+        )
         progress.status(f"speculative: alpha={alpha.alpha:.3f}±{alpha.stderr:.3f}, c={cost.cost_ratio:.3f}: {reason}")
         return {
             "strategy": decode["strategy"] if fallback else self.params.strategy,
             "sampling": decode["strategy"] == "sample",
-            "gamma": choice.gamma, "num_candidates": self.params.num_candidates,
-            "fallback": fallback, "reason": reason,
-            "alpha": alpha.alpha, "alpha_stderr": alpha.stderr, "alpha_positions": alpha.positions,
-            "cost_ratio": cost.cost_ratio, "cost_backend": backend,
-            "target_step_ms": cost.target_step_seconds * 1e3, "draft_step_ms": cost.draft_step_seconds * 1e3,
-            "verify_cost": {str(k): v for k, v in verify.items()}, "draft_catchup_cost": cost.catchup_cost,
+            "gamma": choice.gamma,
+            "num_candidates": self.params.num_candidates,
+            "fallback": fallback,
+            "reason": reason,
+            "alpha": alpha.alpha,
+            "alpha_stderr": alpha.stderr,
+            "alpha_positions": alpha.positions,
+            "cost_ratio": cost.cost_ratio,
+            "cost_backend": backend,
+            "target_step_ms": cost.target_step_seconds * 1e3,
+            "draft_step_ms": cost.draft_step_seconds * 1e3,
+            "verify_cost": {str(k): v for k, v in verify.items()},
+            "draft_catchup_cost": cost.catchup_cost,
             "draft_catchup_costs": {str(k): v for k, v in cost.catchup_costs.items()},
             "prediction": prediction,
-            **({"lookup": lookup.to_dict()} if lookup else {}), **lookup_report,
+            **({"lookup": lookup.to_dict()} if lookup else {}),
+            **lookup_report,
             **pearl,
             "predicted_speedup": choice.predicted_speedup,
             "predicted_curve": {str(k): v for k, v in choice.curve.items()},
@@ -347,31 +463,46 @@ def frequent_tokens(tokenizer, text: str, n: int) -> list[int]:
 
     counts = collections.Counter(tokenizer.encode(text, add_special_tokens=False))
     if len(counts) < n:
-        raise UsageError(f"speculative: draft vocab {n} exceeds the {len(counts)} distinct tokens of the calibration "
-                         "text; use a smaller vocab or a longer text")
+        raise UsageError(
+            f"speculative: draft vocab {n} exceeds the {len(counts)} distinct tokens of the calibration "
+            "text; use a smaller vocab or a longer text"
+        )
     return sorted({t for t, _ in counts.most_common(n)} | set(tokenizer.all_special_ids))
 
 
 def _check_same_tokenizer(target_tok, draft_tok, draft_dir) -> None:
     if target_tok.get_vocab() != draft_tok.get_vocab():
-        raise UsageError(f"speculative: the draft at {draft_dir} uses a different tokenizer from the target's "
-                         f"({len(draft_tok)} vs {len(target_tok)} tokens or different ids); draft and target "
-                         "must share one vocabulary")
+        raise UsageError(
+            f"speculative: the draft at {draft_dir} uses a different tokenizer from the target's "
+            f"({len(draft_tok)} vs {len(target_tok)} tokens or different ids); draft and target "
+            "must share one vocabulary"
+        )
 
 
 def _subnet_draft(bundle, ctx, spec: DraftSpec):
     """The target pruned by the pruning passes themselves, each in its own folder of this pass's
     workdir: what a recipe chaining them would produce, kept as the draft instead of the target."""
+    from accelc.compiler.pipeline import Context
     from accelc.passes import pruning
-    from accelc.pipeline import Context
 
     budget = {"remove_ratio": spec.subnet_ratio}
     n = spec.search_population
-    steps = [(pruning.CalibrationStatistics, {}),
-             (pruning.ArchSearch, {"budget": budget, "generations": spec.search_generations, "population": n,
-                                   "parents": max(2, n // 3), "mutations": n // 2, "crossovers": n // 4}),
-             (pruning.Reform, {}),
-             (pruning.Materialize, {})]
+    steps = [
+        (pruning.CalibrationStatistics, {}),
+        (
+            pruning.ArchSearch,
+            {
+                "budget": budget,
+                "generations": spec.search_generations,
+                "population": n,
+                "parents": max(2, n // 3),
+                "mutations": n // 2,
+                "crossovers": n // 4,
+            },
+        ),
+        (pruning.Reform, {}),
+        (pruning.Materialize, {}),
+    ]
     draft = bundle.evolve(intermediates={}, reports={}, graphs={})  # the pruning passes work on torch
     for cls, params in steps:
         workdir = ctx.workdir / "draft_subnet" / cls.name
@@ -399,8 +530,15 @@ def _layer_skip_draft(model, keep: list[int], source_dir, out_dir):
     if getattr(draft.config, "layer_types", None):
         draft.config.layer_types = [draft.config.layer_types[i] for i in keep]
     draft.save_pretrained(out_dir, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                 "vocab.json", "merges.txt", "tokenizer.model"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+    ):
         if (source_dir / name).exists():
             shutil.copy2(source_dir / name, out_dir / name)
     return out_dir

@@ -5,6 +5,7 @@ graph optimisation level, spinning), recorded so the artifact runs exactly as va
 TVM compiles the torch model of record through its Relax torch frontend into a VM library with
 a KV cache, for the host CPU (detected: `-mcpu=native` is silently generic in TVM 0.27).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from accelc import registry
+from accelc.compiler import registry
 from accelc.errors import UsageError
 
 
@@ -21,10 +22,14 @@ class OrtOptions(registry.Params):
     intra_op_threads: int = Field(0, ge=0, description="threads inside an op; 0 = one per physical core")
     inter_op_threads: int = Field(1, ge=0, description="threads across ops (sequential execution uses 1)")
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
-    allow_spinning: bool = Field(False, description="spin-wait threads: faster on an idle machine, "
-                                 "much slower when cores are shared")
-    kv_cache: Literal["auto", "copy"] = Field("auto", description="auto: keep the KV cache in place for graphs "
-                                              "that declare it (fused), else copy it each step; copy: always copy")
+    allow_spinning: bool = Field(
+        False, description="spin-wait threads: faster on an idle machine, much slower when cores are shared"
+    )
+    kv_cache: Literal["auto", "copy"] = Field(
+        "auto",
+        description="auto: keep the KV cache in place for graphs "
+        "that declare it (fused), else copy it each step; copy: always copy",
+    )
 
 
 class TvmOptions(registry.Params):
@@ -54,24 +59,33 @@ class CpuTarget(registry.Target):
 
     def _lower_ort(self, bundle, ctx):
         # role in the decode plan -> graph role in the bundle
-        graphs = {"target": "model"} if bundle.family == "onnx" else \
-            {"target": "decoder", **({"draft": "draft"} if "draft" in bundle.graphs else {})}
+        graphs = (
+            {"target": "model"}
+            if bundle.family == "onnx"
+            else {"target": "decoder", **({"draft": "draft"} if "draft" in bundle.graphs else {})}
+        )
         if graphs["target"] not in bundle.graphs:
-            raise UsageError("the cpu target's ort backend needs an ONNX decoder: add `- type: export_onnx` "
-                             "to passes (or drop 'ort' from backends)")
+            raise UsageError(
+                "the cpu target's ort backend needs an ONNX decoder: add `- type: export_onnx` "
+                "to passes (or drop 'ort' from backends)"
+            )
         import onnxruntime
 
         session = self.params.ort.model_dump()
         (ctx.workdir / "ort").mkdir()
         (ctx.workdir / "ort" / "session.json").write_text(json.dumps(session, indent=2))
-        return {"graphs": graphs, "session": session, "onnxruntime": onnxruntime.__version__,
-                "provider": "CPUExecutionProvider"}
+        return {
+            "graphs": graphs,
+            "session": session,
+            "onnxruntime": onnxruntime.__version__,
+            "provider": "CPUExecutionProvider",
+        }
 
     def _lower_tvm(self, bundle, ctx):
         if bundle.family != "causal_lm":
             raise UsageError("the cpu target's tvm backend lowers causal LM checkpoints only")
+        from accelc.compiler.pruning.materialize import check_uniform_kv
         from accelc.families.causal_lm import load_model
-        from accelc.pruning.materialize import check_uniform_kv
         from accelc.runtime.tvm_backend import import_tvm
 
         import_tvm()  # a missing TVM is exit 3 with the pip command, before any work

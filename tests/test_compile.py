@@ -1,4 +1,5 @@
 """End-to-end compiles of tiny seeded models: the same code paths users run, in seconds."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from accelc.runtime.artifact import Artifact
 @pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-qwen2"])
 def test_compile_each_family_passes_validation(cli, tiny_recipe, tmp_path, family):
     out = tmp_path / "out"
-    code, stdout, err = cli("compile", tiny_recipe(model=family), "-o", out)
+    code, _stdout, err = cli("compile", tiny_recipe(model=family), "-o", out)
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
     report = json.loads((out / "reports" / "validation.json").read_text())
@@ -29,15 +30,16 @@ def test_compile_each_family_passes_validation(cli, tiny_recipe, tmp_path, famil
 def test_run_matches_transformers_generate(cli, tiny_recipe, tmp_path):
     out = tmp_path / "out"
     assert cli("compile", tiny_recipe(), "-o", out)[0] == 0
-    from accelc.validation import reference_greedy
+    from accelc.compiler.validation import reference_greedy
 
     art = Artifact(out)
     prompt = "Hello world, this is"
     ids = list(art.tokenizer(prompt)["input_ids"])
     expected = reference_greedy(art.torch_model(), ids, 12)
     for backend in ("ort", "torch"):
-        code, stdout, _ = cli("run", out, "--prompt", prompt, "--max-new-tokens", 12, "--backend", backend,
-                              "--raw", "--show-tokens")
+        code, stdout, _ = cli(
+            "run", out, "--prompt", prompt, "--max-new-tokens", 12, "--backend", backend, "--raw", "--show-tokens"
+        )
         assert code == 0
         assert json.loads(stdout.strip().splitlines()[-1]) == expected
 
@@ -67,13 +69,17 @@ def test_dry_run_does_nothing(cli, tiny_recipe, tmp_path):
 def test_int8_quantisation_shrinks_the_graph_and_stays_close(cli, tiny_recipe, tmp_path):
     recipe = tiny_recipe()
     assert cli("compile", recipe, "-o", tmp_path / "fp32")[0] == 0
-    recipe.write_text(recipe.read_text().replace("  - type: export_onnx\n",
-                                                 "  - type: export_onnx\n  - type: quantize_dynamic_int8\n"))
+    recipe.write_text(
+        recipe.read_text().replace(
+            "  - type: export_onnx\n", "  - type: export_onnx\n  - type: quantize_dynamic_int8\n"
+        )
+    )
     out = tmp_path / "int8"
     # int8 weights drift: parity is judged with a looser tolerance and no token-for-token check
     # (the fused graph's packed q|k|v MatMul shares one per-tensor scale across the three)
-    code, _, err = cli("compile", recipe, "-o", out, "--set", "eval.parity.atol=1.0",
-                       "--set", "eval.parity.greedy_tokens=0")
+    code, _, err = cli(
+        "compile", recipe, "-o", out, "--set", "eval.parity.atol=1.0", "--set", "eval.parity.greedy_tokens=0"
+    )
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
     assert [p["name"] for p in manifest["passes"]] == ["export_onnx", "quantize_dynamic_int8"]
@@ -87,8 +93,11 @@ def test_int8_quantisation_shrinks_the_graph_and_stays_close(cli, tiny_recipe, t
 def test_validation_failure_exits_5_and_keeps_reports(cli, tiny_recipe, tmp_path):
     out = tmp_path / "out"
     recipe = tiny_recipe()
-    recipe.write_text(recipe.read_text().replace("  - type: export_onnx\n",
-                                                 "  - type: export_onnx\n  - type: quantize_dynamic_int8\n"))
+    recipe.write_text(
+        recipe.read_text().replace(
+            "  - type: export_onnx\n", "  - type: export_onnx\n  - type: quantize_dynamic_int8\n"
+        )
+    )
     code, _, err = cli("compile", recipe, "-o", out, "--set", "eval.parity.atol=1e-7")
     assert code == 5 and "validation failed" in err
     assert not out.exists()
@@ -98,20 +107,24 @@ def test_validation_failure_exits_5_and_keeps_reports(cli, tiny_recipe, tmp_path
 def test_onnx_file_input_is_lowered_for_ort_and_checked_against_itself(cli, tmp_path):
     """A plain ONNX graph (not a decoder): lowering only, parity against the unoptimised graph."""
     import onnx
-    from onnx import TensorProto, helper
-
     from conftest import write_recipe
+    from onnx import TensorProto, helper
 
     rng = __import__("numpy").random.default_rng(0)
     w = helper.make_tensor("w", TensorProto.FLOAT, [8, 4], rng.standard_normal(32).astype("float32").tolist())
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "mlp",
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], [w])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [w],
+    )
     path = tmp_path / "mlp.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    recipe = write_recipe(tmp_path, f"model:\n  path: {path}\ntargets:\n  - kind: cpu\n    backends: [ort]\n"
-                                    f"cache:\n  dir: {tmp_path / 'cache'}\n")
+    recipe = write_recipe(
+        tmp_path,
+        f"model:\n  path: {path}\ntargets:\n  - kind: cpu\n    backends: [ort]\ncache:\n  dir: {tmp_path / 'cache'}\n",
+    )
     code, _, err = cli("compile", recipe, "-o", tmp_path / "out")
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "reports" / "validation.json").read_text())
@@ -125,11 +138,15 @@ def test_int4_weight_quantisation_uses_matmulnbits(cli, tiny_recipe, tmp_path):
     import onnx
 
     recipe = tiny_recipe()
-    recipe.write_text(recipe.read_text().replace("  - type: export_onnx\n",
-                                                 "  - type: export_onnx\n  - type: quantize_weights_int4\n"
-                                                 "    block_size: 16\n"))
+    recipe.write_text(
+        recipe.read_text().replace(
+            "  - type: export_onnx\n", "  - type: export_onnx\n  - type: quantize_weights_int4\n    block_size: 16\n"
+        )
+    )
     out = tmp_path / "int4"
-    code, _, err = cli("compile", recipe, "-o", out, "--set", "eval.parity.atol=5", "--set", "eval.parity.greedy_tokens=0")
+    code, _, err = cli(
+        "compile", recipe, "-o", out, "--set", "eval.parity.atol=5", "--set", "eval.parity.greedy_tokens=0"
+    )
     assert code == 0, err
     graph = onnx.load(str(out / "model" / "onnx" / "decoder.onnx"), load_external_data=False)
     # every projection of the 2 layers: the fused graph packs q|k|v, so 5 weight MatMuls per layer

@@ -1,19 +1,30 @@
 """The cost model: alpha from paired logits, cost ratio timing, gamma choice and its fallback."""
+
 from __future__ import annotations
 
 import time
 
 import numpy as np
 import pytest
-
-from accelc.decoding.autoregressive import Sampler
-from accelc.decoding.cost_model import (CALIBRATION_NEW_TOKENS, GAMMA_MAX, acceptance_from_logits,
-                                        batch_predicted_speedup, choose_gamma, choose_pearl_gamma,
-                                        estimate_alpha, expected_accepted_length, measure_cost_ratio,
-                                        pearl_predicted_speedup, predicted_speedup, replayed_speedup)
-from accelc.decoding.speculative import tv_distance
-from accelc.errors import UsageError
 from test_speculative import TableModel, noisy, random_table, unigram
+
+from accelc.errors import UsageError
+from accelc.loops.autoregressive import Sampler
+from accelc.loops.cost_model import (
+    CALIBRATION_NEW_TOKENS,
+    GAMMA_MAX,
+    acceptance_from_logits,
+    batch_predicted_speedup,
+    choose_gamma,
+    choose_pearl_gamma,
+    estimate_alpha,
+    expected_accepted_length,
+    measure_cost_ratio,
+    pearl_predicted_speedup,
+    predicted_speedup,
+    replayed_speedup,
+)
+from accelc.loops.speculative import tv_distance
 
 ALPHAS = [0.0, 0.2, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0]
 COSTS = [0.0, 0.01, 0.05, 0.1, 0.3, 0.6, 1.0, 2.0]
@@ -35,7 +46,7 @@ def test_alpha_of_a_unigram_pair_is_one_minus_tv():
 
 
 def test_alpha_predicts_the_measured_acceptance_rate():
-    from accelc.decoding.speculative import speculative_generate
+    from accelc.loops.speculative import speculative_generate
 
     target = TableModel(random_table(6, seed=1))
     draft = TableModel(noisy(target.table, seed=2, sigma=0.6))
@@ -72,10 +83,12 @@ def test_expected_length_and_speedup_formulas():
 def test_gamma_choice_is_the_brute_force_argmax():
     for alpha in ALPHAS:
         for c in COSTS:
+
             def s(g):
                 if alpha == 1.0:
                     return (g + 1) / (g * c + 1)
                 return (1 - alpha ** (g + 1)) / ((1 - alpha) * (g * c + 1))
+
             best = max(range(1, GAMMA_MAX + 1), key=lambda g: (s(g), -g))
             choice = choose_gamma(alpha, c)
             assert choice.gamma == best and choice.predicted_speedup == pytest.approx(s(best))
@@ -83,7 +96,8 @@ def test_gamma_choice_is_the_brute_force_argmax():
             assert (choice.method == "speculative") == (alpha > c), (alpha, c)
             pearl = choose_pearl_gamma(alpha, c)
             assert pearl.predicted_speedup == pytest.approx(
-                max(pearl_predicted_speedup(alpha, g, c) for g in range(1, GAMMA_MAX + 1)))
+                max(pearl_predicted_speedup(alpha, g, c) for g in range(1, GAMMA_MAX + 1))
+            )
 
 
 def test_large_draft_cost_falls_back_to_autoregressive():
@@ -107,19 +121,26 @@ class Slow(TableModel):
 
 def test_cost_ratio_is_measured_per_decode_step():
     table = random_table(4, seed=0)
-    m = measure_cost_ratio(Slow(table, 0.010), Slow(table, 0.0025), [1, 2], steps=4, repeats=3,
-                           verify_lengths=(1, 4))
+    m = measure_cost_ratio(Slow(table, 0.010), Slow(table, 0.0025), [1, 2], steps=4, repeats=3, verify_lengths=(1, 4))
     # sleeps only ever overshoot, and a busy shared machine makes them jitter: loose bounds
     assert 0.1 < m.cost_ratio < 0.5
     assert 0.5 < m.verify_cost[1] < 2.0 and 0.5 < m.verify(3) < 2.0
-    assert set(m.to_dict()) == {"cost_ratio", "target_step_seconds", "draft_step_seconds", "verify_cost",
-                                "catchup_cost", "baseline_ratio", "catchup_costs"}
+    assert set(m.to_dict()) == {
+        "cost_ratio",
+        "target_step_seconds",
+        "draft_step_seconds",
+        "verify_cost",
+        "catchup_cost",
+        "baseline_ratio",
+        "catchup_costs",
+    }
     assert 0.1 < m.catchup_cost < 0.5  # the draft's two-token call: one sleep of the draft, in target steps
     assert m.catchup_costs == {2: m.catchup_cost} and m.catchup(9) == m.catchup(2) and m.catchup(1) == m.cost_ratio
     assert m.baseline_ratio is None
     # a baseline timed in the same repeats: the target's step over it (PEARL's worker slowdown)
-    paired = measure_cost_ratio(Slow(table, 0.010), Slow(table, 0.0025), [1, 2], steps=4, repeats=3,
-                                baseline=Slow(table, 0.005))
+    paired = measure_cost_ratio(
+        Slow(table, 0.010), Slow(table, 0.0025), [1, 2], steps=4, repeats=3, baseline=Slow(table, 0.005)
+    )
     assert 1.3 < paired.baseline_ratio < 3.0
 
 
@@ -135,8 +156,9 @@ def test_concurrent_costs_time_each_model_while_the_other_decodes():
     calls = {}
     for concurrent in (False, True):
         Counting.calls = 0
-        m = measure_cost_ratio(Slow(table, 0.010), Counting(table, 0.0025), [1, 2], steps=4, repeats=3,
-                               concurrent=concurrent)
+        m = measure_cost_ratio(
+            Slow(table, 0.010), Counting(table, 0.0025), [1, 2], steps=4, repeats=3, concurrent=concurrent
+        )
         calls[concurrent] = Counting.calls
         assert 0.1 < m.cost_ratio < 0.5  # sleeps do not contend for the machine: c is unchanged
     # timing the target (3 repeats x 4 steps of 10 ms) kept the draft busy for ~120 ms more
@@ -182,7 +204,7 @@ def test_replay_of_constant_acceptance_is_the_iid_formula(alpha, gamma):
 def test_greedy_replay_prices_the_loops_own_rounds_and_calls(gamma):
     """Greedy acceptance is deterministic, so replaying the measured trajectories must count
     exactly the rounds, draft calls and two-token catch-up calls that speculative_generate makes."""
-    from accelc.decoding.speculative import speculative_generate
+    from accelc.loops.speculative import speculative_generate
 
     target = TableModel(random_table(8, seed=3))
     draft = TableModel(noisy(target.table, seed=4, sigma=0.7))
@@ -204,8 +226,8 @@ def test_greedy_batch_replay_prices_the_loops_own_rounds_and_calls(gamma, candid
     """Greedy batch speculative is deterministic too: with the k candidates' first-position
     acceptance recorded, the replay counts exactly its rounds, draft calls (1 + k (g - 1) a
     round), catch-up calls and the target's extra call for a path other than candidate 0's."""
-    from accelc.decoding.batch_speculative import batch_speculative_generate
-    from accelc.decoding.cost_model import batch_replayed_speedup
+    from accelc.loops.batch_speculative import batch_speculative_generate
+    from accelc.loops.cost_model import batch_replayed_speedup
 
     target = TableModel(random_table(8, seed=11))
     draft = TableModel(noisy(target.table, seed=12, sigma=1.0))
@@ -215,8 +237,9 @@ def test_greedy_batch_replay_prices_the_loops_own_rounds_and_calls(gamma, candid
     assert sum(f.sum() - b.sum() for f, b in zip(est.first_accepts, est.trajectories)) > 3  # later candidates matter
     positions = cost = 0.0
     for prompt in prompts:
-        stats = batch_speculative_generate(target, draft, prompt, new_tokens, gamma=gamma,
-                                           num_candidates=candidates).stats
+        stats = batch_speculative_generate(
+            target, draft, prompt, new_tokens, gamma=gamma, num_candidates=candidates
+        ).stats
         positions += new_tokens - 1
         cost += (stats["target_calls"] - 1) + c * (stats["draft_calls"] - 1) + (c2 - c) * stats["draft_catchup_calls"]
     replayed = batch_replayed_speedup(est.trajectories, est.first_accepts, gamma, c, candidates, 1.0, catchup_cost=c2)
@@ -226,7 +249,7 @@ def test_greedy_batch_replay_prices_the_loops_own_rounds_and_calls(gamma, candid
 @pytest.mark.parametrize("start", [1, 3, 5])
 def test_greedy_replay_of_the_stairs_schedule_prices_its_rounds_and_calls(start):
     """The same exact count for stairs, whose draft length moves every round (next_candidates)."""
-    from accelc.decoding.stairs import next_candidates, stairs_generate
+    from accelc.loops.stairs import next_candidates, stairs_generate
 
     target = TableModel(random_table(8, seed=5))
     draft = TableModel(noisy(target.table, seed=6, sigma=0.5))
@@ -247,8 +270,8 @@ def test_greedy_replay_of_the_stairs_schedule_prices_its_rounds_and_calls(start)
 @pytest.mark.parametrize("gamma, c", [(1, 0.3), (3, 0.2), (4, 0.45)])
 def test_greedy_pearl_replay_counts_the_loops_own_rounds_in_each_mode(gamma, c):
     """PEARL greedy is deterministic too: the replay prices exactly its pre- and post-verify rounds."""
-    from accelc.decoding.cost_model import pearl_replayed_speedup
-    from accelc.decoding.pearl import pearl_generate
+    from accelc.loops.cost_model import pearl_replayed_speedup
+    from accelc.loops.pearl import pearl_generate
 
     target = TableModel(random_table(8, seed=7))
     draft = TableModel(noisy(target.table, seed=8, sigma=0.6))
@@ -256,6 +279,7 @@ def test_greedy_pearl_replay_counts_the_loops_own_rounds_in_each_mode(gamma, c):
 
     def verify(g):  # scoring g + 1 tokens
         return 1.0 + 0.1 * g
+
     est = estimate_alpha(target, draft, prompts, new_tokens=new_tokens)
     positions = cost = 0.0
     for prompt in prompts:

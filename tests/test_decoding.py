@@ -1,10 +1,11 @@
 """The autoregressive loop and its sampler, on a table model whose answers are known exactly."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from accelc.decoding.autoregressive import Sampler, generate
+from accelc.loops.autoregressive import Sampler, generate
 from accelc.runtime.base import KVState, KVStepModel
 
 

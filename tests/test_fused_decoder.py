@@ -6,12 +6,13 @@ truncation (what speculative decoding does after a rejection). Tiny seeded Llama
 (q/k/v biases), and a pruned Llama with per-layer head counts, MLP widths and the consumer
 biases FLAP's compensation adds.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from accelc import fused_decoder
+from accelc.compiler import fused_decoder
 from accelc.errors import UsageError
 from accelc.runtime.ort_backend import OrtStepModel
 
@@ -55,15 +56,18 @@ def test_fused_graph_matches_torch_on_every_call_shape(name, tmp_path):
 
 
 def test_fused_graph_of_a_pruned_model_with_compensation_biases(tmp_path):
-    from accelc.pruning import masks, materialize
+    from accelc.compiler.pruning import masks, materialize
 
     model = _load("tiny-llama", tmp_path)
     space = masks.SearchSpace(masks.Geometry.from_model(model), gqa="query")
     rng = np.random.default_rng(3)
     L, geo = space.geometry.num_layers, space.geometry
-    sub = space.from_scores([i % len(space.head_options) for i in range(L)],
-                            [space.widths[i % len(space.widths)] for i in range(L)],
-                            rng.random((L, geo.num_heads)), rng.random((L, geo.intermediate)))
+    sub = space.from_scores(
+        [i % len(space.head_options) for i in range(L)],
+        [space.widths[i % len(space.widths)] for i in range(L)],
+        rng.random((L, geo.num_heads)),
+        rng.random((L, geo.intermediate)),
+    )
     small = materialize.shrink(model, sub)
     torch.manual_seed(0)
     for layer in small.model.layers:  # what FLAP's bias compensation leaves behind
@@ -89,7 +93,9 @@ def test_export_pass_picks_the_graph_and_refuses_fused_where_unsupported(cli, ti
     assert json.loads((out / "manifest.json").read_text())["graph_meta"]["decoder"]["graph"] == "fused"
     code, _, err = cli("compile", tiny_recipe(), "-o", tmp_path / "traced", "--set", "passes.0.graph=optimum")
     assert code == 0, err
-    assert json.loads((tmp_path / "traced" / "manifest.json").read_text())["graph_meta"]["decoder"]["graph"] == "optimum"
+    assert (
+        json.loads((tmp_path / "traced" / "manifest.json").read_text())["graph_meta"]["decoder"]["graph"] == "optimum"
+    )
     code, _, err = cli("compile", tiny_recipe("tiny-gpt2"), "-o", tmp_path / "gpt2", "--set", "passes.0.graph=fused")
     assert code == 2 and "model_type 'gpt2'" in err and "graph: optimum" in err
 

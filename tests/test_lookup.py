@@ -1,16 +1,24 @@
 """Drafts copied from the context (decoding/lookup.py): the matcher itself, greedy equality and
 exact sampling of the loops that use it, and the replay that prices it."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_speculative import (
+    SAMPLES,
+    TableModel,
+    assert_distribution,
+    exact_joint,
+    noisy,
+    random_table,
+    run,
+    sample_first_tokens,
+)
 
-from accelc.decoding.autoregressive import Sampler, generate
-from accelc.decoding.lookup import Lookup, lookup_draft
 from accelc.errors import UsageError
-
-from test_speculative import (SAMPLES, TableModel, assert_distribution, exact_joint, noisy, random_table, run,
-                              sample_first_tokens)
+from accelc.loops.autoregressive import Sampler, generate
+from accelc.loops.lookup import Lookup, lookup_draft
 
 
 def test_the_longest_recurring_suffix_wins_and_its_latest_occurrence():
@@ -25,7 +33,7 @@ def test_the_longest_recurring_suffix_wins_and_its_latest_occurrence():
 
 def test_no_match_or_only_short_matches_give_no_draft():
     assert lookup_draft([1, 2, 3, 4], Lookup()) == []
-    assert lookup_draft([3, 1, 2, 3], Lookup(min_ngram=2)) == []   # only the 1-gram "3" recurs
+    assert lookup_draft([3, 1, 2, 3], Lookup(min_ngram=2)) == []  # only the 1-gram "3" recurs
     assert lookup_draft([3, 1, 2, 3], Lookup(min_ngram=1)) == [1, 2, 3]
     assert lookup_draft([7], Lookup(min_ngram=1)) == []
     with pytest.raises(UsageError):
@@ -54,9 +62,14 @@ def test_greedy_output_is_the_targets_with_lookup_drafts(loop):
     assert copied_rounds > 20  # the loops really took their drafts from the context
 
 
-@pytest.mark.parametrize("loop, sampler", [("speculative", Sampler(temperature=1.0)),
-                                           ("speculative", Sampler(temperature=0.7, top_k=2)),
-                                           ("pearl", Sampler(temperature=1.0))])
+@pytest.mark.parametrize(
+    "loop, sampler",
+    [
+        ("speculative", Sampler(temperature=1.0)),
+        ("speculative", Sampler(temperature=0.7, top_k=2)),
+        ("pearl", Sampler(temperature=1.0)),
+    ],
+)
 def test_sampling_with_lookup_drafts_is_distributed_as_the_target(loop, sampler):
     """A copied token is a draft with a one-hot q: accepted with probability p(x), else p without
     x is sampled. Over a 3-token vocabulary with 1-gram matches, most rounds are copied."""
@@ -65,8 +78,9 @@ def test_sampling_with_lookup_drafts_is_distributed_as_the_target(loop, sampler)
     prompt, horizon = [0, 2, 1, 0], 4
     lookup = Lookup(tokens=2, max_ngram=2, min_ngram=1)
     exact = exact_joint(target, prompt, horizon, sampler)
-    samples = sample_first_tokens(loop, target, draft, prompt, horizon, SAMPLES, gamma=2, sampler=sampler,
-                                  lookup=lookup)
+    samples = sample_first_tokens(
+        loop, target, draft, prompt, horizon, SAMPLES, gamma=2, sampler=sampler, lookup=lookup
+    )
     assert_distribution(samples, exact)
 
 
@@ -75,14 +89,15 @@ def test_greedy_replay_with_lookup_prices_the_loops_own_rounds_and_calls(loop, s
     """Greedy, copying is deterministic too: the replay over the calibration continuations counts
     exactly the rounds and the draft's calls the loop makes, each call priced by the tokens it
     feeds (a catch-up after copied rounds feeds every token the draft skipped)."""
-    from accelc.decoding.cost_model import estimate_alpha, replayed_speedup
-    from accelc.decoding.stairs import next_candidates
+    from accelc.loops.cost_model import estimate_alpha, replayed_speedup
+    from accelc.loops.stairs import next_candidates
 
     lookup = Lookup(tokens=4, max_ngram=2, min_ngram=1)
     c, new_tokens = 0.3, 40
 
     def draft_call(m):  # a draft call feeding m tokens, in target steps
         return c * (1.0 + 0.15 * (m - 1))
+
     positions = cost = 0.0
     trajectories, lookups, copied_rounds, longest = [], [], 0, 0
     for case in range(6):
@@ -99,8 +114,9 @@ def test_greedy_replay_with_lookup_prices_the_loops_own_rounds_and_calls(loop, s
         longest = max(longest, *draft.fed[1:])
     assert copied_rounds > 0 and longest > 2  # some catch-up fed more than a two-token call does
     schedule = next_candidates if loop == "stairs" else None
-    replayed = replayed_speedup(trajectories, start, c, 1.0, catchup_cost=draft_call, schedule=schedule,
-                                lookups=lookups)
+    replayed = replayed_speedup(
+        trajectories, start, c, 1.0, catchup_cost=draft_call, schedule=schedule, lookups=lookups
+    )
     assert replayed == pytest.approx(positions / cost)
 
 
@@ -117,8 +133,10 @@ class FeedLog(TableModel):
 
 
 @pytest.mark.parametrize("sigma", [0.0, 1.5])
-@pytest.mark.parametrize("gamma, c, c2, slope", [(1, 0.3, 0.5, 0.1), (3, 0.2, 0.2, 0.0), (4, 0.45, 0.45, 0.0),
-                                                 (3, 0.2, 0.5, 0.1), (4, 0.45, 0.5, 0.0)])
+@pytest.mark.parametrize(
+    "gamma, c, c2, slope",
+    [(1, 0.3, 0.5, 0.1), (3, 0.2, 0.2, 0.0), (4, 0.45, 0.45, 0.0), (3, 0.2, 0.5, 0.1), (4, 0.45, 0.5, 0.0)],
+)
 def test_greedy_pearl_replay_with_lookup_prices_each_round_it_runs(gamma, c, c2, slope, sigma):
     """PEARL's rounds of copied drafts verify U and the copies alone (no draft call), the others
     run both workers: the replay counts the rounds the loop runs and prices each, a copied round
@@ -129,7 +147,7 @@ def test_greedy_pearl_replay_with_lookup_prices_each_round_it_runs(gamma, c, c2,
     target's tokens there, and whether there is a match decides the round's kind), so with
     gamma > 1 and a draft that errs the replay is within a few percent; with a draft that never
     errs (the target's own table) it is exact."""
-    from accelc.decoding.cost_model import estimate_alpha, pearl_replayed_speedup
+    from accelc.loops.cost_model import estimate_alpha, pearl_replayed_speedup
 
     lookup = Lookup(tokens=4, max_ngram=2, min_ngram=1)
     new_tokens = 40
@@ -142,6 +160,7 @@ def test_greedy_pearl_replay_with_lookup_prices_each_round_it_runs(gamma, c, c2,
 
     def draft_call(m):  # the draft feeding m tokens in one call: c2 for two, a quarter of that step for each more
         return c if m == 1 else c2 + 0.25 * (c2 - c) * (m - 2)
+
     positions = cost = 0.0
     trajectories, lookups, copied_rounds = [], [], 0
     for case in range(3):
@@ -166,7 +185,8 @@ def test_greedy_pearl_replay_with_lookup_prices_each_round_it_runs(gamma, c, c2,
         positions += new_tokens - 1
         copied_rounds += stats["lookup_rounds"]
     assert copied_rounds > 5
-    replayed = pearl_replayed_speedup(trajectories, gamma, c, verify, lookups, catchup_cost=draft_call,
-                                      alone_verify=alone)
+    replayed = pearl_replayed_speedup(
+        trajectories, gamma, c, verify, lookups, catchup_cost=draft_call, alone_verify=alone
+    )
     assert replayed == pytest.approx(positions / cost, rel=1e-6 if gamma == 1 or not sigma else 0.05)
     assert replayed != pytest.approx(pearl_replayed_speedup(trajectories, gamma, c, verify), rel=0.03)

@@ -6,6 +6,7 @@ guarantees: every state stays usable while referenced (branches from one prefix,
 speculative decoding makes), arenas grow past their first capacity, linear decoding (what AR and
 speculative decoding do) never copies, and a state rebuilt by hand is refused, not misread.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,7 @@ import contextlib
 import numpy as np
 import pytest
 
-from accelc import fused_decoder
+from accelc.compiler import fused_decoder
 from accelc.runtime import ort_backend
 from accelc.runtime.base import KVState
 from accelc.runtime.ort_backend import OrtStepModel
@@ -59,10 +60,10 @@ def test_branches_from_one_prefix_stay_valid(tiny):
     step = OrtStepModel(graph)
     _, base = step.prefill(ids[:12])
     other = np.array([5, 6, 7])
-    _, a = step.extend(base, ids[12:15])       # branch a: the true continuation
-    _, b = step.extend(base, other)            # branch b overwrites a's positions unless it copies
+    _, a = step.extend(base, ids[12:15])  # branch a: the true continuation
+    _, b = step.extend(base, other)  # branch b overwrites a's positions unless it copies
     assert step.kv_copies == 1
-    la, _ = step.extend(a, ids[15:17])         # a still continues correctly
+    la, _ = step.extend(a, ids[15:17])  # a still continues correctly
     _close(la, expected[15:17])
     _, b2 = step.extend(step.truncate(b, 12), ids[12:16])
     lb, _ = step.extend(b2, ids[16:17])
@@ -78,7 +79,7 @@ def test_arena_grows_past_its_first_capacity(tiny, monkeypatch):
     first, state = step.prefill(ids[:6])
     rows = [first]
     for start in range(6, 40, 5):
-        logits, state = step.extend(state, ids[start:start + 5])
+        logits, state = step.extend(state, ids[start : start + 5])
         rows.append(logits)
     _close(np.concatenate(rows), expected)
     assert step.kv_copies >= 2  # 8 -> 22 -> 44 positions
@@ -100,8 +101,8 @@ def test_a_rebuilt_state_is_refused(tiny):
 def test_one_model_as_both_pearl_workers(tiny):
     """PEARL runs its two workers in two threads; with the draft being the target itself, both
     extend the same model's arena at once. The arena's lock and copy-on-write keep each right."""
-    from accelc.decoding.autoregressive import generate
-    from accelc.decoding.pearl import pearl_generate
+    from accelc.loops.autoregressive import generate
+    from accelc.loops.pearl import pearl_generate
 
     graph, ids, _ = tiny
     step = OrtStepModel(graph, {"intra_op_threads": 1})
@@ -116,8 +117,11 @@ def test_calls_made_alone_run_on_the_second_session_over_the_same_cache(tiny, kv
     """A PEARL worker's target: one thread for the rounds both workers run, all cores for the
     calls made alone (prefill, copied rounds), one cache for both sessions."""
     graph, ids, expected = tiny
-    step = OrtStepModel(graph, {"intra_op_threads": 1, "kv_cache": kv_cache},
-                        alone_options={"intra_op_threads": 2, "kv_cache": kv_cache})
+    step = OrtStepModel(
+        graph,
+        {"intra_op_threads": 1, "kv_cache": kv_cache},
+        alone_options={"intra_op_threads": 2, "kv_cache": kv_cache},
+    )
     runs = {"worker": 0, "alone": 0}
     for who, session in (("worker", step.session), ("alone", step.alone_session)):
         # count each session's runs: the calls must land on the session they were made for
@@ -127,13 +131,14 @@ def test_calls_made_alone_run_on_the_second_session_over_the_same_cache(tiny, kv
             def counted(*args, _original=original, _who=who, **kwargs):
                 runs[_who] += 1
                 return _original(*args, **kwargs)
+
             setattr(session, method, counted)
     with step.alone():
         first, state = step.prefill(ids[:10])
     rows = [first]
     for start, who in zip(range(10, 40, 6), ("worker", "alone", "worker", "alone", "worker")):
         with step.alone() if who == "alone" else contextlib.nullcontext():
-            logits, state = step.extend(state, ids[start:start + 6])
+            logits, state = step.extend(state, ids[start : start + 6])
         rows.append(logits)
     _close(np.concatenate(rows), expected)
     assert runs == {"worker": 3, "alone": 3}

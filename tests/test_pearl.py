@@ -1,23 +1,37 @@
 """PEARL: exact output distribution, the pre/post-verify mode machine, the threaded schedule
 against the sequential one, and the tokens-per-round model of the cost model."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_speculative import (
+    DIST_DRAFT,
+    DIST_TARGET,
+    SAMPLES,
+    TableModel,
+    assert_distribution,
+    exact_joint,
+    noisy,
+    random_table,
+    sample_first_tokens,
+    unigram,
+)
 
-from accelc.decoding.autoregressive import Sampler, generate
-from accelc.decoding.cost_model import pearl_tokens_per_round
-from accelc.decoding.pearl import pearl_generate
-from accelc.decoding.speculative import tv_distance
-from test_speculative import (DIST_DRAFT, DIST_TARGET, SAMPLES, TableModel, assert_distribution, exact_joint,
-                              noisy, random_table, sample_first_tokens, unigram)
+from accelc.loops.autoregressive import Sampler, generate
+from accelc.loops.cost_model import pearl_tokens_per_round
+from accelc.loops.pearl import pearl_generate
+from accelc.loops.speculative import tv_distance
 
 
-@pytest.mark.parametrize("gamma,sampler", [
-    (1, Sampler(temperature=1.0)),
-    (2, Sampler(temperature=1.0)),
-    (3, Sampler(temperature=1.5, top_p=0.8)),
-])
+@pytest.mark.parametrize(
+    "gamma,sampler",
+    [
+        (1, Sampler(temperature=1.0)),
+        (2, Sampler(temperature=1.0)),
+        (3, Sampler(temperature=1.5, top_p=0.8)),
+    ],
+)
 def test_pearl_sampling_is_distributed_as_the_target(gamma, sampler):
     target, draft = TableModel(DIST_TARGET), TableModel(DIST_DRAFT)
     prompt, horizon = [0, 2], 4  # prefill token, then a pre-verify round and post-verify rounds
@@ -91,8 +105,9 @@ def test_tokens_per_round_match_the_derived_two_state_model(gamma):
     alpha = 1.0 - tv_distance(sampler.probs(p_logits), sampler.probs(q_logits))
     rounds = tokens = 0
     for seed in range(6):
-        r = pearl_generate(unigram(p_logits), unigram(q_logits), [0], 400, gamma=gamma, sampler=sampler, seed=seed,
-                           concurrent=False)
+        r = pearl_generate(
+            unigram(p_logits), unigram(q_logits), [0], 400, gamma=gamma, sampler=sampler, seed=seed, concurrent=False
+        )
         rounds += r.stats["rounds"]
         tokens += r.stats["mean_accepted_length"] * r.stats["rounds"]
     assert tokens / rounds == pytest.approx(pearl_tokens_per_round(alpha, gamma), rel=0.05)

@@ -4,6 +4,7 @@ Most tests use the seeded tiny Llama (2 layers, 4 heads in 2 KV groups, d_ff 176
 random token windows; the mutation tests need no model at all (a SmolLM2-shaped Geometry). One
 test uses the real SmolLM2 with a few windows (skipped with ACCELC_TESTS_OFFLINE=1).
 """
+
 from __future__ import annotations
 
 import math
@@ -12,17 +13,26 @@ import os
 import numpy as np
 import pytest
 
+from accelc.compiler.pruning import baselines, importance, masks, materialize, reform, search
 from accelc.errors import UsageError
-from accelc.pruning import baselines, importance, masks, materialize, reform, search
 
 torch = pytest.importorskip("torch")
 
-needs_assets = pytest.mark.skipif(os.environ.get("ACCELC_TESTS_OFFLINE") == "1",
-                                  reason="ACCELC_TESTS_OFFLINE=1: real assets are not fetched")
+needs_assets = pytest.mark.skipif(
+    os.environ.get("ACCELC_TESTS_OFFLINE") == "1", reason="ACCELC_TESTS_OFFLINE=1: real assets are not fetched"
+)
 
 # SmolLM2-135M's prunable structure (30 layers trimmed to 4): mutation tests need no weights.
-SMOL_LIKE = masks.Geometry(num_layers=4, hidden=576, num_heads=9, num_kv_heads=3, head_dim=64,
-                           intermediate=1536, biased=frozenset(), total_params=40_000_000)
+SMOL_LIKE = masks.Geometry(
+    num_layers=4,
+    hidden=576,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    intermediate=1536,
+    biased=frozenset(),
+    total_params=40_000_000,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +53,9 @@ def random_subnet(space, rng, options=None, widths=None):
     L = space.geometry.num_layers
     options = options or [int(rng.integers(len(space.head_options))) for _ in range(L)]
     widths = widths or [int(rng.choice(space.widths)) for _ in range(L)]
-    return space.from_scores(options, widths, rng.random((L, space.geometry.num_heads)),
-                             rng.random((L, space.geometry.intermediate)))
+    return space.from_scores(
+        options, widths, rng.random((L, space.geometry.num_heads)), rng.random((L, space.geometry.intermediate))
+    )
 
 
 def logits(model, ids):
@@ -106,8 +117,9 @@ def test_illegal_gqa_layout_is_rejected(tiny):
 # --------------------------------------------------------------------------- reformation
 
 
-@pytest.mark.parametrize("method,damp", [("closed_form", 0.0), ("closed_form", 0.01),
-                                         ("closed_form", 1.0), ("admm", 0.01)])
+@pytest.mark.parametrize(
+    "method,damp", [("closed_form", 0.0), ("closed_form", 0.01), ("closed_form", 1.0), ("admm", 0.01)]
+)
 def test_reformation_never_increases_calibration_error(tiny, method, damp):
     _, model = tiny
     space = masks.SearchSpace(masks.Geometry.from_model(model))
@@ -140,7 +152,7 @@ def test_admm_agrees_with_closed_form_on_column_masks():
     gen = torch.Generator().manual_seed(0)
     m, n, N = 24, 64, 400
     mix = torch.randn(n, n, generator=gen, dtype=torch.float64) * 0.3 + torch.eye(n, dtype=torch.float64)
-    X = mix @ torch.randn(n, N, generator=gen, dtype=torch.float64)   # correlated channels
+    X = mix @ torch.randn(n, N, generator=gen, dtype=torch.float64)  # correlated channels
     H = X @ X.T
     W = torch.randn(m, n, generator=gen, dtype=torch.float64)
     keep = torch.tensor(sorted(np.random.default_rng(0).choice(n, 40, replace=False).tolist()))
@@ -162,15 +174,16 @@ def test_admm_agrees_with_closed_form_on_column_masks():
 def smol_searcher(seed=0, alpha=0.9, gqa="query", fill="importance"):
     space = masks.SearchSpace(SMOL_LIKE, gqa=gqa)
     rng = np.random.default_rng(seed)
-    imp = importance.Importance("test", rng.random((4, 576)), rng.random((4, 9)) + 0.01,
-                                rng.random((4, 1536)) + 1e-3, meta={"num_kv_heads": 3})
+    imp = importance.Importance(
+        "test", rng.random((4, 576)), rng.random((4, 9)) + 0.01, rng.random((4, 1536)) + 1e-3, meta={"num_kv_heads": 3}
+    )
     budget = masks.ParamBudget.from_ratio(space, 0.25)
-    return search.Searcher(space, budget, imp, search.SearchSettings(
-        seed=seed, alpha=alpha, m_prob=0.5, fill=fill))
+    return search.Searcher(space, budget, imp, search.SearchSettings(seed=seed, alpha=alpha, m_prob=0.5, fill=fill))
 
 
-@pytest.mark.parametrize("alpha,gqa,fill", [(0.9, "query", "importance"), (0.5, "query", "uniform"),
-                                            (0.7, "group", "importance")])
+@pytest.mark.parametrize(
+    "alpha,gqa,fill", [(0.9, "query", "importance"), (0.5, "query", "uniform"), (0.7, "group", "importance")]
+)
 def test_mutation_keeps_the_overlap_bound(alpha, gqa, fill):
     sr = smol_searcher(alpha=alpha, gqa=gqa, fill=fill)
     parent = sr.random()
@@ -210,8 +223,7 @@ def run_tiny_search(model, seed, evaluated=None):
             evaluated.append(sub)
         return fit(sub)
 
-    settings = search.SearchSettings(generations=4, population=10, parents=4, mutations=5,
-                                     crossovers=3, seed=seed)
+    settings = search.SearchSettings(generations=4, population=10, parents=4, mutations=5, crossovers=3, seed=seed)
     return space, budget, search.search(space, budget, imp, fitness, settings, show_progress=False)
 
 
@@ -248,9 +260,11 @@ def test_baselines_meet_the_budget_and_materialize(tiny, tmp_path):
     budget = masks.ParamBudget.from_ratio(space, 0.25)
     stats = importance.collect(model, windows(3), show_progress=False)
     ids = windows(1, 40, seed=11)[0]
-    for pruned in (baselines.magnitude(model, space, budget),
-                   baselines.wanda_sp(model, space, budget, stats),
-                   baselines.flap(model, space, budget, stats)):
+    for pruned in (
+        baselines.magnitude(model, space, budget),
+        baselines.wanda_sp(model, space, budget, stats),
+        baselines.flap(model, space, budget, stats),
+    ):
         space.check(pruned.subnet)
         assert budget.cost(space.shape(pruned.subnet)) <= budget.limit
         small = materialize.shrink(model, pruned.subnet, pruned.overrides)
@@ -265,7 +279,7 @@ def test_uniform_baseline_is_uniform(tiny):
     space = masks.SearchSpace(masks.Geometry.from_model(model))
     budget = masks.ParamBudget.from_ratio(space, 0.2)
     sub = baselines.magnitude(model, space, budget, prune_attention=False).subnet
-    assert {space.layer_shape(m) for m in sub.layers} == {(4, 2, 128)}   # 20% of 2 x 46080: MLP 176 -> 128
+    assert {space.layer_shape(m) for m in sub.layers} == {(4, 2, 128)}  # 20% of 2 x 46080: MLP 176 -> 128
 
 
 # --------------------------------------------------------------------------- bad input
@@ -279,7 +293,7 @@ def test_ratio_outside_open_unit_interval(ratio):
 
 
 def test_budget_no_subnet_can_meet():
-    space = masks.SearchSpace(SMOL_LIKE, gqa="query")   # at least 3 heads and 8 channels per layer
+    space = masks.SearchSpace(SMOL_LIKE, gqa="query")  # at least 3 heads and 8 channels per layer
     with pytest.raises(UsageError, match="no subnet can meet the budget"):
         masks.ParamBudget.from_ratio(space, 0.95)
     with pytest.raises(UsageError, match="no subnet can meet the budget"):
@@ -296,10 +310,10 @@ def test_calibration_text_shorter_than_one_window(tiny):
 def test_calibration_windows_adjacent_and_spread():
     from accelc.families.tiny import byte_tokenizer
 
-    text = "".join(chr(97 + i % 26) for i in range(1000))   # 1000 byte tokens
+    text = "".join(chr(97 + i % 26) for i in range(1000))  # 1000 byte tokens
     tok = byte_tokenizer()
     adjacent = importance.calibration_windows(tok, text, window=100, max_windows=3, skip=2)
-    assert [list(w) for w in adjacent] == [tok.encode(text[a:a + 100]) for a in (200, 300, 400)]
+    assert [list(w) for w in adjacent] == [tok.encode(text[a : a + 100]) for a in (200, 300, 400)]
     spread = importance.calibration_windows(tok, text, window=100, max_windows=3, skip=2, spread=True)
     assert len(spread) == 3 and list(spread[-1]) == list(tok.encode(text[900:1000]))
     with pytest.raises(UsageError, match="none left after skipping"):
@@ -371,8 +385,8 @@ def test_oneshot_reformation_matches_sequential_on_the_first_layer(tiny):
     assert not torch.allclose(one[(0, "down_proj")][0], seq[(0, "down_proj")][0])
     fit = search.PerplexityFitness(model, windows(1, 32, seed=14), grams=stats.grams(), damp=0.05)
     value = fit(sub)
-    assert math.isfinite(value) and len(fit.cache) == 4       # 2 layers x (o_proj, down_proj)
-    assert fit(sub) == value                                   # the cached solves are the same
+    assert math.isfinite(value) and len(fit.cache) == 4  # 2 layers x (o_proj, down_proj)
+    assert fit(sub) == value  # the cached solves are the same
 
 
 def test_seeds_enter_the_first_generation_and_bound_the_result():
@@ -383,14 +397,26 @@ def test_seeds_enter_the_first_generation_and_bound_the_result():
     space, budget, imp = sr.space, sr.budget, sr.imp
 
     def dropped(sub):
-        return float(sum(imp.channel[i].sum() - imp.channel[i][list(m.channels)].sum()
-                         + imp.head[i].sum() - imp.head[i][list(m.heads)].sum()
-                         for i, m in enumerate(sub.layers)))
+        return float(
+            sum(
+                imp.channel[i].sum()
+                - imp.channel[i][list(m.channels)].sum()
+                + imp.head[i].sum()
+                - imp.head[i][list(m.heads)].sum()
+                for i, m in enumerate(sub.layers)
+            )
+        )
 
-    too_big = space.dense()   # over the limit: the search must repair it, not evaluate it as is
-    res = search.search(space, budget, imp, dropped, search.SearchSettings(
-        generations=3, population=8, parents=3, mutations=4, crossovers=2, seed=5),
-        seeds=[too_big], show_progress=False)
+    too_big = space.dense()  # over the limit: the search must repair it, not evaluate it as is
+    res = search.search(
+        space,
+        budget,
+        imp,
+        dropped,
+        search.SearchSettings(generations=3, population=8, parents=3, mutations=4, crossovers=2, seed=5),
+        seeds=[too_big],
+        show_progress=False,
+    )
     first = [r for r in res.log if r["generation"] == 0]
     assert first[0]["origin"] == "seed" and first[1]["origin"] == "adaptive"
     assert all(budget.floor <= r["cost"] <= budget.limit for r in res.log)

@@ -1,12 +1,12 @@
 """The pruning passes in real compiles of the seeded tiny Llama: search -> reform -> materialize ->
 export -> ORT and TVM, the baselines as passes, the latency budget, and bad recipes (exit 2)."""
+
 from __future__ import annotations
 
 import json
 import textwrap
 
 import pytest
-
 from conftest import write_recipe
 
 PRUNE_RECIPE = """
@@ -53,9 +53,14 @@ TAIL = """
 @pytest.fixture
 def prune_recipe(tmp_path):
     def make(passes: str, backends: str = "[ort]", calibration: str = "austen:emma", name: str = "recipe.yaml"):
-        body = PRUNE_RECIPE.format(passes=textwrap.indent(textwrap.dedent(passes).strip("\n"), ""),
-                                   backends=backends, calibration=calibration, cache=tmp_path / "cache")
+        body = PRUNE_RECIPE.format(
+            passes=textwrap.indent(textwrap.dedent(passes).strip("\n"), ""),
+            backends=backends,
+            calibration=calibration,
+            cache=tmp_path / "cache",
+        )
         return write_recipe(tmp_path, body, name)
+
     return make
 
 
@@ -68,8 +73,13 @@ def test_search_reform_materialize_compiles_for_ort_and_tvm(cli, prune_recipe, t
     code, _, err = cli("compile", prune_recipe(_search(), backends="[ort, tvm]"), "-o", out)
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [p["name"] for p in manifest["passes"]] == ["importance", "arch_search", "reform", "materialize",
-                                                       "export_onnx"]
+    assert [p["name"] for p in manifest["passes"]] == [
+        "importance",
+        "arch_search",
+        "reform",
+        "materialize",
+        "export_onnx",
+    ]
     pruning = manifest["pruning"]
     assert pruning["params_total"] < pruning["dense_params_total"]
     assert pruning["params"]["removed_ratio"] >= 0.3 - 1e-9 and pruning["reformed"]
@@ -88,19 +98,23 @@ def test_search_reform_materialize_compiles_for_ort_and_tvm(cli, prune_recipe, t
     # quality is measured against the source model on the same protocol
     ev = json.loads((out / "reports" / "eval.json").read_text())
     assert ev["source"]["ppl"] > 0 and ev["backends"]["torch"]["ratio_vs_source"] > 0
-    code, stdout, _ = cli("run", out, "--prompt", "Hello", "--max-new-tokens", 6, "--backend", "tvm", "--raw",
-                          "--show-tokens")
+    code, stdout, _ = cli(
+        "run", out, "--prompt", "Hello", "--max-new-tokens", 6, "--backend", "tvm", "--raw", "--show-tokens"
+    )
     assert code == 0 and len(json.loads(stdout.strip().splitlines()[-1])) == 6
 
 
 @pytest.mark.parametrize("baseline", ["magnitude_prune", "wanda_sp", "flap"])
 def test_baselines_are_passes_under_the_same_budget(cli, prune_recipe, tmp_path, baseline):
-    passes = STATS + f"""
+    passes = (
+        STATS
+        + f"""
   - type: {baseline}
     budget: {{remove_ratio: 0.3}}
   - type: materialize
   - type: export_onnx
 """
+    )
     out = tmp_path / "out"
     code, _, err = cli("compile", prune_recipe(passes), "-o", out)
     assert code == 0, err
@@ -111,8 +125,8 @@ def test_baselines_are_passes_under_the_same_budget(cli, prune_recipe, tmp_path,
 
 
 def test_latency_budget_search_meets_the_measured_table(cli, prune_recipe, tmp_path):
+    from accelc.compiler.pruning import latency, masks
     from accelc.families.causal_lm import _builtin_dir, load_model
-    from accelc.pruning import latency, masks
 
     # the tiny model's decode time is mostly fixed overhead: pick a ratio its table can meet
     model = load_model(_builtin_dir("tiny-llama"))
@@ -128,11 +142,19 @@ def test_latency_budget_search_meets_the_measured_table(cli, prune_recipe, tmp_p
 
 
 def test_latency_table_is_measured_once_and_monotone_in_width(tmp_path, monkeypatch):
-    from accelc.pruning import latency, masks
+    from accelc.compiler.pruning import latency, masks
 
     # large enough that the widest MLP (4 layers x 3 x 256 x 1024 floats) clearly outweighs timing noise
-    geo = masks.Geometry(num_layers=4, hidden=256, num_heads=8, num_kv_heads=2, head_dim=32, intermediate=1024,
-                         biased=frozenset(), total_params=2_000_000)
+    geo = masks.Geometry(
+        num_layers=4,
+        hidden=256,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=32,
+        intermediate=1024,
+        biased=frozenset(),
+        total_params=2_000_000,
+    )
     space = masks.SearchSpace(geo)
     protocol = latency.Protocol(repeats=3)
     table = latency.measure(geo, space, 256, protocol, cache_dir=tmp_path)
@@ -194,12 +216,15 @@ def test_pruning_after_export_is_refused(cli, prune_recipe):
 
 
 def test_group_gqa_subnet_cannot_be_exported_yet(cli, prune_recipe):
-    passes = STATS + """
+    passes = (
+        STATS
+        + """
   - type: magnitude_prune
     budget: {remove_ratio: 0.6}
     gqa: group
   - type: materialize
   - type: export_onnx
 """
+    )
     code, _, err = cli("compile", prune_recipe(passes))
     assert code == 2 and "gqa: query" in err

@@ -3,16 +3,17 @@
 Slow-ish (a minute or two on 2 cores; the model is fetched and converted once into the asset
 cache), but it is the same code path users run, on the model users run it on.
 """
+
 from __future__ import annotations
 
 import json
 
 import pytest
+from conftest import REPO
 
+from accelc.compiler.validation import reference_greedy
 from accelc.families.causal_lm import encode_prompt
 from accelc.runtime.artifact import Artifact
-from accelc.validation import reference_greedy
-from conftest import REPO
 
 QUESTION = "What is the capital of France?"
 
@@ -24,10 +25,23 @@ def artifact(tmp_path_factory):
     work = tmp_path_factory.mktemp("real")
     out = work / "smollm2"
     # a private pass cache: export and TVM lowering really run here, never reused from ~/.cache
-    code = main(["-q", "compile", str(REPO / "recipes" / "quickstart.yaml"), "-o", str(out),
-                 "--set", f"cache.dir={work / 'cache'}",
-                 "--set", "eval.bench.enabled=false", "--set", "eval.perplexity.max_windows=2",
-                 "--set", "eval.parity.prompts=[The capital of France is]"])
+    code = main(
+        [
+            "-q",
+            "compile",
+            str(REPO / "recipes" / "quickstart.yaml"),
+            "-o",
+            str(out),
+            "--set",
+            f"cache.dir={work / 'cache'}",
+            "--set",
+            "eval.bench.enabled=false",
+            "--set",
+            "eval.perplexity.max_windows=2",
+            "--set",
+            "eval.parity.prompts=[The capital of France is]",
+        ]
+    )
     assert code == 0
     return out
 
@@ -49,8 +63,9 @@ def test_run_answers_like_transformers_generate(artifact, cli, backend):
     art = Artifact(artifact)
     ids = encode_prompt(art.tokenizer, QUESTION, chat_template=True)
     expected = reference_greedy(art.torch_model(), ids, 16)
-    code, out, _ = cli("run", artifact, "--prompt", QUESTION, "--max-new-tokens", 16, "--backend", backend,
-                       "--show-tokens")
+    code, out, _ = cli(
+        "run", artifact, "--prompt", QUESTION, "--max-new-tokens", 16, "--backend", backend, "--show-tokens"
+    )
     assert code == 0
     text, tokens = out.strip().splitlines()[0], json.loads(out.strip().splitlines()[-1])
     assert tokens == expected
@@ -63,8 +78,19 @@ def test_int4_recipe_compiles_within_its_quality_gate(tmp_path):
     from accelc.cli import main
 
     out = tmp_path / "int4"
-    code = main(["-q", "compile", str(REPO / "recipes" / "quickstart_int4.yaml"), "-o", str(out),
-                 "--set", f"cache.dir={tmp_path / 'cache'}", "--set", "eval.bench.enabled=false"])
+    code = main(
+        [
+            "-q",
+            "compile",
+            str(REPO / "recipes" / "quickstart_int4.yaml"),
+            "-o",
+            str(out),
+            "--set",
+            f"cache.dir={tmp_path / 'cache'}",
+            "--set",
+            "eval.bench.enabled=false",
+        ]
+    )
     assert code == 0
     ppl = json.loads((out / "reports" / "eval.json").read_text())["backends"]
     assert 1.0 < ppl["ort"]["ppl"] / ppl["torch"]["ppl"] < 1.25

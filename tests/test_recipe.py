@@ -1,14 +1,15 @@
 """Recipe loading: every bad recipe gets one clear message with file:line, key path, what is allowed."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
-
-from accelc.errors import RecipeError
-from accelc.recipe import json_schema, load_recipe
 from conftest import write_recipe
+
+from accelc.compiler.recipe import json_schema, load_recipe
+from accelc.errors import RecipeError
 
 
 def error_of(path, overrides=()):
@@ -43,13 +44,17 @@ def test_unknown_target_kind_lists_the_registered_ones(tmp_path):
 
 
 def test_wrong_parameter_type_points_at_the_parameter_line(tmp_path):
-    path = write_recipe(tmp_path, "model:\n  builtin: tiny-llama\npasses:\n  - type: export_onnx\n    opset: seventeen\n")
+    path = write_recipe(
+        tmp_path, "model:\n  builtin: tiny-llama\npasses:\n  - type: export_onnx\n    opset: seventeen\n"
+    )
     msg = error_of(path)
     assert f"{path}:5: passes[0].opset:" in msg and "integer" in msg and "seventeen" in msg
 
 
 def test_unknown_key_lists_allowed_keys(tmp_path):
-    path = write_recipe(tmp_path, "model:\n  builtin: tiny-llama\ntargets:\n  - kind: cpu\n    ort:\n      threads: 2\n")
+    path = write_recipe(
+        tmp_path, "model:\n  builtin: tiny-llama\ntargets:\n  - kind: cpu\n    ort:\n      threads: 2\n"
+    )
     msg = error_of(path)
     assert f"{path}:6: targets[0].ort.threads: unknown key 'threads'" in msg
     assert "intra_op_threads" in msg
@@ -104,8 +109,9 @@ def test_the_schema_editors_read_is_the_current_one():
     from pathlib import Path
 
     committed = Path(__file__).resolve().parents[1] / "docs" / "recipe.schema.json"
-    assert committed.exists() and json.loads(committed.read_text()) == json.loads(json.dumps(json_schema())), \
+    assert committed.exists() and json.loads(committed.read_text()) == json.loads(json.dumps(json_schema())), (
         "docs/recipe.schema.json is stale: run `accelc schema > docs/recipe.schema.json`"
+    )
 
 
 def test_cli_validate_and_schema(cli, tmp_path):
@@ -123,8 +129,9 @@ def test_cli_validate_and_schema(cli, tmp_path):
     assert code == 2 and "export_onnx" in err
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_every_shipped_recipe_validates(cli, path):
     code, out, err = cli("validate", path)
     assert code == 0, err

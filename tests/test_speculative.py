@@ -4,6 +4,7 @@ rejection count of algorithms.md 4 R2, KV rollback, and bad input.
 
 The table models and statistics helpers here are reused by the other speculative test files.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -12,17 +13,23 @@ import math
 import numpy as np
 import pytest
 
-from accelc.decoding.autoregressive import Sampler, generate
-from accelc.decoding.batch_speculative import batch_speculative_generate
-from accelc.decoding.pearl import pearl_generate
-from accelc.decoding.speculative import (STREAM_DRAFT, position_uniform, sample_index, speculative_generate,
-                                         tv_distance, verify_token)
-from accelc.decoding.stairs import stairs_generate
 from accelc.errors import UsageError
+from accelc.loops.autoregressive import Sampler, generate
+from accelc.loops.batch_speculative import batch_speculative_generate
+from accelc.loops.pearl import pearl_generate
+from accelc.loops.speculative import (
+    STREAM_DRAFT,
+    position_uniform,
+    sample_index,
+    speculative_generate,
+    tv_distance,
+    verify_token,
+)
+from accelc.loops.stairs import stairs_generate
 from accelc.runtime.base import KVState, KVStepModel
 
 SAMPLES = 10000  # per distribution test, 2-5 s: a 0.05 TV bias toward the draft fails every time
-P_VALUE = 1e-3   # algorithms.md 4(d): reject exactness at p < 0.001
+P_VALUE = 1e-3  # algorithms.md 4(d): reject exactness at p < 0.001
 # chi-square critical values at p = 0.001 for small degrees of freedom (Wilson-Hilferty above)
 _CHI2_CRIT = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515}
 _Z_999 = 3.090232  # standard normal quantile at 1 - 0.001
@@ -94,19 +101,58 @@ def run(method: str, target, draft, prompt, max_new, *, gamma=2, sampler=Sampler
     """Every speculative method behind one call (stairs is greedy only: its n plays gamma)."""
     shared = {"prompt_kv_from_target": kw.get("prompt_kv_from_target", False)}
     if method == "speculative":
-        return speculative_generate(target, draft, prompt, max_new, gamma=gamma, sampler=sampler,
-                                    eos_ids=eos_ids, seed=seed, lookup=kw.get("lookup"), **shared)
+        return speculative_generate(
+            target,
+            draft,
+            prompt,
+            max_new,
+            gamma=gamma,
+            sampler=sampler,
+            eos_ids=eos_ids,
+            seed=seed,
+            lookup=kw.get("lookup"),
+            **shared,
+        )
     if method == "batch_speculative":
-        return batch_speculative_generate(target, draft, prompt, max_new, gamma=gamma, sampler=sampler,
-                                          eos_ids=eos_ids, seed=seed, num_candidates=kw.get("num_candidates", 3),
-                                          **shared)
+        return batch_speculative_generate(
+            target,
+            draft,
+            prompt,
+            max_new,
+            gamma=gamma,
+            sampler=sampler,
+            eos_ids=eos_ids,
+            seed=seed,
+            num_candidates=kw.get("num_candidates", 3),
+            **shared,
+        )
     if method == "pearl":
-        return pearl_generate(target, draft, prompt, max_new, gamma=gamma, sampler=sampler, eos_ids=eos_ids,
-                              seed=seed, concurrent=kw.get("concurrent", False), lookup=kw.get("lookup"), **shared)
+        return pearl_generate(
+            target,
+            draft,
+            prompt,
+            max_new,
+            gamma=gamma,
+            sampler=sampler,
+            eos_ids=eos_ids,
+            seed=seed,
+            concurrent=kw.get("concurrent", False),
+            lookup=kw.get("lookup"),
+            **shared,
+        )
     if method == "stairs":
         assert sampler.temperature == 0.0
-        return stairs_generate(target, draft, prompt, max_new, candidates=gamma, eos_ids=eos_ids,
-                               validation=kw.get("validation", "auto"), lookup=kw.get("lookup"), **shared)
+        return stairs_generate(
+            target,
+            draft,
+            prompt,
+            max_new,
+            candidates=gamma,
+            eos_ids=eos_ids,
+            validation=kw.get("validation", "auto"),
+            lookup=kw.get("lookup"),
+            **shared,
+        )
     raise KeyError(method)
 
 
@@ -128,7 +174,7 @@ def exact_joint(model, prompt, horizon, sampler) -> dict[tuple[int, ...], float]
     out = {}
     for seq in itertools.product(range(v), repeat=horizon):
         logits, _ = model.prefill(np.asarray(list(prompt) + list(seq[:-1])))
-        rows = logits[len(prompt) - 1:]
+        rows = logits[len(prompt) - 1 :]
         out[seq] = float(np.prod([sampler.probs(rows[i])[seq[i]] for i in range(horizon)]))
     return out
 
@@ -228,7 +274,7 @@ def test_short_budgets_and_eos_stop_exactly(method):
         assert run(method, target, draft, [1], max_new, gamma=4).tokens == expected
     full = generate(target, [1], 30).tokens
     eos = full[5]
-    assert run(method, target, draft, [1], 30, gamma=4, eos_ids=(eos,)).tokens == full[:full.index(eos) + 1]
+    assert run(method, target, draft, [1], 30, gamma=4, eos_ids=(eos,)).tokens == full[: full.index(eos) + 1]
 
 
 # --------------------------------------------------------------------------- exact distributions
@@ -236,17 +282,19 @@ DIST_TARGET = random_table(3, seed=11)
 DIST_DRAFT = noisy(DIST_TARGET, seed=12, sigma=1.0)
 
 
-@pytest.mark.parametrize("gamma,sampler", [
-    (1, Sampler(temperature=1.0)),
-    (3, Sampler(temperature=0.7, top_k=2)),
-    (2, Sampler(temperature=1.5, top_p=0.8)),
-])
+@pytest.mark.parametrize(
+    "gamma,sampler",
+    [
+        (1, Sampler(temperature=1.0)),
+        (3, Sampler(temperature=0.7, top_k=2)),
+        (2, Sampler(temperature=1.5, top_p=0.8)),
+    ],
+)
 def test_speculative_sampling_is_distributed_as_the_target(gamma, sampler):
     target, draft = TableModel(DIST_TARGET), TableModel(DIST_DRAFT)
     prompt, horizon = [0, 2], 4  # the first token comes from prefill; three from rounds
     exact = exact_joint(target, prompt, horizon, sampler)
-    samples = sample_first_tokens("speculative", target, draft, prompt, horizon, SAMPLES, gamma=gamma,
-                                  sampler=sampler)
+    samples = sample_first_tokens("speculative", target, draft, prompt, horizon, SAMPLES, gamma=gamma, sampler=sampler)
     assert_distribution(samples, exact)
 
 
@@ -279,7 +327,7 @@ def test_rejections_match_the_sum_of_tv_distances(method):
 def test_unigram_pair_matches_the_closed_forms():
     """Position-independent p and q: rejections per verified position -> TV(p, q), tokens per
     round -> (1 - alpha^(gamma+1)) / (1 - alpha) with alpha = 1 - TV (algorithms.md 4 R2, R6)."""
-    from accelc.decoding.cost_model import expected_accepted_length
+    from accelc.loops.cost_model import expected_accepted_length
 
     p_logits, q_logits = np.log([0.5, 0.3, 0.15, 0.05]), np.log([0.25, 0.25, 0.25, 0.25])
     target, draft = unigram(p_logits), unigram(q_logits)
@@ -309,10 +357,13 @@ def test_a_draft_equal_to_the_target_gives_one_sample_for_every_method():
         for _ in range(25):
             logits, _ = target.prefill(np.asarray(ref))
             ref.append(sample_index(sampler.probs(logits[-1]), position_uniform(seed, len(ref), STREAM_DRAFT)))
-        outs = [run("speculative", target, target, [2, 4], 25, gamma=g, sampler=sampler, seed=seed).tokens
-                for g in (1, 4)]
-        outs += [run(m, target, target, [2, 4], 25, gamma=3, sampler=sampler, seed=seed).tokens
-                 for m in ("batch_speculative", "pearl")]
+        outs = [
+            run("speculative", target, target, [2, 4], 25, gamma=g, sampler=sampler, seed=seed).tokens for g in (1, 4)
+        ]
+        outs += [
+            run(m, target, target, [2, 4], 25, gamma=3, sampler=sampler, seed=seed).tokens
+            for m in ("batch_speculative", "pearl")
+        ]
         for out in outs:
             assert out == ref[2:]
 
@@ -333,7 +384,7 @@ def test_target_cache_holds_only_committed_tokens_when_extended(method):
         final = prompt + out
         assert target.seen[0] == [] and len(target.seen) > 3  # the prefill, then the rounds
         for hist in target.seen[1:]:
-            assert len(hist) >= len(prompt) and hist == final[:len(hist)], (hist, final)
+            assert len(hist) >= len(prompt) and hist == final[: len(hist)], (hist, final)
 
 
 def test_table_truncate_then_extend_equals_a_fresh_prefill():
@@ -411,8 +462,8 @@ def torch_models(llama):
 @pytest.fixture(scope="module")
 def ort_models(llama):
     pytest.importorskip("onnxruntime")
+    from accelc.compiler.optimum_adapter import export_decoder_with_past
     from accelc.families.causal_lm import load_model
-    from accelc.optimum_adapter import export_decoder_with_past
     from accelc.runtime.ort_backend import OrtStepModel
 
     root, target_dir, drafts = llama
@@ -427,8 +478,9 @@ PROMPTS = [[72, 101, 108, 108, 111], [3, 1, 4, 1, 5, 9, 2, 6], [200]]
 
 @pytest.mark.parametrize("backend", ["torch", "ort"])
 def test_truncate_then_extend_equals_a_fresh_prefill_on_real_backends(backend, request):
-    model = (request.getfixturevalue("torch_models")[0] if backend == "torch"
-             else request.getfixturevalue("ort_models")[0])
+    model = (
+        request.getfixturevalue("torch_models")[0] if backend == "torch" else request.getfixturevalue("ort_models")[0]
+    )
     ids = np.array([5, 17, 99, 3, 42, 7, 64], dtype=np.int64)
     _, state = model.prefill(ids)
     cut = model.truncate(state, 4)
@@ -470,7 +522,7 @@ def test_greedy_equality_through_onnx_runtime(ort_models, torch_models):
 def fused_target(llama):
     """The target as a fused ONNX graph: ORT keeps its KV cache in place."""
     pytest.importorskip("onnxruntime")
-    from accelc import fused_decoder
+    from accelc.compiler import fused_decoder
     from accelc.families.causal_lm import load_model
     from accelc.runtime.ort_backend import OrtStepModel
 
@@ -522,12 +574,13 @@ def test_sampling_on_torch_is_reproducible_and_thread_independent(torch_models):
 
 def test_alpha_of_the_tiny_llama_against_itself_is_one(torch_models):
     """The cost model on a real model (its own tests live in test_cost_model.py)."""
-    from accelc.decoding.cost_model import estimate_alpha
+    from accelc.loops.cost_model import estimate_alpha
 
     target, drafts = torch_models
     for sampler in (Sampler(), Sampler(temperature=1.0)):
         for adopt in (False, True):  # either way the token the target's prefill commits is not drafted
-            est = estimate_alpha(target, target, [PROMPTS[0]], sampler=sampler, new_tokens=8,
-                                 prompt_kv_from_target=adopt)
+            est = estimate_alpha(
+                target, target, [PROMPTS[0]], sampler=sampler, new_tokens=8, prompt_kv_from_target=adopt
+            )
             assert est.alpha == pytest.approx(1.0, abs=1e-6) and est.positions == 7
     assert estimate_alpha(target, drafts["random"], [PROMPTS[0]], new_tokens=8).alpha < 0.5

@@ -1,4 +1,5 @@
 """The `speculative` pass end to end: plan figures, validation of the rewritten loop, bad drafts."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,11 @@ def test_rewritten_loop_is_validated_on_every_backend(cli, tiny_recipe, tmp_path
 
 def test_subnet_draft_comes_from_the_pruning_passes(cli, tiny_recipe, tmp_path):
     recipe = spec_recipe(tiny_recipe)
-    recipe.write_text(recipe.read_text().replace(
-        "{keep_layers: [0]}", "{subnet_ratio: 0.5, search_generations: 2, search_population: 6}"))
+    recipe.write_text(
+        recipe.read_text().replace(
+            "{keep_layers: [0]}", "{subnet_ratio: 0.5, search_generations: 2, search_population: 6}"
+        )
+    )
     out = tmp_path / "out"
     code, _, err = cli("compile", recipe, "-o", out)
     assert code == 0, err
@@ -61,7 +65,9 @@ def test_subnet_draft_comes_from_the_pruning_passes(cli, tiny_recipe, tmp_path):
 def test_after_export_alpha_and_cost_are_measured_on_the_ort_graphs(cli, tiny_recipe, tmp_path):
     recipe = tiny_recipe()
     step = SPEC.format(strategy="speculative", fallback="false")
-    recipe.write_text(recipe.read_text().replace("  - type: export_onnx\n", "  - type: export_onnx\n" + step.lstrip("\n")))
+    recipe.write_text(
+        recipe.read_text().replace("  - type: export_onnx\n", "  - type: export_onnx\n" + step.lstrip("\n"))
+    )
     out = tmp_path / "out"
     code, _, err = cli("compile", recipe, "-o", out)
     assert code == 0, err
@@ -74,7 +80,7 @@ def test_after_export_alpha_and_cost_are_measured_on_the_ort_graphs(cli, tiny_re
 
 
 def test_no_predicted_gain_falls_back_to_autoregressive(cli, tiny_recipe, tmp_path, monkeypatch):
-    from accelc.decoding import cost_model
+    from accelc.loops import cost_model
 
     # Timings of tiny models on a busy machine decide nothing reliably, so the draft is priced
     # like the target (c = 1, verification = one step per token): then no gamma can pay,
@@ -93,9 +99,10 @@ def test_no_predicted_gain_falls_back_to_autoregressive(cli, tiny_recipe, tmp_pa
 
 
 def test_draft_with_another_vocabulary_is_a_usage_error(cli, tiny_recipe, tmp_path):
+    import shutil
+
     from accelc.families.causal_lm import _builtin_dir
     from accelc.families.tiny import byte_tokenizer
-    import shutil
 
     draft = tmp_path / "draft"
     shutil.copytree(_builtin_dir("tiny-llama"), draft)
@@ -116,7 +123,9 @@ def test_bad_layer_selection_is_a_usage_error(cli, tiny_recipe, tmp_path):
 def after_export(tiny_recipe, draft: str, backends: str = "[ort]"):
     recipe = tiny_recipe(backends=backends)
     step = SPEC.format(strategy="speculative", fallback="false").replace("{keep_layers: [0]}", draft)
-    recipe.write_text(recipe.read_text().replace("  - type: export_onnx\n", "  - type: export_onnx\n" + step.lstrip("\n")))
+    recipe.write_text(
+        recipe.read_text().replace("  - type: export_onnx\n", "  - type: export_onnx\n" + step.lstrip("\n"))
+    )
     return recipe
 
 
@@ -128,7 +137,9 @@ def test_compressed_self_draft_int8_weights_and_truncated_head(cli, tiny_recipe,
     from accelc.runtime.artifact import Artifact
 
     out = tmp_path / "out"
-    recipe = after_export(tiny_recipe, f"{{from_target: true, weights: int8{layout}, vocab: 24}}", backends="[ort, tvm]")
+    recipe = after_export(
+        tiny_recipe, f"{{from_target: true, weights: int8{layout}, vocab: 24}}", backends="[ort, tvm]"
+    )
     code, _, err = cli("compile", recipe, "-o", out)
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
@@ -166,8 +177,9 @@ def test_compressed_self_draft_int8_weights_and_truncated_head(cli, tiny_recipe,
 
 def test_lookup_drafts_are_planned_priced_and_validated(cli, tiny_recipe, tmp_path):
     out = tmp_path / "out"
-    code, _, err = cli("compile", after_export(tiny_recipe, "{keep_layers: [0], lookup: 6, lookup_ngram: 2}"),
-                       "-o", out)
+    code, _, err = cli(
+        "compile", after_export(tiny_recipe, "{keep_layers: [0], lookup: 6, lookup_ngram: 2}"), "-o", out
+    )
     assert code == 0, err
     plan = json.loads((out / "decode" / "plan.json").read_text())
     assert 0.0 <= plan["lookup_match_rate"] <= 1.0
@@ -183,13 +195,16 @@ def test_lookup_drafts_are_planned_priced_and_validated(cli, tiny_recipe, tmp_pa
     assert code == 0 and "[speculative]" in err
 
 
-@pytest.mark.parametrize("draft, placed_after_export, message", [
-    ("{keep_layers: [0], lookup_ngram: 2}", True, "set 'lookup' too"),
-    ("{from_target: true}", True, "needs 'weights'"),
-    ("{from_target: true, weights: int4}", False, "after export_onnx"),
-    ("{keep_layers: [0], vocab: 100000}", True, "exceeds the"),
-    ("{keep_layers: [0], block_size: 64}", True, "set 'weights' too"),
-])
+@pytest.mark.parametrize(
+    "draft, placed_after_export, message",
+    [
+        ("{keep_layers: [0], lookup_ngram: 2}", True, "set 'lookup' too"),
+        ("{from_target: true}", True, "needs 'weights'"),
+        ("{from_target: true, weights: int4}", False, "after export_onnx"),
+        ("{keep_layers: [0], vocab: 100000}", True, "exceeds the"),
+        ("{keep_layers: [0], block_size: 64}", True, "set 'weights' too"),
+    ],
+)
 def test_bad_compressed_drafts_are_usage_errors(cli, tiny_recipe, tmp_path, draft, placed_after_export, message):
     if placed_after_export:
         recipe = after_export(tiny_recipe, draft)
@@ -232,17 +247,29 @@ def test_pearl_plan_prices_and_runs_its_workers_on_their_share_of_the_cores(cli,
     assert json.loads((out / "reports" / "validation.json").read_text())["decode_plan"]["verdict"] == "pass"
 
 
-@pytest.mark.parametrize("plan, tvm_dirs, expected", [
-    # a draft of its own on every backend: the plan runs everywhere
-    ({"strategy": "stairs", "draft_source": "path"}, {"target": "tvm/target", "draft": "tvm/draft"},
-     {"torch": "stairs", "ort": "stairs", "tvm": "stairs"}),
-    # made from the target's weights by an older accelc: torch's and TVM's "draft" is the target itself
-    ({"strategy": "speculative", "draft_prompt_kv": "target"}, {"target": "tvm/target", "draft": "tvm/target"},
-     {"torch": "greedy", "ort": "speculative", "tvm": "greedy"}),
-    # a sampling plan falls back to sampling, not to greedy decoding
-    ({"strategy": "pearl", "sampling": True, "draft_source": "from_target"}, {"target": "tvm/target"},
-     {"torch": "sample", "ort": "pearl", "tvm": "sample"}),
-])
+@pytest.mark.parametrize(
+    "plan, tvm_dirs, expected",
+    [
+        # a draft of its own on every backend: the plan runs everywhere
+        (
+            {"strategy": "stairs", "draft_source": "path"},
+            {"target": "tvm/target", "draft": "tvm/draft"},
+            {"torch": "stairs", "ort": "stairs", "tvm": "stairs"},
+        ),
+        # made from the target's weights by an older accelc: torch's and TVM's "draft" is the target itself
+        (
+            {"strategy": "speculative", "draft_prompt_kv": "target"},
+            {"target": "tvm/target", "draft": "tvm/target"},
+            {"torch": "greedy", "ort": "speculative", "tvm": "greedy"},
+        ),
+        # a sampling plan falls back to sampling, not to greedy decoding
+        (
+            {"strategy": "pearl", "sampling": True, "draft_source": "from_target"},
+            {"target": "tvm/target"},
+            {"torch": "sample", "ort": "pearl", "tvm": "sample"},
+        ),
+    ],
+)
 def test_a_backend_without_the_draft_decodes_plainly_and_says_why(tmp_path, plan, tvm_dirs, expected):
     from accelc.runtime.artifact import HF_DIRS, Artifact
 
@@ -250,8 +277,9 @@ def test_a_backend_without_the_draft_decodes_plainly_and_says_why(tmp_path, plan
         (tmp_path / rel).mkdir(parents=True)
         (tmp_path / rel / "config.json").write_text("{}")
     runtime = {"ort": {"graphs": {"target": "decoder", "draft": "draft"}, "session": {}}, "tvm": {"dirs": tvm_dirs}}
-    (tmp_path / "manifest.json").write_text(json.dumps({"targets": [{"kind": "cpu", "dir": "targets/cpu",
-                                                                     "runtime": runtime}]}))
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"targets": [{"kind": "cpu", "dir": "targets/cpu", "runtime": runtime}]})
+    )
     (tmp_path / "decode").mkdir()
     (tmp_path / "decode" / "plan.json").write_text(json.dumps(plan))
     art = Artifact(tmp_path)

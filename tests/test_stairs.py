@@ -1,10 +1,12 @@
-""""Stairs" assisted greedy: staircase validation equals its single-sequence lowering, both equal
+""" "Stairs" assisted greedy: staircase validation equals its single-sequence lowering, both equal
 target greedy, call counts, and the assistant's adaptive batch size."""
+
 from __future__ import annotations
 
-from accelc.decoding.autoregressive import generate
-from accelc.decoding.stairs import stairs_generate
 from test_speculative import TableModel, noisy, random_table
+
+from accelc.loops.autoregressive import generate
+from accelc.loops.stairs import stairs_generate
 
 
 class LastPositionOnly(TableModel):

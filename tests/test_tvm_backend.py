@@ -1,6 +1,7 @@
 """TVM target + runtime: a tiny seeded model of each supported family, lowered once per module,
 must reproduce Hugging Face's logits for prefill, single-token and multi-token extends,
 truncation, and greedy generation."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ pytest.importorskip("tvm")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from accelc.decoding.autoregressive import generate  # noqa: E402
 from accelc.errors import UsageError  # noqa: E402
+from accelc.loops.autoregressive import generate  # noqa: E402
 from accelc.runtime.base import StepModel  # noqa: E402
 from accelc.runtime.tvm_backend import TVMStepModel  # noqa: E402
 from accelc.targets import tvm_build  # noqa: E402
@@ -31,19 +32,41 @@ INIT_STD = 0.3
 # Tiny configs: 2 layers, hidden 64, 4 heads (2 KV heads where the family has GQA).
 TINY = {
     "llama": lambda: transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=MAX_SEQ_LEN,
-        tie_word_embeddings=True, rope_theta=1e5, initializer_range=INIT_STD),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=MAX_SEQ_LEN,
+        tie_word_embeddings=True,
+        rope_theta=1e5,
+        initializer_range=INIT_STD,
+    ),
     "qwen2": lambda: transformers.Qwen2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=MAX_SEQ_LEN,
-        tie_word_embeddings=False, initializer_range=INIT_STD),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=MAX_SEQ_LEN,
+        tie_word_embeddings=False,
+        initializer_range=INIT_STD,
+    ),
     "gpt2": lambda: transformers.GPT2Config(
-        n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=MAX_SEQ_LEN,
-        initializer_range=INIT_STD),
+        n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=MAX_SEQ_LEN, initializer_range=INIT_STD
+    ),
     "opt": lambda: transformers.OPTConfig(
-        hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-        max_position_embeddings=MAX_SEQ_LEN, word_embed_proj_dim=64, init_std=INIT_STD),
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=MAX_SEQ_LEN,
+        word_embed_proj_dim=64,
+        init_std=INIT_STD,
+    ),
 }
 
 
@@ -85,7 +108,7 @@ def assert_close(ours: np.ndarray, ref: np.ndarray):
 
 
 def test_artifact_metadata(lowered):
-    family, model, step, meta = lowered
+    family, _model, step, meta = lowered
     assert isinstance(step, StepModel) and step.name == "tvm"
     assert step.vocab_size == VOCAB
     written = json.loads((step.artifact_dir / tvm_build.META_FILE).read_text())
@@ -112,8 +135,12 @@ def test_extends_match_hf_with_past(lowered):
     same tokens on top of its own KV cache."""
     _, model, step, _ = lowered
     ids = token_ids(PROMPT_LEN + 5)
-    chunks = [ids[:PROMPT_LEN], ids[PROMPT_LEN:PROMPT_LEN + 1], ids[PROMPT_LEN + 1:PROMPT_LEN + 2],
-              ids[PROMPT_LEN + 2:]]
+    chunks = [
+        ids[:PROMPT_LEN],
+        ids[PROMPT_LEN : PROMPT_LEN + 1],
+        ids[PROMPT_LEN + 1 : PROMPT_LEN + 2],
+        ids[PROMPT_LEN + 2 :],
+    ]
     state = step.empty_state()
     past = None
     with torch.no_grad():
@@ -152,8 +179,13 @@ def test_greedy_generation_matches_hf_generate(lowered):
     _, model, step, _ = lowered
     prompt = token_ids(PROMPT_LEN)
     with torch.no_grad():
-        ref = model.generate(torch.from_numpy(prompt)[None], max_new_tokens=GREEDY_TOKENS,
-                             min_new_tokens=GREEDY_TOKENS, do_sample=False, pad_token_id=0)
+        ref = model.generate(
+            torch.from_numpy(prompt)[None],
+            max_new_tokens=GREEDY_TOKENS,
+            min_new_tokens=GREEDY_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+        )
     expected = ref[0, PROMPT_LEN:].tolist()
     ours = generate(step, prompt.tolist(), GREEDY_TOKENS).tokens
     assert ours == expected
@@ -175,8 +207,9 @@ def test_truncate_then_extend_equals_fresh(lowered):
         step.truncate(state, state.length + 1)
 
 
-@pytest.mark.parametrize("bad", [np.array([], dtype=np.int64), np.zeros((2, 2), dtype=np.int64),
-                                 np.array([VOCAB]), np.array([0.5])])
+@pytest.mark.parametrize(
+    "bad", [np.array([], dtype=np.int64), np.zeros((2, 2), dtype=np.int64), np.array([VOCAB]), np.array([0.5])]
+)
 def test_bad_ids_rejected(lowered, bad):
     _, _, step, _ = lowered
     with pytest.raises(UsageError):
@@ -196,8 +229,14 @@ def test_sequence_longer_than_compiled_bound_rejected(lowered):
 
 
 def test_unsupported_family_is_a_usage_error(tmp_path):
-    config = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)
+    config = transformers.MistralConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+    )
     model = transformers.MistralForCausalLM(config)
     with pytest.raises(UsageError, match="llama"):
         tvm_build.lower_causal_lm(model, tmp_path, tvm_build.host_llvm_target())
@@ -210,5 +249,5 @@ def test_non_fp32_model_is_a_usage_error(tmp_path):
 
 
 def test_missing_artifact_is_a_usage_error(tmp_path):
-    with pytest.raises(UsageError, match="tvm_meta.json"):
+    with pytest.raises(UsageError, match=r"tvm_meta\.json"):
         TVMStepModel(tmp_path)

@@ -17,15 +17,16 @@ attention unit under gqa="query" is "the k-th best query head of every KV group"
 mean of those heads), so its kept heads always form a legal GQA layout. Statistics come from the
 dense model (FLAP computes its metrics once, before pruning).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from accelc.compiler.pruning.importance import CalibrationStats, Importance, scores, weight_norms
+from accelc.compiler.pruning.masks import Budget, Geometry, LayerMask, SearchSpace, Subnet, check_feasible
 from accelc.errors import UsageError
-from accelc.pruning.importance import CalibrationStats, Importance, scores, weight_norms
-from accelc.pruning.masks import Budget, Geometry, LayerMask, SearchSpace, Subnet, check_feasible
 
 METHODS = ("magnitude", "wanda_sp", "flap")
 
@@ -48,8 +49,9 @@ def uniform_shape(space: SearchSpace, budget: Budget, *, prune_attention: bool =
     best = None
     for option in options:
         n_q = space.option_shape(option, 0)[0]
-        fitting = [w for w in space.widths
-                   if budget.cost((space.option_shape(option, w),) * g.num_layers) <= budget.limit]
+        fitting = [
+            w for w in space.widths if budget.cost((space.option_shape(option, w),) * g.num_layers) <= budget.limit
+        ]
         if not fitting:
             continue
         width = fitting[-1]
@@ -57,9 +59,11 @@ def uniform_shape(space: SearchSpace, budget: Budget, *, prune_attention: bool =
         if best is None or imbalance < best[0] - 1e-12:
             best = (imbalance, option, width)
     if best is None:
-        raise UsageError(f"no uniform subnet meets the budget ({budget.describe()['limit']:,.0f} "
-                         f"{budget.unit}) with prune_attention={prune_attention}; "
-                         f"lower the ratio or allow attention pruning")
+        raise UsageError(
+            f"no uniform subnet meets the budget ({budget.describe()['limit']:,.0f} "
+            f"{budget.unit}) with prune_attention={prune_attention}; "
+            f"lower the ratio or allow attention pruning"
+        )
     return best[1], best[2]
 
 
@@ -74,8 +78,9 @@ def magnitude(model, space: SearchSpace, budget: Budget, *, prune_attention: boo
     return Pruned("magnitude", uniform(space, budget, imp, prune_attention=prune_attention))
 
 
-def wanda_sp(model, space: SearchSpace, budget: Budget, stats: CalibrationStats, *,
-             prune_attention: bool = True) -> Pruned:
+def wanda_sp(
+    model, space: SearchSpace, budget: Budget, stats: CalibrationStats, *, prune_attention: bool = True
+) -> Pruned:
     imp = scores(space.geometry, weight_norms(model), stats, "wanda")
     return Pruned("wanda_sp", uniform(space, budget, imp, prune_attention=prune_attention))
 
@@ -96,11 +101,10 @@ def _head_units(space: SearchSpace, head_scores: np.ndarray):
     units = []
     for row in head_scores:
         by_group = row.reshape(g.num_kv_heads, G)
-        if space.gqa == "query":   # unit k: the k-th best head of every group
+        if space.gqa == "query":  # unit k: the k-th best head of every group
             order = np.argsort(-by_group, axis=1, kind="stable")
-            layer = [(float(np.mean(by_group[np.arange(g.num_kv_heads), order[:, k]])), k)
-                     for k in range(G)]
-        else:                      # unit k: the k-th best whole group
+            layer = [(float(np.mean(by_group[np.arange(g.num_kv_heads), order[:, k]])), k) for k in range(G)]
+        else:  # unit k: the k-th best whole group
             gs = by_group.mean(axis=1)
             layer = [(float(gs[j]), k) for k, j in enumerate(np.argsort(-gs, kind="stable"))]
         units.append(layer)
@@ -133,7 +137,7 @@ def adaptive_subnet(space: SearchSpace, budget: Budget, head_z: np.ndarray, chan
 
     # everything starts at the minimum legal size; add by decreasing score while it fits
     kept_units = np.ones(L, dtype=int)
-    kept_ch = [[int(c) for c in order_ch[i][:space.widths[0]]] for i in range(L)]
+    kept_ch = [[int(c) for c in order_ch[i][: space.widths[0]]] for i in range(L)]
     in_set = [set(c) for c in kept_ch]
     widths = [len(c) for c in kept_ch]
     for _, kind, i, k in items:
@@ -162,18 +166,24 @@ def adaptive_subnet(space: SearchSpace, budget: Budget, head_z: np.ndarray, chan
             trial = list(snapped)
             trial[i] = nxt
             if budget.cost(shape_of(kept_units, trial)) <= budget.limit:
-                gains.append((float(channel_z[i, order_ch[i][snapped[i]:nxt]].mean()), -i, nxt))
+                gains.append((float(channel_z[i, order_ch[i][snapped[i] : nxt]].mean()), -i, nxt))
         if not gains:
             break
         _, neg_i, nxt = max(gains)
         snapped[-neg_i] = nxt
-    return Subnet(tuple(LayerMask(space.select_heads(int(u) - 1, head_z[i]),
-                                  tuple(sorted(int(c) for c in order_ch[i][:snapped[i]])))
-                        for i, u in enumerate(kept_units)))
+    return Subnet(
+        tuple(
+            LayerMask(
+                space.select_heads(int(u) - 1, head_z[i]), tuple(sorted(int(c) for c in order_ch[i][: snapped[i]]))
+            )
+            for i, u in enumerate(kept_units)
+        )
+    )
 
 
-def flap(model, space: SearchSpace, budget: Budget, stats: CalibrationStats, *,
-         bias_compensation: bool = True) -> Pruned:
+def flap(
+    model, space: SearchSpace, budget: Budget, stats: CalibrationStats, *, bias_compensation: bool = True
+) -> Pruned:
     """FLAP with adaptive structure, then widths snapped to the space and fitted to the budget."""
     import torch
 
@@ -183,13 +193,15 @@ def flap(model, space: SearchSpace, budget: Budget, stats: CalibrationStats, *,
     space.check(subnet)
     overrides = {}
     if bias_compensation:
-        from accelc.pruning.materialize import _index_sets
+        from accelc.compiler.pruning.materialize import _index_sets
 
         with torch.no_grad():
             for i, (layer, mask) in enumerate(zip(model.model.layers, subnet.layers)):
                 q_rows, _, ch, _ = _index_sets(geo, mask.heads, mask.channels)
-                for name, lin, keep, st in (("o_proj", layer.self_attn.o_proj, q_rows, stats.o_proj[i]),
-                                            ("down_proj", layer.mlp.down_proj, ch, stats.down_proj[i])):
+                for name, lin, keep, st in (
+                    ("o_proj", layer.self_attn.o_proj, q_rows, stats.o_proj[i]),
+                    ("down_proj", layer.mlp.down_proj, ch, stats.down_proj[i]),
+                ):
                     W = lin.weight.detach().double()
                     removed = torch.ones(W.shape[1], dtype=torch.bool)
                     removed[keep] = False

@@ -19,6 +19,7 @@ Scores (higher = more important; W is the consumer's weight [out, C]):
 
 A head's score is the sum of its d channel scores; a KV group's is the sum over its query heads.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,9 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from accelc import progress
+from accelc.compiler.pruning.masks import Geometry
 from accelc.data import token_windows
 from accelc.errors import UsageError
-from accelc.pruning.masks import Geometry
 
 METRICS = ("fluctuation", "energy", "wanda", "magnitude")
 # Measured on SmolLM2 (uniform MLP 1152, 16 x 512 tokens of emma, persuasion ppl): energy 55.7,
@@ -36,9 +37,16 @@ METRICS = ("fluctuation", "energy", "wanda", "magnitude")
 DEFAULT_METRIC = "energy"
 
 
-def calibration_windows(tokenizer, text: str, *, window: int = 512, max_windows: int | None = 16,
-                        text_name: str = "calibration", skip: int = 0,
-                        spread: bool = False) -> list[np.ndarray]:
+def calibration_windows(
+    tokenizer,
+    text: str,
+    *,
+    window: int = 512,
+    max_windows: int | None = 16,
+    text_name: str = "calibration",
+    skip: int = 0,
+    spread: bool = False,
+) -> list[np.ndarray]:
     """Disjoint windows of `window` tokens (no special tokens added), after `skip` windows.
 
     spread=False: the next `max_windows` windows; spread=True: `max_windows` windows evenly
@@ -51,8 +59,10 @@ def calibration_windows(tokenizer, text: str, *, window: int = 512, max_windows:
     wins = [w for w, _ in token_windows(ids, window, window, wanted, what=f"calibration text '{text_name}'")]
     rest = wins[skip:]
     if not rest:
-        raise UsageError(f"calibration text '{text_name}' has {len(wins)} windows of {window} tokens, "
-                         f"none left after skipping {skip}")
+        raise UsageError(
+            f"calibration text '{text_name}' has {len(wins)} windows of {window} tokens, "
+            f"none left after skipping {skip}"
+        )
     if spread and max_windows is not None:
         return [rest[int(i)] for i in np.unique(np.linspace(0, len(rest) - 1, max_windows).round())]
     return rest
@@ -71,7 +81,7 @@ class ChannelStats:
         self.gram = torch.zeros(channels, channels, dtype=torch.float64) if gram else None
 
     def update(self, x) -> None:
-        x = x.detach().reshape(-1, self.channels).float()   # [N, C]
+        x = x.detach().reshape(-1, self.channels).float()  # [N, C]
         self.count += x.shape[0]
         x64 = x.double()
         self.sum += x64.sum(0)
@@ -90,13 +100,13 @@ class ChannelStats:
 
     @property
     def var(self) -> np.ndarray:
-        return np.maximum(self.mean_square - self.mean ** 2, 0.0)
+        return np.maximum(self.mean_square - self.mean**2, 0.0)
 
 
 @dataclass
 class CalibrationStats:
     geometry: Geometry
-    o_proj: list[ChannelStats]     # per layer, inputs of o_proj [H*d]
+    o_proj: list[ChannelStats]  # per layer, inputs of o_proj [H*d]
     down_proj: list[ChannelStats]  # per layer, inputs of down_proj [d_ff]
     windows: int
     tokens: int
@@ -111,7 +121,7 @@ class CalibrationStats:
         np.savez(path, **arrays)
 
     @classmethod
-    def load(cls, path, geometry: Geometry) -> "CalibrationStats":
+    def load(cls, path, geometry: Geometry) -> CalibrationStats:
         import torch
 
         with np.load(path, allow_pickle=False) as data:
@@ -123,11 +133,14 @@ class CalibrationStats:
                     st.count, st.sum, st.sumsq = int(count), torch.from_numpy(total.copy()), torch.from_numpy(sq.copy())
                     stats.append(st)
                 per_module[name] = stats
-            if (len(per_module["o_proj"]) != geometry.num_layers
-                    or per_module["down_proj"][0].channels != geometry.intermediate):
+            if (
+                len(per_module["o_proj"]) != geometry.num_layers
+                or per_module["down_proj"][0].channels != geometry.intermediate
+            ):
                 raise UsageError(f"{path}: calibration statistics were collected on a different model shape")
-            return cls(geometry, per_module["o_proj"], per_module["down_proj"], int(data["windows"]),
-                       int(data["tokens"]))
+            return cls(
+                geometry, per_module["o_proj"], per_module["down_proj"], int(data["windows"]), int(data["tokens"])
+            )
 
     def grams(self) -> dict:
         """{(layer, "o_proj"|"down_proj"): X^T X} (collect with gram=True), for reform.oneshot."""
@@ -139,8 +152,7 @@ class CalibrationStats:
         return out
 
 
-def collect(model, windows: list[np.ndarray], *, gram: bool = False,
-            show_progress: bool = True) -> CalibrationStats:
+def collect(model, windows: list[np.ndarray], *, gram: bool = False, show_progress: bool = True) -> CalibrationStats:
     """Run the model over calibration windows and accumulate the statistics of every layer."""
     import torch
 
@@ -149,15 +161,14 @@ def collect(model, windows: list[np.ndarray], *, gram: bool = False,
     d_stats = [ChannelStats(geo.intermediate, gram) for _ in range(geo.num_layers)]
     handles = []
     for layer, so, sd in zip(model.model.layers, o_stats, d_stats):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
-            lambda mod, args, s=so: s.update(args[0])))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(
-            lambda mod, args, s=sd: s.update(args[0])))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda mod, args, s=so: s.update(args[0])))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(lambda mod, args, s=sd: s.update(args[0])))
     tokens = 0
     try:
         with torch.inference_mode():
-            for win in progress.bar(windows, desc="calibration statistics", unit="window",
-                                    **({} if show_progress else {"disable": True})):
+            for win in progress.bar(
+                windows, desc="calibration statistics", unit="window", **({} if show_progress else {"disable": True})
+            ):
                 ids = torch.as_tensor(np.asarray(win, dtype=np.int64)).unsqueeze(0)
                 model.model(input_ids=ids, use_cache=False)  # the LM head is not needed
                 tokens += ids.shape[1]
@@ -172,8 +183,20 @@ def weight_norms(model) -> dict[str, np.ndarray]:
     norms of q/k/v/gate/up. Each entry is [L, C]."""
     import torch
 
-    out: dict[str, list] = {k: [] for k in ("o_col_sq", "o_col_abs", "down_col_sq", "down_col_abs",
-                                            "q_row_sq", "k_row_sq", "v_row_sq", "gate_row_sq", "up_row_sq")}
+    out: dict[str, list] = {
+        k: []
+        for k in (
+            "o_col_sq",
+            "o_col_abs",
+            "down_col_sq",
+            "down_col_abs",
+            "q_row_sq",
+            "k_row_sq",
+            "v_row_sq",
+            "gate_row_sq",
+            "up_row_sq",
+        )
+    }
     with torch.no_grad():
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
@@ -182,8 +205,13 @@ def weight_norms(model) -> dict[str, np.ndarray]:
             out["o_col_abs"].append(o.abs().mean(0).numpy())
             out["down_col_sq"].append((d * d).sum(0).numpy())
             out["down_col_abs"].append(d.abs().mean(0).numpy())
-            for name, mod in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj),
-                              ("gate", m.gate_proj), ("up", m.up_proj)):
+            for name, mod in (
+                ("q", a.q_proj),
+                ("k", a.k_proj),
+                ("v", a.v_proj),
+                ("gate", m.gate_proj),
+                ("up", m.up_proj),
+            ):
                 w = mod.weight.double()
                 out[f"{name}_row_sq"].append((w * w).sum(1).numpy())
     return {k: np.stack(v) for k, v in out.items()}
@@ -207,8 +235,7 @@ class Importance:
         return self.head.reshape(L, groups, H // groups).sum(axis=2)
 
 
-def scores(geometry: Geometry, norms: dict[str, np.ndarray], stats: CalibrationStats | None,
-           metric: str) -> Importance:
+def scores(geometry: Geometry, norms: dict[str, np.ndarray], stats: CalibrationStats | None, metric: str) -> Importance:
     """Importance of every head and MLP channel under `metric` (see the module docstring).
 
     `stats` may be None for metric="magnitude", which needs weights only.
@@ -216,14 +243,14 @@ def scores(geometry: Geometry, norms: dict[str, np.ndarray], stats: CalibrationS
     if metric not in METRICS:
         raise UsageError(f"unknown importance metric '{metric}': choose one of {', '.join(METRICS)}")
     if metric == "magnitude":
-        attn = norms["o_col_sq"] + norms["q_row_sq"]          # q row r and o column r: same head dim
+        attn = norms["o_col_sq"] + norms["q_row_sq"]  # q row r and o column r: same head dim
         mlp = norms["down_col_sq"] + norms["gate_row_sq"] + norms["up_row_sq"]
     else:
         if stats is None:
             raise ValueError(f"metric '{metric}' needs calibration statistics")
         if metric == "fluctuation":
-            xo = np.stack([s.var for s in stats.o_proj])       # [L, H*d]
-            xd = np.stack([s.var for s in stats.down_proj])    # [L, d_ff]
+            xo = np.stack([s.var for s in stats.o_proj])  # [L, H*d]
+            xd = np.stack([s.var for s in stats.down_proj])  # [L, d_ff]
         else:  # energy and wanda both use the mean square of the input
             xo = np.stack([s.mean_square for s in stats.o_proj])
             xd = np.stack([s.mean_square for s in stats.down_proj])
@@ -234,12 +261,18 @@ def scores(geometry: Geometry, norms: dict[str, np.ndarray], stats: CalibrationS
             attn = xo * norms["o_col_sq"]
             mlp = xd * norms["down_col_sq"]
     L = geometry.num_layers
-    head = attn.reshape(L, geometry.num_heads, geometry.head_dim).sum(axis=2)   # [L, H]
+    head = attn.reshape(L, geometry.num_heads, geometry.head_dim).sum(axis=2)  # [L, H]
     return Importance(metric, attn, head, mlp, meta={"num_kv_heads": geometry.num_kv_heads})
 
 
-def importance(model, windows: list[np.ndarray] | None, metric: str = DEFAULT_METRIC, *,
-               stats: CalibrationStats | None = None, show_progress: bool = True) -> Importance:
+def importance(
+    model,
+    windows: list[np.ndarray] | None,
+    metric: str = DEFAULT_METRIC,
+    *,
+    stats: CalibrationStats | None = None,
+    show_progress: bool = True,
+) -> Importance:
     """Scores for `model` from calibration windows (collected here unless `stats` is given)."""
     geo = Geometry.from_model(model)
     if stats is None and metric != "magnitude":

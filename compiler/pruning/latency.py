@@ -22,6 +22,7 @@ norms, residual adds and embedding gather are not timed; they do not depend on t
 rankings are unaffected, but a `latency_ratio` budget is judged against a dense cost that
 leaves them out, i.e. slightly optimistically.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,26 +37,26 @@ from pathlib import Path
 import numpy as np
 
 from accelc import progress
+from accelc.compiler.pruning.masks import DEFAULT_SLACK, Budget, Geometry, SearchSpace, Shape, check_feasible
 from accelc.errors import UsageError
-from accelc.pruning.masks import DEFAULT_SLACK, Budget, Geometry, SearchSpace, Shape, check_feasible
 
 TABLE_FORMAT = 5  # 5: attention timed as the fused graph runs it (GroupQueryAttention)
-GRID_POINTS = 12      # MLP widths measured between the smallest allowed width and the dense one
+GRID_POINTS = 12  # MLP widths measured between the smallest allowed width and the dense one
 
 
 @dataclass(frozen=True)
 class Protocol:
-    tokens: int = 1          # tokens per step: 1 = decode
-    past: int = 128          # KV-cache length the attention reads
-    threads: int = 0         # ORT intra-op threads (0 = ORT's default: all cores)
-    repeats: int = 20        # timed runs per graph (median)
+    tokens: int = 1  # tokens per step: 1 = decode
+    past: int = 128  # KV-cache length the attention reads
+    threads: int = 0  # ORT intra-op threads (0 = ORT's default: all cores)
+    repeats: int = 20  # timed runs per graph (median)
 
 
 @dataclass
 class LatencyTable:
     """Milliseconds per step: attention per (query heads, KV heads), MLP per measured width."""
 
-    attention: dict          # "n_q,n_kv" -> ms
+    attention: dict  # "n_q,n_kv" -> ms
     mlp_widths: list
     mlp_ms: list
     fixed_ms: float
@@ -86,12 +87,15 @@ class LatencyBudget(Budget):
         check_feasible(space, self)
 
     @classmethod
-    def from_ratio(cls, space: SearchSpace, table: LatencyTable, ratio: float,
-                   slack: float = DEFAULT_SLACK) -> "LatencyBudget":
+    def from_ratio(
+        cls, space: SearchSpace, table: LatencyTable, ratio: float, slack: float = DEFAULT_SLACK
+    ) -> LatencyBudget:
         """Decode latency at most `ratio` of the dense model's (0 < ratio < 1)."""
         if not 0.0 < ratio < 1.0:
-            raise UsageError(f"latency ratio must be strictly between 0 and 1 (the fraction of the dense "
-                             f"model's decode latency to keep), got {ratio}")
+            raise UsageError(
+                f"latency ratio must be strictly between 0 and 1 (the fraction of the dense "
+                f"model's decode latency to keep), got {ratio}"
+            )
         dense = table.cost(space.dense_shape())
         return cls(space, table, ratio * dense, (ratio - slack) * dense)
 
@@ -100,8 +104,7 @@ class LatencyBudget(Budget):
 
     def describe(self) -> dict:
         dense = self.table.cost(self.space.dense_shape())
-        return {**super().describe(), "dense_ms": dense, "ratio_at_limit": self.limit / dense,
-                "table": self.table.meta}
+        return {**super().describe(), "dense_ms": dense, "ratio_at_limit": self.limit / dense, "table": self.table.meta}
 
 
 # --------------------------------------------------------------------------- measurement
@@ -128,13 +131,17 @@ class _Stack:
     def model(self) -> bytes:
         from onnx import TensorProto, helper, numpy_helper
 
-        inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(self.feed[n].dtype), s)
-                  for n, s in self.inputs]
+        inputs = [
+            helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(self.feed[n].dtype), s)
+            for n, s in self.inputs
+        ]
         outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in self.outputs]
-        graph = helper.make_graph(self.nodes, "stack", inputs, outputs,
-                                  [numpy_helper.from_array(a, n) for n, a in self.inits.items()])
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                       helper.make_opsetid("com.microsoft", 1)]).SerializeToString()
+        graph = helper.make_graph(
+            self.nodes, "stack", inputs, outputs, [numpy_helper.from_array(a, n) for n, a in self.inits.items()]
+        )
+        return helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+        ).SerializeToString()
 
 
 def mlp_stack(hidden: int, width: int, tokens: int, copies: int, rng) -> _Stack:
@@ -144,14 +151,21 @@ def mlp_stack(hidden: int, width: int, tokens: int, copies: int, rng) -> _Stack:
     st.input("x.0", _weights(rng, 1, tokens, hidden))
     for i in range(copies):
         x, y = f"x.{i}", f"x.{i + 1}"
-        st.nodes += [helper.make_node("MatMul", [x, f"wg.{i}"], [f"g.{i}"]),
-                     helper.make_node("Sigmoid", [f"g.{i}"], [f"sg.{i}"]),
-                     helper.make_node("Mul", [f"g.{i}", f"sg.{i}"], [f"a.{i}"]),
-                     helper.make_node("MatMul", [x, f"wu.{i}"], [f"u.{i}"]),
-                     helper.make_node("Mul", [f"a.{i}", f"u.{i}"], [f"h.{i}"]),
-                     helper.make_node("MatMul", [f"h.{i}", f"wd.{i}"], [y])]
-        st.inits.update({f"wg.{i}": _weights(rng, hidden, width), f"wu.{i}": _weights(rng, hidden, width),
-                         f"wd.{i}": _weights(rng, width, hidden)})
+        st.nodes += [
+            helper.make_node("MatMul", [x, f"wg.{i}"], [f"g.{i}"]),
+            helper.make_node("Sigmoid", [f"g.{i}"], [f"sg.{i}"]),
+            helper.make_node("Mul", [f"g.{i}", f"sg.{i}"], [f"a.{i}"]),
+            helper.make_node("MatMul", [x, f"wu.{i}"], [f"u.{i}"]),
+            helper.make_node("Mul", [f"a.{i}", f"u.{i}"], [f"h.{i}"]),
+            helper.make_node("MatMul", [f"h.{i}", f"wd.{i}"], [y]),
+        ]
+        st.inits.update(
+            {
+                f"wg.{i}": _weights(rng, hidden, width),
+                f"wu.{i}": _weights(rng, hidden, width),
+                f"wd.{i}": _weights(rng, width, hidden),
+            }
+        )
     st.outputs.append((f"x.{copies}", [1, tokens, hidden]))
     return st
 
@@ -176,12 +190,30 @@ def attention_stack(geo: Geometry, n_q: int, n_kv: int, tokens: int, past: int, 
         st.input(f"past_v.{i}", _weights(rng, 1, n_kv, past, d))
         st.nodes += [
             helper.make_node("MatMul", [x, f"wqkv.{i}"], [f"qkv.{i}"]),
-            helper.make_node("GroupQueryAttention",
-                             [f"qkv.{i}", "", "", f"past_k.{i}", f"past_v.{i}", "seqlens_k", "total_sequence_length",
-                              "cos_cache", "sin_cache"], [f"c.{i}", f"present_k.{i}", f"present_v.{i}"],
-                             domain="com.microsoft", num_heads=n_q, kv_num_heads=n_kv, scale=float(d ** -0.5),
-                             do_rotary=1, rotary_interleaved=0, local_window_size=-1),
-            helper.make_node("MatMul", [f"c.{i}", f"wo.{i}"], [y])]
+            helper.make_node(
+                "GroupQueryAttention",
+                [
+                    f"qkv.{i}",
+                    "",
+                    "",
+                    f"past_k.{i}",
+                    f"past_v.{i}",
+                    "seqlens_k",
+                    "total_sequence_length",
+                    "cos_cache",
+                    "sin_cache",
+                ],
+                [f"c.{i}", f"present_k.{i}", f"present_v.{i}"],
+                domain="com.microsoft",
+                num_heads=n_q,
+                kv_num_heads=n_kv,
+                scale=float(d**-0.5),
+                do_rotary=1,
+                rotary_interleaved=0,
+                local_window_size=-1,
+            ),
+            helper.make_node("MatMul", [f"c.{i}", f"wo.{i}"], [y]),
+        ]
         st.inits.update({f"wqkv.{i}": _weights(rng, h, (n_q + 2 * n_kv) * d), f"wo.{i}": _weights(rng, n_q * d, h)})
         st.outputs += [(f"present_k.{i}", [1, n_kv, n, d]), (f"present_v.{i}", [1, n_kv, n, d])]
     st.outputs.append((f"x.{copies}", [1, tokens, h]))
@@ -202,13 +234,16 @@ def head_stack(hidden: int, vocab: int, tokens: int, rng) -> _Stack:
 def time_stack(stack: _Stack, protocol: Protocol) -> float:
     """Median milliseconds of one block: an ORT run of the stack over its depth (spinning off,
     as the artifact runs)."""
-    from accelc.runtime.ort_backend import session_options
-
     import onnxruntime as ort
 
+    from accelc.runtime.ort_backend import session_options
+
     feed = stack.feed
-    sess = ort.InferenceSession(stack.model(), sess_options=session_options({"intra_op_threads": protocol.threads}),
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        stack.model(),
+        sess_options=session_options({"intra_op_threads": protocol.threads}),
+        providers=["CPUExecutionProvider"],
+    )
     for _ in range(3):
         sess.run(None, feed)
     times = []
@@ -221,7 +256,7 @@ def time_stack(stack: _Stack, protocol: Protocol) -> float:
 
 def _cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -232,13 +267,22 @@ def _cpu_name() -> str:
 def table_key(geo: Geometry, space: SearchSpace, vocab: int, protocol: Protocol) -> dict:
     import onnxruntime as ort
 
-    return {"format": TABLE_FORMAT, "geometry": {k: v for k, v in asdict(geo).items() if k != "biased"},
-            "vocab": vocab, "gqa": space.gqa, "multiple": space.multiple, "grid": GRID_POINTS,
-            "protocol": asdict(protocol), "onnxruntime": ort.__version__, "cpu": _cpu_name()}
+    return {
+        "format": TABLE_FORMAT,
+        "geometry": {k: v for k, v in asdict(geo).items() if k != "biased"},
+        "vocab": vocab,
+        "gqa": space.gqa,
+        "multiple": space.multiple,
+        "grid": GRID_POINTS,
+        "protocol": asdict(protocol),
+        "onnxruntime": ort.__version__,
+        "cpu": _cpu_name(),
+    }
 
 
-def measure(geo: Geometry, space: SearchSpace, vocab: int, protocol: Protocol = Protocol(),
-            cache_dir: Path | None = None) -> LatencyTable:
+def measure(
+    geo: Geometry, space: SearchSpace, vocab: int, protocol: Protocol = Protocol(), cache_dir: Path | None = None
+) -> LatencyTable:
     """The table for this geometry on this machine: from the cache, or measured (and cached)."""
     key = table_key(geo, space, vocab, protocol)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
@@ -256,12 +300,12 @@ def measure(geo: Geometry, space: SearchSpace, vocab: int, protocol: Protocol = 
     widths = sorted({space.snap_width(w) for w in np.linspace(lo, hi, GRID_POINTS)} | {lo, hi})
     bar = progress.bar(total=len(shapes) + len(widths) + 1, desc="latency table (ORT)", unit="graph")
     attention_ms = []
-    for n_q, n_kv in shapes:   # sorted: more query heads (and never fewer KV heads) come later
-        attention_ms.append(time_stack(
-            attention_stack(geo, n_q, n_kv, protocol.tokens, protocol.past, geo.num_layers, rng), protocol))
+    for n_q, n_kv in shapes:  # sorted: more query heads (and never fewer KV heads) come later
+        attention_ms.append(
+            time_stack(attention_stack(geo, n_q, n_kv, protocol.tokens, protocol.past, geo.num_layers, rng), protocol)
+        )
         bar.update()
-    attention = {f"{n_q},{n_kv}": float(ms)
-                 for (n_q, n_kv), ms in zip(shapes, np.maximum.accumulate(attention_ms))}
+    attention = {f"{n_q},{n_kv}": float(ms) for (n_q, n_kv), ms in zip(shapes, np.maximum.accumulate(attention_ms))}
     mlp_ms = []
     for w in widths:
         mlp_ms.append(time_stack(mlp_stack(geo.hidden, w, protocol.tokens, geo.num_layers, rng), protocol))
@@ -271,8 +315,13 @@ def measure(geo: Geometry, space: SearchSpace, vocab: int, protocol: Protocol = 
     fixed = time_stack(head_stack(geo.hidden, vocab, protocol.tokens, rng), protocol)
     bar.update()
     bar.close()
-    table = LatencyTable(attention, [int(w) for w in widths], [float(x) for x in mlp_ms], float(fixed),
-                         {**key, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    table = LatencyTable(
+        attention,
+        [int(w) for w in widths],
+        [float(x) for x in mlp_ms],
+        float(fixed),
+        {**key, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(table.to_json(), indent=1))

@@ -31,14 +31,15 @@ layer width on a target can implement the same `Budget` interface.
 Parameter counts: "prunable" = the seven projections of every layer (q, k, v, o, gate, up, down,
 biases included); "total" = every parameter of the model, tied embeddings counted once.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -69,26 +70,30 @@ class Geometry:
     num_kv_heads: int
     head_dim: int
     intermediate: int
-    biased: frozenset          # names of the projections that carry a bias (e.g. qwen2: q, k, v)
-    total_params: int          # dense model, every parameter once (tied embeddings once)
+    biased: frozenset  # names of the projections that carry a bias (e.g. qwen2: q, k, v)
+    total_params: int  # dense model, every parameter once (tied embeddings once)
 
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_model(cls, model) -> "Geometry":
+    def from_model(cls, model) -> Geometry:
         cfg = model.config
         layer = model.model.layers[0]
-        mods = {**{n: getattr(layer.self_attn, n) for n in ATTN_PROJ},
-                **{n: getattr(layer.mlp, n) for n in MLP_PROJ}}
+        mods = {**{n: getattr(layer.self_attn, n) for n in ATTN_PROJ}, **{n: getattr(layer.mlp, n) for n in MLP_PROJ}}
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return cls(num_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, num_heads=heads,
-                   num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-                   head_dim=head_dim, intermediate=cfg.intermediate_size,
-                   biased=frozenset(n for n, m in mods.items() if m.bias is not None),
-                   total_params=sum(p.numel() for p in model.parameters()))
+        return cls(
+            num_layers=cfg.num_hidden_layers,
+            hidden=cfg.hidden_size,
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            intermediate=cfg.intermediate_size,
+            biased=frozenset(n for n, m in mods.items() if m.bias is not None),
+            total_params=sum(p.numel() for p in model.parameters()),
+        )
 
     def layer_params(self, n_heads: int, n_kv: int, width: int) -> int:
         """Parameters of one layer's seven projections with these widths (biases included)."""
@@ -96,8 +101,12 @@ class Geometry:
         q = h * n_heads * d + (n_heads * d if "q_proj" in b else 0)
         kv = 2 * h * n_kv * d + (n_kv * d if "k_proj" in b else 0) + (n_kv * d if "v_proj" in b else 0)
         o = n_heads * d * h + (h if "o_proj" in b else 0)
-        mlp = 3 * h * width + (width if "gate_proj" in b else 0) + (width if "up_proj" in b else 0) \
+        mlp = (
+            3 * h * width
+            + (width if "gate_proj" in b else 0)
+            + (width if "up_proj" in b else 0)
             + (h if "down_proj" in b else 0)
+        )
         return q + kv + o + mlp
 
     @property
@@ -115,7 +124,7 @@ class Geometry:
 
 @dataclass(frozen=True)
 class LayerMask:
-    heads: tuple[int, ...]     # kept query heads, sorted
+    heads: tuple[int, ...]  # kept query heads, sorted
     channels: tuple[int, ...]  # kept MLP channels, sorted
 
 
@@ -129,13 +138,16 @@ class Subnet:
         return hashlib.sha1(json.dumps(self.to_json(), separators=(",", ":")).encode()).hexdigest()[:16]
 
     def to_json(self) -> dict:
-        return {"heads": [list(m.heads) for m in self.layers],
-                "channels": [list(m.channels) for m in self.layers]}
+        return {"heads": [list(m.heads) for m in self.layers], "channels": [list(m.channels) for m in self.layers]}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Subnet":
-        return cls(tuple(LayerMask(tuple(int(i) for i in h), tuple(int(i) for i in c))
-                         for h, c in zip(data["heads"], data["channels"], strict=True)))
+    def from_json(cls, data: dict) -> Subnet:
+        return cls(
+            tuple(
+                LayerMask(tuple(int(i) for i in h), tuple(int(i) for i in c))
+                for h, c in zip(data["heads"], data["channels"], strict=True)
+            )
+        )
 
 
 # A layer's shape: (query heads, KV heads, MLP width). Costs are functions of shapes only.
@@ -156,15 +168,21 @@ class ParamCount:
         return 1.0 - self.prunable / self.dense_prunable
 
     def to_json(self) -> dict:
-        return {"prunable": self.prunable, "total": self.total, "dense_prunable": self.dense_prunable,
-                "dense_total": self.dense_total, "removed_ratio": self.removed_ratio}
+        return {
+            "prunable": self.prunable,
+            "total": self.total,
+            "dense_prunable": self.dense_prunable,
+            "dense_total": self.dense_total,
+            "removed_ratio": self.removed_ratio,
+        }
 
 
 class SearchSpace:
     """Geometry plus the rules a legal subnet follows (GQA mode, width multiple, minimum widths)."""
 
-    def __init__(self, geometry: Geometry, gqa: str = "query", multiple: int = DEFAULT_MULTIPLE,
-                 min_width: int | None = None):
+    def __init__(
+        self, geometry: Geometry, gqa: str = "query", multiple: int = DEFAULT_MULTIPLE, min_width: int | None = None
+    ):
         if gqa not in GQA_MODES:
             raise UsageError(f"gqa must be one of {', '.join(GQA_MODES)}, got '{gqa}'")
         if multiple < 1:
@@ -211,8 +229,7 @@ class SearchSpace:
 
     def dense(self) -> Subnet:
         g = self.geometry
-        return Subnet((LayerMask(tuple(range(g.num_heads)), tuple(range(g.intermediate))),)
-                      * g.num_layers)
+        return Subnet((LayerMask(tuple(range(g.num_heads)), tuple(range(g.intermediate))),) * g.num_layers)
 
     # ---------------------------------------------------------------- legality
     def check(self, subnet: Subnet) -> None:
@@ -231,15 +248,21 @@ class SearchSpace:
                 per_group[h // g.group_size] = per_group.get(h // g.group_size, 0) + 1
             counts = set(per_group.values())
             if len(counts) != 1:
-                raise ValueError(f"layer {i}: kept query heads {list(m.heads)} must keep the same "
-                                 f"number of heads in every kept KV group (GQA)")
+                raise ValueError(
+                    f"layer {i}: kept query heads {list(m.heads)} must keep the same "
+                    f"number of heads in every kept KV group (GQA)"
+                )
             option = (len(per_group), counts.pop())
             if option not in self.head_options:
-                raise ValueError(f"layer {i}: {option[0]} KV groups x {option[1]} heads is not "
-                                 f"allowed with gqa='{self.gqa}' (allowed: {self.head_options})")
+                raise ValueError(
+                    f"layer {i}: {option[0]} KV groups x {option[1]} heads is not "
+                    f"allowed with gqa='{self.gqa}' (allowed: {self.head_options})"
+                )
             if len(m.channels) not in self.widths:
-                raise ValueError(f"layer {i}: MLP width {len(m.channels)} is not a multiple of "
-                                 f"{self.multiple} in [{self.widths[0]}, {g.intermediate}]")
+                raise ValueError(
+                    f"layer {i}: MLP width {len(m.channels)} is not a multiple of "
+                    f"{self.multiple} in [{self.widths[0]}, {g.intermediate}]"
+                )
 
     def head_option_index(self, mask: LayerMask) -> int:
         n_q, n_kv, _ = self.layer_shape(mask)
@@ -266,15 +289,19 @@ class SearchSpace:
         order = np.argsort(-np.asarray(channel_scores, dtype=np.float64), kind="stable")[:width]
         return tuple(sorted(int(i) for i in order))
 
-    def from_scores(self, options: Sequence[int], widths: Sequence[int],
-                    head_scores: np.ndarray, channel_scores: np.ndarray) -> Subnet:
+    def from_scores(
+        self, options: Sequence[int], widths: Sequence[int], head_scores: np.ndarray, channel_scores: np.ndarray
+    ) -> Subnet:
         """Top-k masks per layer for the given head options and MLP widths.
 
         head_scores [L, num_heads], channel_scores [L, intermediate]: higher = keep.
         """
-        return Subnet(tuple(LayerMask(self.select_heads(o, head_scores[i]),
-                                      self.select_channels(w, channel_scores[i]))
-                            for i, (o, w) in enumerate(zip(options, widths, strict=True))))
+        return Subnet(
+            tuple(
+                LayerMask(self.select_heads(o, head_scores[i]), self.select_channels(w, channel_scores[i]))
+                for i, (o, w) in enumerate(zip(options, widths, strict=True))
+            )
+        )
 
     def snap_width(self, width: float) -> int:
         """The allowed MLP width nearest to `width` (ties go to the wider one)."""
@@ -319,7 +346,7 @@ class ParamBudget(Budget):
         check_feasible(space, self)
 
     @classmethod
-    def from_ratio(cls, space: SearchSpace, ratio: float, slack: float = DEFAULT_SLACK) -> "ParamBudget":
+    def from_ratio(cls, space: SearchSpace, ratio: float, slack: float = DEFAULT_SLACK) -> ParamBudget:
         """Remove at least `ratio` of the prunable weights (attention and MLP projections)."""
         check_ratio(ratio)
         if not 0.0 <= slack < 1.0:
@@ -333,14 +360,20 @@ class ParamBudget(Budget):
 
     def describe(self) -> dict:
         g = self.space.geometry
-        return {**super().describe(), "dense_prunable": g.dense_prunable, "dense_total": g.total_params,
-                "removed_ratio_at_limit": 1.0 - self.limit / g.dense_prunable}
+        return {
+            **super().describe(),
+            "dense_prunable": g.dense_prunable,
+            "dense_total": g.total_params,
+            "removed_ratio_at_limit": 1.0 - self.limit / g.dense_prunable,
+        }
 
 
 def check_ratio(ratio: float) -> None:
     if not (isinstance(ratio, (int, float)) and 0.0 < float(ratio) < 1.0):
-        raise UsageError(f"removal ratio must be strictly between 0 and 1 (the fraction of "
-                         f"attention+MLP weights to remove), got {ratio}")
+        raise UsageError(
+            f"removal ratio must be strictly between 0 and 1 (the fraction of "
+            f"attention+MLP weights to remove), got {ratio}"
+        )
 
 
 def check_feasible(space: SearchSpace, budget: Budget) -> None:
@@ -353,7 +386,8 @@ def check_feasible(space: SearchSpace, budget: Budget) -> None:
             f"legal subnet ({space.head_options[0][0] * space.head_options[0][1]} query heads and "
             f"{space.widths[0]} MLP channels per layer, gqa='{space.gqa}') costs {smallest:,.6g} "
             f"(dense {budget.cost(space.dense_shape()):,.6g}, {g.num_layers} layers); "
-            f"loosen the budget (a smaller removal ratio, more parameters or a larger latency ratio)")
+            f"loosen the budget (a smaller removal ratio, more parameters or a larger latency ratio)"
+        )
 
 
 def overlap_ok(parent: Iterable[int], child: Iterable[int], alpha: float) -> bool:

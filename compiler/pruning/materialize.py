@@ -22,6 +22,7 @@ Caveats found: `config.num_attention_heads`/`num_key_value_heads` keep their den
 read them to size past KV inputs: correct for gqa="query", where every layer keeps all KV heads,
 wrong for gqa="group"); a layer must keep at least one head (view(-1) of an empty tensor fails).
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,15 +30,19 @@ import json
 import shutil
 from pathlib import Path
 
+from accelc.compiler.pruning.masks import Geometry, Subnet
 from accelc.errors import UsageError
-from accelc.pruning.masks import Geometry, Subnet
 
 PRUNING_KEY = "accelc_pruning"
 SUBNET_FILE = "accelc_subnet.json"
 FORMAT = 1
 _NOT_COPIED = (".safetensors", ".bin", ".pt", ".pth")
-_NOT_COPIED_NAMES = ("config.json", "model.safetensors.index.json", SUBNET_FILE,
-                     "accelc_builtin.json")  # a pruned model is no longer the builtin one
+_NOT_COPIED_NAMES = (
+    "config.json",
+    "model.safetensors.index.json",
+    SUBNET_FILE,
+    "accelc_builtin.json",
+)  # a pruned model is no longer the builtin one
 
 
 def _index_sets(geo: Geometry, heads, channels):
@@ -54,8 +59,7 @@ def _index_sets(geo: Geometry, heads, channels):
 def _linear(weight, bias=None):
     import torch
 
-    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                          device="meta", dtype=weight.dtype)
+    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
     lin.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
     if bias is not None:
         lin.bias = torch.nn.Parameter(bias.contiguous(), requires_grad=False)
@@ -63,14 +67,17 @@ def _linear(weight, bias=None):
 
 
 def _rows(lin, idx):
-    return _linear(lin.weight.detach().index_select(0, idx),
-                   None if lin.bias is None else lin.bias.detach().index_select(0, idx))
+    return _linear(
+        lin.weight.detach().index_select(0, idx), None if lin.bias is None else lin.bias.detach().index_select(0, idx)
+    )
 
 
 def _check_dense(model, geo: Geometry) -> None:
     layer = model.model.layers[0]
-    if (layer.self_attn.o_proj.in_features != geo.num_heads * geo.head_dim
-            or layer.mlp.down_proj.in_features != geo.intermediate):
+    if (
+        layer.self_attn.o_proj.in_features != geo.num_heads * geo.head_dim
+        or layer.mlp.down_proj.in_features != geo.intermediate
+    ):
         raise ValueError("shrink/mask take the dense model; this one is already pruned")
 
 
@@ -89,8 +96,10 @@ def shrink(model, subnet: Subnet, overrides: dict | None = None):
         raise ValueError(f"subnet has {len(subnet.layers)} layers, the model {geo.num_layers}")
     overrides = overrides or {}
     memo: dict[int, object] = {}
-    groups, widths = [], {"num_heads": [], "num_kv_heads": [], "intermediate_sizes": [],
-                          "o_proj_bias": [], "down_proj_bias": []}
+    groups, widths = (
+        [],
+        {"num_heads": [], "num_kv_heads": [], "intermediate_sizes": [], "o_proj_bias": [], "down_proj_bias": []},
+    )
     with torch.no_grad():
         for i, (layer, mask) in enumerate(zip(model.model.layers, subnet.layers)):
             a, m = layer.self_attn, layer.mlp
@@ -99,15 +108,25 @@ def shrink(model, subnet: Subnet, overrides: dict | None = None):
             memo[id(a.k_proj)] = _rows(a.k_proj, kv_rows)
             memo[id(a.v_proj)] = _rows(a.v_proj, kv_rows)
             o = overrides.get((i, "o_proj"))
-            memo[id(a.o_proj)] = _linear(*o) if o else _linear(
-                a.o_proj.weight.detach().index_select(1, q_rows),
-                None if a.o_proj.bias is None else a.o_proj.bias.detach())
+            memo[id(a.o_proj)] = (
+                _linear(*o)
+                if o
+                else _linear(
+                    a.o_proj.weight.detach().index_select(1, q_rows),
+                    None if a.o_proj.bias is None else a.o_proj.bias.detach(),
+                )
+            )
             memo[id(m.gate_proj)] = _rows(m.gate_proj, ch)
             memo[id(m.up_proj)] = _rows(m.up_proj, ch)
             dn = overrides.get((i, "down_proj"))
-            memo[id(m.down_proj)] = _linear(*dn) if dn else _linear(
-                m.down_proj.weight.detach().index_select(1, ch),
-                None if m.down_proj.bias is None else m.down_proj.bias.detach())
+            memo[id(m.down_proj)] = (
+                _linear(*dn)
+                if dn
+                else _linear(
+                    m.down_proj.weight.detach().index_select(1, ch),
+                    None if m.down_proj.bias is None else m.down_proj.bias.detach(),
+                )
+            )
             groups.append(per_group)
             widths["num_heads"].append(len(mask.heads))
             widths["num_kv_heads"].append(len(kv_rows) // geo.head_dim)
@@ -139,9 +158,15 @@ def masked(model, subnet: Subnet):
         for layer, mask in zip(full.model.layers, subnet.layers):
             a, m = layer.self_attn, layer.mlp
             q_rows, kv_rows, ch, _ = _index_sets(geo, mask.heads, mask.channels)
-            for lin, idx, dim in ((a.q_proj, q_rows, 0), (a.k_proj, kv_rows, 0), (a.v_proj, kv_rows, 0),
-                                  (a.o_proj, q_rows, 1), (m.gate_proj, ch, 0), (m.up_proj, ch, 0),
-                                  (m.down_proj, ch, 1)):
+            for lin, idx, dim in (
+                (a.q_proj, q_rows, 0),
+                (a.k_proj, kv_rows, 0),
+                (a.v_proj, kv_rows, 0),
+                (a.o_proj, q_rows, 1),
+                (m.gate_proj, ch, 0),
+                (m.up_proj, ch, 0),
+                (m.down_proj, ch, 1),
+            ):
                 keep = torch.zeros(lin.weight.shape[dim], dtype=torch.bool)
                 keep[idx] = True
                 if dim == 0:
@@ -193,8 +218,10 @@ def load(directory: Path):
     if spec is None:
         raise UsageError(f"{directory}: config.json has no '{PRUNING_KEY}' section (not a pruned model)")
     if spec.get("format") != FORMAT:
-        raise UsageError(f"{directory}: pruned-model format {spec.get('format')} is not supported "
-                         f"(this accelc writes format {FORMAT})")
+        raise UsageError(
+            f"{directory}: pruned-model format {spec.get('format')} is not supported "
+            f"(this accelc writes format {FORMAT})"
+        )
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise UsageError(f"{directory}: no *.safetensors weights")
@@ -205,24 +232,35 @@ def load(directory: Path):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for i, layer in enumerate(model.model.layers):
-        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+        for parent, names in (
+            (layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+            (layer.mlp, ("gate_proj", "up_proj", "down_proj")),
+        ):
             for name in names:
                 prefix = f"model.layers.{i}.{'self_attn' if parent is layer.self_attn else 'mlp'}.{name}"
                 w = state[f"{prefix}.weight"]
-                setattr(parent, name, torch.nn.Linear(w.shape[1], w.shape[0], bias=f"{prefix}.bias" in state,
-                                                      device="meta", dtype=torch.float32))
+                setattr(
+                    parent,
+                    name,
+                    torch.nn.Linear(
+                        w.shape[1], w.shape[0], bias=f"{prefix}.bias" in state, device="meta", dtype=torch.float32
+                    ),
+                )
         d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         heads, kv = layer.self_attn.q_proj.out_features // d, layer.self_attn.k_proj.out_features // d
         if (heads, kv) != (spec["num_heads"][i], spec["num_kv_heads"][i]) or kv < 1 or heads % kv:
-            raise UsageError(f"{directory}: layer {i} weights hold {heads} query / {kv} KV heads, "
-                             f"config says {spec['num_heads'][i]} / {spec['num_kv_heads'][i]}")
+            raise UsageError(
+                f"{directory}: layer {i} weights hold {heads} query / {kv} KV heads, "
+                f"config says {spec['num_heads'][i]} / {spec['num_kv_heads'][i]}"
+            )
         layer.self_attn.num_key_value_groups = heads // kv
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
-        raise UsageError(f"{directory}: weights do not match the recorded widths "
-                         f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        raise UsageError(
+            f"{directory}: weights do not match the recorded widths "
+            f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
     model.tie_weights()
     # rotary inv_freq is a non-persistent buffer: rebuild it on the CPU
     model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
@@ -240,14 +278,21 @@ def check_uniform_kv(model, what: str) -> None:
     kv = set(widths(model)["num_kv_heads"])
     dense = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
     if kv != {dense}:
-        raise UsageError(f"{what}: this pruned model keeps {sorted(kv)} KV heads per layer (gqa: group), but "
-                         f"exported graphs need {dense} in every layer; prune with gqa: query to export it")
+        raise UsageError(
+            f"{what}: this pruned model keeps {sorted(kv)} KV heads per layer (gqa: group), but "
+            f"exported graphs need {dense} in every layer; prune with gqa: query to export it"
+        )
 
 
 def widths(model) -> dict:
     """The per-layer widths read from the modules themselves (heads, KV heads, MLP channels)."""
-    d = model.config.head_dim if getattr(model.config, "head_dim", None) else \
-        model.config.hidden_size // model.config.num_attention_heads
-    return {"num_heads": [l.self_attn.q_proj.out_features // d for l in model.model.layers],
-            "num_kv_heads": [l.self_attn.k_proj.out_features // d for l in model.model.layers],
-            "intermediate_sizes": [l.mlp.down_proj.in_features for l in model.model.layers]}
+    d = (
+        model.config.head_dim
+        if getattr(model.config, "head_dim", None)
+        else model.config.hidden_size // model.config.num_attention_heads
+    )
+    return {
+        "num_heads": [layer.self_attn.q_proj.out_features // d for layer in model.model.layers],
+        "num_kv_heads": [layer.self_attn.k_proj.out_features // d for layer in model.model.layers],
+        "intermediate_sizes": [layer.mlp.down_proj.in_features for layer in model.model.layers],
+    }

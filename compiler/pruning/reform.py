@@ -26,14 +26,16 @@ reformation there is a no-op (it matters for the consumers).
 Order: layer by layer, SparseGPT-style. Layer i's inputs come from the already pruned and reformed
 layers 0..i-1; inside the layer the MLP's inputs come from the pruned, reformed attention.
 """
+
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from accelc import progress
-from accelc.pruning.masks import Geometry, Subnet
+from accelc.compiler.pruning.masks import Geometry, Subnet
 
 METHODS = ("closed_form", "admm")
 # Ridge as a fraction of mean(diag H). The data README's reference point uses 0.01; measured on
@@ -91,8 +93,7 @@ def _cholesky(A):
     raise ValueError("Gram block is not positive definite even with jitter; raise the damping")
 
 
-def solve_admm(W, H, mask, damp: float = DEFAULT_DAMP, rho: float | None = DEFAULT_RHO,
-               iters: int = DEFAULT_ITERS):
+def solve_admm(W, H, mask, damp: float = DEFAULT_DAMP, rho: float | None = DEFAULT_RHO, iters: int = DEFAULT_ITERS):
     """W [m, n], H [n, n], mask [m, n] bool (True keeps). Returns W' [m, n], zero outside mask.
 
     `rho` is the penalty on the unit-diagonal Gram; None picks sqrt(lambda_min * lambda_max) of
@@ -104,31 +105,39 @@ def solve_admm(W, H, mask, damp: float = DEFAULT_DAMP, rho: float | None = DEFAU
     W, H = W.double(), H.double()
     n = W.shape[1]
     Hd = H + _damping(H, damp) * torch.eye(n, dtype=H.dtype)
-    d = Hd.diagonal().clamp_min(0).sqrt() + 1e-8                # [n]
-    Ht = Hd / d[:, None] / d[None, :]                           # unit diagonal
-    evals, Q = torch.linalg.eigh(Ht)                            # Ht = Q diag(evals) Q^T
+    d = Hd.diagonal().clamp_min(0).sqrt() + 1e-8  # [n]
+    Ht = Hd / d[:, None] / d[None, :]  # unit diagonal
+    evals, Q = torch.linalg.eigh(Ht)  # Ht = Q diag(evals) Q^T
     if rho is None:
         rho = float(evals.clamp_min(1e-12)[[0, -1]].prod().sqrt())
-    Mt = mask.T.to(W.dtype)                                     # [n, m]
-    V = (W * d[None, :]).T                                      # [n, m]: W D, transposed
+    Mt = mask.T.to(W.dtype)  # [n, m]
+    V = (W * d[None, :]).T  # [n, m]: W D, transposed
     B = Ht @ V
     U = torch.zeros_like(V)
     for _ in range(iters):
         Z = (V + U) * Mt
         U = U + V - Z
-        V = Q @ ((Q.T @ (B + rho * (Z - U))) / (evals + rho)[:, None])   # (Ht + rho I)^-1 (...)
+        V = Q @ ((Q.T @ (B + rho * (Z - U))) / (evals + rho)[:, None])  # (Ht + rho I)^-1 (...)
     Z = (V + U) * Mt
     return (Z / d[:, None]).T
 
 
 def reconstruction_error(W, W_new, H) -> float:
     """tr((W - W') H (W - W')^T) = ||W X - W' X||_F^2, both W and W' [m, n]."""
-    delta = (W.double() - W_new.double())
+    delta = W.double() - W_new.double()
     return float(((delta @ H.double()) * delta).sum())
 
 
-def solve(W, H, keep, *, method: str = "closed_form", damp: float = DEFAULT_DAMP,
-          rho: float = DEFAULT_RHO, iters: int = DEFAULT_ITERS):
+def solve(
+    W,
+    H,
+    keep,
+    *,
+    method: str = "closed_form",
+    damp: float = DEFAULT_DAMP,
+    rho: float = DEFAULT_RHO,
+    iters: int = DEFAULT_ITERS,
+):
     """Reformed kept columns W'[:, keep] by either method (column-structured mask)."""
     import torch
 
@@ -158,8 +167,8 @@ def _scatter_cols(W_kept, keep, n):
 class Reformation:
     """Reformed consumer weights for materialize.shrink, and the per-module error report."""
 
-    overrides: dict = field(default_factory=dict)   # {(layer, "o_proj"|"down_proj"): (W', bias)}
-    report: list = field(default_factory=list)      # dicts: layer, module, err_masked, err_reformed, ...
+    overrides: dict = field(default_factory=dict)  # {(layer, "o_proj"|"down_proj"): (W', bias)}
+    report: list = field(default_factory=list)  # dicts: layer, module, err_masked, err_reformed, ...
 
 
 def save_overrides(overrides: dict, path) -> None:
@@ -198,8 +207,7 @@ def layer_inputs(model, windows):
 
     def grab(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        keep = {k: kwargs.get(k) for k in ("attention_mask", "position_ids", "cache_position",
-                                           "position_embeddings")}
+        keep = {k: kwargs.get(k) for k in ("attention_mask", "position_ids", "cache_position", "position_embeddings")}
         captured.append((hidden.detach(), keep))
         raise _Stop
 
@@ -207,11 +215,10 @@ def layer_inputs(model, windows):
     try:
         with torch.inference_mode():
             for win in windows:
-                try:
-                    model.model(input_ids=torch.as_tensor(np.asarray(win, dtype=np.int64)).unsqueeze(0),
-                                use_cache=False)
-                except _Stop:
-                    pass
+                with contextlib.suppress(_Stop):
+                    model.model(
+                        input_ids=torch.as_tensor(np.asarray(win, dtype=np.int64)).unsqueeze(0), use_cache=False
+                    )
     finally:
         handle.remove()
     return captured
@@ -234,13 +241,22 @@ def _gram(xs, n):
     H = torch.zeros(n, n, dtype=torch.float64)
     for x in xs:
         x = x.reshape(-1, n).float()
-        H += (x.T @ x).double()    # fp32 per window, fp64 across windows
+        H += (x.T @ x).double()  # fp32 per window, fp64 across windows
     return H
 
 
-def reform(model, subnet: Subnet, windows, *, method: str = "closed_form", damp: float = DEFAULT_DAMP,
-           rho: float = DEFAULT_RHO, iters: int = DEFAULT_ITERS, modules=("o_proj", "down_proj"),
-           show_progress: bool = True) -> Reformation:
+def reform(
+    model,
+    subnet: Subnet,
+    windows,
+    *,
+    method: str = "closed_form",
+    damp: float = DEFAULT_DAMP,
+    rho: float = DEFAULT_RHO,
+    iters: int = DEFAULT_ITERS,
+    modules=("o_proj", "down_proj"),
+    show_progress: bool = True,
+) -> Reformation:
     """Sequential reformation of the dense `model` for `subnet` on calibration `windows`.
 
     `modules` chooses which consumers are reformed (the others are only sliced). Returns the
@@ -248,7 +264,7 @@ def reform(model, subnet: Subnet, windows, *, method: str = "closed_form", damp:
     """
     import torch
 
-    from accelc.pruning.materialize import _index_sets
+    from accelc.compiler.pruning.materialize import _index_sets
 
     if method not in METHODS:
         from accelc.errors import UsageError
@@ -257,26 +273,29 @@ def reform(model, subnet: Subnet, windows, *, method: str = "closed_form", damp:
     geo = Geometry.from_model(model)
     result = Reformation()
     states = layer_inputs(model, windows)
-    layers = progress.bar(list(enumerate(zip(model.model.layers, subnet.layers))), desc="reformation",
-                          unit="layer", **({} if show_progress else {"disable": True}))
+    layers = progress.bar(
+        list(enumerate(zip(model.model.layers, subnet.layers))),
+        desc="reformation",
+        unit="layer",
+        **({} if show_progress else {"disable": True}),
+    )
     with torch.inference_mode():
         for i, (layer, mask) in layers:
             q_rows, _, ch, _ = _index_sets(geo, mask.heads, mask.channels)
             new_states = []
             # attention: the dense attention's o_proj inputs (every head) on the pruned stream
             a = layer.self_attn
-            xo = _inputs_of(a.o_proj, lambda: [a(hidden_states=layer.input_layernorm(h), **kw)
-                                               for h, kw in states])
-            Wo = _consumer(result, i, "o_proj", a.o_proj, xo, q_rows, "o_proj" in modules,
-                           method, damp, rho, iters)
+            xo = _inputs_of(a.o_proj, lambda: [a(hidden_states=layer.input_layernorm(h), **kw) for h, kw in states])
+            Wo = _consumer(result, i, "o_proj", a.o_proj, xo, q_rows, "o_proj" in modules, method, damp, rho, iters)
             mids = [h + _apply(x, q_rows, Wo, a.o_proj.bias) for (h, _), x in zip(states, xo)]
             del xo
             # MLP: the dense down_proj inputs (every channel) after the pruned attention
             m = layer.mlp
             xd = _inputs_of(m.down_proj, lambda: [m(layer.post_attention_layernorm(h)) for h in mids])
-            Wd = _consumer(result, i, "down_proj", m.down_proj, xd, ch, "down_proj" in modules,
-                           method, damp, rho, iters)
-            for (h, kw), mid, x in zip(states, mids, xd):
+            Wd = _consumer(
+                result, i, "down_proj", m.down_proj, xd, ch, "down_proj" in modules, method, damp, rho, iters
+            )
+            for (_h, kw), mid, x in zip(states, mids, xd):
                 new_states.append((mid + _apply(x, ch, Wd, m.down_proj.bias), kw))
             states = new_states
     return result
@@ -303,10 +322,19 @@ def _consumer(result, i, name, linear, xs, keep, enabled, method, damp, rho, ite
     bias = None if linear.bias is None else linear.bias.detach().clone()
     result.overrides[(i, name)] = (W_new, bias)
     target = float(((W @ H) * W).sum())
-    result.report.append({"layer": i, "module": name, "kept": len(keep), "of": n,
-                          "err_masked": err_masked, "err_reformed": err_new,
-                          "target_energy": target, "tokens": sum(x.reshape(-1, n).shape[0] for x in xs),
-                          "reformed": bool(enabled)})
+    result.report.append(
+        {
+            "layer": i,
+            "module": name,
+            "kept": len(keep),
+            "of": n,
+            "err_masked": err_masked,
+            "err_reformed": err_new,
+            "target_energy": target,
+            "tokens": sum(x.reshape(-1, n).shape[0] for x in xs),
+            "reformed": bool(enabled),
+        }
+    )
     return W_new
 
 
@@ -321,15 +349,17 @@ def oneshot(model, subnet: Subnet, grams: dict, *, damp: float = DEFAULT_DAMP, c
     """
     import torch
 
-    from accelc.pruning.materialize import _index_sets
+    from accelc.compiler.pruning.materialize import _index_sets
 
     geo = Geometry.from_model(model)
     overrides = {}
     with torch.no_grad():
         for i, (layer, mask) in enumerate(zip(model.model.layers, subnet.layers)):
             q_rows, _, ch, _ = _index_sets(geo, mask.heads, mask.channels)
-            for name, lin, keep, ident in (("o_proj", layer.self_attn.o_proj, q_rows, mask.heads),
-                                           ("down_proj", layer.mlp.down_proj, ch, mask.channels)):
+            for name, lin, keep, ident in (
+                ("o_proj", layer.self_attn.o_proj, q_rows, mask.heads),
+                ("down_proj", layer.mlp.down_proj, ch, mask.channels),
+            ):
                 H = grams.get((i, name))
                 if H is None:
                     continue

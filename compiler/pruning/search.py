@@ -41,6 +41,7 @@ Operators (every candidate meets the budget before it is evaluated; `repair` mak
 Determinism: one numpy Generator seeded from `seed` drives every choice; ties in fitness are
 broken by the candidate hash, so a fixed seed and a deterministic fitness give the same result.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,9 +51,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from accelc import progress
+from accelc.compiler.pruning.importance import Importance
+from accelc.compiler.pruning.masks import Budget, LayerMask, SearchSpace, Subnet, check_feasible
 from accelc.errors import UsageError
-from accelc.pruning.importance import Importance
-from accelc.pruning.masks import Budget, LayerMask, SearchSpace, Subnet, check_feasible
 
 FILLS = ("importance", "uniform")
 # repair gives up after this many single-layer steps per (layer x width) gene: far more than any
@@ -70,26 +71,28 @@ class SearchSettings:
     tokens and one-shot reformation."""
 
     generations: int = 8
-    population: int = 24       # candidates per generation (P)
-    parents: int = 8           # elitist archive size (K, "select_num")
-    mutations: int = 12        # mutation offspring per generation (M)
-    crossovers: int = 6        # crossover offspring per generation (C)
-    m_prob: float = 0.2        # per-layer gene mutation probability (released code: 0.2)
-    alpha: float = 0.9         # kept-set overlap bound of a mutation (paper's similarity ratio)
-    width_steps: int = 4       # a width move is 1..width_steps multiples of the space's multiple
+    population: int = 24  # candidates per generation (P)
+    parents: int = 8  # elitist archive size (K, "select_num")
+    mutations: int = 12  # mutation offspring per generation (M)
+    crossovers: int = 6  # crossover offspring per generation (C)
+    m_prob: float = 0.2  # per-layer gene mutation probability (released code: 0.2)
+    alpha: float = 0.9  # kept-set overlap bound of a mutation (paper's similarity ratio)
+    width_steps: int = 4  # a width move is 1..width_steps multiples of the space's multiple
     init_spread: float = 0.15  # sigma of log per-layer keep ratio in random candidates
-    attn_prob: float = 0.25    # probability that a repair step resizes heads instead of the MLP
-    fill: str = "importance"   # how a mutation fills the non-inherited part of a kept set
+    attn_prob: float = 0.25  # probability that a repair step resizes heads instead of the MLP
+    fill: str = "importance"  # how a mutation fills the non-inherited part of a kept set
     fill_temperature: float = 1.0
     seed: int = 0
-    max_tries: int = 10        # attempts per wanted offspring (released code: 10x the quota)
+    max_tries: int = 10  # attempts per wanted offspring (released code: 10x the quota)
 
     def check(self) -> None:
         if self.generations < 1 or self.population < 1 or self.parents < 1:
             raise UsageError("search needs generations, population and parents >= 1")
         if self.mutations < 0 or self.crossovers < 0 or self.mutations + self.crossovers > self.population:
-            raise UsageError(f"mutations + crossovers ({self.mutations} + {self.crossovers}) must not "
-                             f"exceed the population ({self.population})")
+            raise UsageError(
+                f"mutations + crossovers ({self.mutations} + {self.crossovers}) must not "
+                f"exceed the population ({self.population})"
+            )
         for name in ("m_prob", "alpha", "attn_prob"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -104,8 +107,8 @@ class SearchSettings:
 class SearchResult:
     best: Subnet
     best_fitness: float
-    log: list = field(default_factory=list)       # one dict per evaluated candidate
-    history: list = field(default_factory=list)   # one dict per generation
+    log: list = field(default_factory=list)  # one dict per evaluated candidate
+    history: list = field(default_factory=list)  # one dict per generation
     settings: dict = field(default_factory=dict)
     budget: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -117,14 +120,13 @@ class SearchResult:
 class Searcher:
     """Operators and state of one search (space, budget, importance, rng)."""
 
-    def __init__(self, space: SearchSpace, budget: Budget, importance: Importance,
-                 settings: SearchSettings):
+    def __init__(self, space: SearchSpace, budget: Budget, importance: Importance, settings: SearchSettings):
         settings.check()
         check_feasible(space, budget)
         self.space, self.budget, self.imp, self.s = space, budget, importance, settings
         self.rng = np.random.default_rng(settings.seed)
         self.L = space.geometry.num_layers
-        from accelc.pruning.baselines import adaptive_subnet, standardised
+        from accelc.compiler.pruning.baselines import adaptive_subnet, standardised
 
         # the importance-aware centre of random candidates: FLAP's adaptive allocation of heads
         # and MLP channels across layers, computed from this search's importance scores
@@ -179,7 +181,7 @@ class Searcher:
         if self.s.fill == "uniform":
             return [int(i) for i in self.rng.choice(pool, size=n, replace=False)]
         logits = np.log(np.maximum(scores[pool], SCORE_FLOOR)) / self.s.fill_temperature
-        keys = logits + self.rng.gumbel(size=len(pool))          # Gumbel top-k = sampling w/o replacement
+        keys = logits + self.rng.gumbel(size=len(pool))  # Gumbel top-k = sampling w/o replacement
         return [int(pool[i]) for i in np.argsort(-keys, kind="stable")[:n]]
 
     def _inherit(self, parent: list[int], k: int, scores: np.ndarray) -> list[int]:
@@ -196,7 +198,7 @@ class Searcher:
             return sorted(current[:k])
         members = set(current)
         rest = [int(i) for i in np.argsort(-scores, kind="stable") if i not in members]
-        return sorted(current + rest[:k - len(current)])
+        return sorted(current + rest[: k - len(current)])
 
     def _groups(self, heads) -> dict[int, list[int]]:
         G = self.space.geometry.group_size
@@ -215,17 +217,19 @@ class Searcher:
         groups, per_group = sp.head_options[option]
         G = g.group_size
         by_group = self._groups(parent)
-        if sp.gqa == "query":   # every group kept: act per group on its r heads
+        if sp.gqa == "query":  # every group kept: act per group on its r heads
             heads = []
             for k in range(g.num_kv_heads):
                 local = [h - k * G for h in by_group.get(k, [])]
-                sc = scores[k * G:(k + 1) * G]
+                sc = scores[k * G : (k + 1) * G]
                 pick = self._inherit(local, per_group, sc) if mode == "inherit" else self._resize(local, per_group, sc)
                 heads += [k * G + j for j in pick]
             return tuple(sorted(heads))
         group_scores = scores.reshape(g.num_kv_heads, G).sum(axis=1)
         kept = sorted(by_group)
-        pick = self._inherit(kept, groups, group_scores) if mode == "inherit" else self._resize(kept, groups, group_scores)
+        pick = (
+            self._inherit(kept, groups, group_scores) if mode == "inherit" else self._resize(kept, groups, group_scores)
+        )
         return tuple(sorted(k * G + j for k in pick for j in range(G)))
 
     def _build(self, shape, parents: list[LayerMask | None], modes: list[str]) -> Subnet:
@@ -309,8 +313,9 @@ class Searcher:
             new_heads = option != p_opt or rng.random() < s.m_prob
             new_channels = width != p_width or rng.random() < s.m_prob
             heads = self._heads(i, option, p.heads, "inherit") if new_heads else p.heads
-            channels = (tuple(self._inherit(list(p.channels), width, self.imp.channel[i]))
-                        if new_channels else p.channels)
+            channels = (
+                tuple(self._inherit(list(p.channels), width, self.imp.channel[i])) if new_channels else p.channels
+            )
             layers.append(LayerMask(heads, channels))
         return Subnet(tuple(layers))
 
@@ -326,8 +331,16 @@ class Searcher:
 # --------------------------------------------------------------------------- the loop
 
 
-def search(space: SearchSpace, budget: Budget, importance: Importance, fitness,
-           settings: SearchSettings = SearchSettings(), *, seeds=(), show_progress: bool = True) -> SearchResult:
+def search(
+    space: SearchSpace,
+    budget: Budget,
+    importance: Importance,
+    fitness,
+    settings: SearchSettings = SearchSettings(),
+    *,
+    seeds=(),
+    show_progress: bool = True,
+) -> SearchResult:
     """Run the evolutionary search; `fitness(subnet) -> float` is minimised (perplexity).
 
     `seeds`: extra subnets for the first generation (e.g. a baseline's), fitted to the budget.
@@ -363,10 +376,13 @@ def search(space: SearchSpace, budget: Budget, importance: Importance, fitness,
             cands.append((start_subnet, origin))
     cands += propose(sr.random, s.population - len(cands), "random", taken)
     if not cands:
-        raise UsageError("the search could not build any subnet that meets the budget "
-                         f"({budget.describe()}); widen the budget window (slack)")
-    bar = progress.bar(total=s.generations, desc="architecture search", unit="gen",
-                       **({} if show_progress else {"disable": True}))
+        raise UsageError(
+            "the search could not build any subnet that meets the budget "
+            f"({budget.describe()}); widen the budget window (slack)"
+        )
+    bar = progress.bar(
+        total=s.generations, desc="architecture search", unit="gen", **({} if show_progress else {"disable": True})
+    )
     for gen in range(s.generations):
         t0 = time.perf_counter()
         for cand, origin in cands:
@@ -377,43 +393,68 @@ def search(space: SearchSpace, budget: Budget, importance: Importance, fitness,
             e0 = time.perf_counter()
             value = float(fitness(cand))
             count = space.count(shape)
-            rec = {"generation": gen, "origin": origin, "key": cand.key, "cost": budget.cost(shape),
-                   "params_prunable": count.prunable, "params_total": count.total,
-                   "removed_ratio": count.removed_ratio, "fitness": value,
-                   "seconds": time.perf_counter() - e0,
-                   "heads": [q for q, _, _ in shape], "widths": [w for _, _, w in shape]}
+            rec = {
+                "generation": gen,
+                "origin": origin,
+                "key": cand.key,
+                "cost": budget.cost(shape),
+                "params_prunable": count.prunable,
+                "params_total": count.total,
+                "removed_ratio": count.removed_ratio,
+                "fitness": value,
+                "seconds": time.perf_counter() - e0,
+                "heads": [q for q, _, _ in shape],
+                "widths": [w for _, _, w in shape],
+            }
             memo[cand.key] = rec
             subnets[cand.key] = cand
             log.append(rec)
-        pool = sorted(set(archive) | {c.key for c, _ in cands},
-                      key=lambda k: (_finite(memo[k]["fitness"]), k))
-        archive = pool[:s.parents]
+        pool = sorted(set(archive) | {c.key for c, _ in cands}, key=lambda k: (_finite(memo[k]["fitness"]), k))
+        archive = pool[: s.parents]
         best = memo[archive[0]]
         gen_values = [memo[c.key]["fitness"] for c, _ in cands]
-        history.append({"generation": gen, "evaluated": len(cands), "best_fitness": best["fitness"],
-                        "best_key": best["key"], "generation_best": float(np.min(gen_values)),
-                        "generation_median": float(np.median(gen_values)),
-                        "evaluations": len(memo), "seconds": time.perf_counter() - t0})
+        history.append(
+            {
+                "generation": gen,
+                "evaluated": len(cands),
+                "best_fitness": best["fitness"],
+                "best_key": best["key"],
+                "generation_best": float(np.min(gen_values)),
+                "generation_median": float(np.median(gen_values)),
+                "evaluations": len(memo),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         bar.update(1)
-        progress.status(f"search gen {gen + 1}/{s.generations}: best {best['fitness']:.4g} "
-                        f"({best['removed_ratio']:.1%} removed), this generation best "
-                        f"{history[-1]['generation_best']:.4g} median {history[-1]['generation_median']:.4g}, "
-                        f"{len(cands)} evaluated ({len(memo)} total) in {history[-1]['seconds']:.0f}s")
+        progress.status(
+            f"search gen {gen + 1}/{s.generations}: best {best['fitness']:.4g} "
+            f"({best['removed_ratio']:.1%} removed), this generation best "
+            f"{history[-1]['generation_best']:.4g} median {history[-1]['generation_median']:.4g}, "
+            f"{len(cands)} evaluated ({len(memo)} total) in {history[-1]['seconds']:.0f}s"
+        )
         if gen == s.generations - 1:
             break
         taken = set()
         parents = [subnets[k] for k in archive]
-        cands = propose(lambda: sr.mutate(parents[int(rng.integers(len(parents)))]),
-                        s.mutations, "mutation", taken)
-        cands += propose(lambda: sr.crossover(parents[int(rng.integers(len(parents)))],
-                                              parents[int(rng.integers(len(parents)))]),
-                         s.crossovers, "crossover", taken)
+        cands = propose(lambda: sr.mutate(parents[int(rng.integers(len(parents)))]), s.mutations, "mutation", taken)
+        cands += propose(
+            lambda: sr.crossover(parents[int(rng.integers(len(parents)))], parents[int(rng.integers(len(parents)))]),
+            s.crossovers,
+            "crossover",
+            taken,
+        )
         cands += propose(sr.random, s.population - len(cands), "random", taken)
     bar.close()
     best_key = archive[0]
-    return SearchResult(best=subnets[best_key], best_fitness=memo[best_key]["fitness"], log=log,
-                        history=history, settings=asdict(settings), budget=budget.describe(),
-                        seconds=time.perf_counter() - start)
+    return SearchResult(
+        best=subnets[best_key],
+        best_fitness=memo[best_key]["fitness"],
+        log=log,
+        history=history,
+        settings=asdict(settings),
+        budget=budget.describe(),
+        seconds=time.perf_counter() - start,
+    )
 
 
 def _finite(x: float) -> float:
@@ -436,7 +477,7 @@ class _LRU(dict):
 
     def __getitem__(self, key):
         value = super().pop(key)
-        super().__setitem__(key, value)   # move to the end: most recently used
+        super().__setitem__(key, value)  # move to the end: most recently used
         return value
 
     def __setitem__(self, key, value):
@@ -454,9 +495,16 @@ class PerplexityFitness:
     ranks masks by what they are worth after reformation.
     """
 
-    def __init__(self, model, windows, *, grams: dict | None = None, damp: float | None = None,
-                 cache_entries: int = CACHE_ENTRIES):
-        from accelc.pruning.reform import DEFAULT_DAMP
+    def __init__(
+        self,
+        model,
+        windows,
+        *,
+        grams: dict | None = None,
+        damp: float | None = None,
+        cache_entries: int = CACHE_ENTRIES,
+    ):
+        from accelc.compiler.pruning.reform import DEFAULT_DAMP
 
         damp = DEFAULT_DAMP if damp is None else damp
         self.cache = _LRU(cache_entries)
@@ -467,11 +515,10 @@ class PerplexityFitness:
     def __call__(self, subnet: Subnet) -> float:
         import torch
 
-        from accelc.pruning.materialize import shrink
-        from accelc.pruning.reform import oneshot
+        from accelc.compiler.pruning.materialize import shrink
+        from accelc.compiler.pruning.reform import oneshot
 
-        overrides = (oneshot(self.model, subnet, self.grams, damp=self.damp, cache=self.cache)
-                     if self.grams else None)
+        overrides = oneshot(self.model, subnet, self.grams, damp=self.damp, cache=self.cache) if self.grams else None
         small = shrink(self.model, subnet, overrides)
         nll, n = 0.0, 0
         with torch.inference_mode():

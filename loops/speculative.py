@@ -40,17 +40,18 @@ Statistics (GenerationResult.stats), shared by every method in this package:
                                 or rounds the draft sat out)
     lookup_rounds               rounds whose drafts were copied from the context (lookup.py)
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
-from accelc.decoding.autoregressive import GenerationResult, Sampler
-from accelc.decoding.lookup import Lookup, lookup_draft
 from accelc.errors import UsageError
+from accelc.loops.autoregressive import GenerationResult, Sampler
+from accelc.loops.lookup import Lookup, lookup_draft
 from accelc.runtime.base import KVState, StepModel
 
 DEFAULT_GAMMA = 4  # drafts per round when no plan chose one; the cost model picks gamma in [1, 16]
@@ -127,8 +128,9 @@ def check_args(prompt: Sequence[int], max_new_tokens: int, **lengths: int) -> No
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
 
 
-def check_pair(target: StepModel, draft: StepModel, target_vocab: int | None = None,
-               draft_vocab: int | None = None) -> None:
+def check_pair(
+    target: StepModel, draft: StepModel, target_vocab: int | None = None, draft_vocab: int | None = None
+) -> None:
     """A draft must score the target's vocabulary: same tokenizer, same number of logits."""
     tv = target_vocab if target_vocab is not None else getattr(target, "vocab_size", None)
     dv = draft_vocab if draft_vocab is not None else getattr(draft, "vocab_size", None)
@@ -136,7 +138,8 @@ def check_pair(target: StepModel, draft: StepModel, target_vocab: int | None = N
         raise UsageError(
             f"the draft model '{getattr(draft, 'name', 'draft')}' has a vocabulary of {int(dv)} tokens but the "
             f"target '{getattr(target, 'name', 'target')}' has {int(tv)}: speculative decoding needs a draft "
-            "that shares the target's tokenizer and vocabulary")
+            "that shares the target's tokenizer and vocabulary"
+        )
 
 
 # --------------------------------------------------------------------------- model cursor
@@ -196,7 +199,7 @@ class ModelCursor:
             rows, self.state = self._extend_call(self.state, list(seq[n_have:]))
             self.fed = list(seq)
             self.next_logits = rows[-1]
-            parts.append(rows[start - n_have - 1:] if n_have < start else rows)
+            parts.append(rows[start - n_have - 1 :] if n_have < start else rows)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def rollback(self, n: int) -> None:
@@ -208,11 +211,12 @@ class ModelCursor:
 
     def reset(self, state: KVState, fed: Sequence[int], next_logits: np.ndarray | None) -> None:
         """Adopt a state computed elsewhere (a tree branch, a staircase row)."""
-        self.state, self.fed, self.next_logits = state, list(fed[:state.length]), next_logits
+        self.state, self.fed, self.next_logits = state, list(fed[: state.length]), next_logits
 
 
-def open_pair(target: StepModel, draft: StepModel, prompt: Sequence[int],
-              prompt_kv_from_target: bool = False) -> tuple[ModelCursor, ModelCursor]:
+def open_pair(
+    target: StepModel, draft: StepModel, prompt: Sequence[int], prompt_kv_from_target: bool = False
+) -> tuple[ModelCursor, ModelCursor]:
     """Prefill both models on the prompt and check they score the same vocabulary.
 
     prompt_kv_from_target: the draft starts from a copy of the target's prompt cache instead of
@@ -229,8 +233,15 @@ def open_pair(target: StepModel, draft: StepModel, prompt: Sequence[int],
     return tgt, dft
 
 
-def begin(target: StepModel, draft: StepModel, prompt: Sequence[int], max_new_tokens: int, eos_ids,
-          first_token, prompt_kv_from_target: bool = False) -> tuple[ModelCursor, ModelCursor, list[int], bool]:
+def begin(
+    target: StepModel,
+    draft: StepModel,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    eos_ids,
+    first_token,
+    prompt_kv_from_target: bool = False,
+) -> tuple[ModelCursor, ModelCursor, list[int], bool]:
     """Every draft-then-verify loop starts alike: prefill both models (see open_pair) and commit
     the target's own first token, `first_token(logits)`. Returns the cursors, the committed
     tokens and whether generation is already done (eos or a budget of one)."""
@@ -240,8 +251,9 @@ def begin(target: StepModel, draft: StepModel, prompt: Sequence[int], max_new_to
     return tgt, dft, tokens, done
 
 
-def draft_tokens(cursor: ModelCursor, context: Sequence[int], count: int, sampler: Sampler, seed: int,
-                 index: int = 0) -> tuple[list[int], list[np.ndarray | None]]:
+def draft_tokens(
+    cursor: ModelCursor, context: Sequence[int], count: int, sampler: Sampler, seed: int, index: int = 0
+) -> tuple[list[int], list[np.ndarray | None]]:
     """`count` tokens drafted after `context`, one draft call each; their q (None when greedy)."""
     greedy = sampler.temperature == 0.0
     seq = list(context)
@@ -260,8 +272,9 @@ def draft_tokens(cursor: ModelCursor, context: Sequence[int], count: int, sample
     return drafts, qs
 
 
-def copied_drafts(context: Sequence[int], lookup: Lookup | None, limit: int | None, sampler: Sampler,
-                  vocab: int) -> tuple[list[int], list[np.ndarray | None]]:
+def copied_drafts(
+    context: Sequence[int], lookup: Lookup | None, limit: int | None, sampler: Sampler, vocab: int
+) -> tuple[list[int], list[np.ndarray | None]]:
     """Drafts copied from the context (lookup.py; [] without a match or a lookup), each with the
     one-hot q of a deterministic draft (None when greedy)."""
     copied = lookup_draft(context, lookup, limit) if lookup is not None else []
@@ -275,8 +288,15 @@ def copied_drafts(context: Sequence[int], lookup: Lookup | None, limit: int | No
     return copied, qs
 
 
-def propose(cursor: ModelCursor, context: Sequence[int], count: int, sampler: Sampler, seed: int,
-            lookup: Lookup | None = None, limit: int | None = None) -> tuple[list[int], list[np.ndarray | None], bool]:
+def propose(
+    cursor: ModelCursor,
+    context: Sequence[int],
+    count: int,
+    sampler: Sampler,
+    seed: int,
+    lookup: Lookup | None = None,
+    limit: int | None = None,
+) -> tuple[list[int], list[np.ndarray | None], bool]:
     """A round's drafts after `context`: copied from the context when `lookup` finds a match (at
     most `limit` tokens, copied_drafts), else `count` tokens from the draft model (draft_tokens).
     The flag says whether they were copied."""
@@ -286,8 +306,7 @@ def propose(cursor: ModelCursor, context: Sequence[int], count: int, sampler: Sa
     return copied, qs, True
 
 
-def commit(tokens: list[int], new: Sequence[int], n_prompt: int, max_new_tokens: int,
-           eos_ids: Sequence[int]) -> bool:
+def commit(tokens: list[int], new: Sequence[int], n_prompt: int, max_new_tokens: int, eos_ids: Sequence[int]) -> bool:
     """Append `new`, stopping after an eos or at the token budget; True when generation is over."""
     for t in new:
         tokens.append(int(t))
@@ -319,11 +338,17 @@ class SpecStats:
 
     def as_dict(self, target: ModelCursor, draft: ModelCursor, **extra) -> dict:
         return {
-            "target_calls": target.calls, "draft_calls": draft.calls,
-            "target_tokens_fed": target.tokens_fed, "draft_tokens_fed": draft.tokens_fed,
-            "draft_catchup_calls": draft.multi_token_calls, "lookup_rounds": self.lookup_rounds,
-            "rounds": self.rounds, "drafted": self.drafted, "verified": self.verified,
-            "accepted": self.accepted, "rejections": self.rejections,
+            "target_calls": target.calls,
+            "draft_calls": draft.calls,
+            "target_tokens_fed": target.tokens_fed,
+            "draft_tokens_fed": draft.tokens_fed,
+            "draft_catchup_calls": draft.multi_token_calls,
+            "lookup_rounds": self.lookup_rounds,
+            "rounds": self.rounds,
+            "drafted": self.drafted,
+            "verified": self.verified,
+            "accepted": self.accepted,
+            "rejections": self.rejections,
             "expected_rejections": self.expected_rejections,
             "acceptance_rate": self.accepted / self.verified if self.verified else 0.0,
             "draft_efficiency": self.accepted / self.drafted if self.drafted else 0.0,
@@ -332,8 +357,15 @@ class SpecStats:
         }
 
 
-def verify_chain(rows: np.ndarray, drafts: Sequence[int], qs: Sequence[np.ndarray | None], sampler: Sampler,
-                 seed: int, start: int, stats: SpecStats) -> tuple[int, int | None]:
+def verify_chain(
+    rows: np.ndarray,
+    drafts: Sequence[int],
+    qs: Sequence[np.ndarray | None],
+    sampler: Sampler,
+    seed: int,
+    start: int,
+    stats: SpecStats,
+) -> tuple[int, int | None]:
     """Check drafts[i] (at position start + i) against rows[i] in turn.
 
     Returns (j, t): j drafts accepted, then t = the residual (or, greedy, the target's argmax)
@@ -350,8 +382,9 @@ def verify_chain(rows: np.ndarray, drafts: Sequence[int], qs: Sequence[np.ndarra
         else:
             p = sampler.probs(rows[i])
             pos = start + i
-            ok, t = verify_token(p, qs[i], x, position_uniform(seed, pos, STREAM_ACCEPT),
-                                 position_uniform(seed, pos, STREAM_RESIDUAL))
+            ok, t = verify_token(
+                p, qs[i], x, position_uniform(seed, pos, STREAM_ACCEPT), position_uniform(seed, pos, STREAM_RESIDUAL)
+            )
             stats.record(p, qs[i], ok)
             if not ok:
                 return i, t
@@ -359,18 +392,34 @@ def verify_chain(rows: np.ndarray, drafts: Sequence[int], qs: Sequence[np.ndarra
 
 
 # --------------------------------------------------------------------------- the loop
-def speculative_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], max_new_tokens: int, *,
-                         gamma: int = DEFAULT_GAMMA, sampler: Sampler = Sampler(), eos_ids: Sequence[int] = (),
-                         seed: int = 0, prompt_kv_from_target: bool = False,
-                         lookup: Lookup | None = None) -> GenerationResult:
+def speculative_generate(
+    target: StepModel,
+    draft: StepModel,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    *,
+    gamma: int = DEFAULT_GAMMA,
+    sampler: Sampler = Sampler(),
+    eos_ids: Sequence[int] = (),
+    seed: int = 0,
+    prompt_kv_from_target: bool = False,
+    lookup: Lookup | None = None,
+) -> GenerationResult:
     """Speculative sampling with `gamma` drafts per round; greedy when sampler.temperature == 0.
     prompt_kv_from_target: see open_pair. lookup: rounds copy their drafts from the context where
     it has a match (lookup.py), and ask the draft model elsewhere."""
     check_args(prompt, max_new_tokens, gamma=gamma)
     t0 = time.perf_counter()
     n_prompt = len(prompt)
-    tgt, dft, tokens, done = begin(target, draft, prompt, max_new_tokens, eos_ids,
-                                   lambda logits: own_sample(logits, sampler, seed, n_prompt), prompt_kv_from_target)
+    tgt, dft, tokens, done = begin(
+        target,
+        draft,
+        prompt,
+        max_new_tokens,
+        eos_ids,
+        lambda logits: own_sample(logits, sampler, seed, n_prompt),
+        prompt_kv_from_target,
+    )
     t1 = time.perf_counter()
     stats = SpecStats()
     while not done:
@@ -395,6 +444,9 @@ def speculative_generate(target: StepModel, draft: StepModel, prompt: Sequence[i
         done = commit(tokens, drafts[:j] + [t], n_prompt, max_new_tokens, eos_ids)
         stats.round_tokens += len(tokens) - before
     t2 = time.perf_counter()
-    return GenerationResult(tokens[n_prompt:], t1 - t0, t2 - t1,
-                            stats.as_dict(tgt, dft, method="speculative", gamma=gamma,
-                                          lookup=lookup.to_dict() if lookup else None))
+    return GenerationResult(
+        tokens[n_prompt:],
+        t1 - t0,
+        t2 - t1,
+        stats.as_dict(tgt, dft, method="speculative", gamma=gamma, lookup=lookup.to_dict() if lookup else None),
+    )

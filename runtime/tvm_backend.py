@@ -5,6 +5,7 @@ back in, so only the ids go in and the logits come out through numpy. Truncation
 small `truncate_kv` function compiled into the same library (TVM tensors cannot be sliced along
 an inner axis from Python). tvm is imported on first use, so importing this module is cheap.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,7 +76,7 @@ class TVMStepModel(KVStepModel):
         # weights in numpy); tied weights then fill several parameter slots with one tensor.
         uploaded = {}
         with safe_open(str(artifact_dir / meta["param_file"]), framework="numpy") as weights:
-            for key in weights.keys():
+            for key in weights.keys():  # noqa: SIM118 (safe_open is not iterable)
                 uploaded[key] = tvm.runtime.tensor(weights.get_tensor(key), self._dev)
         self._params = [uploaded[key] for key in meta["params"]]
 
@@ -114,8 +115,9 @@ class TVMStepModel(KVStepModel):
 
     def state_from_kv(self, kv) -> KVState:
         n = kv_length(kv, self.num_layers, self.kv_heads, self.head_dim)
-        return KVState(n, tuple(self._tvm.runtime.tensor(np.ascontiguousarray(t, dtype=self._dtype), self._dev)
-                                for t in kv))
+        return KVState(
+            n, tuple(self._tvm.runtime.tensor(np.ascontiguousarray(t, dtype=self._dtype), self._dev) for t in kv)
+        )
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 Only the CLI converts these to exit codes; library code raises them with a one-line message
 that says what went wrong and what to do about it.
 """
+
 from __future__ import annotations
 
 

@@ -1,4 +1,4 @@
-""""Stairs" assisted greedy generation (Grigaliunas & Lukosevicius, IVUS 2024; algorithms.md section 6).
+""" "Stairs" assisted greedy generation (Grigaliunas & Lukosevicius, IVUS 2024; algorithms.md section 6).
 
 Each round the assistant (draft) greedily proposes n tokens d_1..d_n, the large model (target)
 predicts its greedy token m_i after prefix + d_1..d_i for every i = 0..n, the longest run with
@@ -19,22 +19,23 @@ The assistant's batch size n adapts as HF assisted generation does (algorithms.m
 start at `candidates` (HF's 5 by default; a decode plan starts it at its gamma), +2 after a round
 where all were accepted, else -1 (never below 1).
 """
+
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from accelc.decoding.autoregressive import GenerationResult, Sampler
-from accelc.decoding.lookup import Lookup
-from accelc.decoding.speculative import ModelCursor, SpecStats, begin, check_args, commit, propose
 from accelc.errors import UsageError
+from accelc.loops.autoregressive import GenerationResult, Sampler
+from accelc.loops.lookup import Lookup
+from accelc.loops.speculative import ModelCursor, SpecStats, begin, check_args, commit, propose
 from accelc.runtime.base import StepModel
 
 INITIAL_CANDIDATES = 5  # HF assisted generation's starting num_assistant_tokens
 GROW_ON_FULL_ACCEPT = 2  # HF's heuristic schedule: +2 when every candidate was accepted
-SHRINK_ON_REJECT = 1     # ... and -1 otherwise
+SHRINK_ON_REJECT = 1  # ... and -1 otherwise
 VALIDATIONS = ("auto", "single", "staircase")
 
 
@@ -66,10 +67,19 @@ def staircase_predictions(cursor: ModelCursor, tokens: list[int], drafts: list[i
     return [int(np.argmax(r)) for r in rows], states, rows
 
 
-def stairs_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], max_new_tokens: int, *,
-                    candidates: int = INITIAL_CANDIDATES, adaptive: bool = True, eos_ids: Sequence[int] = (),
-                    validation: str = "auto", prompt_kv_from_target: bool = False,
-                    lookup: Lookup | None = None) -> GenerationResult:
+def stairs_generate(
+    target: StepModel,
+    draft: StepModel,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    *,
+    candidates: int = INITIAL_CANDIDATES,
+    adaptive: bool = True,
+    eos_ids: Sequence[int] = (),
+    validation: str = "auto",
+    prompt_kv_from_target: bool = False,
+    lookup: Lookup | None = None,
+) -> GenerationResult:
     """Greedy assisted generation; `candidates` is the assistant's (initial) batch size n;
     prompt_kv_from_target: see speculative.open_pair; lookup: rounds copy their candidates from
     the context where it has a match (lookup.py; the assistant's batch size is then left as it is)."""
@@ -81,8 +91,9 @@ def stairs_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], 
     greedy = Sampler()
     t0 = time.perf_counter()
     n_prompt = len(prompt)
-    tgt, dft, tokens, done = begin(target, draft, prompt, max_new_tokens, eos_ids,
-                                   lambda logits: int(np.argmax(logits)), prompt_kv_from_target)
+    tgt, dft, tokens, done = begin(
+        target, draft, prompt, max_new_tokens, eos_ids, lambda logits: int(np.argmax(logits)), prompt_kv_from_target
+    )
     t1 = time.perf_counter()
     stats = SpecStats()
     n_assist = candidates
@@ -116,6 +127,16 @@ def stairs_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], 
         done = commit(tokens, drafts[:k] + [m[k]], n_prompt, max_new_tokens, eos_ids)
         stats.round_tokens += len(tokens) - before
     t2 = time.perf_counter()
-    return GenerationResult(tokens[n_prompt:], t1 - t0, t2 - t1, stats.as_dict(
-        tgt, dft, method="stairs", validation=validation, candidates_schedule=schedule,
-        lookup=lookup.to_dict() if lookup else None))
+    return GenerationResult(
+        tokens[n_prompt:],
+        t1 - t0,
+        t2 - t1,
+        stats.as_dict(
+            tgt,
+            dft,
+            method="stairs",
+            validation=validation,
+            candidates_schedule=schedule,
+            lookup=lookup.to_dict() if lookup else None,
+        ),
+    )

@@ -36,7 +36,7 @@ Every committed token passes the exact SD rule min(1, p/q) with residual norm(ma
 or is the target's own sample (the first token, a copied round's bonus; PEARL's parallel rounds
 have no bonus token), so the output is distributed exactly as the target's;
 at temperature 0 it is the target's greedy output. Randomness is per position (see
-`accelc.decoding.speculative`), so the threaded schedule and the deterministic sequential one
+`accelc.loops.speculative`), so the threaded schedule and the deterministic sequential one
 (`concurrent=False`: the same maths, the draft's work then the target's in one thread) emit
 identical tokens for the same seed.
 
@@ -45,16 +45,26 @@ torch release the GIL inside their kernels, and each backend keeps its own intra
 (for ORT the session options; give each model 1 thread on a 2-core machine). The coordinator
 verifies, and runs the rounds made alone itself.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
-from accelc.decoding.autoregressive import GenerationResult, Sampler
-from accelc.decoding.lookup import Lookup
-from accelc.decoding.speculative import (SpecStats, begin, check_args, commit, copied_drafts, draft_tokens,
-                                         own_sample, verify_chain)
+from accelc.loops.autoregressive import GenerationResult, Sampler
+from accelc.loops.lookup import Lookup
+from accelc.loops.speculative import (
+    SpecStats,
+    begin,
+    check_args,
+    commit,
+    copied_drafts,
+    draft_tokens,
+    own_sample,
+    verify_chain,
+)
 from accelc.runtime.base import StepModel, alone
 
 DEFAULT_GAMMA = 4  # PEARL's scripts use 3 to 5 (gamma ~ t_target / t_draft); the cost model refines it
@@ -70,9 +80,14 @@ class _Workers:
     def __init__(self, concurrent: bool):
         self.concurrent = concurrent
         self.busy = {"draft": 0.0, "target": 0.0}
-        self._pools = ({"draft": ThreadPoolExecutor(1, thread_name_prefix="accelc-pearl-draft"),
-                        "target": ThreadPoolExecutor(1, thread_name_prefix="accelc-pearl-target")}
-                       if concurrent else None)
+        self._pools = (
+            {
+                "draft": ThreadPoolExecutor(1, thread_name_prefix="accelc-pearl-draft"),
+                "target": ThreadPoolExecutor(1, thread_name_prefix="accelc-pearl-target"),
+            }
+            if concurrent
+            else None
+        )
 
     def _timed(self, who: str, job: Callable[[], A]) -> Callable[[], A]:
         def run() -> A:
@@ -81,6 +96,7 @@ class _Workers:
                 return job()
             finally:
                 self.busy[who] += time.perf_counter() - t
+
         return run
 
     def both(self, draft_job: Callable[[], A], target_job: Callable[[], B]) -> tuple[A, B]:
@@ -96,10 +112,20 @@ class _Workers:
                 pool.shutdown(wait=True)
 
 
-def pearl_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], max_new_tokens: int, *,
-                   gamma: int = DEFAULT_GAMMA, sampler: Sampler = Sampler(), eos_ids: Sequence[int] = (),
-                   seed: int = 0, concurrent: bool = True, prompt_kv_from_target: bool = False,
-                   lookup: Lookup | None = None) -> GenerationResult:
+def pearl_generate(
+    target: StepModel,
+    draft: StepModel,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    *,
+    gamma: int = DEFAULT_GAMMA,
+    sampler: Sampler = Sampler(),
+    eos_ids: Sequence[int] = (),
+    seed: int = 0,
+    concurrent: bool = True,
+    prompt_kv_from_target: bool = False,
+    lookup: Lookup | None = None,
+) -> GenerationResult:
     """PEARL with window `gamma`; `concurrent=False` is the deterministic single-thread schedule;
     prompt_kv_from_target: see speculative.open_pair; lookup: where the context has a match, a
     round verifies U and the copied drafts alone (the module doc)."""
@@ -109,13 +135,19 @@ def pearl_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], m
         t0 = time.perf_counter()
         n_prompt = len(prompt)
         with alone(target):
-            tgt, dft, tokens, done = begin(target, draft, prompt, max_new_tokens, eos_ids,  # tokens: verified
-                                           lambda logits: own_sample(logits, sampler, seed, n_prompt),
-                                           prompt_kv_from_target)
+            tgt, dft, tokens, done = begin(
+                target,
+                draft,
+                prompt,
+                max_new_tokens,
+                eos_ids,  # tokens: verified
+                lambda logits: own_sample(logits, sampler, seed, n_prompt),
+                prompt_kv_from_target,
+            )
         t1 = time.perf_counter()
         stats = SpecStats()
         unverified: list[int] = []  # U: drafts after `tokens`, the target has not checked them
-        unverified_q: list = []     # their draft distributions (None when greedy)
+        unverified_q: list = []  # their draft distributions (None when greedy)
         mode, trace = PRE, []
         transitions = {"pre_to_post": 0, "post_to_pre": 0}
         while not done:
@@ -132,8 +164,9 @@ def pearl_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], m
             else:
                 # both workers start from x: the draft drafts gamma tokens after it, the target scores
                 # positions n .. len(x) (pre-verify: 1 row; post-verify: |U| + 1 rows)
-                (drafts, qs), rows = workers.both(lambda: draft_tokens(dft, x, gamma, sampler, seed),
-                                                  lambda: tgt.logits_from(x, start=n))
+                (drafts, qs), rows = workers.both(
+                    lambda: draft_tokens(dft, x, gamma, sampler, seed), lambda: tgt.logits_from(x, start=n)
+                )
                 checked, checked_q = checked + drafts[:1], checked_q + qs[:1]
                 round_mode, drafted = mode, gamma
             j, t = verify_chain(rows, checked, checked_q, sampler, seed, n, stats)
@@ -162,8 +195,23 @@ def pearl_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], m
     finally:
         workers.close()
     # mode_trace: the mode each round ran in; draft/target busy seconds show how much they overlapped
-    return GenerationResult(tokens[n_prompt:], t1 - t0, t2 - t1, stats.as_dict(
-        tgt, dft, method="pearl", gamma=gamma, concurrent=concurrent, mode_trace=trace,
-        rounds_pre=trace.count(PRE), rounds_post=trace.count(POST), rounds_copied=trace.count(COPIED), **transitions,
-        lookup=lookup.to_dict() if lookup else None,
-        draft_busy_seconds=workers.busy["draft"], target_busy_seconds=workers.busy["target"]))
+    return GenerationResult(
+        tokens[n_prompt:],
+        t1 - t0,
+        t2 - t1,
+        stats.as_dict(
+            tgt,
+            dft,
+            method="pearl",
+            gamma=gamma,
+            concurrent=concurrent,
+            mode_trace=trace,
+            rounds_pre=trace.count(PRE),
+            rounds_post=trace.count(POST),
+            rounds_copied=trace.count(COPIED),
+            **transitions,
+            lookup=lookup.to_dict() if lookup else None,
+            draft_busy_seconds=workers.busy["draft"],
+            target_busy_seconds=workers.busy["target"],
+        ),
+    )

@@ -3,6 +3,7 @@
 Exit codes: 0 success, 1 internal error, 2 usage or recipe error, 3 missing optional dependency
 or unsupported target, 4 a pass failed, 5 validation failed, 130 interrupted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,18 +20,18 @@ EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 130
 
 
 def _load(args):
-    from accelc.recipe import load_recipe
+    from accelc.compiler.recipe import load_recipe
 
     return load_recipe(args.recipe, args.set or [])
 
 
 def cmd_compile(args) -> int:
-    from accelc.compile import compile_recipe, output_dir, plan_summary
+    from accelc.compiler.compile import compile_recipe, output_dir, plan_summary
 
     recipe = _load(args)
     out = output_dir(recipe, args.output)
     if args.dry_run:
-        from accelc.artifacts import check_writable
+        from accelc.compiler.artifacts import check_writable
 
         check_writable(out)
         print(json.dumps(plan_summary(recipe, out), indent=2))
@@ -41,13 +42,13 @@ def cmd_compile(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from accelc import registry
-    from accelc.compile import output_dir, plan_summary
+    from accelc.compiler import registry
+    from accelc.compiler.compile import output_dir, plan_summary
     from accelc.errors import require
 
     recipe = _load(args)
     if recipe.model.path is not None:
-        from accelc.recipe import resolve_path
+        from accelc.compiler.recipe import resolve_path
 
         path = resolve_path(recipe, recipe.model.path)
         if not path.exists():
@@ -58,14 +59,17 @@ def cmd_validate(args) -> int:
     for step in recipe.passes:
         for need in registry.PASSES[step.type].needs:
             getattr(recipe.data, need)
-    print(json.dumps({"recipe": str(args.recipe), "valid": True, **plan_summary(recipe, output_dir(recipe, None))},
-                     indent=2))
+    print(
+        json.dumps(
+            {"recipe": str(args.recipe), "valid": True, **plan_summary(recipe, output_dir(recipe, None))}, indent=2
+        )
+    )
     return 0
 
 
 def cmd_run(args) -> int:
-    from accelc.decoding.plan import run_plan, sampler_of
     from accelc.families.causal_lm import encode_prompt
+    from accelc.loops.plan import run_plan, sampler_of
     from accelc.runtime.artifact import Artifact
 
     art = Artifact(args.artifact)
@@ -83,13 +87,17 @@ def cmd_run(args) -> int:
     stats = result.stats
     extra = ""
     if "acceptance_rate" in stats:
-        extra = (f", acceptance {stats['acceptance_rate']:.2f}, mean accepted length "
-                 f"{stats['mean_accepted_length']:.2f}, target calls {stats['target_calls']}, "
-                 f"draft calls {stats['draft_calls']}")
+        extra = (
+            f", acceptance {stats['acceptance_rate']:.2f}, mean accepted length "
+            f"{stats['mean_accepted_length']:.2f}, target calls {stats['target_calls']}, "
+            f"draft calls {stats['draft_calls']}"
+        )
         if stats.get("lookup"):
             extra += f", rounds copied from the context {stats['lookup_rounds']} of {stats['rounds']}"
-    progress.status(f"{backend} [{plan.get('strategy', 'greedy')}]: {len(result.tokens)} tokens, prefill "
-                    f"{result.prefill_seconds * 1e3:.0f} ms, decode {result.decode_tokens_per_second:.1f} tok/s{extra}")
+    progress.status(
+        f"{backend} [{plan.get('strategy', 'greedy')}]: {len(result.tokens)} tokens, prefill "
+        f"{result.prefill_seconds * 1e3:.0f} ms, decode {result.decode_tokens_per_second:.1f} tok/s{extra}"
+    )
     if args.show_tokens:
         print(json.dumps(result.tokens))
     return 0
@@ -117,8 +125,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from accelc.compile import evaluate
-    from accelc.recipe import PerplexitySpec
+    from accelc.compiler.compile import evaluate
+    from accelc.compiler.recipe import PerplexitySpec
     from accelc.runtime.artifact import Artifact
 
     art = Artifact(args.artifact)
@@ -140,13 +148,23 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from accelc.benchmark import bench, plot
-    from accelc.recipe import BenchSpec
+    from accelc.compiler.benchmark import bench, plot
+    from accelc.compiler.recipe import BenchSpec
     from accelc.runtime.artifact import Artifact
 
     art = Artifact(args.artifact)
-    spec = BenchSpec(**{k: v for k, v in dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                                              repeats=args.repeats, backends=args.backends).items() if v})
+    spec = BenchSpec(
+        **{
+            k: v
+            for k, v in dict(
+                prompt_tokens=args.prompt_tokens,
+                new_tokens=args.new_tokens,
+                repeats=args.repeats,
+                backends=args.backends,
+            ).items()
+            if v
+        }
+    )
     result = bench(art.dir, spec)
     out = Path(args.json) if args.json else art.dir / "reports" / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -154,41 +172,47 @@ def cmd_bench(args) -> int:
     plot(result, out.with_suffix(".png"))
     print(f"{'backend':<8} {'prefill ms':>11} {'decode tok/s':>13} {'x torch':>8} {'peak MB':>9}")
     for name, r in result["backends"].items():
-        print(f"{name:<8} {r['prefill_ms_median']:>11.1f} {r['decode_tok_s_median']:>13.2f} "
-              f"{r['decode_speedup_vs_torch']:>8.2f} {r['peak_rss_mb_median']:>9.0f}")
+        print(
+            f"{name:<8} {r['prefill_ms_median']:>11.1f} {r['decode_tok_s_median']:>13.2f} "
+            f"{r['decode_speedup_vs_torch']:>8.2f} {r['peak_rss_mb_median']:>9.0f}"
+        )
     rewritten = {name: r for name, r in result["backends"].items() if "plan_decode_tok_s_median" in r}
     if rewritten or art.plan.get("strategy") not in ("greedy", "sample"):
         # the decode plan's loop against plain greedy decoding, same prompt, same worker
         print(f"\ndecode plan '{art.plan.get('strategy')}' (greedy, same prompt):")
-        print(f"{'backend':<8} {'tok/s':>8} {'x plain':>8} {'acceptance':>11} {'accepted/round':>15} "
-              f"{'target calls':>13} {'draft calls':>12}")
+        print(
+            f"{'backend':<8} {'tok/s':>8} {'x plain':>8} {'acceptance':>11} {'accepted/round':>15} "
+            f"{'target calls':>13} {'draft calls':>12}"
+        )
         for name, r in result["backends"].items():
             if name not in rewritten:
                 print(f"{name:<8} decodes plainly ({r.get('plan_strategy')}): no draft on this backend")
                 continue
-            print(f"{name:<8} {r['plan_decode_tok_s_median']:>8.2f} {r['plan_speedup_vs_autoregressive']:>8.2f} "
-                  f"{r['plan_acceptance_rate']:>11.3f} {r['plan_mean_accepted_length']:>15.2f} "
-                  f"{r['plan_target_calls']:>13.0f} {r['plan_draft_calls']:>12.0f}")
+            print(
+                f"{name:<8} {r['plan_decode_tok_s_median']:>8.2f} {r['plan_speedup_vs_autoregressive']:>8.2f} "
+                f"{r['plan_acceptance_rate']:>11.3f} {r['plan_mean_accepted_length']:>15.2f} "
+                f"{r['plan_target_calls']:>13.0f} {r['plan_draft_calls']:>12.0f}"
+            )
     progress.status(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 
 def cmd_passes(args) -> int:
-    from accelc import registry
+    from accelc.compiler import registry
 
     registry.load_all()
     return _list_or_show(registry.PASSES, args.name, "pass")
 
 
 def cmd_targets(args) -> int:
-    from accelc import registry
+    from accelc.compiler import registry
 
     registry.load_all()
     return _list_or_show(registry.TARGETS, args.name, "target")
 
 
 def _list_or_show(table, name, what) -> int:
-    from accelc.registry import describe
+    from accelc.compiler.registry import describe
 
     if name is None:
         for key, cls in sorted(table.items()):
@@ -205,7 +229,7 @@ def _list_or_show(table, name, what) -> int:
 
 
 def cmd_schema(args) -> int:
-    from accelc.recipe import json_schema
+    from accelc.compiler.recipe import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return 0
@@ -307,14 +331,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"accelc: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("accelc: interrupted; finished steps stay in the cache and the previous artifact is intact",
-              file=sys.stderr)
+        print(
+            "accelc: interrupted; finished steps stay in the cache and the previous artifact is intact", file=sys.stderr
+        )
         return EXIT_INTERRUPTED
     except Exception as exc:  # a bug: say so in one line, traceback only on request
         if args.debug:
             traceback.print_exc()
-        print(f"accelc: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"accelc: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
 
 

@@ -2,6 +2,7 @@
 
 Everything goes to stderr so that stdout stays machine-readable (`accelc inspect --json`).
 """
+
 from __future__ import annotations
 
 import sys

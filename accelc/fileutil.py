@@ -1,4 +1,5 @@
 """Small filesystem helpers shared by the cache, the asset store and artifacts."""
+
 from __future__ import annotations
 
 import hashlib

@@ -3,6 +3,7 @@
 It is both the reference that every lowered artifact is validated against and the baseline
 that `accelc bench` measures them against.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,8 +35,12 @@ class TorchStepModel(KVStepModel):
         cache = DynamicCache(pairs) if pairs else DynamicCache()
         with torch.inference_mode():
             positions = torch.arange(state.length, state.length + ids.size).unsqueeze(0)
-            out = self.model(input_ids=torch.from_numpy(ids).unsqueeze(0), past_key_values=cache,
-                             position_ids=positions, use_cache=True)
+            out = self.model(
+                input_ids=torch.from_numpy(ids).unsqueeze(0),
+                past_key_values=cache,
+                position_ids=positions,
+                use_cache=True,
+            )
         cache = out.past_key_values
         tensors = []
         for layer in cache.layers:

@@ -2,6 +2,7 @@
 
 The baseline every generation-loop rewrite is measured against and must reproduce (greedy).
 """
+
 from __future__ import annotations
 
 import time
@@ -60,8 +61,15 @@ class GenerationResult:
         return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
-def generate(model: StepModel, prompt: list[int], max_new_tokens: int, *,
-             sampler: Sampler = Sampler(), eos_ids: tuple[int, ...] = (), seed: int = 0) -> GenerationResult:
+def generate(
+    model: StepModel,
+    prompt: list[int],
+    max_new_tokens: int,
+    *,
+    sampler: Sampler = Sampler(),
+    eos_ids: tuple[int, ...] = (),
+    seed: int = 0,
+) -> GenerationResult:
     if not prompt:
         raise ValueError("the prompt has no tokens")
     rng = np.random.default_rng(seed)

@@ -4,13 +4,15 @@ The plan is data written by the compiler (the `decode` recipe section, refined b
 `speculative`); this module maps its `strategy` to the generation loop that implements it.
 Greedy strategies reproduce the target's greedy tokens exactly; sampling ones its distribution.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from accelc.decoding.autoregressive import GenerationResult, Sampler, generate
-from accelc.decoding.lookup import Lookup
 from accelc.errors import UsageError
+from accelc.loops.autoregressive import GenerationResult, Sampler, generate
+from accelc.loops.lookup import Lookup
 
 AUTOREGRESSIVE = ("greedy", "sample")
 NEEDS_DRAFT = ("speculative", "batch_speculative", "pearl", "stairs")
@@ -29,8 +31,16 @@ def sampler_of(plan: Mapping[str, Any], temperature: float | None = None) -> Sam
     return Sampler(t, plan.get("top_k", 0), plan.get("top_p", 1.0)) if sampling else Sampler()
 
 
-def run_plan(plan: Mapping[str, Any], target, draft, prompt: Sequence[int], max_new_tokens: int, *,
-             eos_ids: Sequence[int] = (), sampler: Sampler | None = None) -> GenerationResult:
+def run_plan(
+    plan: Mapping[str, Any],
+    target,
+    draft,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    *,
+    eos_ids: Sequence[int] = (),
+    sampler: Sampler | None = None,
+) -> GenerationResult:
     strategy = plan.get("strategy", "greedy")
     if strategy not in STRATEGIES:
         raise UsageError(f"decode plan strategy '{strategy}' is unknown; known: {', '.join(STRATEGIES)}")
@@ -44,25 +54,55 @@ def run_plan(plan: Mapping[str, Any], target, draft, prompt: Sequence[int], max_
     shared = {"prompt_kv_from_target": prompt_kv_from_target(plan)}
     lookup = Lookup(**plan["lookup"]) if plan.get("lookup") else None  # drafts copied from the context
     if strategy == "speculative":
-        from accelc.decoding.speculative import speculative_generate
+        from accelc.loops.speculative import speculative_generate
 
-        return speculative_generate(target, draft, prompt, max_new_tokens, gamma=gamma, sampler=sampler,
-                                    eos_ids=eos_ids, seed=seed, lookup=lookup, **shared)
+        return speculative_generate(
+            target,
+            draft,
+            prompt,
+            max_new_tokens,
+            gamma=gamma,
+            sampler=sampler,
+            eos_ids=eos_ids,
+            seed=seed,
+            lookup=lookup,
+            **shared,
+        )
     if strategy == "batch_speculative":
-        from accelc.decoding.batch_speculative import batch_speculative_generate
+        from accelc.loops.batch_speculative import batch_speculative_generate
 
-        return batch_speculative_generate(target, draft, prompt, max_new_tokens, gamma=gamma, sampler=sampler,
-                                          num_candidates=int(plan.get("num_candidates", 2)),
-                                          eos_ids=eos_ids, seed=seed, **shared)
+        return batch_speculative_generate(
+            target,
+            draft,
+            prompt,
+            max_new_tokens,
+            gamma=gamma,
+            sampler=sampler,
+            num_candidates=int(plan.get("num_candidates", 2)),
+            eos_ids=eos_ids,
+            seed=seed,
+            **shared,
+        )
     if strategy == "pearl":
-        from accelc.decoding.pearl import pearl_generate
+        from accelc.loops.pearl import pearl_generate
 
-        return pearl_generate(target, draft, prompt, max_new_tokens, gamma=gamma, sampler=sampler,
-                              eos_ids=eos_ids, seed=seed, lookup=lookup, **shared)
-    from accelc.decoding.stairs import stairs_generate
+        return pearl_generate(
+            target,
+            draft,
+            prompt,
+            max_new_tokens,
+            gamma=gamma,
+            sampler=sampler,
+            eos_ids=eos_ids,
+            seed=seed,
+            lookup=lookup,
+            **shared,
+        )
+    from accelc.loops.stairs import stairs_generate
 
     if sampler.temperature != 0.0:
         raise UsageError("the stairs strategy is greedy only: set temperature 0 or choose another strategy")
     # the plan's gamma (the best fixed draft length) is where the assistant's adaptive schedule starts
-    return stairs_generate(target, draft, prompt, max_new_tokens, candidates=gamma, eos_ids=eos_ids, lookup=lookup,
-                           **shared)
+    return stairs_generate(
+        target, draft, prompt, max_new_tokens, candidates=gamma, eos_ids=eos_ids, lookup=lookup, **shared
+    )

@@ -5,13 +5,14 @@ tokenizer): a user's folder as is, a GGUF file converted once and cached, a buil
 materialised once from its seeded config, the embedded SmolLM2 fetched once. An ONNX file
 becomes an ONNX bundle that can only be lowered. Everything else downstream reads that folder.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from accelc import progress
-from accelc.bundle import Bundle
+from accelc.compiler.bundle import Bundle
 from accelc.errors import UsageError
 from accelc.fileutil import sha256_file
 
@@ -51,8 +52,10 @@ def check_checkpoint(directory: Path) -> None:
     except (OSError, json.JSONDecodeError) as exc:
         raise UsageError(f"{directory}/config.json is not valid JSON ({exc})") from None
     if model_type not in SUPPORTED_MODEL_TYPES:
-        progress.status(f"warning: model_type '{model_type}' is not among the tested families "
-                        f"({', '.join(SUPPORTED_MODEL_TYPES)}); export may fail")
+        progress.status(
+            f"warning: model_type '{model_type}' is not among the tested families "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)}); export may fail"
+        )
     weights = [p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES]
     if not weights:
         raise UsageError(f"{directory}: no weight files (*.safetensors) in the checkpoint folder")
@@ -75,8 +78,8 @@ def _identity(files: list[Path]) -> dict:
 
 def ingest(spec, recipe=None) -> Bundle:
     """Turn the recipe's `model:` section into the first Bundle of the pipeline."""
-    from accelc.bundle import chain
-    from accelc.recipe import resolve_path
+    from accelc.compiler.bundle import chain
+    from accelc.compiler.recipe import resolve_path
 
     if spec.builtin is not None:
         with progress.step(f"model: builtin {spec.builtin}"):
@@ -88,9 +91,13 @@ def ingest(spec, recipe=None) -> Bundle:
             raise UsageError(f"model path {path} does not exist")
         if path.suffix == ".onnx":
             ident = _identity([path])
-            return Bundle(id=chain("", "source", ident), family="onnx",
-                          source={"description": f"onnx:{path}", **ident}, model_dir=None,
-                          graphs={"model": path})
+            return Bundle(
+                id=chain("", "source", ident),
+                family="onnx",
+                source={"description": f"onnx:{path}", **ident},
+                model_dir=None,
+                graphs={"model": path},
+            )
         if path.suffix == ".gguf":
             from accelc import assets
 
@@ -103,12 +110,14 @@ def ingest(spec, recipe=None) -> Bundle:
             raise UsageError(f"model path {path}: expected a checkpoint folder, a .gguf or an .onnx file")
     check_checkpoint(directory)
     with progress.step("model: hashing weights"):
-        ident = _identity([p for p in directory.iterdir()
-                           if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"])
+        ident = _identity([p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"])
     ident["trust_remote_code"] = spec.trust_remote_code
-    return Bundle(id=chain("", "source", ident), family="causal_lm",
-                  source={"description": description, "model_dir": str(directory), **ident},
-                  model_dir=directory)
+    return Bundle(
+        id=chain("", "source", ident),
+        family="causal_lm",
+        source={"description": description, "model_dir": str(directory), **ident},
+        model_dir=directory,
+    )
 
 
 def load_model(directory: Path, trust_remote_code: bool = False):
@@ -117,14 +126,14 @@ def load_model(directory: Path, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from accelc.pruning import materialize
+    from accelc.compiler.pruning import materialize
 
     if materialize.is_pruned(directory):
         return materialize.load(directory)
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
-                                                     trust_remote_code=trust_remote_code,
-                                                     local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, trust_remote_code=trust_remote_code, local_files_only=True
+        )
     except (OSError, ValueError) as exc:
         raise UsageError(f"{directory}: cannot load the model ({str(exc).splitlines()[0]})") from None
     return model.eval()
@@ -134,8 +143,7 @@ def load_tokenizer(directory: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code,
-                                             local_files_only=True)
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise UsageError(f"{directory}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
 
@@ -143,8 +151,11 @@ def load_tokenizer(directory: Path, trust_remote_code: bool = False):
 def encode_prompt(tokenizer, prompt: str, chat_template: bool) -> list[int]:
     """Token ids of a prompt; instruction-tuned models get their chat template (as users expect)."""
     if chat_template and getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                  add_generation_prompt=True, tokenize=True))
+        return list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+        )
     return list(tokenizer(prompt)["input_ids"])
 
 

@@ -21,25 +21,31 @@ when the other worker idles: the prompt's prefill and rounds of copied drafts. B
 bind the same arena, so a state moves between them for free. ORT's Python API cannot share
 prepacked weights between sessions, so the second one costs the weights once more in memory.
 """
+
 from __future__ import annotations
 
 import contextlib
 import threading
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
+from accelc.compiler.fused_decoder import IN_PLACE_KV
 from accelc.errors import require
-from accelc.fused_decoder import IN_PLACE_KV
 from accelc.runtime.base import KVState, KVStepModel, kv_length
 
 ARENA_START = 256  # positions; arenas double when a sequence outgrows them
 
-OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
-              "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
 
 def session_options(cfg: Mapping[str, Any]):
@@ -47,7 +53,9 @@ def session_options(cfg: Mapping[str, Any]):
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(cfg.get("intra_op_threads", 0))
     so.inter_op_num_threads = int(cfg.get("inter_op_threads", 0))
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[cfg.get("graph_optimization_level", "all")])
+    so.graph_optimization_level = getattr(
+        ort.GraphOptimizationLevel, OPT_LEVELS[cfg.get("graph_optimization_level", "all")]
+    )
     # Spinning threads burn the core a busy neighbour needs; on small shared CPUs it makes
     # latency up to 50x worse, so it is off unless the artifact says otherwise.
     spin = "1" if cfg.get("allow_spinning", False) else "0"
@@ -60,14 +68,18 @@ def session_options(cfg: Mapping[str, Any]):
 class OrtStepModel(KVStepModel):
     name = "ort"
 
-    def __init__(self, graph: Path, options: Mapping[str, Any] | None = None,
-                 alone_options: Mapping[str, Any] | None = None):
+    def __init__(
+        self, graph: Path, options: Mapping[str, Any] | None = None, alone_options: Mapping[str, Any] | None = None
+    ):
         """`alone_options`: a second session of the same graph (all cores, say) for the calls made
         inside `alone()`; both share the KV cache. It costs the graph's weights once more in memory."""
         ort = require("onnxruntime", "pip install onnxruntime")
 
         def open_session(opts: Mapping[str, Any]):
-            return ort.InferenceSession(str(graph), sess_options=session_options(opts), providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(
+                str(graph), sess_options=session_options(opts), providers=["CPUExecutionProvider"]
+            )
+
         self.session = open_session(options or {})
         self.alone_session = open_session(alone_options) if alone_options is not None else None
         self._alone = False
@@ -76,8 +88,11 @@ class OrtStepModel(KVStepModel):
         self.n_layers = sum(1 for n in self.inputs if n.startswith("past_key_values.") and n.endswith(".key"))
         shape = self.inputs["past_key_values.0.key"].shape  # [batch, kv_heads, past, head_dim]
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
-        self.vocab_size = int(self.session.get_outputs()[0].shape[-1]) if isinstance(
-            self.session.get_outputs()[0].shape[-1], int) else None
+        self.vocab_size = (
+            int(self.session.get_outputs()[0].shape[-1])
+            if isinstance(self.session.get_outputs()[0].shape[-1], int)
+            else None
+        )
         self._past_names = [f"past_key_values.{i}.{kind}" for i in range(self.n_layers) for kind in ("key", "value")]
         self._present_names = [f"present.{i}.{kind}" for i in range(self.n_layers) for kind in ("key", "value")]
         key, value = IN_PLACE_KV
@@ -181,7 +196,7 @@ class OrtStepModel(KVStepModel):
             arena = _view(state).arena
             with self._arena_lock:
                 arena.check(state)
-                return [b[:, :, :state.length].copy() for b in arena.buffers]
+                return [b[:, :, : state.length].copy() for b in arena.buffers]
         return list(state.tensors)
 
 
@@ -189,7 +204,7 @@ class OrtStepModel(KVStepModel):
 class _View:
     """An in-place state's tensors: its arena and the arena's clock when the state was made."""
 
-    arena: "_Arena"
+    arena: _Arena
     stamp: int
 
 
@@ -236,12 +251,14 @@ class _Arena:
         return state
 
     def valid(self, state: KVState) -> bool:
-        return state.length == 0 or int(self.written[:state.length].max()) <= _view(state).stamp
+        return state.length == 0 or int(self.written[: state.length].max()) <= _view(state).stamp
 
     def check(self, state: KVState) -> None:
         if not self.valid(state):
-            raise ValueError("this KV state was overwritten: it was rebuilt outside the model (KVState(...)) "
-                             "instead of coming from prefill/extend/truncate")
+            raise ValueError(
+                "this KV state was overwritten: it was rebuilt outside the model (KVState(...)) "
+                "instead of coming from prefill/extend/truncate"
+            )
 
     def needed_beyond(self, n: int) -> bool:
         """Whether a live state still reads a position >= n (extending at n would overwrite it)."""
@@ -249,10 +266,10 @@ class _Arena:
 
     def wrote(self, n: int, k: int) -> KVState:
         self.clock += 1
-        self.written[n:n + k] = self.clock
+        self.written[n : n + k] = self.clock
         return self.state(n + k)
 
-    def copy_prefix(self, n: int, capacity: int) -> "_Arena":
+    def copy_prefix(self, n: int, capacity: int) -> _Arena:
         self.model.kv_copies += 1
         arena = _Arena(self.model, capacity)
         for dst, src in zip(arena.buffers, self.buffers):

@@ -3,6 +3,7 @@
 The runtime reads only the artifact (manifest.json and the files it names); it never imports
 passes or targets, so a deployment needs accelc's runtime and the backend's library, nothing else.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import os
 from functools import cached_property
 from pathlib import Path
 
-from accelc.decoding.plan import NEEDS_DRAFT
 from accelc.errors import UsageError
+from accelc.loops.plan import NEEDS_DRAFT
 
 MANIFEST = "manifest.json"
 HF_DIR = "model/hf"
@@ -24,8 +25,9 @@ class Artifact:
         self.dir = Path(directory)
         manifest = self.dir / MANIFEST
         if not manifest.exists():
-            raise UsageError(f"{self.dir}: not an accelc artifact (no {MANIFEST}); "
-                             "create one with `accelc compile RECIPE -o DIR`")
+            raise UsageError(
+                f"{self.dir}: not an accelc artifact (no {MANIFEST}); create one with `accelc compile RECIPE -o DIR`"
+            )
         try:
             self.manifest = json.loads(manifest.read_text())
         except json.JSONDecodeError as exc:
@@ -70,8 +72,14 @@ class Artifact:
 
         return load_model(self.dir / HF_DIRS[role], self.trust_remote_code)
 
-    def step_model(self, backend: str, role: str = "target", torch_model=None, threads: int | None = None,
-                   alone_session: bool = False):
+    def step_model(
+        self,
+        backend: str,
+        role: str = "target",
+        torch_model=None,
+        threads: int | None = None,
+        alone_session: bool = False,
+    ):
         """`threads`: an ORT session's intra-op threads instead of the artifact's (PEARL workers);
         `alone_session`: with them, a second session on the artifact's threads for the calls made
         alone (StepModel.alone)."""
@@ -94,8 +102,11 @@ class Artifact:
             graph = self.dir / self.manifest["graphs"][cfg["graphs"][role]]
             if threads is None:
                 return OrtStepModel(graph, cfg["session"])
-            return OrtStepModel(graph, {**cfg["session"], "intra_op_threads": threads},
-                                alone_options=cfg["session"] if alone_session else None)
+            return OrtStepModel(
+                graph,
+                {**cfg["session"], "intra_op_threads": threads},
+                alone_options=cfg["session"] if alone_session else None,
+            )
         if backend == "tvm":
             if role not in cfg["dirs"]:
                 raise UsageError(f"the tvm backend of this artifact has no '{role}' library")
@@ -132,9 +143,13 @@ class Artifact:
         if plan.get("strategy") not in NEEDS_DRAFT or self.has_draft(backend):
             return plan
         where = [b for b in self.backends() if self.has_draft(b)]
-        return {**plan, "strategy": "sample" if plan.get("sampling") else "greedy", "planned_strategy": plan["strategy"],
-                "reason": f"backend '{backend}' has no draft for the '{plan['strategy']}' plan (it runs on: "
-                          f"{', '.join(where) or 'no backend of this artifact'}), so it decodes autoregressively"}
+        return {
+            **plan,
+            "strategy": "sample" if plan.get("sampling") else "greedy",
+            "planned_strategy": plan["strategy"],
+            "reason": f"backend '{backend}' has no draft for the '{plan['strategy']}' plan (it runs on: "
+            f"{', '.join(where) or 'no backend of this artifact'}), so it decodes autoregressively",
+        }
 
     def decode_pair(self, backend: str):
         """(target, draft or None) step models for `plan_for(backend)`."""

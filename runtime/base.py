@@ -12,11 +12,13 @@ so a decoding loop never knows whether torch, ONNX Runtime or TVM computed them.
 States are values: extend and truncate return new states and never invalidate the input one,
 which is what lets speculative decoding roll back cheaply.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -96,9 +98,14 @@ def kv_length(kv: Sequence[np.ndarray], layers: int, kv_heads: int, head_dim: in
     from accelc.errors import UsageError
 
     want = (1, kv_heads, head_dim)
-    if len(kv) != 2 * layers or any(t.ndim != 4 or (t.shape[0], t.shape[1], t.shape[3]) != want for t in kv) \
-            or len({t.shape[2] for t in kv}) != 1:
+    if (
+        len(kv) != 2 * layers
+        or any(t.ndim != 4 or (t.shape[0], t.shape[1], t.shape[3]) != want for t in kv)
+        or len({t.shape[2] for t in kv}) != 1
+    ):
         got = sorted({tuple(t.shape) for t in kv})
-        raise UsageError(f"KV tensors of another layout ({len(kv)} tensors, shapes {got}) cannot seed a model "
-                         f"with {layers} layers of [1, {kv_heads}, length, {head_dim}] keys and values")
+        raise UsageError(
+            f"KV tensors of another layout ({len(kv)} tensors, shapes {got}) cannot seed a model "
+            f"with {layers} layers of [1, {kv_heads}, length, {head_dim}] keys and values"
+        )
     return int(kv[0].shape[2])

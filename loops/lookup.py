@@ -18,10 +18,11 @@ norm(max(p - e_x, 0)) (p without x) when rejected; at temperature 0 it is kept w
 the target's argmax. The draft model skips the tokens a lookup round commits and feeds them in
 its next call (one call of several tokens, priced like the two-token catch-up call).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from accelc.errors import UsageError
 
 @dataclass(frozen=True)
 class Lookup:
-    tokens: int = 8     # most tokens copied per round (HF's prompt_lookup_num_tokens is 10)
+    tokens: int = 8  # most tokens copied per round (HF's prompt_lookup_num_tokens is 10)
     max_ngram: int = 3  # longest suffix matched (HF's max_matching_ngram_size is 2)
     min_ngram: int = 2  # one-token matches recur everywhere ("the", ",") and mostly mislead
 
@@ -52,9 +53,9 @@ def lookup_draft(seq: Sequence[int], lookup: Lookup, limit: int | None = None) -
         return []
     for n in range(min(lookup.max_ngram, end - 1), lookup.min_ngram - 1, -1):
         # every earlier window of n tokens (the suffix's own window, the last one, excluded)
-        windows = np.lib.stride_tricks.sliding_window_view(ids, n)[:end - n]
-        hits = np.flatnonzero((windows == ids[end - n:]).all(axis=1))
+        windows = np.lib.stride_tricks.sliding_window_view(ids, n)[: end - n]
+        hits = np.flatnonzero((windows == ids[end - n :]).all(axis=1))
         if hits.size:
             start = int(hits[-1]) + n  # the latest occurrence: the most recent context wins
-            return ids[start:start + count].tolist()
+            return ids[start : start + count].tolist()
     return []

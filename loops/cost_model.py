@@ -50,20 +50,21 @@ Batch speculative decoding replays the same way
 (`batch_replayed_speedup`), with its k candidates' acceptance at a round's first position,
 where they all start from one prefix.
 """
+
 from __future__ import annotations
 
 import contextlib
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
-from accelc.decoding.autoregressive import Sampler, generate
-from accelc.decoding.lookup import Lookup, lookup_draft
-from accelc.decoding.speculative import check_pair
 from accelc.errors import UsageError
+from accelc.loops.autoregressive import Sampler, generate
+from accelc.loops.lookup import Lookup, lookup_draft
+from accelc.loops.speculative import check_pair
 from accelc.runtime.base import StepModel
 
 GAMMA_MAX = 16  # algorithms.md 4 R6: search gamma in 1..16, S is unimodal in practice
@@ -73,7 +74,7 @@ MIN_GAIN = 1.0  # speculate only when the best predicted speedup exceeds plain d
 # even, so their slower worker's jitter shows) measured 5-7% for PEARL, whose predicted gain was 1-3%
 MIN_COPY_GAIN = 1.05
 CALIBRATION_NEW_TOKENS = 32  # target-sampled positions per calibration prompt (4 x 16 left a 0.04 stderr)
-TIMING_STEPS = 8    # one-token decode steps per timing repeat
+TIMING_STEPS = 8  # one-token decode steps per timing repeat
 TIMING_REPEATS = 5  # medians over repeats: shared machines have noisy neighbours
 
 VerifyCost = float | Callable[[int], float]
@@ -83,31 +84,36 @@ COPY_CATCHUP_LENGTHS = (2, 3, 5, 9, 17, 33)  # the draft's call lengths to time 
 
 
 # --------------------------------------------------------------------------- alpha
-def acceptance_from_logits(target_logits: np.ndarray, draft_logits: np.ndarray,
-                           sampler: Sampler = Sampler()) -> np.ndarray:
+def acceptance_from_logits(
+    target_logits: np.ndarray, draft_logits: np.ndarray, sampler: Sampler = Sampler()
+) -> np.ndarray:
     """beta per paired row ([N, V] each): sum min(p, q) after the sampler's filtering, or for
     greedy 1.0 where the argmaxes agree (the greedy rule's acceptance)."""
     if target_logits.shape != draft_logits.shape:
         raise UsageError(f"paired logits differ in shape: target {target_logits.shape}, draft {draft_logits.shape}")
     if sampler.temperature == 0.0:
         return (np.argmax(target_logits, -1) == np.argmax(draft_logits, -1)).astype(np.float64)
-    return np.array([np.minimum(sampler.probs(t), sampler.probs(d)).sum()
-                     for t, d in zip(target_logits, draft_logits)])
+    return np.array([np.minimum(sampler.probs(t), sampler.probs(d)).sum() for t, d in zip(target_logits, draft_logits)])
 
 
-def first_acceptance(target_logits: np.ndarray, draft_logits: np.ndarray, sampler: Sampler,
-                     candidates: int) -> np.ndarray:
+def first_acceptance(
+    target_logits: np.ndarray, draft_logits: np.ndarray, sampler: Sampler, candidates: int
+) -> np.ndarray:
     """Per paired row, P(some of k draft candidates is accepted) at a batch speculative round's
     first position, where all k are drafted from one prefix (batch_speculative.py): greedy, 1
     where the target's argmax is among the draft's k most likely tokens (the loop's candidates);
     sampling, 1 - prod_m TV(r_m, q) of recursive rejection over k i.i.d. draws."""
-    from accelc.decoding.batch_speculative import all_rejected_probability
+    from accelc.loops.batch_speculative import all_rejected_probability
 
     if sampler.temperature == 0.0:
         top = np.argsort(-draft_logits, axis=-1, kind="stable")[:, :candidates]
         return (top == np.argmax(target_logits, -1)[:, None]).any(-1).astype(np.float64)
-    return np.array([1.0 - all_rejected_probability(sampler.probs(t), sampler.probs(d), candidates)
-                     for t, d in zip(target_logits, draft_logits)])
+    return np.array(
+        [
+            1.0 - all_rejected_probability(sampler.probs(t), sampler.probs(d), candidates)
+            for t, d in zip(target_logits, draft_logits)
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -128,8 +134,9 @@ class AlphaEstimate:
         return {"alpha": self.alpha, "stderr": self.stderr, "positions": self.positions}
 
 
-def copied_acceptance(prompt: Sequence[int], continuation: Sequence[int], probs: np.ndarray | None,
-                      lookup: Lookup) -> tuple[np.ndarray, ...]:
+def copied_acceptance(
+    prompt: Sequence[int], continuation: Sequence[int], probs: np.ndarray | None, lookup: Lookup
+) -> tuple[np.ndarray, ...]:
     """For each position a loop verifies (continuation[1:]), the acceptance of every token that
     lookup copies from the context there: greedy (probs None), 1 while it equals the continuation;
     sampling, p(x) at its position along the continuation (probs [positions, V]: exact for the
@@ -137,7 +144,7 @@ def copied_acceptance(prompt: Sequence[int], continuation: Sequence[int], probs:
     seq, n = list(prompt) + list(continuation), len(continuation) - 1
     out = []
     for i in range(n):
-        copied = lookup_draft(seq[:len(prompt) + i + 1], lookup, n - i)
+        copied = lookup_draft(seq[: len(prompt) + i + 1], lookup, n - i)
         if probs is None:
             out.append(np.array([float(x == continuation[i + 1 + k]) for k, x in enumerate(copied)]))
         else:
@@ -145,10 +152,18 @@ def copied_acceptance(prompt: Sequence[int], continuation: Sequence[int], probs:
     return tuple(out)
 
 
-def estimate_alpha(target: StepModel, draft: StepModel, prompts: Sequence[Sequence[int]], *,
-                   sampler: Sampler = Sampler(), new_tokens: int = CALIBRATION_NEW_TOKENS,
-                   seed: int = 0, prompt_kv_from_target: bool = False,
-                   lookup: Lookup | None = None, candidates: int = 1) -> AlphaEstimate:
+def estimate_alpha(
+    target: StepModel,
+    draft: StepModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    sampler: Sampler = Sampler(),
+    new_tokens: int = CALIBRATION_NEW_TOKENS,
+    seed: int = 0,
+    prompt_kv_from_target: bool = False,
+    lookup: Lookup | None = None,
+    candidates: int = 1,
+) -> AlphaEstimate:
     """alpha = 1 - E[TV(p, q)] on calibration prompts, along the target's own continuations.
 
     Per prompt: the target generates `new_tokens` with `sampler`; then one prefill of each model
@@ -193,7 +208,7 @@ def estimate_alpha(target: StepModel, draft: StepModel, prompts: Sequence[Sequen
 # --------------------------------------------------------------------------- c
 @dataclass(frozen=True)
 class CostMeasurement:
-    cost_ratio: float            # c = draft step time / target step time
+    cost_ratio: float  # c = draft step time / target step time
     target_step_seconds: float
     draft_step_seconds: float
     verify_cost: dict = field(default_factory=dict)  # k -> target time to score k tokens, in target steps
@@ -219,12 +234,15 @@ class CostMeasurement:
         return _monotone({1: self.cost_ratio, **self.catchup_costs}, m, default=self.cost_ratio)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "verify_cost": {str(k): v for k, v in self.verify_cost.items()},
-                "catchup_costs": {str(k): v for k, v in self.catchup_costs.items()},
-                "catchup_cost": self.catchup_cost}
+        return {
+            **asdict(self),
+            "verify_cost": {str(k): v for k, v in self.verify_cost.items()},
+            "catchup_costs": {str(k): v for k, v in self.catchup_costs.items()},
+            "catchup_cost": self.catchup_cost,
+        }
 
     @classmethod
-    def median(cls, measurements: Sequence["CostMeasurement"]) -> "CostMeasurement":
+    def median(cls, measurements: Sequence[CostMeasurement]) -> CostMeasurement:
         """Field by field medians of measurements taken over a while (a benchmark's run): the
         costs of the machine's typical state, where one measurement catches whichever it is in."""
         if not measurements:
@@ -232,10 +250,15 @@ class CostMeasurement:
 
         def med(values):
             return None if any(v is None for v in values) else float(np.median(values))
-        fields = {name: med([getattr(m, name) for m in measurements]) for name in
-                  ("cost_ratio", "target_step_seconds", "draft_step_seconds", "baseline_ratio")}
-        curves = {name: {k: med([getattr(m, name).get(k) for m in measurements])
-                         for k in getattr(measurements[0], name)} for name in ("verify_cost", "catchup_costs")}
+
+        fields = {
+            name: med([getattr(m, name) for m in measurements])
+            for name in ("cost_ratio", "target_step_seconds", "draft_step_seconds", "baseline_ratio")
+        }
+        curves = {
+            name: {k: med([getattr(m, name).get(k) for m in measurements]) for k in getattr(measurements[0], name)}
+            for name in ("verify_cost", "catchup_costs")
+        }
         return cls(**curves, **fields)
 
 
@@ -261,6 +284,7 @@ def _decode_timer(model: StepModel, prompt: Sequence[int], steps: int) -> Callab
             out, s = model.extend(s, np.array([tok], dtype=np.int64))
             tok = int(np.argmax(out[-1]))
         return (time.perf_counter() - t) / steps
+
     return per_step
 
 
@@ -275,6 +299,7 @@ def _call_ratios(model: StepModel, prompt: Sequence[int], lengths: Sequence[int]
         t = time.perf_counter()
         model.extend(state, ids)
         return time.perf_counter() - t
+
     ratios: dict[int, list[float]] = {int(k): [] for k in lengths}
     for _ in range(repeats):
         for k in ratios:
@@ -295,6 +320,7 @@ def _busy(model: StepModel | None, prompt: Sequence[int], steps: int):
     def keep_decoding() -> None:
         while not stop.is_set():
             timer()
+
     worker = threading.Thread(target=keep_decoding, daemon=True)
     worker.start()
     try:
@@ -304,10 +330,18 @@ def _busy(model: StepModel | None, prompt: Sequence[int], steps: int):
         worker.join()
 
 
-def measure_cost_ratio(target: StepModel, draft: StepModel, prompt: Sequence[int], *, steps: int = TIMING_STEPS,
-                       repeats: int = TIMING_REPEATS, verify_lengths: Sequence[int] = (),
-                       concurrent: bool = False, baseline: StepModel | None = None,
-                       catchup_lengths: Sequence[int] = (2,)) -> CostMeasurement:
+def measure_cost_ratio(
+    target: StepModel,
+    draft: StepModel,
+    prompt: Sequence[int],
+    *,
+    steps: int = TIMING_STEPS,
+    repeats: int = TIMING_REPEATS,
+    verify_lengths: Sequence[int] = (),
+    concurrent: bool = False,
+    baseline: StepModel | None = None,
+    catchup_lengths: Sequence[int] = (2,),
+) -> CostMeasurement:
     """Time one-token decode steps of both models on this backend (medians), the draft's
     two-token catch-up call, and optionally the target scoring k tokens in one call for each k
     in `verify_lengths`. concurrent: time each model while the other one decodes on another
@@ -325,10 +359,13 @@ def measure_cost_ratio(target: StepModel, draft: StepModel, prompt: Sequence[int
     def timed(model: StepModel, timer: Callable[[], float]) -> float:
         with _busy(other[id(model)], prompt, steps):
             return timer()
+
     # the models alternate, so a neighbour that slows the machine for a while slows all of them:
     # c is the median of paired ratios, not a ratio of medians taken minutes apart
-    rounds = [(timed(target, timers[0]), timed(draft, timers[1]), base_timer() if base_timer else None)
-              for _ in range(repeats)]
+    rounds = [
+        (timed(target, timers[0]), timed(draft, timers[1]), base_timer() if base_timer else None)
+        for _ in range(repeats)
+    ]
     t_step, d_step = (float(np.median([r[i] for r in rounds])) for i in (0, 1))
     c = float(np.median([d / t for t, d, _ in rounds]))
     baseline_ratio = float(np.median([t / b for t, _, b in rounds])) if base_timer else None
@@ -349,6 +386,7 @@ def alone_verify(sequential: CostMeasurement, workers: CostMeasurement) -> Calla
 
     def cost(g: int) -> float:
         return sequential.verify(g) / workers.baseline_ratio
+
     return cost
 
 
@@ -399,9 +437,15 @@ def _catchup_table(catchup_cost: CatchupCost, c: float) -> np.ndarray:
     return np.maximum(np.array([c, c, *longer]), c)
 
 
-def replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: float,
-                     verify_cost: VerifyCost = 1.0, catchup_cost: CatchupCost = None,
-                     schedule: Schedule | None = None, lookups: Sequence[Sequence[np.ndarray]] = ()) -> float:
+def replayed_speedup(
+    trajectories: Sequence[Sequence[float]],
+    gamma: int,
+    c: float,
+    verify_cost: VerifyCost = 1.0,
+    catchup_cost: CatchupCost = None,
+    schedule: Schedule | None = None,
+    lookups: Sequence[Sequence[np.ndarray]] = (),
+) -> float:
     """Speculative decoding's speedup replayed over measured acceptance (see the module doc):
     `trajectories` holds beta per position (AlphaEstimate.trajectories), `catchup_cost` the
     draft's multi-token calls in target steps (_catchup_table). `schedule`: how the draft length
@@ -423,13 +467,13 @@ def replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: flo
         slot = (lambda length: 0) if schedule is None else (lambda length: length)  # a fixed length: one slot
         # without copies the draft's next call feeds 1 or 2 tokens; copied rounds add what they commit
         lag_top = LAG_MAX if copies else 2
-        extra = catchup_beyond_step[:lag_top + 1]
+        extra = catchup_beyond_step[: lag_top + 1]
         lags = np.arange(lag_top + 1)
         # after[i, slot(length), m]: the expected cost of committing positions i.. at that draft
         # length, the draft's next call feeding m tokens (index 0 unused)
         after = np.zeros((n + 1, top + 1 if schedule else 1, lag_top + 1))
         for i in range(n - 1, -1, -1):
-            copied = np.clip(copies[i][:n - i - 1], 0.0, 1.0) if copies else np.zeros(0)
+            copied = np.clip(copies[i][: n - i - 1], 0.0, 1.0) if copies else np.zeros(0)
             k = copied.size
             if k:  # a round of copied drafts: the target's verify call only, for every draft length
                 run = np.cumprod(np.concatenate(([1.0], copied)))
@@ -440,12 +484,17 @@ def replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: flo
                 continue
             for length in lengths:
                 g = min(length, n - i - 1)  # the loop never drafts past the token budget
-                shorter, longer = ((length, length) if schedule is None else
-                                   (min(schedule(length, False), top), min(schedule(length, True), top)))
-                b = beta[i:i + g]
+                shorter, longer = (
+                    (length, length)
+                    if schedule is None
+                    else (min(schedule(length, False), top), min(schedule(length, True), top))
+                )
+                b = beta[i : i + g]
                 run = np.cumprod(np.concatenate(([1.0], b)))  # run[a] = P(the first a drafts accepted)
-                rest = (float(np.dot(run[:-1] * (1.0 - b), after[i + 1:i + g + 1, slot(shorter), 1]))
-                        + run[g] * after[i + g + 1, slot(longer), 2])
+                rest = (
+                    float(np.dot(run[:-1] * (1.0 - b), after[i + 1 : i + g + 1, slot(shorter), 1]))
+                    + run[g] * after[i + g + 1, slot(longer), 2]
+                )
                 if g:
                     after[i, slot(length)] = g * c + _v(verify_cost, g) + rest + extra
                 else:  # the budget's last token: the target's own step, no draft call
@@ -457,9 +506,15 @@ def replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: flo
     return positions / cost
 
 
-def pearl_replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, c: float,
-                           verify_cost: VerifyCost = 1.0, lookups: Sequence[Sequence[np.ndarray]] = (),
-                           catchup_cost: CatchupCost = None, alone_verify: VerifyCost | None = None) -> float:
+def pearl_replayed_speedup(
+    trajectories: Sequence[Sequence[float]],
+    gamma: int,
+    c: float,
+    verify_cost: VerifyCost = 1.0,
+    lookups: Sequence[Sequence[np.ndarray]] = (),
+    catchup_cost: CatchupCost = None,
+    alone_verify: VerifyCost | None = None,
+) -> float:
     """PEARL's speedup replayed over measured acceptance, through its two modes (pearl.py), in
     units of the workers' own target step (divide by their slowdown, as choose_pearl_gamma does).
     A round at position i with u unverified drafts (pre-verify: u = 0; post-verify: u = gamma - 1)
@@ -490,22 +545,23 @@ def pearl_replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, 
         pre, post = np.zeros((n + 2, LAG_MAX + 1)), np.zeros(n + 2)
         for i in range(n - 1, -1, -1):
             # gamma 1: post-verify holds no drafts, it is pre-verify with the draft lagging 1
-            for u in ((gamma - 1, 0) if gamma > 1 else (0,)):
+            for u in (gamma - 1, 0) if gamma > 1 else (0,):
                 at = min(i + u, n)
-                copied = np.clip(copies[at][:n - at - 1], 0.0, 1.0) if copies and at < n else np.zeros(0)
+                copied = np.clip(copies[at][: n - at - 1], 0.0, 1.0) if copies and at < n else np.zeros(0)
                 if copied.size:  # a round of copied drafts, run alone: j accepted, then one more token
-                    b = np.concatenate((beta[i:i + u], copied))
+                    b = np.concatenate((beta[i : i + u], copied))
                     run = np.cumprod(np.concatenate(([1.0], b)))
                     weights = np.append(run[:-1] * (1.0 - b), run[b.size])
-                    lag = (lambda j: np.minimum(lags + j + 1, LAG_MAX)) if u == 0 else \
-                        (lambda j: max(j + 2 - u, 1))
+                    lag = (lambda j: np.minimum(lags + j + 1, LAG_MAX)) if u == 0 else (lambda j: max(j + 2 - u, 1))
                     value = _v(alone_verify, u + copied.size) + sum(
-                        w * pre[i + j + 1, lag(j)] for j, w in enumerate(weights))
+                        w * pre[i + j + 1, lag(j)] for j, w in enumerate(weights)
+                    )
                 else:
-                    b = beta[i:i + u + 1]  # U and d_0, cut where the positions end
+                    b = beta[i : i + u + 1]  # U and d_0, cut where the positions end
                     run = np.cumprod(np.concatenate(([1.0], b)))
-                    rest = (float(np.dot(run[:-1] * (1.0 - b), pre[i + 1:i + b.size + 1, 1]))
-                            + run[b.size] * (post[i + b.size] if b.size == u + 1 else 0.0))
+                    rest = float(np.dot(run[:-1] * (1.0 - b), pre[i + 1 : i + b.size + 1, 1])) + run[b.size] * (
+                        post[i + b.size] if b.size == u + 1 else 0.0
+                    )
                     drafting = catchup[lags] + (gamma - 1) * c if u == 0 else gamma * c
                     value = np.maximum(drafting, _v(verify_cost, u) if u else 1.0) + rest
                 if u == 0:
@@ -521,8 +577,9 @@ def pearl_replayed_speedup(trajectories: Sequence[Sequence[float]], gamma: int, 
     return positions / cost
 
 
-def batch_predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: VerifyCost = 1.0,
-                            candidates: int = 2) -> float:
+def batch_predicted_speedup(
+    alpha: float, gamma: int, c: float, verify_cost: VerifyCost = 1.0, candidates: int = 2
+) -> float:
     """An approximation for k candidates (batch_speculative.py): a depth is accepted unless every
     live candidate is rejected, alpha_k = 1 - (1 - alpha)^k (independent rejections); the
     candidates share the first draft call (one prefix), so drafting costs c (1 + k (gamma - 1));
@@ -536,9 +593,15 @@ def batch_predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: Ver
     return expected_accepted_length(alpha_k, gamma) / (draft + verify)
 
 
-def batch_replayed_speedup(trajectories: Sequence[Sequence[float]], first_accepts: Sequence[Sequence[float]],
-                           gamma: int, c: float, candidates: int, verify_cost: VerifyCost = 1.0,
-                           catchup_cost: CatchupCost = None) -> float:
+def batch_replayed_speedup(
+    trajectories: Sequence[Sequence[float]],
+    first_accepts: Sequence[Sequence[float]],
+    gamma: int,
+    c: float,
+    candidates: int,
+    verify_cost: VerifyCost = 1.0,
+    catchup_cost: CatchupCost = None,
+) -> float:
     """Batch speculative decoding's speedup replayed over measured acceptance, as replayed_speedup
     does for one candidate. A round from position i drafts k candidates of g tokens from one
     prefix (1 + k (g - 1) draft calls), and the target scores candidate 0's path (v(g)):
@@ -567,10 +630,15 @@ def batch_replayed_speedup(trajectories: Sequence[Sequence[float]], first_accept
             if g == 0:
                 base = c + 1.0
             else:
-                b = np.concatenate(([first[i]], beta[i + 1:i + g]))
+                b = np.concatenate(([first[i]], beta[i + 1 : i + g]))
                 run = np.cumprod(np.concatenate(([1.0], b)))
-                base = (c * (1 + k * (g - 1)) + _v(verify_cost, g) + (first[i] - beta[i]) * _v(verify_cost, g - 1)
-                        + float(np.dot(run[:-1] * (1.0 - b), after[i + 1:i + g + 1, 0])) + run[g] * after[i + g + 1, 1])
+                base = (
+                    c * (1 + k * (g - 1))
+                    + _v(verify_cost, g)
+                    + (first[i] - beta[i]) * _v(verify_cost, g - 1)
+                    + float(np.dot(run[:-1] * (1.0 - b), after[i + 1 : i + g + 1, 0]))
+                    + run[g] * after[i + g + 1, 1]
+                )
             after[i] = (base, base + extra)
         positions += n
         cost += after[0, 0]
@@ -584,7 +652,7 @@ def pearl_tokens_per_round(alpha: float, gamma: int) -> float:
     _check(alpha, gamma, 0.0)
     if alpha == 1.0:
         return float(gamma)
-    return (1.0 - alpha ** gamma) / ((1.0 - alpha) * (1.0 + alpha - alpha ** gamma))
+    return (1.0 - alpha**gamma) / ((1.0 - alpha) * (1.0 + alpha - alpha**gamma))
 
 
 def pearl_predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: VerifyCost = 1.0) -> float:
@@ -595,8 +663,8 @@ def pearl_predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: Ver
 
 @dataclass(frozen=True)
 class GammaChoice:
-    method: str               # "speculative" / "pearl", or "autoregressive" when nothing gains
-    gamma: int                # the best gamma (kept for the record even when falling back)
+    method: str  # "speculative" / "pearl", or "autoregressive" when nothing gains
+    gamma: int  # the best gamma (kept for the record even when falling back)
     predicted_speedup: float  # S at that gamma
     alpha: float
     cost_ratio: float
@@ -614,43 +682,89 @@ def _choose(name: str, speedup: Callable[[int], float], alpha: float, c: float, 
     best = max(curve, key=lambda g: (curve[g], -g))  # ties go to the shorter draft
     s = curve[best]
     if s <= MIN_GAIN:
-        return GammaChoice("autoregressive", best, s, alpha, c,
-                           f"no gain: the best predicted speedup is {s:.3f} at gamma={best} (alpha={alpha:.3f}, "
-                           f"c={c:.3f}), so decode autoregressively", curve)
-    return GammaChoice(name, best, s, alpha, c,
-                       f"gamma={best} maximises the predicted speedup {s:.3f} over 1..{gamma_max}", curve)
+        return GammaChoice(
+            "autoregressive",
+            best,
+            s,
+            alpha,
+            c,
+            f"no gain: the best predicted speedup is {s:.3f} at gamma={best} (alpha={alpha:.3f}, "
+            f"c={c:.3f}), so decode autoregressively",
+            curve,
+        )
+    return GammaChoice(
+        name, best, s, alpha, c, f"gamma={best} maximises the predicted speedup {s:.3f} over 1..{gamma_max}", curve
+    )
 
 
-def choose_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX, verify_cost: VerifyCost = 1.0,
-                 trajectories: Sequence[Sequence[float]] = (), catchup_cost: CatchupCost = None,
-                 schedule: Schedule | None = None, lookups: Sequence[Sequence[np.ndarray]] = ()) -> GammaChoice:
+def choose_gamma(
+    alpha: float,
+    c: float,
+    *,
+    gamma_max: int = GAMMA_MAX,
+    verify_cost: VerifyCost = 1.0,
+    trajectories: Sequence[Sequence[float]] = (),
+    catchup_cost: CatchupCost = None,
+    schedule: Schedule | None = None,
+    lookups: Sequence[Sequence[np.ndarray]] = (),
+) -> GammaChoice:
     """gamma* = argmax S(gamma) over 1..gamma_max, or autoregressive when max S <= 1. With
     measured `trajectories`, S is replayed over them (replayed_speedup; with a `schedule`, gamma
     is where the draft length starts; with `lookups`, rounds copy from the context where they
     can); else R6's i.i.d. S."""
     if trajectories:
-        return _choose("speculative", lambda g: replayed_speedup(trajectories, g, c, verify_cost, catchup_cost,
-                                                                 schedule, lookups), alpha, c, gamma_max)
+        return _choose(
+            "speculative",
+            lambda g: replayed_speedup(trajectories, g, c, verify_cost, catchup_cost, schedule, lookups),
+            alpha,
+            c,
+            gamma_max,
+        )
     return _choose("speculative", lambda g: predicted_speedup(alpha, g, c, verify_cost), alpha, c, gamma_max)
 
 
-def choose_batch_gamma(alpha: float, c: float, candidates: int, *, gamma_max: int = GAMMA_MAX,
-                       verify_cost: VerifyCost = 1.0, trajectories: Sequence[Sequence[float]] = (),
-                       first_accepts: Sequence[Sequence[float]] = (), catchup_cost: CatchupCost = None) -> GammaChoice:
+def choose_batch_gamma(
+    alpha: float,
+    c: float,
+    candidates: int,
+    *,
+    gamma_max: int = GAMMA_MAX,
+    verify_cost: VerifyCost = 1.0,
+    trajectories: Sequence[Sequence[float]] = (),
+    first_accepts: Sequence[Sequence[float]] = (),
+    catchup_cost: CatchupCost = None,
+) -> GammaChoice:
     """Batch speculative decoding's draft length: replayed over measured `trajectories` and the
     k candidates' `first_accepts` (batch_replayed_speedup), else the i.i.d. approximation."""
     if trajectories and first_accepts:
-        return _choose("batch_speculative", lambda g: batch_replayed_speedup(
-            trajectories, first_accepts, g, c, candidates, verify_cost, catchup_cost), alpha, c, gamma_max)
-    return _choose("batch_speculative", lambda g: batch_predicted_speedup(alpha, g, c, verify_cost, candidates),
-                   alpha, c, gamma_max)
+        return _choose(
+            "batch_speculative",
+            lambda g: batch_replayed_speedup(trajectories, first_accepts, g, c, candidates, verify_cost, catchup_cost),
+            alpha,
+            c,
+            gamma_max,
+        )
+    return _choose(
+        "batch_speculative",
+        lambda g: batch_predicted_speedup(alpha, g, c, verify_cost, candidates),
+        alpha,
+        c,
+        gamma_max,
+    )
 
 
-def choose_pearl_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX,
-                       verify_cost: VerifyCost = 1.0, worker_slowdown: float = 1.0,
-                       trajectories: Sequence[Sequence[float]] = (),
-                       lookups: Sequence[Sequence[np.ndarray]] = (), catchup_cost: CatchupCost = None,
-                       alone_verify: VerifyCost | None = None) -> GammaChoice:
+def choose_pearl_gamma(
+    alpha: float,
+    c: float,
+    *,
+    gamma_max: int = GAMMA_MAX,
+    verify_cost: VerifyCost = 1.0,
+    worker_slowdown: float = 1.0,
+    trajectories: Sequence[Sequence[float]] = (),
+    lookups: Sequence[Sequence[np.ndarray]] = (),
+    catchup_cost: CatchupCost = None,
+    alone_verify: VerifyCost | None = None,
+) -> GammaChoice:
     """PEARL's window: argmax S_PEARL(gamma), or autoregressive when max S_PEARL <= 1; with
     measured `trajectories` (and `lookups`, with the draft's `catchup_cost` and the cost of the
     rounds made alone, `alone_verify`), S_PEARL is replayed over them (pearl_replayed_speedup).
@@ -661,7 +775,16 @@ def choose_pearl_gamma(alpha: float, c: float, *, gamma_max: int = GAMMA_MAX,
     if worker_slowdown <= 0:
         raise UsageError(f"worker_slowdown must be positive, got {worker_slowdown}")
     if trajectories:
-        return _choose("pearl", lambda g: pearl_replayed_speedup(trajectories, g, c, verify_cost, lookups, catchup_cost,
-                                                                 alone_verify) / worker_slowdown, alpha, c, gamma_max)
-    return _choose("pearl", lambda g: pearl_predicted_speedup(alpha, g, c, verify_cost) / worker_slowdown,
-                   alpha, c, gamma_max)
+        return _choose(
+            "pearl",
+            lambda g: (
+                pearl_replayed_speedup(trajectories, g, c, verify_cost, lookups, catchup_cost, alone_verify)
+                / worker_slowdown
+            ),
+            alpha,
+            c,
+            gamma_max,
+        )
+    return _choose(
+        "pearl", lambda g: pearl_predicted_speedup(alpha, g, c, verify_cost) / worker_slowdown, alpha, c, gamma_max
+    )

@@ -1,0 +1,1 @@
+"""accelc.families: one module per model family (ingest, export, prove, runtime protocol)."""

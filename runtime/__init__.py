@@ -1,0 +1,1 @@
+"""accelc.runtime: open an artifact and run it; backends in a registry. Never imports the compiler."""
