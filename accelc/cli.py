@@ -44,7 +44,7 @@ def cmd_compile(args) -> int:
 def cmd_validate(args) -> int:
     from accelc.compiler import registry
     from accelc.compiler.compile import output_dir, plan_summary
-    from accelc.errors import require
+    from accelc.runtime.backends import check_dependencies
 
     recipe = _load(args)
     if recipe.model.path is not None:
@@ -53,9 +53,7 @@ def cmd_validate(args) -> int:
         path = resolve_path(recipe, recipe.model.path)
         if not path.exists():
             raise UsageError(f"{args.recipe}: model.path {path} does not exist")
-    for target in recipe.targets:
-        if "tvm" in getattr(target, "backends", []):
-            require("tvm", "pip install apache-tvm==0.27.0.post1")
+    check_dependencies(b for target in recipe.targets for b in getattr(target, "backends", []))
     for step in recipe.passes:
         for need in registry.PASSES[step.type].needs:
             getattr(recipe.data, need)
@@ -255,6 +253,8 @@ def cmd_cache(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from accelc.runtime.backends import backend_names
+
     p = argparse.ArgumentParser(prog="accelc", description="inference-acceleration compiler for LMs")
     p.add_argument("--version", action="version", version=f"accelc {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("artifact")
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--max-new-tokens", type=int)
-    sp.add_argument("--backend", choices=["ort", "tvm", "torch"])
+    sp.add_argument("--backend", choices=backend_names())
     sp.add_argument("--temperature", type=float, help="0 = greedy; default: the artifact's decode plan")
     sp.add_argument("--raw", action="store_true", help="do not apply the chat template")
     sp.add_argument("--show-tokens", action="store_true", help="also print the generated token ids")

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from accelc.errors import UsageError
+from accelc.runtime.ort_backend import IN_PLACE_KV  # metadata: past and present may share one buffer
 
 FAMILIES = ("llama", "qwen2")
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
-IN_PLACE_KV = ("accelc.kv_cache", "in_place")  # metadata: past and present may share one buffer
 INLINE_LIMIT = 1_800_000_000  # protobuf's 2 GB cap: larger graphs keep weights in <graph>.data
 
 

@@ -7,12 +7,12 @@ passes or targets, so a deployment needs accelc's runtime and the backend's libr
 from __future__ import annotations
 
 import json
-import os
 from functools import cached_property
 from pathlib import Path
 
 from accelc.errors import UsageError
 from accelc.loops.plan import NEEDS_DRAFT
+from accelc.runtime.backends import Backend, Placement, get_backend
 
 MANIFEST = "manifest.json"
 HF_DIR = "model/hf"
@@ -51,6 +51,14 @@ class Artifact:
                 out.setdefault(backend, {"target": target["kind"], "dir": self.dir / target["dir"], "runtime": cfg})
         return out
 
+    def backend(self, name: str) -> Backend:
+        """The registered runtime backend `name` over its share of this artifact."""
+        available = self.backends()
+        if name not in available:
+            raise UsageError(f"backend '{name}' is not in this artifact; available: {', '.join(available)}")
+        entry = available[name]
+        return get_backend(name)(Placement(self, entry.get("dir"), entry["runtime"]))
+
     @cached_property
     def tokenizer(self):
         from accelc.families.causal_lm import load_tokenizer
@@ -72,68 +80,15 @@ class Artifact:
 
         return load_model(self.dir / HF_DIRS[role], self.trust_remote_code)
 
-    def step_model(
-        self,
-        backend: str,
-        role: str = "target",
-        torch_model=None,
-        threads: int | None = None,
-        alone_session: bool = False,
-    ):
-        """`threads`: an ORT session's intra-op threads instead of the artifact's (PEARL workers);
-        `alone_session`: with them, a second session on the artifact's threads for the calls made
-        alone (StepModel.alone)."""
-        available = self.backends()
-        if backend not in available:
-            raise UsageError(f"backend '{backend}' is not in this artifact; available: {', '.join(available)}")
-        entry = available[backend]
-        cfg = entry["runtime"]
-        if backend == "torch":
-            from accelc.runtime.torch_backend import TorchStepModel
-
-            if role not in self.roles():
-                raise UsageError(f"this artifact has no '{role}' model")
-            return TorchStepModel(torch_model if torch_model is not None else self.torch_model(role))
-        if backend == "ort":
-            from accelc.runtime.ort_backend import OrtStepModel
-
-            if role not in cfg["graphs"]:
-                raise UsageError(f"the ort backend of this artifact has no '{role}' graph")
-            graph = self.dir / self.manifest["graphs"][cfg["graphs"][role]]
-            if threads is None:
-                return OrtStepModel(graph, cfg["session"])
-            return OrtStepModel(
-                graph,
-                {**cfg["session"], "intra_op_threads": threads},
-                alone_options=cfg["session"] if alone_session else None,
-            )
-        if backend == "tvm":
-            if role not in cfg["dirs"]:
-                raise UsageError(f"the tvm backend of this artifact has no '{role}' library")
-            # TVM reads its thread count from the environment when its pool starts
-            os.environ.setdefault("TVM_NUM_THREADS", str(cfg.get("num_threads") or os.cpu_count()))
-            from accelc.runtime.tvm_backend import TVMStepModel
-
-            return TVMStepModel(entry["dir"] / cfg["dirs"][role])
-        raise UsageError(f"backend '{backend}' has no runtime loader in this accelc version")
+    def step_model(self, backend: str, role: str = "target", threads: int | None = None, alone_session: bool = False):
+        """`threads`: a model's own share of the cores instead of the artifact's (PEARL workers);
+        `alone_session`: with them, the calls made alone run on the artifact's threads
+        (StepModel.alone)."""
+        return self.backend(backend).step_model(role, threads=threads, alone_session=alone_session)
 
     def has_draft(self, backend: str) -> bool:
-        """Whether `backend` holds a draft model that differs from the target.
-
-        A draft compressed from the target's own weights (`draft_source: from_target`) exists only
-        as its ONNX graph; artifacts of older accelc versions carried it on torch and TVM as the
-        target's own weights too (TVM: the target's library), which is no draft at all."""
-        entry = self.backends().get(backend)
-        if entry is None:
-            return False
-        plan = self.plan
-        from_target = plan.get("draft_source") == "from_target" or plan.get("draft_prompt_kv") == "target"
-        if backend == "torch":
-            return "draft" in self.roles() and not from_target
-        if backend == "ort":
-            return "draft" in entry["runtime"].get("graphs", {})
-        dirs = entry["runtime"].get("dirs", {})
-        return "draft" in dirs and dirs["draft"] != dirs.get("target")
+        """Whether `backend` holds a draft model that differs from the target."""
+        return backend in self.backends() and self.backend(backend).has_draft()
 
     def plan_for(self, backend: str) -> dict:
         """The decode plan as it runs on `backend`: a rewritten loop where the backend holds the

@@ -34,10 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from accelc.compiler.fused_decoder import IN_PLACE_KV
 from accelc.errors import require
+from accelc.runtime.backends import Backend, Dependency, register_backend
 from accelc.runtime.base import KVState, KVStepModel, kv_length
 
+# graph metadata an exporter writes when the graph's past and present may share one buffer
+IN_PLACE_KV = ("accelc.kv_cache", "in_place")
+ORT = Dependency("onnxruntime", "pip install onnxruntime", "ONNX Runtime")
 ARENA_START = 256  # positions; arenas double when a sequence outgrows them
 
 OPT_LEVELS = {
@@ -49,7 +52,7 @@ OPT_LEVELS = {
 
 
 def session_options(cfg: Mapping[str, Any]):
-    ort = require("onnxruntime", "pip install onnxruntime")
+    ort = require(ORT.module, ORT.install)
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(cfg.get("intra_op_threads", 0))
     so.inter_op_num_threads = int(cfg.get("inter_op_threads", 0))
@@ -73,7 +76,7 @@ class OrtStepModel(KVStepModel):
     ):
         """`alone_options`: a second session of the same graph (all cores, say) for the calls made
         inside `alone()`; both share the KV cache. It costs the graph's weights once more in memory."""
-        ort = require("onnxruntime", "pip install onnxruntime")
+        ort = require(ORT.module, ORT.install)
 
         def open_session(opts: Mapping[str, Any]):
             return ort.InferenceSession(
@@ -275,3 +278,23 @@ class _Arena:
         for dst, src in zip(arena.buffers, self.buffers):
             dst[:, :, :n] = src[:, :, :n]
         return arena
+
+
+@register_backend
+class OrtBackend(Backend):
+    """ONNX Runtime (CPU) on the artifact's exported graphs, with the session options it was validated with."""
+
+    name = "ort"
+    dependency = ORT
+
+    def held_roles(self) -> dict[str, object]:
+        return dict(self.placement.config.get("graphs", {}))
+
+    def open(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> OrtStepModel:
+        art, session = self.placement.artifact, self.placement.config["session"]
+        graph = art.dir / art.manifest["graphs"][self.held_roles()[role]]
+        if threads is None:
+            return OrtStepModel(graph, session)
+        return OrtStepModel(
+            graph, {**session, "intra_op_threads": threads}, alone_options=session if alone_session else None
+        )

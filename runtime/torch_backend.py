@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from accelc.runtime.artifact import HF_DIRS
+from accelc.runtime.backends import Backend, register_backend
 from accelc.runtime.base import KVState, KVStepModel, kv_length
 
 
@@ -56,3 +58,25 @@ class TorchStepModel(KVStepModel):
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         n = kv_length(kv, cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads, head_dim)
         return KVState(n, tuple(self._torch.from_numpy(np.array(t, dtype=np.float32)) for t in kv))
+
+
+@register_backend
+class TorchBackend(Backend):
+    """torch eager on the artifact's own checkpoints: the reference every artifact carries."""
+
+    name = "torch"  # torch is a core dependency: nothing optional to check
+
+    def held_roles(self) -> dict[str, object]:
+        root = self.placement.artifact.dir
+        return {role: root / rel for role, rel in HF_DIRS.items() if (root / rel / "config.json").exists()}
+
+    def has_draft(self) -> bool:
+        # A draft compressed from the target's own weights (`draft_source: from_target`) exists
+        # only as its ONNX graph; artifacts of older accelc versions carried it on torch as the
+        # target's own checkpoint too, which is no draft at all.
+        plan = self.placement.artifact.plan
+        from_target = plan.get("draft_source") == "from_target" or plan.get("draft_prompt_kv") == "target"
+        return "draft" in self.held_roles() and not from_target
+
+    def open(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> TorchStepModel:
+        return TorchStepModel(self.placement.artifact.torch_model(role))

@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from accelc.errors import MissingDependency, UsageError
+from accelc.runtime.backends import Backend, Dependency, register_backend
 from accelc.runtime.base import KVState, KVStepModel, kv_length
 
 TVM_INSTALL = "pip install apache-tvm==0.27.0.post1"
+TVM = Dependency("tvm", TVM_INSTALL, "Apache TVM")
 META_FILE = "tvm_meta.json"
 SUPPORTED_META_SCHEMA = 1
 
@@ -136,3 +138,20 @@ class TVMStepModel(KVStepModel):
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise UsageError(f"token ids must lie in [0, {self.vocab_size}); got {ids.min()}..{ids.max()}")
         return ids.astype(np.int64, copy=False)
+
+
+@register_backend
+class TvmBackend(Backend):
+    """Apache TVM: the Relax VM library the cpu target compiled, one per decode role."""
+
+    name = "tvm"
+    dependency = TVM
+
+    def held_roles(self) -> dict[str, object]:
+        return dict(self.placement.config.get("dirs", {}))
+
+    def open(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> TVMStepModel:
+        # TVM reads its thread count from the environment when its pool starts; one pool serves
+        # every model of a process, so a per-model share (`threads`) cannot apply
+        os.environ.setdefault("TVM_NUM_THREADS", str(self.placement.config.get("num_threads") or os.cpu_count()))
+        return TVMStepModel(self.placement.directory / self.held_roles()[role])

@@ -1,0 +1,132 @@
+"""Runtime backends in a registry, as passes and targets are (compiler/registry.py).
+
+A backend is what opens a StepModel from the files a target lowered into an artifact. Each
+backend module defines one `Backend` subclass and registers it with `register_backend`; that
+entry names the backend, its optional dependency (checked lazily: on opening a model, or by
+`accelc validate` for the backends a recipe's targets name), the decode roles it can hold and
+how a model of a role is opened from the runtime config the target recorded. So an artifact, a
+recipe check and `accelc run --backend` know every backend without naming any.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from accelc.errors import MissingDependency, UsageError
+
+if TYPE_CHECKING:
+    from accelc.runtime.artifact import Artifact
+    from accelc.runtime.base import StepModel
+
+# The decode roles a model can have in an artifact: the model of record, and a speculative draft.
+ROLES = ("target", "draft")
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """An optional Python module a backend needs, and the command that installs it."""
+
+    module: str
+    install: str
+    what: str
+
+    def check(self) -> None:
+        """Import the module, or raise MissingDependency naming the pip command (exit 3)."""
+        try:
+            importlib.import_module(self.module)
+        except ImportError as exc:
+            raise MissingDependency(f"{self.what} (python module '{self.module}')", self.install) from exc
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One backend's share of an artifact: the target folder holding its files (None for torch,
+    whose checkpoints sit under model/) and the runtime config its target recorded."""
+
+    artifact: Artifact
+    directory: Path | None
+    config: Mapping[str, Any]
+
+
+class Backend:
+    """Opens StepModels of one backend from an artifact. Subclasses set `name`, a one-line
+    docstring, `dependency` and `roles`, and implement `held_roles` and `open`."""
+
+    name: ClassVar[str]
+    dependency: ClassVar[Dependency | None] = None
+    roles: ClassVar[tuple[str, ...]] = ROLES
+
+    def __init__(self, placement: Placement):
+        self.placement = placement
+
+    def held_roles(self) -> dict[str, Any]:
+        """Role -> what holds it in this artifact (a graph, a library folder, a checkpoint)."""
+        raise NotImplementedError
+
+    def has_draft(self) -> bool:
+        """Whether this backend holds a draft model that differs from the target."""
+        held = self.held_roles()
+        return "draft" in held and held["draft"] != held.get("target")
+
+    def open(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> StepModel:
+        """The StepModel of `role`. `threads`: a share of the cores instead of the artifact's
+        (PEARL's workers), where the backend can size a model per instance; `alone_session`: with
+        them, the calls made alone run on the artifact's own threads (StepModel.alone)."""
+        raise NotImplementedError
+
+    def step_model(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> StepModel:
+        """`open` after checking the role and the dependency, with one clear error for each."""
+        if role not in self.roles or role not in self.held_roles():
+            raise UsageError(f"the {self.name} backend of this artifact has no '{role}' model")
+        if self.dependency is not None:
+            self.dependency.check()
+        return self.open(role, threads=threads, alone_session=alone_session)
+
+
+BACKENDS: dict[str, type[Backend]] = {}
+
+BUILTIN_MODULES = (
+    "accelc.runtime.torch_backend",
+    "accelc.runtime.ort_backend",
+    "accelc.runtime.tvm_backend",
+)
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    if cls.name in BACKENDS and BACKENDS[cls.name] is not cls:
+        raise ValueError(f"backend '{cls.name}' registered twice")
+    unknown = set(cls.roles) - set(ROLES)
+    if unknown:
+        raise ValueError(f"backend '{cls.name}' declares unknown roles {sorted(unknown)}; known: {', '.join(ROLES)}")
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+def load_all() -> dict[str, type[Backend]]:
+    """Import the built-in backend modules (cheap: each imports its library only on open)."""
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+    return BACKENDS
+
+
+def backend_names() -> list[str]:
+    return sorted(load_all())
+
+
+def get_backend(name: str) -> type[Backend]:
+    backends = load_all()
+    if name not in backends:
+        raise UsageError(f"unknown runtime backend '{name}'; known: {', '.join(sorted(backends))}")
+    return backends[name]
+
+
+def check_dependencies(names) -> None:
+    """MissingDependency (exit 3) for the first of `names` whose optional dependency is absent."""
+    for name in names:
+        dependency = get_backend(name).dependency
+        if dependency is not None:
+            dependency.check()
