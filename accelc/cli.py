@@ -44,6 +44,7 @@ def cmd_compile(args) -> int:
 def cmd_validate(args) -> int:
     from accelc.compiler import registry
     from accelc.compiler.compile import output_dir, plan_summary
+    from accelc.families.applicability import check_recipe
     from accelc.runtime.backends import check_dependencies
 
     recipe = _load(args)
@@ -53,6 +54,7 @@ def cmd_validate(args) -> int:
         path = resolve_path(recipe, recipe.model.path)
         if not path.exists():
             raise UsageError(f"{args.recipe}: model.path {path} does not exist")
+    check_recipe(recipe)
     check_dependencies(b for target in recipe.targets for b in getattr(target, "backends", []))
     for step in recipe.passes:
         for need in registry.PASSES[step.type].needs:
@@ -123,8 +125,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from accelc.compiler.compile import evaluate
     from accelc.compiler.recipe import PerplexitySpec
+    from accelc.families.causal_lm_proof import evaluate
     from accelc.runtime.artifact import Artifact
 
     art = Artifact(args.artifact)

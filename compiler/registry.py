@@ -31,6 +31,8 @@ class Pass:
     version: ClassVar[int] = 1
     # Data the pass needs from the recipe's `data` section (e.g. "calibration"); checked up front.
     needs: ClassVar[tuple[str, ...]] = ()
+    # Model families it applies to (families/base.py); every pass so far transforms causal LMs.
+    families: ClassVar[tuple[str, ...]] = ("causal_lm",)
 
     def __init__(self, params: Params):
         self.params = params
@@ -45,6 +47,7 @@ class Target:
     kind: ClassVar[str]
     Params: ClassVar[type[Params]] = Params
     version: ClassVar[int] = 1  # part of the cache key, as for passes
+    families: ClassVar[tuple[str, ...]] = ("causal_lm",)  # model families it lowers, as for passes
 
     def __init__(self, params: Params):
         self.params = params

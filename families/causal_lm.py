@@ -2,8 +2,9 @@
 
 Every input is normalised to a Hugging Face checkpoint folder (config + safetensors +
 tokenizer): a user's folder as is, a GGUF file converted once and cached, a built-in tiny model
-materialised once from its seeded config, the embedded SmolLM2 fetched once. An ONNX file
-becomes an ONNX bundle that can only be lowered. Everything else downstream reads that folder.
+materialised once from its seeded config, the embedded SmolLM2 fetched once. Everything else
+downstream reads that folder. Its artifacts serve the StepModel protocol on torch, ONNX Runtime
+and TVM, and are proved by families/causal_lm_proof.py.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from pathlib import Path
 from accelc import progress
 from accelc.compiler.bundle import Bundle
 from accelc.errors import UsageError
+from accelc.families.base import Family, register_family
 from accelc.fileutil import sha256_file
+from accelc.runtime.base import StepModel
 
 EMBEDDED = "smollm2-135m-instruct"
-# Architectures whose export, lowering and validation are exercised by the test suite.
+# Architectures (Hugging Face model_type) whose export, lowering and validation are exercised by
+# the test suite.
 SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "opt", "qwen2")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -53,7 +57,7 @@ def check_checkpoint(directory: Path) -> None:
         raise UsageError(f"{directory}/config.json is not valid JSON ({exc})") from None
     if model_type not in SUPPORTED_MODEL_TYPES:
         progress.status(
-            f"warning: model_type '{model_type}' is not among the tested families "
+            f"warning: model_type '{model_type}' is not among the tested architectures "
             f"({', '.join(SUPPORTED_MODEL_TYPES)}); export may fail"
         )
     weights = [p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES]
@@ -89,15 +93,6 @@ def ingest(spec, recipe=None) -> Bundle:
         path = resolve_path(recipe, spec.path) if recipe is not None else Path(spec.path)
         if not path.exists():
             raise UsageError(f"model path {path} does not exist")
-        if path.suffix == ".onnx":
-            ident = _identity([path])
-            return Bundle(
-                id=chain("", "source", ident),
-                family="onnx",
-                source={"description": f"onnx:{path}", **ident},
-                model_dir=None,
-                graphs={"model": path},
-            )
         if path.suffix == ".gguf":
             from accelc import assets
 
@@ -107,7 +102,7 @@ def ingest(spec, recipe=None) -> Bundle:
             directory = path
             description = f"hf:{path}"
         else:
-            raise UsageError(f"model path {path}: expected a checkpoint folder, a .gguf or an .onnx file")
+            raise UsageError(f"model path {path}: expected {CausalLM.inputs}")
     check_checkpoint(directory)
     with progress.step("model: hashing weights"):
         ident = _identity([p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"])
@@ -171,3 +166,28 @@ def eos_ids(directory: Path, tokenizer) -> tuple[int, ...]:
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+@register_family
+class CausalLM(Family):
+    """Decoder-only language models with a KV cache, from a Hugging Face checkpoint."""
+
+    name = "causal_lm"
+    title = "causal LM"
+    inputs = "a Hugging Face checkpoint folder, a .gguf file or a built-in model"
+    protocol = StepModel
+    backends = ("torch", "ort", "tvm")
+
+    def recognises(self, spec, path: Path | None) -> bool:
+        return path is None or path.is_dir() or path.suffix == ".gguf"
+
+    def ingest(self, spec, recipe=None) -> Bundle:
+        return ingest(spec, recipe)
+
+    def graph_roles(self, bundle) -> dict[str, str]:
+        return {"target": "decoder", **({"draft": "draft"} if "draft" in bundle.graphs else {})}
+
+    def prove(self, directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
+        from accelc.families.causal_lm_proof import prove
+
+        return prove(directory, recipe, manifest)

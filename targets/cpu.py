@@ -43,6 +43,7 @@ class CpuTarget(registry.Target):
 
     kind = "cpu"
     version = 3  # 2: runtime config names graphs/libraries per decode role (target, draft); 3: ort kv_cache
+    families = ("causal_lm", "onnx")  # an opaque ONNX graph lowers to ORT only (OnnxGraph.backends)
 
     class Params(registry.Params):
         backends: list[Literal["ort", "tvm"]] = Field(default_factory=lambda: ["ort", "tvm"], min_length=1)
@@ -58,12 +59,9 @@ class CpuTarget(registry.Target):
         return runtime
 
     def _lower_ort(self, bundle, ctx):
-        # role in the decode plan -> graph role in the bundle
-        graphs = (
-            {"target": "model"}
-            if bundle.family == "onnx"
-            else {"target": "decoder", **({"draft": "draft"} if "draft" in bundle.graphs else {})}
-        )
+        from accelc.families.base import get_family
+
+        graphs = get_family(bundle.family).graph_roles(bundle)  # decode role -> graph role in the bundle
         if graphs["target"] not in bundle.graphs:
             raise UsageError(
                 "the cpu target's ort backend needs an ONNX decoder: add `- type: export_onnx` "
@@ -82,8 +80,6 @@ class CpuTarget(registry.Target):
         }
 
     def _lower_tvm(self, bundle, ctx):
-        if bundle.family != "causal_lm":
-            raise UsageError("the cpu target's tvm backend lowers causal LM checkpoints only")
         from accelc.compiler.pruning.materialize import check_uniform_kv
         from accelc.families.causal_lm import load_model
         from accelc.runtime.tvm_backend import import_tvm

@@ -1,0 +1,50 @@
+"""Whether a recipe's passes and targets apply to the family of its model, checked before any work.
+
+`accelc validate` and `accelc compile` both call `check_recipe`, so a pass written for causal
+LMs on an ONNX graph (say) is exit 2 with the list of steps that do apply, not a failure
+minutes into a compile. A target that lowers to runtime backends (`backends:` in its step) is
+held to the backends the family's artifacts can run on too.
+"""
+
+from __future__ import annotations
+
+from accelc.compiler import registry
+from accelc.errors import UsageError
+from accelc.families.base import FAMILIES, Family, family_for
+
+
+def _applies_to(cls) -> str:
+    names = [FAMILIES[name].title if name in FAMILIES else name for name in cls.families]
+    return ", ".join(names) or "no family"
+
+
+def check_recipe(recipe) -> Family:
+    """The recipe's family, after refusing (UsageError) any step that does not apply to it."""
+    family = family_for(recipe)
+    source = getattr(recipe, "_source", None) or "recipe"
+    registry.load_all()
+    for i, step in enumerate(recipe.passes):
+        cls = registry.PASSES[step.type]
+        if family.name not in cls.families:
+            raise UsageError(
+                f"{source}: passes[{i}] '{step.type}' does not apply to the {family.name} family "
+                f"({family.title} models; it applies to {_applies_to(cls)} models); passes that do: "
+                f"{', '.join(family.passes()) or 'none'}"
+            )
+    for i, step in enumerate(recipe.targets):
+        cls = registry.TARGETS[step.kind]
+        if family.name not in cls.families:
+            raise UsageError(
+                f"{source}: targets[{i}] '{step.kind}' does not apply to the {family.name} family "
+                f"({family.title} models; it applies to {_applies_to(cls)} models); targets that do: "
+                f"{', '.join(family.targets()) or 'none'}"
+            )
+        for backend in getattr(step, "backends", ()):
+            if backend not in family.backends:
+                lowers = [f.title for f in FAMILIES.values() if backend in f.backends]
+                raise UsageError(
+                    f"{source}: targets[{i}] '{step.kind}' backend '{backend}' does not apply to the "
+                    f"{family.name} family ({family.title} models; {backend} runs {', '.join(lowers) or 'no'} "
+                    f"models only); backends that do: {', '.join(b for b in family.backends if b != 'torch')}"
+                )
+    return family

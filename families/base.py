@@ -1,0 +1,105 @@
+"""The model-family protocol and its registry.
+
+A family is the kind of model a recipe compiles (a causal LM, an opaque ONNX graph; next a
+masked-diffusion LM, a flow, a CNN). One module per family defines a `Family` subclass and
+registers it; that entry says how a recipe's `model:` section is recognised as this family, how
+such a model is ingested into the first Bundle, which runtime protocol its artifacts serve and
+on which runtime backends, which decode role reads which exported graph, and how an artifact
+of it is proved: validated (parity), evaluated (quality) and benchmarked. Passes and targets
+say which families they apply to (`families` on compiler/registry.py's Pass and Target); a
+family lists them back through `passes()` and `targets()`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, ClassVar
+
+from accelc.errors import UsageError
+
+
+class Family:
+    """One kind of model. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]  # the value of Bundle.family and of the manifest's model.family
+    title: ClassVar[str]  # how messages call its models ("causal LM")
+    inputs: ClassVar[str]  # what a recipe's model section may name for it, for messages
+    protocol: ClassVar[type | None] = None  # the runtime protocol its artifacts serve (StepModel)
+    backends: ClassVar[tuple[str, ...]] = ()  # runtime backends its artifacts can be lowered to
+
+    def recognises(self, spec, path: Path | None) -> bool:
+        """Whether the recipe's model section (`spec`, with `path` resolved, None for a built-in)
+        names a model of this family."""
+        raise NotImplementedError
+
+    def ingest(self, spec, recipe=None):  # -> Bundle
+        """The first Bundle of the pipeline for the model `spec` names."""
+        raise NotImplementedError
+
+    def graph_roles(self, bundle) -> dict[str, str]:
+        """Decode role (target, draft) -> the bundle's graph of that role, for graph backends."""
+        raise NotImplementedError
+
+    def prove(self, directory: Path, recipe, manifest: dict[str, Any]) -> tuple[dict, bool]:
+        """Validate, evaluate and benchmark the (provisional) artifact in `directory`; write its
+        reports/ and return (manifest metrics, whether every check passed)."""
+        raise NotImplementedError
+
+    def passes(self) -> list[str]:
+        """The registered passes that apply to this family."""
+        from accelc.compiler import registry
+
+        registry.load_all()
+        return sorted(name for name, cls in registry.PASSES.items() if self.name in cls.families)
+
+    def targets(self) -> list[str]:
+        """The registered targets that apply to this family."""
+        from accelc.compiler import registry
+
+        registry.load_all()
+        return sorted(kind for kind, cls in registry.TARGETS.items() if self.name in cls.families)
+
+
+FAMILIES: dict[str, type[Family]] = {}
+
+BUILTIN_MODULES = (
+    "accelc.families.causal_lm",
+    "accelc.families.onnx_graph",
+)
+
+
+def register_family(cls: type[Family]) -> type[Family]:
+    if cls.name in FAMILIES and FAMILIES[cls.name] is not cls:
+        raise ValueError(f"family '{cls.name}' registered twice")
+    FAMILIES[cls.name] = cls
+    return cls
+
+
+def load_all() -> dict[str, type[Family]]:
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+    return FAMILIES
+
+
+def get_family(name: str) -> Family:
+    families = load_all()
+    if name not in families:
+        raise UsageError(f"unknown model family '{name}'; known: {', '.join(sorted(families))}")
+    return families[name]()
+
+
+def family_for(recipe) -> Family:
+    """The family of the model a recipe's `model:` section names."""
+    from accelc.compiler.recipe import resolve_path
+
+    spec = recipe.model
+    path = None if spec.path is None else resolve_path(recipe, spec.path)
+    if path is not None and not path.exists():
+        raise UsageError(f"model path {path} does not exist")
+    families = [cls() for cls in load_all().values()]
+    for family in families:
+        if family.recognises(spec, path):
+            return family
+    expected = "; or ".join(f.inputs for f in families)
+    raise UsageError(f"model path {path}: expected {expected}")
