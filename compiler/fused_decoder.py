@@ -1,4 +1,4 @@
-"""Llama-family decoders written straight to ONNX with ONNX Runtime's fused CPU kernels.
+"""Decoders of the Llama architecture written straight to ONNX with ONNX Runtime's fused CPU kernels.
 
 Why not only the traced export: optimum traces transformers' eager code, so SmolLM2-135M's graph
 has ~3,000 nodes per step (shape arithmetic, mask building, rotary, repeat_kv in every layer).
@@ -30,7 +30,7 @@ import numpy as np
 from accelc.errors import UsageError
 from accelc.runtime.ort_backend import IN_PLACE_KV  # metadata: past and present may share one buffer
 
-FAMILIES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2")  # Hugging Face model_type values it builds
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
 INLINE_LIMIT = 1_800_000_000  # protobuf's 2 GB cap: larger graphs keep weights in <graph>.data
@@ -39,8 +39,8 @@ INLINE_LIMIT = 1_800_000_000  # protobuf's 2 GB cap: larger graphs keep weights 
 def unsupported_reason(model) -> str | None:
     """Why `model` cannot be built as a fused graph (None: it can)."""
     cfg = model.config
-    if cfg.model_type not in FAMILIES:
-        return f"model_type '{cfg.model_type}' (fused graphs cover {', '.join(FAMILIES)})"
+    if cfg.model_type not in ARCHITECTURES:
+        return f"model_type '{cfg.model_type}' (fused graphs cover {', '.join(ARCHITECTURES)})"
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"hidden_act '{cfg.hidden_act}' (fused graphs use SiLU)"
     if getattr(cfg, "use_sliding_window", False):

@@ -62,7 +62,7 @@ MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 
 @dataclass(frozen=True)
 class Geometry:
-    """The prunable structure of a Llama-family decoder (llama, qwen2: same module names)."""
+    """The prunable structure of a decoder of the Llama architecture (llama, qwen2: same module names)."""
 
     num_layers: int
     hidden: int
