@@ -109,9 +109,11 @@ class Artifact:
     def decode_pair(self, backend: str):
         """(target, draft or None) step models for `plan_for(backend)`."""
         plan = self.plan_for(backend)
-        # PEARL runs target and draft at once: on ORT each gets the share of cores it was planned
-        # with, and the target its all-core session too for the calls made alone, where planned
-        workers = plan.get("worker_threads") if plan.get("strategy") == "pearl" and backend == "ort" else None
+        # PEARL runs target and draft at once: where a backend sizes each model's threads (ORT),
+        # each gets the share of cores it was planned with, and the target its all-core session
+        # too for the calls made alone, where planned
+        per_model = self.backend(backend).threads_per_model
+        workers = plan.get("worker_threads") if plan.get("strategy") == "pearl" and per_model else None
         threads = workers or {}
         target = self.step_model(backend, threads=threads.get("target"), alone_session=bool(plan.get("alone_session")))
         needs_draft = plan.get("strategy") in NEEDS_DRAFT

@@ -59,6 +59,9 @@ class Backend:
     name: ClassVar[str]
     dependency: ClassVar[Dependency | None] = None
     roles: ClassVar[tuple[str, ...]] = ROLES
+    # Whether `open(threads=...)` gives each model its own share of the cores (PEARL's parallel
+    # workers); where one thread pool serves a whole process, it cannot.
+    threads_per_model: ClassVar[bool] = False
 
     def __init__(self, placement: Placement):
         self.placement = placement

@@ -286,6 +286,7 @@ class OrtBackend(Backend):
 
     name = "ort"
     dependency = ORT
+    threads_per_model = True  # one session per model, each with its own intra-op pool
 
     def held_roles(self) -> dict[str, object]:
         return dict(self.placement.config.get("graphs", {}))
