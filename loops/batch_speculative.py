@@ -35,23 +35,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from accelc.loops.autoregressive import GenerationResult, Sampler
-from accelc.loops.speculative import (
-    DEFAULT_GAMMA,
+from accelc.loops.acceptance import (
     RESIDUAL_FLOOR,
     STREAM_ACCEPT,
     STREAM_DRAFT,
     STREAM_RESIDUAL,
-    ModelCursor,
     SpecStats,
-    begin,
-    check_args,
-    commit,
     own_sample,
     position_uniform,
     sample_index,
     tv_distance,
 )
+from accelc.loops.autoregressive import GenerationResult, Sampler
+from accelc.loops.cursor import ModelCursor, begin, check_args, commit
+from accelc.loops.speculative import DEFAULT_GAMMA
 from accelc.runtime.base import KVState, StepModel
 
 DEFAULT_CANDIDATES = 3  # k: P(all rejected) falls as prod TV(r_m, q) with diminishing returns (R4)

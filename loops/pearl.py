@@ -53,18 +53,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from accelc.loops.acceptance import SpecStats, own_sample, verify_chain
 from accelc.loops.autoregressive import GenerationResult, Sampler
+from accelc.loops.cursor import begin, check_args, commit, copied_drafts, draft_tokens
 from accelc.loops.lookup import Lookup
-from accelc.loops.speculative import (
-    SpecStats,
-    begin,
-    check_args,
-    commit,
-    copied_drafts,
-    draft_tokens,
-    own_sample,
-    verify_chain,
-)
 from accelc.runtime.base import StepModel, alone
 
 DEFAULT_GAMMA = 4  # PEARL's scripts use 3 to 5 (gamma ~ t_target / t_draft); the cost model refines it

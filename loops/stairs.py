@@ -28,9 +28,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from accelc.errors import UsageError
+from accelc.loops.acceptance import SpecStats
 from accelc.loops.autoregressive import GenerationResult, Sampler
+from accelc.loops.cursor import ModelCursor, begin, check_args, commit, propose
 from accelc.loops.lookup import Lookup
-from accelc.loops.speculative import ModelCursor, SpecStats, begin, check_args, commit, propose
 from accelc.runtime.base import StepModel
 
 INITIAL_CANDIDATES = 5  # HF assisted generation's starting num_assistant_tokens
