@@ -26,10 +26,14 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from accelc.loops import registry
 from accelc.loops.acceptance import SpecStats, own_sample, verify_chain
 from accelc.loops.autoregressive import GenerationResult, Sampler
 from accelc.loops.cursor import begin, check_args, commit, propose
 from accelc.loops.lookup import Lookup
+from accelc.loops.pricing import Measured, Pricing
+from accelc.loops.registry import DraftOptions
+from accelc.loops.replay import GammaChoice, choose_gamma
 from accelc.runtime.base import StepModel
 
 DEFAULT_GAMMA = 4  # drafts per round when no plan chose one; the cost model picks gamma in [1, 16]
@@ -94,3 +98,44 @@ def speculative_generate(
         t2 - t1,
         stats.as_dict(tgt, dft, method="speculative", gamma=gamma, lookup=lookup.to_dict() if lookup else None),
     )
+
+
+def _generate(target, draft, prompt, max_new_tokens, options: DraftOptions, *, sampler, eos_ids, seed):
+    return speculative_generate(
+        target,
+        draft,
+        prompt,
+        max_new_tokens,
+        gamma=options.gamma,
+        sampler=sampler,
+        eos_ids=eos_ids,
+        seed=seed,
+        lookup=options.lookup,
+        prompt_kv_from_target=options.prompt_kv_from_target,
+    )
+
+
+def _choose(measured: Measured, gamma_max: int, lookups) -> GammaChoice:
+    """One draft sequence a round: the measured acceptance replayed through the loop."""
+    return choose_gamma(
+        measured.alpha.alpha,
+        measured.cost.cost_ratio,
+        gamma_max=gamma_max,
+        verify_cost=measured.cost.verify,
+        trajectories=measured.alpha.trajectories,
+        catchup_cost=measured.cost.catchup,
+        lookups=lookups,
+    )
+
+
+registry.register_loop(
+    registry.Loop(
+        "speculative",
+        _generate,
+        DraftOptions,
+        needs_draft=True,
+        pricing=Pricing(
+            _choose, "acceptance replayed over the calibration continuations (cost_model.replayed_speedup)"
+        ),
+    )
+)
