@@ -69,20 +69,20 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     from accelc.families.causal_lm import encode_prompt
-    from accelc.loops.plan import run_plan, sampler_of
+    from accelc.loops.plan import run_plan
     from accelc.runtime.artifact import Artifact
 
     art = Artifact(args.artifact)
     backend = args.backend or ("ort" if "ort" in art.backends() else "torch")
     plan = art.plan_for(backend)
-    if "planned_strategy" in plan:
-        progress.status(plan["reason"])
+    if plan.planned_strategy is not None:
+        progress.status(plan.reason)
     target, draft = art.decode_pair(backend)
     tok = art.tokenizer
-    ids = encode_prompt(tok, args.prompt, plan.get("chat_template", True) and not args.raw)
-    n = args.max_new_tokens or plan.get("max_new_tokens", 64)
+    ids = encode_prompt(tok, args.prompt, plan.chat_template and not args.raw)
+    n = args.max_new_tokens or plan.max_new_tokens
     eos = art.eos_ids
-    result = run_plan(plan, target, draft, ids, n, eos_ids=eos, sampler=sampler_of(plan, args.temperature))
+    result = run_plan(plan, target, draft, ids, n, eos_ids=eos, sampler=plan.sampler(args.temperature))
     print(tok.decode([t for t in result.tokens if t not in eos], skip_special_tokens=True))
     stats = result.stats
     extra = ""
@@ -95,7 +95,7 @@ def cmd_run(args) -> int:
         if stats.get("lookup"):
             extra += f", rounds copied from the context {stats['lookup_rounds']} of {stats['rounds']}"
     progress.status(
-        f"{backend} [{plan.get('strategy', 'greedy')}]: {len(result.tokens)} tokens, prefill "
+        f"{backend} [{plan.strategy}]: {len(result.tokens)} tokens, prefill "
         f"{result.prefill_seconds * 1e3:.0f} ms, decode {result.decode_tokens_per_second:.1f} tok/s{extra}"
     )
     if args.show_tokens:
@@ -177,9 +177,9 @@ def cmd_bench(args) -> int:
             f"{r['decode_speedup_vs_torch']:>8.2f} {r['peak_rss_mb_median']:>9.0f}"
         )
     rewritten = {name: r for name, r in result["backends"].items() if "plan_decode_tok_s_median" in r}
-    if rewritten or art.plan.get("strategy") not in ("greedy", "sample"):
+    if rewritten or art.plan.strategy not in ("greedy", "sample"):
         # the decode plan's loop against plain greedy decoding, same prompt, same worker
-        print(f"\ndecode plan '{art.plan.get('strategy')}' (greedy, same prompt):")
+        print(f"\ndecode plan '{art.plan.strategy}' (greedy, same prompt):")
         print(
             f"{'backend':<8} {'tok/s':>8} {'x plain':>8} {'acceptance':>11} {'accepted/round':>15} "
             f"{'target calls':>13} {'draft calls':>12}"

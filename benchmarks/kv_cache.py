@@ -48,7 +48,7 @@ def main() -> int:
     art = Artifact(artifact)
     runtime = art.backends()["ort"]["runtime"]
     graph = {role: art.dir / art.manifest["graphs"][name] for role, name in runtime["graphs"].items()}
-    gamma = int(art.plan["gamma"])
+    gamma = art.plan.gamma
     models = {
         mode: {role: OrtStepModel(path, {**runtime["session"], "kv_cache": mode}) for role, path in graph.items()}
         for mode in ("copy", "auto")

@@ -384,7 +384,7 @@ def main() -> int:
     models = Models.open(art)
     target, draft = models.target, models.draft
     prompts = persuasion_prompts(art.tokenizer, args.prompts)
-    gamma, candidates = int(plan["gamma"]), int(plan.get("num_candidates", 2))
+    gamma, candidates = plan.gamma, plan.num_candidates
     # the copies --lookup asks for (an artifact compiled with other ones is measured with these)
     lookup = Lookup(tokens=args.lookup) if args.lookup else None
     shared = {"prompt_kv_from_target": prompt_kv_from_target(plan)}  # as run_plan does

@@ -92,7 +92,7 @@ def _worker(artifact: str, backend: str, prompt_tokens: int, new_tokens: int, ro
     }
     if draft is not None:
         out.update(plan_decode_tok_s=plan_decode, plan_stats=plan_stats)
-    out["plan_strategy"] = plan["strategy"]
+    out["plan_strategy"] = plan.strategy
     return out
 
 

@@ -18,6 +18,7 @@ from accelc.compiler.artifacts import ArtifactWriter, base_manifest, check_writa
 from accelc.compiler.pipeline import PassManager, StepCache
 from accelc.compiler.recipe import recipe_dict, recipe_hash, resolve_path
 from accelc.errors import ValidationFailed
+from accelc.loops.plan import DecodePlan
 from accelc.runtime.artifact import HF_DIRS
 
 
@@ -103,7 +104,8 @@ def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
                 return any(root in p.resolve().parents for root in owned_roots)
 
             layout = _assemble(writer, bundle, lowered, cache_owned)
-            plan = {"strategy": recipe.decode.strategy, **recipe.decode.model_dump(mode="json"), **bundle.plan}
+            # the recipe's decode section refined by the passes, validated as the runtime reads it
+            plan = DecodePlan.of({**recipe.decode.model_dump(mode="json"), **bundle.plan}).to_json_dict()
             writer.write_json("decode/plan.json", plan)
             (writer.tmp / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe_dict(recipe), sort_keys=False))
             manifest = {
@@ -154,7 +156,7 @@ def _plan_coverage(directory: Path) -> list[str]:
 
     art = Artifact(directory)
     plain = {b: art.plan_for(b) for b in art.backends()}
-    plain = {b: p["reason"] for b, p in plain.items() if "planned_strategy" in p}
+    plain = {b: p.reason for b, p in plain.items() if p.planned_strategy is not None}
     for reason in plain.values():
         progress.status(reason)
     return list(plain.values())

@@ -127,7 +127,7 @@ def validate_plan(art, cases: list[dict], eos: tuple[int, ...]) -> dict:
         checks = []
         for case in cases:
             ids = list(art.tokenizer(case["prompt"])["input_ids"])
-            with progress.step(f"validate: decode plan '{plan['strategy']}' on {backend}"):
+            with progress.step(f"validate: decode plan '{plan.strategy}' on {backend}"):
                 got = run_plan(plan, target, draft, ids, len(case["expected_tokens"]), eos_ids=eos, sampler=Sampler())
             checks.append(
                 {
@@ -139,12 +139,12 @@ def validate_plan(art, cases: list[dict], eos: tuple[int, ...]) -> dict:
             )
         rows[backend] = {
             "verdict": "pass" if all(c["match"] for c in checks) else "fail",
-            "strategy": plan["strategy"],
-            **({"reason": plan["reason"]} if "planned_strategy" in plan else {}),
+            "strategy": plan.strategy,
+            **({"reason": plan.reason} if plan.planned_strategy is not None else {}),
             "cases": checks,
         }
     return {
-        "strategy": art.plan["strategy"],
+        "strategy": art.plan.strategy,
         "check": "greedy tokens equal transformers.generate",
         "verdict": "pass" if all(r["verdict"] == "pass" for r in rows.values()) else "fail",
         "backends": rows,

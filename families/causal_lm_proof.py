@@ -43,7 +43,7 @@ def prove(directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
         if compressed:
             report["draft"]["not_compared"] = {"ort": f"compressed draft graph: {compressed}"}
         report["verdict"] = "pass" if report["verdict"] == report["draft"]["verdict"] == "pass" else "fail"
-    if art.plan.get("strategy") not in ("greedy", "sample") and recipe.eval.parity.greedy_tokens:
+    if art.plan.needs_draft and recipe.eval.parity.greedy_tokens:
         report["decode_plan"] = validate_plan(art, report["cases"], eos=art.eos_ids)
         if report["decode_plan"]["verdict"] != "pass":
             report["verdict"] = "fail"

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from accelc.loops import registry
 from accelc.runtime.base import StepModel
 
 
@@ -84,3 +85,11 @@ def generate(
         calls += 1
     t2 = time.perf_counter()
     return GenerationResult(tokens, t1 - t0, t2 - t1, {"target_calls": calls})
+
+
+def _generate(target, draft, prompt, max_new_tokens, options, *, sampler, eos_ids, seed) -> GenerationResult:
+    return generate(target, list(prompt), max_new_tokens, sampler=sampler, eos_ids=tuple(eos_ids), seed=seed)
+
+
+registry.register_loop(registry.Loop("greedy", _generate))
+registry.register_loop(registry.Loop("sample", _generate))

@@ -32,26 +32,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from accelc.loops.autoregressive import GenerationResult, Sampler
-from accelc.loops.speculative import (
-    DEFAULT_GAMMA,
+from accelc.loops import registry
+from accelc.loops.acceptance import (
     RESIDUAL_FLOOR,
     STREAM_ACCEPT,
     STREAM_DRAFT,
     STREAM_RESIDUAL,
-    ModelCursor,
     SpecStats,
-    begin,
-    check_args,
-    commit,
     own_sample,
     position_uniform,
     sample_index,
     tv_distance,
 )
+from accelc.loops.autoregressive import GenerationResult, Sampler
+from accelc.loops.cursor import ModelCursor, begin, check_args, commit
+from accelc.loops.pricing import Measured, Pricing
+from accelc.loops.replay import GammaChoice, choose_batch_gamma
+from accelc.loops.speculative import DEFAULT_GAMMA
 from accelc.runtime.base import KVState, StepModel
 
 DEFAULT_CANDIDATES = 3  # k: P(all rejected) falls as prod TV(r_m, q) with diminishing returns (R4)
@@ -239,3 +240,59 @@ def batch_speculative_generate(
         t2 - t1,
         stats.as_dict(tgt, dft, method="batch_speculative", gamma=gamma, num_candidates=k, candidate_attempts=attempts),
     )
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    gamma: int = DEFAULT_GAMMA
+    num_candidates: int = 2
+    prompt_kv_from_target: bool = False
+
+    @classmethod
+    def from_plan(cls, plan) -> BatchOptions:
+        return cls(plan.gamma, plan.num_candidates, plan.prompt_kv_from_target)
+
+
+def _generate(target, draft, prompt, max_new_tokens, options: BatchOptions, *, sampler, eos_ids, seed):
+    return batch_speculative_generate(
+        target,
+        draft,
+        prompt,
+        max_new_tokens,
+        gamma=options.gamma,
+        sampler=sampler,
+        num_candidates=options.num_candidates,
+        eos_ids=eos_ids,
+        seed=seed,
+        prompt_kv_from_target=options.prompt_kv_from_target,
+    )
+
+
+def _choose(measured: Measured, gamma_max: int, lookups) -> GammaChoice:
+    """Replayed with the k candidates' acceptance at each round's first position."""
+    return choose_batch_gamma(
+        measured.alpha.alpha,
+        measured.cost.cost_ratio,
+        measured.candidates,
+        gamma_max=gamma_max,
+        verify_cost=measured.cost.verify,
+        trajectories=measured.alpha.trajectories,
+        first_accepts=measured.alpha.first_accepts,
+        catchup_cost=measured.cost.catchup,
+    )
+
+
+registry.register_loop(
+    registry.Loop(
+        "batch_speculative",
+        _generate,
+        BatchOptions,
+        needs_draft=True,
+        pricing=Pricing(
+            _choose,
+            "acceptance replayed over the calibration continuations, the candidates' own at each "
+            "round's first position (cost_model.batch_replayed_speedup)",
+            candidates=True,
+        ),
+    )
+)

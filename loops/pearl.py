@@ -53,18 +53,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from accelc.loops import registry
+from accelc.loops.acceptance import SpecStats, own_sample, verify_chain
 from accelc.loops.autoregressive import GenerationResult, Sampler
+from accelc.loops.cursor import begin, check_args, commit, copied_drafts, draft_tokens
 from accelc.loops.lookup import Lookup
-from accelc.loops.speculative import (
-    SpecStats,
-    begin,
-    check_args,
-    commit,
-    copied_drafts,
-    draft_tokens,
-    own_sample,
-    verify_chain,
-)
+from accelc.loops.pricing import Measured, Pricing
+from accelc.loops.registry import DraftOptions
+from accelc.loops.replay import GammaChoice, choose_pearl_gamma
 from accelc.runtime.base import StepModel, alone
 
 DEFAULT_GAMMA = 4  # PEARL's scripts use 3 to 5 (gamma ~ t_target / t_draft); the cost model refines it
@@ -215,3 +211,48 @@ def pearl_generate(
             target_busy_seconds=workers.busy["target"],
         ),
     )
+
+
+def _generate(target, draft, prompt, max_new_tokens, options: DraftOptions, *, sampler, eos_ids, seed):
+    return pearl_generate(
+        target,
+        draft,
+        prompt,
+        max_new_tokens,
+        gamma=options.gamma,
+        sampler=sampler,
+        eos_ids=eos_ids,
+        seed=seed,
+        lookup=options.lookup,
+        prompt_kv_from_target=options.prompt_kv_from_target,
+    )
+
+
+def _choose(measured: Measured, gamma_max: int, lookups) -> GammaChoice:
+    """The measured acceptance replayed through PEARL's two modes, at its workers' costs."""
+    return choose_pearl_gamma(
+        measured.alpha.alpha,
+        measured.cost.cost_ratio,
+        gamma_max=gamma_max,
+        verify_cost=measured.cost.verify,
+        worker_slowdown=measured.worker_slowdown,
+        trajectories=measured.alpha.trajectories,
+        lookups=lookups,
+        catchup_cost=measured.cost.catchup,
+        alone_verify=measured.alone_verify,
+    )
+
+
+registry.register_loop(
+    registry.Loop(
+        "pearl",
+        _generate,
+        DraftOptions,
+        needs_draft=True,
+        pricing=Pricing(
+            _choose,
+            "acceptance replayed through PEARL's two modes (cost_model.pearl_replayed_speedup)",
+            parallel_workers=True,
+        ),
+    )
+)

@@ -28,9 +28,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from accelc.errors import UsageError
+from accelc.loops import registry
+from accelc.loops.acceptance import SpecStats
 from accelc.loops.autoregressive import GenerationResult, Sampler
+from accelc.loops.cursor import ModelCursor, begin, check_args, commit, propose
 from accelc.loops.lookup import Lookup
-from accelc.loops.speculative import ModelCursor, SpecStats, begin, check_args, commit, propose
+from accelc.loops.pricing import Measured, Pricing
+from accelc.loops.registry import DraftOptions
+from accelc.loops.replay import GammaChoice, choose_gamma
 from accelc.runtime.base import StepModel
 
 INITIAL_CANDIDATES = 5  # HF assisted generation's starting num_assistant_tokens
@@ -140,3 +145,47 @@ def stairs_generate(
             lookup=lookup.to_dict() if lookup else None,
         ),
     )
+
+
+def _generate(target, draft, prompt, max_new_tokens, options: DraftOptions, *, sampler, eos_ids, seed):
+    # the plan's gamma (the best fixed draft length) is where the assistant's adaptive schedule starts
+    return stairs_generate(
+        target,
+        draft,
+        prompt,
+        max_new_tokens,
+        candidates=options.gamma,
+        eos_ids=eos_ids,
+        lookup=options.lookup,
+        prompt_kv_from_target=options.prompt_kv_from_target,
+    )
+
+
+def _choose(measured: Measured, gamma_max: int, lookups) -> GammaChoice:
+    """Replayed through the loop with its adaptive draft length; gamma is where it starts."""
+    return choose_gamma(
+        measured.alpha.alpha,
+        measured.cost.cost_ratio,
+        gamma_max=gamma_max,
+        verify_cost=measured.cost.verify,
+        trajectories=measured.alpha.trajectories,
+        catchup_cost=measured.cost.catchup,
+        schedule=next_candidates,
+        lookups=lookups,
+    )
+
+
+registry.register_loop(
+    registry.Loop(
+        "stairs",
+        _generate,
+        DraftOptions,
+        needs_draft=True,
+        greedy_only=True,
+        pricing=Pricing(
+            _choose,
+            "acceptance replayed over the calibration continuations (cost_model.replayed_speedup), "
+            "with stairs' adaptive draft length",
+        ),
+    )
+)

@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 from accelc import progress
 from accelc.compiler import registry
 from accelc.errors import UsageError
+from accelc.loops import registry as loop_registry
 
 MAX_CALIBRATION_TOKENS = 128  # per calibration prompt: alpha's continuations follow decode.max_new_tokens up to this
 
@@ -136,7 +137,7 @@ class Speculative(registry.Pass):
 
     class Params(registry.Params):
         draft: DraftSpec
-        strategy: Literal["speculative", "batch_speculative", "pearl", "stairs"] = "speculative"
+        strategy: Literal[loop_registry.names(needs_draft=True, priced=True)] = "speculative"
         gamma_max: int = Field(8, ge=1, le=16, description="largest draft length considered")
         calibration_prompts: int = Field(4, ge=1, description="prompts from data.calibration for alpha")
         prompt_tokens: int = Field(48, ge=4, description="tokens per calibration prompt")
@@ -286,174 +287,104 @@ class Speculative(registry.Pass):
         return graph, {**meta, **({"compression": "; ".join(compression)} if compression else {})}
 
     def _plan(self, target, draft, backend: str, tokenizer, ctx, workers=None) -> dict:
+        """Calibrate alpha, measure costs, let the loop's pricing choose, and build the plan."""
+        from accelc.loops import pricing
+        from accelc.loops.plan import DecodePlan
+
+        loop = loop_registry.get(self.params.strategy)
+        decode = DecodePlan.of(ctx.recipe.decode.model_dump())
+        lookup = self.params.draft.copying()
+        prompts = self._calibration_prompts(tokenizer, ctx)
+        alpha = self._calibrate(target, draft, prompts, decode, lookup, loop.pricing)
+        with progress.step(f"speculative: cost ratio c ({backend})"):
+            cost = self._measure_costs(target, draft, prompts[0], lookup)
+        measured, records = self._loop_costs(loop.pricing, alpha, cost, prompts[0], lookup, target, workers)
+        decision = pricing.decide(loop.pricing, measured, self.params.gamma_max, lookup)
+        plan = pricing.plan_fields(
+            self.params.strategy,
+            decision,
+            measured,
+            cost,
+            autoregressive=decode.strategy,
+            fallback_allowed=self.params.fallback,
+            num_candidates=self.params.num_candidates,
+            backend=backend,
+            records=records,
+        )
+        progress.status(
+            f"speculative: alpha={alpha.alpha:.3f}±{alpha.stderr:.3f}, c={cost.cost_ratio:.3f}: {plan['reason']}"
+        )
+        return plan
+
+    def _calibration_prompts(self, tokenizer, ctx) -> list[list[int]]:
         import numpy as np
 
         from accelc.data import load_text, token_windows
-        from accelc.loops import cost_model
-        from accelc.loops.plan import sampler_of
 
-        decode = ctx.recipe.decode.model_dump()
-        sampler = sampler_of(decode)
         text = load_text(ctx.recipe.data.calibration)
         ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
         n = self.params.prompt_tokens
         windows = token_windows(ids, n, n, self.params.calibration_prompts, what="calibration text")
-        prompts = [w.tolist() for w, _ in windows]
-        lookup = self.params.draft.copying()
-        # continuations as long as the plan's own (within limits): text repeats itself more the
-        # longer it runs, which is what copied drafts live on
-        new_tokens = min(max(cost_model.CALIBRATION_NEW_TOKENS, int(decode["max_new_tokens"])), MAX_CALIBRATION_TOKENS)
+        return [w.tolist() for w, _ in windows]
+
+    def _calibrate(self, target, draft, prompts, decode, lookup, loop_pricing):
+        """alpha along the target's continuations, as long as the plan's own (within limits): text
+        repeats itself more the longer it runs, which is what copied drafts live on."""
+        from accelc.loops.calibration import CALIBRATION_NEW_TOKENS, estimate_alpha
+
+        new_tokens = min(max(CALIBRATION_NEW_TOKENS, decode.max_new_tokens), MAX_CALIBRATION_TOKENS)
         with progress.step(f"speculative: alpha on {len(prompts)} calibration prompts x {new_tokens} tokens"):
-            alpha = cost_model.estimate_alpha(
+            return estimate_alpha(
                 target,
                 draft,
                 prompts,
-                sampler=sampler,
+                sampler=decode.sampler(),
                 new_tokens=new_tokens,
                 prompt_kv_from_target=self.params.draft.from_target,
                 lookup=lookup,
-                candidates=(self.params.num_candidates if self.params.strategy == "batch_speculative" else 1),
-            )
-        with progress.step(f"speculative: cost ratio c ({backend})"):
-            # with copies, the draft's catch-up calls feed every token it skipped: time those too
-            catchups = cost_model.COPY_CATCHUP_LENGTHS if lookup else (2,)
-            cost = cost_model.measure_cost_ratio(
-                target, draft, prompts[0], catchup_lengths=catchups, verify_lengths=range(2, self.params.gamma_max + 2)
-            )
-        # a verification round feeds the last committed token plus gamma drafts: gamma + 1 tokens,
-        # which on a CPU costs more than one decode step (measured, in target steps)
-        verify = dict(cost.verify_cost)
-        pearl, prediction, lookup_report = {}, "i.i.d. alpha (algorithms.md 4 R6)", {}
-        if self.params.strategy == "pearl":
-            c, pearl_verify, pearl_catchup, slowdown = cost.cost_ratio, cost.verify, cost.catchup, 1.0
-            alone_verify = None  # rounds made alone run on the workers' target
-            if workers is not None:
-                # PEARL's workers run at once, each on its share of the cores and each slowed by the
-                # other's use of the caches and memory bandwidth: price them that way
-                cores = os.cpu_count() or 2
-                threads = self.params.pearl_threads or [max(1, cores - cores // 2), max(1, cores // 2)]
-                with progress.step(f"speculative: PEARL workers' costs ({threads[0]}+{threads[1]} threads)"):
-                    # the slowdown against the all-core target is timed in the same repeats
-                    worker_cost = cost_model.measure_cost_ratio(
-                        *workers(*threads),
-                        prompts[0],
-                        concurrent=True,
-                        catchup_lengths=catchups,
-                        verify_lengths=range(2, self.params.gamma_max + 2),
-                        baseline=target,
-                    )
-                c, pearl_verify, pearl_catchup = worker_cost.cost_ratio, worker_cost.verify, worker_cost.catchup
-                slowdown = worker_cost.baseline_ratio
-                pearl = {
-                    "worker_threads": {"target": threads[0], "draft": threads[1]},
-                    "worker_slowdown": slowdown,
-                    "worker_cost_ratio": c,
-                    "alone_session": self.params.pearl_alone_session,
-                }
-                if self.params.pearl_alone_session:
-                    alone_verify = cost_model.alone_verify(cost, worker_cost)
-            prediction = "acceptance replayed through PEARL's two modes (cost_model.pearl_replayed_speedup)"
-
-            def replay(lookups):
-                return cost_model.choose_pearl_gamma(
-                    alpha.alpha,
-                    c,
-                    gamma_max=self.params.gamma_max,
-                    verify_cost=pearl_verify,
-                    worker_slowdown=slowdown,
-                    trajectories=alpha.trajectories,
-                    lookups=lookups,
-                    catchup_cost=pearl_catchup,
-                    alone_verify=alone_verify,
-                )
-        elif self.params.strategy == "batch_speculative":
-            prediction = (
-                "acceptance replayed over the calibration continuations, the candidates' own at each "
-                "round's first position (cost_model.batch_replayed_speedup)"
+                candidates=self.params.num_candidates if loop_pricing.candidates else 1,
             )
 
-            def replay(lookups):
-                return cost_model.choose_batch_gamma(
-                    alpha.alpha,
-                    cost.cost_ratio,
-                    self.params.num_candidates,
-                    gamma_max=self.params.gamma_max,
-                    verify_cost=cost.verify,
-                    trajectories=alpha.trajectories,
-                    first_accepts=alpha.first_accepts,
-                    catchup_cost=cost.catchup,
-                )
-        else:  # one draft sequence a round: replay the measured acceptance through the loop
-            prediction = "acceptance replayed over the calibration continuations (cost_model.replayed_speedup)"
-            schedule = None
-            if self.params.strategy == "stairs":  # gamma is where its adaptive draft length starts
-                from accelc.loops.stairs import next_candidates as schedule
+    def _measure_costs(self, target, draft, prompt, lookup, **timing):
+        """Costs in target steps: a verification round feeds the last committed token plus gamma
+        drafts, gamma + 1 tokens, which on a CPU costs more than one decode step; with copies, the
+        draft's catch-up calls feed every token it skipped, so those are timed too."""
+        from accelc.loops.timing import COPY_CATCHUP_LENGTHS, measure_cost_ratio
 
-                prediction += ", with stairs' adaptive draft length"
-
-            def replay(lookups):
-                return cost_model.choose_gamma(
-                    alpha.alpha,
-                    cost.cost_ratio,
-                    gamma_max=self.params.gamma_max,
-                    verify_cost=cost.verify,
-                    trajectories=alpha.trajectories,
-                    catchup_cost=cost.catchup,
-                    schedule=schedule,
-                    lookups=lookups,
-                )
-
-        choice = replay(())
-        if lookup is not None:
-            # copied drafts pay where the text repeats itself and the target agrees with the
-            # copy (greedy, mostly); sampled, a copied token survives with probability p(x):
-            # keep copying only where the replay says it gains enough (copying_pays)
-            copying = replay(alpha.lookups)
-            lookup_report = {
-                "lookup_predicted_speedup": copying.predicted_speedup,
-                "lookup_match_rate": float(np.mean([c.size > 0 for t in alpha.lookups for c in t])),
-                "predicted_speedup_without_lookup": choice.predicted_speedup,
-            }
-            if cost_model.copying_pays(copying.predicted_speedup, choice.predicted_speedup):
-                choice = copying
-                prediction += ", with drafts copied from the context where it matches"
-            else:
-                lookup = None
-                prediction += (
-                    f"; copying drafts from the context predicted less than a "
-                    f"{cost_model.MIN_COPY_GAIN - 1:.0%} gain, so it is off"
-                )
-        fallback = choice.method == "autoregressive" and self.params.fallback
-        reason = (
-            choice.reason
-            if fallback or choice.method != "autoregressive"
-            else f"{choice.reason}; the recipe disabled the fallback, so {self.params.strategy} is used anyway"
+        return measure_cost_ratio(
+            target,
+            draft,
+            prompt,
+            catchup_lengths=COPY_CATCHUP_LENGTHS if lookup else (2,),
+            verify_lengths=range(2, self.params.gamma_max + 2),
+            **timing,
         )
-        progress.status(f"speculative: alpha={alpha.alpha:.3f}±{alpha.stderr:.3f}, c={cost.cost_ratio:.3f}: {reason}")
-        return {
-            "strategy": decode["strategy"] if fallback else self.params.strategy,
-            "sampling": decode["strategy"] == "sample",
-            "gamma": choice.gamma,
-            "num_candidates": self.params.num_candidates,
-            "fallback": fallback,
-            "reason": reason,
-            "alpha": alpha.alpha,
-            "alpha_stderr": alpha.stderr,
-            "alpha_positions": alpha.positions,
-            "cost_ratio": cost.cost_ratio,
-            "cost_backend": backend,
-            "target_step_ms": cost.target_step_seconds * 1e3,
-            "draft_step_ms": cost.draft_step_seconds * 1e3,
-            "verify_cost": {str(k): v for k, v in verify.items()},
-            "draft_catchup_cost": cost.catchup_cost,
-            "draft_catchup_costs": {str(k): v for k, v in cost.catchup_costs.items()},
-            "prediction": prediction,
-            **({"lookup": lookup.to_dict()} if lookup else {}),
-            **lookup_report,
-            **pearl,
-            "predicted_speedup": choice.predicted_speedup,
-            "predicted_curve": {str(k): v for k, v in choice.curve.items()},
+
+    def _loop_costs(self, loop_pricing, alpha, cost, prompt, lookup, target, workers):
+        """What the loop is priced with, and what the plan records of it: a loop whose target and
+        draft run at once (PEARL) on workers that each get a share of the cores is priced with
+        the workers' costs, timed while both run, each slowed by the other's use of the caches
+        and memory bandwidth."""
+        from accelc.loops.pricing import Measured
+        from accelc.loops.timing import alone_verify
+
+        candidates = self.params.num_candidates if loop_pricing.candidates else 1
+        if not loop_pricing.parallel_workers or workers is None:
+            return Measured(alpha, cost, candidates), {}
+        cores = os.cpu_count() or 2
+        threads = self.params.pearl_threads or [max(1, cores - cores // 2), max(1, cores // 2)]
+        with progress.step(f"speculative: PEARL workers' costs ({threads[0]}+{threads[1]} threads)"):
+            # the slowdown against the all-core target is timed in the same repeats
+            worker_cost = self._measure_costs(*workers(*threads), prompt, lookup, concurrent=True, baseline=target)
+        records = {
+            "worker_threads": {"target": threads[0], "draft": threads[1]},
+            "worker_slowdown": worker_cost.baseline_ratio,
+            "worker_cost_ratio": worker_cost.cost_ratio,
+            "alone_session": self.params.pearl_alone_session,
         }
+        # rounds made alone run on the workers' target unless a second, all-core session is planned
+        alone = alone_verify(cost, worker_cost) if self.params.pearl_alone_session else None
+        return Measured(alpha, worker_cost, candidates, worker_cost.baseline_ratio, alone), records
 
 
 def frequent_tokens(tokenizer, text: str, n: int) -> list[int]:

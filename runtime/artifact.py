@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 
 from accelc.errors import UsageError
-from accelc.loops.plan import NEEDS_DRAFT
+from accelc.loops.plan import DecodePlan
 from accelc.runtime.backends import Backend, Placement, get_backend
 
 MANIFEST = "manifest.json"
@@ -34,10 +34,9 @@ class Artifact:
             raise UsageError(f"{manifest}: corrupt manifest ({exc})") from None
 
     @cached_property
-    def plan(self) -> dict:
+    def plan(self) -> DecodePlan:
         """decode/plan.json, read once (an artifact does not change once written)."""
-        path = self.dir / "decode" / "plan.json"
-        return json.loads(path.read_text()) if path.exists() else {"strategy": "greedy"}
+        return DecodePlan.read(self.dir / "decode" / "plan.json")
 
     @property
     def trust_remote_code(self) -> bool:
@@ -90,31 +89,30 @@ class Artifact:
         """Whether `backend` holds a draft model that differs from the target."""
         return backend in self.backends() and self.backend(backend).has_draft()
 
-    def plan_for(self, backend: str) -> dict:
+    def plan_for(self, backend: str) -> DecodePlan:
         """The decode plan as it runs on `backend`: a rewritten loop where the backend holds the
         plan's draft; elsewhere plain decoding (greedy, or sampling when the plan samples), with the
         planned strategy and the reason recorded."""
         plan = self.plan
-        if plan.get("strategy") not in NEEDS_DRAFT or self.has_draft(backend):
+        if not plan.needs_draft or self.has_draft(backend):
             return plan
         where = [b for b in self.backends() if self.has_draft(b)]
-        return {
-            **plan,
-            "strategy": "sample" if plan.get("sampling") else "greedy",
-            "planned_strategy": plan["strategy"],
-            "reason": f"backend '{backend}' has no draft for the '{plan['strategy']}' plan (it runs on: "
-            f"{', '.join(where) or 'no backend of this artifact'}), so it decodes autoregressively",
-        }
+        return plan.model_copy(
+            update={
+                "strategy": "sample" if plan.sampling else "greedy",
+                "planned_strategy": plan.strategy,
+                "reason": f"backend '{backend}' has no draft for the '{plan.strategy}' plan (it runs on: "
+                f"{', '.join(where) or 'no backend of this artifact'}), so it decodes autoregressively",
+            }
+        )
 
     def decode_pair(self, backend: str):
         """(target, draft or None) step models for `plan_for(backend)`."""
         plan = self.plan_for(backend)
-        # PEARL runs target and draft at once: where a backend sizes each model's threads (ORT),
-        # each gets the share of cores it was planned with, and the target its all-core session
-        # too for the calls made alone, where planned
-        per_model = self.backend(backend).threads_per_model
-        workers = plan.get("worker_threads") if plan.get("strategy") == "pearl" and per_model else None
-        threads = workers or {}
-        target = self.step_model(backend, threads=threads.get("target"), alone_session=bool(plan.get("alone_session")))
-        needs_draft = plan.get("strategy") in NEEDS_DRAFT
-        return target, (self.step_model(backend, "draft", threads=threads.get("draft")) if needs_draft else None)
+        # a plan whose loop runs target and draft at once (PEARL) names each worker's share of the
+        # cores: where a backend sizes each model's threads (ORT) each gets it, and the target its
+        # all-core session too for the calls made alone, where planned
+        workers = plan.worker_threads if plan.needs_draft and self.backend(backend).threads_per_model else None
+        target = self.step_model(backend, threads=workers and workers.target, alone_session=plan.alone_session)
+        draft = self.step_model(backend, "draft", threads=workers and workers.draft) if plan.needs_draft else None
+        return target, draft

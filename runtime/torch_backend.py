@@ -75,7 +75,7 @@ class TorchBackend(Backend):
         # only as its ONNX graph; artifacts of older accelc versions carried it on torch as the
         # target's own checkpoint too, which is no draft at all.
         plan = self.placement.artifact.plan
-        from_target = plan.get("draft_source") == "from_target" or plan.get("draft_prompt_kv") == "target"
+        from_target = plan.draft_source == "from_target" or plan.prompt_kv_from_target
         return "draft" in self.held_roles() and not from_target
 
     def open(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> TorchStepModel:

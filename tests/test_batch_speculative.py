@@ -18,9 +18,10 @@ from test_speculative import (
     sample_first_tokens,
 )
 
+from accelc.loops.acceptance import position_uniform, sample_index, tv_distance
 from accelc.loops.autoregressive import Sampler, generate
 from accelc.loops.batch_speculative import all_rejected_probability, batch_speculative_generate, recursive_rejection
-from accelc.loops.speculative import position_uniform, sample_index, speculative_generate, tv_distance
+from accelc.loops.speculative import speculative_generate
 
 
 @pytest.mark.parametrize("m", [1, 2, 4])

@@ -9,6 +9,7 @@ import pytest
 from test_speculative import TableModel, noisy, random_table, unigram
 
 from accelc.errors import UsageError
+from accelc.loops.acceptance import tv_distance
 from accelc.loops.autoregressive import Sampler
 from accelc.loops.cost_model import (
     CALIBRATION_NEW_TOKENS,
@@ -24,7 +25,6 @@ from accelc.loops.cost_model import (
     predicted_speedup,
     replayed_speedup,
 )
-from accelc.loops.speculative import tv_distance
 
 ALPHAS = [0.0, 0.2, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0]
 COSTS = [0.0, 0.01, 0.05, 0.1, 0.3, 0.6, 1.0, 2.0]

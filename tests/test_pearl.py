@@ -18,10 +18,10 @@ from test_speculative import (
     unigram,
 )
 
+from accelc.loops.acceptance import tv_distance
 from accelc.loops.autoregressive import Sampler, generate
 from accelc.loops.cost_model import pearl_tokens_per_round
 from accelc.loops.pearl import pearl_generate
-from accelc.loops.speculative import tv_distance
 
 
 @pytest.mark.parametrize(

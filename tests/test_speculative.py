@@ -14,17 +14,11 @@ import numpy as np
 import pytest
 
 from accelc.errors import UsageError
+from accelc.loops.acceptance import STREAM_DRAFT, position_uniform, sample_index, tv_distance, verify_token
 from accelc.loops.autoregressive import Sampler, generate
 from accelc.loops.batch_speculative import batch_speculative_generate
 from accelc.loops.pearl import pearl_generate
-from accelc.loops.speculative import (
-    STREAM_DRAFT,
-    position_uniform,
-    sample_index,
-    speculative_generate,
-    tv_distance,
-    verify_token,
-)
+from accelc.loops.speculative import speculative_generate
 from accelc.loops.stairs import stairs_generate
 from accelc.runtime.base import KVState, KVStepModel
 

@@ -284,7 +284,7 @@ def test_a_backend_without_the_draft_decodes_plainly_and_says_why(tmp_path, plan
     (tmp_path / "decode" / "plan.json").write_text(json.dumps(plan))
     art = Artifact(tmp_path)
     ran = {b: art.plan_for(b) for b in ("torch", "ort", "tvm")}
-    assert {b: p["strategy"] for b, p in ran.items()} == expected
+    assert {b: p.strategy for b, p in ran.items()} == expected
     for p in ran.values():
-        if p["strategy"] != plan["strategy"]:
-            assert p["planned_strategy"] == plan["strategy"] and "runs on: ort" in p["reason"]
+        if p.strategy != plan["strategy"]:
+            assert p.planned_strategy == plan["strategy"] and "runs on: ort" in p.reason
