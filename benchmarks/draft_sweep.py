@@ -111,12 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     calibration = load_text(recipe.data.calibration)
     subset = frequent_tokens(art.tokenizer, calibration, draft_vocab)
     calib_ids = torch.tensor(art.tokenizer.encode(calibration, add_special_tokens=False)[10_000:10_512]).view(2, 256)
+    # a draft keeps at least one layer: a model shallower than a variant asks skips that variant
+    variants = [v for v in VARIANTS if v[4] < len(layers_kept(model, []))]
+    for name, *_ in (v for v in VARIANTS if v not in variants):
+        progress.status(f"draft sweep: {name} skipped, the model has too few layers")
     with progress.step("draft sweep: ranking layers by how little their removal changes the argmax"):
-        drop_order = least_harmful_layers(model, calib_ids, max(v[4] for v in VARIANTS))
+        drop_order = least_harmful_layers(model, calib_ids, max(v[4] for v in variants))
     prompts = common.persuasion_prompts(art.tokenizer, 4)
 
     rows = []
-    for name, bits, block, symmetric, n_drop in VARIANTS:
+    for name, bits, block, symmetric, n_drop in variants:
         with progress.step(f"draft sweep: {name}"):
             folder = work / name.replace(" ", "_").replace(",", "")
             source = layer_skip_model(model, layers_kept(model, drop_order[:n_drop])) if n_drop else model
