@@ -1,8 +1,8 @@
 """Which drafts derived from SmolLM2-135M-Instruct could pay for speculative decoding here?
 
-    python benchmarks/draft_sweep.py [--artifact DIR] [--goal 1.5] --json OUT.json
+    python -m benchmarks.draft_sweep [--artifact DIR] [--goal 1.5] [--set KEY.PATH=VALUE ...] --json OUT.json
 
-Speculative decoding's speedup is set by two numbers (decoding/cost_model.py): the acceptance
+Speculative decoding's speedup is set by two numbers (loops/cost_model.py): the acceptance
 rate alpha of the draft's tokens and the cost c of a draft step in target steps. This sweep
 builds the self-derived drafts that keep the target's width (the ones worth considering after
 session 2: pruned subnets and deep layer skips are accepted too rarely, docs/notes.md) as fused
@@ -23,13 +23,11 @@ benchmark here.
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import os
 import sys
 import tempfile
 from pathlib import Path
+
+from benchmarks import common
 
 # (name, bits, block, symmetric, layers left out); bits 32 = fp32 weights
 VARIANTS = [
@@ -43,29 +41,27 @@ VARIANTS = [
 ]
 
 
+def layers_kept(model, drop: list[int]) -> list[int]:
+    from accelc.passes.speculative import _decoder_layers
+
+    return [i for i in range(len(_decoder_layers(model))) if i not in drop]
+
+
 def least_harmful_layers(model, ids, n: int) -> list[int]:
     """The n layers whose single removal keeps the target's argmax most often on `ids`
-    (teacher-forced, one forward per layer)."""
+    (teacher-forced, one forward per layer; each removal is the speculative pass's layer skip)."""
     import torch
 
-    layers = model.model.layers
+    from accelc.passes.speculative import layer_skip_model
+
     with torch.no_grad():
         reference = model(ids, use_cache=False).logits.argmax(-1)
         agreement = {}
-        for i in range(len(layers)):
-            model.model.layers = torch.nn.ModuleList([layer for j, layer in enumerate(layers) if j != i])
-            agreement[i] = (model(ids, use_cache=False).logits.argmax(-1) == reference).float().mean().item()
-    model.model.layers = layers
+        for i in range(len(layers_kept(model, []))):
+            skipped = layer_skip_model(model, layers_kept(model, [i]))
+            agreement[i] = (skipped(ids, use_cache=False).logits.argmax(-1) == reference).float().mean().item()
+            del skipped
     return sorted(agreement, key=agreement.get, reverse=True)[:n]
-
-
-def without_layers(model, drop: list[int]):
-    import torch
-
-    draft = copy.deepcopy(model)
-    draft.model.layers = torch.nn.ModuleList([layer for i, layer in enumerate(model.model.layers) if i not in drop])
-    draft.config.num_hidden_layers = len(draft.model.layers)
-    return draft
 
 
 def c_needed(alpha: float, verify, goal: float, gamma_max: int) -> float | None:
@@ -76,19 +72,20 @@ def c_needed(alpha: float, verify, goal: float, gamma_max: int) -> float | None:
     return best if best > 0 else None
 
 
-def main() -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser(__doc__)
     p.add_argument(
-        "--artifact", help="a compiled speculative artifact (default: compile one as benchmarks/speculative.py does)"
+        "--artifact", help="a compiled speculative artifact (default: compile recipes/bench/speculative.yaml)"
     )
     p.add_argument("--goal", type=float, default=1.5, help="the speedup whose required c is reported")
     p.add_argument("--gamma-max", type=int, default=8)
-    p.add_argument("--json", required=True)
-    args = p.parse_args()
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a value of the compiled recipe"
+    )
+    args = p.parse_args(argv)
+    environment = common.quiet_threads(args.threads)
 
     import torch
-    from speculative import DEFAULT_DRAFT, DRAFT_VOCAB, compile_artifact, persuasion_prompts
     from transformers import AutoModelForCausalLM
 
     from accelc import progress
@@ -96,30 +93,37 @@ def main() -> int:
     from accelc.data import load_text
     from accelc.loops import cost_model
     from accelc.passes.quantize import quantize_matmul_nbits
-    from accelc.passes.speculative import frequent_tokens
+    from accelc.passes.speculative import frequent_tokens, layer_skip_model
     from accelc.runtime.artifact import Artifact
     from accelc.runtime.ort_backend import OrtStepModel
 
     work = Path(tempfile.mkdtemp(prefix="accelc-draft-sweep-"))
     artifact = Path(args.artifact) if args.artifact else work / "artifact"
+    overrides = [common.override("passes.1.gamma_max", args.gamma_max), *args.set]
+    recipe = common.load_bench_recipe("speculative", overrides)
+    draft_vocab = next(step for step in recipe.passes if step.type == "speculative").draft.vocab
     if not (artifact / "manifest.json").exists():
-        compile_artifact(artifact, DEFAULT_DRAFT, args.gamma_max)
+        common.compile_bench_recipe("speculative", artifact, overrides)
     art = Artifact(artifact)
     target = art.step_model("ort")
     checkpoint = art.dir / "model" / "hf"
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    calibration = load_text("austen:emma")
-    subset = frequent_tokens(art.tokenizer, calibration, DRAFT_VOCAB)
+    calibration = load_text(recipe.data.calibration)
+    subset = frequent_tokens(art.tokenizer, calibration, draft_vocab)
     calib_ids = torch.tensor(art.tokenizer.encode(calibration, add_special_tokens=False)[10_000:10_512]).view(2, 256)
+    # a draft keeps at least one layer: a model shallower than a variant asks skips that variant
+    variants = [v for v in VARIANTS if v[4] < len(layers_kept(model, []))]
+    for name, *_ in (v for v in VARIANTS if v not in variants):
+        progress.status(f"draft sweep: {name} skipped, the model has too few layers")
     with progress.step("draft sweep: ranking layers by how little their removal changes the argmax"):
-        drop_order = least_harmful_layers(model, calib_ids, max(v[4] for v in VARIANTS))
-    prompts = persuasion_prompts(art.tokenizer, 4)
+        drop_order = least_harmful_layers(model, calib_ids, max(v[4] for v in variants))
+    prompts = common.persuasion_prompts(art.tokenizer, 4)
 
     rows = []
-    for name, bits, block, symmetric, n_drop in VARIANTS:
+    for name, bits, block, symmetric, n_drop in variants:
         with progress.step(f"draft sweep: {name}"):
             folder = work / name.replace(" ", "_").replace(",", "")
-            source = without_layers(model, drop_order[:n_drop]) if n_drop else model
+            source = layer_skip_model(model, layers_kept(model, drop_order[:n_drop])) if n_drop else model
             graph = fused_decoder.build(source, folder, vocab_subset=subset)
             if bits < 32:
                 graph = quantize_matmul_nbits(
@@ -136,7 +140,7 @@ def main() -> int:
             "block": block or None,
             "symmetric": symmetric,
             "layers_left_out": drop_order[:n_drop],
-            "vocab": DRAFT_VOCAB,
+            "vocab": draft_vocab,
             "prompt_kv_from_target": not n_drop,
             "alpha": alpha,
             "cost_ratio": cost.cost_ratio,
@@ -154,20 +158,21 @@ def main() -> int:
             f"c for {args.goal}x: {'unreachable' if need is None else f'{need:.3f}'}",
             flush=True,
         )
-    protocol = {
-        "model": "SmolLM2-135M-Instruct fp32 (fused ONNX graph)",
-        "backend": "onnxruntime CPU",
-        "session": art.backends()["ort"]["runtime"]["session"],
-        "prompts": len(prompts),
-        "prompt_text": "austen:persuasion",
-        "vocab_text": "austen:emma",
-        "goal": args.goal,
-        "layer_ranking_text": "austen:emma, 2 x 256 tokens",
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(),
-    }
-    Path(args.json).write_text(json.dumps(rows, indent=2))
-    Path(args.json).with_suffix(".protocol.json").write_text(json.dumps(protocol, indent=2))
+    record = common.protocol(
+        model=art.manifest["model"]["description"] + " fp32 (fused ONNX graph)",
+        backend="onnxruntime CPU",
+        artifact=str(artifact),
+        recipe="recipes/bench/speculative.yaml",
+        overrides=overrides,
+        session=art.backends()["ort"]["runtime"]["session"],
+        prompts=len(prompts),
+        prompt_text="austen:persuasion",
+        vocab_text=recipe.data.calibration,
+        goal=args.goal,
+        layer_ranking_text=f"{recipe.data.calibration}, 2 x 256 tokens",
+        environment=environment,
+    )
+    common.write_results(args.json, rows, record)
     return 0
 
 

@@ -1,11 +1,12 @@
 """In-place vs copied KV cache on ONNX Runtime, by prompt length, side by side in one run.
 
-    python benchmarks/kv_cache.py [--artifact DIR] [--prompt-tokens 48 512 1024] --json OUT.json
+    python -m benchmarks.kv_cache [--artifact DIR] [--prompt-tokens 48 512 1024] [--set KEY.PATH=VALUE ...]
+                                  --json OUT.json
 
 The fused graph lets the runtime keep its KV cache in one arena bound as both past and present
 (runtime/ort_backend.py); `kv_cache: copy` is the classic loop, where every step copies the
 whole cache into a fresh present tensor. Both run the same graph of the speculative artifact
-(compiled as benchmarks/speculative.py does when missing), on "Persuasion" prompts of each
+(recipes/bench/speculative.yaml, compiled when missing), on "Persuasion" prompts of each
 length, interleaved prompt by prompt: greedy autoregressive decoding and speculative decoding
 with the artifact's draft and gamma. Reported: decode tokens/s (prefill excluded, it is the same
 computation), prefill seconds, and the in-place / copy ratio; every in-place output must equal
@@ -14,26 +15,24 @@ the copying one.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks import common
 
-def main() -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser(__doc__)
     p.add_argument("--artifact", help="a compiled speculative artifact (default: compile one)")
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[48, 512, 1024])
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--json", required=True)
-    args = p.parse_args()
-
-    from speculative import DEFAULT_DRAFT, compile_artifact, persuasion_prompts
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a value of the compiled recipe"
+    )
+    args = p.parse_args(argv)
+    environment = common.quiet_threads(args.threads)
 
     from accelc import progress
     from accelc.loops.autoregressive import generate
@@ -44,7 +43,7 @@ def main() -> int:
 
     artifact = Path(args.artifact) if args.artifact else Path(tempfile.mkdtemp(prefix="accelc-kv-")) / "artifact"
     if not (artifact / "manifest.json").exists():
-        compile_artifact(artifact, DEFAULT_DRAFT, 8)
+        common.compile_bench_recipe("speculative", artifact, args.set)
     art = Artifact(artifact)
     runtime = art.backends()["ort"]["runtime"]
     graph = {role: art.dir / art.manifest["graphs"][name] for role, name in runtime["graphs"].items()}
@@ -68,7 +67,7 @@ def main() -> int:
     }
     rows = []
     for length in args.prompt_tokens:
-        prompts = persuasion_prompts(art.tokenizer, args.prompts, length)
+        prompts = common.persuasion_prompts(art.tokenizer, args.prompts, length)
         for loop, run in loops.items():
             rates, prefill, same = {"copy": [], "auto": []}, {"copy": [], "auto": []}, []
             with progress.step(f"kv cache: {args.prompts} prompts of {length} tokens, {loop}"):
@@ -82,13 +81,14 @@ def main() -> int:
             row = {
                 "prompt_tokens": length,
                 "loop": loop,
-                "copy_tok_s": statistics.median(rates["copy"]),
-                "in_place_tok_s": statistics.median(rates["auto"]),
-                "copy_prefill_s": statistics.median(prefill["copy"]),
-                "in_place_prefill_s": statistics.median(prefill["auto"]),
+                "copy_tok_s": common.median(rates["copy"]),
+                "in_place_tok_s": common.median(rates["auto"]),
+                "copy_prefill_s": common.median(prefill["copy"]),
+                "in_place_prefill_s": common.median(prefill["auto"]),
                 "identical": all(same),
             }
-            row["ratio"] = row["in_place_tok_s"] / row["copy_tok_s"]
+            row["ratio"] = row["in_place_tok_s"] / row["copy_tok_s"]  # of the medians, as docs/notes.md reports it
+            row["paired_ratio"] = common.median_ratio(rates["auto"], rates["copy"])  # prompt by prompt
             rows.append(row)
             print(
                 f"{length:5d} prompt tokens  {loop:12s} copy {row['copy_tok_s']:6.1f} tok/s  in place "
@@ -96,19 +96,20 @@ def main() -> int:
                 f"{row['in_place_prefill_s']:.2f} s  identical {row['identical']}",
                 flush=True,
             )
-    protocol = {
-        "model": "SmolLM2-135M-Instruct fp32 (fused ONNX graph)",
-        "draft": "target weights int8, 8k head",
-        "gamma": gamma,
-        "prompts": args.prompts,
-        "new_tokens": args.new_tokens,
-        "prompt_text": "austen:persuasion",
-        "session": runtime["session"],
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(),
-    }
-    Path(args.json).write_text(json.dumps(rows, indent=2))
-    Path(args.json).with_suffix(".protocol.json").write_text(json.dumps(protocol, indent=2))
+    record = common.protocol(
+        model=art.manifest["model"]["description"] + " fp32 (fused ONNX graph)",
+        artifact=str(artifact),
+        recipe="recipes/bench/speculative.yaml",
+        overrides=args.set,
+        passes=art.manifest["passes"],  # the draft and gamma limit the artifact was compiled with
+        gamma=gamma,
+        prompts=args.prompts,
+        new_tokens=args.new_tokens,
+        prompt_text="austen:persuasion",
+        session=runtime["session"],
+        environment=environment,
+    )
+    common.write_results(args.json, rows, record)
     return 0 if all(r["identical"] for r in rows) else 1
 
 

@@ -1,10 +1,11 @@
 """Architecture search + reformation vs structured-pruning baselines on SmolLM2-135M-Instruct.
 
-    python benchmarks/search_vs_baselines.py [--quick] [--ratios 0.1 0.2 0.3] --json OUT.json
+    python -m benchmarks.search_vs_baselines [--quick] [--ratios 0.1 0.2 0.3] --json OUT.json
 
 For each removal ratio (fraction of the attention + MLP projection weights removed; embeddings,
-norms and the LM head are kept) it runs the accelc passes themselves, with one step cache, so
-every method sees the same calibration statistics and budget:
+norms and the LM head are kept) it runs the accelc passes themselves through accelc's PassManager
+(recipes/bench/prune_*.yaml, the ratio and search size set as `--set` overrides), with one step
+cache, so every method sees the same calibration statistics and budget:
 
     magnitude       importance -> magnitude_prune -> materialize
     wanda_sp        importance -> wanda_sp -> materialize
@@ -15,7 +16,8 @@ every method sees the same calibration statistics and budget:
 and scores each materialised model (and the dense one) by perplexity on a held-out text with
 the torch model of record. Speed: each distinct shape is exported to ONNX (export_onnx's code; `--graph`
 chooses fused or traced graphs, default auto = fused for SmolLM2) and
-timed under ONNX Runtime in worker processes, interleaved round by round, medians reported:
+timed under ONNX Runtime in worker processes, interleaved round by round (`accelc bench`'s worker
+timing, compiler/benchmark.py), medians reported:
 prefill latency of a 64-token prompt, decode tokens/s over 32 greedy tokens, the worker's peak
 RSS (VmHWM: includes session-creation transients) and its RSS after decoding (the loaded model). Methods with the same shape (magnitude and wanda_sp; search and search_reform) share
 one measurement, noted in `speed_from`.
@@ -27,62 +29,49 @@ tokens (--quick: 8). --quick: ratio 0.2, search of 3 generations x 10 candidates
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
-import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-CALIBRATION, HELD_OUT = "austen:emma", "austen:persuasion"
+from benchmarks import common
+
 METHODS = ("magnitude", "wanda_sp", "flap", "search", "search_reform")
-PASS_OF = {"magnitude": "magnitude_prune", "wanda_sp": "wanda_sp", "flap": "flap"}
+# each method's recipe under recipes/bench/ and the overrides that make it that method
+RECIPE_OF = {
+    "magnitude": ("prune_baseline", ["passes.1.type=magnitude_prune"]),
+    "wanda_sp": ("prune_baseline", ["passes.1.type=wanda_sp"]),
+    "flap": ("prune_baseline", ["passes.1.type=flap"]),
+    "search": ("prune_search", []),
+    "search_reform": ("prune_search_reform", []),
+}
 PROMPT_TOKENS, NEW_TOKENS = 64, 32
 
 
-def recipe_text(passes: list[str], cache: Path) -> str:
-    body = "\n".join(passes)
-    return f"""
-version: 1
-model: {{builtin: smollm2-135m-instruct}}
-data: {{calibration: "{CALIBRATION}", evaluation: "{HELD_OUT}"}}
-passes:
-{body}
-cache: {{dir: {cache}}}
-"""
+def method_recipe(method: str, ratio: float, search: dict, cache: Path, extra: list[str] = ()):
+    """The recipe of `method` at removal ratio `ratio` (the pruning pass is passes[1]), `extra` overrides last."""
+    name, overrides = RECIPE_OF[method]
+    overrides = [
+        *overrides,
+        common.override("passes.1.budget.remove_ratio", ratio),
+        common.override("cache.dir", str(cache)),
+    ]
+    if method.startswith("search"):
+        overrides += [common.override(f"passes.1.{key}", value) for key, value in search.items()]
+    return common.load_bench_recipe(name, [*overrides, *extra])
 
 
-def chain(method: str, ratio: float, search: dict) -> list[str]:
-    budget = f"    budget: {{remove_ratio: {ratio}}}"
-    steps = ["  - type: importance\n    windows: 16\n    window: 512"]
-    if method in PASS_OF:
-        steps.append(f"  - type: {PASS_OF[method]}\n{budget}")
-    else:
-        steps.append("  - type: arch_search\n" + budget + "".join(f"\n    {k}: {v}" for k, v in search.items()))
-        if method == "search_reform":
-            steps.append("  - type: reform\n    windows: 16\n    window: 512")
-    steps.append("  - type: materialize")
-    return steps
-
-
-def run_passes(passes: list[str], work: Path, cache: Path):
+def run_passes(recipe, cache: Path):
     """The bundle after the recipe's passes (cached steps are reused), via accelc's PassManager."""
     from accelc.compiler.pipeline import PassManager, StepCache
-    from accelc.compiler.recipe import load_recipe
     from accelc.families.causal_lm import ingest
 
-    text = recipe_text(passes, cache)
-    path = work / f"recipe-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
-    path.write_text(text)
-    recipe = load_recipe(path)
     return PassManager(recipe, StepCache(cache)).run_passes(ingest(recipe.model, recipe))
 
 
-def held_out_ppl(model_dir: Path, tokenizer, windows: int) -> float:
+def held_out_ppl(model_dir: Path, tokenizer, text: str, windows: int, window: int) -> float:
+    """Perplexity of the torch model of record on `windows` non-overlapping windows of `text`."""
     from accelc.compiler.evaluation import perplexity
     from accelc.data import load_text
     from accelc.families.causal_lm import load_model
@@ -91,10 +80,10 @@ def held_out_ppl(model_dir: Path, tokenizer, windows: int) -> float:
     r = perplexity(
         TorchStepModel(load_model(model_dir)),
         tokenizer,
-        load_text(HELD_OUT),
-        text_name=HELD_OUT,
-        window=512,
-        stride=512,
+        load_text(text),
+        text_name=text,
+        window=window,
+        stride=window,
         max_windows=windows,
         progress=False,
     )
@@ -102,54 +91,33 @@ def held_out_ppl(model_dir: Path, tokenizer, windows: int) -> float:
 
 
 def worker(graph: str, prompt: list[int]) -> dict:
-    """One measurement in a fresh process: load the graph, prefill, decode; report peak RSS."""
-    from accelc.compiler.benchmark import WARMUP_TOKENS, peak_rss_mb, rss_mb
-    from accelc.loops.autoregressive import generate
+    """One measurement in a fresh process: load the graph, prefill, decode (accelc bench's timing)."""
+    from accelc.compiler.benchmark import rss_mb, time_decode
     from accelc.runtime.ort_backend import OrtStepModel
 
-    model = OrtStepModel(Path(graph), {"intra_op_threads": 0, "allow_spinning": False})
-    generate(model, prompt[:8], WARMUP_TOKENS)
-    result = generate(model, prompt, NEW_TOKENS)
+    timed = time_decode(OrtStepModel(Path(graph), common.ORT_SESSION), prompt, NEW_TOKENS, rounds=1)
     return {
-        "prefill_ms": result.prefill_seconds * 1e3,
-        "decode_tok_s": result.decode_tokens_per_second,
-        "peak_mb": peak_rss_mb(),
+        "prefill_ms": timed["prefill_ms"][0],
+        "decode_tok_s": timed["decode_tok_s"][0],
+        "peak_mb": timed["peak_rss_mb"],
         "rss_mb": rss_mb(),
     }
 
 
 def time_graphs(graphs: dict[str, Path], prompt: list[int], repeats: int) -> dict[str, dict]:
-    from accelc import progress
+    """Each graph timed in `repeats` worker processes, round robin; the medians."""
+    from accelc.compiler.benchmark import round_robin, run_worker
 
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
-    runs: dict[str, list] = {k: [] for k in graphs}
-    bar = progress.bar(total=repeats * len(graphs), desc="ORT timing", unit="run")
-    for _ in range(repeats):  # round robin: load drifts hit every model alike
-        for name, graph in graphs.items():
-            proc = subprocess.run(
-                [sys.executable, __file__, "--worker", str(graph), json.dumps(prompt)],
-                capture_output=True,
-                text=True,
-                env=env,
-            )
-            if proc.returncode:
-                raise SystemExit(f"timing worker for {name} failed: {proc.stderr.strip().splitlines()[-1:]}")
-            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            bar.update()
-    bar.close()
-    return {
-        name: {k: statistics.median(r[k] for r in rs) for k in ("prefill_ms", "decode_tok_s", "peak_mb", "rss_mb")}
-        for name, rs in runs.items()
-    }
+    def measure(name: str) -> dict:
+        return run_worker(__spec__.name, ["--worker", str(graphs[name]), json.dumps(prompt)], name)
+
+    runs = round_robin(list(graphs), repeats, measure, desc="ORT timing")
+    keys = ("prefill_ms", "decode_tok_s", "peak_mb", "rss_mb")
+    return {name: {k: common.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+def plot(rows: list[dict], path: Path, held_out: str) -> None:
+    fig, (ax1, ax2) = common.pyplot().subplots(1, 2, figsize=(11, 4.2))
     dense = next(r for r in rows if r["method"] == "dense")
     for method in METHODS:
         pts = sorted((r["ratio"], r["ppl"]) for r in rows if r["method"] == method)
@@ -161,27 +129,25 @@ def plot(rows: list[dict], path: Path) -> None:
     ax1.axhline(dense["ppl"], color="k", ls="--", lw=1, label="dense")
     ax1.set_yscale("log")
     ax1.set_xlabel("removed fraction of attention + MLP weights")
-    ax1.set_ylabel(f"perplexity on {HELD_OUT} (lower is better)")
+    ax1.set_ylabel(f"perplexity on {held_out} (lower is better)")
     ax1.legend(fontsize=8)
     ax2.scatter([dense["params"] / 1e6], [dense["decode_tok_s"]], c="k", marker="*", s=80, label="dense")
     ax2.set_xlabel("total parameters (M)")
     ax2.set_ylabel("ORT decode tokens/s")
     ax2.legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct: search + reformation vs structured-pruning baselines")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.suptitle(f"{rows[0]['model']}: search + reformation vs structured-pruning baselines")
+    common.save_figure(fig, path)
 
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         print(json.dumps(worker(sys.argv[2], json.loads(sys.argv[3]))))
         return 0
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.parser(__doc__)
     p.add_argument("--quick", action="store_true", help="ratio 0.2, a small search, 8 held-out windows")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     p.add_argument("--eval-windows", type=int, default=24)
+    p.add_argument("--eval-window", type=int, default=512, help="tokens per held-out perplexity window")
     p.add_argument("--repeats", type=int, default=5, help="timing runs per shape (medians)")
     p.add_argument("--cache", help="step cache to reuse between runs (default: a fresh temporary one)")
     p.add_argument(
@@ -190,52 +156,71 @@ def main() -> int:
         default="auto",
         help="ONNX graph the speed is measured on (export_onnx's `graph`; auto = fused for SmolLM2)",
     )
-    p.add_argument("--json", required=True)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a value of every method's recipe (e.g. model.builtin=tiny-llama, passes.0.window=64)",
+    )
     p.add_argument("--plot", help="PNG path (default: next to the JSON)")
     args = p.parse_args()
+    environment = common.quiet_threads(args.threads)
     search = {}
     if args.quick:
         args.ratios, args.eval_windows, args.repeats = [0.2], 8, 3
         search = {"generations": 3, "population": 10, "parents": 4, "mutations": 5, "crossovers": 2}
 
     from accelc import progress
-    from accelc.compiler.benchmark import PROMPT_TEXT
-    from accelc.families.causal_lm import _builtin_dir, load_model, load_tokenizer
+    from accelc.compiler.benchmark import prompt_ids
+    from accelc.families.causal_lm import ingest, load_model, load_tokenizer
     from accelc.passes.export_onnx import export_checkpoint
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="accelc-svb-"))
     cache = Path(args.cache) if args.cache else work / "cache"
-    dense_dir = _builtin_dir("smollm2-135m-instruct")
+
+    def recipe_of(method: str, ratio: float):
+        return method_recipe(method, ratio, search, cache, args.set)
+
+    first = recipe_of(METHODS[0], args.ratios[0])
+    model_name, calibration, held_out = (
+        first.model.builtin or first.model.path,
+        first.data.calibration,
+        first.data.evaluation,
+    )
+    dense_dir = ingest(first.model, first).model_dir
     tokenizer = load_tokenizer(dense_dir)
-    prompt = list(tokenizer(PROMPT_TEXT * 8)["input_ids"])[:PROMPT_TOKENS]
+    prompt = prompt_ids(tokenizer, PROMPT_TOKENS)
     dense_model = load_model(dense_dir)
     dense_params = sum(t.numel() for t in dense_model.parameters())
     del dense_model
     rows = [
         {
+            "model": model_name,
             "ratio": 0.0,
             "method": "dense",
             "model_dir": str(dense_dir),
             "params": dense_params,
             "params_prunable_removed": 0.0,
-            "ppl": held_out_ppl(dense_dir, tokenizer, args.eval_windows),
+            "ppl": held_out_ppl(dense_dir, tokenizer, held_out, args.eval_windows, args.eval_window),
         }
     ]
     progress.status(f"dense: ppl {rows[0]['ppl']:.2f}, {dense_params / 1e6:.1f}M parameters")
     for ratio in args.ratios:
         for method in METHODS:
             t0 = time.perf_counter()
-            bundle = run_passes(chain(method, ratio, search), work, cache)
+            bundle = run_passes(recipe_of(method, ratio), cache)
             info = json.loads(bundle.reports["pruned_model.json"].read_text())
             row = {
+                "model": model_name,
                 "ratio": ratio,
                 "method": method,
                 "model_dir": str(bundle.model_dir),
                 "params": info["params_total"],
                 "params_prunable_removed": info["params"]["removed_ratio"],
                 "shape": {"heads": info["heads"], "mlp_widths": info["mlp_widths"]},
-                "ppl": held_out_ppl(bundle.model_dir, tokenizer, args.eval_windows),
+                "ppl": held_out_ppl(bundle.model_dir, tokenizer, held_out, args.eval_windows, args.eval_window),
                 "seconds": round(time.perf_counter() - t0, 1),
             }
             if "search_log.json" in bundle.reports:
@@ -272,20 +257,23 @@ def main() -> int:
         row["decode_speedup_vs_dense"] = row["decode_tok_s"] / dense["decode_tok_s"]
         row["peak_mb_vs_dense"] = row["peak_mb"] / dense["peak_mb"]
         row["rss_mb_vs_dense"] = row["rss_mb"] / dense["rss_mb"]
-    Path(args.json).write_text(json.dumps(rows, indent=2))
-    plot(rows, Path(args.plot) if args.plot else Path(args.json).with_suffix(".png"))
-    protocol = {
-        "calibration": CALIBRATION,
-        "held_out": HELD_OUT,
-        "eval_windows": args.eval_windows,
-        "window": 512,
-        "onnx_graph": sorted(graph_kind),
-        "timing": f"ORT CPU, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy tokens, "
+    record = common.protocol(
+        model=model_name,
+        recipes={method: f"recipes/bench/{RECIPE_OF[method][0]}.yaml" for method in METHODS},
+        overrides=args.set,
+        search=search,
+        calibration=calibration,
+        held_out=held_out,
+        eval_windows=args.eval_windows,
+        window=args.eval_window,
+        onnx_graph=sorted(graph_kind),
+        timing=f"ORT CPU, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy tokens, "
         f"median of {args.repeats} worker processes",
-        "load_average": os.getloadavg(),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    Path(args.json).with_suffix(".protocol.json").write_text(json.dumps(protocol, indent=2))
+        environment=environment,
+        seconds=round(time.perf_counter() - started, 1),
+    )
+    rows_path, _ = common.write_results(args.json, rows, record)
+    plot(rows, Path(args.plot) if args.plot else rows_path.with_suffix(".png"), held_out)
     print(
         f"{'ratio':>5} {'method':<14} {'ppl':>9} {'params':>8} {'tok/s':>7} {'x dense':>7} {'prefill':>8} "
         f"{'peak MB':>8} {'RSS MB':>7}"
@@ -296,7 +284,7 @@ def main() -> int:
             f"{r['decode_tok_s']:>7.1f} {r['decode_speedup_vs_dense']:>7.3f} {r['prefill_ms']:>7.1f}ms "
             f"{r['peak_mb']:>8.0f} {r['rss_mb']:>7.0f}"
         )
-    print(f"total {protocol['seconds']:.0f}s")
+    print(f"total {record['seconds']:.0f}s")
     return 0
 
 

@@ -1,10 +1,11 @@
 """Speculative family vs autoregressive decoding on SmolLM2-135M-Instruct (ONNX Runtime), side by side.
 
-    python benchmarks/speculative.py [--quick] [--draft-ratio 0.6 | --draft-layers 0 1 2 27 28 29]
+    python -m benchmarks.speculative [--quick] [--draft-ratio 0.6 | --draft-layers 0 1 2 27 28 29]
                                      [--draft-weights int8] [--draft-block 128] [--draft-symmetric]
-                                     [--draft-vocab 8192] [--lookup 8 | 0] --json OUT.json
+                                     [--draft-vocab 8192] [--lookup 8 | 0] [--set KEY.PATH=VALUE ...]
+                                     --json OUT.json
 
-Compiles the embedded model with the `speculative` pass (a draft derived from the target: by
+Compiles recipes/bench/speculative.yaml: the embedded model with the `speculative` pass (a draft derived from the target: by
 default the target's own weights, a subnet from architecture search + reformation with
 --draft-ratio, or a layer skip with --draft-layers; its ONNX graph with 8-bit weights in blocks
 of 128 without zero points and a head over the 8,192 most frequent calibration tokens unless
@@ -30,8 +31,6 @@ candidates.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import tempfile
@@ -40,72 +39,47 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from benchmarks import common
+
 if TYPE_CHECKING:
     from accelc.loops.cost_model import AlphaEstimate, CostMeasurement
 
-REPO = Path(__file__).resolve().parents[1]
-# the best draft measured here (docs/notes.md): the target's own weights, 8-bit in blocks of 128
-# without zero points, and a head over the 8,192 most frequent calibration tokens
-DRAFT_WEIGHTS, DRAFT_BLOCK, DRAFT_SYMMETRIC, DRAFT_VOCAB = "int8", 128, True, 8192
-DEFAULT_DRAFT = (
-    f"{{from_target: true, weights: {DRAFT_WEIGHTS}, block_size: {DRAFT_BLOCK}, "
-    f"symmetric: {str(DRAFT_SYMMETRIC).lower()}, vocab: {DRAFT_VOCAB}}}"
-)
+DRAFT_SOURCES = ("path", "keep_layers", "subnet_ratio", "from_target")
 
 
-def compile_artifact(out: Path, draft: str, gamma_max: int) -> None:
-    from accelc.cli import main as accelc
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    recipe = out.parent / "speculative.yaml"
-    recipe.write_text(f"""
-version: 1
-model: {{builtin: smollm2-135m-instruct}}
-passes:
-  - type: export_onnx
-  - type: speculative          # after export: alpha and c are measured on the ORT graphs
-    draft: {draft}
-    fallback: false
-    gamma_max: {gamma_max}
-targets:
-  - kind: cpu
-    backends: [ort]
-eval:
-  parity: {{prompts: ["The capital of France is"], greedy_tokens: 8}}
-  perplexity: {{enabled: false}}
-  bench: {{enabled: false}}
-""")
-    if accelc(["compile", str(recipe), "-o", str(out)]):
-        raise SystemExit("compile failed")
-
-
-def persuasion_prompts(tokenizer, n: int, length: int = 48) -> list[list[int]]:
-    """n prompts of `length` tokens from "Persuasion": every fifth window, so they come from
-    different places in the novel (held out: the drafts' vocab and the pass calibrate on emma)."""
-    import numpy as np
-
-    from accelc.data import load_text, token_windows
-
-    ids = np.asarray(tokenizer.encode(load_text("austen:persuasion"), add_special_tokens=False))
-    windows = token_windows(ids, length, length, n * 5, what="prompt text")
-    return [w.tolist() for w, _ in windows][::5]
+def draft_spec(args) -> dict:
+    """The speculative pass's draft: recipes/bench/speculative.yaml's, with the command line's choices over it."""
+    recipe = common.load_bench_recipe("speculative")
+    step = next(step for step in recipe.passes if step.type == "speculative")
+    draft = step.draft.model_dump(exclude_unset=True)
+    if args.draft_ratio is not None or args.draft_layers is not None:
+        for key in DRAFT_SOURCES:
+            draft.pop(key, None)
+        if args.draft_ratio is not None:
+            draft["subnet_ratio"] = args.draft_ratio
+        else:
+            draft["keep_layers"] = args.draft_layers
+    for key, value in (
+        ("weights", args.draft_weights),
+        ("block_size", args.draft_block),
+        ("symmetric", args.draft_symmetric),
+        ("vocab", args.draft_vocab),
+    ):
+        if value is not None:
+            draft[key] = value
+    if draft.get("weights", "fp32") == "fp32":  # the block layout describes 8- or 4-bit weights only
+        draft.pop("block_size", None)
+        draft.pop("symmetric", None)
+    if not draft.get("vocab"):
+        draft.pop("vocab", None)
+    if args.lookup:
+        draft["lookup"] = args.lookup
+    return draft
 
 
-def draft_spec(args) -> str:
-    if args.draft_ratio is not None:
-        source = f"subnet_ratio: {args.draft_ratio}"
-    elif args.draft_layers is not None:
-        source = f"keep_layers: {args.draft_layers}"
-    else:
-        source = "from_target: true"
-    vocab = f", vocab: {args.draft_vocab}" if args.draft_vocab else ""
-    layout = (
-        ""
-        if args.draft_weights == "fp32"
-        else f", block_size: {args.draft_block}, symmetric: {str(args.draft_symmetric).lower()}"
-    )
-    lookup = f", lookup: {args.lookup}" if args.lookup else ""
-    return f"{{{source}, weights: {args.draft_weights}{layout}{vocab}{lookup}}}"
+def compile_overrides(draft: dict, gamma_max: int, extra: list[str] = ()) -> list[str]:
+    """`--set` overrides of recipes/bench/speculative.yaml for this draft and gamma limit."""
+    return [common.override("passes.1.draft", draft), common.override("passes.1.gamma_max", gamma_max), *extra]
 
 
 @dataclass(frozen=True)
@@ -122,6 +96,8 @@ class Models:
 
     @classmethod
     def open(cls, art) -> Models:
+        from accelc.compiler.benchmark import rss_mb
+
         opened, models = {}, {}
         for name, args in (
             ("target", {}),
@@ -129,19 +105,10 @@ class Models:
             ("pearl_target", {"threads": 1, "alone_session": True}),
             ("pearl_draft", {"role": "draft", "threads": 1}),
         ):
-            before = _resident_mib()
+            before = rss_mb()
             models[name] = art.step_model("ort", **args)
-            opened[name] = _resident_mib() - before
+            opened[name] = rss_mb() - before
         return cls(**models, opened_mib=opened)
-
-
-def _resident_mib() -> float:
-    """Resident memory (Linux: the second field of /proc/self/statm, in pages); NaN elsewhere."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return float("nan")
 
 
 @dataclass(frozen=True)
@@ -318,9 +285,8 @@ def run_interleaved(methods: dict, prompts: list[list[int]], greedy: bool, measu
     return results, measured
 
 
-def main() -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser(__doc__)
     p.add_argument("--quick", action="store_true", help="2 prompts, 32 tokens")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -335,21 +301,19 @@ def main() -> int:
     p.add_argument(
         "--draft-weights",
         choices=["fp32", "int8", "int4"],
-        default=DRAFT_WEIGHTS,
-        help="weight precision of the draft's ONNX graph (default int8)",
+        help="weight precision of the draft's ONNX graph (default: the recipe's, int8)",
     )
-    p.add_argument("--draft-block", type=int, default=DRAFT_BLOCK, help="quantisation block of the draft's weights")
+    p.add_argument("--draft-block", type=int, help="quantisation block of the draft's weights (default: the recipe's)")
     p.add_argument(
         "--draft-symmetric",
         action=argparse.BooleanOptionalAction,
-        default=DRAFT_SYMMETRIC,
-        help="draft weights without zero points",
+        help="draft weights without zero points (default: the recipe's)",
     )
     p.add_argument(
         "--draft-vocab",
         type=int,
-        default=DRAFT_VOCAB,
-        help="the draft's head scores this many most frequent calibration tokens (0: the whole vocabulary)",
+        help="the draft's head scores this many most frequent calibration tokens (0: the whole vocabulary; "
+        "default: the recipe's)",
     )
     p.add_argument(
         "--lookup",
@@ -361,10 +325,13 @@ def main() -> int:
     )
     p.add_argument("--gamma-max", type=int, default=8)
     p.add_argument("--artifact", help="reuse a compiled artifact")
-    p.add_argument("--json", required=True)
-    args = p.parse_args()
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a value of the compiled recipe"
+    )
+    args = p.parse_args(argv)
     if args.quick:
         args.prompts, args.new_tokens = 2, 32
+    environment = common.quiet_threads(args.threads)
 
     from accelc.loops import cost_model
     from accelc.loops.autoregressive import Sampler, generate
@@ -377,13 +344,14 @@ def main() -> int:
     from accelc.runtime.artifact import Artifact
 
     artifact = Path(args.artifact) if args.artifact else Path(tempfile.mkdtemp(prefix="accelc-spec-")) / "artifact"
+    draft_section = draft_spec(args)
     if not (artifact / "manifest.json").exists():
-        compile_artifact(artifact, draft_spec(args), args.gamma_max)
+        common.compile_bench_recipe("speculative", artifact, compile_overrides(draft_section, args.gamma_max, args.set))
     art = Artifact(artifact)
     plan = art.plan
     models = Models.open(art)
     target, draft = models.target, models.draft
-    prompts = persuasion_prompts(art.tokenizer, args.prompts)
+    prompts = common.persuasion_prompts(art.tokenizer, args.prompts)
     gamma, candidates = plan.gamma, plan.num_candidates
     # the copies --lookup asks for (an artifact compiled with other ones is measured with these)
     lookup = Lookup(tokens=args.lookup) if args.lookup else None
@@ -460,19 +428,19 @@ def main() -> int:
         ar = results["ar"]
         for name, out in results.items():
             copying, g = copies.get(name) is not None, gammas[name]
-            ratios = [r / a for r, a in zip(out["rate"], ar["rate"])]
+            ratios = common.paired_ratios(out["rate"], ar["rate"])
             predicted = predictor.tokens_per_second(name, run_costs, copying, g)
             row = {
                 "method": name,
                 "temperature": temp,
-                "tok_s": statistics.median(out["rate"]),
-                "speedup_vs_ar": statistics.median(ratios),
+                "tok_s": common.median(out["rate"]),
+                "speedup_vs_ar": common.median(ratios),
                 "predicted_speedup": predicted,
                 "predicted_with_start_costs": predictor.tokens_per_second(name, start_costs, copying, g),
                 # the decode phase alone (what the pass's plan predicts): the prompt's prefill left out
-                "decode_speedup_vs_ar": statistics.median(r / a for r, a in zip(out["decode_rate"], ar["decode_rate"])),
+                "decode_speedup_vs_ar": common.median_ratio(out["decode_rate"], ar["decode_rate"]),
                 "predicted_decode_speedup": predictor.decode(name, run_costs, copying, g),
-                "acceptance": None if name == "ar" else statistics.median(out["acceptance"]),
+                "acceptance": None if name == "ar" else common.median(out["acceptance"]),
                 "identical_to_ar": all(out["identical"]) if temp == 0 else None,
                 "alpha_estimate": est.alpha,
                 "cost_ratio": run_costs.sequential.cost_ratio,
@@ -488,39 +456,35 @@ def main() -> int:
                 f"copies {'on' if copying else 'off'}  identical {row['identical_to_ar']}",
                 flush=True,
             )
-    protocol = {
-        "model": "SmolLM2-135M-Instruct fp32",
-        "backend": "onnxruntime CPU",
-        "draft": draft_spec(args),
-        "prompts": len(prompts),
-        "prompt_tokens": 48,
-        "prompt_text": "austen:persuasion",
-        "new_tokens": args.new_tokens,
-        "gamma": gamma,
-        "num_candidates": candidates,
-        "schedule": "interleaved: every method on a prompt, then the next prompt; costs measured "
+    record = common.protocol(
+        model=art.manifest["model"]["description"],
+        backend="onnxruntime CPU",
+        artifact=str(artifact),
+        recipe="recipes/bench/speculative.yaml",
+        draft=draft_section,
+        overrides=args.set,
+        prompts=len(prompts),
+        prompt_tokens=48,
+        prompt_text="austen:persuasion",
+        new_tokens=args.new_tokens,
+        gamma=gamma,
+        num_candidates=candidates,
+        schedule="interleaved: every method on a prompt, then the next prompt; costs measured "
         "before the run (decisions) and before every prompt (predictions: their medians)",
-        "costs": costs,  # pearl_workers: one ORT thread each, timed while both run
-        "lookup": lookup.to_dict() if lookup else None,
-        "opened_mib": models.opened_mib,
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(),
-        "plan": plan,
-    }
-    Path(args.json).write_text(json.dumps(rows, indent=2))  # the rows; their protocol beside them
-    Path(args.json).with_suffix(".protocol.json").write_text(json.dumps(protocol, indent=2))
-    plot(rows, Path(args.json).with_suffix(".png"))
+        costs=costs,  # pearl_workers: one ORT thread each, timed while both run
+        lookup=lookup.to_dict() if lookup else None,
+        opened_mib=models.opened_mib,
+        environment=environment,
+        plan=plan,
+    )
+    rows_path, _ = common.write_results(args.json, rows, record)
+    plot(rows, rows_path.with_suffix(".png"))
     return 0
 
 
 def plot(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     temps = sorted({r["temperature"] for r in rows})
-    fig, axes = plt.subplots(1, len(temps), figsize=(5 * len(temps), 3.5), squeeze=False)
+    fig, axes = common.pyplot().subplots(1, len(temps), figsize=(5 * len(temps), 3.5), squeeze=False)
     for ax, t in zip(axes[0], temps):
         sel = [r for r in rows if r["temperature"] == t]
         ax.bar([r["method"] for r in sel], [r["speedup_vs_ar"] for r in sel], color="#2a7", label="measured")
@@ -535,9 +499,7 @@ def plot(rows, path: Path) -> None:
         ax.set_title(f"temperature {t}: speedup vs autoregressive", fontsize=9)
         ax.tick_params(axis="x", labelsize=7, rotation=20)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -62,8 +62,29 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _worker(artifact: str, backend: str, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
+def prompt_ids(tokenizer, prompt_tokens: int) -> list[int]:
+    """The benchmark prompt: PROMPT_TEXT repeated and cut to `prompt_tokens` tokens."""
+    return list(tokenizer(PROMPT_TEXT * 8)["input_ids"])[:prompt_tokens]
+
+
+def time_decode(model, ids: list[int], new_tokens: int, rounds: int, after_round=None) -> dict:
+    """Greedy decoding of `new_tokens` after the prompt `ids`, `rounds` times after a short warm-up:
+    per round the prefill latency (ms) and decode tokens/s, and this process's peak RSS (MB).
+    `after_round()` runs after each round's plain decoding (the artifact's rewritten loop)."""
     from accelc.loops.autoregressive import generate
+
+    generate(model, ids[:8], WARMUP_TOKENS)  # first-call allocations and lazy init out of the timing
+    prefill, decode = [], []
+    for _ in range(rounds):
+        result = generate(model, ids, new_tokens)  # eos ignored: every run decodes new_tokens
+        prefill.append(result.prefill_seconds * 1e3)
+        decode.append(result.decode_tokens_per_second)
+        if after_round is not None:
+            after_round()
+    return {"prefill_ms": prefill, "decode_tok_s": decode, "peak_rss_mb": peak_rss_mb()}
+
+
+def _worker(artifact: str, backend: str, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
     from accelc.loops.plan import run_plan
     from accelc.runtime.artifact import Artifact
 
@@ -72,47 +93,50 @@ def _worker(artifact: str, backend: str, prompt_tokens: int, new_tokens: int, ro
     t0 = time.perf_counter()
     model, draft = art.decode_pair(backend)
     load_s = time.perf_counter() - t0
-    ids = list(art.tokenizer(PROMPT_TEXT * 8)["input_ids"])[:prompt_tokens]
-    generate(model, ids[:8], WARMUP_TOKENS)  # first-call allocations and lazy init out of the timing
-    prefill, decode, plan_decode, plan_stats = [], [], [], []
-    for _ in range(rounds):
-        result = generate(model, ids, new_tokens)  # eos ignored: every run decodes new_tokens
-        prefill.append(result.prefill_seconds * 1e3)
-        decode.append(result.decode_tokens_per_second)
+    ids = prompt_ids(art.tokenizer, prompt_tokens)
+    plan_decode, plan_stats = [], []
+
+    def each_round():
         if draft is not None:  # the artifact's rewritten loop, on the same prompt and length
             rewritten = run_plan(plan, model, draft, ids, new_tokens)
             plan_decode.append(rewritten.decode_tokens_per_second)
             plan_stats.append(rewritten.stats)
-    out = {
-        "backend": backend,
-        "load_s": load_s,
-        "prefill_ms": prefill,
-        "decode_tok_s": decode,
-        "peak_rss_mb": peak_rss_mb(),
-    }
+
+    out = {"backend": backend, "load_s": load_s, **time_decode(model, ids, new_tokens, rounds, each_round)}
     if draft is not None:
         out.update(plan_decode_tok_s=plan_decode, plan_stats=plan_stats)
     out["plan_strategy"] = plan.strategy
     return out
 
 
-def _run_worker(artifact: Path, backend: str, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
+def run_worker(module: str, args: list[str], what: str) -> dict:
+    """`python -m module args` in a fresh process with passive thread pools; its last stdout line
+    is the JSON it measured. `what` names the measurement in the error when the worker fails."""
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelc.compiler.benchmark",
-        str(artifact),
-        backend,
-        str(prompt_tokens),
-        str(new_tokens),
-        str(rounds),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-3:]
-        raise AccelcError(f"bench worker for '{backend}' failed: {' | '.join(tail)}")
+        raise AccelcError(f"bench worker for {what} failed: {' | '.join(tail)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def round_robin(names: list[str], repeats: int, measure, desc: str = "bench") -> dict[str, list]:
+    """`measure(name)` for every name, then again, `repeats` rounds (A, B, C, A, B, C, ...), so slow
+    drifts of machine load hit every measurement alike. Returns each name's results in order."""
+    samples: dict[str, list] = {name: [] for name in names}
+    bar = progress.bar(total=repeats * len(names), desc=desc)
+    for _ in range(repeats):
+        for name in names:
+            bar.set_postfix_str(name)
+            samples[name].append(measure(name))
+            bar.update()
+    bar.close()
+    return samples
+
+
+def _run_worker(artifact: Path, backend: str, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
+    args = [str(artifact), backend, str(prompt_tokens), str(new_tokens), str(rounds)]
+    return run_worker("accelc.compiler.benchmark", args, f"'{backend}'")
 
 
 def bench(artifact: Path, spec, backends: list[str] | None = None) -> dict:
@@ -122,15 +146,12 @@ def bench(artifact: Path, spec, backends: list[str] | None = None) -> dict:
     wanted = [b for b in (backends or spec.backends) if b in available]
     if "torch" not in wanted:
         wanted.insert(0, "torch")
-    samples: dict[str, list[dict]] = {b: [] for b in wanted}
-    bar = progress.bar(total=spec.repeats * len(wanted), desc="bench")
-    for _ in range(spec.repeats):
-        for backend in wanted:
-            n = spec.tvm_new_tokens if backend == "tvm" else spec.new_tokens
-            bar.set_postfix_str(backend)
-            samples[backend].append(_run_worker(artifact, backend, spec.prompt_tokens, n, 1))
-            bar.update()
-    bar.close()
+
+    def measure(backend: str) -> dict:
+        n = spec.tvm_new_tokens if backend == "tvm" else spec.new_tokens
+        return _run_worker(artifact, backend, spec.prompt_tokens, n, 1)
+
+    samples = round_robin(wanted, spec.repeats, measure)
     rows = {}
     for backend, runs in samples.items():
         rows[backend] = {

@@ -443,16 +443,16 @@ def _subnet_draft(bundle, ctx, spec: DraftSpec):
     return draft.model_dir, dict(draft.reports)
 
 
-def _layer_skip_draft(model, keep: list[int], source_dir, out_dir):
-    """A draft made of a subset of the target's layers (shared embeddings and head), saved as a folder."""
+def layer_skip_model(model, keep: list[int]):
+    """A deep copy of the target that keeps only the decoder layers `keep` (same embeddings and
+    head): the layer-skip draft in memory; the target is left as it was."""
     import copy
-    import shutil
 
     import torch
 
     layers = _decoder_layers(model)
     n = len(layers)
-    if sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= n:
+    if not keep or sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= n:
         raise UsageError(f"speculative: keep_layers must be increasing layer indices in 0..{n - 1}, got {keep}")
     draft = copy.deepcopy(model)
     kept = torch.nn.ModuleList([_decoder_layers(draft)[i] for i in keep])
@@ -460,7 +460,14 @@ def _layer_skip_draft(model, keep: list[int], source_dir, out_dir):
     draft.config.num_hidden_layers = len(keep)
     if getattr(draft.config, "layer_types", None):
         draft.config.layer_types = [draft.config.layer_types[i] for i in keep]
-    draft.save_pretrained(out_dir, safe_serialization=True)
+    return draft
+
+
+def _layer_skip_draft(model, keep: list[int], source_dir, out_dir):
+    """A draft made of a subset of the target's layers (shared embeddings and head), saved as a folder."""
+    import shutil
+
+    layer_skip_model(model, keep).save_pretrained(out_dir, safe_serialization=True)
     for name in (
         "tokenizer.json",
         "tokenizer_config.json",
