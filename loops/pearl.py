@@ -249,6 +249,7 @@ registry.register_loop(
         _generate,
         DraftOptions,
         needs_draft=True,
+        copies_from_context=True,
         pricing=Pricing(
             _choose,
             "acceptance replayed through PEARL's two modes (cost_model.pearl_replayed_speedup)",

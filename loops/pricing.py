@@ -45,6 +45,29 @@ class Pricing:
     parallel_workers: bool = False  # target and draft run at once: priced with workers timed together
 
 
+def measured_for(
+    pricing: Pricing,
+    alpha: AlphaEstimate,
+    sequential: CostMeasurement,
+    workers: CostMeasurement | None = None,
+    *,
+    candidates: int = 1,
+    alone_session: bool = True,
+) -> Measured:
+    """What a loop is priced with: the pair's costs timed one after the other (`sequential`), or,
+    for a loop whose target and draft run at once (PEARL) on workers that each get a share of the
+    cores, the `workers`' costs timed while both run, each slowed by the other's use of the caches
+    and memory bandwidth. Its rounds made alone run on an all-core session with `alone_session`,
+    else on the workers' target."""
+    from accelc.loops.timing import alone_verify
+
+    n = candidates if pricing.candidates else 1
+    if not pricing.parallel_workers or workers is None:
+        return Measured(alpha, sequential, n)
+    alone = alone_verify(sequential, workers) if alone_session else None
+    return Measured(alpha, workers, n, workers.baseline_ratio, alone)
+
+
 @dataclass(frozen=True)
 class Decision:
     choice: GammaChoice

@@ -70,6 +70,7 @@ class Loop:
     options: type = NoOptions  # has from_plan(plan)
     needs_draft: bool = False
     greedy_only: bool = False
+    copies_from_context: bool = False  # its rounds can first copy drafts from the context (lookup.py)
     pricing: Pricing | None = None  # how the speculative pass chooses its parameters; None: nothing to choose
 
     def run(
@@ -118,6 +119,12 @@ def names(*, needs_draft: bool | None = None, priced: bool = False) -> tuple[str
         for loop in loops()
         if (needs_draft is None or loop.needs_draft == needs_draft) and (not priced or loop.pricing is not None)
     )
+
+
+def copying(name: str) -> bool:
+    """Whether the loop `name` can copy drafts from the context (False for an unknown name)."""
+    loop = get(name)
+    return loop is not None and loop.copies_from_context
 
 
 def needs_draft(name: str) -> bool:

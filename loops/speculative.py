@@ -134,6 +134,7 @@ registry.register_loop(
         _generate,
         DraftOptions,
         needs_draft=True,
+        copies_from_context=True,
         pricing=Pricing(
             _choose, "acceptance replayed over the calibration continuations (cost_model.replayed_speedup)"
         ),

@@ -181,6 +181,7 @@ registry.register_loop(
         _generate,
         DraftOptions,
         needs_draft=True,
+        copies_from_context=True,
         greedy_only=True,
         pricing=Pricing(
             _choose,

@@ -164,10 +164,11 @@ class Speculative(registry.Pass):
 
         @model_validator(mode="after")
         def _lookup_loops(self):
-            if self.draft.lookup is not None and self.strategy == "batch_speculative":
+            if self.draft.lookup is not None and not loop_registry.copying(self.strategy):
+                able = [name for name in loop_registry.names(needs_draft=True) if loop_registry.copying(name)]
                 raise ValueError(
-                    "draft 'lookup' (drafts copied from the context) works with the speculative, "
-                    "pearl and stairs strategies, not batch_speculative"
+                    f"draft 'lookup' (drafts copied from the context) works with the {', '.join(able)} "
+                    f"strategies, not {self.strategy}"
                 )
             return self
 
@@ -365,12 +366,11 @@ class Speculative(registry.Pass):
         draft run at once (PEARL) on workers that each get a share of the cores is priced with
         the workers' costs, timed while both run, each slowed by the other's use of the caches
         and memory bandwidth."""
-        from accelc.loops.pricing import Measured
-        from accelc.loops.timing import alone_verify
+        from accelc.loops.pricing import measured_for
 
-        candidates = self.params.num_candidates if loop_pricing.candidates else 1
+        candidates = self.params.num_candidates
         if not loop_pricing.parallel_workers or workers is None:
-            return Measured(alpha, cost, candidates), {}
+            return measured_for(loop_pricing, alpha, cost, candidates=candidates), {}
         cores = os.cpu_count() or 2
         threads = self.params.pearl_threads or [max(1, cores - cores // 2), max(1, cores // 2)]
         with progress.step(f"speculative: PEARL workers' costs ({threads[0]}+{threads[1]} threads)"):
@@ -382,9 +382,15 @@ class Speculative(registry.Pass):
             "worker_cost_ratio": worker_cost.cost_ratio,
             "alone_session": self.params.pearl_alone_session,
         }
-        # rounds made alone run on the workers' target unless a second, all-core session is planned
-        alone = alone_verify(cost, worker_cost) if self.params.pearl_alone_session else None
-        return Measured(alpha, worker_cost, candidates, worker_cost.baseline_ratio, alone), records
+        measured = measured_for(
+            loop_pricing,
+            alpha,
+            cost,
+            worker_cost,
+            candidates=candidates,
+            alone_session=self.params.pearl_alone_session,
+        )
+        return measured, records
 
 
 def frequent_tokens(tokenizer, text: str, n: int) -> list[int]:
