@@ -27,8 +27,10 @@ def _load(args):
 
 def cmd_compile(args) -> int:
     from accelc.compiler.compile import compile_recipe, output_dir, plan_summary
+    from accelc.compiler.dataflow import check_order
 
     recipe = _load(args)
+    check_order(recipe)  # a misordered recipe fails now, not after the steps before the misplaced one
     out = output_dir(recipe, args.output)
     if args.dry_run:
         from accelc.compiler.artifacts import check_writable
@@ -42,8 +44,8 @@ def cmd_compile(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from accelc.compiler import registry
     from accelc.compiler.compile import output_dir, plan_summary
+    from accelc.compiler.dataflow import check_order
     from accelc.errors import require
 
     recipe = _load(args)
@@ -56,9 +58,7 @@ def cmd_validate(args) -> int:
     for target in recipe.targets:
         if "tvm" in getattr(target, "backends", []):
             require("tvm", "pip install apache-tvm==0.27.0.post1")
-    for step in recipe.passes:
-        for need in registry.PASSES[step.type].needs:
-            getattr(recipe.data, need)
+    check_order(recipe)
     print(
         json.dumps(
             {"recipe": str(args.recipe), "valid": True, **plan_summary(recipe, output_dir(recipe, None))}, indent=2

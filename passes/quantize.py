@@ -20,6 +20,7 @@ class QuantizeDynamicInt8(registry.Pass):
     """Dynamic int8 quantisation of the ONNX graphs (ONNX Runtime quantize_dynamic)."""
 
     name = "quantize_dynamic_int8"
+    consumes = produces = ("onnx_graph",)
 
     class Params(registry.Params):
         per_channel: bool = Field(False, description="one scale per output channel instead of per tensor")
@@ -45,6 +46,7 @@ class QuantizeWeightsInt4(registry.Pass):
     """Weight-only 4-bit block quantisation of MatMul weights (ONNX Runtime MatMulNBits)."""
 
     name = "quantize_weights_int4"
+    consumes = produces = ("onnx_graph",)
 
     class Params(registry.Params):
         block_size: int = Field(

@@ -132,7 +132,8 @@ class Speculative(registry.Pass):
     # PEARL's window by replay too; 10: PEARL copies drafts too, batch speculative by replay; 11: costs
     # timed as paired ratios, a copy's catch-up priced by the tokens it feeds; 12: PEARL's copied rounds
     # and prefill run alone, on a second, all-core target session (alone_session)
-    needs = ("calibration",)
+    reads = ("data.calibration", "decode")  # alpha's prompts and sampler, the draft's vocabulary
+    produces = ("draft", "plan")
 
     class Params(registry.Params):
         draft: DraftSpec
@@ -169,6 +170,11 @@ class Speculative(registry.Pass):
                     "pearl and stairs strategies, not batch_speculative"
                 )
             return self
+
+    @classmethod
+    def flow(cls, params):
+        # a compressed draft is a rewritten copy of the target's exported graph
+        return ("onnx_graph",) if params.draft.compressed else (), cls.produces, cls.drops
 
     def run(self, bundle, ctx):
         if bundle.family != "causal_lm":
