@@ -10,7 +10,6 @@ step's parameters and the recipe inputs it declares (inputs.py).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -187,13 +186,12 @@ class PassManager:
                 results.append(Lowered(step.kind, self.cache.path(key), meta["runtime"], params))
                 continue
             instance = cls(cls.Params(**params))
-            context = Context(self.recipe, Path(), f"target {step.kind}", cls.reads, self)
             tmp, runtime = _run_step(
                 self.cache,
                 key,
                 f"target {step.kind}",
                 step.kind,
-                lambda wd: instance.lower(bundle, dataclasses.replace(context, workdir=wd)),
+                lambda wd: instance.lower(bundle, Context(self.recipe, wd, f"target {step.kind}", cls.reads, self)),
             )
             (tmp / LOWERED_FILE).write_text(json.dumps({"kind": step.kind, "runtime": runtime}, indent=2))
             final = self.cache.commit(key, tmp)
