@@ -26,11 +26,12 @@ def _load(args):
 
 
 def cmd_compile(args) -> int:
-    from accelc.compiler.compile import compile_recipe, output_dir, plan_summary
+    from accelc.compiler.compile import check, compile_recipe, output_dir, plan_summary
 
     recipe = _load(args)
     out = output_dir(recipe, args.output)
     if args.dry_run:
+        check(recipe)
         from accelc.compiler.artifacts import check_writable
 
         check_writable(out)
@@ -42,9 +43,7 @@ def cmd_compile(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from accelc.compiler import registry
-    from accelc.compiler.compile import output_dir, plan_summary
-    from accelc.families.applicability import check_recipe
+    from accelc.compiler.compile import check, output_dir, plan_summary
     from accelc.runtime.backends import check_dependencies
 
     recipe = _load(args)
@@ -54,11 +53,8 @@ def cmd_validate(args) -> int:
         path = resolve_path(recipe, recipe.model.path)
         if not path.exists():
             raise UsageError(f"{args.recipe}: model.path {path} does not exist")
-    check_recipe(recipe)
+    check(recipe)
     check_dependencies(b for target in recipe.targets for b in getattr(target, "backends", []))
-    for step in recipe.passes:
-        for need in registry.PASSES[step.type].needs:
-            getattr(recipe.data, need)
     print(
         json.dumps(
             {"recipe": str(args.recipe), "valid": True, **plan_summary(recipe, output_dir(recipe, None))}, indent=2

@@ -261,6 +261,15 @@ def load_text(spec: str) -> str:
     raise UsageError(f"unknown text '{spec}': not a known corpus and no such file; {_SPEC_HELP}")
 
 
+def text_identity(spec: str) -> str:
+    """What a cache key records of the text `spec`: a named corpus by its name (its text is pinned
+    by a checksum), a user's file by the sha256 of its content, so editing the file changes it."""
+    corpus, sep, _ = spec.partition(":")
+    if sep and corpus in ("austen", "shakespeare"):
+        return spec
+    return f"{spec} sha256:{hashlib.sha256(load_text(spec).encode('utf-8')).hexdigest()}"
+
+
 # --------------------------------------------------------------------------- windows
 
 

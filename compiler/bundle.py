@@ -7,7 +7,8 @@ did not write, which is what lets the pipeline cache each pass's output under a 
 resume an interrupted compile.
 
 `id` is that hash chain: sha256 of the input model's identity for a fresh bundle, then
-sha256(previous id, pass type, canonical params, accelc version) after each pass.
+sha256(previous id, pass type and version, canonical params and declared recipe inputs, accelc
+version) after each pass (pipeline.step_key).
 """
 
 from __future__ import annotations

@@ -83,11 +83,21 @@ def _pruning_summary(bundle) -> dict:
     return {"pruning": json.loads(Path(report).read_text())} if report else {}
 
 
-def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
-    from accelc import assets
+def check(recipe):
+    """The recipe's model family, after refusing (exit 2) what a compile would only find out late:
+    a step that does not apply to the family, or one that needs what no earlier step makes."""
+    from accelc.compiler.dataflow import check_order
     from accelc.families.applicability import check_recipe
 
     family = check_recipe(recipe)
+    check_order(recipe, family)
+    return family
+
+
+def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
+    from accelc import assets
+
+    family = check(recipe)
     check_writable(out)
     started = time.perf_counter()
     cache = cache_for(recipe, no_cache)

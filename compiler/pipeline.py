@@ -4,7 +4,8 @@ Every step (pass or target lowering) gets a fresh work directory. With the cache
 directory lives in the cache as `<root>/steps/<key>.tmp-<pid>` and is renamed to
 `<root>/steps/<key>` only after the step succeeded, so the cache never holds half a result and
 a compile interrupted at step k resumes at step k. With the cache off, work directories live in
-a scratch folder that is deleted at the end. `key` is the bundle hash chain (bundle.py).
+a scratch folder that is deleted at the end. `key` is the bundle hash chain (bundle.py) over the
+step's parameters and the recipe inputs it declares (inputs.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from accelc import progress
 from accelc.compiler import registry
 from accelc.compiler.bundle import Bundle, PassRecord, chain
+from accelc.compiler.inputs import DeclaredView, fingerprint
 from accelc.errors import AccelcError, PassFailed
 
 LOWERED_FILE = "lowered.json"
@@ -43,15 +45,30 @@ class Lowered:
 
 @dataclass
 class Context:
-    """What a pass or target may use besides the bundle: its workdir, the recipe, helpers."""
+    """What a pass or target may use besides the bundle: its workdir, the recipe inputs it
+    declared (`recipe`, a view that refuses the others), paths relative to the recipe, and the
+    pass manager for a sub-pipeline of passes (cached and named in failures like the recipe's)."""
 
-    recipe: Any
+    source: Any  # the whole recipe: for resolving its relative paths, not for reading its sections
     workdir: Path
+    step: str = "step"
+    reads: tuple[str, ...] = ()
+    manager: PassManager | None = None
+
+    @property
+    def recipe(self) -> DeclaredView:
+        return DeclaredView(self.source, self.reads, self.step)
 
     def resolve(self, value: str) -> Path:
         from accelc.compiler.recipe import resolve_path
 
-        return resolve_path(self.recipe, value)
+        return resolve_path(self.source, value)
+
+    def run_passes(self, bundle: Bundle, steps: list[tuple[str, dict]], label: str) -> Bundle:
+        """Run `steps` ((pass type, params) pairs) over `bundle` as the recipe's passes run."""
+        if self.manager is None:
+            raise RuntimeError(f"{self.step} runs passes of its own, and its context has no pass manager")
+        return self.manager.run_steps(bundle, steps, label)
 
 
 class StepCache:
@@ -93,8 +110,8 @@ class StepCache:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
 
-def _run_step(cache: StepCache, key: str, label: str, work):
-    """Run `work(workdir)` in a fresh step directory; name the step (`label`) on failure."""
+def _run_step(cache: StepCache, key: str, label: str, name: str, work):
+    """Run `work(workdir)` in a fresh step directory, shown as `label`; name the step on failure."""
     tmp = cache.reserve(key)
     try:
         with progress.step(label):
@@ -107,8 +124,14 @@ def _run_step(cache: StepCache, key: str, label: str, work):
         raise
     except Exception as exc:  # a pass's own bug or a library error: exit 4 naming the step
         cache.abandon(tmp)
-        raise PassFailed(label.split(" ", 1)[-1], f"{type(exc).__name__}: {exc}") from exc
+        raise PassFailed(name, f"{type(exc).__name__}: {exc}") from exc
     return tmp, result
+
+
+def step_key(previous_id: str, step: str, params, cls, recipe) -> str:
+    """The cache key of a step: the chain so far, the step and its version, its parameters and the
+    recipe inputs it declares (inputs.fingerprint), so changing any of them reruns it."""
+    return chain(previous_id, f"{step}@{cls.version}", {"params": params, "reads": fingerprint(recipe, cls.reads)})
 
 
 class PassManager:
@@ -117,26 +140,37 @@ class PassManager:
         self.cache = cache
 
     def run_passes(self, bundle: Bundle) -> Bundle:
-        for step in self.recipe.passes:
-            params = step.model_dump(mode="json", exclude={"type"})
-            cls = registry.PASSES[step.type]
-            key = chain(bundle.id, f"pass:{step.type}@{cls.version}", params)
+        steps = [(step.type, step.model_dump(mode="json", exclude={"type"})) for step in self.recipe.passes]
+        return self.run_steps(bundle, steps)
+
+    def run_steps(self, bundle: Bundle, steps: list[tuple[str, dict]], label: str = "") -> Bundle:
+        """Run passes given as (type, params) pairs; `label` prefixes their names in messages
+        (a sub-pipeline names the step that runs it)."""
+        for name, given in steps:
+            cls = registry.PASSES[name]
+            params = cls.Params(**given).model_dump(mode="json")  # defaults filled, as a recipe step's are
+            key = step_key(bundle.id, f"pass:{name}", params, cls, self.recipe)
+            title = f"{label}pass {name}"
             start = time.perf_counter()
             if self.cache.hit(key):
                 out = Bundle.load(self.cache.path(key))
-                progress.status(f"pass {step.type}: cached ({key[:12]})")
+                progress.status(f"{title}: cached ({key[:12]})")
                 status = "cached"
             else:
                 instance = cls(cls.Params(**params))
                 tmp, out = _run_step(
-                    self.cache, key, f"pass {step.type}", lambda wd: instance.run(bundle, Context(self.recipe, wd))
+                    self.cache,
+                    key,
+                    title,
+                    f"{label}{name}",
+                    lambda wd: instance.run(bundle, Context(self.recipe, wd, f"pass {name}", cls.reads, self)),
                 )
                 out = out.evolve(id=key)
                 final = self.cache.commit(key, tmp)
                 out = out.relocate(tmp, final)
                 out.save(final)
                 status = "ran"
-            record = PassRecord(step.type, params, key, round(time.perf_counter() - start, 3), status)
+            record = PassRecord(name, params, key, round(time.perf_counter() - start, 3), status)
             bundle = out.evolve(id=key, provenance=bundle.provenance + (record,))
         return bundle
 
@@ -145,7 +179,7 @@ class PassManager:
         for step in self.recipe.targets:
             params = step.model_dump(mode="json", exclude={"kind"})
             cls = registry.TARGETS[step.kind]
-            key = chain(bundle.id, f"target:{step.kind}@{cls.version}", params)
+            key = step_key(bundle.id, f"target:{step.kind}", params, cls, self.recipe)
             if self.cache.hit(key):
                 meta = json.loads((self.cache.path(key) / LOWERED_FILE).read_text())
                 progress.status(f"target {step.kind}: cached ({key[:12]})")
@@ -153,7 +187,11 @@ class PassManager:
                 continue
             instance = cls(cls.Params(**params))
             tmp, runtime = _run_step(
-                self.cache, key, f"target {step.kind}", lambda wd: instance.lower(bundle, Context(self.recipe, wd))
+                self.cache,
+                key,
+                f"target {step.kind}",
+                step.kind,
+                lambda wd: instance.lower(bundle, Context(self.recipe, wd, f"target {step.kind}", cls.reads, self)),
             )
             (tmp / LOWERED_FILE).write_text(json.dumps({"kind": step.kind, "runtime": runtime}, indent=2))
             final = self.cache.commit(key, tmp)

@@ -21,7 +21,30 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Pass:
+class Step:
+    """What a pass or target declares besides its parameters (compiler/inputs.py, compiler/dataflow.py).
+
+    `reads`: the recipe inputs it reads, as dotted paths ("data.calibration", "decode"); their
+    values are part of its cache key, and its context exposes only them. `consumes` / `produces`
+    / `drops`: the bundle contents it needs, leaves and removes (dataflow.KINDS), which is what
+    `accelc validate` checks a recipe's order against; override `flow` when they depend on params.
+    `families`: the model families it applies to (families/base.py), which `accelc validate` holds
+    a recipe's model to.
+    """
+
+    families: ClassVar[tuple[str, ...]] = ("causal_lm",)
+    reads: ClassVar[tuple[str, ...]] = ()
+    consumes: ClassVar[tuple[str, ...]] = ()
+    produces: ClassVar[tuple[str, ...]] = ()
+    drops: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def flow(cls, params) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        """(consumes, produces, drops) for these params."""
+        return cls.consumes, cls.produces, cls.drops
+
+
+class Pass(Step):
     """A model transformation. Subclasses set `name`, a one-line docstring and `Params`."""
 
     name: ClassVar[str]
@@ -29,10 +52,6 @@ class Pass:
     # Part of the cache key: bump it whenever the pass's output changes for the same params, so
     # caches written by an older implementation are never reused.
     version: ClassVar[int] = 1
-    # Data the pass needs from the recipe's `data` section (e.g. "calibration"); checked up front.
-    needs: ClassVar[tuple[str, ...]] = ()
-    # Model families it applies to (families/base.py); every pass so far transforms causal LMs.
-    families: ClassVar[tuple[str, ...]] = ("causal_lm",)
 
     def __init__(self, params: Params):
         self.params = params
@@ -41,13 +60,12 @@ class Pass:
         raise NotImplementedError
 
 
-class Target:
+class Target(Step):
     """A lowering to a deployment target. Subclasses set `kind`, a docstring and `Params`."""
 
     kind: ClassVar[str]
     Params: ClassVar[type[Params]] = Params
     version: ClassVar[int] = 1  # part of the cache key, as for passes
-    families: ClassVar[tuple[str, ...]] = ("causal_lm",)  # model families it lowers, as for passes
 
     def __init__(self, params: Params):
         self.params = params

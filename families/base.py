@@ -27,6 +27,7 @@ class Family:
     inputs: ClassVar[str]  # what a recipe's model section may name for it, for messages
     protocol: ClassVar[type | None] = None  # the runtime protocol its artifacts serve (StepModel)
     backends: ClassVar[tuple[str, ...]] = ()  # runtime backends its artifacts can be lowered to
+    provides: ClassVar[tuple[str, ...]] = ()  # what an ingested model already is (compiler/dataflow.py KINDS)
 
     def recognises(self, spec, path: Path | None) -> bool:
         """Whether the recipe's model section (`spec`, with `path` resolved, None for a built-in)

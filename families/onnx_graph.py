@@ -24,6 +24,7 @@ class OnnxGraph(Family):
     inputs = "an .onnx file"
     protocol = None  # the graph's own inputs and outputs: validation feeds it by name
     backends = ("ort",)
+    provides = ("onnx_graph",)  # the input is its own decoder graph
 
     def recognises(self, spec, path: Path | None) -> bool:
         return path is not None and path.is_file() and path.suffix == ".onnx"

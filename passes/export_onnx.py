@@ -25,6 +25,7 @@ class ExportOnnx(registry.Pass):
     name = "export_onnx"
     version = 5  # 2: one graph per checkpoint role; 3: exported from accelc's loaded model; 4: fused graphs;
     # 5: fused graphs declare an in-place KV cache
+    produces = ("onnx_graph",)
 
     class Params(registry.Params):
         graph: Literal["auto", "fused", "optimum"] = Field(

@@ -13,8 +13,9 @@ A recipe chains them; each leaves its result for the next as a file in the bundl
 
 Every subnet-producing pass shares one budget definition (BudgetSpec) and one search space
 (gqa, multiple), and every calibration-driven step reads the recipe's `data.calibration` text,
-so baselines and search compare on the same data. The algorithms live in accelc.compiler.pruning; these
-classes only load, call and save.
+so baselines and search compare on the same data. Each pass declares what it reads, consumes and
+produces (registry.Step), which is how `accelc validate` refuses, say, reform before any subnet.
+The algorithms live in accelc.compiler.pruning; these classes only load, call and save.
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ class CalibrationStatistics(registry.Pass):
     """Calibration statistics (per-channel mean and variance at the o_proj/down_proj inputs)."""
 
     name = "importance"
-    needs = ("calibration",)
+    reads = ("data.calibration",)
+    produces = (STATS,)
 
     class Params(registry.Params):
         windows: int = Field(16, ge=1, description="calibration windows from data.calibration")
@@ -233,7 +235,10 @@ class ArchSearch(registry.Pass):
     """Evolutionary search for a subnet under a budget; fitness = perplexity after one-shot reformation."""
 
     name = "arch_search"
-    needs = ("calibration",)
+    reads = ("data.calibration",)
+    consumes = (STATS,)
+    produces = (SUBNET,)
+    drops = (CONSUMERS,)  # weights reformed for an earlier subnet do not fit this one
 
     class Params(SubnetParams):
         metric: Literal["energy", "fluctuation", "wanda", "magnitude"] = Field(
@@ -337,7 +342,9 @@ class ArchSearch(registry.Pass):
 class _Baseline(registry.Pass):
     """A structured-pruning baseline under the same budget, space and calibration data as the search."""
 
-    needs = ("calibration",)
+    consumes = (STATS,)
+    produces = (SUBNET,)
+    drops = (CONSUMERS,)  # weights reformed for an earlier subnet do not fit this one
     uses_stats: bool = True
 
     def prune(self, model, space, budget, stats):
@@ -356,7 +363,7 @@ class MagnitudePrune(_Baseline):
     """Uniform structured pruning by weight L2 norm (no calibration data)."""
 
     name = "magnitude_prune"
-    needs = ()
+    consumes = ()
     uses_stats = False
     Params = UniformParams
 
@@ -388,6 +395,11 @@ class Flap(_Baseline):
     class Params(SubnetParams):
         bias_compensation: bool = Field(True, description="fold the removed channels' mean output into a bias")
 
+    @classmethod
+    def flow(cls, params):
+        # bias compensation replaces the consumers' weights (a bias on o_proj/down_proj)
+        return cls.consumes, cls.produces + ((CONSUMERS,) if params.bias_compensation else ()), cls.drops
+
     def prune(self, model, space, budget, stats):
         from accelc.compiler.pruning import baselines
 
@@ -399,7 +411,9 @@ class Reform(registry.Pass):
     """Rectify the kept o_proj/down_proj weights with the omitted ones, layer by layer (least squares)."""
 
     name = "reform"
-    needs = ("calibration",)
+    reads = ("data.calibration",)
+    consumes = (SUBNET,)
+    produces = (CONSUMERS,)
 
     class Params(registry.Params):
         method: Literal["closed_form", "admm"] = Field(
@@ -448,6 +462,8 @@ class Materialize(registry.Pass):
     """Physically smaller checkpoint: sliced Linears with per-layer head counts and MLP widths."""
 
     name = "materialize"
+    consumes = (SUBNET,)  # and the reformed consumer weights, when a pass left them
+    drops = (STATS, SUBNET, CONSUMERS)  # they describe the dense model, which this replaces
 
     def run(self, bundle, ctx):
         from accelc.compiler.pruning import materialize, reform

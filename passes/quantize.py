@@ -21,6 +21,7 @@ class QuantizeDynamicInt8(registry.Pass):
 
     name = "quantize_dynamic_int8"
     families = ("causal_lm", "onnx")  # rewrites whatever ONNX graphs the bundle holds
+    consumes = produces = ("onnx_graph",)
 
     class Params(registry.Params):
         per_channel: bool = Field(False, description="one scale per output channel instead of per tensor")
@@ -47,6 +48,7 @@ class QuantizeWeightsInt4(registry.Pass):
 
     name = "quantize_weights_int4"
     families = ("causal_lm", "onnx")  # rewrites whatever ONNX graphs the bundle holds
+    consumes = produces = ("onnx_graph",)
 
     class Params(registry.Params):
         block_size: int = Field(

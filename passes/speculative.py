@@ -133,7 +133,8 @@ class Speculative(registry.Pass):
     # PEARL's window by replay too; 10: PEARL copies drafts too, batch speculative by replay; 11: costs
     # timed as paired ratios, a copy's catch-up priced by the tokens it feeds; 12: PEARL's copied rounds
     # and prefill run alone, on a second, all-core target session (alone_session)
-    needs = ("calibration",)
+    reads = ("data.calibration", "decode")  # alpha's prompts and sampler, the draft's vocabulary
+    produces = ("draft", "plan")
 
     class Params(registry.Params):
         draft: DraftSpec
@@ -171,6 +172,11 @@ class Speculative(registry.Pass):
                     f"strategies, not {self.strategy}"
                 )
             return self
+
+    @classmethod
+    def flow(cls, params):
+        # a compressed draft is a rewritten copy of the target's exported graph
+        return ("onnx_graph",) if params.draft.compressed else (), cls.produces, cls.drops
 
     def run(self, bundle, ctx):
         if bundle.family != "causal_lm":
@@ -417,19 +423,18 @@ def _check_same_tokenizer(target_tok, draft_tok, draft_dir) -> None:
 
 
 def _subnet_draft(bundle, ctx, spec: DraftSpec):
-    """The target pruned by the pruning passes themselves, each in its own folder of this pass's
-    workdir: what a recipe chaining them would produce, kept as the draft instead of the target."""
-    from accelc.compiler.pipeline import Context
-    from accelc.passes import pruning
+    """The target pruned by the pruning passes themselves, run by the pass manager as a recipe
+    chaining them would run them (each step cached, and named on failure), kept as the draft
+    instead of the target."""
+    from accelc.compiler.bundle import chain
 
-    budget = {"remove_ratio": spec.subnet_ratio}
     n = spec.search_population
     steps = [
-        (pruning.CalibrationStatistics, {}),
+        ("importance", {}),
         (
-            pruning.ArchSearch,
+            "arch_search",
             {
-                "budget": budget,
+                "budget": {"remove_ratio": spec.subnet_ratio},
                 "generations": spec.search_generations,
                 "population": n,
                 "parents": max(2, n // 3),
@@ -437,15 +442,13 @@ def _subnet_draft(bundle, ctx, spec: DraftSpec):
                 "crossovers": n // 4,
             },
         ),
-        (pruning.Reform, {}),
-        (pruning.Materialize, {}),
+        ("reform", {}),
+        ("materialize", {}),
     ]
-    draft = bundle.evolve(intermediates={}, reports={}, graphs={})  # the pruning passes work on torch
-    for cls, params in steps:
-        workdir = ctx.workdir / "draft_subnet" / cls.name
-        workdir.mkdir(parents=True)
-        with progress.step(f"speculative: draft subnet, {cls.name}"):
-            draft = cls(cls.Params(**params)).run(draft, Context(ctx.recipe, workdir))
+    # the pruning passes work on torch, without the target's graphs; a chain of its own keeps
+    # these steps' cache entries apart from the same passes run on the target in a recipe
+    draft = bundle.evolve(id=chain(bundle.id, "speculative:draft_subnet", {}), intermediates={}, reports={}, graphs={})
+    draft = ctx.run_passes(draft, steps, "speculative draft subnet: ")
     return draft.model_dir, dict(draft.reports)
 
 

@@ -50,6 +50,11 @@ class CpuTarget(registry.Target):
         ort: OrtOptions = Field(default_factory=OrtOptions)
         tvm: TvmOptions = Field(default_factory=TvmOptions)
 
+    @classmethod
+    def flow(cls, params):
+        # ONNX Runtime serves the exported graph; TVM compiles the torch checkpoint itself
+        return ("onnx_graph",) if "ort" in params.backends else (), cls.produces, cls.drops
+
     def lower(self, bundle, ctx):
         runtime = {}
         if "ort" in self.params.backends:
