@@ -2,7 +2,7 @@
 
     python -m benchmarks.draft_sweep [--artifact DIR] [--goal 1.5] [--set KEY.PATH=VALUE ...] --json OUT.json
 
-Speculative decoding's speedup is set by two numbers (loops/cost_model.py): the acceptance
+Speculative decoding's speedup is set by two numbers (loops/replay.py): the acceptance
 rate alpha of the draft's tokens and the cost c of a draft step in target steps. This sweep
 builds the self-derived drafts that keep the target's width (the ones worth considering after
 session 2: pruned subnets and deep layer skips are accepted too rarely, docs/notes.md) as fused
@@ -66,7 +66,7 @@ def least_harmful_layers(model, ids, n: int) -> list[int]:
 
 def c_needed(alpha: float, verify, goal: float, gamma_max: int) -> float | None:
     """The largest c for which some gamma predicts `goal`: S = E(alpha, gamma) / (gamma c + v)."""
-    from accelc.loops.cost_model import expected_accepted_length
+    from accelc.loops.replay import expected_accepted_length
 
     best = max((expected_accepted_length(alpha, g) / goal - verify(g)) / g for g in range(1, gamma_max + 1))
     return best if best > 0 else None
@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     from accelc import progress
     from accelc.compiler import fused_decoder
     from accelc.data import load_text
-    from accelc.loops import cost_model
+    from accelc.loops import pricing, registry
+    from accelc.loops.calibration import estimate_alpha
+    from accelc.loops.timing import measure_loop_costs
     from accelc.passes.quantize import quantize_matmul_nbits
     from accelc.passes.speculative import frequent_tokens, layer_skip_model
     from accelc.runtime.artifact import Artifact
@@ -131,9 +133,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
             draft = OrtStepModel(graph, art.backends()["ort"]["runtime"]["session"])
             # full-width drafts start from the target's prompt cache, as their plans run
-            alpha = cost_model.estimate_alpha(target, draft, prompts, prompt_kv_from_target=not n_drop).alpha
-            cost = cost_model.measure_cost_ratio(target, draft, prompts[0], verify_lengths=range(2, args.gamma_max + 2))
-            choice = cost_model.choose_gamma(alpha, cost.cost_ratio, gamma_max=args.gamma_max, verify_cost=cost.verify)
+            est = estimate_alpha(target, draft, prompts, prompt_kv_from_target=not n_drop)
+            cost = measure_loop_costs(target, draft, prompts[0], gamma_max=args.gamma_max, copying=False)
+            # the gamma the speculative pass would plan for this draft, by the same replay
+            loop = registry.get("speculative")
+            measured = pricing.measured_for(loop.pricing, est, cost)
+            choice = pricing.decide(loop.pricing, measured, args.gamma_max).choice
+            alpha = est.alpha
         row = {
             "draft": name,
             "weights": "fp32" if bits == 32 else f"int{bits}",

@@ -35,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     environment = common.quiet_threads(args.threads)
 
     from accelc import progress
-    from accelc.loops.autoregressive import generate
-    from accelc.loops.plan import prompt_kv_from_target
-    from accelc.loops.speculative import speculative_generate
+    from accelc.loops.plan import run_plan
     from accelc.runtime.artifact import Artifact
     from accelc.runtime.ort_backend import OrtStepModel
 
@@ -54,16 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not models["auto"]["target"].in_place:
         raise SystemExit("this artifact's graphs do not declare an in-place KV cache (re-export with graph: fused)")
+    # autoregressive decoding and the artifact's own plan, each run as `accelc run` runs it
+    plans = {"ar": art.plan.model_copy(update={"strategy": "greedy"}), art.plan.strategy: art.plan}
     loops = {
-        "ar": lambda m, prompt: generate(m["target"], prompt, args.new_tokens),
-        "speculative": lambda m, prompt: speculative_generate(
-            m["target"],
-            m["draft"],
-            prompt,
-            args.new_tokens,
-            gamma=gamma,
-            prompt_kv_from_target=prompt_kv_from_target(art.plan),
-        ),
+        name: lambda m, prompt, plan=plan: run_plan(plan, m["target"], m.get("draft"), prompt, args.new_tokens)
+        for name, plan in plans.items()
     }
     rows = []
     for length in args.prompt_tokens:

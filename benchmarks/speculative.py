@@ -18,11 +18,12 @@ per-prompt ratios), the cost model's predicted speedup (alpha and c measured on 
 that temperature, the acceptance replayed over the prompts' trajectories through each loop),
 the acceptance rate, and for greedy rows whether the tokens equal the autoregressive ones.
 The draft also copies up to 8 tokens (--lookup N; 0: never) from the context where its last
-tokens recurred (draft.lookup, as README's recipe); speculative, PEARL and stairs rows use the
-copies where their own replay at that temperature predicts a 5% gain (as the pass decides), batch
-speculative rows never copy. Speculative, batch speculative and stairs use the plan's gamma; PEARL
-the gamma its own round model picks for its workers, which get one ORT thread each (two cores
-here), priced with those workers' measured step times; its prefill and its rounds of copied
+tokens recurred (draft.lookup, as README's recipe). Every loop of the loop table that the
+speculative pass can price is measured (stairs, greedy only, at temperature 0), each with the
+gamma and the copying that a compile with that strategy would choose from the costs measured at
+the start of the run (loops/pricing.py `decide`, the pass's own decision), and run through its
+table entry as `accelc run` runs it. PEARL's workers get one ORT thread each (two cores here) and
+are priced with those workers' costs, timed while both run; its prefill and its rounds of copied
 drafts run alone on the target's all-core session, as the pass plans (alone_session). The other
 methods use the artifact's session (all cores). Batch speculative uses the plan's number of
 candidates.
@@ -42,7 +43,8 @@ from typing import TYPE_CHECKING
 from benchmarks import common
 
 if TYPE_CHECKING:
-    from accelc.loops.cost_model import AlphaEstimate, CostMeasurement
+    from accelc.loops.calibration import AlphaEstimate
+    from accelc.loops.timing import CostMeasurement
 
 DRAFT_SOURCES = ("path", "keep_layers", "subnet_ratio", "from_target")
 
@@ -123,15 +125,12 @@ class Costs:
 
     @classmethod
     def measure(cls, models: Models, prompt: list[int], gamma_max: int, copying: bool) -> Costs:
-        from accelc.loops import cost_model
+        from accelc.loops.timing import measure_loop_costs
 
-        timing = {
-            "verify_lengths": range(2, gamma_max + 2),
-            "catchup_lengths": cost_model.COPY_CATCHUP_LENGTHS if copying else (2,),
-        }
+        timing = {"gamma_max": gamma_max, "copying": copying}
         return cls(
-            cost_model.measure_cost_ratio(models.target, models.draft, prompt, **timing),
-            cost_model.measure_cost_ratio(
+            measure_loop_costs(models.target, models.draft, prompt, **timing),
+            measure_loop_costs(
                 models.pearl_target, models.pearl_draft, prompt, concurrent=True, baseline=models.target, **timing
             ),
             _prefill_seconds(models.target, prompt),
@@ -141,7 +140,7 @@ class Costs:
     def median(cls, measured: list[Costs]) -> Costs:
         """The medians of costs measured through a run: its typical state, where one measurement
         catches whichever state the machine is in."""
-        from accelc.loops.cost_model import CostMeasurement
+        from accelc.loops.timing import CostMeasurement
 
         return cls(
             CostMeasurement.median([m.sequential for m in measured]),
@@ -170,47 +169,27 @@ def _prefill_seconds(model, prompt: list[int], repeats: int = 3) -> float:
 
 @dataclass(frozen=True)
 class Predictor:
-    """Each loop's speedup, replayed over the prompts' measured acceptance (`est`) with given costs."""
+    """Each loop's speedup as the speculative pass prices it (loops/pricing.py): its own replay of
+    the prompts' measured acceptance (`est`) at given costs."""
 
     est: AlphaEstimate
     candidates: int
     new_tokens: int
 
-    def decode(self, name: str, costs: Costs, copying: bool, g: int | None) -> float:
-        """The decode phase's speedup (what the pass's plan predicts)."""
-        from accelc.loops import cost_model
-        from accelc.loops.stairs import next_candidates
+    def measured(self, loop, costs: Costs):
+        from accelc.loops.pricing import measured_for
 
-        est, seq, workers = self.est, costs.sequential, costs.workers
-        lookups = est.lookups if copying else ()
-        if name in ("speculative", "stairs"):
-            return cost_model.replayed_speedup(
-                est.trajectories,
-                g,
-                seq.cost_ratio,
-                seq.verify,
-                seq.catchup,
-                schedule=next_candidates if name == "stairs" else None,
-                lookups=lookups,
-            )
-        if name == "batch_speculative":
-            return cost_model.batch_replayed_speedup(
-                est.trajectories, est.first_accepts, g, seq.cost_ratio, self.candidates, seq.verify, seq.catchup
-            )
-        if name == "pearl":
-            return (
-                cost_model.pearl_replayed_speedup(
-                    est.trajectories,
-                    g,
-                    workers.cost_ratio,
-                    workers.verify,
-                    lookups,
-                    workers.catchup,
-                    cost_model.alone_verify(seq, workers),
-                )
-                / workers.baseline_ratio
-            )
-        return 1.0
+        return measured_for(loop.pricing, self.est, costs.sequential, costs.workers, candidates=self.candidates)
+
+    def decode(self, name: str, costs: Costs, copying: bool, g: int | None) -> float:
+        """The decode phase's speedup at draft length `g` (what the pass's plan predicts)."""
+        from accelc.loops import registry
+
+        loop = registry.get(name)
+        if loop is None or loop.pricing is None:  # autoregressive decoding, the baseline
+            return 1.0
+        lookups = self.est.lookups if copying else ()
+        return loop.pricing.choose(self.measured(loop, costs), g, lookups).curve[g]
 
     def tokens_per_second(self, name: str, costs: Costs, copying: bool, g: int | None) -> float:
         """The speedup in tokens/s as the benchmark measures it, prefill included: every loop
@@ -219,46 +198,20 @@ class Predictor:
         return (costs.prefill + decode) / (costs.prefill + decode / self.decode(name, costs, copying, g))
 
 
-def decide(
-    predictor: Predictor, costs: Costs, loops: list[str], lookup, gamma: int, gamma_max: int
-) -> tuple[dict, dict]:
-    """(copies, gammas) per loop, as a compile decides them from costs measured before the run:
-    each loop copies drafts from the context only where its replay predicts a 5% gain (MIN_COPY_GAIN);
-    speculative, batch and stairs (its start) run at the plan's gamma, PEARL at the window its
-    own replay picks."""
-    from accelc.loops import cost_model
+def decide(predictor: Predictor, costs: Costs, loops: list, lookup, gamma_max: int) -> dict:
+    """Per loop, its Decision (gamma, and copies from the context where its replay predicts they
+    pay) as a compile with that strategy makes it (pricing.decide), from costs measured before the run."""
+    from accelc.loops.pricing import decide as choose
 
-    def pays(name: str, g: int) -> bool:
-        return lookup is not None and cost_model.copying_pays(
-            predictor.decode(name, costs, True, g), predictor.decode(name, costs, False, g)
+    return {
+        loop.name: choose(
+            loop.pricing,
+            predictor.measured(loop, costs),
+            gamma_max,
+            lookup if loop.copies_from_context else None,
         )
-
-    gammas = {"ar": None, **{name: gamma for name in loops}}
-    workers = costs.workers
-    pearl = {
-        copying: cost_model.choose_pearl_gamma(
-            predictor.est.alpha,
-            workers.cost_ratio,
-            gamma_max=gamma_max,
-            verify_cost=workers.verify,
-            worker_slowdown=workers.baseline_ratio,
-            trajectories=predictor.est.trajectories,
-            lookups=predictor.est.lookups if copying else (),
-            catchup_cost=workers.catchup,
-            alone_verify=cost_model.alone_verify(costs.sequential, workers),
-        )
-        for copying in ((False, True) if lookup else (False,))
+        for loop in loops
     }
-    copying = lookup is not None and cost_model.copying_pays(
-        pearl[True].predicted_speedup, pearl[False].predicted_speedup
-    )
-    gammas["pearl"] = pearl[copying].gamma
-    copies = {
-        name: lookup if (copying if name == "pearl" else pays(name, gamma)) else None
-        for name in loops
-        if name != "batch_speculative"
-    }
-    return copies, gammas
 
 
 def run_interleaved(methods: dict, prompts: list[list[int]], greedy: bool, measure) -> tuple[dict, list]:
@@ -333,14 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         args.prompts, args.new_tokens = 2, 32
     environment = common.quiet_threads(args.threads)
 
-    from accelc.loops import cost_model
-    from accelc.loops.autoregressive import Sampler, generate
-    from accelc.loops.batch_speculative import batch_speculative_generate
+    from accelc.loops import registry
+    from accelc.loops.autoregressive import Sampler
+    from accelc.loops.calibration import estimate_alpha
     from accelc.loops.lookup import Lookup
-    from accelc.loops.pearl import pearl_generate
-    from accelc.loops.plan import prompt_kv_from_target
-    from accelc.loops.speculative import speculative_generate
-    from accelc.loops.stairs import stairs_generate
+    from accelc.loops.plan import CopySpec
     from accelc.runtime.artifact import Artifact
 
     artifact = Path(args.artifact) if args.artifact else Path(tempfile.mkdtemp(prefix="accelc-spec-")) / "artifact"
@@ -355,7 +305,6 @@ def main(argv: list[str] | None = None) -> int:
     gamma, candidates = plan.gamma, plan.num_candidates
     # the copies --lookup asks for (an artifact compiled with other ones is measured with these)
     lookup = Lookup(tokens=args.lookup) if args.lookup else None
-    shared = {"prompt_kv_from_target": prompt_kv_from_target(plan)}  # as run_plan does
 
     def measure() -> Costs:
         return Costs.measure(models, prompts[0], args.gamma_max, copying=lookup is not None)
@@ -367,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler = Sampler(temp) if temp > 0 else Sampler()
         # the same prompts, continued as far as the runs go: how much text repeats itself, and so
         # what copied drafts keep, differs from prompt to prompt and grows with length
-        est = cost_model.estimate_alpha(
+        est = estimate_alpha(
             target,
             draft,
             prompts,
@@ -375,51 +324,42 @@ def main(argv: list[str] | None = None) -> int:
             lookup=lookup,
             new_tokens=args.new_tokens,
             candidates=candidates,
-            **shared,
+            prompt_kv_from_target=plan.prompt_kv_from_target,
         )
         predictor = Predictor(est, candidates, args.new_tokens)
-        loops = ["speculative", "batch_speculative", "pearl"] + (["stairs"] if temp == 0 else [])
-        copies, gammas = decide(predictor, start_costs, loops, lookup, gamma, args.gamma_max)
-        methods = {
-            "ar": lambda pr, s: generate(target, pr, args.new_tokens, sampler=sampler, seed=s),
-            "speculative": lambda pr, s: speculative_generate(
-                target,
-                draft,
-                pr,
-                args.new_tokens,
-                gamma=gamma,
-                sampler=sampler,
-                seed=s,
-                lookup=copies["speculative"],
-                **shared,
-            ),
-            "batch_speculative": lambda pr, s: batch_speculative_generate(
-                target,
-                draft,
-                pr,
-                args.new_tokens,
-                gamma=gamma,
-                num_candidates=candidates,
-                sampler=sampler,
-                seed=s,
-                **shared,
-            ),
-            "pearl": lambda pr, s: pearl_generate(
-                models.pearl_target,
-                models.pearl_draft,
-                pr,
-                args.new_tokens,
-                gamma=gammas["pearl"],
-                sampler=sampler,
-                seed=s,
-                lookup=copies["pearl"],
-                **shared,
-            ),
-        }
-        if temp == 0:  # stairs adapts its draft length, starting from the plan's gamma as run_plan does
-            methods["stairs"] = lambda pr, s: stairs_generate(
-                target, draft, pr, args.new_tokens, candidates=gamma, lookup=copies["stairs"], **shared
+        # every loop the table can price that runs at this temperature, as the pass would plan it
+        loops = [
+            loop
+            for loop in registry.loops()
+            if loop.needs_draft and loop.pricing is not None and not (loop.greedy_only and temp > 0)
+        ]
+        decisions = decide(predictor, start_costs, loops, lookup, args.gamma_max)
+        baseline = registry.get("sample" if temp > 0 else "greedy")
+
+        def run(loop, decision=None):
+            """The loop as run_plan runs it, from the artifact's plan with this row's decision."""
+            target_model, draft_model = (
+                (models.pearl_target, models.pearl_draft)
+                if loop.pricing and loop.pricing.parallel_workers
+                else (target, draft)
             )
+            update = {"strategy": loop.name}
+            if decision is not None:
+                copies = decision.lookup and CopySpec(**decision.lookup.to_dict())
+                update |= {"gamma": decision.choice.gamma, "lookup": copies}
+            return lambda prompt, seed: loop.run(
+                plan.model_copy(update={**update, "seed": seed}),
+                target_model,
+                draft_model,
+                prompt,
+                args.new_tokens,
+                sampler=sampler,
+                eos_ids=(),
+            )
+
+        methods = {"ar": run(baseline), **{loop.name: run(loop, decisions[loop.name]) for loop in loops}}
+        copies = {name: d.lookup for name, d in decisions.items()}
+        gammas = {"ar": None, **{name: d.choice.gamma for name, d in decisions.items()}}
         results, measured = run_interleaved(methods, prompts, temp == 0, measure)
         # predictions replay each loop with the run's median costs; speedups are medians of the
         # per-prompt ratios to autoregressive decoding on that same prompt
@@ -475,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         lookup=lookup.to_dict() if lookup else None,
         opened_mib=models.opened_mib,
         environment=environment,
-        plan=plan,
+        plan=plan.to_json_dict(),
     )
     rows_path, _ = common.write_results(args.json, rows, record)
     plot(rows, rows_path.with_suffix(".png"))

@@ -291,7 +291,7 @@ registry.register_loop(
         pricing=Pricing(
             _choose,
             "acceptance replayed over the calibration continuations, the candidates' own at each "
-            "round's first position (cost_model.batch_replayed_speedup)",
+            "round's first position (replay.batch_replayed_speedup)",
             candidates=True,
         ),
     )

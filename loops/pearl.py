@@ -252,7 +252,7 @@ registry.register_loop(
         copies_from_context=True,
         pricing=Pricing(
             _choose,
-            "acceptance replayed through PEARL's two modes (cost_model.pearl_replayed_speedup)",
+            "acceptance replayed through PEARL's two modes (replay.pearl_replayed_speedup)",
             parallel_workers=True,
         ),
     )

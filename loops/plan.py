@@ -100,16 +100,6 @@ class DecodePlan(BaseModel):
         return Sampler(t, self.top_k, self.top_p) if sampling else Sampler()
 
 
-def prompt_kv_from_target(plan: DecodePlan | Mapping[str, Any]) -> bool:
-    """Whether the plan's draft starts from the target's prompt cache (cursor.open_pair)."""
-    return DecodePlan.of(plan).prompt_kv_from_target
-
-
-def sampler_of(plan: DecodePlan | Mapping[str, Any], temperature: float | None = None) -> Sampler:
-    """greedy unless the plan samples; an explicit temperature (0 = greedy) overrides the plan."""
-    return DecodePlan.of(plan).sampler(temperature)
-
-
 def run_plan(
     plan: DecodePlan | Mapping[str, Any],
     target,

@@ -135,8 +135,6 @@ registry.register_loop(
         DraftOptions,
         needs_draft=True,
         copies_from_context=True,
-        pricing=Pricing(
-            _choose, "acceptance replayed over the calibration continuations (cost_model.replayed_speedup)"
-        ),
+        pricing=Pricing(_choose, "acceptance replayed over the calibration continuations (replay.replayed_speedup)"),
     )
 )

@@ -46,7 +46,7 @@ VALIDATIONS = ("auto", "single", "staircase")
 
 def next_candidates(n: int, all_accepted: bool) -> int:
     """The assistant's next batch size: +2 after a round that accepted every candidate, else -1
-    (never below 1). cost_model.replayed_speedup replays the same schedule."""
+    (never below 1). replay.replayed_speedup replays the same schedule."""
     return n + GROW_ON_FULL_ACCEPT if all_accepted else max(1, n - SHRINK_ON_REJECT)
 
 
@@ -185,7 +185,7 @@ registry.register_loop(
         greedy_only=True,
         pricing=Pricing(
             _choose,
-            "acceptance replayed over the calibration continuations (cost_model.replayed_speedup), "
+            "acceptance replayed over the calibration continuations (replay.replayed_speedup), "
             "with stairs' adaptive draft length",
         ),
     )

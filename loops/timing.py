@@ -206,3 +206,18 @@ def alone_verify(sequential: CostMeasurement, workers: CostMeasurement) -> Calla
         return sequential.verify(g) / workers.baseline_ratio
 
     return cost
+
+
+def measure_loop_costs(target, draft, prompt: Sequence[int], *, gamma_max: int, copying: bool, **timing):
+    """The costs a draft-length choice up to `gamma_max` is priced with, in target steps: verifying
+    2..gamma_max + 1 tokens (the last committed token plus the drafts: on a CPU more than one
+    decode step), and the draft's catch-up calls (with copies from the context, every length a
+    copy can make it skip). `timing`: measure_cost_ratio's own options (concurrent, baseline)."""
+    return measure_cost_ratio(
+        target,
+        draft,
+        prompt,
+        catchup_lengths=COPY_CATCHUP_LENGTHS if copying else (2,),
+        verify_lengths=range(2, gamma_max + 2),
+        **timing,
+    )

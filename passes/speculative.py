@@ -8,7 +8,7 @@ prompts, measures the cost ratio c (draft step / target step on this machine: on
 Runtime graphs when the pass follows export_onnx, which is what deploys; torch eager otherwise),
 and picks the draft length gamma that maximises the predicted speedup: for one draft sequence a
 round (speculative, stairs), the measured per-position acceptance replayed through the loop
-(cost_model.replayed_speedup); for PEARL, the same acceptance replayed through its two modes;
+(replay.replayed_speedup); for PEARL, the same acceptance replayed through its two modes;
 for batch speculative, replayed with its candidates' acceptance at each round's first position. When no
 gamma predicts a gain, the plan stays autoregressive and says why. With `draft.lookup`, rounds
 of the speculative, stairs and PEARL loops first copy drafts from the context (decoding/lookup.py)
@@ -353,18 +353,10 @@ class Speculative(registry.Pass):
             )
 
     def _measure_costs(self, target, draft, prompt, lookup, **timing):
-        """Costs in target steps: a verification round feeds the last committed token plus gamma
-        drafts, gamma + 1 tokens, which on a CPU costs more than one decode step; with copies, the
-        draft's catch-up calls feed every token it skipped, so those are timed too."""
-        from accelc.loops.timing import COPY_CATCHUP_LENGTHS, measure_cost_ratio
+        from accelc.loops.timing import measure_loop_costs
 
-        return measure_cost_ratio(
-            target,
-            draft,
-            prompt,
-            catchup_lengths=COPY_CATCHUP_LENGTHS if lookup else (2,),
-            verify_lengths=range(2, self.params.gamma_max + 2),
-            **timing,
+        return measure_loop_costs(
+            target, draft, prompt, gamma_max=self.params.gamma_max, copying=lookup is not None, **timing
         )
 
     def _loop_costs(self, loop_pricing, alpha, cost, prompt, lookup, target, workers):

@@ -11,20 +11,18 @@ from test_speculative import TableModel, noisy, random_table, unigram
 from accelc.errors import UsageError
 from accelc.loops.acceptance import tv_distance
 from accelc.loops.autoregressive import Sampler
-from accelc.loops.cost_model import (
-    CALIBRATION_NEW_TOKENS,
+from accelc.loops.calibration import CALIBRATION_NEW_TOKENS, acceptance_from_logits, estimate_alpha
+from accelc.loops.replay import (
     GAMMA_MAX,
-    acceptance_from_logits,
     batch_predicted_speedup,
     choose_gamma,
     choose_pearl_gamma,
-    estimate_alpha,
     expected_accepted_length,
-    measure_cost_ratio,
     pearl_predicted_speedup,
     predicted_speedup,
     replayed_speedup,
 )
+from accelc.loops.timing import measure_cost_ratio
 
 ALPHAS = [0.0, 0.2, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0]
 COSTS = [0.0, 0.01, 0.05, 0.1, 0.3, 0.6, 1.0, 2.0]
@@ -227,7 +225,7 @@ def test_greedy_batch_replay_prices_the_loops_own_rounds_and_calls(gamma, candid
     acceptance recorded, the replay counts exactly its rounds, draft calls (1 + k (g - 1) a
     round), catch-up calls and the target's extra call for a path other than candidate 0's."""
     from accelc.loops.batch_speculative import batch_speculative_generate
-    from accelc.loops.cost_model import batch_replayed_speedup
+    from accelc.loops.replay import batch_replayed_speedup
 
     target = TableModel(random_table(8, seed=11))
     draft = TableModel(noisy(target.table, seed=12, sigma=1.0))
@@ -270,8 +268,8 @@ def test_greedy_replay_of_the_stairs_schedule_prices_its_rounds_and_calls(start)
 @pytest.mark.parametrize("gamma, c", [(1, 0.3), (3, 0.2), (4, 0.45)])
 def test_greedy_pearl_replay_counts_the_loops_own_rounds_in_each_mode(gamma, c):
     """PEARL greedy is deterministic too: the replay prices exactly its pre- and post-verify rounds."""
-    from accelc.loops.cost_model import pearl_replayed_speedup
     from accelc.loops.pearl import pearl_generate
+    from accelc.loops.replay import pearl_replayed_speedup
 
     target = TableModel(random_table(8, seed=7))
     draft = TableModel(noisy(target.table, seed=8, sigma=0.6))

@@ -89,7 +89,8 @@ def test_greedy_replay_with_lookup_prices_the_loops_own_rounds_and_calls(loop, s
     """Greedy, copying is deterministic too: the replay over the calibration continuations counts
     exactly the rounds and the draft's calls the loop makes, each call priced by the tokens it
     feeds (a catch-up after copied rounds feeds every token the draft skipped)."""
-    from accelc.loops.cost_model import estimate_alpha, replayed_speedup
+    from accelc.loops.calibration import estimate_alpha
+    from accelc.loops.replay import replayed_speedup
     from accelc.loops.stairs import next_candidates
 
     lookup = Lookup(tokens=4, max_ngram=2, min_ngram=1)
@@ -147,7 +148,8 @@ def test_greedy_pearl_replay_with_lookup_prices_each_round_it_runs(gamma, c, c2,
     target's tokens there, and whether there is a match decides the round's kind), so with
     gamma > 1 and a draft that errs the replay is within a few percent; with a draft that never
     errs (the target's own table) it is exact."""
-    from accelc.loops.cost_model import estimate_alpha, pearl_replayed_speedup
+    from accelc.loops.calibration import estimate_alpha
+    from accelc.loops.replay import pearl_replayed_speedup
 
     lookup = Lookup(tokens=4, max_ngram=2, min_ngram=1)
     new_tokens = 40

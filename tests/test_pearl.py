@@ -20,8 +20,8 @@ from test_speculative import (
 
 from accelc.loops.acceptance import tv_distance
 from accelc.loops.autoregressive import Sampler, generate
-from accelc.loops.cost_model import pearl_tokens_per_round
 from accelc.loops.pearl import pearl_generate
+from accelc.loops.replay import pearl_tokens_per_round
 
 
 @pytest.mark.parametrize(

@@ -321,7 +321,7 @@ def test_rejections_match_the_sum_of_tv_distances(method):
 def test_unigram_pair_matches_the_closed_forms():
     """Position-independent p and q: rejections per verified position -> TV(p, q), tokens per
     round -> (1 - alpha^(gamma+1)) / (1 - alpha) with alpha = 1 - TV (algorithms.md 4 R2, R6)."""
-    from accelc.loops.cost_model import expected_accepted_length
+    from accelc.loops.replay import expected_accepted_length
 
     p_logits, q_logits = np.log([0.5, 0.3, 0.15, 0.05]), np.log([0.25, 0.25, 0.25, 0.25])
     target, draft = unigram(p_logits), unigram(q_logits)
@@ -568,7 +568,7 @@ def test_sampling_on_torch_is_reproducible_and_thread_independent(torch_models):
 
 def test_alpha_of_the_tiny_llama_against_itself_is_one(torch_models):
     """The cost model on a real model (its own tests live in test_cost_model.py)."""
-    from accelc.loops.cost_model import estimate_alpha
+    from accelc.loops.calibration import estimate_alpha
 
     target, drafts = torch_models
     for sampler in (Sampler(), Sampler(temperature=1.0)):

@@ -80,15 +80,15 @@ def test_after_export_alpha_and_cost_are_measured_on_the_ort_graphs(cli, tiny_re
 
 
 def test_no_predicted_gain_falls_back_to_autoregressive(cli, tiny_recipe, tmp_path, monkeypatch):
-    from accelc.loops import cost_model
+    from accelc.loops import timing
 
     # Timings of tiny models on a busy machine decide nothing reliably, so the draft is priced
     # like the target (c = 1, verification = one step per token): then no gamma can pay,
     # whatever alpha is measured, and the pass must keep plain decoding.
     def as_costly_as_the_target(target, draft, prompt, verify_lengths=(), **_):
-        return cost_model.CostMeasurement(1.0, 1e-3, 1e-3, {k: float(k) for k in verify_lengths})
+        return timing.CostMeasurement(1.0, 1e-3, 1e-3, {k: float(k) for k in verify_lengths})
 
-    monkeypatch.setattr(cost_model, "measure_cost_ratio", as_costly_as_the_target)
+    monkeypatch.setattr(timing, "measure_cost_ratio", as_costly_as_the_target)
     out = tmp_path / "out"
     code, _, err = cli("compile", spec_recipe(tiny_recipe, fallback="true"), "-o", out)
     assert code == 0, err
