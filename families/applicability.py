@@ -11,6 +11,7 @@ from __future__ import annotations
 from accelc.compiler import registry
 from accelc.errors import UsageError
 from accelc.families.base import FAMILIES, Family, family_for
+from accelc.runtime.backends import get_backend
 
 
 def _applies_to(cls) -> str:
@@ -39,12 +40,13 @@ def check_recipe(recipe) -> Family:
                 f"({family.title} models; it applies to {_applies_to(cls)} models); targets that do: "
                 f"{', '.join(family.targets()) or 'none'}"
             )
+        runs = family.backends()
         for backend in getattr(step, "backends", ()):
-            if backend not in family.backends:
-                lowers = [f.title for f in FAMILIES.values() if backend in f.backends]
+            if backend not in runs:
+                lowers = [FAMILIES[f].title for f in get_backend(backend).families if f in FAMILIES]
                 raise UsageError(
                     f"{source}: targets[{i}] '{step.kind}' backend '{backend}' does not apply to the "
                     f"{family.name} family ({family.title} models; {backend} runs {', '.join(lowers) or 'no'} "
-                    f"models only); backends that do: {', '.join(b for b in family.backends if b != 'torch')}"
+                    f"models only); backends that do: {', '.join(b for b in runs if b != 'torch')}"
                 )
     return family

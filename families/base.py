@@ -26,7 +26,6 @@ class Family:
     title: ClassVar[str]  # how messages call its models ("causal LM")
     inputs: ClassVar[str]  # what a recipe's model section may name for it, for messages
     protocol: ClassVar[type | None] = None  # the runtime protocol its artifacts serve (StepModel)
-    backends: ClassVar[tuple[str, ...]] = ()  # runtime backends its artifacts can be lowered to
     provides: ClassVar[tuple[str, ...]] = ()  # what an ingested model already is (compiler/dataflow.py KINDS)
 
     def recognises(self, spec, path: Path | None) -> bool:
@@ -53,6 +52,12 @@ class Family:
 
         registry.load_all()
         return sorted(name for name, cls in registry.PASSES.items() if self.name in cls.families)
+
+    def backends(self) -> list[str]:
+        """The registered runtime backends that run this family's artifacts."""
+        from accelc.runtime import backends
+
+        return sorted(name for name, cls in backends.load_all().items() if self.name in cls.families)
 
     def targets(self) -> list[str]:
         """The registered targets that apply to this family."""

@@ -176,7 +176,6 @@ class CausalLM(Family):
     title = "causal LM"
     inputs = "a Hugging Face checkpoint folder, a .gguf file or a built-in model"
     protocol = StepModel
-    backends = ("torch", "ort", "tvm")
 
     def recognises(self, spec, path: Path | None) -> bool:
         return path is None or path.is_dir() or path.suffix == ".gguf"

@@ -23,7 +23,6 @@ class OnnxGraph(Family):
     title = "opaque ONNX graph"
     inputs = "an .onnx file"
     protocol = None  # the graph's own inputs and outputs: validation feeds it by name
-    backends = ("ort",)
     provides = ("onnx_graph",)  # the input is its own decoder graph
 
     def recognises(self, spec, path: Path | None) -> bool:

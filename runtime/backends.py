@@ -59,6 +59,8 @@ class Backend:
     name: ClassVar[str]
     dependency: ClassVar[Dependency | None] = None
     roles: ClassVar[tuple[str, ...]] = ROLES
+    # The model families (families/base.py) whose artifacts it runs, as passes and targets declare theirs.
+    families: ClassVar[tuple[str, ...]] = ("causal_lm",)
     # Whether `open(threads=...)` gives each model its own share of the cores (PEARL's parallel
     # workers); where one thread pool serves a whole process, it cannot.
     threads_per_model: ClassVar[bool] = False

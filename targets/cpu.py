@@ -43,7 +43,7 @@ class CpuTarget(registry.Target):
 
     kind = "cpu"
     version = 3  # 2: runtime config names graphs/libraries per decode role (target, draft); 3: ort kv_cache
-    families = ("causal_lm", "onnx")  # an opaque ONNX graph lowers to ORT only (OnnxGraph.backends)
+    families = ("causal_lm", "onnx")  # an opaque ONNX graph lowers to ORT only (the backends that run it)
 
     class Params(registry.Params):
         backends: list[Literal["ort", "tvm"]] = Field(default_factory=lambda: ["ort", "tvm"], min_length=1)
