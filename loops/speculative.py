@@ -2,7 +2,8 @@
 
 Each round the draft proposes gamma tokens autoregressively (gamma one-token draft calls), the
 target scores all of them in ONE `extend` call (a StepModel returns logits for every fed
-position) and the exact rule of algorithms.md section 4 R1 keeps a prefix of them:
+position) and the exact rule of Leviathan et al. (arXiv 2211.17192, algorithm 1) and Chen et al.
+(arXiv 2302.01318, algorithm 2) keeps a prefix of them:
 
     accept the draft token x ~ q with probability min(1, p(x) / q(x))
     at the first rejection sample r = max(p - q, 0) / sum(max(p - q, 0)) and end the round
@@ -17,7 +18,7 @@ then take the target's argmax": the target's greedy output, token for token, for
 As in `generate`, the first new token comes from the target's prefill logits, so prefill and
 decode times compare with the autoregressive baseline's.
 
-Randomness uses per-position streams (algorithms.md section 10; PEARL seeds per position too):
+Randomness uses per-position streams (PEARL's code seeds per position too):
 the uniform behind a decision at absolute position n comes from (seed, n, stream, index) alone.
 A committed token depends only on its own position's streams and on earlier tokens, which keeps
 the rule exact however rounds fall, and makes runs reproducible across algorithms and across
@@ -31,7 +32,7 @@ Statistics (GenerationResult.stats), shared by every method in this package:
     verified                    positions where a draft token was checked against the target
     accepted                    draft tokens accepted
     rejections                  verified positions that ended in a residual sample
-    expected_rejections         sum of TV(p, q) over verified positions (algorithms.md 4 R2)
+    expected_rejections         sum of TV(p, q) over verified positions (arXiv 2411.00841)
     acceptance_rate             accepted / verified: the empirical alpha of the cost model
     draft_efficiency            accepted / drafted
     mean_accepted_length        tokens committed per verification round (R6's

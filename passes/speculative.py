@@ -323,7 +323,7 @@ class Speculative(registry.Pass):
         # a verification round feeds the last committed token plus gamma drafts: gamma + 1 tokens,
         # which on a CPU costs more than one decode step (measured, in target steps)
         verify = dict(cost.verify_cost)
-        pearl, prediction, lookup_report = {}, "i.i.d. alpha (algorithms.md 4 R6)", {}
+        pearl, prediction, lookup_report = {}, "i.i.d. alpha (arXiv 2211.17192 theorem 3.8)", {}
         if self.params.strategy == "pearl":
             c, pearl_verify, pearl_catchup, slowdown = cost.cost_ratio, cost.verify, cost.catchup, 1.0
             alone_verify = None  # rounds made alone run on the workers' target

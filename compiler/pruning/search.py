@@ -1,4 +1,4 @@
-"""Evolutionary search for a subnet under a budget (algorithms.md 1(b).2-1(b).3).
+"""Evolutionary search for a subnet under a budget (Shen et al., arXiv 2409.17372).
 
 A candidate is a Subnet (explicit kept heads and MLP channels per layer, masks.py). Its *shape*
 (per layer: head option, MLP width) decides its cost; its index sets decide its quality. The loop
