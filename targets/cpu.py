@@ -42,7 +42,7 @@ class CpuTarget(registry.Target):
     """CPU artifacts: ONNX Runtime session config and/or a TVM llvm VM library."""
 
     kind = "cpu"
-    version = 3  # 2: runtime config names graphs/libraries per decode role (target, draft); 3: ort kv_cache
+    version = 3  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
 
     class Params(registry.Params):
         backends: list[Literal["ort", "tvm"]] = Field(default_factory=lambda: ["ort", "tvm"], min_length=1)
