@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from accelc.errors import UsageError
+from accelc.errors import InternalError, UsageError
 from accelc.loops.autoregressive import GenerationResult, Sampler
 from accelc.loops.lookup import Lookup, lookup_draft
 from accelc.runtime.base import KVState, StepModel
@@ -189,7 +189,7 @@ class ModelCursor:
         n_have = self.state.length
         m = min(n_have, len(seq))
         if self.fed[:m] != list(seq[:m]):
-            raise AssertionError("KV state out of step with the sequence: a rollback is missing")
+            raise InternalError("KV state out of step with the sequence: a rollback is missing")
         if n_have > start or (n_have == start and self.next_logits is None):
             self.rollback(start - 1)
             n_have = start - 1

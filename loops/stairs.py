@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from accelc.errors import UsageError
+from accelc.errors import InternalError, UsageError
 from accelc.loops.autoregressive import GenerationResult, Sampler
 from accelc.loops.lookup import Lookup
 from accelc.loops.speculative import ModelCursor, SpecStats, begin, check_args, commit, propose
@@ -53,7 +53,7 @@ def staircase_predictions(cursor: ModelCursor, tokens: list[int], drafts: list[i
     base = cursor.state
     have = base.length
     if cursor.fed[:have] != tokens[:have]:
-        raise AssertionError("KV state out of step with the sequence: a rollback is missing")
+        raise InternalError("KV state out of step with the sequence: a rollback is missing")
     states, rows = [], []
     for i in range(len(drafts) + 1):
         seq = tokens + drafts[:i]
