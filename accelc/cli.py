@@ -121,6 +121,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from pydantic import ValidationError
+
     from accelc.compiler.recipe import PerplexitySpec
     from accelc.families.causal_lm_proof import evaluate
     from accelc.runtime.artifact import Artifact
@@ -134,9 +136,14 @@ def cmd_eval(args) -> int:
     for key in ("window", "stride", "max_windows"):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
+    if args.window is not None and args.stride is None:
+        spec.pop("stride", None)  # a new window gets its own default stride (the window)
     if args.backends:
         spec["backends"] = args.backends
-    spec = PerplexitySpec(**spec)
+    try:
+        spec = PerplexitySpec(**spec)
+    except ValidationError as exc:
+        raise UsageError(f"accelc eval: {exc.errors()[0]['msg']}") from None
     text = args.text or (recipe.get("data") or {}).get("evaluation", "austen:persuasion")
     result = evaluate(art, text, spec)
     print(json.dumps(result, indent=2))

@@ -33,6 +33,16 @@ class MissingDependency(AccelcError):
         self.install = install
 
 
+class InternalError(AccelcError):
+    """accelc broke one of its own invariants: a bug, never the input's fault (exit 1, as for any
+    unexpected exception), so exit 2 keeps meaning "fix your input"."""
+
+    exit_code = 1
+
+    def __init__(self, what: str):
+        super().__init__(f"internal error (a bug in accelc; please report it): {what}")
+
+
 class PassFailed(AccelcError):
     """A pass (or target lowering) raised: the pass is named; earlier artifacts stay intact (exit 4)."""
 

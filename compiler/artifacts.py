@@ -38,6 +38,19 @@ DEPENDENCIES = (
 )
 
 
+def artifact_relative(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """`path` as reports and the manifest record it: relative to the artifact `root` when inside it.
+
+    During a compile the artifact lives in a temporary sibling that is renamed when complete, so
+    an absolute path into it names a folder that is gone afterwards; a relative one stays true.
+    Paths outside the artifact (a source checkpoint, a cache) are returned unchanged.
+    """
+    resolved, base = Path(path).resolve(), Path(root).resolve()
+    if resolved == base or base in resolved.parents:
+        return resolved.relative_to(base).as_posix() or "."
+    return str(path)
+
+
 def dependency_versions() -> dict[str, str | None]:
     out = {}
     for name in DEPENDENCIES:

@@ -47,12 +47,14 @@ def perplexity(
     stride: int = 512,
     max_windows: int | None = 8,
     progress: bool = True,
+    tokenizer_name: str | None = None,
 ) -> dict:
     """Strided-window perplexity (see accelc.data.token_windows) of `step_model` on `text`.
 
     `tokenizer` is duck-typed like a Hugging Face tokenizer: `encode(text,
     add_special_tokens=False)`, `decode(ids, clean_up_tokenization_spaces=False)` and
     `name_or_path`. No BOS or other special token is added, so the text alone is scored.
+    `tokenizer_name` is how the result names the tokenizer (default: its `name_or_path`).
 
     Returns the protocol and the result: text, tokenizer, window, stride, windows,
     tokens_scored, nll_mean (nats per token), ppl, bits_per_byte (total NLL in bits over the
@@ -99,7 +101,7 @@ def perplexity(
     nll_mean = total_nll / n_scored
     return {
         "text": text_name,
-        "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
+        "tokenizer": tokenizer_name or getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
         "window": window,
         "stride": stride,
         "windows": len(windows),

@@ -28,7 +28,7 @@ def export_decoder_with_past(model, model_dir: Path, out_dir: Path, *, opset: in
 
     optimum's exporter uses the legacy TorchScript exporter with its own model patcher (the
     vmap-free attention masks); torch's dynamo exporter with a KV cache produces graphs that
-    fail at run time in ONNX Runtime (stack.md section 2), so this is the route that works.
+    fail at run time in ONNX Runtime (docs/platform-notes.md section 2), so this is the route that works.
     """
     convert = require("optimum.exporters.onnx.convert", INSTALL)
     import transformers

@@ -78,7 +78,9 @@ class ParitySpec(Section):
 class PerplexitySpec(Section):
     enabled: bool = True
     window: int = Field(512, gt=1)
-    stride: int = Field(512, gt=0)
+    stride: int | None = Field(
+        None, gt=0, description="tokens scored per window after the first (default: the window, disjoint windows)"
+    )
     max_windows: int = Field(8, gt=0)
     backends: list[str] = Field(
         default_factory=lambda: ["torch", "ort"],
@@ -95,6 +97,17 @@ class PerplexitySpec(Section):
         "model's by this factor",
     )
 
+    @model_validator(mode="after")
+    def _stride_follows_window(self):
+        if self.stride is None:
+            self.stride = self.window
+        elif self.stride > self.window:
+            raise ValueError(
+                f"stride {self.stride} exceeds the window {self.window}: tokens between windows would go "
+                "unscored; use a stride of at most the window, or leave it unset"
+            )
+        return self
+
 
 class BenchSpec(Section):
     enabled: bool = True
@@ -102,7 +115,15 @@ class BenchSpec(Section):
     new_tokens: int = Field(32, gt=0)
     repeats: int = Field(3, gt=0, description="measurements per backend; medians are reported")
     backends: list[str] = Field(default_factory=lambda: ["torch", "ort", "tvm"])
-    tvm_new_tokens: int = Field(8, gt=0, description="fewer tokens for untuned TVM, which is slow")
+    tvm_new_tokens: int | None = Field(
+        None, gt=0, description="fewer tokens for untuned TVM, which is slow (default: 8, at most new_tokens)"
+    )
+
+    @model_validator(mode="after")
+    def _tvm_tokens_follow_new_tokens(self):
+        if self.tvm_new_tokens is None:
+            self.tvm_new_tokens = min(8, self.new_tokens)
+        return self
 
 
 class EvalSpec(Section):

@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from accelc.errors import InternalError
+
 
 class Params(BaseModel):
     """Base of every pass/target parameter model: unknown keys are errors, not silently dropped."""
@@ -88,14 +90,14 @@ BUILTIN_MODULES = (
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
     if cls.name in PASSES and PASSES[cls.name] is not cls:
-        raise ValueError(f"pass '{cls.name}' registered twice")
+        raise InternalError(f"two classes register the pass '{cls.name}'")
     PASSES[cls.name] = cls
     return cls
 
 
 def register_target(cls: type[Target]) -> type[Target]:
     if cls.kind in TARGETS and TARGETS[cls.kind] is not cls:
-        raise ValueError(f"target '{cls.kind}' registered twice")
+        raise InternalError(f"two classes register the target '{cls.kind}'")
     TARGETS[cls.kind] = cls
     return cls
 

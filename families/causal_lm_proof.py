@@ -91,11 +91,13 @@ def prove(directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
 
 def evaluate(art, text_spec: str, spec, models: dict | None = None) -> dict:
     """Perplexity of each requested backend on held-out text, with the protocol and a goal check."""
+    from accelc.compiler.artifacts import artifact_relative
     from accelc.compiler.evaluation import perplexity
     from accelc.data import load_text
     from accelc.runtime.torch_backend import TorchStepModel
 
     text = load_text(text_spec)
+    tokenizer_name = artifact_relative(art.tokenizer.name_or_path, art.dir)
     models = dict(models or {})
     results = {}
     for backend in spec.backends:
@@ -115,6 +117,7 @@ def evaluate(art, text_spec: str, spec, models: dict | None = None) -> dict:
                 window=spec.window,
                 stride=spec.stride,
                 max_windows=spec.max_windows,
+                tokenizer_name=tokenizer_name,
             )
     failure = None
     if "torch" in results:
@@ -137,6 +140,7 @@ def evaluate(art, text_spec: str, spec, models: dict | None = None) -> dict:
                 window=spec.window,
                 stride=spec.stride,
                 max_windows=spec.max_windows,
+                tokenizer_name=tokenizer_name,
             )
         out["source"] = {"model_dir": str(source), **ref}
         for r in results.values():

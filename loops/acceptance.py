@@ -19,7 +19,7 @@ Statistics (GenerationResult.stats), shared by every method in this package:
     verified                    positions where a draft token was checked against the target
     accepted                    draft tokens accepted
     rejections                  verified positions that ended in a residual sample
-    expected_rejections         sum of TV(p, q) over verified positions (algorithms.md 4 R2)
+    expected_rejections         sum of TV(p, q) over verified positions (arXiv 2411.00841)
     acceptance_rate             accepted / verified: the empirical alpha of the cost model
     draft_efficiency            accepted / drafted
     mean_accepted_length        tokens committed per verification round (R6's

@@ -1,7 +1,8 @@
 """Batch (multi-draft) speculative sampling: k draft candidates per round, verified exactly.
 
-Scheme (algorithms.md section 4 R4; the multi-step speculative sampling of SpecInfer, Miao et
-al. 2024, i.e. recursive rejection sampling over the candidates' token tree):
+Scheme (Yin et al., arXiv 2411.00841, batch speculative decoding; the multi-step speculative
+sampling of SpecInfer, Miao et al., arXiv 2305.09781, i.e. recursive rejection sampling over
+the candidates' token tree):
 
 1. Draft k candidate sequences of length gamma, independently, from the same prefix:
    candidate j at depth i is drawn from q(. | prefix, c_j[:i]) with its own uniform, so the

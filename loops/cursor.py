@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from accelc.errors import UsageError
+from accelc.errors import InternalError, UsageError
 from accelc.loops.acceptance import STREAM_DRAFT, position_uniform, sample_index
 from accelc.loops.autoregressive import Sampler
 from accelc.loops.lookup import Lookup, lookup_draft
@@ -86,7 +86,7 @@ class ModelCursor:
         n_have = self.state.length
         m = min(n_have, len(seq))
         if self.fed[:m] != list(seq[:m]):
-            raise AssertionError("KV state out of step with the sequence: a rollback is missing")
+            raise InternalError("KV state out of step with the sequence: a rollback is missing")
         if n_have > start or (n_have == start and self.next_logits is None):
             self.rollback(start - 1)
             n_have = start - 1

@@ -2,7 +2,7 @@
 
 Vanilla speculative decoding alternates: the target idles while the draft drafts and the draft
 idles while the target verifies. PEARL runs both in every round, on two workers, from the same
-sequence x = verified tokens + U unverified drafts (algorithms.md section 5; the state machine
+sequence x = verified tokens + U unverified drafts (Liu et al., arXiv 2408.11850; the state machine
 of smart-lty/ParallelSpeculativeDecoding `parallel_speculative_decoding`):
 
     draft worker:  draft gamma tokens d_0..d_{gamma-1} after x   (gamma one-token draft calls)

@@ -2,7 +2,8 @@
 
 Pure functions of measured acceptance (calibration.py) and costs (timing.py); nothing here runs a model.
 
-Formulas (algorithms.md section 4 R2 and R6, Leviathan et al. 2023, i.i.d. acceptance alpha):
+Formulas (Leviathan et al., arXiv 2211.17192, section 3: eq. 1 and theorem 3.8, i.i.d. acceptance alpha; the sum
+of TVs as expected rejections: Yin et al., arXiv 2411.00841):
 
     alpha = E[beta],  beta = sum_x min(p(x), q(x)) = 1 - TV(p, q)   per position, along target
             trajectories (greedy: beta = 1 where the argmaxes agree, else 0)
@@ -15,7 +16,7 @@ measured v(gamma) > 1 makes the prediction honest. gamma* = argmax S over 1..gam
 when no gamma predicts S > 1 the plan is plain autoregressive decoding (with v = 1 a gain is
 possible iff alpha > c).
 
-PEARL [derived here; algorithms.md 5 gives only the round time max(gamma t_d, t_t)]: with
+PEARL [derived here; Liu et al., arXiv 2408.11850, give only the round time max(gamma t_d, t_t)]: with
 i.i.d. acceptance a pre-verify round commits 1 token and moves to post-verify with probability
 alpha; a post-verify round commits E[min(G + 1, gamma)] = (1 - alpha^gamma) / (1 - alpha)
 tokens (G the run of acceptances) and falls back with probability 1 - alpha^gamma. The
@@ -62,7 +63,7 @@ import numpy as np
 
 from accelc.errors import UsageError
 
-GAMMA_MAX = 16  # algorithms.md 4 R6: search gamma in 1..16, S is unimodal in practice
+GAMMA_MAX = 16  # S(gamma) of arXiv 2211.17192 theorem 3.8 is unimodal in practice and peaks well below 16
 MIN_GAIN = 1.0  # speculate only when the best predicted speedup exceeds plain decoding's 1.0
 # copy drafts from the context only when the replay predicts at least this gain over not copying:
 # what it does not price (a longer verify call's rows checked in Python, PEARL's rounds made more

@@ -2,7 +2,8 @@
 
 Each round the draft proposes gamma tokens autoregressively (gamma one-token draft calls), the
 target scores all of them in ONE `extend` call (a StepModel returns logits for every fed
-position) and the exact rule of algorithms.md section 4 R1 keeps a prefix of them:
+position) and the exact rule of Leviathan et al. (arXiv 2211.17192, algorithm 1) and Chen et al.
+(arXiv 2302.01318, algorithm 2) keeps a prefix of them:
 
     accept the draft token x ~ q with probability min(1, p(x) / q(x))
     at the first rejection sample r = max(p - q, 0) / sum(max(p - q, 0)) and end the round

@@ -1,4 +1,4 @@
-""" "Stairs" assisted greedy generation (Grigaliunas & Lukosevicius, IVUS 2024; algorithms.md section 6).
+""" "Stairs" assisted greedy generation (Grigaliunas & Lukosevicius, IVUS 2024, arXiv 2407.19947).
 
 Each round the assistant (draft) greedily proposes n tokens d_1..d_n, the large model (target)
 predicts its greedy token m_i after prefix + d_1..d_i for every i = 0..n, the longest run with
@@ -15,7 +15,7 @@ Two validations give the same m_0..m_n:
 `validation="auto"` lowers to "single" whenever the target returns all-position logits, which
 every StepModel does; a model object can opt out with `all_position_logits = False`.
 
-The assistant's batch size n adapts as HF assisted generation does (algorithms.md 6, [recall]):
+The assistant's batch size n adapts as HF assisted generation does (transformers' `AssistedCandidateGenerator`):
 start at `candidates` (HF's 5 by default; a decode plan starts it at its gamma), +2 after a round
 where all were accepted, else -1 (never below 1).
 """
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from accelc.errors import UsageError
+from accelc.errors import InternalError, UsageError
 from accelc.loops import registry
 from accelc.loops.acceptance import SpecStats
 from accelc.loops.autoregressive import GenerationResult, Sampler
@@ -58,7 +58,7 @@ def staircase_predictions(cursor: ModelCursor, tokens: list[int], drafts: list[i
     base = cursor.state
     have = base.length
     if cursor.fed[:have] != tokens[:have]:
-        raise AssertionError("KV state out of step with the sequence: a rollback is missing")
+        raise InternalError("KV state out of step with the sequence: a rollback is missing")
     states, rows = [], []
     for i in range(len(drafts) + 1):
         seq = tokens + drafts[:i]

@@ -23,8 +23,7 @@ class ExportOnnx(registry.Pass):
     """Export the causal LM to ONNX with past/present KV tensors (fused builder or optimum-onnx)."""
 
     name = "export_onnx"
-    version = 5  # 2: one graph per checkpoint role; 3: exported from accelc's loaded model; 4: fused graphs;
-    # 5: fused graphs declare an in-place KV cache
+    version = 5  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
     produces = ("onnx_graph",)
 
     class Params(registry.Params):

@@ -246,9 +246,13 @@ class ArchSearch(registry.Pass):
         )
         generations: int = Field(8, ge=1)
         population: int = Field(24, ge=2)
-        parents: int = Field(8, ge=1, description="elitist archive size")
-        mutations: int = Field(12, ge=0)
-        crossovers: int = Field(6, ge=0)
+        parents: int | None = Field(None, ge=1, description="elitist archive size (default: population / 3)")
+        mutations: int | None = Field(
+            None, ge=0, description="mutation offspring per generation (default: population / 2)"
+        )
+        crossovers: int | None = Field(
+            None, ge=0, description="crossover offspring per generation (default: population / 4)"
+        )
         m_prob: float = Field(0.2, ge=0, le=1, description="per-layer mutation probability")
         alpha: float = Field(
             0.9, ge=0, le=1, description="a mutation keeps at least this fraction of the parent's kept heads/channels"
@@ -268,6 +272,19 @@ class ArchSearch(registry.Pass):
         )
         damp: float = Field(0.2, gt=0, description="reformation ridge, x mean(diag H)")
         seed_with_flap: bool = Field(True, description="FLAP's subnet joins the first generation")
+
+        @model_validator(mode="after")
+        def _offspring_follow_population(self):
+            n = self.population
+            for name, default in (("parents", max(1, n // 3)), ("mutations", n // 2), ("crossovers", n // 4)):
+                if getattr(self, name) is None:
+                    self.__dict__[name] = default  # frozen model: fill the unset default once, here
+            if self.mutations + self.crossovers > n:
+                raise ValueError(
+                    f"mutations + crossovers ({self.mutations} + {self.crossovers}) exceed the population ({n}); "
+                    "lower them or leave them unset (they default to 1/2 and 1/4 of the population)"
+                )
+            return self
 
     def run(self, bundle, ctx):
         from accelc.compiler.pruning import baselines, importance, search

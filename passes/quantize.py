@@ -1,7 +1,7 @@
 """quantize_dynamic_int8: ONNX Runtime dynamic int8 weight quantisation of every exported graph.
 
 Weights become int8 with per-tensor (or per-channel) scales; activations are quantised at run
-time. Shrinks graphs 3-4x. On CPUs without VNNI (AVX2 only) it is not faster (stack.md section 5),
+time. Shrinks graphs 3-4x. On CPUs without VNNI (AVX2 only) it is not faster (docs/platform-notes.md section 5),
 and logits drift, so validation tolerances for quantised artifacts must be looser.
 """
 
@@ -68,7 +68,7 @@ class QuantizeWeightsInt4(registry.Pass):
     def run(self, bundle, ctx):
         """Decoding one token is matrix-vector work bound by weight bandwidth, so 4-bit weights
         (~8x fewer bytes than fp32) are where CPU decode speed comes from; int8 dynamic
-        quantisation keeps fp32 activations and gains nothing on AVX2 (stack.md section 5)."""
+        quantisation keeps fp32 activations and gains nothing on AVX2 (docs/platform-notes.md section 5)."""
         if not bundle.graphs:
             raise UsageError("quantize_weights_int4 needs ONNX graphs: put export_onnx before it")
         graphs = {}

@@ -123,16 +123,7 @@ class Speculative(registry.Pass):
     """Speculative decoding plan: draft model, measured alpha and cost ratio, gamma by predicted speedup."""
 
     name = "speculative"
-    version = 12  # 2: subnet drafts; after export_onnx, alpha and c are measured on ORT graphs; 3: fused
-    # drafts; 4: PEARL priced with its workers' threads; 5: a from_target draft adopts the prompt cache;
-    # 6: alpha is measured that way, over 32 tokens per prompt; 7: gamma by replayed acceptance, c by
-    # paired timings, PEARL's workers timed while both run; 8: a from_target draft is carried only
-    # as its compressed graph, the plan names the draft's source, stairs is replayed with its
-    # schedule, drafts copied from the context (draft.lookup); 9: calibration continuations as long
-    # as decode.max_new_tokens (32..128), copying kept only where the replay predicts a gain,
-    # PEARL's window by replay too; 10: PEARL copies drafts too, batch speculative by replay; 11: costs
-    # timed as paired ratios, a copy's catch-up priced by the tokens it feeds; 12: PEARL's copied rounds
-    # and prefill run alone, on a second, all-core target session (alone_session)
+    version = 12  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
     reads = ("data.calibration", "decode")  # alpha's prompts and sampler, the draft's vocabulary
     produces = ("draft", "plan")
 

@@ -42,7 +42,7 @@ class CpuTarget(registry.Target):
     """CPU artifacts: ONNX Runtime session config and/or a TVM llvm VM library."""
 
     kind = "cpu"
-    version = 3  # 2: runtime config names graphs/libraries per decode role (target, draft); 3: ort kv_cache
+    version = 3  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
     families = ("causal_lm", "onnx")  # an opaque ONNX graph lowers to ORT only (the backends that run it)
 
     class Params(registry.Params):

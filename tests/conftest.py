@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-# Spinning thread pools on a shared 2-core machine make everything crawl (stack.md section 4).
+# Spinning thread pools on a shared 2-core machine make everything crawl (docs/platform-notes.md section 4).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

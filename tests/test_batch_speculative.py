@@ -26,7 +26,7 @@ from accelc.loops.speculative import speculative_generate
 
 @pytest.mark.parametrize("m", [1, 2, 4])
 def test_recursive_rejection_outputs_p_and_all_rejected_matches_the_product_of_tvs(m):
-    """algorithms.md 4 R4 at one position: output exactly p; P(all M rejected) = prod TV(r_m, q)."""
+    """Recursive rejection sampling (SpecInfer, arXiv 2305.09781) at one position: output exactly p; P(all M rejected) = prod TV(r_m, q)."""
     rng = np.random.default_rng(m)
     p, q = rng.dirichlet(np.ones(6)), rng.dirichlet(np.ones(6))
     n, out, all_rejected = 20000, [], 0

@@ -155,3 +155,32 @@ def test_int4_weight_quantisation_uses_matmulnbits(cli, tiny_recipe, tmp_path):
     assert not [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
     report = json.loads((out / "reports" / "validation.json").read_text())
     assert 0 < report["backends"]["ort"]["max_abs_diff"]["prefill_logits"] < 5
+
+
+def test_no_report_names_the_temporary_build_folder(cli, tmp_path):
+    """The artifact is built in `.NAME.tmp-PID` and renamed when complete: a path into that
+    folder in a report or the manifest would name a folder that no longer exists."""
+    from conftest import write_recipe
+
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        model: {{builtin: tiny-llama}}
+        passes: [{{type: export_onnx}}]
+        targets: [{{kind: cpu, backends: [ort]}}]
+        eval:
+          parity: {{greedy_tokens: 4, decode_steps: 1}}
+          perplexity: {{window: 32, max_windows: 1}}
+          bench: {{repeats: 1, prompt_tokens: 8, new_tokens: 2, backends: [ort]}}
+        cache: {{dir: {tmp_path / "cache"}}}
+        """,
+    )
+    out = tmp_path / "out"
+    code, _stdout, err = cli("compile", recipe, "-o", out)
+    assert code == 0, err
+    written = [p for p in out.rglob("*") if p.suffix in (".json", ".yaml")]
+    assert {"manifest.json", "eval.json", "bench.json", "validation.json"} <= {p.name for p in written}
+    for path in written:
+        assert ".tmp-" not in path.read_text(), path
+    evaluation = json.loads((out / "reports" / "eval.json").read_text())
+    assert {r["tokenizer"] for r in evaluation["backends"].values()} == {"model/hf"}

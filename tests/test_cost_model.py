@@ -90,7 +90,7 @@ def test_gamma_choice_is_the_brute_force_argmax():
             best = max(range(1, GAMMA_MAX + 1), key=lambda g: (s(g), -g))
             choice = choose_gamma(alpha, c)
             assert choice.gamma == best and choice.predicted_speedup == pytest.approx(s(best))
-            # a gain is possible iff alpha > c (algorithms.md 4 R6)
+            # a gain is possible iff alpha > c (arXiv 2211.17192, corollary 3.9)
             assert (choice.method == "speculative") == (alpha > c), (alpha, c)
             pearl = choose_pearl_gamma(alpha, c)
             assert pearl.predicted_speedup == pytest.approx(

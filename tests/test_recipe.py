@@ -136,3 +136,32 @@ def test_every_shipped_recipe_validates(cli, path):
     code, out, err = cli("validate", path)
     assert code == 0, err
     assert json.loads(out)["valid"] is True
+
+
+# --------------------------------------------------------------------------- defaults that follow others
+def test_a_smaller_perplexity_window_brings_its_stride_along(tmp_path):
+    r = load_recipe(write_recipe(tmp_path, "model:\n  builtin: tiny-llama\neval:\n  perplexity: {window: 64}\n"))
+    assert r.eval.perplexity.window == 64 and r.eval.perplexity.stride == 64
+    assert load_recipe(write_recipe(tmp_path, "model:\n  builtin: tiny-llama\n")).eval.perplexity.stride == 512
+
+
+def test_a_stride_beyond_the_window_fails_at_validate_time(tmp_path):
+    path = write_recipe(tmp_path, "model:\n  builtin: tiny-llama\neval:\n  perplexity: {window: 64, stride: 128}\n")
+    msg = error_of(path)
+    assert f"{path}:4" in msg and "stride 128 exceeds the window 64" in msg
+
+
+def test_bench_tvm_tokens_never_exceed_the_new_tokens(tmp_path):
+    r = load_recipe(write_recipe(tmp_path, "model:\n  builtin: tiny-llama\neval:\n  bench: {new_tokens: 4}\n"))
+    assert r.eval.bench.tvm_new_tokens == 4
+    assert load_recipe(write_recipe(tmp_path, "model:\n  builtin: tiny-llama\n")).eval.bench.tvm_new_tokens == 8
+
+
+def test_arch_search_offspring_follow_a_smaller_population(tmp_path):
+    body = "model:\n  builtin: tiny-llama\npasses:\n  - type: arch_search\n    budget: {remove_ratio: 0.3}\n"
+    step = load_recipe(write_recipe(tmp_path, body + "    population: 12\n")).passes[0]
+    assert (step.parents, step.mutations, step.crossovers) == (4, 6, 3)
+    default = load_recipe(write_recipe(tmp_path, body)).passes[0]
+    assert (default.population, default.parents, default.mutations, default.crossovers) == (24, 8, 12, 6)
+    msg = error_of(write_recipe(tmp_path, body + "    population: 12\n    mutations: 12\n"))
+    assert "exceed the population (12)" in msg

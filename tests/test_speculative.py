@@ -1,6 +1,6 @@
 """Speculative sampling, plus what every speculative method shares: greedy equality with the
 target for any draft (table models, torch, ONNX Runtime), exact output distributions, the
-rejection count of algorithms.md 4 R2, KV rollback, and bad input.
+expected rejection count of Yin et al. (arXiv 2411.00841), KV rollback, and bad input.
 
 The table models and statistics helpers here are reused by the other speculative test files.
 """
@@ -23,7 +23,7 @@ from accelc.loops.stairs import stairs_generate
 from accelc.runtime.base import KVState, KVStepModel
 
 SAMPLES = 10000  # per distribution test, 2-5 s: a 0.05 TV bias toward the draft fails every time
-P_VALUE = 1e-3  # algorithms.md 4(d): reject exactness at p < 0.001
+P_VALUE = 1e-3  # reject exactness at p < 0.001: one false alarm in 1000 runs of a test
 # chi-square critical values at p = 0.001 for small degrees of freedom (Wilson-Hilferty above)
 _CHI2_CRIT = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515}
 _Z_999 = 3.090232  # standard normal quantile at 1 - 0.001
@@ -64,7 +64,7 @@ def random_table(vocab: int, seed: int, scale: float = 1.0) -> np.ndarray:
 
 
 def noisy(table: np.ndarray, seed: int, sigma: float) -> np.ndarray:
-    """A draft table near the target's: tunable TV(p, q) (algorithms.md 10.2)."""
+    """A draft table near the target's: the noise scale tunes TV(p, q)."""
     return table + np.random.default_rng(seed).normal(size=table.shape) * sigma
 
 
@@ -175,7 +175,7 @@ def exact_joint(model, prompt, horizon, sampler) -> dict[tuple[int, ...], float]
 
 def assert_distribution(samples: list[tuple[int, ...]], exact: dict[tuple[int, ...], float]) -> None:
     """Chi-square goodness of fit at p = 0.001, cells with expected count < 5 pooled; no mass
-    where the target has none; empirical TV within ~3/sqrt(n) (algorithms.md 4(d))."""
+    where the target has none; empirical TV within ~3/sqrt(n)."""
     n = len(samples)
     counts: dict[tuple[int, ...], int] = {}
     for s in samples:
@@ -320,7 +320,7 @@ def test_rejections_match_the_sum_of_tv_distances(method):
 
 def test_unigram_pair_matches_the_closed_forms():
     """Position-independent p and q: rejections per verified position -> TV(p, q), tokens per
-    round -> (1 - alpha^(gamma+1)) / (1 - alpha) with alpha = 1 - TV (algorithms.md 4 R2, R6)."""
+    round -> (1 - alpha^(gamma+1)) / (1 - alpha) with alpha = 1 - TV (arXiv 2211.17192 eq. 1; arXiv 2411.00841)."""
     from accelc.loops.replay import expected_accepted_length
 
     p_logits, q_logits = np.log([0.5, 0.3, 0.15, 0.05]), np.log([0.25, 0.25, 0.25, 0.25])

@@ -1,4 +1,4 @@
-"""Training-free structured pruning of Llama-family causal LMs (algorithms.md section 1).
+"""Training-free structured pruning of Llama-family causal LMs (Shen et al., "Search for Efficient LLMs", arXiv 2409.17372).
 
 One idea per module, read top to bottom:
 

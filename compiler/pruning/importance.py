@@ -10,7 +10,7 @@ over windows:
 
 Scores (higher = more important; W is the consumer's weight [out, C]):
 
-    fluctuation   Var(x_j) * ||W[:, j]||^2          FLAP's metric; algorithms.md 1(b).2
+    fluctuation   Var(x_j) * ||W[:, j]||^2          FLAP's metric (arXiv 2312.11983)
     energy        E[x_j^2] * ||W[:, j]||^2          output energy of the channel alone (the data
                                                     README's ranking for its reference points)
     wanda         ||x_j||_2 * mean_i |W_ij|         Wanda-sp (Wanda's |W|*||x|| summed over rows)

@@ -1,7 +1,7 @@
 """The subnet: which attention heads and MLP channels each layer keeps, and what it costs.
 
-A subnet is explicit index sets per layer (algorithms.md 1(b).1, the "recommendation for
-accelc"): `heads` are the kept query heads and `channels` the kept MLP intermediate channels.
+A subnet is explicit index sets per layer (more general than the contiguous windows over
+importance-sorted channels of Shen et al., arXiv 2409.17372, and needing no permutation): `heads` are the kept query heads and `channels` the kept MLP intermediate channels.
 Pruning is structured:
 
     attention  a removed query head h drops rows h*d:(h+1)*d of q_proj and the same columns of
@@ -47,7 +47,7 @@ from accelc.errors import UsageError
 
 GQA_MODES = ("query", "group")
 # MLP widths snap to this multiple unless a recipe says otherwise: keeps GEMM tiles full on
-# AVX-512/AMX and cuBLAS (algorithms.md 1(b).3, "Constraints").
+# AVX-512/AMX and cuBLAS.
 DEFAULT_MULTIPLE = 8
 # The candidate window below the limit: a search candidate whose cost falls further than this
 # fraction of the dense prunable count below the budget wastes capacity and is not evaluated

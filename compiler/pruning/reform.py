@@ -5,8 +5,9 @@ For a consumer Linear W [m, n] whose input channels were pruned, with calibratio
 
     min_W'  ||W X - W' X||_F^2 + lam ||W' - W||_F^2     s.t.  W' = 0 outside the keep mask M
 
-(algorithms.md 1(b).4; the target is the full, unpruned layer output). The damping pulls towards
-the inherited weights, not towards zero: lam -> inf gives back plain masking W * M, and because
+(the reformation of Shen et al., arXiv 2409.17372, solved by ADMM as in Boža, arXiv 2401.02938;
+the target is the full, unpruned layer output). The damping pulls towards the inherited weights,
+not towards zero: lam -> inf gives back plain masking W * M, and because
 W * M is feasible the reconstruction error never exceeds masking's for any lam >= 0
 (err(W') + lam ||W'_S - W_S||^2 <= err(W * M)). lam = damp * mean(diag H).
 
@@ -44,7 +45,7 @@ METHODS = ("closed_form", "admm")
 # Fewer tokens per channel need more (1024 tokens for 1536 channels: 0.01 overfits, 0.2 helps).
 DEFAULT_DAMP = 0.2
 # ADMM: the released code uses rho = 10 on the unit-diagonal Gram and 20 iterations
-# (algorithms.md 1(b).4). A fixed rho = 10 leaves 20-45% relative error after 20 iterations on
+# (shawnricecake/search-llm `admm_optimize`, the code of arXiv 2409.17372). A fixed rho = 10 leaves 20-45% relative error after 20 iterations on
 # correlated Grams (measured here); None = the spectrum-based optimal penalty, see solve_admm.
 DEFAULT_RHO: float | None = None
 DEFAULT_ITERS = 20

@@ -1,4 +1,4 @@
-"""Evolutionary search for a subnet under a budget (algorithms.md 1(b).2-1(b).3).
+"""Evolutionary search for a subnet under a budget (Shen et al., arXiv 2409.17372).
 
 A candidate is a Subnet (explicit kept heads and MLP channels per layer, masks.py). Its *shape*
 (per layer: head option, MLP width) decides its cost; its index sets decide its quality. The loop
@@ -53,7 +53,7 @@ import numpy as np
 from accelc import progress
 from accelc.compiler.pruning.importance import Importance
 from accelc.compiler.pruning.masks import Budget, LayerMask, SearchSpace, Subnet, check_feasible
-from accelc.errors import UsageError
+from accelc.errors import InternalError, UsageError
 
 FILLS = ("importance", "uniform")
 # repair gives up after this many single-layer steps per (layer x width) gene: far more than any
@@ -389,7 +389,7 @@ def search(
             shape = space.shape(cand)
             space.check(cand)
             if not budget.meets(shape):
-                raise RuntimeError(f"internal error: candidate {cand.key} misses the budget")
+                raise InternalError(f"search candidate {cand.key} misses the budget it was built for")
             e0 = time.perf_counter()
             value = float(fitness(cand))
             count = space.count(shape)
