@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from accelc import __version__, progress
-from accelc.errors import AccelcError, UsageError
+from accelc.errors import AccelcError, InternalError, UsageError
 
 EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 130
 
@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except AccelcError as exc:
+        if args.debug and isinstance(exc, InternalError):  # a bug: its traceback is what a report needs
+            traceback.print_exc()
         print(f"accelc: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

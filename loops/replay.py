@@ -61,7 +61,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from accelc.errors import UsageError
+from accelc.errors import InternalError, UsageError
 
 GAMMA_MAX = 16  # S(gamma) of arXiv 2211.17192 theorem 3.8 is unimodal in practice and peaks well below 16
 MIN_GAIN = 1.0  # speculate only when the best predicted speedup exceeds plain decoding's 1.0
@@ -186,7 +186,7 @@ def replayed_speedup(
         positions += n
         cost += after[0, slot(gamma), 1]
     if cost <= 0.0:
-        raise UsageError("replaying speculative decoding needs at least one measured position")
+        raise InternalError("replaying speculative decoding needs at least one measured position")
     return positions / cost
 
 
@@ -257,7 +257,7 @@ def pearl_replayed_speedup(
         positions += n
         cost += pre[0, 1]
     if cost <= 0.0:
-        raise UsageError("replaying PEARL needs at least one measured position")
+        raise InternalError("replaying PEARL needs at least one measured position")
     return positions / cost
 
 
@@ -327,7 +327,7 @@ def batch_replayed_speedup(
         positions += n
         cost += after[0, 0]
     if cost <= 0.0:
-        raise UsageError("replaying batch speculative decoding needs at least one measured position")
+        raise InternalError("replaying batch speculative decoding needs at least one measured position")
     return positions / cost
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from accelc.errors import UsageError
+from accelc.errors import InternalError
 from accelc.loops.cursor import check_pair
 from accelc.runtime.base import StepModel
 
@@ -64,7 +64,7 @@ class CostMeasurement:
         """Field by field medians of measurements taken over a while (a benchmark's run): the
         costs of the machine's typical state, where one measurement catches whichever it is in."""
         if not measurements:
-            raise UsageError("a median of cost measurements needs at least one")
+            raise InternalError("a median of cost measurements needs at least one")
 
         def med(values):
             return None if any(v is None for v in values) else float(np.median(values))
@@ -200,7 +200,7 @@ def alone_verify(sequential: CostMeasurement, workers: CostMeasurement) -> Calla
     """PEARL's rounds made alone (pearl.py: copied drafts) on the target's all-core session: its
     verify call scoring g + 1 tokens, in the units PEARL is replayed in, the worker target's step."""
     if not workers.baseline_ratio:
-        raise UsageError("pricing PEARL's rounds made alone needs the workers timed against the all-core target")
+        raise InternalError("pricing PEARL's rounds made alone needs the workers timed against the all-core target")
 
     def cost(g: int) -> float:
         return sequential.verify(g) / workers.baseline_ratio
