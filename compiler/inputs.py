@@ -12,8 +12,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from accelc.errors import InternalError
 
-class UndeclaredInput(RuntimeError):
+
+class UndeclaredInput(InternalError):
     """A pass or target read a recipe input it does not list in `reads`: a bug in that step."""
 
 

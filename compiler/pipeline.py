@@ -24,7 +24,7 @@ from accelc import progress
 from accelc.compiler import registry
 from accelc.compiler.bundle import Bundle, PassRecord, chain
 from accelc.compiler.inputs import DeclaredView, fingerprint
-from accelc.errors import AccelcError, PassFailed
+from accelc.errors import AccelcError, InternalError, PassFailed
 
 LOWERED_FILE = "lowered.json"
 
@@ -67,7 +67,7 @@ class Context:
     def run_passes(self, bundle: Bundle, steps: list[tuple[str, dict]], label: str) -> Bundle:
         """Run `steps` ((pass type, params) pairs) over `bundle` as the recipe's passes run."""
         if self.manager is None:
-            raise RuntimeError(f"{self.step} runs passes of its own, and its context has no pass manager")
+            raise InternalError(f"{self.step} runs passes of its own, and its context has no pass manager")
         return self.manager.run_steps(bundle, steps, label)
 
 
