@@ -124,7 +124,6 @@ def cmd_eval(args) -> int:
     from pydantic import ValidationError
 
     from accelc.compiler.recipe import PerplexitySpec
-    from accelc.families.causal_lm_proof import evaluate
     from accelc.runtime.artifact import Artifact
 
     art = Artifact(args.artifact)
@@ -145,13 +144,13 @@ def cmd_eval(args) -> int:
     except ValidationError as exc:
         raise UsageError(f"accelc eval: {exc.errors()[0]['msg']}") from None
     text = args.text or (recipe.get("data") or {}).get("evaluation", "austen:persuasion")
-    result = evaluate(art, text, spec)
+    result = art.family.evaluate(art, text, spec)
     print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 5
 
 
 def cmd_bench(args) -> int:
-    from accelc.compiler.benchmark import bench, plot
+    from accelc.compiler.benchmark import plot
     from accelc.compiler.recipe import BenchSpec
     from accelc.runtime.artifact import Artifact
 
@@ -168,7 +167,7 @@ def cmd_bench(args) -> int:
             if v
         }
     )
-    result = bench(art.dir, spec)
+    result = art.family.bench(art, spec)
     out = Path(args.json) if args.json else art.dir / "reports" / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -180,7 +179,7 @@ def cmd_bench(args) -> int:
             f"{r['decode_speedup_vs_torch']:>8.2f} {r['peak_rss_mb_median']:>9.0f}"
         )
     rewritten = {name: r for name, r in result["backends"].items() if "plan_decode_tok_s_median" in r}
-    if rewritten or art.plan.strategy not in ("greedy", "sample"):
+    if rewritten or art.plan.needs_draft:
         # the decode plan's loop against plain greedy decoding, same prompt, same worker
         print(f"\ndecode plan '{art.plan.strategy}' (greedy, same prompt):")
         print(

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from accelc.compiler import registry
 from accelc.errors import RecipeError
+from accelc.loops import registry as loop_registry
 
 RECIPE_VERSION = 1
 
@@ -53,7 +54,10 @@ class DataSpec(Section):
 
 
 class DecodeSpec(Section):
-    strategy: Literal["greedy", "sample"] = Field("greedy", description="generation loop written into decode/plan.json")
+    # the loops of the loop table that need no draft; passes such as speculative rewrite the loop
+    strategy: Literal[loop_registry.names(needs_draft=False)] = Field(
+        "greedy", description="generation loop written into decode/plan.json"
+    )
     max_new_tokens: int = Field(64, gt=0, description="default continuation length for `accelc run`")
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0, description="0 disables top-k")

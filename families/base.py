@@ -46,6 +46,15 @@ class Family:
         reports/ and return (manifest metrics, whether every check passed)."""
         raise NotImplementedError
 
+    def evaluate(self, art, text: str, spec) -> dict:
+        """`accelc eval`: the quality of an artifact's backends on `text` (a PerplexitySpec
+        protocol), with an `ok` verdict; a family whose artifacts have no such measure says so."""
+        raise UsageError(f"accelc eval: {self.title} artifacts have no quality measure on text")
+
+    def bench(self, art, spec) -> dict:
+        """`accelc bench`: the speed and memory of an artifact's backends (a BenchSpec protocol)."""
+        raise UsageError(f"accelc bench: {self.title} artifacts have no benchmark")
+
     def passes(self) -> list[str]:
         """The registered passes that apply to this family."""
         from accelc.compiler import registry

@@ -190,3 +190,13 @@ class CausalLM(Family):
         from accelc.families.causal_lm_proof import prove
 
         return prove(directory, recipe, manifest)
+
+    def evaluate(self, art, text: str, spec) -> dict:
+        from accelc.families.causal_lm_proof import evaluate
+
+        return evaluate(art, text, spec)
+
+    def bench(self, art, spec) -> dict:
+        from accelc.compiler.benchmark import bench
+
+        return bench(art.dir, spec)

@@ -38,6 +38,13 @@ class Artifact:
         """decode/plan.json, read once (an artifact does not change once written)."""
         return DecodePlan.read(self.dir / "decode" / "plan.json")
 
+    @cached_property
+    def family(self):
+        """The model family (families/base.py) that says how this artifact is evaluated and benchmarked."""
+        from accelc.families.base import get_family
+
+        return get_family(self.manifest.get("model", {}).get("family", "causal_lm"))
+
     @property
     def trust_remote_code(self) -> bool:
         return bool(self.manifest.get("model", {}).get("trust_remote_code", False))

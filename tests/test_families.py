@@ -129,3 +129,15 @@ def test_missing_backend_dependency_is_exit_3_naming_the_install():
         assert info.value.exit_code == 3 and "pip install accelc-test-runtime" in str(info.value)
     finally:
         assert BACKENDS.pop("absent-test") is cls
+
+
+def test_eval_and_bench_ask_the_artifact_family(cli, tmp_path):
+    """An opaque ONNX graph has no tokenizer, so no perplexity, and no decode loop to time: its
+    family says so (exit 2) instead of failing inside the causal-LM code."""
+    out = tmp_path / "out"
+    code, _, err = cli("compile", _onnx_recipe(tmp_path, ""), "-o", out)
+    assert code == 0, err
+    code, _, err = cli("eval", out)
+    assert code == 2 and "opaque ONNX graph artifacts have no quality measure" in err and "Traceback" not in err
+    code, _, err = cli("bench", out)
+    assert code == 2 and "opaque ONNX graph artifacts have no benchmark" in err
