@@ -8,6 +8,7 @@ fails loudly instead of leaving a stale cache entry behind.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -54,6 +55,18 @@ def lookup(recipe, path: str) -> Any:
     for part in path.split("."):
         value = getattr(value, part)
     return value
+
+
+def content_identity(path: Path) -> dict[str, Any]:
+    """What a file or folder holds, for a cache key: the sha256 of each file (a folder's, by name)."""
+    from accelc.errors import UsageError
+    from accelc.fileutil import sha256_file
+
+    if path.is_file():
+        return {"sha256": sha256_file(path)}
+    if path.is_dir():
+        return {"files": {p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()}}
+    raise UsageError(f"{path} does not exist")
 
 
 def fingerprint(recipe, reads: tuple[str, ...]) -> dict[str, Any]:

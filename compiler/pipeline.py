@@ -23,8 +23,8 @@ from typing import Any
 from accelc import progress
 from accelc.compiler import registry
 from accelc.compiler.bundle import Bundle, PassRecord, chain
-from accelc.compiler.inputs import DeclaredView, fingerprint
-from accelc.errors import AccelcError, InternalError, PassFailed
+from accelc.compiler.inputs import DeclaredView, content_identity, fingerprint
+from accelc.errors import AccelcError, InternalError, PassFailed, UsageError
 
 LOWERED_FILE = "lowered.json"
 
@@ -129,9 +129,23 @@ def _run_step(cache: StepCache, key: str, label: str, name: str, work):
 
 
 def step_key(previous_id: str, step: str, params, cls, recipe) -> str:
-    """The cache key of a step: the chain so far, the step and its version, its parameters and the
-    recipe inputs it declares (inputs.fingerprint), so changing any of them reruns it."""
-    return chain(previous_id, f"{step}@{cls.version}", {"params": params, "reads": fingerprint(recipe, cls.reads)})
+    """The cache key of a step: the chain so far, the step and its version, its parameters, the
+    recipe inputs it declares (inputs.fingerprint) and the content of the files its parameters
+    name (Step.files), so changing any of them reruns it."""
+    from accelc.compiler.recipe import resolve_path
+
+    key = {"params": params, "reads": fingerprint(recipe, cls.reads)}
+    named = cls.files(cls.Params(**params))
+    if named:
+        key["files"] = {name: content_identity(resolve_path(recipe, name)) for name in named}
+    return chain(previous_id, f"{step}@{cls.version}", key)
+
+
+def _check_family(cls, bundle: Bundle, title: str) -> None:
+    """A step runs only on the model families it declares: the recipe check (families/
+    applicability.py) says so before any work, and this holds for steps a pass runs itself."""
+    if bundle.family not in cls.families:
+        raise UsageError(f"{title} does not apply to a {bundle.family} model; it applies to: {', '.join(cls.families)}")
 
 
 class PassManager:
@@ -151,6 +165,7 @@ class PassManager:
             params = cls.Params(**given).model_dump(mode="json")  # defaults filled, as a recipe step's are
             key = step_key(bundle.id, f"pass:{name}", params, cls, self.recipe)
             title = f"{label}pass {name}"
+            _check_family(cls, bundle, title)
             start = time.perf_counter()
             if self.cache.hit(key):
                 out = Bundle.load(self.cache.path(key))
@@ -179,6 +194,7 @@ class PassManager:
         for step in self.recipe.targets:
             params = step.model_dump(mode="json", exclude={"kind"})
             cls = registry.TARGETS[step.kind]
+            _check_family(cls, bundle, f"target {step.kind}")
             key = step_key(bundle.id, f"target:{step.kind}", params, cls, self.recipe)
             if self.cache.hit(key):
                 meta = json.loads((self.cache.path(key) / LOWERED_FILE).read_text())

@@ -45,6 +45,12 @@ class Step:
         """(consumes, produces, drops) for these params."""
         return cls.consumes, cls.produces, cls.drops
 
+    @classmethod
+    def files(cls, params) -> tuple[str, ...]:
+        """Paths its params name (as written in the recipe) whose content it reads, such as a draft
+        checkpoint folder: their content, not just their names, goes into its cache key."""
+        return ()
+
 
 class Pass(Step):
     """A model transformation. Subclasses set `name`, a one-line docstring and `Params`."""

@@ -37,8 +37,6 @@ class ExportOnnx(registry.Pass):
         )
 
     def run(self, bundle, ctx):
-        if bundle.family != "causal_lm":
-            raise UsageError(f"export_onnx needs a causal LM checkpoint, got a {bundle.family} model")
         from accelc.families.causal_lm import load_model
 
         trust = bool(bundle.source.get("trust_remote_code"))

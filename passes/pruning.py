@@ -88,8 +88,6 @@ def _dense_model(bundle, pass_name: str):
     from accelc.compiler.pruning import materialize
     from accelc.families.causal_lm import load_model, load_tokenizer
 
-    if bundle.family != "causal_lm":
-        raise UsageError(f"{pass_name} needs a causal LM checkpoint, got a {bundle.family} model")
     if bundle.graphs:
         raise UsageError(f"{pass_name} changes the torch model: put it before export_onnx in the recipe")
     if materialize.is_pruned(bundle.model_dir):

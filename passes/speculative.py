@@ -169,9 +169,11 @@ class Speculative(registry.Pass):
         # a compressed draft is a rewritten copy of the target's exported graph
         return ("onnx_graph",) if params.draft.compressed else (), cls.produces, cls.drops
 
+    @classmethod
+    def files(cls, params):
+        return (params.draft.path,) if params.draft.path is not None else ()
+
     def run(self, bundle, ctx):
-        if bundle.family != "causal_lm":
-            raise UsageError("speculative needs a causal LM checkpoint")
         from accelc.families.causal_lm import check_checkpoint, load_model, load_tokenizer
 
         trust = bool(bundle.source.get("trust_remote_code"))

@@ -84,6 +84,25 @@ def test_a_changed_decode_section_reruns_speculative_but_not_export_onnx(tmp_pat
     assert sampled.plan["sampling"] is True  # the plan follows the recipe, not the cached greedy one
 
 
+def test_a_changed_draft_folder_misses_the_cache(tmp_path):
+    """The draft a recipe names by path is keyed by its content: new weights in the same folder
+    rerun the speculative pass instead of reusing a plan measured with the old ones."""
+    import json
+    import shutil
+
+    from accelc.families.causal_lm import _builtin_dir
+
+    draft = tmp_path / "draft"
+    shutil.copytree(_builtin_dir("tiny-llama"), draft)
+    path = recipe_file(tmp_path, [EXPORT, SPECULATIVE.format(draft=f"{{path: {draft}}}")])
+    cache = tmp_path / "cache"
+    assert statuses(run(path, cache)) == {"export_onnx": "ran", "speculative": "ran"}
+    assert statuses(run(path, cache)) == {"export_onnx": "cached", "speculative": "cached"}
+    config = json.loads((draft / "config.json").read_text())
+    (draft / "config.json").write_text(json.dumps({**config, "rms_norm_eps": config["rms_norm_eps"] * 10}))
+    assert statuses(run(path, cache)) == {"export_onnx": "cached", "speculative": "ran"}
+
+
 def test_a_pass_sees_only_the_recipe_inputs_it_declares(tmp_path):
     recipe = load_recipe(recipe_file(tmp_path, [IMPORTANCE]))
     view = DeclaredView(recipe, registry.PASSES["importance"].reads, "pass importance")
