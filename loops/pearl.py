@@ -213,21 +213,6 @@ def pearl_generate(
     )
 
 
-def _generate(target, draft, prompt, max_new_tokens, options: DraftOptions, *, sampler, eos_ids, seed):
-    return pearl_generate(
-        target,
-        draft,
-        prompt,
-        max_new_tokens,
-        gamma=options.gamma,
-        sampler=sampler,
-        eos_ids=eos_ids,
-        seed=seed,
-        lookup=options.lookup,
-        prompt_kv_from_target=options.prompt_kv_from_target,
-    )
-
-
 def _choose(measured: Measured, gamma_max: int, lookups) -> GammaChoice:
     """The measured acceptance replayed through PEARL's two modes, at its workers' costs."""
     return choose_pearl_gamma(
@@ -246,7 +231,7 @@ def _choose(measured: Measured, gamma_max: int, lookups) -> GammaChoice:
 registry.register_loop(
     registry.Loop(
         "pearl",
-        _generate,
+        registry.with_draft_options(pearl_generate),
         DraftOptions,
         needs_draft=True,
         copies_from_context=True,

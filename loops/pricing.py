@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from accelc.loops.replay import MIN_COPY_GAIN, GammaChoice, VerifyCost, copying_pays
+from accelc.loops.replay import MIN_COPY_GAIN, GammaChoice, Schedule, VerifyCost, choose_gamma, copying_pays
 
 if TYPE_CHECKING:
     from accelc.loops.calibration import AlphaEstimate
@@ -66,6 +66,26 @@ def measured_for(
         return Measured(alpha, sequential, n)
     alone = alone_verify(sequential, workers) if alone_session else None
     return Measured(alpha, workers, n, workers.baseline_ratio, alone)
+
+
+def one_sequence_chooser(schedule: Schedule | None = None) -> Chooser:
+    """The pricing of a loop with one draft sequence a round: the measured acceptance replayed
+    through it (replay.choose_gamma); with a `schedule`, its draft length moves between rounds
+    and gamma is where it starts."""
+
+    def choose(measured: Measured, gamma_max: int, lookups) -> GammaChoice:
+        return choose_gamma(
+            measured.alpha.alpha,
+            measured.cost.cost_ratio,
+            gamma_max=gamma_max,
+            verify_cost=measured.cost.verify,
+            trajectories=measured.alpha.trajectories,
+            catchup_cost=measured.cost.catchup,
+            schedule=schedule,
+            lookups=lookups,
+        )
+
+    return choose
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,27 @@ class DraftOptions:
 Generate = Callable[..., "GenerationResult"]
 
 
+def with_draft_options(generate: Callable[..., GenerationResult]) -> Generate:
+    """The table's call for a loop whose generate function takes DraftOptions' fields as keywords
+    (gamma, lookup, prompt_kv_from_target) beside sampler, eos_ids and seed."""
+
+    def run(target, draft, prompt, max_new_tokens, options: DraftOptions, *, sampler, eos_ids, seed):
+        return generate(
+            target,
+            draft,
+            prompt,
+            max_new_tokens,
+            gamma=options.gamma,
+            sampler=sampler,
+            eos_ids=eos_ids,
+            seed=seed,
+            lookup=options.lookup,
+            prompt_kv_from_target=options.prompt_kv_from_target,
+        )
+
+    return run
+
+
 @dataclass(frozen=True)
 class Loop:
     name: str

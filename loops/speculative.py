@@ -32,9 +32,8 @@ from accelc.loops.acceptance import SpecStats, own_sample, verify_chain
 from accelc.loops.autoregressive import GenerationResult, Sampler
 from accelc.loops.cursor import begin, check_args, commit, propose
 from accelc.loops.lookup import Lookup
-from accelc.loops.pricing import Measured, Pricing
+from accelc.loops.pricing import Pricing, one_sequence_chooser
 from accelc.loops.registry import DraftOptions
-from accelc.loops.replay import GammaChoice, choose_gamma
 from accelc.runtime.base import StepModel
 
 DEFAULT_GAMMA = 4  # drafts per round when no plan chose one; the cost model picks gamma in [1, 16]
@@ -101,41 +100,15 @@ def speculative_generate(
     )
 
 
-def _generate(target, draft, prompt, max_new_tokens, options: DraftOptions, *, sampler, eos_ids, seed):
-    return speculative_generate(
-        target,
-        draft,
-        prompt,
-        max_new_tokens,
-        gamma=options.gamma,
-        sampler=sampler,
-        eos_ids=eos_ids,
-        seed=seed,
-        lookup=options.lookup,
-        prompt_kv_from_target=options.prompt_kv_from_target,
-    )
-
-
-def _choose(measured: Measured, gamma_max: int, lookups) -> GammaChoice:
-    """One draft sequence a round: the measured acceptance replayed through the loop."""
-    return choose_gamma(
-        measured.alpha.alpha,
-        measured.cost.cost_ratio,
-        gamma_max=gamma_max,
-        verify_cost=measured.cost.verify,
-        trajectories=measured.alpha.trajectories,
-        catchup_cost=measured.cost.catchup,
-        lookups=lookups,
-    )
-
-
 registry.register_loop(
     registry.Loop(
         "speculative",
-        _generate,
+        registry.with_draft_options(speculative_generate),
         DraftOptions,
         needs_draft=True,
         copies_from_context=True,
-        pricing=Pricing(_choose, "acceptance replayed over the calibration continuations (replay.replayed_speedup)"),
+        pricing=Pricing(
+            one_sequence_chooser(), "acceptance replayed over the calibration continuations (replay.replayed_speedup)"
+        ),
     )
 )

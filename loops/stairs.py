@@ -33,9 +33,8 @@ from accelc.loops.acceptance import SpecStats
 from accelc.loops.autoregressive import GenerationResult, Sampler
 from accelc.loops.cursor import ModelCursor, begin, check_args, commit, propose
 from accelc.loops.lookup import Lookup
-from accelc.loops.pricing import Measured, Pricing
+from accelc.loops.pricing import Pricing, one_sequence_chooser
 from accelc.loops.registry import DraftOptions
-from accelc.loops.replay import GammaChoice, choose_gamma
 from accelc.runtime.base import StepModel
 
 INITIAL_CANDIDATES = 5  # HF assisted generation's starting num_assistant_tokens
@@ -161,20 +160,6 @@ def _generate(target, draft, prompt, max_new_tokens, options: DraftOptions, *, s
     )
 
 
-def _choose(measured: Measured, gamma_max: int, lookups) -> GammaChoice:
-    """Replayed through the loop with its adaptive draft length; gamma is where it starts."""
-    return choose_gamma(
-        measured.alpha.alpha,
-        measured.cost.cost_ratio,
-        gamma_max=gamma_max,
-        verify_cost=measured.cost.verify,
-        trajectories=measured.alpha.trajectories,
-        catchup_cost=measured.cost.catchup,
-        schedule=next_candidates,
-        lookups=lookups,
-    )
-
-
 registry.register_loop(
     registry.Loop(
         "stairs",
@@ -184,7 +169,7 @@ registry.register_loop(
         copies_from_context=True,
         greedy_only=True,
         pricing=Pricing(
-            _choose,
+            one_sequence_chooser(next_candidates),
             "acceptance replayed over the calibration continuations (replay.replayed_speedup), "
             "with stairs' adaptive draft length",
         ),
