@@ -24,22 +24,19 @@ def check_recipe(recipe) -> Family:
     family = family_for(recipe)
     source = getattr(recipe, "_source", None) or "recipe"
     registry.load_all()
-    for i, step in enumerate(recipe.passes):
-        cls = registry.PASSES[step.type]
-        if family.name not in cls.families:
-            raise UsageError(
-                f"{source}: passes[{i}] '{step.type}' does not apply to the {family.name} family "
-                f"({family.title} models; it applies to {_applies_to(cls)} models); passes that do: "
-                f"{', '.join(family.passes()) or 'none'}"
-            )
+    for section, tag, table, applicable in (
+        ("passes", "type", registry.PASSES, family.passes),
+        ("targets", "kind", registry.TARGETS, family.targets),
+    ):
+        for i, step in enumerate(getattr(recipe, section)):
+            name = getattr(step, tag)
+            if family.name not in table[name].families:
+                raise UsageError(
+                    f"{source}: {section}[{i}] '{name}' does not apply to the {family.name} family "
+                    f"({family.title} models; it applies to {_applies_to(table[name])} models); {section} that "
+                    f"do: {', '.join(applicable()) or 'none'}"
+                )
     for i, step in enumerate(recipe.targets):
-        cls = registry.TARGETS[step.kind]
-        if family.name not in cls.families:
-            raise UsageError(
-                f"{source}: targets[{i}] '{step.kind}' does not apply to the {family.name} family "
-                f"({family.title} models; it applies to {_applies_to(cls)} models); targets that do: "
-                f"{', '.join(family.targets()) or 'none'}"
-            )
         runs = family.backends()
         for backend in getattr(step, "backends", ()):
             if backend not in runs:
