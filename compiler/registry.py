@@ -9,12 +9,11 @@ are imported lazily inside `run`/`lower`, so listing stays fast).
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from accelc.errors import InternalError
+from accelc.registry import Registry
 
 
 class Params(BaseModel):
@@ -82,35 +81,23 @@ class Target(Step):
         raise NotImplementedError
 
 
-PASSES: dict[str, type[Pass]] = {}
-TARGETS: dict[str, type[Target]] = {}
-
-BUILTIN_MODULES = (
-    "accelc.passes.export_onnx",
-    "accelc.passes.pruning",
-    "accelc.passes.quantize",
-    "accelc.passes.speculative",
-    "accelc.targets.cpu",
+PASSES: Registry[type[Pass]] = Registry(
+    "pass",
+    (
+        "accelc.passes.export_onnx",
+        "accelc.passes.pruning",
+        "accelc.passes.quantize",
+        "accelc.passes.speculative",
+    ),
 )
-
-
-def register_pass(cls: type[Pass]) -> type[Pass]:
-    if cls.name in PASSES and PASSES[cls.name] is not cls:
-        raise InternalError(f"two classes register the pass '{cls.name}'")
-    PASSES[cls.name] = cls
-    return cls
-
-
-def register_target(cls: type[Target]) -> type[Target]:
-    if cls.kind in TARGETS and TARGETS[cls.kind] is not cls:
-        raise InternalError(f"two classes register the target '{cls.kind}'")
-    TARGETS[cls.kind] = cls
-    return cls
+TARGETS: Registry[type[Target]] = Registry("target", ("accelc.targets.cpu",), key=lambda cls: cls.kind)
+register_pass = PASSES.register
+register_target = TARGETS.register
 
 
 def load_all() -> None:
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
+    PASSES.load_all()
+    TARGETS.load_all()
 
 
 def describe(cls: type[Pass] | type[Target]) -> dict[str, Any]:

@@ -12,11 +12,11 @@ family lists them back through `passes()` and `targets()`.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any, ClassVar
 
 from accelc.errors import UsageError
+from accelc.registry import Registry
 
 
 class Family:
@@ -76,32 +76,19 @@ class Family:
         return sorted(kind for kind, cls in registry.TARGETS.items() if self.name in cls.families)
 
 
-FAMILIES: dict[str, type[Family]] = {}
-
-BUILTIN_MODULES = (
-    "accelc.families.causal_lm",
-    "accelc.families.onnx_graph",
+FAMILIES: Registry[type[Family]] = Registry(
+    "model family",
+    (
+        "accelc.families.causal_lm",
+        "accelc.families.onnx_graph",
+    ),
 )
-
-
-def register_family(cls: type[Family]) -> type[Family]:
-    if cls.name in FAMILIES and FAMILIES[cls.name] is not cls:
-        raise ValueError(f"family '{cls.name}' registered twice")
-    FAMILIES[cls.name] = cls
-    return cls
-
-
-def load_all() -> dict[str, type[Family]]:
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
-    return FAMILIES
+register_family = FAMILIES.register
+load_all = FAMILIES.load_all
 
 
 def get_family(name: str) -> Family:
-    families = load_all()
-    if name not in families:
-        raise UsageError(f"unknown model family '{name}'; known: {', '.join(sorted(families))}")
-    return families[name]()
+    return FAMILIES.require(name)()
 
 
 def family_for(recipe) -> Family:

@@ -4,29 +4,22 @@ An entry names the loop (the `strategy` of decode/plan.json), its generate funct
 options type (built from the plan by `Options.from_plan`), whether it needs a draft, whether it
 is greedy only, and, for loops with parameters to choose, its pricing (pricing.Pricing: the
 replay that picks gamma from measured acceptance and costs). `run_plan`, the speculative pass and
-the benchmarks iterate this table, so adding a loop is one module and one line in BUILTIN_MODULES.
+the benchmarks iterate this table, so adding a loop is one module and one line in LOOPS' list of built-in modules.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+from accelc.registry import Registry
 
 if TYPE_CHECKING:
     from accelc.loops.autoregressive import GenerationResult, Sampler
     from accelc.loops.lookup import Lookup
     from accelc.loops.plan import DecodePlan
     from accelc.loops.pricing import Pricing
-
-BUILTIN_MODULES = (
-    "accelc.loops.autoregressive",
-    "accelc.loops.speculative",
-    "accelc.loops.batch_speculative",
-    "accelc.loops.pearl",
-    "accelc.loops.stairs",
-)
 
 
 class Options(Protocol):
@@ -103,23 +96,22 @@ class Loop:
         )
 
 
-LOOPS: dict[str, Loop] = {}
-
-
-def register_loop(loop: Loop) -> Loop:
-    if loop.name in LOOPS and LOOPS[loop.name] != loop:
-        raise ValueError(f"loop '{loop.name}' registered twice")
-    LOOPS[loop.name] = loop
-    return loop
+LOOPS: Registry[Loop] = Registry(
+    "loop",
+    (
+        "accelc.loops.autoregressive",
+        "accelc.loops.speculative",
+        "accelc.loops.batch_speculative",
+        "accelc.loops.pearl",
+        "accelc.loops.stairs",
+    ),
+)
+register_loop = LOOPS.register
+load_all = LOOPS.load_all
 
 
 def unregister_loop(name: str) -> None:
-    LOOPS.pop(name, None)
-
-
-def load_all() -> None:
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
+    LOOPS.pop(name)
 
 
 def loops() -> Iterator[Loop]:

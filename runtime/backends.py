@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from accelc.errors import MissingDependency, UsageError
+from accelc.errors import InternalError, MissingDependency, UsageError
+from accelc.registry import Registry
 
 if TYPE_CHECKING:
     from accelc.runtime.artifact import Artifact
@@ -92,41 +93,27 @@ class Backend:
         return self.open(role, threads=threads, alone_session=alone_session)
 
 
-BACKENDS: dict[str, type[Backend]] = {}
-
-BUILTIN_MODULES = (
-    "accelc.runtime.torch_backend",
-    "accelc.runtime.ort_backend",
-    "accelc.runtime.tvm_backend",
+BACKENDS: Registry[type[Backend]] = Registry(
+    "runtime backend",
+    (
+        "accelc.runtime.torch_backend",
+        "accelc.runtime.ort_backend",
+        "accelc.runtime.tvm_backend",
+    ),
 )
+load_all = BACKENDS.load_all
+get_backend = BACKENDS.require
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
-    if cls.name in BACKENDS and BACKENDS[cls.name] is not cls:
-        raise ValueError(f"backend '{cls.name}' registered twice")
     unknown = set(cls.roles) - set(ROLES)
     if unknown:
-        raise ValueError(f"backend '{cls.name}' declares unknown roles {sorted(unknown)}; known: {', '.join(ROLES)}")
-    BACKENDS[cls.name] = cls
-    return cls
-
-
-def load_all() -> dict[str, type[Backend]]:
-    """Import the built-in backend modules (cheap: each imports its library only on open)."""
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
-    return BACKENDS
+        raise InternalError(f"backend '{cls.name}' declares unknown roles {sorted(unknown)}; known: {', '.join(ROLES)}")
+    return BACKENDS.register(cls)
 
 
 def backend_names() -> list[str]:
     return sorted(load_all())
-
-
-def get_backend(name: str) -> type[Backend]:
-    backends = load_all()
-    if name not in backends:
-        raise UsageError(f"unknown runtime backend '{name}'; known: {', '.join(sorted(backends))}")
-    return backends[name]
 
 
 def check_dependencies(names) -> None:

@@ -19,7 +19,14 @@ from pathlib import Path
 
 from accelc.errors import PassFailed, UsageError
 from accelc.runtime.tvm_backend import import_tvm
-from accelc.targets.tvm_export import STEP_FUNC, SUPPORTED_DTYPE, TRUNCATE_FUNC, export_step, family_shapes, to_relax
+from accelc.targets.tvm_export import (
+    STEP_FUNC,
+    SUPPORTED_DTYPE,
+    TRUNCATE_FUNC,
+    architecture_shapes,
+    export_step,
+    to_relax,
+)
 
 LIBRARY_FILE = "model.so"
 PARAMS_FILE = "params.safetensors"
@@ -52,7 +59,7 @@ def lower_causal_lm(model, out_dir: Path, target: dict, *, max_seq_len: int | No
 
     from accelc.targets.tvm_schedules import cpu_pipeline
 
-    shapes = family_shapes(model)
+    shapes = architecture_shapes(model)
     limit = max_seq_len or getattr(model.config, "max_position_embeddings", None)
     if not limit or limit < 1:
         raise UsageError("max_seq_len must be a positive integer (the model config names none)")

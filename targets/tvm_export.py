@@ -12,7 +12,7 @@ every past tensor to its first n positions.
 
 Route: torch.export of a thin wrapper around the *unmodified* HF module (its own attention, RoPE,
 masking and cache code), then TVM's `from_exported_program`. The wrapper seeds a DynamicCache
-with the past tensors; that is the whole family-specific surface, which is why Llama, Qwen2,
+with the past tensors; that is the whole architecture-specific surface, which is why Llama, Qwen2,
 GPT-2 and OPT all lower through the same code and match HF to float32 rounding. Parameters are
 detached from the IR and deduplicated by storage (tied embeddings are one tensor).
 """
@@ -29,7 +29,7 @@ TRUNCATE_FUNC = "truncate_kv"  # slices every past tensor to its first n positio
 
 # Families whose HF modules take a DynamicCache and explicit position ids, and which the tests
 # check against HF. Others may lower too, but we refuse what we have not verified.
-SUPPORTED_FAMILIES = ("llama", "qwen2", "gpt2", "opt")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gpt2", "opt")
 SUPPORTED_DTYPE = "float32"
 
 # The traced example: small enough to export fast, > 1 so torch.export cannot specialise k or P
@@ -43,20 +43,20 @@ EXAMPLE_PAST_LEN = 5
 # --------------------------------------------------------------------------------------------
 
 
-def family_shapes(model) -> dict[str, int]:
+def architecture_shapes(model) -> dict[str, int]:
     """Layer count, KV heads, head_dim and vocab of a supported causal LM (UsageError otherwise)."""
     config = model.config
-    family = getattr(config, "model_type", None)
-    if family not in SUPPORTED_FAMILIES:
+    architecture = getattr(config, "model_type", None)
+    if architecture not in SUPPORTED_ARCHITECTURES:
         raise UsageError(
-            f"TVM lowering supports the causal LM families {', '.join(SUPPORTED_FAMILIES)}; got model_type={family!r}"
+            f"TVM lowering supports the causal LM architectures {', '.join(SUPPORTED_ARCHITECTURES)}; got model_type={architecture!r}"
         )
     if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
         # The wrapper builds a full-attention DynamicCache; sliding layers would need their own.
-        raise UsageError(f"{family} with sliding-window attention is not supported by the TVM target")
+        raise UsageError(f"{architecture} with sliding-window attention is not supported by the TVM target")
     heads = config.num_attention_heads
     return {
-        "family": family,
+        "family": architecture,  # the key tvm_meta.json has always had for the model_type
         "num_layers": config.num_hidden_layers,
         "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
         "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
