@@ -1,7 +1,8 @@
 """The `accelc` command line. The only place that turns accelc's exceptions into exit codes.
 
 Exit codes: 0 success, 1 internal error, 2 usage or recipe error, 3 missing optional dependency
-or unsupported target, 4 a pass failed, 5 validation failed, 130 interrupted.
+or unsupported target, 4 a pass failed, 5 validation failed, 130 interrupted, 141 the reader of
+stdout went away.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from accelc import __version__, progress
 from accelc.errors import AccelcError, InternalError, UsageError
 
-EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 130
+EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 130, 141  # 141: 128 + SIGPIPE, as shells report it
 
 
 def _load(args):
@@ -223,7 +224,11 @@ def _list_or_show(table, name, what) -> int:
     if name not in table:
         raise UsageError(f"unknown {what} '{name}'; available: {', '.join(sorted(table))}")
     info = describe(table[name])
-    print(f"{info['name']}: {info['doc']}\n\nparameters:")
+    print(f"{info['name']}: {info['doc']}\n")
+    for field in ("families", "reads", "consumes", "produces", "drops"):
+        if info[field]:
+            print(f"{field + ':':<10} {', '.join(info[field])}")
+    print("\nparameters:")
     for p in info["params"]:
         default = "required" if p["required"] else f"default {json.dumps(p['default'])}"
         print(f"  {p['name']:<22} {p['type']:<14} {default:<22} {p['description']}")
@@ -341,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
             "accelc: interrupted; finished steps stay in the cache and the previous artifact is intact", file=sys.stderr
         )
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`accelc passes show X | head`): nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # a bug: say so in one line, traceback only on request
         if args.debug:
             traceback.print_exc()

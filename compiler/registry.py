@@ -119,4 +119,10 @@ def describe(cls: type[Pass] | type[Target]) -> dict[str, Any]:
         "summary": doc.split("\n")[0],
         "doc": doc,
         "params": params,
+        # what `accelc validate` holds a recipe to (the last three for default params)
+        "families": list(cls.families),
+        "reads": list(cls.reads),
+        "consumes": list(cls.consumes),
+        "produces": list(cls.produces),
+        "drops": list(cls.drops),
     }
