@@ -13,7 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from accelc.errors import InternalError
+from accelc.errors import InternalError, UsageError
+from accelc.fileutil import sha256_file
 
 
 class UndeclaredInput(InternalError):
@@ -59,8 +60,6 @@ def lookup(recipe, path: str) -> Any:
 
 def content_identity(path: Path) -> dict[str, Any]:
     """What a file or folder holds, for a cache key: the sha256 of each file (a folder's, by name)."""
-    from accelc.errors import UsageError
-    from accelc.fileutil import sha256_file
 
     if path.is_file():
         return {"sha256": sha256_file(path)}
