@@ -98,6 +98,19 @@ def evaluate(art, text_spec: str, spec, models: dict | None = None) -> dict:
 
     text = load_text(text_spec)
     tokenizer_name = artifact_relative(art.tokenizer.name_or_path, art.dir)
+
+    def score(model) -> dict:  # every model on the same text, windows and tokenizer
+        return perplexity(
+            model,
+            art.tokenizer,
+            text,
+            text_name=text_spec,
+            window=spec.window,
+            stride=spec.stride,
+            max_windows=spec.max_windows,
+            tokenizer_name=tokenizer_name,
+        )
+
     models = dict(models or {})
     results = {}
     for backend in spec.backends:
@@ -109,16 +122,7 @@ def evaluate(art, text_spec: str, spec, models: dict | None = None) -> dict:
         elif backend == "torch" and not hasattr(model, "prefill"):
             model = TorchStepModel(model)
         with progress.step(f"eval: perplexity on {text_spec} with {backend}"):
-            results[backend] = perplexity(
-                model,
-                art.tokenizer,
-                text,
-                text_name=text_spec,
-                window=spec.window,
-                stride=spec.stride,
-                max_windows=spec.max_windows,
-                tokenizer_name=tokenizer_name,
-            )
+            results[backend] = score(model)
     failure = None
     if "torch" in results:
         base = results["torch"]["ppl"]
@@ -132,16 +136,7 @@ def evaluate(art, text_spec: str, spec, models: dict | None = None) -> dict:
         from accelc.families.causal_lm import load_model
 
         with progress.step(f"eval: perplexity of the source model on {text_spec}"):
-            ref = perplexity(
-                TorchStepModel(load_model(source, art.trust_remote_code)),
-                art.tokenizer,
-                text,
-                text_name=text_spec,
-                window=spec.window,
-                stride=spec.stride,
-                max_windows=spec.max_windows,
-                tokenizer_name=tokenizer_name,
-            )
+            ref = score(TorchStepModel(load_model(source, art.trust_remote_code)))
         out["source"] = {"model_dir": str(source), **ref}
         for r in results.values():
             r["ratio_vs_source"] = r["ppl"] / ref["ppl"]
