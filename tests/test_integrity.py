@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import pytest
 
@@ -104,11 +105,16 @@ def test_reports_rewritten_by_bench_are_not_corruption(cli, artifact):
 
 
 def test_a_second_run_of_an_intact_artifact_hashes_nothing(cli, artifact):
+    # files modified within integrity.RACY_SECONDS are hashed but not remembered (their mtime
+    # could survive a second write); this artifact is as one compiled a minute ago
+    an_earlier_minute = time.time() - 60
+    for path in artifact.rglob("*"):
+        os.utime(path, (an_earlier_minute, an_earlier_minute))
     code, _, err = cli("run", artifact, "--prompt", "hello", "--max-new-tokens", "2")
     assert code == 0, err
     cached = json.loads((integrity.HashCache().path).read_text())["files"]
     opened = [GRAPH, "decode/plan.json", "model/hf/tokenizer.json"]
-    assert all(os.path.realpath(artifact / rel) in cached for rel in opened)
+    assert [rel for rel in opened if os.path.realpath(artifact / rel) not in cached] == []
     before = sum(integrity.hashed.values())
     code, _, err = cli("run", artifact, "--prompt", "hello", "--max-new-tokens", "2")
     assert code == 0, err
@@ -128,3 +134,16 @@ def test_an_artifact_without_checksums_opens_as_before(cli, artifact):
     assert code == 0 and "integrity unknown" in out
     code, _, err = cli("verify", artifact)
     assert code == 2 and "no file checksums" in err
+
+
+def test_a_file_written_just_now_is_hashed_again(cli, artifact):
+    """Within integrity.RACY_SECONDS of its mtime a second write could keep the same mtime, so a
+    fresh file is never remembered: both runs hash it."""
+    plan = artifact / "decode/plan.json"
+    plan.write_bytes(plan.read_bytes())  # same content, new mtime ...
+    in_a_minute = time.time() + 60  # ... that stays "just now" however slow the runs below are
+    os.utime(plan, (in_a_minute, in_a_minute))
+    for _ in range(2):
+        code, _, err = cli("run", artifact, "--prompt", "hello", "--max-new-tokens", "2")
+        assert code == 0, err
+    assert _hashes_of(plan) == 2
