@@ -1,8 +1,9 @@
 """The `accelc` command line. The only place that turns accelc's exceptions into exit codes.
 
-Exit codes: 0 success, 1 internal error, 2 usage or recipe error, 3 missing optional dependency
-or unsupported target, 4 a pass failed, 5 validation failed, 130 interrupted, 141 the reader of
-stdout went away.
+Exit codes: 0 success, 1 internal error, 2 usage or recipe error (and a damaged artifact: a file
+that fails its manifest checksum is bad input the user fixes by recompiling, so it shares the
+code; `accelc verify` lists the files), 3 missing optional dependency or unsupported target, 4 a
+pass failed, 5 validation failed, 130 interrupted, 141 the reader of stdout went away.
 """
 
 from __future__ import annotations
@@ -118,6 +119,41 @@ def cmd_inspect(args) -> int:
         print(f"metric    {k}: {json.dumps(v)}")
     total = sum(f["bytes"] for f in m.get("files", {}).values())
     print(f"files     {len(m.get('files', {}))} files, {total / 2**20:.1f} MiB")
+    print(f"integrity {_integrity_line(art)}")
+    return 0
+
+
+def _integrity_line(art) -> str:
+    """The artifact's integrity state, from the hash cache where the files are unchanged."""
+    if not art.integrity.recorded:
+        return "unknown: the manifest has no file checksums (written by an older accelc)"
+    damaged = [f for f in art.integrity.scan(trust_cache=True) if not f.informational]
+    if not damaged:
+        return "ok"
+    listed = ", ".join(f"{f.rel} ({f.problem})" for f in damaged)
+    return f"DAMAGED: {listed}; run `accelc verify {art.dir}` for details"
+
+
+def cmd_verify(args) -> int:
+    from accelc.runtime.artifact import Artifact
+    from accelc.runtime.integrity import CorruptArtifact
+
+    art = Artifact(args.artifact)
+    if not art.integrity.recorded:
+        raise UsageError(
+            f"{art.dir}: its manifest has no file checksums (written by an older accelc); recompile it to verify it"
+        )
+    findings = art.integrity.scan(trust_cache=False)  # re-hash everything: verify trusts no cache
+    for f in findings:
+        print(f"{f.label:<24} {f.rel}" + ("" if f.informational else f"  ({f.detail})"))
+    damaged = [f.rel for f in findings if not f.informational]
+    total = sum(f["bytes"] for f in art.integrity.table.values())
+    if damaged:
+        raise CorruptArtifact(
+            f"{art.dir}: {len(damaged)} of {len(art.integrity.table)} files damaged ({', '.join(damaged)}); "
+            "recompile the artifact or restore it from a copy"
+        )
+    print(f"ok: {len(art.integrity.table)} files, {total / 2**20:.1f} MiB match the manifest")
     return 0
 
 
@@ -297,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("artifact")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_inspect)
+
+    sp = sub.add_parser("verify", help="check every artifact file against the manifest's sha256")
+    sp.add_argument("artifact")
+    sp.set_defaults(func=cmd_verify)
 
     sp = sub.add_parser("eval", help="perplexity on held-out real text")
     sp.add_argument("artifact")

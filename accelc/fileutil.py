@@ -5,16 +5,20 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 CHUNK = 1 << 22  # 4 MiB reads keep hashing of multi-GB artifacts at disk speed
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, progress: Callable[[int], object] | None = None) -> str:
+    """The file's sha256; `progress` is called with each chunk's byte count (a tqdm bar's update)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
     return digest.hexdigest()
 
 

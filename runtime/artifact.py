@@ -13,11 +13,14 @@ from pathlib import Path
 from accelc.errors import UsageError
 from accelc.loops.plan import DecodePlan
 from accelc.runtime.backends import Backend, Placement, get_backend
+from accelc.runtime.integrity import Integrity
 
 MANIFEST = "manifest.json"
 HF_DIR = "model/hf"
 HF_DIRS = {"target": HF_DIR, "draft": "model/draft_hf"}  # torch checkpoints by decode role
 ONNX_DIR = "model/onnx"
+# A checkpoint's weight files: the tokenizer is read without them, so `run` on ORT never hashes them.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 class Artifact:
@@ -32,10 +35,13 @@ class Artifact:
             self.manifest = json.loads(manifest.read_text())
         except json.JSONDecodeError as exc:
             raise UsageError(f"{manifest}: corrupt manifest ({exc})") from None
+        # every file read below is first checked against the manifest's size and sha256, once
+        self.integrity = Integrity(self.dir, self.manifest.get("files"))
 
     @cached_property
     def plan(self) -> DecodePlan:
         """decode/plan.json, read once (an artifact does not change once written)."""
+        self.integrity.require("decode/plan.json")
         return DecodePlan.read(self.dir / "decode" / "plan.json")
 
     @cached_property
@@ -69,6 +75,8 @@ class Artifact:
     def tokenizer(self):
         from accelc.families.causal_lm import load_tokenizer
 
+        # the tokenizer and generation config, not the weights (ORT and TVM never read them)
+        self.integrity.require(*(f for f in self.integrity.entries([HF_DIR]) if not f.endswith(WEIGHT_SUFFIXES)))
         return load_tokenizer(self.dir / HF_DIR, self.trust_remote_code)
 
     @cached_property
@@ -84,6 +92,7 @@ class Artifact:
     def torch_model(self, role: str = "target"):
         from accelc.families.causal_lm import load_model
 
+        self.integrity.require(HF_DIRS[role])
         return load_model(self.dir / HF_DIRS[role], self.trust_remote_code)
 
     def step_model(self, backend: str, role: str = "target", threads: int | None = None, alone_session: bool = False):

@@ -55,7 +55,7 @@ class Placement:
 
 class Backend:
     """Opens StepModels of one backend from an artifact. Subclasses set `name`, a one-line
-    docstring, `dependency` and `roles`, and implement `held_roles` and `open`."""
+    docstring, `dependency` and `roles`, and implement `held_roles`, `files` and `open`."""
 
     name: ClassVar[str]
     dependency: ClassVar[Dependency | None] = None
@@ -78,6 +78,11 @@ class Backend:
         held = self.held_roles()
         return "draft" in held and held["draft"] != held.get("target")
 
+    def files(self, role: str) -> list[Path]:
+        """The files or folders `open(role)` reads, checked against the manifest before it does
+        (runtime/integrity.py): a damaged file is refused by name, not met as a parser's error."""
+        raise NotImplementedError
+
     def open(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> StepModel:
         """The StepModel of `role`. `threads`: a share of the cores instead of the artifact's
         (PEARL's workers), where the backend can size a model per instance; `alone_session`: with
@@ -90,6 +95,7 @@ class Backend:
             raise UsageError(f"the {self.name} backend of this artifact has no '{role}' model")
         if self.dependency is not None:
             self.dependency.check()
+        self.placement.artifact.integrity.require(*self.files(role))
         return self.open(role, threads=threads, alone_session=alone_session)
 
 

@@ -292,9 +292,17 @@ class OrtBackend(Backend):
     def held_roles(self) -> dict[str, object]:
         return dict(self.placement.config.get("graphs", {}))
 
+    def graph(self, role: str) -> Path:
+        art = self.placement.artifact
+        return art.dir / art.manifest["graphs"][self.held_roles()[role]]
+
+    def files(self, role: str) -> list[Path]:
+        graph = self.graph(role)
+        return [graph, graph.with_name(graph.name + ".data")]  # weights over 2 GB sit in the .data file
+
     def open(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> OrtStepModel:
-        art, session = self.placement.artifact, self.placement.config["session"]
-        graph = art.dir / art.manifest["graphs"][self.held_roles()[role]]
+        session = self.placement.config["session"]
+        graph = self.graph(role)
         if threads is None:
             return OrtStepModel(graph, session)
         return OrtStepModel(

@@ -6,6 +6,8 @@ that `accelc bench` measures them against.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from accelc.runtime.artifact import HF_DIRS
@@ -77,6 +79,9 @@ class TorchBackend(Backend):
         plan = self.placement.artifact.plan
         from_target = plan.draft_source == "from_target" or plan.prompt_kv_from_target
         return "draft" in self.held_roles() and not from_target
+
+    def files(self, role: str) -> list[Path]:
+        return [self.held_roles()[role]]  # the checkpoint folder (Artifact.torch_model checks it too)
 
     def open(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> TorchStepModel:
         return TorchStepModel(self.placement.artifact.torch_model(role))

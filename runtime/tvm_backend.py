@@ -150,6 +150,9 @@ class TvmBackend(Backend):
     def held_roles(self) -> dict[str, object]:
         return dict(self.placement.config.get("dirs", {}))
 
+    def files(self, role: str) -> list[Path]:
+        return [self.placement.directory / self.held_roles()[role]]  # library, params and tvm_meta.json
+
     def open(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> TVMStepModel:
         # TVM reads its thread count from the environment when its pool starts; one pool serves
         # every model of a process, so a per-model share (`threads`) cannot apply
