@@ -155,6 +155,9 @@ def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
             raise
     finally:
         cache.close()
+    from accelc.runtime.integrity import remember
+
+    remember(out, manifest["files"])  # a run right after the compile need not hash what it just did
     progress.status(f"artifact written to {out} in {time.perf_counter() - started:.0f}s")
     return manifest
 

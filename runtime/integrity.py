@@ -227,3 +227,19 @@ class Integrity:
             "changed",
             f"{self.root / rel} fails its manifest checksum (sha256 {sha[:12]}..., expected {want[:12]}...)",
         )
+
+
+def remember(root: Path, table: Mapping[str, Mapping]) -> None:
+    """Record the checksums a compile just computed for the files of the artifact at `root`, so
+    the first run after a compile does not hash them again (files written within the last
+    second stay unrecorded, as HashCache.record says)."""
+    cache = HashCache()
+    for rel, entry in table.items():
+        path = root / rel
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if st.st_size == entry.get("bytes"):
+            cache.record(os.path.realpath(path), st, entry["sha256"])
+    cache.save()
