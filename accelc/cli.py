@@ -68,17 +68,21 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     from accelc.families.causal_lm import encode_prompt
     from accelc.loops.plan import run_plan
+    from accelc.runtime import limits
     from accelc.runtime.artifact import Artifact
 
+    limits.at_least("--max-new-tokens", args.max_new_tokens)
+    limits.temperature(args.temperature)
     art = Artifact(args.artifact)
     backend = args.backend or ("ort" if "ort" in art.backends() else "torch")
     plan = art.plan_for(backend)
     if plan.planned_strategy is not None:
         progress.status(plan.reason)
-    target, draft = art.decode_pair(backend)
     tok = art.tokenizer
     ids = encode_prompt(tok, args.prompt, plan.chat_template and not args.raw)
-    n = args.max_new_tokens or plan.max_new_tokens
+    n = plan.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    limits.check_generation(art.context_length, len(ids), n, "--max-new-tokens")  # before any session opens
+    target, draft = art.decode_pair(backend)
     eos = art.eos_ids
     result = run_plan(plan, target, draft, ids, n, eos_ids=eos, sampler=plan.sampler(args.temperature))
     print(tok.decode([t for t in result.tokens if t not in eos], skip_special_tokens=True))
@@ -161,9 +165,13 @@ def cmd_eval(args) -> int:
     from pydantic import ValidationError
 
     from accelc.compiler.recipe import PerplexitySpec
+    from accelc.runtime import limits
     from accelc.runtime.artifact import Artifact
 
+    for option in ("window", "stride", "max_windows"):
+        limits.at_least(f"--{option.replace('_', '-')}", getattr(args, option), 2 if option == "window" else 1)
     art = Artifact(args.artifact)
+    limits.backends("--backends", args.backends, art.backends())
     resolved = art.dir / "recipe.resolved.yaml"
     import yaml
 
@@ -189,21 +197,17 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     from accelc.compiler.benchmark import plot
     from accelc.compiler.recipe import BenchSpec
+    from accelc.runtime import limits
     from accelc.runtime.artifact import Artifact
 
-    art = Artifact(args.artifact)
-    spec = BenchSpec(
-        **{
-            k: v
-            for k, v in dict(
-                prompt_tokens=args.prompt_tokens,
-                new_tokens=args.new_tokens,
-                repeats=args.repeats,
-                backends=args.backends,
-            ).items()
-            if v
-        }
+    given = dict(
+        prompt_tokens=limits.at_least("--prompt-tokens", args.prompt_tokens),
+        new_tokens=limits.at_least("--new-tokens", args.new_tokens),
+        repeats=limits.at_least("--repeats", args.repeats),
     )
+    art = Artifact(args.artifact)
+    given["backends"] = limits.backends("--backends", args.backends, art.backends())
+    spec = BenchSpec(**{k: v for k, v in given.items() if v is not None})  # what is not given: the defaults
     result = art.family.bench(art, spec)
     out = Path(args.json) if args.json else art.dir / "reports" / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -301,7 +301,10 @@ def token_windows(
     if max_windows is not None and max_windows < 1:
         raise UsageError(f"max_windows must be at least 1 (or None for all), got {max_windows}")
     if len(ids) < window:
-        raise UsageError(f"{what} shorter than one window: it has {len(ids)} tokens, a window needs {window}")
+        raise UsageError(
+            f"{what} shorter than one window: it has {len(ids)} tokens, a window needs {window}; "
+            "use a longer text or a smaller window"
+        )
     count = (len(ids) - window) // stride + 1
     if max_windows is not None:
         count = min(count, max_windows)

@@ -141,8 +141,16 @@ def _run_worker(artifact: Path, backend: str, prompt_tokens: int, new_tokens: in
 
 def bench(artifact: Path, spec, backends: list[str] | None = None) -> dict:
     from accelc.runtime.artifact import Artifact
+    from accelc.runtime.limits import check_context
 
-    available = Artifact(artifact).backends()
+    art = Artifact(artifact)
+    check_context(
+        art.context_length,
+        spec.prompt_tokens + spec.new_tokens,
+        f"bench prompt_tokens {spec.prompt_tokens} plus new_tokens {spec.new_tokens}",
+        "lower --prompt-tokens and --new-tokens (eval.bench in a recipe) to fit it",
+    )
+    available = art.backends()
     wanted = [b for b in (backends or spec.backends) if b in available]
     if "torch" not in wanted:
         wanted.insert(0, "torch")

@@ -85,12 +85,14 @@ def _pruning_summary(bundle) -> dict:
 
 def check(recipe):
     """The recipe's model family, after refusing (exit 2) what a compile would only find out late:
-    a step that does not apply to the family, or one that needs what no earlier step makes."""
+    a step that does not apply to the family, one that needs what no earlier step makes, or a
+    model file the family cannot read."""
     from accelc.compiler.dataflow import check_order
     from accelc.families.applicability import check_recipe
 
     family = check_recipe(recipe)
     check_order(recipe, family)
+    family.check_input(recipe.model, recipe)
     return family
 
 

@@ -33,6 +33,11 @@ class Family:
         names a model of this family."""
         raise NotImplementedError
 
+    def check_input(self, spec, recipe=None) -> None:
+        """Refuse (exit 2, naming the file) a model input this family recognises by its name but
+        cannot read, cheaply and before any work: compile's check and `accelc validate` call it.
+        The default reads nothing."""
+
     def ingest(self, spec, recipe=None):  # -> Bundle
         """The first Bundle of the pipeline for the model `spec` names."""
         raise NotImplementedError

@@ -18,6 +18,7 @@ from accelc.errors import UsageError
 from accelc.families.base import Family, register_family
 from accelc.fileutil import sha256_file
 from accelc.runtime.base import StepModel
+from accelc.runtime.limits import CONTEXT_KEYS
 
 EMBEDDED = "smollm2-135m-instruct"
 # Architectures (Hugging Face model_type) whose export, lowering and validation are exercised by
@@ -47,14 +48,36 @@ def _builtin_dir(name: str) -> Path:
     return assets.publish_dir(tiny.build(name, assets.temp_sibling_dir(final)), final)
 
 
-def check_checkpoint(directory: Path) -> None:
-    """Fail early with one clear line on folders that are not loadable checkpoints."""
-    if not (directory / "config.json").exists():
+def check_config(directory: Path, trust_remote_code: bool = False) -> dict:
+    """Refuse a folder whose config.json is not a model config transformers can read: without
+    this a JSON list or a stray settings file failed later inside an exporter (exit 1)."""
+    from transformers import AutoConfig
+
+    path = directory / "config.json"
+    if not path.exists():
         raise UsageError(f"{directory}: not a Hugging Face checkpoint folder (no config.json)")
     try:
-        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{directory}/config.json is not valid JSON ({exc})") from None
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise UsageError(
+            f'{path} is not a model config (no "model_type"); point model.path at a folder written by save_pretrained'
+        )
+    try:
+        AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as exc:  # transformers raises ValueError, KeyError, TypeError for bad configs
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0].split(". ")[0]  # its first sentence
+        raise UsageError(f"{path}: transformers cannot read this model config ({reason})") from None
+    for key in CONTEXT_KEYS:
+        if key in config and not (isinstance(config[key], int) and config[key] >= 1):
+            raise UsageError(f"{path}: {key} is {config[key]!r}; a context length is a positive whole number")
+    return config
+
+
+def check_checkpoint(directory: Path, trust_remote_code: bool = False) -> None:
+    """Fail early with one clear line on folders that are not loadable checkpoints."""
+    model_type = check_config(directory, trust_remote_code)["model_type"]
     if model_type not in SUPPORTED_MODEL_TYPES:
         progress.status(
             f"warning: model_type '{model_type}' is not among the tested architectures "
@@ -103,7 +126,7 @@ def ingest(spec, recipe=None) -> Bundle:
             description = f"hf:{path}"
         else:
             raise UsageError(f"model path {path}: expected {CausalLM.inputs}")
-    check_checkpoint(directory)
+    check_checkpoint(directory, spec.trust_remote_code)
     with progress.step("model: hashing weights"):
         ident = _identity([p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"])
     ident["trust_remote_code"] = spec.trust_remote_code
@@ -179,6 +202,20 @@ class CausalLM(Family):
 
     def recognises(self, spec, path: Path | None) -> bool:
         return path is None or path.is_dir() or path.suffix == ".gguf"
+
+    def check_input(self, spec, recipe=None) -> None:
+        """A GGUF file's header and a checkpoint folder's config; the weights are read at ingest."""
+        from accelc.compiler.recipe import resolve_path
+
+        if spec.path is None:
+            return
+        path = resolve_path(recipe, spec.path) if recipe is not None else Path(spec.path)
+        if path.suffix == ".gguf":
+            from accelc import assets
+
+            assets.gguf_architecture(path)
+        elif path.is_dir():
+            check_config(path, spec.trust_remote_code)
 
     def ingest(self, spec, recipe=None) -> Bundle:
         return ingest(spec, recipe)

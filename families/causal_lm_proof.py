@@ -94,8 +94,15 @@ def evaluate(art, text_spec: str, spec, models: dict | None = None) -> dict:
     from accelc.compiler.artifacts import artifact_relative
     from accelc.compiler.evaluation import perplexity
     from accelc.data import load_text
+    from accelc.runtime.limits import check_context
     from accelc.runtime.torch_backend import TorchStepModel
 
+    check_context(
+        art.context_length,
+        spec.window,
+        f"a perplexity window of {spec.window} tokens",
+        f"give --window {art.context_length} or less (eval.perplexity.window in a recipe)",
+    )
     text = load_text(text_spec)
     tokenizer_name = artifact_relative(art.tokenizer.name_or_path, art.dir)
 

@@ -11,8 +11,27 @@ import json
 from pathlib import Path
 
 from accelc.compiler.bundle import Bundle, chain
+from accelc.errors import UsageError
 from accelc.families.base import Family, register_family
 from accelc.fileutil import sha256_file
+
+
+def check_onnx_file(path: Path) -> None:
+    """Refuse a file that is not an ONNX model. Only the protobuf is parsed (external weight files
+    are not read); onnx.checker is not used, since it rejects ONNX Runtime's contrib operators
+    (SimplifiedLayerNormalization, GroupQueryAttention) that accelc's own graphs hold. Protobuf
+    parses some random bytes, so the model must also name an IR version, an opset and nodes."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and onnx's own errors: all mean "not a model"
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"{path}: not a valid ONNX model ({reason}); export the model to ONNX again") from None
+    if model.ir_version < 1 or not model.opset_import or not model.graph.node:
+        raise UsageError(
+            f"{path}: not a valid ONNX model (no IR version, opset or graph nodes); export the model to ONNX again"
+        )
 
 
 @register_family
@@ -27,6 +46,11 @@ class OnnxGraph(Family):
 
     def recognises(self, spec, path: Path | None) -> bool:
         return path is not None and path.is_file() and path.suffix == ".onnx"
+
+    def check_input(self, spec, recipe=None) -> None:
+        from accelc.compiler.recipe import resolve_path
+
+        check_onnx_file(resolve_path(recipe, spec.path) if recipe is not None else Path(spec.path))
 
     def ingest(self, spec, recipe=None) -> Bundle:
         from accelc.compiler.recipe import resolve_path

@@ -182,7 +182,7 @@ class Speculative(registry.Pass):
             draft_dir = ctx.resolve(self.params.draft.path)
             if not draft_dir.is_dir():
                 raise UsageError(f"speculative: draft path {draft_dir} is not a checkpoint folder")
-            check_checkpoint(draft_dir)
+            check_checkpoint(draft_dir, trust)
             _check_same_tokenizer(load_tokenizer(bundle.model_dir, trust), load_tokenizer(draft_dir, trust), draft_dir)
         elif self.params.draft.from_target:
             draft_dir = bundle.model_dir

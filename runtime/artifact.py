@@ -85,6 +85,14 @@ class Artifact:
 
         return eos_ids(self.dir / HF_DIR, self.tokenizer)
 
+    @cached_property
+    def context_length(self) -> int | None:
+        """The positions its models attend over, from their checkpoints' configs: what a prompt plus
+        its generation, a bench length or an eval window is checked against (runtime/limits.py)."""
+        from accelc.runtime.limits import context_length
+
+        return context_length([self.dir / HF_DIRS[role] for role in self.roles()])
+
     def roles(self) -> list[str]:
         """Decode roles this artifact carries: always "target", plus "draft" for speculative plans."""
         return [role for role, rel in HF_DIRS.items() if (self.dir / rel / "config.json").exists()]
