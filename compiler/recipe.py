@@ -314,8 +314,11 @@ def _apply_override(data: dict, assignment: str) -> tuple:
         raise RecipeError(f"--set {assignment!r}: empty key in path")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"--set {assignment!r}: value is not valid YAML ({exc.problem})") from None
+    except yaml.YAMLError as exc:  # a ReaderError (control character) has a reason, not a problem
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or type(exc).__name__
+        raise RecipeError(f"--set {assignment!r}: value is not valid YAML ({problem})") from None
+    except ValueError as exc:  # an integer beyond Python's 4300-digit conversion limit
+        raise RecipeError(f"--set {assignment!r}: value is not usable ({exc})") from None
     cur: Any = data
     for i, part in enumerate(parts[:-1]):
         nxt = parts[i + 1]
@@ -362,6 +365,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()):
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(f"{where}: malformed YAML: {problem}") from None
+    except ValueError as exc:  # an integer beyond Python's 4300-digit conversion limit
+        raise RecipeError(f"{source}: a number in the recipe is too long ({str(exc).split(';')[0]})") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: the recipe is nested too deeply to read; a recipe is a few levels deep") from None
     if data is None:
         raise RecipeError(f"{source}: the recipe is empty; it needs at least a 'model' section")
     if not isinstance(data, dict):
