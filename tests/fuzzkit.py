@@ -142,3 +142,22 @@ def copy_artifact(src: Path, dst: Path) -> Path:
     """A real copy (no hard links: damaging a linked file would damage the original too)."""
     shutil.copytree(src, dst, copy_function=shutil.copyfile)
     return dst
+
+
+def cli_in_subprocess(*args) -> tuple[int, str, str]:
+    """`accelc ARGS` in its own process: for inputs that can crash the interpreter (a damaged
+    shared library is dlopen'ed: a bus error), which in-process would end the test run."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelc", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=repo,
+        timeout=300,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
