@@ -17,7 +17,7 @@ from accelc import progress
 from accelc.compiler.artifacts import ArtifactWriter, base_manifest, check_writable
 from accelc.compiler.pipeline import PassManager, StepCache
 from accelc.compiler.recipe import recipe_dict, recipe_hash, resolve_path
-from accelc.errors import ValidationFailed
+from accelc.errors import UsageError, ValidationFailed
 from accelc.loops.plan import DecodePlan
 from accelc.runtime.artifact import HF_DIRS
 
@@ -89,7 +89,11 @@ def check(recipe):
     model file the family cannot read."""
     from accelc.compiler.dataflow import check_order
     from accelc.families.applicability import check_recipe
+    from accelc.families.causal_lm import builtin_names
 
+    builtin = recipe.model.builtin
+    if builtin is not None and builtin not in builtin_names():  # else only ingest (after --dry-run) says so
+        raise UsageError(f"model.builtin '{builtin}' is not a built-in model; allowed: {', '.join(builtin_names())}")
     family = check_recipe(recipe)
     check_order(recipe, family)
     family.check_input(recipe.model, recipe)

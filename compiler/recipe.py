@@ -188,19 +188,44 @@ def json_schema() -> dict:
 # ---------------------------------------------------------------------------------------- loading
 
 
-def _line_map(node: yaml.Node, path: tuple = (), lines: dict | None = None) -> dict[tuple, int]:
-    """Map every key path of a composed YAML document to its 1-based line."""
+def _line_map(
+    node: yaml.Node, path: tuple = (), lines: dict | None = None, seen: set | None = None
+) -> dict[tuple, int]:
+    """Map every key path of a composed YAML document to its 1-based line.
+
+    An alias is the same node object as its anchor: each node is walked once, or nested aliases
+    (a "billion laughs" document) would make this walk exponential. Paths through an alias fall
+    back to the line of the key that holds it. A key given twice in one mapping is refused: YAML
+    loaders keep the last one silently, so the first would be ignored without a word."""
     lines = {} if lines is None else lines
+    seen = set() if seen is None else seen
     lines[path] = node.start_mark.line + 1
+    if id(node) in seen:
+        return lines
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
+        first_line: dict = {}
         for key_node, value_node in node.value:
-            key_path = path + (key_node.value,)
-            _line_map(value_node, key_path, lines)
-            lines[key_path] = key_node.start_mark.line + 1
+            key = key_node.value
+            line = key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.ScalarNode) and key != "<<":
+                if key in first_line:
+                    where = ".".join(str(p) for p in path + (key,))
+                    raise DuplicateKey(
+                        f"{line}: {where}: duplicate key (first given on line {first_line[key]}); keep one"
+                    )
+                first_line[key] = line
+            key_path = path + (key,)
+            _line_map(value_node, key_path, lines, seen)
+            lines[key_path] = line
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _line_map(item, path + (i,), lines)
+            _line_map(item, path + (i,), lines, seen)
     return lines
+
+
+class DuplicateKey(Exception):
+    """A mapping that names one key twice (raised by _line_map, reported with the recipe's file)."""
 
 
 def _data_path(loc: tuple, data: Any) -> tuple:
@@ -289,8 +314,11 @@ def _apply_override(data: dict, assignment: str) -> tuple:
         raise RecipeError(f"--set {assignment!r}: empty key in path")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"--set {assignment!r}: value is not valid YAML ({exc.problem})") from None
+    except yaml.YAMLError as exc:  # a ReaderError (control character) has a reason, not a problem
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or type(exc).__name__
+        raise RecipeError(f"--set {assignment!r}: value is not valid YAML ({problem})") from None
+    except ValueError as exc:  # an integer beyond Python's 4300-digit conversion limit
+        raise RecipeError(f"--set {assignment!r}: value is not usable ({exc})") from None
     cur: Any = data
     for i, part in enumerate(parts[:-1]):
         nxt = parts[i + 1]
@@ -329,18 +357,28 @@ def load_recipe(path: str | Path, overrides: list[str] = ()):
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:  # a control character: its str() spans two lines
+        line = text.count("\n", 0, exc.position) + 1
+        raise RecipeError(f"{source}:{line}: malformed YAML: {exc.reason} (character {exc.character!r})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(f"{where}: malformed YAML: {problem}") from None
+    except ValueError as exc:  # an integer beyond Python's 4300-digit conversion limit
+        raise RecipeError(f"{source}: a number in the recipe is too long ({str(exc).split(';')[0]})") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: the recipe is nested too deeply to read; a recipe is a few levels deep") from None
     if data is None:
         raise RecipeError(f"{source}: the recipe is empty; it needs at least a 'model' section")
     if not isinstance(data, dict):
         raise RecipeError(
             f"{source}:1: a recipe is a mapping of sections (model, passes, targets, ...), not a {type(data).__name__}"
         )
-    lines = _line_map(node) if node is not None else {}
+    try:
+        lines = _line_map(node) if node is not None else {}
+    except DuplicateKey as exc:
+        raise RecipeError(f"{source}:{exc}") from None
     override_sites = {}
     for assignment in overrides:
         override_sites[_apply_override(data, assignment)] = f"--set {assignment}"

@@ -57,13 +57,16 @@ def check_config(directory: Path, trust_remote_code: bool = False) -> dict:
     if not path.exists():
         raise UsageError(f"{directory}: not a Hugging Face checkpoint folder (no config.json)")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, and bytes that are not UTF-8
         raise UsageError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise UsageError(
             f'{path} is not a model config (no "model_type"); point model.path at a folder written by save_pretrained'
         )
+    weights = [p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES]
+    if weights:  # before transformers reads the sizes: a damaged one can make it allocate for ever
+        check_config_sizes(directory, config, weights)
     try:
         AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as exc:  # transformers raises ValueError, KeyError, TypeError for bad configs
@@ -97,6 +100,51 @@ def check_checkpoint(directory: Path, trust_remote_code: bool = False) -> None:
                         f.get_slice(names[-1])[...]
             except Exception as exc:  # safetensors raises its own error types for bad files
                 raise UsageError(f"{path}: not a valid safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+# config.json entries that size the model: transformers allocates by them before it reads a weight,
+# so a damaged value (10**40 layers, a vocabulary of 10**12) hangs or exhausts memory
+SIZE_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "intermediate_size",
+    "max_position_embeddings",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_positions",
+    "ffn_dim",
+)
+MAX_POSITIONS = 2**24  # far beyond any released model's context; a bigger one is a damaged file
+
+
+def check_config_sizes(directory: Path, config: dict, weights: list[Path]) -> None:
+    """Refuse sizes no checkpoint of these weight files can have, before transformers allocates them."""
+    for key in SIZE_KEYS:
+        value = config.get(key)
+        if key in config and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UsageError(f"{directory}/config.json: {key} is {value!r}; it must be a positive integer")
+    if not isinstance(config.get("model_type", ""), str):
+        raise UsageError(f"{directory}/config.json: model_type is {config['model_type']!r}; it must be a name")
+    weight_bytes = sum(p.stat().st_size for p in weights)
+    layers = config.get("num_hidden_layers") or config.get("n_layer") or 0
+    width = config.get("hidden_size") or config.get("n_embd") or 0
+    positions = config.get("max_position_embeddings") or config.get("n_positions") or 0
+    # every layer has its own weights (at least a byte each), the embedding has vocab x width of them
+    heads = config.get("num_attention_heads") or config.get("n_head") or 0
+    if (
+        layers > weight_bytes
+        or heads > max(width, 1)
+        or (config.get("vocab_size") or 0) * width > 8 * weight_bytes
+        or positions > MAX_POSITIONS
+    ):
+        raise UsageError(
+            f"{directory}/config.json: sizes (layers {layers}, width {width}, vocabulary {config.get('vocab_size')}, "
+            f"heads {heads}, positions {positions}) do not fit weights of {weight_bytes} bytes; the config does not belong to them"
+        )
 
 
 def _identity(files: list[Path]) -> dict:
