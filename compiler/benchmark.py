@@ -154,6 +154,8 @@ def bench(artifact: Path, spec, backends: list[str] | None = None) -> dict:
     wanted = [b for b in (backends or spec.backends) if b in available]
     if "torch" not in wanted:
         wanted.insert(0, "torch")
+    for backend in wanted:  # a damaged file or a missing library is the user's to fix: say so here,
+        art.check_backend(backend)  # not as a worker process's traceback
 
     def measure(backend: str) -> dict:
         n = spec.tvm_new_tokens if backend == "tvm" else spec.new_tokens

@@ -100,6 +100,39 @@ def check_checkpoint(directory: Path, trust_remote_code: bool = False) -> None:
                         f.get_slice(names[-1])[...]
             except Exception as exc:  # safetensors raises its own error types for bad files
                 raise UsageError(f"{path}: not a valid safetensors file ({str(exc).splitlines()[0]})") from None
+    check_shapes(directory, trust_remote_code)
+
+
+def check_shapes(directory: Path, trust_remote_code: bool = False) -> None:
+    """Refuse weights whose shapes are not the ones config.json describes (a damaged or foreign
+    config): the model the config builds, on the meta device (no memory), against the tensor
+    shapes in the safetensors headers. Without this, a wrong hidden_size surfaces as a size
+    mismatch inside export_onnx (exit 4) instead of at ingest."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from accelc.compiler.pruning import materialize
+
+    if materialize.is_pruned(directory):  # per-layer widths: its own loader checks them
+        return
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # an architecture this transformers cannot build: loading will say more
+        progress.status(f"warning: {directory}: shapes not checked ({type(exc).__name__})")
+        return
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                shape = tuple(f.get_slice(name).get_shape())
+                if name in expected and expected[name] != shape:
+                    raise UsageError(
+                        f"{path}: {name} has shape {list(shape)} but {directory / 'config.json'} describes "
+                        f"{list(expected[name])}; the config does not belong to these weights"
+                    )
 
 
 # config.json entries that size the model: transformers allocates by them before it reads a weight,

@@ -32,9 +32,11 @@ class Artifact:
                 f"{self.dir}: not an accelc artifact (no {MANIFEST}); create one with `accelc compile RECIPE -o DIR`"
             )
         try:
-            self.manifest = json.loads(manifest.read_text())
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{manifest}: corrupt manifest ({exc})") from None
+            self.manifest = json.loads(manifest.read_text(encoding="utf-8"))
+        except ValueError as exc:  # not JSON, or not UTF-8
+            raise UsageError(f"{manifest}: corrupt manifest ({exc}); recompile the artifact") from None
+        if not isinstance(self.manifest, dict):
+            raise UsageError(f"{manifest}: corrupt manifest (not a JSON object); recompile the artifact")
         # every file read below is first checked against the manifest's size and sha256, once
         self.integrity = Integrity(self.dir, self.manifest.get("files"))
 
@@ -75,9 +77,12 @@ class Artifact:
     def tokenizer(self):
         from accelc.families.causal_lm import load_tokenizer
 
-        # the tokenizer and generation config, not the weights (ORT and TVM never read them)
-        self.integrity.require(*(f for f in self.integrity.entries([HF_DIR]) if not f.endswith(WEIGHT_SUFFIXES)))
+        self.integrity.require(*self._tokenizer_files())
         return load_tokenizer(self.dir / HF_DIR, self.trust_remote_code)
+
+    def _tokenizer_files(self) -> list[str]:
+        """The tokenizer and generation config, not the weights (ORT and TVM never read them)."""
+        return [f for f in self.integrity.entries([HF_DIR]) if not f.endswith(WEIGHT_SUFFIXES)]
 
     @cached_property
     def eos_ids(self) -> tuple[int, ...]:
@@ -108,6 +113,14 @@ class Artifact:
         `alone_session`: with them, the calls made alone run on the artifact's threads
         (StepModel.alone)."""
         return self.backend(backend).step_model(role, threads=threads, alone_session=alone_session)
+
+    def check_backend(self, backend: str) -> None:
+        """Refuse now, by name, what a run on `backend` would fail on: its models (Backend.check),
+        the decode plan and the tokenizer files."""
+        self.integrity.require("decode/plan.json", *self._tokenizer_files())
+        entry = self.backend(backend)
+        for role in entry.held_roles():
+            entry.check(role)
 
     def has_draft(self, backend: str) -> bool:
         """Whether `backend` holds a draft model that differs from the target."""

@@ -89,13 +89,18 @@ class Backend:
         them, the calls made alone run on the artifact's own threads (StepModel.alone)."""
         raise NotImplementedError
 
-    def step_model(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> StepModel:
-        """`open` after checking the role and the dependency, with one clear error for each."""
+    def check(self, role: str) -> None:
+        """What opening `role` needs, each with one clear error: the role, the dependency, and the
+        files intact. Callers that open models in worker processes (`accelc bench`) check first."""
         if role not in self.roles or role not in self.held_roles():
             raise UsageError(f"the {self.name} backend of this artifact has no '{role}' model")
         if self.dependency is not None:
             self.dependency.check()
         self.placement.artifact.integrity.require(*self.files(role))
+
+    def step_model(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> StepModel:
+        """`open` after `check`."""
+        self.check(role)
         return self.open(role, threads=threads, alone_session=alone_session)
 
 

@@ -2,10 +2,8 @@
 prompts (issue 22). Every case ends with exit 2, 3 or 5, no traceback, no "internal error", and
 neither the artifact it opened nor the pass cache is modified.
 
-Cases that fail on today's main because of what issue 22's other parts fix are strict xfails
-naming the part: "inputs" (run-time arguments, prompts against the context, ONNX/GGUF ingest)
-and "integrity" (the manifest's checksums checked on open, `inspect` reporting them). Strict, so
-the marks must go once that part is merged.
+A gap that is known and not yet closed is a strict xfail naming it (strict: once closed, the
+mark must go).
 """
 
 from __future__ import annotations
@@ -19,10 +17,6 @@ from conftest import write_recipe
 from fuzzkit import assert_refused, cli_in_subprocess, copy_artifact, damage, examples, tiny_artifact, unchanged
 from hypothesis import given
 from hypothesis import strategies as st
-
-INPUTS = "issue 22: run-time argument and prompt checks (inputs)"
-INGEST = "issue 22: ONNX/GGUF ingest errors (inputs)"
-INTEGRITY = "issue 22: manifest checksums checked on open (integrity)"
 
 # one damage: cut short, single bits flipped, or a few bytes overwritten (the issue's 7)
 damages = st.one_of(
@@ -90,11 +84,6 @@ def test_damaged_safetensors_at_ingest(cli, tmp_path, how):
     compile_damaged(cli, tmp_path, folder, also_ok=how[0] != "truncate")
 
 
-@pytest.mark.xfail(
-    reason="not in issue 22's parts: a config.json whose sizes disagree with its weights is found by "
-    "export_onnx (exit 4, 'size mismatch'), not at ingest (exit 2)",
-    strict=True,
-)
 @examples(10)
 @given(how=damages)
 def test_damaged_config_json_at_ingest(cli, tmp_path, how):
@@ -168,6 +157,7 @@ ARTIFACT_DAMAGE = {"junk7": ("junk", 0.5, b"\x00\xff\x13\x37\x00\xff\x42"), "tru
 COMMANDS = {
     "run": ("run", "{a}", "--prompt", "hello", "--max-new-tokens", "4"),
     "run-tvm": ("run", "{a}", "--prompt", "hello", "--max-new-tokens", "4", "--backend", "tvm"),
+    "run-torch": ("run", "{a}", "--prompt", "hello", "--max-new-tokens", "4", "--backend", "torch"),
     "inspect": ("inspect", "{a}"),
     "eval": ("eval", "{a}", "--window", "32", "--max-windows", "1", "--backends", "ort", "tvm"),
     "bench": (
@@ -191,20 +181,16 @@ READERS = {
     "manifest.json": ["run", "inspect", "eval", "bench"],
     "tvm library": ["run-tvm", "inspect", "eval"],
     "tvm params": ["run-tvm", "inspect"],
-    "weights": ["run", "inspect", "bench"],
+    # ORT and TVM never read the torch weights, so only the readers that do are held to them
+    "weights": ["run-torch", "inspect", "bench"],
 }
-# cases that pass on today's main: everything else in the grid waits for the integrity part
-PASSING_TODAY = {("manifest.json", "truncate", c) for c in ("run", "inspect", "eval", "bench")}
 
 
 def artifact_cases():
     for name, readers in READERS.items():
         for how in ARTIFACT_DAMAGE:
             for command in readers:
-                marks = (
-                    [] if (name, how, command) in PASSING_TODAY else [pytest.mark.xfail(reason=INTEGRITY, strict=True)]
-                )
-                yield pytest.param(name, how, command, marks=marks, id=f"{name}-{how}-{command}")
+                yield pytest.param(name, how, command, id=f"{name}-{how}-{command}")
 
 
 @pytest.mark.parametrize("name,how,command", list(artifact_cases()))
@@ -227,14 +213,14 @@ def run_args(artifact, *extra):
 
 CLI_CASES = {
     # name: (args after the artifact's command, expected to pass today)
-    "max-new-tokens -1": (("--max-new-tokens", "-1"), False),
-    "max-new-tokens 10**12": (("--max-new-tokens", str(10**12)), False),
-    "temperature -1": (("--temperature", "-1"), False),
-    "temperature nan": (("--temperature", "nan"), False),
-    "temperature inf": (("--temperature", "inf"), False),
-    "temperature -inf": (("--temperature", "-inf"), True),
-    "max-new-tokens word": (("--max-new-tokens", "many"), True),
-    "unknown backend": (("--backend", "cuda"), True),
+    "max-new-tokens -1": ("--max-new-tokens", "-1"),
+    "max-new-tokens 10**12": ("--max-new-tokens", str(10**12)),
+    "temperature -1": ("--temperature", "-1"),
+    "temperature nan": ("--temperature", "nan"),
+    "temperature inf": ("--temperature", "inf"),
+    "temperature -inf": ("--temperature", "-inf"),
+    "max-new-tokens word": ("--max-new-tokens", "many"),
+    "unknown backend": ("--backend", "cuda"),
 }
 
 
@@ -248,17 +234,13 @@ def argparse_exit(cli, *args):
 
 @pytest.mark.parametrize(
     "case",
-    [
-        pytest.param(c, marks=[] if ok else [pytest.mark.xfail(reason=INPUTS, strict=True)])
-        for c, (_, ok) in CLI_CASES.items()
-    ],
+    list(CLI_CASES),
 )
 def test_extreme_run_values(cli, artifact, pass_cache, case):
     with unchanged(artifact, pass_cache):
-        assert_refused(argparse_exit(cli, "-q", *run_args(artifact, *CLI_CASES[case][0])))
+        assert_refused(argparse_exit(cli, "-q", *run_args(artifact, *CLI_CASES[case])))
 
 
-@pytest.mark.xfail(reason=INPUTS, strict=True)
 def test_zero_new_tokens_generates_none(cli, artifact):
     """The issue allows either: zero tokens, or exit 2."""
     with unchanged(artifact):
@@ -284,7 +266,6 @@ def context_of(artifact) -> int:
     return json.loads((artifact / "model/hf/config.json").read_text())["max_position_embeddings"]
 
 
-@pytest.mark.xfail(reason=INPUTS, strict=True)
 @pytest.mark.parametrize("backend", ["ort", "tvm", "torch"])
 def test_empty_prompt(cli, artifact, backend):
     assert_refused(cli("-q", "run", artifact, "--prompt", "", "--raw", "--backend", backend))
@@ -312,7 +293,7 @@ def test_one_token_prompt_runs(cli, artifact, backend):
 
 @pytest.mark.parametrize(
     "backend",
-    [pytest.param(b, marks=pytest.mark.xfail(reason=INPUTS, strict=True)) for b in ("ort", "torch")] + ["tvm"],
+    ["ort", "torch", "tvm"],
 )
 def test_prompt_of_context_plus_one_tokens(cli, artifact, backend):
     prompt = prompt_of(artifact, context_of(artifact) + 1)
@@ -320,7 +301,6 @@ def test_prompt_of_context_plus_one_tokens(cli, artifact, backend):
     assert code == 2 and str(context_of(artifact)) in err
 
 
-@pytest.mark.xfail(reason=INPUTS, strict=True)
 def test_prompt_plus_new_tokens_beyond_the_context(cli, artifact):
     prompt = prompt_of(artifact, context_of(artifact) - 2)
     code, _, err = assert_refused(cli("-q", "run", artifact, "--prompt", prompt, "--raw", "--max-new-tokens", "8"))
@@ -328,27 +308,24 @@ def test_prompt_plus_new_tokens_beyond_the_context(cli, artifact):
 
 
 EVAL_CASES = {
-    "window 0": (("--window", "0"), True),
-    "window 1": (("--window", "1"), True),
-    "window 10**9": (("--window", str(10**9), "--max-windows", "1"), True),
-    "stride 0": (("--window", "32", "--stride", "0"), True),
-    "max-windows 0": (("--window", "32", "--max-windows", "0"), True),
-    "max-windows -1": (("--window", "32", "--max-windows", "-1"), True),
-    "unknown backend": (("--window", "32", "--max-windows", "1", "--backends", "cuda"), False),
-    "unknown text": (("--text", "austen:nothing"), True),
+    "window 0": ("--window", "0"),
+    "window 1": ("--window", "1"),
+    "window 10**9": ("--window", str(10**9), "--max-windows", "1"),
+    "stride 0": ("--window", "32", "--stride", "0"),
+    "max-windows 0": ("--window", "32", "--max-windows", "0"),
+    "max-windows -1": ("--window", "32", "--max-windows", "-1"),
+    "unknown backend": ("--window", "32", "--max-windows", "1", "--backends", "cuda"),
+    "unknown text": ("--text", "austen:nothing"),
 }
 
 
 @pytest.mark.parametrize(
     "case",
-    [
-        pytest.param(c, marks=[] if ok else [pytest.mark.xfail(reason=INPUTS, strict=True)])
-        for c, (_, ok) in EVAL_CASES.items()
-    ],
+    list(EVAL_CASES),
 )
 def test_extreme_eval_values(cli, artifact, pass_cache, case):
     with unchanged(artifact, pass_cache):
-        assert_refused(cli("-q", "eval", artifact, *EVAL_CASES[case][0]))
+        assert_refused(cli("-q", "eval", artifact, *EVAL_CASES[case]))
 
 
 @pytest.mark.parametrize(
@@ -375,7 +352,6 @@ BENCH_CASES = {
 }
 
 
-@pytest.mark.xfail(reason=INPUTS, strict=True)
 @pytest.mark.parametrize("case", list(BENCH_CASES))
 def test_extreme_bench_values(cli, artifact, pass_cache, case):
     with unchanged(artifact, pass_cache):  # a refused bench writes no reports/bench.json
