@@ -223,6 +223,7 @@ def test_lookup_with_a_loop_that_cannot_copy_is_a_usage_error(cli, tiny_recipe, 
 
 
 def test_pearl_plan_prices_and_runs_its_workers_on_their_share_of_the_cores(cli, tiny_recipe, tmp_path):
+    from accelc.fileutil import sha256_file
     from accelc.runtime.artifact import Artifact
 
     recipe = after_export(tiny_recipe, "{keep_layers: [0], lookup: 4}")
@@ -241,8 +242,13 @@ def test_pearl_plan_prices_and_runs_its_workers_on_their_share_of_the_cores(cli,
     assert plan["alone_session"] and draft.alone_session is None
     artifact_threads = Artifact(out).backends()["ort"]["runtime"]["session"].get("intra_op_threads", 0)
     assert target.alone_session.get_session_options().intra_op_num_threads == artifact_threads
-    # pearl_alone_session: false plans none (those calls then run on the worker's session)
-    (out / "decode" / "plan.json").write_text(json.dumps({**plan, "alone_session": False}))
+    # pearl_alone_session: false plans none (those calls then run on the worker's session); the
+    # plan is rewritten as a compile would write it, its manifest checksum with it
+    rewritten = out / "decode" / "plan.json"
+    rewritten.write_text(json.dumps({**plan, "alone_session": False}))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["decode/plan.json"] = {"bytes": rewritten.stat().st_size, "sha256": sha256_file(rewritten)}
+    (out / "manifest.json").write_text(json.dumps(manifest))
     assert Artifact(out).decode_pair("ort")[0].alone_session is None
     assert json.loads((out / "reports" / "validation.json").read_text())["decode_plan"]["verdict"] == "pass"
 
