@@ -125,3 +125,17 @@ def test_without_openvino_validate_is_exit_3_with_the_pip_command(tiny_recipe, t
     )
     assert done.returncode == 3, done.stderr
     assert "pip install openvino==2026.4.1" in done.stderr
+
+
+def test_a_4bit_draft_of_the_targets_weights_runs_on_openvino(cli, tiny_recipe, tmp_path):
+    # the compressed draft graph (MatMulNBits) starts from the target's prompt cache (state_from_kv)
+    recipe = tiny_recipe(backends="[ort, openvino]")
+    step = "  - type: speculative\n    draft: {from_target: true, weights: int4}\n    strategy: speculative\n"
+    recipe.write_text(recipe.read_text().replace("  - type: export_onnx\n", "  - type: export_onnx\n" + step))
+    out = tmp_path / "out"
+    code, _, err = cli("compile", recipe, "-o", out, "--set", "passes.1.fallback=false")
+    assert code == 0, err
+    report = json.loads((out / "reports" / "validation.json").read_text())
+    assert set(report["draft"]["not_compared"]) == {"ort", "openvino"}
+    row = report["decode_plan"]["backends"]["openvino"]
+    assert row["strategy"] == "speculative" and row["verdict"] == "pass"
