@@ -109,6 +109,7 @@ BACKENDS: Registry[type[Backend]] = Registry(
     (
         "accelc.runtime.torch_backend",
         "accelc.runtime.ort_backend",
+        "accelc.runtime.openvino_backend",
         "accelc.runtime.tvm_backend",
     ),
 )

@@ -1,7 +1,9 @@
-"""cpu: lower a causal LM for CPU serving with ONNX Runtime and/or Apache TVM (llvm).
+"""cpu: lower a causal LM for CPU serving with ONNX Runtime, OpenVINO and/or Apache TVM (llvm).
 
 ONNX Runtime runs the exported graph; what is lowered is its session configuration (threads,
 graph optimisation level, spinning), recorded so the artifact runs exactly as validated.
+OpenVINO (its CPU plugin is oneDNN) runs the same ONNX graph, compiled when opened: what is
+lowered is its compile properties, checked against the installed plugin so a typo is exit 2.
 TVM compiles the torch model of record through its Relax torch frontend into a VM library with
 a KV cache, for the host CPU (detected: `-mcpu=native` is silently generic in TVM 0.27).
 """
@@ -32,6 +34,41 @@ class OrtOptions(registry.Params):
     )
 
 
+class OpenVinoOptions(registry.Params):
+    threads: int = Field(0, ge=0, description="INFERENCE_NUM_THREADS; 0 = the plugin's choice (the cores)")
+    streams: int = Field(1, ge=1, description="NUM_STREAMS: parallel inference streams (batch 1 decoding uses 1)")
+    performance_hint: Literal["LATENCY", "THROUGHPUT"] = Field("LATENCY", description="PERFORMANCE_HINT")
+    pinning: bool = Field(
+        False, description="ENABLE_CPU_PINNING: pins threads to cores; hurts when the cores are shared"
+    )
+    precision: Literal["f32", "bf16"] = Field(
+        "f32",
+        description="INFERENCE_PRECISION_HINT; f32 keeps parity with torch (a bf16-capable CPU otherwise "
+        "computes in bf16); bf16 is faster there but needs looser eval.parity tolerances",
+    )
+    properties: dict[str, str | int | bool] = Field(
+        default_factory=dict,
+        description="further OpenVINO CPU properties by name (EXECUTION_MODE_HINT, KV_CACHE_PRECISION, ...)",
+    )
+
+    def compile_properties(self) -> dict[str, str | int | bool]:
+        """The options as OpenVINO property names, what the runtime compiles with."""
+        named = {
+            "INFERENCE_NUM_THREADS": self.threads,
+            "NUM_STREAMS": self.streams,
+            "PERFORMANCE_HINT": self.performance_hint,
+            "ENABLE_CPU_PINNING": self.pinning,
+            "INFERENCE_PRECISION_HINT": self.precision,
+        }
+        clash = sorted(set(named) & set(self.properties))
+        if clash:
+            raise UsageError(
+                f"targets: cpu openvino.properties sets {', '.join(clash)}, which its own options set; "
+                "use the option (threads, streams, performance_hint, pinning, precision) instead"
+            )
+        return {**named, **self.properties}
+
+
 class TvmOptions(registry.Params):
     mcpu: str = Field("auto", description="LLVM CPU name; auto = the host CPU as LLVM names it")
     num_threads: int = Field(0, ge=0, description="TVM runtime threads (TVM_NUM_THREADS); 0 = all cores")
@@ -42,23 +79,27 @@ class CpuTarget(registry.Target):
     """CPU artifacts: ONNX Runtime session config and/or a TVM llvm VM library."""
 
     kind = "cpu"
-    version = 3  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
+    version = 4  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
     families = ("causal_lm", "onnx")  # an opaque ONNX graph lowers to ORT only (the backends that run it)
 
     class Params(registry.Params):
-        backends: list[Literal["ort", "tvm"]] = Field(default_factory=lambda: ["ort", "tvm"], min_length=1)
+        backends: list[Literal["ort", "openvino", "tvm"]] = Field(default_factory=lambda: ["ort", "tvm"], min_length=1)
         ort: OrtOptions = Field(default_factory=OrtOptions)
+        openvino: OpenVinoOptions = Field(default_factory=OpenVinoOptions)
         tvm: TvmOptions = Field(default_factory=TvmOptions)
 
     @classmethod
     def flow(cls, params):
-        # ONNX Runtime serves the exported graph; TVM compiles the torch checkpoint itself
-        return ("onnx_graph",) if "ort" in params.backends else (), cls.produces, cls.drops
+        # ONNX Runtime and OpenVINO serve the exported graph; TVM compiles the torch checkpoint itself
+        reads_graph = {"ort", "openvino"} & set(params.backends)
+        return ("onnx_graph",) if reads_graph else (), cls.produces, cls.drops
 
     def lower(self, bundle, ctx):
         runtime = {}
         if "ort" in self.params.backends:
             runtime["ort"] = self._lower_ort(bundle, ctx)
+        if "openvino" in self.params.backends:
+            runtime["openvino"] = self._lower_openvino(bundle, ctx)
         if "tvm" in self.params.backends:
             runtime["tvm"] = self._lower_tvm(bundle, ctx)
         return runtime
@@ -83,6 +124,25 @@ class CpuTarget(registry.Target):
             "onnxruntime": onnxruntime.__version__,
             "provider": "CPUExecutionProvider",
         }
+
+    def _lower_openvino(self, bundle, ctx):
+        from accelc.families.base import get_family
+        from accelc.runtime.openvino_backend import OPENVINO, check_properties
+
+        graphs = get_family(bundle.family).graph_roles(bundle)  # the graphs ORT reads: no second export
+        if graphs["target"] not in bundle.graphs:
+            raise UsageError(
+                "the cpu target's openvino backend needs an ONNX decoder: add `- type: export_onnx` "
+                "to passes (or drop 'openvino' from backends)"
+            )
+        OPENVINO.check()  # exit 3 with the pip command, before any work
+        import openvino
+
+        properties = self.params.openvino.compile_properties()
+        check_properties(properties, "targets: cpu openvino")
+        (ctx.workdir / "openvino").mkdir()
+        (ctx.workdir / "openvino" / "properties.json").write_text(json.dumps(properties, indent=2))
+        return {"graphs": graphs, "properties": properties, "openvino": openvino.__version__, "device": "CPU"}
 
     def _lower_tvm(self, bundle, ctx):
         from accelc.compiler.pruning.materialize import check_uniform_kv

@@ -73,7 +73,7 @@ def test_model_needs_exactly_one_source(tmp_path):
 def test_literal_values_are_listed(tmp_path):
     path = write_recipe(tmp_path, "model:\n  builtin: tiny-llama\ntargets:\n  - kind: cpu\n    backends: [ort, cuda]\n")
     msg = error_of(path)
-    assert "targets[0].backends[1]" in msg and "'ort' or 'tvm'" in msg
+    assert "targets[0].backends[1]" in msg and "'ort', 'openvino' or 'tvm'" in msg
 
 
 def test_set_overrides_are_validated_like_recipe_content(tmp_path):
