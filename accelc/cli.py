@@ -301,10 +301,18 @@ def cmd_cache(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as every other input error reads: one line, exit 2 (argparse prints
+    the whole usage text first; `--help` still shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"accelc: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from accelc.runtime.backends import backend_names
 
-    p = argparse.ArgumentParser(prog="accelc", description="inference-acceleration compiler for LMs")
+    p = _Parser(prog="accelc", description="inference-acceleration compiler for LMs")
     p.add_argument("--version", action="version", version=f"accelc {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")

@@ -202,3 +202,17 @@ def test_checkpoint_config_that_is_not_a_model_config(cli, tmp_path, config, exp
     for command in (("validate", recipe), ("compile", recipe, "-o", tmp_path / "out")):
         line = one_line_usage_error(*cli("-q", *command)[::2])
         assert "checkpoint/config.json" in line and expected in line
+
+
+def test_a_usage_error_is_one_line_with_exit_2():
+    """argparse's own refusals (a word for a count, an unknown backend) read like every other
+    input error: one line naming the input, exit 2, no usage dump."""
+    import subprocess
+    import sys
+
+    for args in (["--max-new-tokens", "many"], ["--backend", "cuda"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "accelc", "run", "art", "--prompt", "hi", *args], capture_output=True, text=True
+        )
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and args[0] in lines[0] and "accelc run --help" in lines[0]
