@@ -104,6 +104,22 @@ class Backend:
         return self.open(role, threads=threads, alone_session=alone_session)
 
 
+class GraphBackend(Backend):
+    """A backend that runs the artifact's exported ONNX graphs, one per role (its runtime config's
+    `graphs` names each role's entry of the manifest's `graphs`): ORT, OpenVINO."""
+
+    def held_roles(self) -> dict[str, object]:
+        return dict(self.placement.config.get("graphs", {}))
+
+    def graph(self, role: str) -> Path:
+        art = self.placement.artifact
+        return art.dir / art.manifest["graphs"][self.held_roles()[role]]
+
+    def files(self, role: str) -> list[Path]:
+        graph = self.graph(role)
+        return [graph, graph.with_name(graph.name + ".data")]  # weights over 2 GB sit in the .data file
+
+
 BACKENDS: Registry[type[Backend]] = Registry(
     "runtime backend",
     (

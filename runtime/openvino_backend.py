@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from accelc.errors import UsageError, require
-from accelc.runtime.backends import Backend, Dependency, register_backend
+from accelc.runtime.backends import Dependency, GraphBackend, register_backend
 from accelc.runtime.base import KVState, KVStepModel, kv_length
 
 OPENVINO = Dependency("openvino", "pip install openvino==2026.4.1", "OpenVINO")
@@ -151,7 +151,7 @@ class OpenVinoStepModel(KVStepModel):
 
 
 @register_backend
-class OpenVinoBackend(Backend):
+class OpenVinoBackend(GraphBackend):
     """OpenVINO (CPU plugin, oneDNN) on the artifact's exported ONNX graphs, with the properties it was validated with."""
 
     name = "openvino"
@@ -159,17 +159,6 @@ class OpenVinoBackend(Backend):
     # causal LMs only: an opaque ONNX graph's proof compares ORT against itself (families/onnx_graph.py)
     families = ("causal_lm",)
     threads_per_model = True  # INFERENCE_NUM_THREADS sizes each compiled model's pool
-
-    def held_roles(self) -> dict[str, object]:
-        return dict(self.placement.config.get("graphs", {}))
-
-    def graph(self, role: str) -> Path:
-        art = self.placement.artifact
-        return art.dir / art.manifest["graphs"][self.held_roles()[role]]
-
-    def files(self, role: str) -> list[Path]:
-        graph = self.graph(role)
-        return [graph, graph.with_name(graph.name + ".data")]  # weights over 2 GB sit in the .data file
 
     def open(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> OpenVinoStepModel:
         properties = dict(self.placement.config["properties"])

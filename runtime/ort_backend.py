@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from accelc.errors import require
-from accelc.runtime.backends import Backend, Dependency, register_backend
+from accelc.runtime.backends import Dependency, GraphBackend, register_backend
 from accelc.runtime.base import KVState, KVStepModel, kv_length
 
 # graph metadata an exporter writes when the graph's past and present may share one buffer
@@ -281,24 +281,13 @@ class _Arena:
 
 
 @register_backend
-class OrtBackend(Backend):
+class OrtBackend(GraphBackend):
     """ONNX Runtime (CPU) on the artifact's exported graphs, with the session options it was validated with."""
 
     name = "ort"
     families = ("causal_lm", "onnx")  # an opaque ONNX graph runs here as it is
     dependency = ORT
     threads_per_model = True  # one session per model, each with its own intra-op pool
-
-    def held_roles(self) -> dict[str, object]:
-        return dict(self.placement.config.get("graphs", {}))
-
-    def graph(self, role: str) -> Path:
-        art = self.placement.artifact
-        return art.dir / art.manifest["graphs"][self.held_roles()[role]]
-
-    def files(self, role: str) -> list[Path]:
-        graph = self.graph(role)
-        return [graph, graph.with_name(graph.name + ".data")]  # weights over 2 GB sit in the .data file
 
     def open(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> OrtStepModel:
         session = self.placement.config["session"]
