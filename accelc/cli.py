@@ -66,43 +66,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from accelc.families.causal_lm import encode_prompt
-    from accelc.loops.plan import run_plan
-    from accelc.runtime import limits
     from accelc.runtime.artifact import Artifact
 
-    limits.at_least("--max-new-tokens", args.max_new_tokens)
-    limits.temperature(args.temperature)
     art = Artifact(args.artifact)
-    backend = args.backend or ("ort" if "ort" in art.backends() else "torch")
-    plan = art.plan_for(backend)
-    if plan.planned_strategy is not None:
-        progress.status(plan.reason)
-    tok = art.tokenizer
-    ids = encode_prompt(tok, args.prompt, plan.chat_template and not args.raw)
-    n = plan.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
-    limits.check_generation(art.context_length, len(ids), n, "--max-new-tokens")  # before any session opens
-    target, draft = art.decode_pair(backend)
-    eos = art.eos_ids
-    result = run_plan(plan, target, draft, ids, n, eos_ids=eos, sampler=plan.sampler(args.temperature))
-    print(tok.decode([t for t in result.tokens if t not in eos], skip_special_tokens=True))
-    stats = result.stats
-    extra = ""
-    if "acceptance_rate" in stats:
-        extra = (
-            f", acceptance {stats['acceptance_rate']:.2f}, mean accepted length "
-            f"{stats['mean_accepted_length']:.2f}, target calls {stats['target_calls']}, "
-            f"draft calls {stats['draft_calls']}"
-        )
-        if stats.get("lookup"):
-            extra += f", rounds copied from the context {stats['lookup_rounds']} of {stats['rounds']}"
-    progress.status(
-        f"{backend} [{plan.strategy}]: {len(result.tokens)} tokens, prefill "
-        f"{result.prefill_seconds * 1e3:.0f} ms, decode {result.decode_tokens_per_second:.1f} tok/s{extra}"
-    )
-    if args.show_tokens:
-        print(json.dumps(result.tokens))
-    return 0
+    return art.family.run(art, args)
 
 
 def cmd_inspect(args) -> int:
@@ -331,14 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_compile)
     with_recipe("validate", "check a recipe without compiling").set_defaults(func=cmd_validate)
 
-    sp = sub.add_parser("run", help="generate text with an artifact")
+    sp = sub.add_parser("run", help="generate with an artifact (text from a prompt, samples of a generative model)")
     sp.add_argument("artifact")
-    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--prompt", help="the prompt (language models)")
     sp.add_argument("--max-new-tokens", type=int)
     sp.add_argument("--backend", choices=backend_names())
     sp.add_argument("--temperature", type=float, help="0 = greedy; default: the artifact's decode plan")
     sp.add_argument("--raw", action="store_true", help="do not apply the chat template")
     sp.add_argument("--show-tokens", action="store_true", help="also print the generated token ids")
+    sp.add_argument("--samples", type=int, help="how many samples to draw (generative models of images)")
+    sp.add_argument("--seed", type=int, help="random seed of the samples (default: the artifact's plan)")
+    sp.add_argument("--out", help="where to write what is not text (an image grid, predictions)")
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("inspect", help="summarise an artifact's manifest")

@@ -17,8 +17,7 @@ from accelc import progress
 from accelc.compiler.artifacts import ArtifactWriter, base_manifest, check_writable
 from accelc.compiler.pipeline import PassManager, StepCache
 from accelc.compiler.recipe import recipe_dict, recipe_hash, resolve_path
-from accelc.errors import UsageError, ValidationFailed
-from accelc.loops.plan import DecodePlan
+from accelc.errors import ValidationFailed
 from accelc.runtime.artifact import HF_DIRS
 
 
@@ -89,11 +88,7 @@ def check(recipe):
     model file the family cannot read."""
     from accelc.compiler.dataflow import check_order
     from accelc.families.applicability import check_recipe
-    from accelc.families.causal_lm import builtin_names
 
-    builtin = recipe.model.builtin
-    if builtin is not None and builtin not in builtin_names():  # else only ingest (after --dry-run) says so
-        raise UsageError(f"model.builtin '{builtin}' is not a built-in model; allowed: {', '.join(builtin_names())}")
     family = check_recipe(recipe)
     check_order(recipe, family)
     family.check_input(recipe.model, recipe)
@@ -120,9 +115,9 @@ def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
                 return any(root in p.resolve().parents for root in owned_roots)
 
             layout = _assemble(writer, bundle, lowered, cache_owned)
-            # the recipe's decode section refined by the passes, validated as the runtime reads it
-            plan = DecodePlan.of({**recipe.decode.model_dump(mode="json"), **bundle.plan}).to_json_dict()
-            writer.write_json("decode/plan.json", plan)
+            plan = family.decode_plan(recipe, bundle)  # the recipe's decode section refined by the passes
+            if plan is not None:
+                writer.write_json("decode/plan.json", plan)
             (writer.tmp / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe_dict(recipe), sort_keys=False))
             manifest = {
                 **base_manifest(),
@@ -142,7 +137,7 @@ def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
                 "warnings": [],
             }
             writer.write_json("manifest.json", manifest)  # provisional: the runtime opens the tree
-            manifest["warnings"] += _plan_coverage(writer.tmp)
+            manifest["warnings"] += family.plan_warnings(writer.tmp)
             metrics, reports_ok = family.prove(writer.tmp, recipe, manifest)
             manifest["metrics"] = metrics
             manifest["seconds"] = round(time.perf_counter() - started, 1)
@@ -166,16 +161,3 @@ def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
     remember(out, manifest["files"])  # a run right after the compile need not hash what it just did
     progress.status(f"artifact written to {out} in {time.perf_counter() - started:.0f}s")
     return manifest
-
-
-def _plan_coverage(directory: Path) -> list[str]:
-    """Warn about the backends on which a rewritten loop cannot run (no draft there): they decode
-    autoregressively (Artifact.plan_for), which a deployment on them should know."""
-    from accelc.runtime.artifact import Artifact
-
-    art = Artifact(directory)
-    plain = {b: art.plan_for(b) for b in art.backends()}
-    plain = {b: p.reason for b, p in plain.items() if p.planned_strategy is not None}
-    for reason in plain.values():
-        progress.status(reason)
-    return list(plain.values())

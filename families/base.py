@@ -28,10 +28,22 @@ class Family:
     protocol: ClassVar[type | None] = None  # the runtime protocol its artifacts serve (StepModel)
     provides: ClassVar[tuple[str, ...]] = ()  # what an ingested model already is (compiler/dataflow.py KINDS)
 
+    def builtins(self) -> list[str]:
+        """The built-in models (`model.builtin`) of this family: real ones fetched or trained once
+        into the asset cache, and tiny seeded ones for tests."""
+        return []
+
     def recognises(self, spec, path: Path | None) -> bool:
-        """Whether the recipe's model section (`spec`, with `path` resolved, None for a built-in)
-        names a model of this family."""
-        raise NotImplementedError
+        """Whether the recipe's model section names a model of this family: `spec.builtin` among
+        its built-ins, or the file or folder `path` (resolved) in a format it reads. Families
+        are asked in registry order, so a family that claims only folders of its own kind
+        (a config it recognises) comes before one that claims every folder."""
+        if path is None:
+            return spec.builtin in self.builtins()
+        return self.recognises_path(path)
+
+    def recognises_path(self, path: Path) -> bool:
+        return False
 
     def check_input(self, spec, recipe=None) -> None:
         """Refuse (exit 2, naming the file) a model input this family recognises by its name but
@@ -45,6 +57,22 @@ class Family:
     def graph_roles(self, bundle) -> dict[str, str]:
         """Decode role (target, draft) -> the bundle's graph of that role, for graph backends."""
         raise NotImplementedError
+
+    def decode_plan(self, recipe, bundle) -> dict | None:
+        """What compile writes to the artifact's `decode/plan.json` (how its models are run to
+        generate), from the recipe and what the passes decided (`bundle.plan`); None for a
+        family whose artifacts have no generation loop."""
+        return None
+
+    def plan_warnings(self, directory: Path) -> list[str]:
+        """What a deployment of the provisional artifact in `directory` should know about its
+        plan (backends that cannot run it, say); they go into the manifest's `warnings`."""
+        return []
+
+    def run(self, art, args) -> int:
+        """`accelc run ARTIFACT`: generate with the artifact (text for an LM, an image grid for a
+        flow, predictions for a CNN) from the command line's `args`; returns the exit code."""
+        raise UsageError(f"accelc run: {self.title} artifacts cannot be run")
 
     def prove(self, directory: Path, recipe, manifest: dict[str, Any]) -> tuple[dict, bool]:
         """Validate, evaluate and benchmark the (provisional) artifact in `directory`; write its
@@ -83,9 +111,9 @@ class Family:
 
 FAMILIES: Registry[type[Family]] = Registry(
     "model family",
-    (
-        "accelc.families.causal_lm",
+    (  # asked in this order (family_for): causal_lm, which claims every folder, comes last
         "accelc.families.onnx_graph",
+        "accelc.families.causal_lm",
     ),
 )
 register_family = FAMILIES.register
@@ -108,5 +136,8 @@ def family_for(recipe) -> Family:
     for family in families:
         if family.recognises(spec, path):
             return family
+    if path is None:
+        allowed = ", ".join(name for family in families for name in family.builtins())
+        raise UsageError(f"model.builtin '{spec.builtin}' is not a built-in model; allowed: {allowed}")
     expected = "; or ".join(f.inputs for f in families)
     raise UsageError(f"model path {path}: expected {expected}")

@@ -281,8 +281,12 @@ class CausalLM(Family):
     inputs = "a Hugging Face checkpoint folder, a .gguf file or a built-in model"
     protocol = StepModel
 
-    def recognises(self, spec, path: Path | None) -> bool:
-        return path is None or path.is_dir() or path.suffix == ".gguf"
+    def builtins(self) -> list[str]:
+        return builtin_names()
+
+    def recognises_path(self, path: Path) -> bool:
+        # every folder: an unsupported architecture's config is refused by check_input, by name
+        return path.is_dir() or path.suffix == ".gguf"
 
     def check_input(self, spec, recipe=None) -> None:
         """A GGUF file's header and a checkpoint folder's config; the weights are read at ingest."""
@@ -303,6 +307,21 @@ class CausalLM(Family):
 
     def graph_roles(self, bundle) -> dict[str, str]:
         return {"target": "decoder", **({"draft": "draft"} if "draft" in bundle.graphs else {})}
+
+    def decode_plan(self, recipe, bundle) -> dict:
+        from accelc.loops.plan import DecodePlan
+
+        return DecodePlan.of({**recipe.decode.model_dump(mode="json"), **bundle.plan}).to_json_dict()
+
+    def plan_warnings(self, directory: Path) -> list[str]:
+        from accelc.families.causal_lm_run import plan_coverage
+
+        return plan_coverage(directory)
+
+    def run(self, art, args) -> int:
+        from accelc.families.causal_lm_run import run
+
+        return run(art, args)
 
     def prove(self, directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
         from accelc.families.causal_lm_proof import prove

@@ -44,8 +44,13 @@ class OnnxGraph(Family):
     protocol = None  # the graph's own inputs and outputs: validation feeds it by name
     provides = ("onnx_graph",)  # the input is its own decoder graph
 
-    def recognises(self, spec, path: Path | None) -> bool:
-        return path is not None and path.is_file() and path.suffix == ".onnx"
+    def recognises_path(self, path: Path) -> bool:
+        return path.is_file() and path.suffix == ".onnx"
+
+    def decode_plan(self, recipe, bundle) -> dict:
+        from accelc.loops.plan import DecodePlan
+
+        return DecodePlan.of(recipe.decode.model_dump(mode="json")).to_json_dict()
 
     def check_input(self, spec, recipe=None) -> None:
         from accelc.compiler.recipe import resolve_path

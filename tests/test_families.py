@@ -89,8 +89,10 @@ def test_model_section_is_recognised_as_its_family(tmp_path):
     assert family("builtin: tiny-llama") == "causal_lm"
     assert family(f"path: {tmp_path / 'hf'}") == "causal_lm"
     assert family(f"path: {_onnx_file(tmp_path)}") == "onnx"
-    with pytest.raises(UsageError, match=r"notes\.txt: expected .*checkpoint folder.*\.onnx file"):
+    with pytest.raises(UsageError, match=r"notes\.txt: expected .*\.onnx file.*checkpoint folder"):
         family(f"path: {tmp_path / 'notes.txt'}")
+    with pytest.raises(UsageError, match=r"'tiny-nothing' is not a built-in model; allowed: .*tiny-llama"):
+        family("builtin: tiny-nothing")
 
 
 def test_every_pass_and_target_names_registered_families_and_each_family_lists_them():
