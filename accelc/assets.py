@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import warnings
@@ -316,6 +317,37 @@ def fetch_deb(f: DebFile) -> Path:
         return downloads / got.name
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def deb_members(deb: Path, suffixes: tuple[str, ...]) -> dict[str, bytes]:
+    """Read the files ending in `suffixes` from a .deb's data archive, without unpacking it.
+
+    `dpkg-deb --fsys-tarfile` decompresses whatever the package uses (xz on Debian, zstd on
+    Ubuntu) into a plain tar stream; only the requested regular files are read from it.
+    """
+    try:
+        proc = subprocess.Popen(
+            ["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+    except FileNotFoundError:
+        raise AccelcError("dpkg-deb is needed to read Debian packages: install dpkg") from None
+    found: dict[str, bytes] = {}
+    with proc:
+        try:
+            with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+                for member in tar:
+                    match = next((s for s in suffixes if member.name.endswith(s)), None)
+                    if match and member.isfile():
+                        found[match] = tar.extractfile(member).read()
+        except tarfile.TarError:
+            pass  # dpkg-deb failed before writing a tar stream: its stderr says why, below
+        error = proc.stderr.read().decode(errors="replace").strip()
+    if proc.returncode != 0:
+        raise AccelcError(f"dpkg-deb could not read {deb}: {error}")
+    missing = [s for s in suffixes if s not in found]
+    if missing:
+        raise AccelcError(f"{deb.name} does not contain {', '.join(missing)}")
+    return found
 
 
 # --------------------------------------------------------------------------- GGUF models

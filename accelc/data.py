@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import subprocess
 import tarfile
 import warnings
 import zlib
@@ -123,37 +122,6 @@ def _corpus_digest(texts: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
-def _deb_members(deb: Path, suffixes: tuple[str, ...]) -> dict[str, bytes]:
-    """Read the files ending in `suffixes` from a .deb's data archive, without unpacking it.
-
-    `dpkg-deb --fsys-tarfile` decompresses whatever the package uses (xz on Debian, zstd on
-    Ubuntu) into a plain tar stream; only the requested regular files are read from it.
-    """
-    try:
-        proc = subprocess.Popen(
-            ["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-    except FileNotFoundError:
-        raise AccelcError("dpkg-deb is needed to read Debian packages: install dpkg") from None
-    found: dict[str, bytes] = {}
-    with proc:
-        try:
-            with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-                for member in tar:
-                    match = next((s for s in suffixes if member.name.endswith(s)), None)
-                    if match and member.isfile():
-                        found[match] = tar.extractfile(member).read()
-        except tarfile.TarError:
-            pass  # dpkg-deb failed before writing a tar stream: its stderr says why, below
-        error = proc.stderr.read().decode(errors="replace").strip()
-    if proc.returncode != 0:
-        raise AccelcError(f"dpkg-deb could not read {deb}: {error}")
-    missing = [s for s in suffixes if s not in found]
-    if missing:
-        raise AccelcError(f"{deb.name} does not contain {', '.join(missing)}")
-    return found
-
-
 def _r_lazyload(rdx: bytes, rdb: bytes) -> dict[str, object]:
     """Decode every variable of an R lazy-load database (.rdx index + .rdb blobs).
 
@@ -180,7 +148,7 @@ def _r_lazyload(rdx: bytes, rdb: bytes) -> dict[str, object]:
 
 
 def _austen_texts(deb: Path) -> dict[str, str]:
-    members = _deb_members(deb, (_RDB_SUFFIX, _RDX_SUFFIX))
+    members = assets.deb_members(deb, (_RDB_SUFFIX, _RDX_SUFFIX))
     objects = _r_lazyload(members[_RDX_SUFFIX], members[_RDB_SUFFIX])
     # janeaustenr stores each novel as a character vector of its lines (NA never occurs, but an
     # NA would come back as None: treat it as an empty line).

@@ -370,3 +370,20 @@ def test_smollm2_assets():
     assert (folder / "model.safetensors").stat().st_size > 500e6  # fp32, tied embeddings once
     assert (folder / "tokenizer.json").exists()
     assert assets.smollm2_dir() == folder  # cached: same folder, no work
+
+
+def test_idx_arrays_parse_and_damaged_ones_are_refused():
+    import struct
+
+    import numpy as np
+
+    from accelc.errors import AccelcError
+    from accelc.images import parse_idx
+
+    pixels = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    raw = b"\0\0\x08\x03" + struct.pack(">3I", 2, 3, 4) + pixels.tobytes()
+    assert (parse_idx(raw, "x") == pixels).all()
+    with pytest.raises(AccelcError, match="12 values for shape"):
+        parse_idx(raw[:-12], "x")
+    with pytest.raises(AccelcError, match="not an idx file"):
+        parse_idx(b"PK\x03\x04" + raw[4:], "x")
