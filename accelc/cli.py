@@ -72,6 +72,16 @@ def cmd_run(args) -> int:
     return art.family.run(art, args)
 
 
+def cmd_train(args) -> int:
+    from accelc.families.base import family_of_builtin
+    from accelc.runtime import limits
+
+    limits.at_least("--steps", args.steps)
+    directory = family_of_builtin(args.name).train(args.name, steps=args.steps, fresh=args.fresh)
+    print(directory)
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from accelc.runtime.artifact import Artifact
 
@@ -310,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, help="random seed of the samples (default: the artifact's plan)")
     sp.add_argument("--out", help="where to write what is not text (an image grid, predictions)")
     sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("train", help="train a built-in model that accelc builds itself, into the asset cache")
+    sp.add_argument("name", help="the built-in model (model.builtin in a recipe)")
+    sp.add_argument("--steps", type=int, help="training steps (default: the model's own)")
+    sp.add_argument("--fresh", action="store_true", help="ignore the checkpoint of an earlier, interrupted run")
+    sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("inspect", help="summarise an artifact's manifest")
     sp.add_argument("artifact")

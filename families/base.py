@@ -33,6 +33,13 @@ class Family:
         into the asset cache, and tiny seeded ones for tests."""
         return []
 
+    def train(self, name: str, steps: int | None = None, fresh: bool = False) -> Path:
+        """`accelc train NAME`: build the built-in model `name` that this project trains (on real
+        data, with progress and a checkpoint it resumes from unless `fresh`), into the asset
+        cache; `steps` overrides its training length. Returns the model folder. Built-ins that
+        are fetched or seeded are not trained."""
+        raise UsageError(f"built-in model '{name}' is not trained by accelc; it is fetched or seeded on first use")
+
     def recognises(self, spec, path: Path | None) -> bool:
         """Whether the recipe's model section names a model of this family: `spec.builtin` among
         its built-ins, or the file or folder `path` (resolved) in a format it reads. Families
@@ -124,6 +131,16 @@ def get_family(name: str) -> Family:
     return FAMILIES.require(name)()
 
 
+def family_of_builtin(name: str) -> Family:
+    """The family whose built-in model is `name`."""
+    families = [cls() for cls in load_all().values()]
+    for family in families:
+        if name in family.builtins():
+            return family
+    allowed = ", ".join(n for family in families for n in family.builtins())
+    raise UsageError(f"'{name}' is not a built-in model; allowed: {allowed}")
+
+
 def family_for(recipe) -> Family:
     """The family of the model a recipe's `model:` section names."""
     from accelc.compiler.recipe import resolve_path
@@ -133,11 +150,13 @@ def family_for(recipe) -> Family:
     if path is not None and not path.exists():
         raise UsageError(f"model path {path} does not exist")
     families = [cls() for cls in load_all().values()]
+    if path is None:
+        try:
+            return family_of_builtin(spec.builtin)
+        except UsageError as exc:
+            raise UsageError(f"model.builtin {exc}") from None
     for family in families:
         if family.recognises(spec, path):
             return family
-    if path is None:
-        allowed = ", ".join(name for family in families for name in family.builtins())
-        raise UsageError(f"model.builtin '{spec.builtin}' is not a built-in model; allowed: {allowed}")
     expected = "; or ".join(f.inputs for f in families)
     raise UsageError(f"model path {path}: expected {expected}")

@@ -143,3 +143,12 @@ def test_eval_and_bench_ask_the_artifact_family(cli, tmp_path):
     assert code == 2 and "opaque ONNX graph artifacts have no quality measure" in err and "Traceback" not in err
     code, _, err = cli("bench", out)
     assert code == 2 and "opaque ONNX graph artifacts have no benchmark" in err
+
+
+def test_train_names_the_built_ins_and_refuses_ones_accelc_does_not_train(cli):
+    code, _, err = cli("train", "tiny-nothing")
+    assert code == 2 and "'tiny-nothing' is not a built-in model; allowed:" in err and "tiny-llama" in err
+    code, _, err = cli("train", "tiny-llama")
+    assert code == 2 and "not trained by accelc" in err
+    code, _, err = cli("train", "tiny-llama", "--steps", "0")
+    assert code == 2 and "--steps 0 is below its minimum 1" in err
