@@ -28,7 +28,7 @@ def _load(args):
 
 
 def cmd_compile(args) -> int:
-    from accelc.compiler.compile import check, compile_recipe, output_dir, plan_summary
+    from accelc.compiler.compile import check, compile_recipe, compile_summary, output_dir, plan_summary
 
     recipe = _load(args)
     out = output_dir(recipe, args.output)
@@ -39,8 +39,20 @@ def cmd_compile(args) -> int:
         check_writable(out)
         print(json.dumps(plan_summary(recipe, out), indent=2))
         return 0
-    manifest = compile_recipe(recipe, out, no_cache=args.no_cache)
-    print(json.dumps({"artifact": str(out), "metrics": manifest["metrics"]}, indent=2))
+    try:
+        manifest = compile_recipe(recipe, out, no_cache=args.no_cache)
+    except AccelcError as exc:
+        if args.json:  # a CI step reads stdout whatever happened; stderr and the exit code say it too
+            print(json.dumps({"ok": False, "artifact": str(out), "exit_code": exc.exit_code, "error": str(exc)}))
+        raise
+    summary = compile_summary(manifest, out)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"artifact  {out}")
+    for step in summary["steps"]:
+        print(f"{step['step']:<30} {step['status']:<7} {step['seconds']:8.1f} s")
+    print(f"metrics   {json.dumps(summary['metrics'])}")
     return 0
 
 
@@ -305,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", help="artifact directory (default: the recipe's output.dir)")
     sp.add_argument("--no-cache", action="store_true", help="neither read nor write the pass cache")
     sp.add_argument("--dry-run", action="store_true", help="validate and print the plan; do nothing")
+    sp.add_argument("--json", action="store_true", help="print one machine-readable summary (for CI), also on failure")
     sp.set_defaults(func=cmd_compile)
     with_recipe("validate", "check a recipe without compiling").set_defaults(func=cmd_validate)
 

@@ -72,7 +72,16 @@ def _assemble(writer: ArtifactWriter, bundle, lowered, cache_owned) -> dict:
         for child in item.directory.iterdir():
             if child.name not in ("DONE",):
                 writer.place(child, f"{rel}/{child.name}", link=True)
-        targets.append({"kind": item.kind, "dir": rel, "params": dict(item.params), "runtime": item.runtime})
+        targets.append(
+            {
+                "kind": item.kind,
+                "dir": rel,
+                "params": dict(item.params),
+                "runtime": item.runtime,
+                "status": item.status,
+                "seconds": item.seconds,
+            }
+        )
     return {"graphs": graphs, "targets": targets}
 
 
@@ -159,5 +168,40 @@ def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
     from accelc.runtime.integrity import remember
 
     remember(out, manifest["files"])  # a run right after the compile need not hash what it just did
+    cache_line = cache_summary(manifest)
+    progress.status(
+        f"steps: {cache_line['cached']} from the cache, {cache_line['ran']} ran"
+        + (" (all cache hits: nothing was recompiled; the proof ran again)" if cache_line["all_hits"] else "")
+    )
     progress.status(f"artifact written to {out} in {time.perf_counter() - started:.0f}s")
     return manifest
+
+
+def step_records(manifest: dict) -> list[dict]:
+    """Every pass and target of a compile, in order: its name, "ran" or "cached", seconds."""
+    steps = [{"step": f"pass {p['name']}", "status": p["status"], "seconds": p["seconds"]} for p in manifest["passes"]]
+    steps += [
+        {"step": f"target {t['kind']}", "status": t.get("status", "ran"), "seconds": t.get("seconds", 0.0)}
+        for t in manifest["targets"]
+    ]
+    return steps
+
+
+def cache_summary(manifest: dict) -> dict:
+    steps = step_records(manifest)
+    cached = sum(s["status"] == "cached" for s in steps)
+    return {"cached": cached, "ran": len(steps) - cached, "all_hits": bool(steps) and cached == len(steps)}
+
+
+def compile_summary(manifest: dict, out: Path) -> dict:
+    """`accelc compile --json`: one machine-readable record of a finished compile, for a CI step."""
+    return {
+        "ok": True,
+        "artifact": str(out),
+        "bundle_id": manifest["bundle_id"],
+        "seconds": manifest.get("seconds"),
+        "steps": step_records(manifest),
+        "cache": cache_summary(manifest),
+        "metrics": manifest["metrics"],
+        "warnings": manifest["warnings"],
+    }
