@@ -108,6 +108,19 @@ def cmd_inspect(args) -> int:
         print(f"pass      {p['name']:<24} {p['status']:<7} {p['seconds']:>7.1f}s  {p['key'][:12]}  {p['params']}")
     for t in m.get("targets", []):
         print(f"target    {t['kind']:<24} backends: {', '.join(t['runtime'])}")
+    rss = {b: r.get("peak_rss_mb_median") for b, r in m.get("metrics", {}).get("bench", {}).items()}
+    for backend in art.backends():
+        size = art.footprint(backend)
+        memory = f", peak RSS {rss[backend]:.0f} MiB (bench)" if rss.get(backend) else ""
+        print(
+            f"backend   {backend:<24} model {size['model_bytes'] / 2**20:.1f} MiB + shared "
+            f"{size['shared_bytes'] / 2**20:.1f} MiB{memory}"
+        )
+    if m.get("profile") == "deploy":
+        dropped = m.get("model_of_record", {}).get("files", {})
+        print(
+            f"profile   deploy: torch weights not shipped ({sum(f['bytes'] for f in dropped.values()) / 2**20:.1f} MiB)"
+        )
     for k, v in m.get("metrics", {}).items():
         print(f"metric    {k}: {json.dumps(v)}")
     total = sum(f["bytes"] for f in m.get("files", {}).values())

@@ -18,6 +18,7 @@ from accelc.compiler.artifacts import ArtifactWriter, base_manifest, check_writa
 from accelc.compiler.pipeline import PassManager, StepCache
 from accelc.compiler.recipe import recipe_dict, recipe_hash, resolve_path
 from accelc.errors import ValidationFailed
+from accelc.fileutil import sha256_file
 from accelc.runtime.artifact import HF_DIRS
 
 
@@ -85,6 +86,22 @@ def _assemble(writer: ArtifactWriter, bundle, lowered, cache_owned) -> dict:
     return {"graphs": graphs, "targets": targets}
 
 
+def _drop_torch_weights(tree: Path) -> dict:
+    """Remove the torch checkpoints' weight files from a proven artifact tree (the deploy
+    profile); return what the manifest keeps of them: each file's size and sha256, so the model
+    of record stays identified (and its cache entry findable) without shipping it. Configs and
+    the tokenizer stay: every backend reads them."""
+    from accelc.runtime.artifact import HF_DIRS, WEIGHT_SUFFIXES
+
+    kept = {}
+    for rel in HF_DIRS.values():
+        for path in sorted((tree / rel).glob("*")):
+            if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES):
+                kept[f"{rel}/{path.name}"] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+                path.unlink()
+    return {"files": kept, "note": "torch weights the proof ran against, not shipped (output.profile: deploy)"}
+
+
 def _pruning_summary(bundle) -> dict:
     """The pruned model's budget, parameter counts and widths (from the materialize pass)."""
     report = bundle.reports.get("pruned_model.json")
@@ -149,6 +166,9 @@ def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
             manifest["warnings"] += family.plan_warnings(writer.tmp)
             metrics, reports_ok = family.prove(writer.tmp, recipe, manifest)
             manifest["metrics"] = metrics
+            manifest["profile"] = recipe.output.profile
+            if recipe.output.profile == "deploy":  # proven against the torch weights; now ship without them
+                manifest["model_of_record"] = _drop_torch_weights(writer.tmp)
             manifest["seconds"] = round(time.perf_counter() - started, 1)
             manifest["files"] = writer.file_table()
             writer.write_json("manifest.json", manifest)

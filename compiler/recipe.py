@@ -158,6 +158,12 @@ class EvalSpec(Section):
 
 class OutputSpec(Section):
     dir: str = Field("artifacts/out", description="artifact directory (written atomically)")
+    profile: Literal["dev", "deploy"] = Field(
+        "dev",
+        description="dev: ship the torch model of record beside the lowered backends (run, eval and bench "
+        "against torch); deploy: ship only what the lowered backends read, the torch weights referenced "
+        "by size and sha256 in the manifest (`model_of_record`) after the proof ran against them",
+    )
 
 
 class CacheSpec(Section):

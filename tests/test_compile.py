@@ -218,3 +218,27 @@ def test_the_ci_example_workflow_runs_commands_accelc_accepts():
     for argv in accelc:
         build_parser().parse_args(argv[1:])  # an option the CLI lost would exit 2 here
     assert "--json" in accelc[0]
+
+
+def test_deploy_profile_ships_what_its_backends_read_after_proving_against_torch(cli, tiny_recipe, tmp_path):
+    dev, deploy = tmp_path / "dev", tmp_path / "deploy"
+    recipe = tiny_recipe()
+    assert cli("-q", "compile", recipe, "-o", dev)[0] == 0
+    assert cli("-q", "compile", recipe, "-o", deploy, "--set", "output.profile=deploy")[0] == 0
+    manifest = json.loads((deploy / "manifest.json").read_text())
+    dropped = manifest["model_of_record"]["files"]
+    assert manifest["profile"] == "deploy" and manifest["metrics"]["validation"] == {"torch": "pass", "ort": "pass"}
+    assert "model/hf/model.safetensors" in dropped and not (deploy / "model/hf/model.safetensors").exists()
+    assert dropped["model/hf/model.safetensors"] == json.loads((dev / "manifest.json").read_text())["files"][
+        "model/hf/model.safetensors"
+    ]  # the model of record, identified by the same size and sha256 the dev artifact ships
+    assert not any(f.endswith(".safetensors") for f in manifest["files"])
+    code, out, err = cli("run", deploy, "--prompt", "hello", "--max-new-tokens", 3, "--raw", "--show-tokens")
+    assert code == 0, err
+    code, _, err = cli("run", deploy, "--prompt", "hello", "--backend", "torch")
+    assert code == 2 and "ships no torch weights" in err and "available: ort" in err
+    code, out, _ = cli("inspect", deploy)
+    graph = manifest["files"]["model/onnx/decoder.onnx"]["bytes"]
+    assert code == 0 and f"model {graph / 2**20:.1f} MiB" in out and "profile   deploy" in out
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    assert total < 1.2 * graph  # the weights its backend needs, and little else
