@@ -229,9 +229,10 @@ def test_deploy_profile_ships_what_its_backends_read_after_proving_against_torch
     dropped = manifest["model_of_record"]["files"]
     assert manifest["profile"] == "deploy" and manifest["metrics"]["validation"] == {"torch": "pass", "ort": "pass"}
     assert "model/hf/model.safetensors" in dropped and not (deploy / "model/hf/model.safetensors").exists()
-    assert dropped["model/hf/model.safetensors"] == json.loads((dev / "manifest.json").read_text())["files"][
-        "model/hf/model.safetensors"
-    ]  # the model of record, identified by the same size and sha256 the dev artifact ships
+    assert (
+        dropped["model/hf/model.safetensors"]
+        == json.loads((dev / "manifest.json").read_text())["files"]["model/hf/model.safetensors"]
+    )  # the model of record, identified by the same size and sha256 the dev artifact ships
     assert not any(f.endswith(".safetensors") for f in manifest["files"])
     code, out, err = cli("run", deploy, "--prompt", "hello", "--max-new-tokens", 3, "--raw", "--show-tokens")
     assert code == 0, err
