@@ -38,6 +38,53 @@ ORT_GPU_INSTALL = f'pip uninstall -y onnxruntime && pip install "onnxruntime-gpu
 ORT_GPU = Dependency(ORT.module, ORT_GPU_INSTALL, "ONNX Runtime with its CUDA provider (onnxruntime-gpu)")
 
 
+# ONNX Runtime can replay a CUDA graph only when every input keeps its shape and address; the
+# exported graphs take an attention mask [1, P + k] that grows every step, so none qualifies.
+CUDA_GRAPH_REFUSED = (
+    "ONNX Runtime replays a CUDA graph only for fixed input shapes; the decoder's attention_mask "
+    "[1, P+k] grows every step (CUDA graphs apply to the tvm backend's decode)"
+)
+
+
+def runtime_config(
+    graphs: Mapping[str, str],
+    *,
+    device_id: int,
+    arena_extend_strategy: str,
+    cudnn_conv_algo_search: str,
+    cpu_fallback: str,
+    intra_op_threads: int,
+    graph_optimization_level: str,
+    memory_limit_mb: int | None,
+    cuda_graph_asked: bool,
+) -> dict:
+    """The runtime config of a cuda-ort artifact (what the cuda target records and `cuda_session` opens)."""
+    provider = {
+        "device_id": device_id,
+        "arena_extend_strategy": arena_extend_strategy,  # kSameAsRequested: KV growth does not double the arena
+        "cudnn_conv_algo_search": cudnn_conv_algo_search,
+        "do_copy_in_default_stream": 1,
+        "enable_cuda_graph": 0,
+    }
+    if memory_limit_mb:
+        provider["gpu_mem_limit"] = memory_limit_mb * 2**20
+    return {
+        "graphs": dict(graphs),
+        "session": {
+            "intra_op_threads": intra_op_threads,
+            "inter_op_threads": 1,
+            "graph_optimization_level": graph_optimization_level,
+            "allow_spinning": False,
+        },
+        "cuda_provider": provider,
+        "cpu_fallback": cpu_fallback,
+        "kv_cache": "device (IO binding: present outputs bound as the next step's past inputs)",
+        "cuda_graph": {"enabled": False, "reason": CUDA_GRAPH_REFUSED} if cuda_graph_asked else None,
+        "install": ORT_GPU_INSTALL,
+        "onnxruntime_gpu": ORT_GPU_VERSION,
+    }
+
+
 def provider_list(cfg: Mapping[str, Any]) -> list:
     """The providers a session is opened with, from the runtime config the cuda target wrote."""
     providers: list = [(CUDA_PROVIDER, {k: str(v) for k, v in cfg["cuda_provider"].items()})]

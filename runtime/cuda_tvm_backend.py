@@ -38,6 +38,9 @@ from accelc.runtime.tvm_backend import TVM
 
 META_FILE = "decoder.json"
 SUPPORTED_META_SCHEMA = 1
+# library folder -> how many times its shipped fatbin was handed to TVM's CUDA loader (the GPU
+# check reports it: kernels came from the fatbin, not from a compile at load)
+FATBIN_SERVED: dict[str, int] = {}
 DRIVER_FIX = "an NVIDIA driver of the R580 branch or newer (CUDA 13), e.g. `apt-get install nvidia-driver-580`"
 
 
@@ -113,6 +116,7 @@ def _ship_fatbin(directory: Path, meta: dict) -> None:
                 f"{directory}: the CUDA source in the library (sha256 {got[:12]}) is not the one the shipped "
                 f"fatbin was compiled from ({expected[:12]}): rebuild the artifact"
             )
+        FATBIN_SERVED[str(directory)] = FATBIN_SERVED.get(str(directory), 0) + 1
         return bytearray(binary)
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_hook, override=True)

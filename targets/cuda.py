@@ -24,13 +24,6 @@ from accelc.compiler import registry
 from accelc.errors import UsageError
 from accelc.targets.tvm_nn_build import DEFAULT_ARCHS, arch_error
 
-# ONNX Runtime can replay a CUDA graph only when every input keeps its shape and address; the
-# exported graphs take an attention mask [1, P + k] that grows every step, so none qualifies.
-ORT_CUDA_GRAPH_REFUSED = (
-    "ONNX Runtime replays a CUDA graph only for fixed input shapes; the decoder's attention_mask "
-    "[1, P+k] grows every step (CUDA graphs apply to the tvm backend's decode)"
-)
-
 
 class TvmCudaOptions(registry.Params):
     aot: Literal["auto", "require", "off"] = Field(
@@ -134,7 +127,7 @@ class CudaTarget(registry.Target):
 
     def _lower_ort(self, bundle, ctx):
         from accelc.families.base import get_family
-        from accelc.runtime.cuda_ort_backend import ORT_GPU_INSTALL, ORT_GPU_VERSION
+        from accelc.runtime.cuda_ort_backend import runtime_config
 
         graphs = get_family(bundle.family).graph_roles(bundle)
         if graphs["target"] not in bundle.graphs:
@@ -143,30 +136,17 @@ class CudaTarget(registry.Target):
                 "to passes (or drop 'ort' from backends)"
             )
         o = self.params.ort
-        provider = {
-            "device_id": o.device_id,
-            "arena_extend_strategy": o.arena_extend_strategy,
-            "cudnn_conv_algo_search": o.cudnn_conv_algo_search,
-            "do_copy_in_default_stream": 1,
-            "enable_cuda_graph": 0,
-        }
-        if self.params.memory_limit_mb:
-            provider["gpu_mem_limit"] = self.params.memory_limit_mb * 2**20
-        config = {
-            "graphs": graphs,
-            "session": {
-                "intra_op_threads": o.intra_op_threads,
-                "inter_op_threads": 1,
-                "graph_optimization_level": o.graph_optimization_level,
-                "allow_spinning": False,
-            },
-            "cuda_provider": provider,
-            "cpu_fallback": o.cpu_fallback,
-            "kv_cache": "device (IO binding: present outputs bound as the next step's past inputs)",
-            "cuda_graph": {"enabled": False, "reason": ORT_CUDA_GRAPH_REFUSED} if self.params.cuda_graphs else None,
-            "install": ORT_GPU_INSTALL,
-            "onnxruntime_gpu": ORT_GPU_VERSION,
-        }
+        config = runtime_config(
+            graphs,
+            device_id=o.device_id,
+            arena_extend_strategy=o.arena_extend_strategy,
+            cudnn_conv_algo_search=o.cudnn_conv_algo_search,
+            cpu_fallback=o.cpu_fallback,
+            intra_op_threads=o.intra_op_threads,
+            graph_optimization_level=o.graph_optimization_level,
+            memory_limit_mb=self.params.memory_limit_mb,
+            cuda_graph_asked=self.params.cuda_graphs,
+        )
         (ctx.workdir / "ort").mkdir()
         (ctx.workdir / "ort" / "session.json").write_text(json.dumps(config, indent=2))
         return config

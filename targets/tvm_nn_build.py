@@ -252,12 +252,17 @@ def lower_decoder(
     aot: str = "auto",
     prefill_chunk_size: int = 512,
     page_size: int = 16,
+    twin_target: dict | None = None,
+    write_params: bool = True,
 ) -> dict:
     """Write the decoder of the checkpoint in `model_dir` to `out_dir`; return decoder.json's content.
 
     `architectures`: build the CUDA library for these (None: no CUDA library); `twin`: also the
     llvm library (the CPU twin); `aot`: "auto" compiles a fatbin when nvcc is found, "require"
     fails (exit 3) without it, "off" ships the CUDA source only (JIT-compiled at load).
+    `twin_target`: the llvm target of the twin (default: this machine's CPU); `write_params`: False
+    leaves the weights out (benchmarks/gpu_check.py carries the libraries to a GPU machine and
+    fills them there).
 
     Files: model_cuda.so, kernels.cu (the CUDA source, for review), kernels.fatbin, model_llvm.so,
     params.safetensors (fused, float32) and decoder.json.
@@ -319,7 +324,7 @@ def lower_decoder(
             meta["nvcc"] = meta["fatbin"]["nvcc"]
             meta["timings"]["nvcc_s"] = round(time.perf_counter() - t0, 3)
     if twin:
-        target = llvm_target()
+        target = twin_target or llvm_target()
         t0 = time.perf_counter()
         with progress.step("cuda: compile the llvm twin of the decoder"):
             executable, names, _ = compile_decoder(config, target)
@@ -330,6 +335,7 @@ def lower_decoder(
     if names is None:
         raise UsageError("lower_decoder needs architectures or twin (nothing to build)")
     meta["params"] = names
-    save_file(tvm_nn_llm.fused_weights(model_dir, config, names), str(out_dir / meta["param_file"]))
+    if write_params:
+        save_file(tvm_nn_llm.fused_weights(model_dir, config, names), str(out_dir / meta["param_file"]))
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     return meta
