@@ -29,7 +29,7 @@ import numpy as np
 from accelc.errors import MissingDependency, UsageError
 from accelc.runtime.backends import Dependency, GraphBackend, register_backend
 from accelc.runtime.base import KVState, KVStepModel, kv_length
-from accelc.runtime.cuda_tvm_backend import driver_problem
+from accelc.runtime.cuda_tvm_backend import GpuUnavailable, driver_problem
 from accelc.runtime.ort_backend import ORT, OrtStepModel, session_options
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -115,6 +115,8 @@ def cuda_session(graph: Path, cfg: Mapping[str, Any]):
             f"ONNX Runtime's CUDA provider (this onnxruntime {ort.__version__} has only {', '.join(available)})",
             ORT_GPU_INSTALL,
         )
+    if driver_problem():
+        raise GpuUnavailable("cuda-ort", driver_problem())
     options = session_options(cfg.get("session", {}))
     if cfg.get("cpu_fallback", "refuse") == "refuse":
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")

@@ -31,17 +31,25 @@ from pathlib import Path
 
 import numpy as np
 
-from accelc.errors import MissingDependency, UsageError
+from accelc.errors import AccelcError, MissingDependency, UsageError
 from accelc.runtime.backends import Backend, register_backend
 from accelc.runtime.base import KVState, KVStepModel
 from accelc.runtime.tvm_backend import TVM
 
 META_FILE = "decoder.json"
 SUPPORTED_META_SCHEMA = 1
+BRANCH_POSITIONS = 256  # positions of its own a live branch may hold beyond the shared prefix
 # library folder -> how many times its shipped fatbin was handed to TVM's CUDA loader (the GPU
 # check reports it: kernels came from the fatbin, not from a compile at load)
 FATBIN_SERVED: dict[str, int] = {}
-DRIVER_FIX = "an NVIDIA driver of the R580 branch or newer (CUDA 13), e.g. `apt-get install nvidia-driver-580`"
+
+
+class GpuUnavailable(MissingDependency):
+    """What a GPU backend needs of the machine is missing (exit 3, as a missing package is)."""
+
+    def __init__(self, backend: str, why: str):
+        AccelcError.__init__(self, f"the {backend} backend cannot run here: {why}")
+        self.install = why
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,7 +75,7 @@ def driver_problem() -> str | None:
     try:
         ctypes.CDLL("libcuda.so.1")
     except OSError:
-        return "no NVIDIA driver: libcuda.so.1 cannot be loaded"
+        return "no NVIDIA driver (libcuda.so.1 cannot be loaded; it needs one of the R580 branch or newer, CUDA 13)"
     return None
 
 
@@ -125,7 +133,11 @@ def _ship_fatbin(directory: Path, meta: dict) -> None:
 class PagedKVStepModel(KVStepModel):
     """A StepModel over the decoder's library on `device` ("cuda" or "cpu", the llvm twin)."""
 
-    def __init__(self, directory: Path, device: str = "cuda", *, max_sequences: int = 8):
+    def __init__(
+        self, directory: Path, device: str = "cuda", *, max_sequences: int = 4, memory_limit_mb: int | None = None
+    ):
+        """`max_sequences`: live branches the cache holds at once (batch speculative's); `memory_limit_mb`:
+        the weights plus the cache's pages must fit, so the context shrinks to what does."""
         self.directory = directory = Path(directory)
         meta_path = directory / META_FILE
         if not meta_path.is_file():
@@ -142,7 +154,7 @@ class PagedKVStepModel(KVStepModel):
         if device == "cuda":
             problem = cuda_problem(meta)
             if problem:
-                raise MissingDependency(f"the cuda-tvm backend ({problem})", DRIVER_FIX)
+                raise GpuUnavailable("cuda-tvm", problem)
             _ship_fatbin(directory, meta)
         self._tvm = tvm
         self._dev = tvm.cuda(0) if device == "cuda" else tvm.cpu()
@@ -154,6 +166,20 @@ class PagedKVStepModel(KVStepModel):
         cache = meta["kv_cache"]
         self.max_seq_len = int(cache["max_total_seq_len"])
         self.prefill_chunk = int(cache["prefill_chunk_size"])
+        # the cache allocates its pages up front: one context, plus room for the branches' own
+        # positions (forks share the full pages of their prefix)
+        slack = BRANCH_POSITIONS * (max_sequences - 1)
+        positions = self.max_seq_len + slack
+        if memory_limit_mb:
+            per_position = 2 * self.num_layers * self.kv_heads * self.head_dim * 4
+            room = memory_limit_mb * 2**20 - (directory / meta["param_file"]).stat().st_size
+            if room // per_position < slack + int(cache["page_size"]):
+                raise UsageError(
+                    f"memory_limit_mb {memory_limit_mb} holds the weights but not a KV cache "
+                    f"({per_position} bytes a position): raise it in targets.cuda"
+                )
+            positions = min(positions, room // per_position)
+            self.max_seq_len = positions - slack
 
         library = tvm.runtime.load_module(str(directory / meta["libraries"][device]))
         self._vm = VirtualMachine(library, self._dev)
@@ -165,7 +191,7 @@ class PagedKVStepModel(KVStepModel):
                 shape([v])
                 for v in (
                     max_sequences,
-                    self.max_seq_len * max_sequences,
+                    positions,
                     self.prefill_chunk,
                     int(cache["page_size"]),
                     0,
@@ -309,7 +335,8 @@ class CudaTvmBackend(Backend):
         return cuda_problem(json.loads((directory / META_FILE).read_text()))
 
     def open(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> PagedKVStepModel:
-        return PagedKVStepModel(self.placement.directory / self.held_roles()[role], self.device)
+        limit = self.placement.config.get("memory_limit_mb")
+        return PagedKVStepModel(self.placement.directory / self.held_roles()[role], self.device, memory_limit_mb=limit)
 
 
 @register_backend
