@@ -130,21 +130,6 @@ def _cuda_pipeline(target, record: dict):
     return pipeline
 
 
-def _llvm_pipeline(target):
-    import tvm
-    from tvm import relax
-
-    @tvm.transform.module_pass(opt_level=0, name="AccelcLlvmPipeline")
-    def pipeline(mod, _ctx):
-        with target:
-            seq = tvm.transform.Sequential(
-                [relax.transform.FuseTransposeMatmul(), relax.backend.cpu_generic.get_default_pipeline(target)]
-            )
-            return seq(mod)
-
-    return pipeline
-
-
 def compile_decoder(config, target: dict, *, cuda_graph: bool = False):
     """(executable, parameter names, schedule record) of the decoder built for `target`.
 
@@ -161,7 +146,9 @@ def compile_decoder(config, target: dict, *, cuda_graph: bool = False):
     if target["kind"] == "cuda":
         pipeline = _cuda_pipeline(target_obj, record)
     else:
-        pipeline = _llvm_pipeline(target_obj)
+        from accelc.targets.tvm_schedules import cpu_pipeline  # accelc's CPU schedules (FuseTransposeMatmul first)
+
+        pipeline = cpu_pipeline(target_obj)
     try:
         with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": bool(cuda_graph)}):
             executable = tvm.compile(mod, target_obj, relax_pipeline=pipeline)
