@@ -186,3 +186,9 @@ def test_unsupported_architecture_family_is_exit_2(tmp_path):
     base = {**TINY_CONFIGS["tiny-llama"], "vocab_size": 258}
     with pytest.raises(UsageError, match="rope_scaling 'yarn'"):
         LlmConfig.from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_targets_show_cuda_lists_its_options(cli):
+    code, out, err = cli("targets", "show", "cuda")
+    assert code == 0, err
+    assert '"sm_80", "sm_86", "sm_89", "sm_90"' in out and '"cpu_fallback": "refuse"' in out
