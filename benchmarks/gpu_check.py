@@ -5,7 +5,7 @@ Three steps, each a subcommand (docs/cuda.md says how a session runs them on the
     prepare  (here, no GPU)   build the payload: SmolLM2-135M's decoder for sm_80 and sm_90 (CUDA
                               library + nvcc fatbin, the same with CUDA graphs, the llvm twin for
                               any x86-64-v3 CPU), a runtime-only TVM for Python 3.12, the config.
-                              No weights: about 40 MB.
+                              No weights: about 33 MB.
     run      (on the GPU)     seeded weights of that config; load the artifact (kernels from the
                               fatbin, not compiled at load), prefill and decode, logits against
                               torch on the GPU and the CPU twin, decode tokens/s of TVM CUDA (with
