@@ -134,7 +134,7 @@ class PagedKVStepModel(KVStepModel):
     """A StepModel over the decoder's library on `device` ("cuda" or "cpu", the llvm twin)."""
 
     def __init__(
-        self, directory: Path, device: str = "cuda", *, max_sequences: int = 4, memory_limit_mb: int | None = None
+        self, directory: Path, device: str = "cuda", *, max_sequences: int = 8, memory_limit_mb: int | None = None
     ):
         """`max_sequences`: live branches the cache holds at once (batch speculative's); `memory_limit_mb`:
         the weights plus the cache's pages must fit, so the context shrinks to what does."""
