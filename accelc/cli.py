@@ -94,6 +94,22 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from accelc.serve.server import ServeOptions, serve
+
+    options = ServeOptions(
+        workers=args.workers,
+        threads=args.threads,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout,
+        backend=args.backend,
+        model_name=args.model_name,
+    )
+    serve(args.artifact, args.host, args.port, options)
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from accelc.runtime.artifact import Artifact
 
@@ -357,6 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, help="training steps (default: the model's own)")
     sp.add_argument("--fresh", action="store_true", help="ignore the checkpoint of an earlier, interrupted run")
     sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over batching, pinned worker processes")
+    sp.add_argument("artifact")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    sp.add_argument("--port", type=int, default=8000, help="0: any free port (the one chosen is printed)")
+    sp.add_argument("--workers", type=int, default=1, help="worker processes, each pinned to its own cores")
+    sp.add_argument("--threads", type=int, help="threads (cores) per worker (default: an equal share)")
+    sp.add_argument("--max-batch", type=int, default=8, help="sequences a worker decodes per model call")
+    sp.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batches (then HTTP 429)")
+    sp.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take (then HTTP 504)")
+    sp.add_argument("--backend", choices=backend_names(), help="default: ort where the artifact has it")
+    sp.add_argument("--model-name", help="the model id clients name (default: the artifact folder's name)")
+    sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("inspect", help="summarise an artifact's manifest")
     sp.add_argument("artifact")

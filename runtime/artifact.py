@@ -143,6 +143,11 @@ class Artifact:
         (StepModel.alone)."""
         return self.backend(backend).step_model(role, threads=threads, alone_session=alone_session)
 
+    def batch_model(self, backend: str, *, slots: int, threads: int | None = None):
+        """The target decoding up to `slots` sequences per call on `backend` (runtime/base.py
+        BatchModel; what `accelc serve` batches with), or None where that backend cannot."""
+        return self.backend(backend).open_batched("target", slots=slots, threads=threads)
+
     def check_backend(self, backend: str) -> None:
         """Refuse now, by name, what a run on `backend` would fail on: its models (Backend.check),
         the decode plan and the tokenizer files."""

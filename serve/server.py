@@ -1,0 +1,121 @@
+"""`accelc serve ARTIFACT`: the artifact's workers behind an OpenAI-compatible HTTP server.
+
+Layout (docs/serving.md): the HTTP process (uvicorn + FastAPI, app.py) tokenizes, checks and routes
+requests (router.py); N worker processes (worker.py), each pinned to its own cores (cores.py),
+decode them with continuous batching (batching.py over runtime/ort_batch.py) or, where a batch
+cannot run, with the artifact's decode plan. The workers never see HTTP, the HTTP process never
+runs a model.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelc import progress
+from accelc.errors import UsageError
+from accelc.runtime.backends import Dependency
+
+SERVE = Dependency("fastapi", "pip install 'accelc[serve]'", "the HTTP server (FastAPI)")
+SERVER_DEPENDENCIES = (
+    SERVE,
+    Dependency("uvicorn", "pip install 'accelc[serve]'", "the ASGI server uvicorn"),
+    Dependency("prometheus_client", "pip install 'accelc[serve]'", "the Prometheus client"),
+)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    workers: int = 1
+    threads: int | None = None  # per worker; default an equal share of the cores
+    max_batch: int = 8
+    max_queue: int = 64
+    timeout_s: float = 300.0
+    backend: str | None = None
+    model_name: str | None = None
+
+
+def check_options(o: ServeOptions) -> None:
+    from accelc.runtime import limits
+
+    limits.at_least("--workers", o.workers)
+    limits.at_least("--threads", o.threads)
+    limits.at_least("--max-batch", o.max_batch)
+    limits.at_least("--max-queue", o.max_queue, 0)
+    if not o.timeout_s > 0:
+        raise UsageError(f"--timeout {o.timeout_s} is not a duration; give a positive number of seconds")
+
+
+def service(artifact_dir: str | Path, o: ServeOptions):
+    """The artifact checked, its workers started and their HTTP service built (app.Service)."""
+    from accelc.families.causal_lm import CausalLM
+    from accelc.runtime.artifact import Artifact
+    from accelc.serve.app import Service
+    from accelc.serve.cores import core_sets
+    from accelc.serve.router import Router
+    from accelc.serve.worker import WorkerSpec
+
+    check_options(o)
+    for dependency in SERVER_DEPENDENCIES:
+        dependency.check()
+    art = Artifact(artifact_dir)
+    if not isinstance(art.family, CausalLM):
+        raise UsageError(f"{art.dir}: accelc serve serves language models; this artifact is a {art.family.title}")
+    backend = o.backend or ("ort" if "ort" in art.backends() else "torch")
+    if backend not in art.backends():
+        raise UsageError(
+            f"--backend {backend}: not a backend of this artifact; choose from {', '.join(art.backends())}"
+        )
+    art.check_backend(backend)
+    specs = [
+        WorkerSpec(str(art.dir), backend, tuple(cores), o.max_batch, art.eos_ids)
+        for cores in core_sets(o.workers, o.threads)
+    ]
+    router = Router(specs, o.max_queue)
+    with progress.step(f"starting {o.workers} worker(s) on {backend}"):
+        router.start()
+    return Service(
+        router=router,
+        model_name=o.model_name or art.dir.name,
+        tokenizer=art.tokenizer,
+        eos_ids=art.eos_ids,
+        context=art.context_length,
+        plan=art.plan_for(backend),
+        timeout_s=o.timeout_s,
+    )
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before uvicorn starts, so `--port 0` can say which port it got."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UsageError(f"--host {host}: cannot resolve it ({exc})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
+    return sock
+
+
+def serve(artifact_dir: str | Path, host: str, port: int, options: ServeOptions) -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    from accelc.serve.app import build_app
+
+    sock = listening_socket(host, port)
+    svc = service(artifact_dir, options)
+    try:
+        bound_host, bound_port = sock.getsockname()[:2]
+        progress.status(f"serving '{svc.model_name}' on http://{bound_host}:{bound_port}/v1 (Ctrl-C stops)")
+        config = uvicorn.Config(build_app(svc), log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        svc.router.close()
+        sock.close()
