@@ -127,6 +127,13 @@ class Artifact:
 
         return context_length([self.dir / HF_DIRS[role] for role in self.roles()])
 
+    @cached_property
+    def vocab_size(self) -> int | None:
+        """The target's vocabulary (its config's `vocab_size`): the token ids its models take."""
+        self.integrity.require(f"{HF_DIR}/config.json")
+        config = json.loads((self.dir / HF_DIR / "config.json").read_text())
+        return config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None
+
     def roles(self) -> list[str]:
         """Decode roles this artifact carries: always "target", plus "draft" for speculative plans."""
         return [role for role, rel in HF_DIRS.items() if (self.dir / rel / "config.json").exists()]

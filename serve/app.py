@@ -106,6 +106,7 @@ class Service:
     context: int | None
     plan: object  # loops.plan.DecodePlan: the defaults of max_tokens, temperature, top_p, seed
     timeout_s: float
+    vocab_size: int | None = None  # the model's: a tokenizer with more ids than it must not feed them
     created: int = 0
 
     def __post_init__(self):
@@ -144,6 +145,7 @@ class Generation:
 
     def __init__(self, svc: Service, endpoint: str, prompt: list[int], body: _Body, max_tokens: int):
         self.svc, self.endpoint, self.prompt = svc, endpoint, prompt
+        self.text = Detokenizer(svc.tokenizer, svc.eos_ids, body.stops())  # refuses bad stops before admission
         plan = svc.plan
         temperature = body.temperature if body.temperature is not None else (plan.temperature if plan.samples else 0.0)
         self.id, self.queue = svc.router.submit(
@@ -155,7 +157,6 @@ class Generation:
             seed=body.seed if body.seed is not None else plan.seed,
         )
         svc.metrics.prompt_tokens.inc(len(prompt))
-        self.text = Detokenizer(svc.tokenizer, svc.eos_ids, body.stops())
         self.generated, self.finish = 0, None
         self.started = time.monotonic()
 
@@ -222,12 +223,24 @@ def _check(svc: Service, body: _Body, prompt: list[int], max_tokens: int | None)
                        param="model", code="model_not_found")  # fmt: skip
     from accelc.runtime import limits
 
+    if svc.vocab_size is not None:
+        outside = next((t for t in prompt if not 0 <= t < svc.vocab_size), None)
+        if outside is not None:
+            raise ApiError(400, f"the prompt encodes to token id {outside}, outside the model's vocabulary "
+                           f"of {svc.vocab_size} (its tokenizer knows more tokens than the model)")  # fmt: skip
     n = svc.plan.max_new_tokens if max_tokens is None else max_tokens
     try:
         limits.check_generation(svc.context, len(prompt), n, "max_tokens")
     except UsageError as exc:
         raise ApiError(400, str(exc), param="max_tokens" if len(prompt) else "prompt") from None
     return n
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    try:
+        return list(tokenizer(text)["input_ids"])
+    except Exception as exc:  # e.g. a lone surrogate (valid JSON, not valid Unicode)
+        raise ApiError(400, f"the prompt cannot be tokenized ({type(exc).__name__}: {exc})", param="prompt") from None
 
 
 def _encode_chat(tokenizer, messages: list[Message]) -> list[int]:
@@ -239,8 +252,7 @@ def _encode_chat(tokenizer, messages: list[Message]) -> list[int]:
             return list(tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True))
         except Exception as exc:  # the template's own rules (e.g. alternating roles) refuse the turns
             raise ApiError(400, f"messages: the model's chat template refuses them ({exc})", param="messages") from None
-    text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
-    return list(tokenizer(text)["input_ids"])
+    return _encode(tokenizer, "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:")
 
 
 def _admit(svc: Service, endpoint: str, prompt: list[int], body: _Body, max_tokens: int | None) -> Generation:
@@ -281,6 +293,11 @@ def build_app(svc: Service) -> FastAPI:
     async def api_error(request: Request, exc: ApiError):
         return exc.response()
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):  # a bug of accelc's: still a JSON answer
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        return ApiError(500, message, kind="server_error").response()
+
     @app.middleware("http")
     async def count(request: Request, call_next):
         response = await call_next(request)
@@ -307,7 +324,7 @@ def build_app(svc: Service) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         body: CompletionBody = await _body(request, CompletionBody)
-        prompt = list(svc.tokenizer(body.text())["input_ids"])
+        prompt = _encode(svc.tokenizer, body.text())
         gen = _admit(svc, "/v1/completions", prompt, body, body.max_tokens)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 

@@ -9,7 +9,10 @@ runs a model.
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +86,7 @@ def service(artifact_dir: str | Path, o: ServeOptions):
         context=art.context_length,
         plan=art.plan_for(backend),
         timeout_s=o.timeout_s,
+        vocab_size=art.vocab_size,
     )
 
 
@@ -101,6 +105,33 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise UsageError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
     return sock
+
+
+@contextlib.contextmanager
+def running(artifact_dir: str | Path, options: ServeOptions, host: str = "127.0.0.1", port: int = 0):
+    """The server in a thread of this process until the block ends (tests, `accelc bench --serve`):
+    yields (service, base URL)."""
+    import uvicorn
+
+    from accelc.serve.app import build_app
+
+    sock = listening_socket(host, port)
+    svc = service(artifact_dir, options)
+    server = uvicorn.Server(uvicorn.Config(build_app(svc), log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise UsageError("the HTTP server stopped while starting")
+            time.sleep(0.01)
+        bound_host, bound_port = sock.getsockname()[:2]
+        yield svc, f"http://{bound_host}:{bound_port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        svc.router.close()
+        sock.close()
 
 
 def serve(artifact_dir: str | Path, host: str, port: int, options: ServeOptions) -> None:
