@@ -29,6 +29,7 @@ from accelc.serve.metrics import Metrics
 from accelc.serve.router import QueueFull, Router, WorkerGone
 
 MAX_BODY_BYTES = 4 * 2**20  # a prompt longer than any context fits many times over
+UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -209,11 +210,13 @@ async def _body(request: Request, schema: type[_Body]) -> _Body:
         return schema.model_validate_json(b"".join(chunks))
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or None
+        # a union's variants show in the location as type names (prompt.str, prompt.list[str]): drop them
+        path = [str(p) for p in first["loc"] if isinstance(p, int) or not (p in UNION_TAGS or "[" in p)]
+        where = ".".join(path) or None
         count = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         if first["type"] == "json_invalid":
             raise ApiError(400, f"the body is not valid JSON: {first['msg']}") from None
-        raise ApiError(400, f"{where or 'body'}: {first['msg']}{count}", param=where) from None
+        raise ApiError(400, f"{where or 'body'}: {first['msg']}{count}", param=path[0] if path else None) from None
 
 
 def _check(svc: Service, body: _Body, prompt: list[int], max_tokens: int | None) -> int:
