@@ -229,6 +229,8 @@ def cmd_bench(args) -> int:
         repeats=limits.at_least("--repeats", args.repeats),
     )
     art = Artifact(args.artifact)
+    if args.serve:
+        return _bench_serve(args, art)
     given["backends"] = limits.backends("--backends", args.backends, art.backends())
     spec = BenchSpec(**{k: v for k, v in given.items() if v is not None})  # what is not given: the defaults
     result = art.family.bench(art, spec)
@@ -260,6 +262,34 @@ def cmd_bench(args) -> int:
                 f"{r['plan_target_calls']:>13.0f} {r['plan_draft_calls']:>12.0f}"
             )
     progress.status(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _bench_serve(args, art) -> int:
+    """`accelc bench --serve`: workers x threads per worker for `accelc serve`, by a load test."""
+    from accelc.runtime import limits
+    from accelc.serve.tuning import tune
+
+    concurrency = limits.at_least("--concurrency", args.concurrency) or 8
+    max_batch = limits.at_least("--max-batch", args.max_batch) or 8
+    new_tokens = args.new_tokens or 32
+    result = tune(art.dir, max_batch=max_batch, concurrency=concurrency, new_tokens=new_tokens,
+                  requests=(args.repeats or 3) * concurrency)  # fmt: skip
+    out = Path(args.json) if args.json else art.dir / "reports" / "serve_bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"{'workers':>7} {'threads':>7} {'tok/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'errors':>6} {'identical':>9}")
+    for r in result["rows"]:
+        print(
+            f"{r['workers']:>7} {r['threads']:>7} {r['tok_s']:>8.1f} {r['p50_ms']:>8.0f} {r['p95_ms']:>8.0f} "
+            f"{r['errors']:>6} {r['identical']!s:>9}"
+        )
+    best = result["best"]
+    if best is None:
+        raise UsageError("every configuration answered with errors; see the server's messages above")
+    print(f"\nfastest: accelc serve {art.dir} --workers {best['workers']} --threads {best['threads']} "
+          f"--max-batch {max_batch}")  # fmt: skip
+    progress.status(f"wrote {out}")
     return 0
 
 
@@ -417,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt-tokens", type=int)
     sp.add_argument("--new-tokens", type=int)
     sp.add_argument("--json", help="where to write bench.json (default: ARTIFACT/reports/bench.json)")
+    sp.add_argument("--serve", action="store_true", help="load-test `accelc serve` to choose --workers and --threads")
+    sp.add_argument("--concurrency", type=int, help="with --serve: clients at once (default 8)")
+    sp.add_argument("--max-batch", type=int, help="with --serve: the workers' batch cap (default 8)")
     sp.set_defaults(func=cmd_bench)
 
     for name, func in (("passes", cmd_passes), ("targets", cmd_targets)):
