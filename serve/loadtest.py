@@ -39,12 +39,21 @@ class LoadResult:
 
 
 def run_load(
-    url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int, requests: int, timeout_s: float = 600
+    url: str,
+    model: str,
+    prompts: list[str],
+    max_tokens: int,
+    concurrency: int,
+    requests: int,
+    duration_s: float | None = None,
+    timeout_s: float = 600,
 ) -> LoadResult:
-    """Send `requests` greedy completions (prompt i % len(prompts)) from `concurrency` threads."""
+    """Send `requests` greedy completions (prompt i % len(prompts)) from `concurrency` threads;
+    after `duration_s` no new request starts (those under way finish)."""
     import httpx
 
     lock = threading.Lock()
+    deadline = None if duration_s is None else time.perf_counter() + duration_s
     issued = iter(range(requests))
     result = LoadResult(concurrency, requests, 0.0, 0)
 
@@ -53,7 +62,7 @@ def run_load(
             while True:
                 with lock:
                     i = next(issued, None)
-                if i is None:
+                if i is None or (deadline is not None and time.perf_counter() > deadline):
                     return
                 body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
                         "temperature": 0}  # fmt: skip
@@ -82,4 +91,5 @@ def run_load(
     for t in threads:
         t.join()
     result.seconds = time.perf_counter() - start
+    result.requests = len(result.latencies_ms) + result.errors
     return result

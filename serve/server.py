@@ -107,6 +107,16 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _bound(artifact_dir: str | Path, options: ServeOptions, host: str, port: int):
+    """The listening socket (first: a taken port fails before any worker starts) and the service."""
+    sock = listening_socket(host, port)
+    try:
+        return sock, service(artifact_dir, options)
+    except BaseException:
+        sock.close()
+        raise
+
+
 @contextlib.contextmanager
 def running(artifact_dir: str | Path, options: ServeOptions, host: str = "127.0.0.1", port: int = 0):
     """The server in a thread of this process until the block ends (tests, `accelc bench --serve`):
@@ -115,8 +125,7 @@ def running(artifact_dir: str | Path, options: ServeOptions, host: str = "127.0.
 
     from accelc.serve.app import build_app
 
-    sock = listening_socket(host, port)
-    svc = service(artifact_dir, options)
+    sock, svc = _bound(artifact_dir, options, host, port)
     server = uvicorn.Server(uvicorn.Config(build_app(svc), log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -140,8 +149,7 @@ def serve(artifact_dir: str | Path, host: str, port: int, options: ServeOptions)
 
     from accelc.serve.app import build_app
 
-    sock = listening_socket(host, port)
-    svc = service(artifact_dir, options)
+    sock, svc = _bound(artifact_dir, options, host, port)
     try:
         bound_host, bound_port = sock.getsockname()[:2]
         progress.status(f"serving '{svc.model_name}' on http://{bound_host}:{bound_port}/v1 (Ctrl-C stops)")

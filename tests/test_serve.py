@@ -194,3 +194,23 @@ def test_pinned_workers_a_full_queue_a_timeout_and_a_dead_worker(artifact):
         health = client.get("/health")
         assert health.status_code == 503 and health.json()["workers_alive"] == 1
         assert complete(client, prompt="still served", max_tokens=3).status_code == 200  # by the other worker
+
+
+def test_a_missing_server_library_is_exit_3_naming_the_extra(cli, artifact, monkeypatch):
+    from accelc.runtime.backends import Dependency
+    from accelc.serve import server
+
+    monkeypatch.setattr(server, "SERVER_DEPENDENCIES", (Dependency("no_such_asgi_server", server.SERVE.install, "x"),))
+    code, _, err = cli("-q", "serve", artifact, "--port", "0")
+    assert code == 3 and "pip install 'accelc[serve]'" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--workers", "0"], "--workers 0 is below its minimum 1"), (["--workers", "999"], "lower --workers"),
+     (["--max-batch", "0"], "--max-batch 0"), (["--timeout", "0"], "--timeout 0"),
+     (["--host", "no.such.host.invalid"], "--host")],
+)  # fmt: skip
+def test_bad_serve_options_are_exit_2(cli, artifact, args, message):
+    code, _, err = cli("-q", "serve", artifact, "--port", "0", *args)
+    assert code == 2 and message in err and "Traceback" not in err
