@@ -312,6 +312,7 @@ def build_app(svc: Service) -> FastAPI:
     async def health():
         alive, total = svc.router.alive, len(svc.router.workers)
         body = {"status": "ok" if alive == total else "degraded", "workers": total, "workers_alive": alive,
+                "worker_pids": [w.info.get("pid") for w in svc.router.workers if w.alive],
                 "outstanding": svc.router.outstanding, "capacity": svc.router.capacity}  # fmt: skip
         return JSONResponse(body, status_code=200 if alive == total else 503)
 

@@ -67,7 +67,8 @@ class ContinuousBatcher:
         self.waiting: deque[Request] = deque()
         self.active: list[_Sequence] = []
         self.cancelled: set[int] = set()
-        self.calls = 0  # model calls of the decode steps (tokens per call = the batch it held)
+        self.calls = 0  # model calls of the decode steps
+        self.last_batch = 0  # sequences the last step's decode call held
 
     @property
     def idle(self) -> bool:
@@ -81,7 +82,7 @@ class ContinuousBatcher:
 
     def step(self) -> list[Event]:
         """Admit what fits, then one decode call for every active sequence; the events it made."""
-        events = self._drop_cancelled()
+        events, self.last_batch = self._drop_cancelled(), 0
         while self.waiting and len(self.active) < self.max_batch:
             events += self._admit(self.waiting.popleft())
         if self.active:
@@ -91,7 +92,7 @@ class ContinuousBatcher:
                 for seq in list(self.active):
                     events.append(self._finish(seq, "error", f"decoding failed: {exc}"))
                 return events
-            self.calls += 1
+            self.calls, self.last_batch = self.calls + 1, len(self.active)
             for seq, row in zip(list(self.active), logits):
                 events.append(self._advance(seq, row))
         return events
@@ -138,6 +139,7 @@ class PlanRunner:
         self.waiting: deque[Request] = deque()
         self.cancelled: set[int] = set()
         self.calls = 0
+        self.last_batch = 1  # one sequence per call, always
 
     @property
     def idle(self) -> bool:

@@ -27,6 +27,11 @@ class Metrics:
             "accelc_time_to_first_token_seconds", "Time from admission to the first generated token",
             buckets=LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
+        self.batch_size = Histogram(
+            "accelc_batch_size", "Sequences decoded per model call", buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=registry,
+        )  # fmt: skip
+        router.on_batch = self.batch_size.observe
         Gauge(
             "accelc_requests_outstanding", "Requests decoding or waiting for a place", registry=registry
         ).set_function(lambda: router.outstanding)

@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import multiprocessing
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from accelc import progress
@@ -52,6 +52,7 @@ class Router:
         self._streams: dict[int, asyncio.Queue] = {}
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.on_batch: Callable[[int], None] | None = None  # told each step's batch size (metrics)
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -72,6 +73,7 @@ class Router:
             try:
                 kind, payload = worker.conn.recv()
             except EOFError:
+                worker.process.join(timeout=5)
                 kind, payload = "failed", f"it exited with code {worker.process.exitcode}"
             if kind != "ready":
                 self.close()
@@ -135,14 +137,16 @@ class Router:
     def _read(self, worker: _Worker) -> None:
         try:
             while True:
-                kind, events = worker.conn.recv()
+                kind, *message = worker.conn.recv()
                 if kind == "events":
-                    self._loop.call_soon_threadsafe(self._deliver, worker, events)
+                    self._loop.call_soon_threadsafe(self._deliver, worker, *message)
         except (EOFError, OSError, ValueError):
             with contextlib.suppress(RuntimeError):  # RuntimeError: the loop closed, the server is stopping
                 self._loop.call_soon_threadsafe(self._lost, worker)
 
-    def _deliver(self, worker: _Worker, events: list[Event]) -> None:
+    def _deliver(self, worker: _Worker, events: list[Event], batch: int) -> None:
+        if batch and self.on_batch is not None:
+            self.on_batch(batch)
         for event in events:
             if event.finish is not None:
                 worker.outstanding.discard(event.id)

@@ -2,7 +2,8 @@
 
 It talks to the router (router.py) over a duplex pipe. In: ("submit", Request), ("cancel", id),
 ("stop",). Out: ("ready", info) once its model is open, or ("failed", message); then
-("events", [Event, ...]) after every engine step that made any. It blocks on the pipe while it
+("events", [Event, ...], batch) after every engine step that made any (batch: the
+sequences its model call decoded). It blocks on the pipe while it
 has nothing to decode, and between two steps takes whatever arrived, so requests join and leave
 the batch between model calls.
 """
@@ -75,6 +76,6 @@ def main(conn, spec: WorkerSpec) -> None:
                         break
             events = engine.step()
             if events:
-                conn.send(("events", events))
+                conn.send(("events", events, engine.last_batch))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the router went away
         return

@@ -40,6 +40,11 @@ def client(artifact):
         yield client
 
 
+@pytest.fixture(scope="module")
+def worker_pid(client):
+    return int(client.get("/health").json()["worker_pids"][0])
+
+
 def reference(artifact, prompt: str, max_tokens: int) -> str:
     """What one greedy request decodes alone, through the artifact's plan on ORT (`accelc run`'s path)."""
     from accelc.loops.plan import run_plan
@@ -151,13 +156,37 @@ def test_a_bad_chat_request_gets_a_4xx_json_error(client, messages):
     assert response.status_code == 400 and response.json()["error"]["param"].startswith("messages")
 
 
-def test_concurrent_greedy_requests_decode_what_they_decode_alone(client, artifact):
+def batch_sizes(client) -> tuple[float, float]:
+    """(model calls, of which with one sequence) from /metrics."""
+    lines = dict(line.rsplit(" ", 1) for line in client.get("/metrics").text.splitlines() if line[0] != "#")
+    return float(lines["accelc_batch_size_count"]), float(lines['accelc_batch_size_bucket{le="1.0"}'])
+
+
+def test_concurrent_greedy_requests_decode_what_they_decode_alone(client, artifact, worker_pid):
     jobs = [(f"Request number {i} says" + " more" * i, 4 + 3 * i) for i in range(10)]
     alone = [reference(artifact, prompt, n) for prompt, n in jobs]
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        answers = list(pool.map(lambda job: complete(client, prompt=job[0], max_tokens=job[1]), jobs))
+    calls, single = batch_sizes(client)
+    os.kill(worker_pid, signal.SIGSTOP)  # all ten are queued before the worker decodes any: it must batch
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = [pool.submit(complete, client, prompt=p, max_tokens=n) for p, n in jobs]
+            while client.get("/health").json()["outstanding"] < len(jobs):
+                time.sleep(0.01)
+            os.kill(worker_pid, signal.SIGCONT)
+            answers = [a.result() for a in answers]
+    finally:
+        os.kill(worker_pid, signal.SIGCONT)
     assert [a.status_code for a in answers] == [200] * len(jobs)
     assert [a.json()["choices"][0]["text"] for a in answers] == alone
+    calls_after, single_after = batch_sizes(client)
+    assert calls_after - calls > single_after - single  # most calls held several sequences
+    assert calls_after - calls < sum(n for _, n in jobs) - len(jobs)  # fewer calls than tokens decoded
+
+
+def test_a_seed_makes_sampling_reproducible(client):
+    sampled = [complete(client, prompt="Dice", max_tokens=12, temperature=1.0, seed=s).json() for s in (3, 3, 4)]
+    texts = [s["choices"][0]["text"] for s in sampled]
+    assert texts[0] == texts[1] != texts[2]
 
 
 def test_pinned_workers_a_full_queue_a_timeout_and_a_dead_worker(artifact):
