@@ -53,7 +53,7 @@ class _Body(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stop: str | list[str] | None = None
     stream: bool = False

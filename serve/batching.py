@@ -108,10 +108,11 @@ class ContinuousBatcher:
 
     def _admit(self, request: Request) -> list[Event]:
         try:
+            rng = np.random.default_rng(request.seed)
             row, logits = self.model.admit(request.prompt, len(request.prompt) + request.max_tokens)
         except Exception as exc:  # this request alone fails
             return [Event(request.id, finish="error", error=f"prefill failed: {exc}")]
-        seq = _Sequence(request, row, np.random.default_rng(request.seed))
+        seq = _Sequence(request, row, rng)
         self.active.append(seq)
         event = self._advance(seq, logits)
         return [event]

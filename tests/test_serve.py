@@ -133,6 +133,7 @@ BAD = [
     ({"model": MODEL, "prompt": "hi", "n": 3}, 400, "n"),
     ({"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "stream"),
     ({"model": MODEL, "prompt": "hi", "stop": [""]}, 400, "stop"),
+    ({"model": MODEL, "prompt": "hi", "seed": -1}, 400, "seed"),
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model"),
 ]
 
@@ -154,6 +155,44 @@ def test_a_bad_completion_request_gets_a_4xx_json_error(client, body, status, pa
 def test_a_bad_chat_request_gets_a_4xx_json_error(client, messages):
     response = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages})
     assert response.status_code == 400 and response.json()["error"]["param"].startswith("messages")
+
+
+def test_fuzzed_requests_get_an_answer_or_a_json_4xx(client):
+    """Any JSON body, from plausible to absurd, on either endpoint: 200, or a 4xx with an error body;
+    never a 5xx, and the worker keeps serving."""
+    from fuzzkit import examples
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=40)
+    json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(max_size=8), inner, max_size=3), max_leaves=8)  # fmt: skip
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "x"]),
+                                     "content": st.text(max_size=30) | json_values})  # fmt: skip
+    fields = {
+        "model": st.just(MODEL) | json_values,
+        "prompt": st.text(max_size=60) | st.lists(st.text(max_size=10), max_size=2) | json_values,
+        "messages": st.lists(message, max_size=3) | json_values,
+        "max_tokens": st.integers(-3, 24) | json_values,
+        "temperature": st.floats(-1, 3) | json_values,
+        "top_p": st.floats(-0.5, 1.5) | json_values,
+        "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=5) | json_values,
+        "n": st.integers(0, 3),
+        "seed": st.integers(-(2**70), 2**70) | json_values,
+    }
+    bodies = st.fixed_dictionaries({}, optional=fields) | json_values
+
+    @examples(40)
+    @given(endpoint=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=bodies)
+    def case(endpoint, body):
+        response = client.post(endpoint, json=body)
+        assert response.status_code == 200 or 400 <= response.status_code < 500, response.text
+        if response.status_code != 200:
+            assert response.json()["error"]["message"]
+
+    case()
+    assert client.get("/health").json()["status"] == "ok"
+    assert complete(client, prompt="still fine", max_tokens=2).status_code == 200
 
 
 def batch_sizes(client) -> tuple[float, float]:
