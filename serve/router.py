@@ -37,8 +37,8 @@ class WorkerGone(Exception):
 @dataclass(eq=False)
 class _Worker:
     spec: WorkerSpec
-    process: multiprocessing.Process
-    conn: object
+    process: multiprocessing.Process | None = None  # None: a Ray deployment (ray_router.py)
+    conn: object = None
     info: dict = field(default_factory=dict)
     outstanding: set[int] = field(default_factory=set)
     alive: bool = True
@@ -122,7 +122,7 @@ class Router:
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request.id] = queue
         worker.outstanding.add(request.id)
-        worker.conn.send(("submit", request))
+        self._send(worker, request)
         return request.id, queue
 
     def cancel(self, request_id: int) -> None:
@@ -131,8 +131,14 @@ class Router:
         for worker in self.workers:
             if request_id in worker.outstanding and worker.alive:
                 worker.outstanding.discard(request_id)
-                with contextlib.suppress(OSError, ValueError):
-                    worker.conn.send(("cancel", request_id))
+                self._cancel(worker, request_id)
+
+    def _send(self, worker: _Worker, request: Request) -> None:
+        worker.conn.send(("submit", request))
+
+    def _cancel(self, worker: _Worker, request_id: int) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            worker.conn.send(("cancel", request_id))
 
     def _read(self, worker: _Worker) -> None:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from accelc.errors import AccelcError
@@ -62,20 +63,27 @@ def main(conn, spec: WorkerSpec) -> None:
         return
     conn.send(("ready", {"pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)), "mode": mode}))
     try:
-        while True:
-            if engine.idle or conn.poll(0):
-                while True:  # everything that arrived; block only while there is nothing to decode
-                    message = conn.recv()
-                    if message[0] == "stop":
-                        return
-                    if message[0] == "submit":
-                        engine.submit(message[1])
-                    elif message[0] == "cancel":
-                        engine.cancel(message[1])
-                    if not conn.poll(0) and not engine.idle:
-                        break
-            events = engine.step()
-            if events:
-                conn.send(("events", events, engine.last_batch))
+        run_engine(engine, conn.recv, lambda: conn.poll(0), lambda events, batch: conn.send(("events", events, batch)))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the router went away
         return
+
+
+def run_engine(engine, receive: Callable[[], tuple], pending: Callable[[], bool], emit: Callable) -> None:
+    """Step `engine` while it has work, taking messages between steps: `receive()` blocks for the
+    next message, `pending()` says whether one is waiting, `emit(events, batch)` sends a step's
+    events. Returns on ("stop",). A process worker runs it over its pipe, a Ray replica over a queue."""
+    while True:
+        if engine.idle or pending():
+            while True:  # everything that arrived; block only while there is nothing to decode
+                message = receive()
+                if message[0] == "stop":
+                    return
+                if message[0] == "submit":
+                    engine.submit(message[1])
+                elif message[0] == "cancel":
+                    engine.cancel(message[1])
+                if not pending() and not engine.idle:
+                    break
+        events = engine.step()
+        if events:
+            emit(events, engine.last_batch)
