@@ -105,6 +105,8 @@ def cmd_serve(args) -> int:
         timeout_s=args.timeout,
         backend=args.backend,
         model_name=args.model_name,
+        ray=args.ray,
+        ray_address=args.ray_address,
     )
     serve(args.artifact, args.host, args.port, options)
     return 0
@@ -415,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take (then HTTP 504)")
     sp.add_argument("--backend", choices=backend_names(), help="default: ort where the artifact has it")
     sp.add_argument("--model-name", help="the model id clients name (default: the artifact folder's name)")
+    sp.add_argument("--ray", action="store_true", help="the workers as Ray Serve replicas (1 to --workers, by load)")
+    sp.add_argument("--ray-address", help="with --ray: an existing Ray cluster (default: a local instance)")
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("inspect", help="summarise an artifact's manifest")

@@ -37,6 +37,8 @@ class ServeOptions:
     timeout_s: float = 300.0
     backend: str | None = None
     model_name: str | None = None
+    ray: bool = False  # the workers as a Ray Serve deployment (ray_router.py)
+    ray_address: str | None = None  # an existing Ray cluster; None: a local instance on loopback
 
 
 def check_options(o: ServeOptions) -> None:
@@ -75,7 +77,13 @@ def service(artifact_dir: str | Path, o: ServeOptions):
         WorkerSpec(str(art.dir), backend, tuple(cores), o.max_batch, art.eos_ids)
         for cores in core_sets(o.workers, o.threads)
     ]
-    router = Router(specs, o.max_queue)
+    if o.ray or o.ray_address:
+        from accelc.serve.ray_router import RAY, RayRouter
+
+        RAY.check()
+        router = RayRouter(specs[0], len(specs), o.max_queue, o.ray_address)
+    else:
+        router = Router(specs, o.max_queue)
     with progress.step(f"starting {o.workers} worker(s) on {backend}"):
         router.start()
     return Service(

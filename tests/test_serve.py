@@ -279,6 +279,15 @@ def test_a_missing_server_library_is_exit_3_naming_the_extra(cli, artifact, monk
     assert code == 3 and "pip install 'accelc[serve]'" in err
 
 
+def test_ray_without_ray_is_exit_3_naming_the_extra(cli, artifact, monkeypatch):
+    from accelc.runtime.backends import Dependency
+    from accelc.serve import ray_router
+
+    monkeypatch.setattr(ray_router, "RAY", Dependency("no_such_ray.serve", ray_router.RAY.install, "Ray Serve"))
+    code, _, err = cli("-q", "serve", artifact, "--port", "0", "--ray")
+    assert code == 3 and "pip install 'accelc[ray]'" in err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [(["--workers", "0"], "--workers 0 is below its minimum 1"), (["--workers", "999"], "lower --workers"),
@@ -288,3 +297,20 @@ def test_a_missing_server_library_is_exit_3_naming_the_extra(cli, artifact, monk
 def test_bad_serve_options_are_exit_2(cli, artifact, args, message):
     code, _, err = cli("-q", "serve", artifact, "--port", "0", *args)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_the_same_workers_as_a_ray_serve_deployment(artifact):
+    """`--ray`: a local Ray instance on loopback, the engine in a Serve replica, the same answers."""
+    pytest.importorskip("ray.serve")
+    jobs = [(f"Ray request {i}", 3 + 2 * i) for i in range(6)]
+    alone = [reference(artifact, prompt, n) for prompt, n in jobs]
+    options = ServeOptions(workers=1, max_batch=4, ray=True)
+    with running(artifact, options) as (_, url), httpx.Client(base_url=url, timeout=60) as client:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(lambda job: complete(client, prompt=job[0], max_tokens=job[1]), jobs))
+        assert [a.json()["choices"][0]["text"] for a in answers] == alone
+        stream = {"model": MODEL, "prompt": jobs[-1][0], "max_tokens": jobs[-1][1], "stream": True}
+        with client.stream("POST", "/v1/completions", json=stream) as response:
+            assert "".join(c["choices"][0]["text"] for c in events(response)) == alone[-1]
+        assert complete(client, prompt="x" * 600, max_tokens=4).status_code == 400
+        assert client.get("/health").json()["status"] == "ok"
