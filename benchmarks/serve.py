@@ -9,7 +9,9 @@ each concurrency, with a bounded number of greedy requests and a bounded duratio
 concurrency, workers, max_batch, tok_s (generated tokens per second of wall time), p50_ms,
 p95_ms, errors, identical (every text equals what the same prompt got alone: one worker, batch
 cap 1, one client, which decodes with the artifact's plan as `accelc run` does). The goal checked
-is tok/s at concurrency 8 >= 3x that single-request decoding.
+is tok/s at concurrency 8 >= 3x that single-request decoding. First, without the server, the time of
+one worker's decode call at each batch cap, interleaved with batch 1 (paired ratios, in the
+protocol): what batching can give at most, against which the server's figures can be read.
 """
 
 from __future__ import annotations
@@ -57,6 +59,39 @@ class Server:
             self.process.wait()
 
 
+def decode_steps(artifact: Path, batches: tuple[int, ...], rounds: int = 6, steps: int = 8) -> dict:
+    """One worker's model alone, no HTTP: the time of a decode call holding each batch size, the
+    sizes interleaved round by round so every round's ratio to batch 1 is measured side by side.
+    What batching can give at most; the load test shows what the server makes of it."""
+    import time
+
+    import numpy as np
+
+    from accelc.runtime.artifact import Artifact
+
+    art = Artifact(artifact)
+    prompt = np.random.default_rng(0).integers(0, art.vocab_size, 48).tolist()
+    models = {}
+    for b in batches:
+        model = art.batch_model("ort", slots=b)
+        models[b] = (model, [model.admit(prompt, 48 + rounds * steps + 1)[0] for _ in range(b)])
+    seconds: dict[int, list[float]] = {b: [] for b in batches}
+    for _ in range(rounds):
+        for b, (model, rows) in models.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                model.decode(rows, [1] * b)
+            seconds[b].append((time.perf_counter() - start) / steps)
+    return {
+        str(b): {
+            "step_ms": common.median(seconds[b]) * 1e3,
+            "tok_s": b / common.median(seconds[b]),
+            "tok_s_x_batch_1": common.median_ratio([s1 * b for s1 in seconds[batches[0]]], seconds[b]),
+        }
+        for b in batches
+    }
+
+
 def plot(rows: list[dict], path: Path) -> None:
     plt = common.pyplot()
     fig, (ax_tok, ax_lat) = plt.subplots(1, 2, figsize=(11, 4))
@@ -91,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     artifact = Path(args.artifact)
     if not (artifact / "manifest.json").exists():
         common.compile_bench_recipe("serve", artifact)
+    steps = decode_steps(artifact, (1, *sorted(set(grid["max_batch"]) - {1})))
+    for b, r in steps.items():
+        print(f"decode call, batch {b:>2}: {r['step_ms']:6.1f} ms, {r['tok_s']:6.1f} tok/s, "
+              f"{r['tok_s_x_batch_1']:.2f}x batch 1 (paired)", flush=True)  # fmt: skip
     prompts = text_prompts(max(grid["concurrency"]))
     rows, reference = [], None
     for workers in grid["workers"]:
@@ -129,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         requests_per_client=args.requests,
         duration_s=args.duration,
         environment=environment,
+        decode_call_by_batch=steps,
         single_request_tok_s=single,
         best_at_concurrency_8={"workers": best[0], "max_batch": best[1], "tok_s": at_8[best], "speedup": speedup},
         goal_met=speedup >= GOAL,
