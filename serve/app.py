@@ -158,7 +158,7 @@ class Generation:
             seed=body.seed if body.seed is not None else plan.seed,
         )
         svc.metrics.prompt_tokens.inc(len(prompt))
-        self.generated, self.finish = 0, None
+        self.generated, self.finish, self.ended = 0, None, False
         self.started = time.monotonic()
 
     async def deltas(self) -> AsyncIterator[str]:
@@ -174,9 +174,9 @@ class Generation:
                         504, f"the generation took longer than the server's timeout of {self.svc.timeout_s:g} s",
                         kind="timeout",
                     ) from None  # fmt: skip
-                if event.error is not None:
-                    status = 503 if "exited" in event.error else 500
-                    raise ApiError(status, event.error, kind="server_error")
+                self.ended = event.finish is not None
+                if event.error is not None:  # a worker that exited: 503, as when none runs; else 500
+                    raise ApiError(503 if event.finish == "lost" else 500, event.error, kind="server_error")
                 if self.generated == 0 and event.tokens:
                     self.svc.metrics.first_token.observe(time.monotonic() - self.started)
                 self.generated += len(event.tokens)
@@ -189,9 +189,9 @@ class Generation:
                 if delta:
                     yield delta
         finally:
-            if self.finish is None:
+            if not self.ended:  # a stop string, a timeout or a client gone: the worker stops decoding it
                 self.svc.router.cancel(self.id)
-            else:
+            if self.finish is not None:
                 self.svc.metrics.latency.labels(self.endpoint).observe(time.monotonic() - self.started)
 
     def usage(self) -> dict:

@@ -45,7 +45,8 @@ class Request:
 @dataclass(frozen=True)
 class Event:
     """New tokens of request `id`; `finish` ("stop": an end-of-sequence token, "length": max_tokens,
-    "cancelled", "error") once it is over, with `error` saying why for the last."""
+    "cancelled", "error", or "lost": its worker exited) once it is over, with `error` saying why
+    for the last two."""
 
     id: int
     tokens: tuple[int, ...] = ()

@@ -170,5 +170,5 @@ class Router:
         for request_id in list(worker.outstanding):
             queue = self._streams.pop(request_id, None)
             if queue is not None:
-                queue.put_nowait(Event(request_id, finish="error", error="the worker decoding it exited"))
+                queue.put_nowait(Event(request_id, finish="lost", error="the worker decoding it exited"))
         worker.outstanding.clear()

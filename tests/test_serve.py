@@ -114,8 +114,9 @@ def test_streaming_sends_the_same_text(client):
 def test_a_stop_string_ends_the_text_before_it(client):
     text = complete(client, prompt="The stop test", max_tokens=24).json()["choices"][0]["text"]
     stop = text[5:7]
-    stopped = complete(client, prompt="The stop test", max_tokens=24, stop=[stop]).json()["choices"][0]
+    stopped = complete(client, prompt="The stop test", max_tokens=400, stop=[stop]).json()["choices"][0]
     assert stopped["text"] == text[: text.index(stop)] and stopped["finish_reason"] == "stop"
+    assert client.get("/health").json()["outstanding"] == 0  # the worker stopped decoding it
 
 
 BAD = [
