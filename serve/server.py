@@ -67,11 +67,10 @@ def service(artifact_dir: str | Path, o: ServeOptions):
     art = Artifact(artifact_dir)
     if not isinstance(art.family, CausalLM):
         raise UsageError(f"{art.dir}: accelc serve serves language models; this artifact is a {art.family.title}")
-    backend = o.backend or ("ort" if "ort" in art.backends() else "torch")
-    if backend not in art.backends():
-        raise UsageError(
-            f"--backend {backend}: not a backend of this artifact; choose from {', '.join(art.backends())}"
-        )
+    available = art.backends()
+    backend = o.backend or ("ort" if "ort" in available else next(iter(available), "torch"))
+    if backend not in available:
+        raise UsageError(f"--backend {backend}: not a backend of this artifact; choose from {', '.join(available)}")
     art.check_backend(backend)
     specs = [
         WorkerSpec(str(art.dir), backend, tuple(cores), o.max_batch, art.eos_ids)
