@@ -315,3 +315,17 @@ def test_the_same_workers_as_a_ray_serve_deployment(artifact):
             assert "".join(c["choices"][0]["text"] for c in events(response)) == alone[-1]
         assert complete(client, prompt="x" * 600, max_tokens=4).status_code == 400
         assert client.get("/health").json()["status"] == "ok"
+
+
+def test_bench_serve_measures_every_split_of_the_cores(cli, artifact, tmp_path):
+    from accelc.serve.tuning import splits
+
+    out = tmp_path / "serve_bench.json"
+    args = ("--concurrency", "2", "--max-batch", "2", "--new-tokens", "4", "--repeats", "1", "--json", out)
+    code, stdout, err = cli("-q", "bench", artifact, "--serve", *args)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    cores = len(os.sched_getaffinity(0))
+    assert [(r["workers"], r["threads"]) for r in result["rows"]] == splits(cores)
+    assert all(r["errors"] == 0 and r["identical"] and r["tok_s"] > 0 for r in result["rows"])
+    assert f"--workers {result['best']['workers']} --threads {result['best']['threads']}" in stdout
