@@ -8,10 +8,12 @@ Compiles recipes/bench/serve.yaml (SmolLM2-135M-Instruct, ORT with the fused gra
 each concurrency, with a bounded number of greedy requests and a bounded duration per point. Rows:
 concurrency, workers, max_batch, tok_s (generated tokens per second of wall time), p50_ms,
 p95_ms, errors, identical (every text equals what the same prompt got alone: one worker, batch
-cap 1, one client, which decodes with the artifact's plan as `accelc run` does). The goal checked
-is tok/s at concurrency 8 >= 3x that single-request decoding. First, without the server, the time of
-one worker's decode call at each batch cap, interleaved with batch 1 (paired ratios, in the
-protocol): what batching can give at most, against which the server's figures can be read.
+cap 1, one client, which decodes with the artifact's plan as `accelc run` does).
+
+The goal, tok/s at concurrency 8 >= 3x single-request decoding, is checked as a paired ratio: on
+one worker with the largest batch cap, rounds of one client and of eight clients alternate
+(`paired_goal`). And first, without the server, one worker's decode call at each batch cap is
+timed interleaved with batch 1 (paired ratios, in the protocol): what batching can give at most.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from benchmarks import common
 GRID = {"workers": (1, 2), "max_batch": (1, 2, 4, 8), "concurrency": (1, 2, 4, 8, 16)}
 QUICK = {"workers": (1, 2), "max_batch": (1, 8), "concurrency": (1, 4, 8)}
 GOAL = 3.0  # tok/s at concurrency 8 over single-request decoding
+GOAL_ROUNDS = 3  # rounds of (one client, eight clients) on one server for the paired goal ratio
 LISTENING = re.compile(r"serving '(?P<model>.+)' on (?P<url>http://\S+)/v1")
 
 
@@ -92,6 +95,20 @@ def decode_steps(artifact: Path, batches: tuple[int, ...], rounds: int = 6, step
     }
 
 
+def paired_goal(server: Server, prompts: list[str], new_tokens: int, rounds: int = GOAL_ROUNDS) -> dict:
+    """tok/s of eight clients over one client on the same server, alternated round by round, so
+    each ratio compares two measurements taken side by side (the grid's points are minutes apart
+    on a machine whose load moves). One client at a time is single-request decoding: the batched
+    engine at batch 1 costs what `accelc run`'s loop does."""
+    from accelc.serve.loadtest import run_load
+
+    alone, loaded = [], []
+    for _ in range(rounds):
+        alone.append(run_load(server.url, server.model, prompts, new_tokens, 1, 2).tok_s)
+        loaded.append(run_load(server.url, server.model, prompts, new_tokens, 8, 16).tok_s)
+    return {"single_tok_s": alone, "concurrency_8_tok_s": loaded, "ratio": common.median_ratio(loaded, alone)}
+
+
 def plot(rows: list[dict], path: Path) -> None:
     plt = common.pyplot()
     fig, (ax_tok, ax_lat) = plt.subplots(1, 2, figsize=(11, 4))
@@ -140,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                 if reference is None:  # the first server is one worker with batch cap 1: requests alone
                     alone = run_load(server.url, server.model, prompts, args.new_tokens, 1, len(prompts))
                     reference = alone.texts
+                if (workers, max_batch) == (1, max(grid["max_batch"])):
+                    goal = paired_goal(server, prompts, args.new_tokens)
                 for concurrency in grid["concurrency"]:
                     r = run_load(server.url, server.model, prompts, args.new_tokens, concurrency,
                                  args.requests * concurrency, args.duration)  # fmt: skip
@@ -159,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     best = max(at_8, key=at_8.get)
     speedup = at_8[best] / single
     print(f"\nsingle-request decoding: {single:.1f} tok/s; concurrency 8, {best[0]} worker(s), batch cap {best[1]}: "
-          f"{at_8[best]:.1f} tok/s = {speedup:.2f}x (goal {GOAL}x: {'met' if speedup >= GOAL else 'NOT met'}); "
-          f"errors {sum(r['errors'] for r in rows)}, all identical: {all(r['identical'] for r in rows)}")  # fmt: skip
+          f"{at_8[best]:.1f} tok/s = {speedup:.2f}x; paired on one worker with batch cap "
+          f"{max(grid['max_batch'])}, {GOAL_ROUNDS} rounds: {goal['ratio']:.2f}x (goal {GOAL}x: "
+          f"{'met' if goal['ratio'] >= GOAL else 'NOT met'}); errors {sum(r['errors'] for r in rows)}, "
+          f"all identical: {all(r['identical'] for r in rows)}")  # fmt: skip
     record = common.protocol(
         artifact=str(artifact),
         grid=grid,
@@ -171,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         decode_call_by_batch=steps,
         single_request_tok_s=single,
         best_at_concurrency_8={"workers": best[0], "max_batch": best[1], "tok_s": at_8[best], "speedup": speedup},
-        goal_met=speedup >= GOAL,
+        goal_paired=goal,
+        goal_met=goal["ratio"] >= GOAL,
     )
     rows_path, _ = common.write_results(args.json, rows, record)
     plot(rows, rows_path.with_suffix(".png"))
