@@ -21,7 +21,7 @@ from accelc.registry import Registry
 
 if TYPE_CHECKING:
     from accelc.runtime.artifact import Artifact
-    from accelc.runtime.base import StepModel
+    from accelc.runtime.base import BatchModel, StepModel
 
 # The decode roles a model can have in an artifact: the model of record, and a speculative draft.
 ROLES = ("target", "draft")
@@ -93,6 +93,11 @@ class Backend:
         (PEARL's workers), where the backend can size a model per instance; `alone_session`: with
         them, the calls made alone run on the artifact's own threads (StepModel.alone)."""
         raise NotImplementedError
+
+    def open_batched(self, role: str, *, slots: int, threads: int | None = None) -> BatchModel | None:
+        """A model decoding up to `slots` sequences per call (serving's continuous batching), or
+        None where this backend's model decodes one sequence per call."""
+        return None
 
     def check(self, role: str) -> None:
         """What opening `role` needs, each with one clear error: the role, the dependency, and the
