@@ -38,7 +38,7 @@ def flow_rows(args) -> list[dict]:
     with progress.step("SeJD calibration"):
         costs = fs.measure_costs(flow, batch, repeats=3)
         calibration = fs.prior_noise(flow, max(args.calibration, batch), seed=10_000)
-        _, stats = sample_batches(flow, calibration, fs.FlowSchedule.jacobi(flow, args.tol), batch)
+        _, stats = fs.sample_in_batches(flow, calibration, fs.FlowSchedule.jacobi(flow, args.tol), batch)
         iterations = stats.iterations
     schedules = [
         fs.FlowSchedule.sequential(len(flow.blocks)),
@@ -51,7 +51,7 @@ def flow_rows(args) -> list[dict]:
     for r in progress.bar(range(rounds), desc="rounds"):
         z = fs.prior_noise(flow, args.samples, seed=r)
         for schedule in schedules:
-            x, stats = sample_batches(flow, z, schedule, batch)
+            x, stats = fs.sample_in_batches(flow, z, schedule, batch)
             times[schedule.name].append(sum(stats.seconds))
             outputs[schedule.name].append((x, stats))
     reference = [fs.patches_to_images(model, x) for x, _ in outputs["sequential"]]
@@ -99,28 +99,6 @@ def open_flow(model, backend: str, threads: int | None):
     directory = Path(tempfile.mkdtemp(prefix="accelc-flow-"))
     export_blocks(model, directory)
     return ort_flow_model(directory, {**common.ORT_SESSION, "intra_op_threads": threads or 0})
-
-
-def sample_batches(flow, z, schedule, batch: int):
-    """Sample z `batch` rows at a time: the patches, with iterations the mean over batches
-    (rounded), calls and seconds summed over them."""
-    import numpy as np
-
-    from accelc.loops import flow_sampling as fs
-
-    parts, total = [], None
-    for start in range(0, len(z), batch):
-        x, stats = fs.sample(flow, z[start : start + batch], schedule)
-        parts.append(x)
-        if total is None:
-            total = stats
-            total.iterations = [[n] for n in stats.iterations]
-        else:
-            total.calls = [a + b for a, b in zip(total.calls, stats.calls)]
-            total.seconds = [a + b for a, b in zip(total.seconds, stats.seconds)]
-            total.iterations = [a + [n] for a, n in zip(total.iterations, stats.iterations)]
-    total.iterations = [round(float(np.mean(n)), 1) for n in total.iterations]
-    return np.concatenate(parts), total
 
 
 def add_arguments(p) -> None:

@@ -114,7 +114,9 @@ class Layer(nn.Module):
 
     def forward(self, h: torch.Tensor, past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None):
         n, k, width = h.shape
-        q, key, value = self.qkv(self.norm1(h)).view(n, k, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, key, value = (
+            self.qkv(self.norm1(h)).view(n, k, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        )
         if past_k is not None:
             key = torch.cat([past_k, key], dim=2)
             value = torch.cat([past_v, value], dim=2)

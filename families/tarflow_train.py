@@ -33,6 +33,7 @@ class TrainSpec:
     warmup: int = 100
     seed: int = 0
     checkpoint_every: int = 50
+    test_images: int | None = None  # the first this many of the test split (None: all 10,000)
 
 
 def images_to_unit(images: np.ndarray) -> torch.Tensor:
@@ -95,7 +96,8 @@ def train(spec: TrainSpec, final: Path, fresh: bool = False) -> Path:
         optimizer.step()
         step += 1
         elapsed += time.perf_counter() - start
-        loss_avg = float(loss) if loss_avg is None else 0.95 * loss_avg + 0.05 * float(loss)
+        value = loss.item()
+        loss_avg = value if loss_avg is None else 0.95 * loss_avg + 0.05 * value
         bar.update(1)
         bar.set_postfix(bpd=f"{loss_avg:.3f}")
         if step % spec.checkpoint_every == 0 or step == spec.steps:
@@ -105,7 +107,7 @@ def train(spec: TrainSpec, final: Path, fresh: bool = False) -> Path:
             os.replace(tmp, checkpoint)
     bar.close()
     model.eval()
-    bpd = test_bits_per_dim(model, test_images)
+    bpd = test_bits_per_dim(model, test_images[: spec.test_images])
     progress.status(f"{final.name}: test bits/dim {bpd:.3f} after {step} steps, {elapsed / 60:.1f} min of training")
     training = {
         "data": "fashion-mnist train (60,000), pixels in [-1, 1] + N(0, noise_std^2)",
@@ -116,6 +118,7 @@ def train(spec: TrainSpec, final: Path, fresh: bool = False) -> Path:
         "threads": torch.get_num_threads(),
         "train_s": round(elapsed, 1),
         "test_bits_per_dim": round(bpd, 4),
+        "test_images": len(test_images[: spec.test_images]),
     }
     tmp = assets.temp_sibling_dir(final)
     tarflow_model.save(model, tmp, extra={"accelc_training": training})

@@ -138,8 +138,49 @@ def sample(model: FlowModel, z: np.ndarray, schedule: FlowSchedule) -> tuple[np.
     return x, stats
 
 
+def sample_in_batches(
+    model: FlowModel, z: np.ndarray, schedule: FlowSchedule, batch: int
+) -> tuple[np.ndarray, SampleStats]:
+    """`sample` over z `batch` rows at a time: calls and seconds summed over the batches,
+    iterations per block their mean (rounded to 0.1)."""
+    parts, runs = [], []
+    for start in range(0, len(z), batch):
+        x, stats = sample(model, z[start : start + batch], schedule)
+        parts.append(x)
+        runs.append(stats)
+    total = SampleStats(
+        [round(float(np.mean(n)), 1) for n in zip(*(r.iterations for r in runs))],
+        [sum(n) for n in zip(*(r.calls for r in runs))],
+        [sum(n) for n in zip(*(r.seconds for r in runs))],
+    )
+    return np.concatenate(parts), total
+
+
 def prior_noise(model: FlowModel, samples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((samples, model.tokens, model.token_dim)).astype(np.float32)
+
+
+def call_cost(model: FlowModel, batch: int, chunk: int, repeats: int = 3) -> float:
+    """Median seconds of one call on `batch` rows as a schedule of `chunk` makes it, on the last
+    block (the first sampled): the cache-free full call for a whole-block chunk, else one sweep of
+    `extend` calls of `chunk` tokens over the sequence divided per call, so the cost includes the
+    cache's growth as sampling sees it."""
+    block = model.blocks[-1]
+    x = prior_noise(model, batch, seed=0)
+    steps = model.tokens - 1
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        if chunk >= steps:
+            block.params(x)
+            calls = 1
+        else:
+            state, calls = block.empty(batch), 0
+            for t in range(0, steps, chunk):
+                state, _, _ = block.extend(state, x[:, t : min(t + chunk, steps)])
+                calls += 1
+        times.append((time.perf_counter() - start) / calls)
+    return float(np.median(times))
 
 
 @dataclass(frozen=True)
@@ -154,22 +195,8 @@ class CallCosts:
         return self.full_s / self.step_s
 
 
-def measure_costs(model: FlowModel, batch: int, repeats: int = 5) -> CallCosts:
-    """Median call times of the last block (the first sampled), one-token steps timed over the
-    whole cache range and divided per call, so the sequential cost includes the cache's growth."""
-    block = model.blocks[-1]
-    x = prior_noise(model, batch, seed=0)
-    full, step = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        block.params(x)
-        full.append(time.perf_counter() - start)
-        state = block.empty(batch)
-        start = time.perf_counter()
-        for t in range(model.tokens - 1):
-            state, _, _ = block.extend(state, x[:, t : t + 1])
-        step.append((time.perf_counter() - start) / (model.tokens - 1))
-    return CallCosts(float(np.median(full)), float(np.median(step)))
+def measure_costs(model: FlowModel, batch: int, repeats: int = 3) -> CallCosts:
+    return CallCosts(call_cost(model, batch, model.tokens - 1, repeats), call_cost(model, batch, 1, repeats))
 
 
 def calibrate_iterations(model: FlowModel, z: np.ndarray, tol: float) -> list[int]:
