@@ -27,7 +27,7 @@ from accelc.families.tarflow_model import TarFlow, TarFlowConfig
 @dataclass(frozen=True)
 class TrainSpec:
     config: TarFlowConfig
-    steps: int = 1500
+    steps: int = 1000
     batch: int = 128
     lr: float = 2e-3
     warmup: int = 100
