@@ -29,6 +29,7 @@ def flow_rows(args) -> list[dict]:
 
     from accelc import progress
     from accelc.families import tarflow, tarflow_model
+    from accelc.families.tarflow_run import to_images
     from accelc.loops import flow_sampling as fs
 
     model = tarflow_model.load(tarflow.builtin_dir(tarflow.FMNIST))
@@ -38,8 +39,7 @@ def flow_rows(args) -> list[dict]:
     with progress.step("SeJD calibration"):
         costs = fs.measure_costs(flow, batch, repeats=3)
         calibration = fs.prior_noise(flow, max(args.calibration, batch), seed=10_000)
-        _, stats = fs.sample_in_batches(flow, calibration, fs.FlowSchedule.jacobi(flow, args.tol), batch)
-        iterations = stats.iterations
+        iterations = fs.calibrate_iterations(flow, calibration, args.tol, batch)
     schedules = [
         fs.FlowSchedule.sequential(len(flow.blocks)),
         fs.FlowSchedule.jacobi(flow, args.tol),
@@ -54,11 +54,11 @@ def flow_rows(args) -> list[dict]:
             x, stats = fs.sample_in_batches(flow, z, schedule, batch)
             times[schedule.name].append(sum(stats.seconds))
             outputs[schedule.name].append((x, stats))
-    reference = [fs.patches_to_images(model, x) for x, _ in outputs["sequential"]]
+    reference = [to_images(model, x) for x, _ in outputs["sequential"]]
     rows = []
     for schedule in schedules:
         runs = outputs[schedule.name]
-        images = [fs.patches_to_images(model, x) for x, _ in runs]
+        images = [to_images(model, x) for x, _ in runs]
         with torch.no_grad():
             bpd = [float(model.bits_per_dim(torch.from_numpy(x)).mean()) for x, _ in runs]
         rows.append(

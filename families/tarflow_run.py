@@ -81,6 +81,19 @@ def torch_model(art):
     return tarflow_model.load(art.dir / CHECKPOINT)
 
 
+def to_images(model, x: np.ndarray, denoise: bool = True) -> np.ndarray:
+    """Sampled patches -> images (N, C, H, W) in [0, 1], after TarFlow's score denoising step
+    on the torch model of record `model` (families/tarflow_model.TarFlow)."""
+    import torch
+
+    patches = torch.from_numpy(np.ascontiguousarray(x))
+    if denoise:
+        patches = model.denoise(patches)
+    with torch.no_grad():
+        images = model.unpatchify(patches)
+    return ((images.clamp(-1, 1) + 1) / 2).numpy()
+
+
 def save_grid(images: np.ndarray, path: Path, pad: int = 2) -> Path:
     """Images (N, C, H, W) in [0, 1] as one PNG grid, ceil(sqrt(N)) columns."""
     from PIL import Image
@@ -100,7 +113,7 @@ def save_grid(images: np.ndarray, path: Path, pad: int = 2) -> Path:
 
 
 def run(art, args) -> int:
-    from accelc.loops.flow_sampling import FlowSchedule, patches_to_images, prior_noise, sample_in_batches
+    from accelc.loops.flow_sampling import FlowSchedule, prior_noise, sample_in_batches
     from accelc.runtime import limits
 
     plan = read_plan(art)
@@ -116,7 +129,7 @@ def run(art, args) -> int:
     flow = art.step_model(backend)
     schedule = FlowSchedule.from_json(plan["schedule"])
     x, stats = sample_in_batches(flow, prior_noise(flow, samples, seed), schedule, int(plan["batch"]))
-    images = patches_to_images(torch_model(art), x, denoise=bool(plan["denoise"]))
+    images = to_images(torch_model(art), x, denoise=bool(plan["denoise"]))
     out = save_grid(images, Path(args.out))
     summary = {
         "out": str(out),

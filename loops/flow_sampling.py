@@ -199,9 +199,10 @@ def measure_costs(model: FlowModel, batch: int, repeats: int = 3) -> CallCosts:
     return CallCosts(call_cost(model, batch, model.tokens - 1, repeats), call_cost(model, batch, 1, repeats))
 
 
-def calibrate_iterations(model: FlowModel, z: np.ndarray, tol: float) -> list[int]:
-    """Jacobi iterations per block (density order) to reach `tol` on calibration noise z."""
-    _, stats = sample(model, z, FlowSchedule.jacobi(model, tol))
+def calibrate_iterations(model: FlowModel, z: np.ndarray, tol: float, batch: int | None = None) -> list[float]:
+    """Jacobi iterations per block (density order) to reach `tol` on calibration noise z, drawn
+    `batch` rows at a time (all at once by default), averaged over the batches."""
+    _, stats = sample_in_batches(model, z, FlowSchedule.jacobi(model, tol), batch or len(z))
     return stats.iterations
 
 
@@ -212,16 +213,3 @@ def sejd_schedule(model: FlowModel, iterations: list[int], cost_ratio: float, to
     steps = model.tokens - 1
     chunks = tuple(BlockSchedule(steps if n * cost_ratio < steps else 1, tol) for n in iterations)
     return FlowSchedule("sejd", chunks)
-
-
-def patches_to_images(model, x: np.ndarray, denoise: bool = True) -> np.ndarray:
-    """Sampled patches -> images (N, C, H, W) in [0, 1], after TarFlow's score denoising step
-    on the torch model of record `model` (families/tarflow_model.TarFlow)."""
-    import torch
-
-    patches = torch.from_numpy(np.ascontiguousarray(x))
-    if denoise:
-        patches = model.denoise(patches)
-    with torch.no_grad():
-        images = model.unpatchify(patches)
-    return ((images.clamp(-1, 1) + 1) / 2).numpy()
