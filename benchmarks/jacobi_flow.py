@@ -37,7 +37,7 @@ def flow_rows(args) -> list[dict]:
     batch = args.batch or args.samples
     rounds = 1 if args.quick else args.rounds
     with progress.step("SeJD calibration"):
-        costs = fs.measure_costs(flow, batch, repeats=3)
+        costs = fs.measure_costs(flow, batch)
         calibration = fs.prior_noise(flow, max(args.calibration, batch), seed=10_000)
         iterations = fs.calibrate_iterations(flow, calibration, args.tol, batch)
     schedules = [

@@ -160,25 +160,32 @@ def prior_noise(model: FlowModel, samples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((samples, model.tokens, model.token_dim)).astype(np.float32)
 
 
-def call_cost(model: FlowModel, batch: int, chunk: int, repeats: int = 3) -> float:
+def call_cost(model: FlowModel, batch: int, chunk: int, repeats: int = 5, min_seconds: float = 0.05) -> float:
     """Median seconds of one call on `batch` rows as a schedule of `chunk` makes it, on the last
-    block (the first sampled): the cache-free full call for a whole-block chunk, else one sweep of
-    `extend` calls of `chunk` tokens over the sequence divided per call, so the cost includes the
-    cache's growth as sampling sees it."""
+    block (the first sampled): the cache-free full call for a whole-block chunk, else a sweep of
+    `extend` calls of `chunk` tokens over the sequence, so the cost includes the cache's growth as
+    sampling sees it. Each measurement repeats its calls for at least `min_seconds`, so a call of
+    a fraction of a millisecond is not timed alone on a loaded machine."""
     block = model.blocks[-1]
     x = prior_noise(model, batch, seed=0)
     steps = model.tokens - 1
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+    def calls_once() -> int:
         if chunk >= steps:
             block.params(x)
-            calls = 1
-        else:
-            state, calls = block.empty(batch), 0
-            for t in range(0, steps, chunk):
-                state, _, _ = block.extend(state, x[:, t : min(t + chunk, steps)])
-                calls += 1
+            return 1
+        state, calls = block.empty(batch), 0
+        for t in range(0, steps, chunk):
+            state, _, _ = block.extend(state, x[:, t : min(t + chunk, steps)])
+            calls += 1
+        return calls
+
+    calls_once()  # warm-up: first-call allocations and lazy initialisation are not a call's cost
+    times = []
+    for _ in range(repeats):
+        calls, start = 0, time.perf_counter()
+        while calls == 0 or time.perf_counter() - start < min_seconds:
+            calls += calls_once()
         times.append((time.perf_counter() - start) / calls)
     return float(np.median(times))
 
@@ -195,7 +202,7 @@ class CallCosts:
         return self.full_s / self.step_s
 
 
-def measure_costs(model: FlowModel, batch: int, repeats: int = 3) -> CallCosts:
+def measure_costs(model: FlowModel, batch: int, repeats: int = 5) -> CallCosts:
     return CallCosts(call_cost(model, batch, model.tokens - 1, repeats), call_cost(model, batch, 1, repeats))
 
 
