@@ -213,10 +213,24 @@ def calibrate_iterations(model: FlowModel, z: np.ndarray, tol: float, batch: int
     return stats.iterations
 
 
-def sejd_schedule(model: FlowModel, iterations: list[int], cost_ratio: float, tol: float) -> FlowSchedule:
+def cheapest_chunks(
+    calls: dict[int, list[float]], costs: dict[int, float], min_gain: float = 1.0
+) -> tuple[list[int], float]:
+    """Per block, the chunk length with the smallest predicted time (its measured calls x the
+    cost of one call of that length; ties go to the shorter chunk), and the predicted gain over
+    sequential (`calls[1]`); all sequential when that gain is under `min_gain`."""
+    lengths = sorted(costs)
+    blocks = range(len(calls[1]))
+    chosen = [min(lengths, key=lambda c: calls[c][b] * costs[c]) for b in blocks]
+    gain = sum(calls[1][b] * costs[1] for b in blocks) / sum(calls[c][b] * costs[c] for b, c in enumerate(chosen))
+    return (chosen, gain) if gain >= min_gain else ([1] * len(chosen), gain)
+
+
+def sejd_schedule(model: FlowModel, iterations: list[float], cost_ratio: float, tol: float) -> FlowSchedule:
     """SeJD: Jacobi where its measured iterations cost less than T - 1 sequential steps
     (iterations x cost_ratio < T - 1, the ratio being a Jacobi call's cost in one-token steps),
     sequential elsewhere."""
     steps = model.tokens - 1
-    chunks = tuple(BlockSchedule(steps if n * cost_ratio < steps else 1, tol) for n in iterations)
-    return FlowSchedule("sejd", chunks)
+    calls = {1: [steps] * len(iterations), steps: list(iterations)}
+    chosen, _ = cheapest_chunks(calls, {1: 1.0, steps: cost_ratio})
+    return FlowSchedule("sejd", tuple(BlockSchedule(c, tol) for c in chosen))

@@ -58,16 +58,13 @@ class Jacobi(registry.Pass):
             costs[chunk] = fs.call_cost(flow, p.batch, chunk)
             _, stats = fs.sample(flow, z, fs.FlowSchedule.uniform("calibration", len(flow.blocks), chunk, p.tol))
             calls[chunk] = stats.calls
-        predicted = [{c: calls[c][b] * costs[c] for c in candidates} for b in range(len(flow.blocks))]
-        chosen = [min(per_block, key=per_block.get) for per_block in predicted]
-        sequential_s = sum(per_block[1] for per_block in predicted)
-        chosen_s = sum(per_block[c] for per_block, c in zip(predicted, chosen))
-        gain = sequential_s / chosen_s
+        chosen, gain = fs.cheapest_chunks(calls, costs, p.min_gain)
         if gain < p.min_gain:
-            chosen, chosen_s = [1] * len(chosen), sequential_s
             reason = f"no schedule predicted {p.min_gain}x faster than sequential (best {gain:.2f}x)"
         else:
             reason = f"predicted {gain:.2f}x faster than sequential at batch {p.batch} on {p.backend}"
+        predicted = sum(calls[c][b] * costs[c] for b, c in enumerate(chosen))
+        sequential = sum(calls[1][b] * costs[1] for b in range(len(chosen)))
         schedule = fs.FlowSchedule(schedule_name(chosen, steps), tuple(fs.BlockSchedule(c, p.tol) for c in chosen))
         progress.status(f"jacobi: {schedule.name} {chosen} ({reason})")
         plan = {
@@ -76,9 +73,9 @@ class Jacobi(registry.Pass):
             "backend": p.backend,
             "call_cost_s": {str(c): costs[c] for c in candidates},
             "calls_per_block": {str(c): calls[c] for c in candidates},
-            "predicted_s": chosen_s,
-            "predicted_sequential_s": sequential_s,
-            "predicted_speedup": sequential_s / chosen_s,
+            "predicted_s": predicted,
+            "predicted_sequential_s": sequential,
+            "predicted_speedup": sequential / predicted,
             "reason": reason,
         }
         return bundle.evolve(plan={**bundle.plan, "flow": plan})

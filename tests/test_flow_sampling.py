@@ -91,6 +91,15 @@ def test_sejd_is_sequential_exactly_where_jacobi_is_predicted_slower(flow):
     assert len(iterations) == len(flow.blocks) and all(0 < n < T for n in iterations)
 
 
+def test_each_block_gets_its_cheapest_predicted_chunk_and_sequential_stays_without_a_gain():
+    calls = {1: [15, 15, 15], 4: [8, 6, 15], 15: [2, 9, 15]}
+    chosen, gain = fs.cheapest_chunks(calls, {1: 1.0, 4: 1.5, 15: 4.0}, min_gain=1.05)
+    assert chosen == [15, 4, 1]  # predicted 8 < 12 < 15; 9 < 15 < 36; 15 < 22.5 < 60
+    assert gain == pytest.approx(45 / (8 + 9 + 15))
+    chosen, gain = fs.cheapest_chunks(calls, {1: 1.0, 4: 2.4, 15: 7.4}, min_gain=1.05)
+    assert chosen == [1, 1, 1] and gain == pytest.approx(45 / (14.8 + 14.4 + 15))  # under 1.05
+
+
 def test_a_schedule_must_cover_every_block(flow, noise):
     with pytest.raises(ValueError, match="2 blocks"):
         fs.sample(flow, noise, fs.FlowSchedule.uniform("short", 2, 1))
