@@ -109,9 +109,12 @@ class Backend:
         self.placement.artifact.integrity.require(*self.files(role))
 
     def step_model(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> StepModel:
-        """`open` after `check`."""
+        """The model of `role` in the runtime protocol of the artifact's family, after `check`: the
+        family opens it through this backend (Family.open_model), which is `open`, a StepModel,
+        unless the family serves another protocol (a flow's blocks: runtime/flow.py)."""
         self.check(role)
-        return self.open(role, threads=threads, alone_session=alone_session)
+        family = self.placement.artifact.family
+        return family.open_model(self, role, threads=threads, alone_session=alone_session)
 
 
 class GraphBackend(Backend):

@@ -285,7 +285,7 @@ class OrtBackend(GraphBackend):
     """ONNX Runtime (CPU) on the artifact's exported graphs, with the session options it was validated with."""
 
     name = "ort"
-    families = ("causal_lm", "onnx")  # an opaque ONNX graph runs here as it is
+    families = ("causal_lm", "onnx", "tarflow")  # an opaque ONNX graph runs here as it is
     dependency = ORT
     threads_per_model = True  # one session per model, each with its own intra-op pool
 
