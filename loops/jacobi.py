@@ -46,12 +46,10 @@ def check_window(window: int) -> None:
         )
 
 
-def plan_value(plan, key: str, default: int) -> int:
-    """An integer setting the decode plan carries beside its typed fields (window, ngram, ...)."""
-    value = (plan.model_extra or {}).get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise UsageError(f"decode plan '{key}' must be an integer, got {value!r}")
-    return value
+def plan_value(plan, key: str, default: int):
+    """A setting the decode plan carries beside its typed fields (window, ngram, ...), checked by
+    the options it builds."""
+    return (plan.model_extra or {}).get(key, default)
 
 
 class Guesser(Protocol):
