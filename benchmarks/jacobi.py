@@ -3,10 +3,10 @@
     python -m benchmarks.jacobi [--quick] [--part lm|all] [--no-speculative] [--artifact DIR] --json OUT.json
 
 Part `lm`: SmolLM2-135M-Instruct on ONNX Runtime (recipes/bench/jacobi.yaml: export_onnx and the
-`lookahead` pass, whose plan is measured as its own row), continuing real prompts (Austen,
+`lookahead` pass pricing windows 1, 4 and 7, whose plan is measured as its own row), continuing real prompts (Austen,
 "Persuasion", 48 tokens each) by 64 greedy tokens with: autoregressive decoding (`ar`), Jacobi
-decoding, lookahead decoding, lookahead with prompt lookup (the pass's configurations, N=5, W=7,
-G=7, up to 8 copied tokens), the lookahead pass's plan, and, for reference, the speculative
+decoding, lookahead decoding, lookahead with prompt lookup (the paper's N=5, W=7, G=7; up to 8
+copied tokens), the lookahead pass's plan (`lookahead_plan`), and, for reference, the speculative
 pass's plan (recipes/bench/speculative.yaml; --no-speculative leaves it out). Every method runs
 on a prompt before the next prompt (interleaved), through its loop table entry as `accelc run`
 runs it, and the backend's call-cost curve (a k-token call over a one-token call) is timed
@@ -31,13 +31,23 @@ from benchmarks import common
 LOOKUP_TOKENS = 8
 
 
-def _window_methods(recipe) -> dict:
-    """name -> (loop, plan settings) of the configurations the lookahead pass prices."""
-    from accelc.compiler import registry
+def window_methods() -> dict[str, dict]:
+    """name -> decode plan of the window loops measured at the paper's defaults (N=5, W=7, G=7)."""
+    from accelc.loops.jacobi import DEFAULT_WINDOW
+    from accelc.loops.lookahead import DEFAULT_GUESS_SET, DEFAULT_NGRAM
+    from accelc.loops.lookup import Lookup
 
-    step = next(step for step in recipe.passes if step.type == "lookahead")
-    pass_ = registry.PASSES["lookahead"](step)
-    return {name: (strategy, settings) for name, strategy, settings in pass_.configurations()}
+    lookahead = {
+        "strategy": "lookahead",
+        "window": DEFAULT_WINDOW,
+        "ngram": DEFAULT_NGRAM,
+        "guess_set": DEFAULT_GUESS_SET,
+    }
+    return {
+        "jacobi": {"strategy": "jacobi", "window": DEFAULT_WINDOW},
+        "lookahead": lookahead,
+        "lookahead+lookup": {**lookahead, "lookup": Lookup(tokens=LOOKUP_TOKENS).to_dict()},
+    }
 
 
 def _compiled(recipe: str, artifact: Path | None) -> Path:
@@ -56,7 +66,6 @@ def lm_rows(args) -> list[dict]:
     from accelc.loops.timing import call_cost_curve
     from accelc.runtime.artifact import Artifact
 
-    recipe = common.load_bench_recipe("jacobi")
     art = Artifact(_compiled("jacobi", Path(args.artifact) if args.artifact else None))
     model = art.step_model("ort")
     prompts = common.persuasion_prompts(art.tokenizer, args.prompts)
@@ -67,10 +76,10 @@ def lm_rows(args) -> list[dict]:
             plan, target, draft, prompt, args.new_tokens, sampler=Sampler(), eos_ids=()
         )
 
-    windows = _window_methods(recipe)
+    windows = window_methods()
     methods = {"ar": run(DecodePlan(strategy="greedy"))}
-    for name, (strategy, settings) in windows.items():
-        methods[name] = run(DecodePlan(strategy=strategy, **settings))
+    for name, settings in windows.items():
+        methods[name] = run(DecodePlan(**settings))
     methods["lookahead_plan"] = run(art.plan)  # the pass's decision (greedy where nothing pays)
     spec_plan = None
     if args.speculative:
@@ -80,8 +89,9 @@ def lm_rows(args) -> list[dict]:
         spec_plan = spec.plan
         methods["speculative_plan"] = run(spec_plan, *spec.decode_pair("ort"))
     # the longest call: the last token and the window's guesses or a candidate, whichever is longer
+    plans = [*windows.values(), art.plan.to_json_dict()]
     longest = max(
-        max(s["window"], s.get("ngram", 0), 1 + s.get("lookup", {}).get("tokens", 0)) for _, s in windows.values()
+        max(p.get("window", 1), p.get("ngram", 0), 1 + (p.get("lookup") or {}).get("tokens", 0)) for p in plans
     )
 
     out = {
@@ -138,7 +148,7 @@ def lm_rows(args) -> list[dict]:
         "prompt_tokens": 48,
         "prompt_text": "austen:persuasion",
         "new_tokens": args.new_tokens,
-        "configurations": {name: settings for name, (_, settings) in windows.items()},
+        "configurations": windows,
         "lookahead_pass_plan": art.plan.to_json_dict(),
         "speculative_plan": spec_plan and spec_plan.to_json_dict(),
         "call_cost_curve": {str(k): v for k, v in curve.items()},

@@ -16,9 +16,9 @@ on (a GPU's stays near 1 up to dozens of tokens), so the pass may well keep gree
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from accelc import progress
 from accelc.compiler import registry
@@ -42,8 +42,16 @@ class Lookahead(registry.Pass):
         strategies: list[Literal["jacobi", "lookahead"]] = Field(
             ["jacobi", "lookahead"], min_length=1, description="the loops to price (greedy decoding is always one)"
         )
-        window: int = Field(DEFAULT_WINDOW, ge=1, description="W: positions iterated a call (1 is greedy decoding)")
-        ngram: int = Field(DEFAULT_NGRAM, ge=2, description="N: lookahead's n-gram size (candidates of N - 1 tokens)")
+        windows: list[Annotated[int, Field(ge=1)]] = Field(
+            [DEFAULT_WINDOW],
+            min_length=1,
+            description="W values to price: positions iterated a call (1: lookahead verifies candidates only)",
+        )
+        ngrams: list[Annotated[int, Field(ge=2)]] = Field(
+            [DEFAULT_NGRAM],
+            min_length=1,
+            description="N values to price: lookahead's n-gram size (candidates of N - 1 tokens)",
+        )
         guess_set: int = Field(DEFAULT_GUESS_SET, ge=0, description="G: lookahead's n-grams kept per first token")
         lookup: int | None = Field(
             None,
@@ -61,6 +69,12 @@ class Lookahead(registry.Pass):
             True,
             description="keep greedy decoding where nothing pays (false: plan the best anyway, e.g. to measure it)",
         )
+
+        @model_validator(mode="after")
+        def _something_to_price(self):
+            if "lookahead" not in self.strategies and max(self.windows) == 1:
+                raise ValueError("Jacobi decoding with window 1 is greedy decoding: give a window above 1")
+            return self
 
     def run(self, bundle, ctx):
         from accelc.families.causal_lm import load_model, load_tokenizer
@@ -89,18 +103,22 @@ class Lookahead(registry.Pass):
         return bundle.evolve(plan={**bundle.plan, **report["plan"]}, reports={**bundle.reports, "lookahead.json": path})
 
     def configurations(self) -> list[tuple[str, str, dict]]:
-        """(name, loop, plan settings) of every configuration priced."""
+        """(name, loop, plan settings) of every configuration priced: Jacobi at each window but 1
+        (greedy decoding), lookahead at each window and n-gram size, with prompt lookup too."""
         from accelc.loops.lookup import Lookup
 
         p = self.params
         out = []
         if "jacobi" in p.strategies:
-            out.append(("jacobi", "jacobi", {"window": p.window}))
+            out += [(f"jacobi W={w}", "jacobi", {"window": w}) for w in p.windows if w > 1]
         if "lookahead" in p.strategies:
-            settings = {"window": p.window, "ngram": p.ngram, "guess_set": p.guess_set}
-            out.append(("lookahead", "lookahead", settings))
-            if p.lookup is not None:
-                out.append(("lookahead+lookup", "lookahead", {**settings, "lookup": Lookup(tokens=p.lookup).to_dict()}))
+            copies = {"lookup": Lookup(tokens=p.lookup).to_dict()} if p.lookup is not None else None
+            for w in p.windows:
+                for n in p.ngrams:
+                    settings = {"window": w, "ngram": n, "guess_set": p.guess_set}
+                    out.append((f"lookahead W={w} N={n}", "lookahead", settings))
+                    if copies:
+                        out.append((f"lookahead+lookup W={w} N={n}", "lookahead", {**settings, **copies}))
         return out
 
     def _decide(self, model, backend: str, prompts: list[list[int]], new_tokens: int) -> dict:

@@ -54,6 +54,7 @@ def test_a_configuration_that_missed_the_greedy_tokens_is_never_planned():
 
 PASS = """
   - type: lookahead
+    windows: [1, 7]
     lookup: 4
     calibration_prompts: 2
     prompt_tokens: 16
@@ -70,17 +71,31 @@ def test_the_plan_report_and_validation_of_a_compiled_artifact(cli, tiny_recipe,
     plan = json.loads((out / "decode" / "plan.json").read_text())
     report = json.loads((out / "reports" / "lookahead.json").read_text())
     assert plan["strategy"] == "lookahead" and plan["cost_backend"] == report["backend"] == "ort"
-    assert {p["name"] for p in report["priced"]} == {"jacobi", "lookahead", "lookahead+lookup"}
+    assert {p["name"] for p in report["priced"]} == {
+        "jacobi W=7",
+        "lookahead W=1 N=5",
+        "lookahead+lookup W=1 N=5",
+        "lookahead W=7 N=5",
+        "lookahead+lookup W=7 N=5",
+    }
     longest = max(int(k) for k in report["call_cost_curve"])
     assert longest >= 7 and report["call_cost_curve"]["1"] == 1.0
     best = max(report["priced"], key=lambda p: p["predicted_speedup"])
-    assert plan["predicted_speedup"] == best["predicted_speedup"] and plan["window"] == 7
+    assert plan["predicted_speedup"] == best["predicted_speedup"] and plan["window"] == best["settings"]["window"]
     assert all(p["identical_to_greedy"] and p["tokens_per_call"] >= 1.0 for p in report["priced"])
     validation = json.loads((out / "reports" / "validation.json").read_text())
     assert validation["decode_plan"]["verdict"] == "pass"
     assert set(validation["decode_plan"]["backends"]) == {"torch", "ort"}
     code, _, err = cli("run", out, "--prompt", "Hello", "--raw", "--max-new-tokens", 10)
     assert code == 0 and "[lookahead]" in err and "tokens a call" in err
+
+
+def test_nothing_to_price_is_a_usage_error_at_validate_time(cli, tiny_recipe):
+    recipe = tiny_recipe()
+    step = "  - type: lookahead\n    strategies: [jacobi]\n    windows: [1]\n"
+    recipe.write_text(recipe.read_text().replace("  - type: export_onnx\n", "  - type: export_onnx\n" + step))
+    code, _, err = cli("validate", recipe)
+    assert code == 2 and "window 1 is greedy decoding" in err
 
 
 def test_a_sampling_decode_section_is_a_usage_error(cli, tiny_recipe):
