@@ -179,8 +179,9 @@ class Lookahead(registry.Pass):
 def _calibration_prompts(tokenizer, ctx, params) -> list[list[int]]:
     import numpy as np
 
-    from accelc.data import load_text, token_windows
+    from accelc.data import calibration_windows
 
-    ids = np.asarray(tokenizer.encode(load_text(ctx.recipe.data.calibration), add_special_tokens=False))
-    n = params.prompt_tokens
-    return [w.tolist() for w, _ in token_windows(ids, n, n, params.calibration_prompts, what="calibration text")]
+    windows = calibration_windows(
+        tokenizer, ctx.recipe.data.calibration, window=params.prompt_tokens, max_windows=params.calibration_prompts
+    )
+    return [np.asarray(w).tolist() for w in windows]
