@@ -50,10 +50,10 @@ def window_methods() -> dict[str, dict]:
     }
 
 
-def _compiled(recipe: str, artifact: Path | None) -> Path:
+def _compiled(recipe: str, artifact: Path | None, overrides: list[str] = ()) -> Path:
     out = artifact or Path(tempfile.mkdtemp(prefix=f"accelc-{recipe}-")) / "artifact"
     if not (out / "manifest.json").exists():
-        common.compile_bench_recipe(recipe, out)
+        common.compile_bench_recipe(recipe, out, overrides)
     return out
 
 
@@ -66,7 +66,9 @@ def lm_rows(args) -> list[dict]:
     from accelc.loops.timing import call_cost_curve
     from accelc.runtime.artifact import Artifact
 
-    art = Artifact(_compiled("jacobi", Path(args.artifact) if args.artifact else None))
+    # --quick: the lookahead pass calibrates on 2 prompts instead of 4
+    quick = [common.override("passes.1.calibration_prompts", 2)] if args.quick else []
+    art = Artifact(_compiled("jacobi", Path(args.artifact) if args.artifact else None, quick))
     model = art.step_model("ort")
     prompts = common.persuasion_prompts(art.tokenizer, args.prompts)
 
@@ -192,7 +194,7 @@ def plot(rows: list[dict], curve: dict | None, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__)
     p.add_argument("--part", choices=[*PARTS, "all"], default="all")
-    p.add_argument("--quick", action="store_true", help="4 prompts, 32 tokens")
+    p.add_argument("--quick", action="store_true", help="4 prompts, 32 tokens; the pass calibrates on 2 prompts")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--artifact", help="reuse a compiled recipes/bench/jacobi.yaml artifact")
