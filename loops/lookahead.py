@@ -10,7 +10,8 @@ share a call without changing every backend's graph. What one call is here, on e
 
     fed = [last] + candidate + the window's guesses for the positions after it
 
-one causal chain of 1 + max(W - 1, N - 1) tokens (fewer near the token budget): the best
+one causal chain of 1 + max(W - 1, candidate) tokens, a candidate being N - 1 tokens (a copy
+from the context: up to lookup's `tokens`), fewer near the token budget: the chosen
 candidate is verified in front of the window (the verification branch), and the window's guesses
 past it are iterated as in Jacobi decoding (`jacobi.py`, the lookahead branch; where the
 candidate is rejected, the predictions after it still become the next window). Every
