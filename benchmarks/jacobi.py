@@ -1,6 +1,6 @@
 """Jacobi and lookahead decoding vs autoregressive decoding, side by side in one run.
 
-    python -m benchmarks.jacobi [--quick] [--part lm|all] [--no-speculative] [--artifact DIR] --json OUT.json
+    python -m benchmarks.jacobi [--quick] [--part lm|flow|all] [--no-speculative] [--artifact DIR] --json OUT.json
 
 Part `lm`: SmolLM2-135M-Instruct on ONNX Runtime (recipes/bench/jacobi.yaml: export_onnx and the
 `lookahead` pass pricing windows 1, 4 and 7, whose plan is measured as its own row), continuing real prompts (Austen,
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import common, jacobi_flow
 
 LOOKUP_TOKENS = 8
 
@@ -169,7 +169,7 @@ def lm_rows(args) -> list[dict]:
     return rows
 
 
-PARTS = {"lm": lm_rows}
+PARTS = {"lm": lm_rows, "flow": jacobi_flow.flow_rows}
 
 
 def plot(rows: list[dict], curve: dict | None, path: Path) -> None:
@@ -203,7 +203,10 @@ def plot(rows: list[dict], curve: dict | None, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__)
     p.add_argument("--part", choices=[*PARTS, "all"], default="all")
-    p.add_argument("--quick", action="store_true", help="4 prompts, 32 tokens; the pass calibrates on 2 prompts")
+    p.add_argument(
+        "--quick", action="store_true", help="lm: 4 prompts, 32 tokens, the pass calibrates on 2; flow: one round"
+    )
+    jacobi_flow.add_arguments(p)  # the flow part's options (--samples, --batch, --backend, ...)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--artifact", help="reuse a compiled recipes/bench/jacobi.yaml artifact")
@@ -225,9 +228,13 @@ def main(argv: list[str] | None = None) -> int:
             rows += rows_of(args)
     record = common.protocol(environment=environment, **args.protocol)
     rows_path, _ = common.write_results(args.json, rows, record)
-    plot(rows, args.protocol.get("lm", {}).get("call_cost_curve"), rows_path.with_suffix(".png"))
+    if any(r["part"] == "lm" for r in rows):
+        plot(rows, args.protocol.get("lm", {}).get("call_cost_curve"), rows_path.with_suffix(".png"))
+    flow = [r for r in rows if r["part"] == "flow"]
+    if flow:
+        jacobi_flow.plot(flow, rows_path.with_name(rows_path.stem + "_flow.png"))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.run(main))

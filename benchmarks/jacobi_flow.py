@@ -109,7 +109,6 @@ def add_arguments(p) -> None:
     p.add_argument("--tol", type=float, default=1e-3, help="relative-change stopping threshold of the Jacobi chunks")
     p.add_argument("--chunk", type=int, default=16, help="GS-Jacobi chunk length in tokens")
     p.add_argument("--calibration", type=int, default=16, help="calibration noise samples for SeJD")
-    p.add_argument("--quick", action="store_true", help="one round (well under 10 minutes)")
 
 
 def plot(rows, path) -> None:
@@ -132,6 +131,7 @@ def plot(rows, path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__)
     add_arguments(p)
+    p.add_argument("--quick", action="store_true", help="one round (well under 10 minutes)")
     args = p.parse_args(argv)
     environment = common.quiet_threads(args.threads)
     rows = flow_rows(args)
@@ -146,4 +146,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.run(main))
