@@ -90,7 +90,9 @@ PASSES: Registry[type[Pass]] = Registry(
         "accelc.passes.speculative",
     ),
 )
-TARGETS: Registry[type[Target]] = Registry("target", ("accelc.targets.cpu",), key=lambda cls: cls.kind)
+TARGETS: Registry[type[Target]] = Registry(
+    "target", ("accelc.targets.cpu", "accelc.targets.fpga"), key=lambda cls: cls.kind
+)
 register_pass = PASSES.register
 register_target = TARGETS.register
 

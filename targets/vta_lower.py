@@ -1,0 +1,312 @@
+"""Lower an int8 conv2d or dense layer to a VTA instruction stream, tiled to the configured buffers.
+
+A dense layer is the 1x1 case of a convolution (H = W = 1), so one lowering serves both. The
+layer is cut into tiles: groups of output-channel blocks (`group`), bands of output rows
+(`rows`) and chunks of input-channel blocks (`chunk`). Per tile the load module brings the
+band's input rows (one 2-D strided LOAD per input-channel block, the convolution's zero padding
+added on the fly) and the group's weights; the compute module zeroes the accumulators (GEMM
+reset), runs one GEMM over micro-ops (co, ci, kh, kw) looped over the band's rows and columns
+(Moreau et al., arXiv 1807.04188, section 3.3), and after the last chunk requantises on the ALU:
+ADD the bias (which holds the rounding constant), SHR by the layer's shift, MAX/MIN clip to int8
+(MAX 0 is the fused ReLU); the store module moves the int8 results to DRAM.
+
+When two copies of the tile buffers fit, inputs, weights and accumulators are double buffered
+(slot = tile mod 2) so loads, compute and stores of neighbouring tiles overlap; the dependency
+tokens say exactly when a slot may be reused, and every push has its pop (the token queues are
+empty again after FINISH, so the next stream starts clean).
+
+DRAM images (element units of each buffer, VTA's hw_spec layouts): inputs (Cin/16, H, W) blocks
+of 16 channels; weights in tile order (group, chunk, co, ci, kh, kw) blocks of 16 x 16 (out, in);
+biases (Cout/16) blocks of 16 int32; outputs (Cout/16, Ho, Wo).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from accelc.errors import UsageError
+from accelc.runtime import vta_isa as isa
+from accelc.runtime.vta_config import VTAConfig
+
+SHIFT_MAX = 15  # a shift the 5-bit signed SHR operand and a 16-bit rounding constant both hold
+
+
+@dataclass(frozen=True)
+class Tiling:
+    group: int  # output-channel blocks per tile
+    rows: int  # output rows per tile
+    chunk: int  # input-channel blocks per tile
+    slots: int  # 2: double buffered
+
+    def to_json(self) -> dict:
+        return vars(self).copy()
+
+
+@dataclass(frozen=True)
+class Shape:
+    cin: int
+    cout: int
+    height: int
+    width: int
+    kernel: int
+    padding: int
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return self.height + 2 * self.padding - self.kernel + 1, self.width + 2 * self.padding - self.kernel + 1
+
+
+@dataclass
+class LayerStream:
+    insns: bytes
+    uops: bytes
+    wgt: np.ndarray  # int8 (n, 16, 16)
+    acc: np.ndarray  # int32 (n, batch, 16)
+    inp_elems: int
+    out_elems: int
+    tiling: Tiling
+    counts: dict
+
+
+def blocks(n: int, block: int) -> int:
+    return -(-n // block)
+
+
+def _needs(shape: Shape, t: Tiling) -> dict[str, int]:
+    wo = shape.out_hw[1]
+    k, wp = shape.kernel, shape.width + 2 * shape.padding
+    sets = t.slots**3  # micro-op sets: one per (input, weight, accumulator) slot combination
+    return {
+        "inp": t.slots * t.chunk * (t.rows + k - 1) * wp,
+        "wgt": t.slots * t.group * t.chunk * k * k,
+        "acc": t.slots * (t.group * t.rows * wo + t.group),
+        "uop": sets * t.group * t.chunk * k * k + t.slots * t.group,
+    }
+
+
+def choose_tiling(shape: Shape, config: VTAConfig, where: str) -> Tiling:
+    """The tiling with the fewest tiles that fits every buffer (double buffered when possible):
+    whole input-channel chunks first (fewer partial sums), then wide groups, then tall bands."""
+    cib, cob = blocks(shape.cin, config.block), blocks(shape.cout, config.block)
+    ho, wo = shape.out_hw
+    if wo >= 1 << isa.LOOP_ITER_BITS or shape.width + 2 * shape.padding >= config.depth("inp"):
+        raise UsageError(f"{where}: rows of {shape.width} pixels do not fit the input buffer")
+    best = None
+    for slots in (2, 1):
+        for chunk in [c for c in range(cib, 0, -1) if cib % c == 0]:
+            for group in [g for g in range(cob, 0, -1) if cob % g == 0]:
+                # the tallest band that fits, found by halving from the whole height
+                rows = ho
+                while rows >= 1:
+                    t = Tiling(group, rows, chunk, slots)
+                    needs = _needs(shape, t)
+                    if all(needs[b] <= config.depth(b) for b in needs):
+                        tiles = (cob // group) * blocks(ho, rows) * (cib // chunk)
+                        key = (tiles, -slots)
+                        if best is None or key < best[0]:
+                            best = (key, t)
+                        break
+                    rows = rows - 1 if rows <= 8 else rows // 2 + (rows % 2)
+        if best is not None and best[1].slots == 2:
+            break
+    if best is None:
+        raise UsageError(
+            f"{where}: fits no tiling of the {config.tag} buffers (even one 16x16 weight block per "
+            f"kernel tap and one output row: input {config.depth('inp')}, weight {config.depth('wgt')}, "
+            f"accumulator {config.depth('acc')} elements)"
+        )
+    return best[1]
+
+
+def pack_weights(w: np.ndarray, shape: Shape, t: Tiling, block: int) -> np.ndarray:
+    """int8 OIHW weights -> DRAM image of 16x16 (out, in) blocks in tile order."""
+    cib, cob, k = blocks(shape.cin, block), blocks(shape.cout, block), shape.kernel
+    padded = np.zeros((cob * block, cib * block, k, k), dtype=np.int8)
+    padded[: shape.cout, : shape.cin] = w.reshape(shape.cout, shape.cin, k, k)
+    # (group, co, o16, chunk, ci, i16, kh, kw) -> (group, chunk, co, ci, kh, kw, o16, i16)
+    x = padded.reshape(cob // t.group, t.group, block, cib // t.chunk, t.chunk, block, k, k)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 4, 6, 7, 2, 5)).reshape(-1, block, block)
+
+
+def lower_layer(
+    w: np.ndarray, bias: np.ndarray, shift: int, low: int, shape: Shape, config: VTAConfig, where: str
+) -> LayerStream:
+    """The stream computing clip((conv(x, w) + bias) >> shift, low, 127) in int8 for one image."""
+    if config.batch != 1:
+        raise UsageError(f"{where}: lowering supports BATCH=1 configurations, not {config.batch}")
+    if not 0 <= shift <= SHIFT_MAX:
+        raise UsageError(f"{where}: requantisation shift {shift} is outside 0..{SHIFT_MAX}")
+    t = choose_tiling(shape, config, where)
+    block, k, p = config.block, shape.kernel, shape.padding
+    cib, cob = blocks(shape.cin, block), blocks(shape.cout, block)
+    ho, wo = shape.out_hw
+    wp = shape.width + 2 * p
+    band = t.rows + k - 1  # input rows held per band
+    inp_slot = t.chunk * band * wp
+    wgt_slot = t.group * t.chunk * k * k
+    acc_slot = t.group * t.rows * wo
+    bias_base = t.slots * acc_slot
+
+    uops: list[isa.Uop] = []
+    gemm_sets: dict[tuple[int, int, int], tuple[int, int]] = {}
+    row_sets: dict[int, tuple[int, int]] = {}  # per accumulator slot: one micro-op per output block
+
+    def gemm_uops(islot: int, wslot: int, aslot: int) -> tuple[int, int]:
+        if (islot, wslot, aslot) not in gemm_sets:
+            start = len(uops)
+            for co in range(t.group):
+                for ci in range(t.chunk):
+                    for kh in range(k):
+                        for kw in range(k):
+                            uops.append(
+                                isa.Uop(
+                                    dst=aslot * acc_slot + co * t.rows * wo,
+                                    src=islot * inp_slot + ci * band * wp + kh * wp + kw,
+                                    wgt=wslot * wgt_slot + ((co * t.chunk + ci) * k + kh) * k + kw,
+                                )
+                            )
+            gemm_sets[(islot, wslot, aslot)] = (start, len(uops))
+        return gemm_sets[(islot, wslot, aslot)]
+
+    def row_uops(aslot: int) -> tuple[int, int]:
+        if aslot not in row_sets:
+            start = len(uops)
+            for co in range(t.group):
+                uops.append(
+                    isa.Uop(dst=aslot * acc_slot + co * t.rows * wo, src=bias_base + aslot * t.group + co, wgt=0)
+                )
+            row_sets[aslot] = (start, len(uops))
+        return row_sets[aslot]
+
+    groups, bands, chunks = cob // t.group, blocks(ho, t.rows), cib // t.chunk
+    tiles = [(g, r, c) for g in range(groups) for r in range(bands) for c in range(chunks)]
+    n_tiles, n_out = len(tiles), groups * bands
+    d = t.slots
+    load_q: list[list] = []
+    compute_q: list[list] = []
+    store_q: list[list] = []
+    no = isa.Deps()
+    for ti, (g, r, c) in enumerate(tiles):
+        o = g * bands + r
+        y0, rows = r * t.rows, min(t.rows, ho - r * t.rows)
+        islot, aslot = ti % d, o % d
+        wslot = g % d if chunks == 1 else ti % d
+        loads = []
+        if chunks > 1 or r == 0:  # a group's weights stay while its bands pass (one chunk)
+            loads.append(
+                [
+                    isa.LOAD,
+                    isa.MEM_WGT,
+                    wslot * wgt_slot,
+                    (g * chunks + c) * wgt_slot,
+                    1,
+                    wgt_slot,
+                    wgt_slot,
+                    0,
+                    0,
+                    0,
+                    0,
+                ]
+            )
+        y_first = y0 - p  # first input row of the band (may be above the image: padding)
+        top, bottom = max(0, -y_first), max(0, y_first + rows + k - 1 - shape.height)
+        if p == 0 and band == shape.height:  # whole, unpadded images: the chunk is one contiguous copy
+            size = t.chunk * shape.height * shape.width
+            loads.append([isa.LOAD, isa.MEM_INP, islot * inp_slot, c * size, 1, size, size, 0, 0, 0, 0])
+        else:  # one 2-D copy per input-channel block, the zero padding added on the way
+            for ci in range(t.chunk):
+                loads.append(
+                    [isa.LOAD, isa.MEM_INP, islot * inp_slot + ci * band * wp,
+                     (c * t.chunk + ci) * shape.height * shape.width + (y_first + top) * shape.width,
+                     rows + k - 1 - top - bottom, shape.width, shape.width, top, bottom, p, p]
+                )  # fmt: skip
+        loads[0].append({"pop_next": ti >= d})
+        loads[-1].append({"push_next": True})
+        load_q.append(loads)
+
+        compute = []
+        if ti == 0:
+            compute.append("UOPS")  # placeholder: the micro-op load, emitted once all sets are known
+        if c == 0:
+            compute.append(
+                [isa.LOAD, isa.MEM_ACC, bias_base + aslot * t.group, g * t.group, 1, t.group, t.group, 0, 0, 0, 0, {}]
+            )
+            bgn, end = row_uops(aslot)
+            compute.append(("GEMM", dict(reset=True, uop=(bgn, end), it=(rows, wo), dst=(wo, 1), src=(0, 0), wgt=(0, 0)),
+                            {"pop_next": o >= d}))  # fmt: skip
+        bgn, end = gemm_uops(islot, wslot, aslot)
+        compute.append(("GEMM", dict(reset=False, uop=(bgn, end), it=(rows, wo), dst=(wo, 1), src=(wp, 1), wgt=(0, 0)),
+                        {"pop_prev": True, "push_prev": ti + d < n_tiles}))  # fmt: skip
+        if c == chunks - 1:
+            bgn, end = row_uops(aslot)
+            alu = [(isa.ALU_ADD, False, 0)] + ([(isa.ALU_SHR, True, shift)] if shift else [])
+            alu += [(isa.ALU_MAX, True, low), (isa.ALU_MIN, True, 127)]
+            for i, (op, use_imm, imm) in enumerate(alu):
+                compute.append(("ALU", dict(uop=(bgn, end), it=(rows, wo), dst=(wo, 1), src=(0, 0), op=op, use_imm=use_imm,
+                                            imm=imm), {"push_next": i == len(alu) - 1}))  # fmt: skip
+            stores = []
+            for co in range(t.group):
+                stores.append(
+                    [isa.STORE, isa.MEM_OUT, aslot * acc_slot + co * t.rows * wo,
+                     (g * t.group + co) * ho * wo + y0 * wo, 1, rows * wo, rows * wo, 0, 0, 0, 0]
+                )  # fmt: skip
+            stores[0].append({"pop_prev": True})
+            stores[-1].append({"push_prev": o + d < n_out or o == n_out - 1})
+            store_q.append(stores)
+        else:
+            store_q.append([])
+        compute_q.append(compute)
+
+    if len(uops) > config.depth("uop"):
+        raise UsageError(f"{where}: {len(uops)} micro-ops exceed the micro-op buffer ({config.depth('uop')})")
+    program: list[isa.Insn] = []
+
+    def mem(fields: list) -> isa.MemInsn:
+        flags = {}
+        for extra in fields[11:]:
+            flags.update(extra)
+        return isa.MemInsn(fields[0], isa.Deps(**flags), *fields[1:11])
+
+    for loads, compute, stores in zip(load_q, compute_q, store_q):
+        program += [mem(f) for f in loads]
+        for item in compute:
+            if item == "UOPS":
+                program.append(isa.MemInsn(isa.LOAD, no, isa.MEM_UOP, 0, 0, 1, len(uops), len(uops)))
+            elif isinstance(item, list):
+                program.append(mem(item))
+            else:
+                kind, a, flags = item
+                loop = dict(uop_bgn=a["uop"][0], uop_end=a["uop"][1], iter_out=a["it"][0], iter_in=a["it"][1],
+                            dst_factor_out=a["dst"][0], dst_factor_in=a["dst"][1],
+                            src_factor_out=a["src"][0], src_factor_in=a["src"][1])  # fmt: skip
+                deps = isa.Deps(**flags)
+                if kind == "GEMM":
+                    program.append(isa.GemmInsn(deps, a["reset"], **loop, wgt_factor_out=0, wgt_factor_in=0))
+                else:
+                    program.append(
+                        isa.AluInsn(deps, False, **loop, alu_opcode=a["op"], use_imm=a["use_imm"], imm=a["imm"])
+                    )
+        program += [mem(f) for f in stores]
+    program.append(isa.FinishInsn(isa.Deps(pop_next=True)))
+
+    acc = np.zeros((cob * block,), dtype=np.int64)
+    acc[: shape.cout] = bias
+    if np.abs(acc).max(initial=0) >= 1 << 31:
+        raise UsageError(f"{where}: a bias does not fit int32")
+    counts = {isa.OPCODES[o]: 0 for o in isa.OPCODES}
+    for insn in program:
+        name = "ALU" if isinstance(insn, isa.AluInsn) else "GEMM" if isinstance(insn, isa.GemmInsn) else None
+        name = name or ("FINISH" if isinstance(insn, isa.FinishInsn) else isa.OPCODES[insn.opcode])
+        counts[name] += 1
+    return LayerStream(
+        insns=isa.encode(program, config),
+        uops=isa.encode_uops(uops, config),
+        wgt=pack_weights(w, shape, t, block),
+        acc=acc.astype(np.int32).reshape(cob, 1, block),
+        inp_elems=cib * shape.height * shape.width,
+        out_elems=cob * ho * wo,
+        tiling=t,
+        counts={**counts, "uops": len(uops)},
+    )
