@@ -82,7 +82,9 @@ def prove(directory: Path, manifest: dict) -> tuple[dict, bool]:
         x_q = fabric.model.quantise_input(x)
         from accelc.runtime.cnn_int8 import reference
 
-        int8 = np.concatenate([reference(fabric.model, x_q[s : s + 1000]).argmax(1) for s in range(0, len(x_q), 1000)])
+        int8 = np.concatenate(
+            [reference(fabric.model, x_q[s : s + CHUNK]).argmax(1) for s in range(0, len(x_q), CHUNK)]
+        )
     n = target["runtime"]["vta_sim"]["prove_images"]
     pick = np.sort(np.random.default_rng(cnn_model.SEED).choice(len(x), min(n, len(x)), replace=False))
     sim = simulate(fabric, x_q[pick])

@@ -17,6 +17,7 @@ import numpy as np
 
 from accelc import assets, progress
 from accelc.families import cnn_model
+from accelc.fileutil import remove
 
 BATCH = 128
 EPOCHS = 4
@@ -31,21 +32,19 @@ def trained_dir(name: str) -> Path:
     return assets.cache_root() / "models" / f"{name}-seed{cnn_model.SEED}"
 
 
-def accuracy(model, images: np.ndarray, labels: np.ndarray, batch: int = 1000) -> float:
+def accuracy(model, x: np.ndarray, labels: np.ndarray, batch: int = 1000) -> float:
     import torch
 
     correct = 0
     with torch.inference_mode():
-        for start in range(0, len(images), batch):
-            x = torch.from_numpy(cnn_model.images_to_input(images[start : start + batch]))
-            correct += int((model(x).argmax(1).numpy() == labels[start : start + batch]).sum())
-    return correct / len(images)
+        for start in range(0, len(x), batch):
+            predicted = model(torch.from_numpy(x[start : start + batch])).argmax(1).numpy()
+            correct += int((predicted == labels[start : start + batch]).sum())
+    return correct / len(x)
 
 
 def train(name: str, steps: int | None = None, fresh: bool = False) -> Path:
     import torch
-
-    from accelc.images import fashion_mnist
 
     config = cnn_model.BUILTINS[name]
     final = trained_dir(name)
@@ -54,8 +53,8 @@ def train(name: str, steps: int | None = None, fresh: bool = False) -> Path:
         return final
     work = final.with_name(final.name + ".training")
     work.mkdir(parents=True, exist_ok=True)
-    images, labels = fashion_mnist("train")
-    per_epoch = len(images) // BATCH
+    x, labels = cnn_model.fashion_mnist_inputs(config.input, "train")
+    per_epoch = len(x) // BATCH
     total = steps if steps is not None else EPOCHS * per_epoch
 
     model = cnn_model.seeded(config).train()
@@ -68,21 +67,20 @@ def train(name: str, steps: int | None = None, fresh: bool = False) -> Path:
         optimiser.load_state_dict(state["optimiser"])
         step = int(state["step"])
         progress.status(f"resuming {name} from step {step} ({checkpoint})")
-    x_all = torch.from_numpy(cnn_model.images_to_input(images))
-    y_all = torch.from_numpy(labels.astype(np.int64))
+    x_all, y_all = torch.from_numpy(x), torch.from_numpy(labels)
     started = time.perf_counter()
     loss_value = float("nan")
     with progress.bar(total=total, initial=step, desc=f"train {name}") as bar:
         while step < total:
             epoch, offset = divmod(step, per_epoch)
-            order = np.random.default_rng(cnn_model.SEED + epoch).permutation(len(images))
+            order = np.random.default_rng(cnn_model.SEED + epoch).permutation(len(x))
             index = torch.from_numpy(order[offset * BATCH : (offset + 1) * BATCH])
             loss = torch.nn.functional.cross_entropy(model(x_all[index]), y_all[index])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             step += 1
-            loss_value = float(loss)
+            loss_value = loss.item()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", epoch=epoch)
             if step % CHECKPOINT_EVERY == 0 or step == total:
@@ -90,9 +88,9 @@ def train(name: str, steps: int | None = None, fresh: bool = False) -> Path:
                 torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "step": step}, tmp)
                 tmp.replace(checkpoint)
     model.eval()
-    test_images, test_labels = fashion_mnist("test")
-    with progress.step(f"{name}: test accuracy on {len(test_images)} Fashion-MNIST images"):
-        acc = accuracy(model, test_images, test_labels)
+    test_x, test_labels = cnn_model.fashion_mnist_inputs(config.input, "test")
+    with progress.step(f"{name}: test accuracy on {len(test_x)} Fashion-MNIST images"):
+        acc = accuracy(model, test_x, test_labels)
     progress.status(f"{name}: test accuracy {acc:.4f} after {step} steps")
     tmp = assets.temp_sibling_dir(final)
     cnn_model.save(model, config, tmp)
@@ -107,10 +105,8 @@ def train(name: str, steps: int | None = None, fresh: bool = False) -> Path:
         "seconds_this_run": round(time.perf_counter() - started, 1),
     }
     (tmp / REPORT).write_text(json.dumps(report, indent=1))
-    if final.exists():
-        from accelc.fileutil import remove
-
+    if final.exists():  # a retrain (--fresh or --steps) replaces the earlier model
         remove(final)
     published = assets.publish_dir(tmp, final)
-    checkpoint.unlink(missing_ok=True)
+    remove(work)
     return published

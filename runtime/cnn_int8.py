@@ -86,8 +86,10 @@ def requantise(acc: np.ndarray, bias: np.ndarray, shift: int, low: int) -> np.nd
 
 
 def gemm_int32(a: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Exact int8 x int8 -> int64 products summed: float64 holds every partial sum below 2^53."""
-    return (a.astype(np.float64) @ w.astype(np.float64).T).astype(np.int64)
+    """Exact int8 x int8 -> int64 products summed over the last axis: every partial sum is an
+    integer below K * 2^14, which float32 holds exactly below 2^24 (K <= 1024) and float64 beyond."""
+    dtype = np.float32 if a.shape[-1] << 14 <= 1 << 24 else np.float64
+    return (a.astype(dtype) @ w.astype(dtype).T).astype(np.int64)
 
 
 def run_step(step: dict, weights, x: np.ndarray) -> np.ndarray:

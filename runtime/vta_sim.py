@@ -40,6 +40,7 @@ from accelc.runtime.vta_config import VTAConfig
 
 MEM_LATENCY = 32
 PIPELINE_DEPTH = 4
+GEMM_GROUP = 64  # micro-ops summed per float32 product: 64 * 16 * 2^14 = 2^24
 MODULES = ("load", "compute", "store")
 
 
@@ -229,35 +230,48 @@ class Simulator:
         return dst, src, wgt
 
     def _gemm(self, insn: isa.GemmInsn) -> int:
-        # accumulation wraps modulo 2^32 and each step is an addition, so the order of the
-        # iterations does not change the result: micro-ops run one at a time, iterations at once
+        # Accumulation wraps modulo 2^32 and each step is an addition, so the order of the
+        # iterations does not change the result. Micro-ops with the same destination (the taps and
+        # input blocks of one output block) are summed by one matrix product over all iterations.
         iterations = insn.iter_out * insn.iter_in * max(insn.uop_end - insn.uop_bgn, 0)
-        touched = []
+        by_dst: dict[int, list[int]] = {}
         for k in range(insn.uop_bgn, insn.uop_end):
-            dst, src, wgt = self._indices(insn, k, self.inp.shape[1])
+            by_dst.setdefault(int(self.uop[k, 0]), []).append(k)
+        touched = []
+        for ks in by_dst.values():
+            dst = self._indices(insn, ks[0], self.inp.shape[1])[0]
             touched.append(dst)
             if insn.reset:
                 self.acc[:, dst] = 0
                 continue
-            x = self.inp[:, src].astype(np.float32)  # (images, n, batch, in)
-            w = self.wgt[wgt].astype(np.float32)  # (n, out, in)
-            # a block's dot product is at most BLOCK_IN * 2^14 in magnitude: exact in float32
-            # for BLOCK_IN <= 512, so BLAS does the int8 products without rounding
-            if np.all(wgt == wgt[0]):
-                prod = x @ w[0].T
-            else:
-                prod = np.einsum("mnbi,noi->mnbo", x, w)
-            prod = prod.astype(np.int64)
-            if len(np.unique(dst)) == len(dst):
-                self.acc[:, dst] += prod
-            else:
-                np.add.at(self.acc, (slice(None), dst), prod)
-            self.stats.macs += len(dst) * self.config.batch * self.config.block * self.config.block
+            for at in range(0, len(ks), GEMM_GROUP):
+                part = [self._indices(insn, k, self.inp.shape[1]) for k in ks[at : at + GEMM_GROUP]]
+                src = np.stack([p[1] for p in part], 1)  # (iterations, micro-ops)
+                wgt = np.stack([p[2] for p in part], 1)
+                prod = self._products(src, wgt)
+                if len(np.unique(dst)) == len(dst):
+                    self.acc[:, dst] += prod
+                else:
+                    np.add.at(self.acc, (slice(None), dst), prod)
+            self.stats.macs += len(dst) * len(ks) * self.config.batch * self.config.block**2
         if touched:
             dst = np.unique(np.concatenate(touched))
             self.acc[:, dst] = wrap32(self.acc[:, dst])
             self.out[:, dst] = low8(self.acc[:, dst])
         return iterations + PIPELINE_DEPTH
+
+    def _products(self, src: np.ndarray, wgt: np.ndarray) -> np.ndarray:
+        """sum over micro-ops of inp[src] . wgt[wgt]^T for each iteration: (images, iterations, batch, out)
+        as int64. A sum of GEMM_GROUP * BLOCK_IN int8 products stays below 2^24, so float32 BLAS is exact."""
+        images, (n, p) = self.inp.shape[0], src.shape
+        x = self.inp[:, src]  # (images, n, p, batch, in)
+        if np.all(wgt == wgt[:1]):  # the same weights for every iteration (the lowering's case)
+            w = self.wgt[wgt[0]].astype(np.float32)  # (p, out, in)
+            x = x.transpose(0, 1, 3, 2, 4).reshape(images * n * self.config.batch, -1).astype(np.float32)
+            y = x @ w.transpose(0, 2, 1).reshape(p * self.config.block, self.config.block)
+            return y.reshape(images, n, self.config.batch, -1).astype(np.int64)
+        w = self.wgt[wgt].astype(np.float32)  # (n, p, out, in)
+        return np.einsum("mnpbi,npoi->mnbo", x.astype(np.float32), w).astype(np.int64)
 
     def _alu(self, insn: isa.AluInsn) -> int:
         if insn.alu_opcode not in isa.ALU_OPS:
