@@ -76,8 +76,9 @@ def prove(directory: Path, manifest: dict) -> tuple[dict, bool]:
     target = next(t for t in manifest["targets"] if t["kind"] == "fpga")
     fabric = cnn_fabric.FabricModel(directory / target["dir"])
     config, model = cnn_model.load(directory / "model" / "hf")
-    with progress.step("fp32 and int8 reference on the Fashion-MNIST test set"):
-        x, labels = cnn_model.fashion_mnist_inputs(config.input, "test")
+    proof = target["runtime"]["vta_sim"]
+    with progress.step(f"fp32 and int8 reference on {proof['eval_images']} Fashion-MNIST test images"):
+        x, labels = cnn_model.fashion_mnist_inputs(config.input, "test", proof["eval_images"])
         fp32 = fp32_logits(model, x).argmax(1)
         x_q = fabric.model.quantise_input(x)
         from accelc.runtime.cnn_int8 import reference
@@ -85,8 +86,7 @@ def prove(directory: Path, manifest: dict) -> tuple[dict, bool]:
         int8 = np.concatenate(
             [reference(fabric.model, x_q[s : s + CHUNK]).argmax(1) for s in range(0, len(x_q), CHUNK)]
         )
-    n = target["runtime"]["vta_sim"]["prove_images"]
-    pick = np.sort(np.random.default_rng(cnn_model.SEED).choice(len(x), min(n, len(x)), replace=False))
+    pick = np.sort(np.random.default_rng(cnn_model.SEED).choice(len(x), proof["prove_images"], replace=False))
     sim = simulate(fabric, x_q[pick])
     rows, cycles = layer_report(fabric, sim["stats"])
     clock = fabric.config.clock_mhz
@@ -98,7 +98,7 @@ def prove(directory: Path, manifest: dict) -> tuple[dict, bool]:
         "int8_host_on_sim_images": float((int8[pick] == labels[pick]).mean()),
     }
     report = {
-        "data": f"Fashion-MNIST test set ({len(x)} images; the simulator runs {len(pick)} drawn with seed {cnn_model.SEED})",
+        "data": f"Fashion-MNIST test set: {len(x)} images; the simulator runs {len(pick)} of them (seed {cnn_model.SEED})",
         "config_tag": fabric.placement["config_tag"],
         "clock_mhz": clock,
         "accuracy": acc,
