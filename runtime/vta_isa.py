@@ -258,6 +258,13 @@ def decode_uops(data: bytes, config: VTAConfig) -> np.ndarray:
     )
 
 
+def name(insn: Insn) -> str:
+    """LOAD, STORE, GEMM, ALU or FINISH."""
+    if isinstance(insn, MemInsn):
+        return OPCODES[insn.opcode]
+    return "GEMM" if isinstance(insn, GemmInsn) else "ALU" if isinstance(insn, AluInsn) else "FINISH"
+
+
 def describe(insn: Insn) -> str:
     """One line of disassembly (for reports and debugging)."""
     d = insn.deps

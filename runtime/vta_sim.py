@@ -138,7 +138,7 @@ class Simulator:
             cycles = self._execute(index, insn, dram)
             clock[m] = start + cycles
             self.stats.busy[m] += cycles
-            self.stats.instructions[isa.OPCODES[isa.ALU if isinstance(insn, isa.AluInsn) else self._opcode(insn)]] += 1
+            self.stats.instructions[isa.name(insn)] += 1
             prev, nxt = neighbours[m]
             if insn.deps.push_prev:
                 self._push(tokens, m, prev, clock[m], index, insn)
@@ -146,12 +146,6 @@ class Simulator:
                 self._push(tokens, m, nxt, clock[m], index, insn)
         self.stats.cycles = max(clock.values())
         return self.stats
-
-    @staticmethod
-    def _opcode(insn) -> int:
-        if isinstance(insn, isa.MemInsn):
-            return insn.opcode
-        return isa.GEMM if isinstance(insn, isa.GemmInsn) else isa.FINISH
 
     @staticmethod
     def _push(tokens, src, dst, at, index, insn) -> None:

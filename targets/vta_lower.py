@@ -22,7 +22,8 @@ biases (Cout/16) blocks of 16 int32; outputs (Cout/16, Ho, Wo).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from accelc.errors import UsageError
 from accelc.runtime import vta_isa as isa
 from accelc.runtime.vta_config import VTAConfig
 
+NO_DEPS = isa.Deps()
 SHIFT_MAX = 15  # a shift the 5-bit signed SHR operand and a 16-bit rounding constant both hold
 
 
@@ -120,6 +122,10 @@ def choose_tiling(shape: Shape, config: VTAConfig, where: str) -> Tiling:
     return best[1]
 
 
+def with_deps(insn: isa.MemInsn, **flags) -> isa.MemInsn:
+    return replace(insn, deps=replace(insn.deps, **flags))
+
+
 def pack_weights(w: np.ndarray, shape: Shape, t: Tiling, block: int) -> np.ndarray:
     """int8 OIHW weights -> DRAM image of 16x16 (out, in) blocks in tile order."""
     cib, cob, k = blocks(shape.cin, block), blocks(shape.cout, block), shape.kernel
@@ -180,126 +186,80 @@ def lower_layer(
             row_sets[aslot] = (start, len(uops))
         return row_sets[aslot]
 
+    def copy(opcode: int, memory: int, sram: int, dram: int, rows: int, size: int, stride: int, pads=(0, 0, 0, 0)):
+        return isa.MemInsn(opcode, NO_DEPS, memory, sram, dram, rows, size, stride, *pads)
+
+    def loop(uops_range: tuple[int, int], rows: int, src_factor_out: int, src_factor_in: int) -> dict:
+        """Micro-ops over the band: rows x columns, destinations row-major in the accumulator slot."""
+        return dict(uop_bgn=uops_range[0], uop_end=uops_range[1], iter_out=rows, iter_in=wo, dst_factor_out=wo,
+                    dst_factor_in=1, src_factor_out=src_factor_out, src_factor_in=src_factor_in)  # fmt: skip
+
     groups, bands, chunks = cob // t.group, blocks(ho, t.rows), cib // t.chunk
     tiles = [(g, r, c) for g in range(groups) for r in range(bands) for c in range(chunks)]
-    n_tiles, n_out = len(tiles), groups * bands
-    d = t.slots
-    load_q: list[list] = []
-    compute_q: list[list] = []
-    store_q: list[list] = []
-    no = isa.Deps()
+    n_tiles, n_out, d = len(tiles), groups * bands, t.slots
+    program: list[isa.Insn] = []
     for ti, (g, r, c) in enumerate(tiles):
-        o = g * bands + r
+        o = g * bands + r  # the output tile (group, band) whose accumulators this tile adds to
         y0, rows = r * t.rows, min(t.rows, ho - r * t.rows)
         islot, aslot = ti % d, o % d
         wslot = g % d if chunks == 1 else ti % d
+
         loads = []
-        if chunks > 1 or r == 0:  # a group's weights stay while its bands pass (one chunk)
+        if chunks > 1 or r == 0:  # with one chunk, a group's weights stay while its bands pass
             loads.append(
-                [
-                    isa.LOAD,
-                    isa.MEM_WGT,
-                    wslot * wgt_slot,
-                    (g * chunks + c) * wgt_slot,
-                    1,
-                    wgt_slot,
-                    wgt_slot,
-                    0,
-                    0,
-                    0,
-                    0,
-                ]
+                copy(isa.LOAD, isa.MEM_WGT, wslot * wgt_slot, (g * chunks + c) * wgt_slot, 1, wgt_slot, wgt_slot)
             )
-        y_first = y0 - p  # first input row of the band (may be above the image: padding)
+        y_first = y0 - p  # first input row of the band (above the image: padding)
         top, bottom = max(0, -y_first), max(0, y_first + rows + k - 1 - shape.height)
+        plane = shape.height * shape.width
         if p == 0 and band == shape.height:  # whole, unpadded images: the chunk is one contiguous copy
-            size = t.chunk * shape.height * shape.width
-            loads.append([isa.LOAD, isa.MEM_INP, islot * inp_slot, c * size, 1, size, size, 0, 0, 0, 0])
+            size = t.chunk * plane
+            loads.append(copy(isa.LOAD, isa.MEM_INP, islot * inp_slot, c * size, 1, size, size))
         else:  # one 2-D copy per input-channel block, the zero padding added on the way
             for ci in range(t.chunk):
-                loads.append(
-                    [isa.LOAD, isa.MEM_INP, islot * inp_slot + ci * band * wp,
-                     (c * t.chunk + ci) * shape.height * shape.width + (y_first + top) * shape.width,
-                     rows + k - 1 - top - bottom, shape.width, shape.width, top, bottom, p, p]
-                )  # fmt: skip
-        loads[0].append({"pop_next": ti >= d})
-        loads[-1].append({"push_next": True})
-        load_q.append(loads)
+                dram = (c * t.chunk + ci) * plane + (y_first + top) * shape.width
+                sram = islot * inp_slot + ci * band * wp
+                loads.append(copy(isa.LOAD, isa.MEM_INP, sram, dram, rows + k - 1 - top - bottom, shape.width,
+                                  shape.width, (top, bottom, p, p)))  # fmt: skip
+        # the slot it overwrites was read by the GEMM of tile ti - d; compute is told when it lands
+        loads[0] = with_deps(loads[0], pop_next=ti >= d)
+        loads[-1] = with_deps(loads[-1], push_next=True)
+        program += loads
 
-        compute = []
-        if ti == 0:
-            compute.append("UOPS")  # placeholder: the micro-op load, emitted once all sets are known
-        if c == 0:
-            compute.append(
-                [isa.LOAD, isa.MEM_ACC, bias_base + aslot * t.group, g * t.group, 1, t.group, t.group, 0, 0, 0, 0, {}]
-            )
-            bgn, end = row_uops(aslot)
-            compute.append(("GEMM", dict(reset=True, uop=(bgn, end), it=(rows, wo), dst=(wo, 1), src=(0, 0), wgt=(0, 0)),
-                            {"pop_next": o >= d}))  # fmt: skip
-        bgn, end = gemm_uops(islot, wslot, aslot)
-        compute.append(("GEMM", dict(reset=False, uop=(bgn, end), it=(rows, wo), dst=(wo, 1), src=(wp, 1), wgt=(0, 0)),
-                        {"pop_prev": True, "push_prev": ti + d < n_tiles}))  # fmt: skip
-        if c == chunks - 1:
-            bgn, end = row_uops(aslot)
-            alu = [(isa.ALU_ADD, False, 0)] + ([(isa.ALU_SHR, True, shift)] if shift else [])
-            alu += [(isa.ALU_MAX, True, low), (isa.ALU_MIN, True, 127)]
-            for i, (op, use_imm, imm) in enumerate(alu):
-                compute.append(("ALU", dict(uop=(bgn, end), it=(rows, wo), dst=(wo, 1), src=(0, 0), op=op, use_imm=use_imm,
-                                            imm=imm), {"push_next": i == len(alu) - 1}))  # fmt: skip
-            stores = []
-            for co in range(t.group):
-                stores.append(
-                    [isa.STORE, isa.MEM_OUT, aslot * acc_slot + co * t.rows * wo,
-                     (g * t.group + co) * ho * wo + y0 * wo, 1, rows * wo, rows * wo, 0, 0, 0, 0]
-                )  # fmt: skip
-            stores[0].append({"pop_prev": True})
-            stores[-1].append({"push_prev": o + d < n_out or o == n_out - 1})
-            store_q.append(stores)
-        else:
-            store_q.append([])
-        compute_q.append(compute)
-
+        if c == 0:  # a new output tile: its biases, and zeroed accumulators once its slot is stored
+            program.append(copy(isa.LOAD, isa.MEM_ACC, bias_base + aslot * t.group, g * t.group, 1, t.group, t.group))
+            reset = loop(row_uops(aslot), rows, 0, 0)
+            program.append(isa.GemmInsn(isa.Deps(pop_next=o >= d), True, **reset, wgt_factor_out=0, wgt_factor_in=0))
+        gemm = loop(gemm_uops(islot, wslot, aslot), rows, wp, 1)
+        deps = isa.Deps(pop_prev=True, push_prev=ti + d < n_tiles)
+        program.append(isa.GemmInsn(deps, False, **gemm, wgt_factor_out=0, wgt_factor_in=0))
+        if c < chunks - 1:
+            continue
+        alu = [(isa.ALU_ADD, False, 0)] + ([(isa.ALU_SHR, True, shift)] if shift else [])
+        alu += [(isa.ALU_MAX, True, low), (isa.ALU_MIN, True, 127)]
+        row = loop(row_uops(aslot), rows, 0, 0)  # src: the output block's bias, for every pixel
+        for i, (op, use_imm, imm) in enumerate(alu):
+            program.append(isa.AluInsn(isa.Deps(push_next=i == len(alu) - 1), False, **row, alu_opcode=op,
+                                       use_imm=use_imm, imm=imm))  # fmt: skip
+        stores = [
+            copy(isa.STORE, isa.MEM_OUT, aslot * acc_slot + co * t.rows * wo, (g * t.group + co) * ho * wo + y0 * wo, 1,
+                 rows * wo, rows * wo)
+            for co in range(t.group)
+        ]  # fmt: skip
+        stores[0] = with_deps(stores[0], pop_prev=True)
+        # the token frees this slot for output tile o + d, or (the last) lets FINISH wait for it
+        stores[-1] = with_deps(stores[-1], push_prev=o + d < n_out or o == n_out - 1)
+        program += stores
+    program.append(isa.FinishInsn(isa.Deps(pop_next=True)))
     if len(uops) > config.depth("uop"):
         raise UsageError(f"{where}: {len(uops)} micro-ops exceed the micro-op buffer ({config.depth('uop')})")
-    program: list[isa.Insn] = []
-
-    def mem(fields: list) -> isa.MemInsn:
-        flags = {}
-        for extra in fields[11:]:
-            flags.update(extra)
-        return isa.MemInsn(fields[0], isa.Deps(**flags), *fields[1:11])
-
-    for loads, compute, stores in zip(load_q, compute_q, store_q):
-        program += [mem(f) for f in loads]
-        for item in compute:
-            if item == "UOPS":
-                program.append(isa.MemInsn(isa.LOAD, no, isa.MEM_UOP, 0, 0, 1, len(uops), len(uops)))
-            elif isinstance(item, list):
-                program.append(mem(item))
-            else:
-                kind, a, flags = item
-                loop = dict(uop_bgn=a["uop"][0], uop_end=a["uop"][1], iter_out=a["it"][0], iter_in=a["it"][1],
-                            dst_factor_out=a["dst"][0], dst_factor_in=a["dst"][1],
-                            src_factor_out=a["src"][0], src_factor_in=a["src"][1])  # fmt: skip
-                deps = isa.Deps(**flags)
-                if kind == "GEMM":
-                    program.append(isa.GemmInsn(deps, a["reset"], **loop, wgt_factor_out=0, wgt_factor_in=0))
-                else:
-                    program.append(
-                        isa.AluInsn(deps, False, **loop, alu_opcode=a["op"], use_imm=a["use_imm"], imm=a["imm"])
-                    )
-        program += [mem(f) for f in stores]
-    program.append(isa.FinishInsn(isa.Deps(pop_next=True)))
+    program.insert(0, copy(isa.LOAD, isa.MEM_UOP, 0, 0, 1, len(uops), len(uops)))  # first on the compute queue
 
     acc = np.zeros((cob * block,), dtype=np.int64)
     acc[: shape.cout] = bias
     if np.abs(acc).max(initial=0) >= 1 << 31:
         raise UsageError(f"{where}: a bias does not fit int32")
-    counts = {isa.OPCODES[o]: 0 for o in isa.OPCODES}
-    for insn in program:
-        name = "ALU" if isinstance(insn, isa.AluInsn) else "GEMM" if isinstance(insn, isa.GemmInsn) else None
-        name = name or ("FINISH" if isinstance(insn, isa.FinishInsn) else isa.OPCODES[insn.opcode])
-        counts[name] += 1
+    counts = Counter(isa.name(insn) for insn in program)
     return LayerStream(
         insns=isa.encode(program, config),
         uops=isa.encode_uops(uops, config),
@@ -308,5 +268,5 @@ def lower_layer(
         inp_elems=cib * shape.height * shape.width,
         out_elems=cob * ho * wo,
         tiling=t,
-        counts={**counts, "uops": len(uops)},
+        counts={**{n: counts[n] for n in isa.OPCODES.values()}, "uops": len(uops)},
     )
