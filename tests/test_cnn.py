@@ -150,3 +150,19 @@ def test_int8_quantisation_uses_shifts_the_fabric_can_do():
     for s in layers:
         w, b = int8.weights[s["layer"]]
         assert w.dtype == np.int8 and b.dtype == np.int32 and np.abs(w).max() > 32  # the range is used
+
+
+def test_a_stream_that_disagrees_with_the_reference_is_rejected(tmp_path, cli, monkeypatch):
+    from accelc.targets import vta_lower
+
+    lower = vta_lower.lower_layer
+
+    def off_by_one_shift(w, bias, shift, low, shape, config, where):
+        return lower(w, bias, min(shift + 1, vta_lower.SHIFT_MAX), low, shape, config, where)
+
+    monkeypatch.setattr(vta_lower, "lower_layer", off_by_one_shift)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(FPGA_RECIPE.format(extra="", cache=tmp_path / "cache"))
+    code, _, err = cli("compile", recipe, "-o", tmp_path / "art")
+    assert code == 5 and "differs from the int32 reference at layers" in err
+    assert not (tmp_path / "art").exists() and (tmp_path / "art.rejected" / "reports" / "fpga.json").exists()
