@@ -6,10 +6,10 @@ Compiles recipes/bench/fpga.yaml (the trained Fashion-MNIST CNN; run `accelc tra
 first) and reads its proof (reports/fpga.json): accuracy on the Fashion-MNIST test set in fp32,
 with the int8 reference on the host, and of the simulated fabric, which must be bit-exact with the
 reference; the fraction of MACs on the fabric; estimated cycles and latency per image at the
-bitstream's clock. Host seconds per image of fp32 (torch) and of the int8 reference (numpy) are
+bitstream's clock. Host milliseconds per image of fp32 (torch) and of the int8 reference (numpy) are
 timed interleaved on the same images. `--quick` simulates 200 test images instead of 1000;
 `--vgg16` adds VGG-16 (seeded weights, 224x224x3; accuracy is meaningless, shapes and cycles are
-not), lowered and simulated on two images.
+not), lowered and simulated on one image.
 
 Rows: `model`, `mode` (fp32, int8_host, vta_sim), `accuracy`, `bit_exact`, `fabric_mac_fraction`,
 `cycles` (per image, vta_sim), `latency_ms` (at the clock), `host_ms_per_image`, `images`.
@@ -70,7 +70,7 @@ def rows_for(name: str, artifact: Path, timed: bool) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__)
     p.add_argument("--quick", action="store_true", help="simulate 200 test images instead of 1000")
-    p.add_argument("--vgg16", action="store_true", help="also lower and simulate VGG-16 (seeded) on two images")
+    p.add_argument("--vgg16", action="store_true", help="also lower and simulate VGG-16 (seeded) on one image")
     p.add_argument("--out", help="where the artifacts go (default: a temporary folder)")
     args = p.parse_args(argv)
     environment = common.quiet_threads(args.threads)
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = rows_for("fmnist-cnn", fmnist, timed=True)
     if args.vgg16:
         vgg = root / "vgg16"
-        sets = {"model.builtin": "vgg16", "targets.0.calibration_images": 4, "targets.0.eval_images": 2,
-                "targets.0.prove_images": 2}  # fmt: skip
+        sets = {"model.builtin": "vgg16", "targets.0.calibration_images": 4, "targets.0.eval_images": 1,
+                "targets.0.prove_images": 1}  # fmt: skip
         common.compile_bench_recipe("fpga", vgg, [common.override(k, v) for k, v in sets.items()])
         rows += rows_for("vgg16", vgg, timed=False)
     record = common.protocol(
