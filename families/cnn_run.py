@@ -39,7 +39,7 @@ def run(art, args) -> int:
     if args.out:
         names = FASHION_MNIST_CLASSES if len(FASHION_MNIST_CLASSES) >= predicted.max(initial=0) + 1 else None
         rows = [
-            {"label": int(y), "predicted": int(p), **({"class": names[p]} if names else {})}
+            {"label": int(y), "predicted": int(p), **({"predicted_class": names[p]} if names else {})}
             for y, p in zip(labels, predicted)
         ]
         Path(args.out).write_text(json.dumps({"accuracy": accuracy, "seed": seed, "predictions": rows}, indent=1))
