@@ -166,3 +166,11 @@ def test_a_stream_that_disagrees_with_the_reference_is_rejected(tmp_path, cli, m
     code, _, err = cli("compile", recipe, "-o", tmp_path / "art")
     assert code == 5 and "differs from the int32 reference at layers" in err
     assert not (tmp_path / "art").exists() and (tmp_path / "art.rejected" / "reports" / "fpga.json").exists()
+
+
+def test_a_malformed_vta_config_is_exit_2_naming_it(tmp_path, cli):
+    (tmp_path / "vta_config.json").write_text(json.dumps({"TARGET": "pynq", "LOG_BLOCK": 4}))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(FPGA_RECIPE.format(extra="    config: vta_config.json", cache=tmp_path / "cache"))
+    code, _, err = cli("compile", recipe, "-o", tmp_path / "art")
+    assert code == 2 and "vta_config.json: missing key(s) HW_VER" in err
