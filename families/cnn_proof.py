@@ -45,14 +45,17 @@ def simulate(fabric: cnn_fabric.FabricModel, x_q: np.ndarray) -> dict:
         chunk = x_q[start : start + CHUNK]
         logits, stats = fabric.forward(chunk, trace)
         predictions.append(logits.argmax(1))
-        ref = chunk
+        ref_input = chunk
         for step in fabric.model.steps:  # each step fed the fabric's own input: a per-layer check
-            ref = run_step(step, fabric.model.weights, ref)
-            got = trace[step["layer"]]
+            ref = run_step(step, fabric.model.weights, ref_input)
+            got = trace.get(step["layer"])
+            if got is None:  # fused into the next step's stream: checked with it
+                ref_input = ref
+                continue
             bad = int(np.any(got.reshape(len(got), -1) != ref.reshape(len(ref), -1), axis=1).sum())
             if bad:
                 mismatched[step["layer"]] = mismatched.get(step["layer"], 0) + bad
-            ref = got
+            ref_input = got
     return {"predictions": np.concatenate(predictions), "mismatched": mismatched, "stats": stats}
 
 
@@ -60,7 +63,9 @@ def layer_report(fabric: cnn_fabric.FabricModel, stats: dict) -> tuple[list[dict
     rows, cycles = [], 0
     for entry in fabric.placement["steps"]:
         row = {k: entry[k] for k in ("layer", "op", "where", "macs", "in_shape", "out_shape")}
-        if entry["where"] == "fabric":
+        if "fused_into" in entry:
+            row["reason"] = entry["reason"]
+        elif entry["where"] == "fabric":
             s = stats[entry["layer"]]
             row.update(tiling=entry["tiling"], instructions=s["instructions"], uops=entry["instructions"]["uops"],
                        cycles=s["cycles"], busy=s["busy"], gemm_utilisation=round(entry["macs"] / max(s["cycles"], 1)

@@ -89,14 +89,17 @@ class FabricModel:
 
     def forward(self, x_q: np.ndarray, trace: dict | None = None) -> tuple[np.ndarray, dict[int, dict]]:
         """int8 logits of int8 inputs, and per fabric layer the simulator's statistics (per image).
-        `trace`, when given, receives each step's int8 output by layer index."""
+        `trace`, when given, receives the int8 output of each step the host or a stream completes,
+        by layer index (a conv2d with fused pooling completes the pooling step, not its own)."""
         stats: dict[int, dict] = {}
         for step, entry in zip(self.model.steps, self.placement["steps"]):
+            if "fused_into" in entry:  # done by the stream of the layer it is fused into
+                continue
             if entry["where"] == "fabric":
                 x_q, s = self.run_fabric(entry, x_q)
                 stats[step["layer"]] = s.to_json()
             else:
                 x_q = run_step(step, self.model.weights, x_q)
-            if trace is not None:
-                trace[step["layer"]] = x_q
+            if trace is not None:  # a stream with fused pooling completes the pooling step
+                trace[entry.get("pool_layer", step["layer"])] = x_q
         return x_q, stats

@@ -25,7 +25,7 @@ from accelc.errors import UsageError
 
 FABRIC_OPS = ("conv2d", "linear")
 HOST_REASONS = {
-    "max_pool2d": "max pooling: int8 max on the host between fabric layers",
+    "max_pool2d": "max pooling not after a fabric conv2d whose output it divides (fused pooling is the ALU's MAX)",
     "flatten": "a layout change on the host",
     "relu": "a ReLU not after a conv2d/linear (fused ReLUs are the fabric's clip)",
 }
@@ -57,9 +57,22 @@ class FpgaTarget(registry.Target):
             le=10000,
             description="Fashion-MNIST test images fp32 and the int8 reference classify in the proof",
         )
+        fuse_pooling: bool = Field(
+            True, description="run a max_pool2d after a fabric conv2d on the ALU (MAX over each window) in its stream"
+        )
         prove_images: int = Field(
             1000, ge=1, le=10000, description="of those, the images the VTA simulator runs (and checks bit for bit)"
         )
+
+    def _fusable_pool(self, steps: list[dict], n: int, conv_out: tuple) -> int:
+        """The kernel of a max_pool2d right after conv2d step `n` that its stream can do, else 0."""
+        if not self.params.fuse_pooling or steps[n]["op"] != "conv2d" or n + 1 == len(steps):
+            return 0
+        nxt = steps[n + 1]
+        if nxt["op"] != "max_pool2d" or nxt["layer"] in self.params.host_layers:
+            return 0
+        k = nxt["kernel"]
+        return k if conv_out[1] % k == 0 and conv_out[2] % k == 0 else 0
 
     @classmethod
     def files(cls, params) -> tuple[str, ...]:
@@ -87,16 +100,27 @@ class FpgaTarget(registry.Target):
 
         shapes, macs = config.shapes(), config.macs()
         entries = []
-        for step in progress.bar(int8.steps, desc="lower layers to VTA streams"):
+        fused: dict[int, int] = {}  # pooling layer -> the conv2d whose stream does it
+        steps = int8.steps
+        for n, step in enumerate(progress.bar(steps, desc="lower layers to VTA streams")):
             i, op = step["layer"], step["op"]
-            out_shape = shapes[i + 1]
-            entry = {"layer": i, "op": op, "in_shape": list(shapes[i]), "out_shape": list(out_shape), "macs": macs[i]}
+            entry = {
+                "layer": i,
+                "op": op,
+                "in_shape": list(shapes[i]),
+                "out_shape": list(shapes[i + 1]),
+                "macs": macs[i],
+            }
             forced = i in p.fabric_layers
+            if i in fused:
+                entries.append({**entry, "where": "fabric", "fused_into": fused[i],
+                                "reason": f"fused into layer {fused[i]}'s stream: ALU MAX over each window"})  # fmt: skip
+                continue
             if op not in FABRIC_OPS:
                 if forced:
                     raise UsageError(
-                        f"targets: fpga fabric_layers: layer {i} is {op}, which the VTA fabric cannot run "
-                        f"(it runs {', '.join(FABRIC_OPS)} with a fused ReLU)"
+                        f"targets: fpga fabric_layers: layer {i} is {op}, which the VTA fabric cannot run here "
+                        f"(it runs {', '.join(FABRIC_OPS)} with a fused ReLU, and max_pool2d fused after a conv2d)"
                     )
                 entries.append({**entry, "where": "host", "reason": HOST_REASONS[op]})
                 continue
@@ -108,11 +132,16 @@ class FpgaTarget(registry.Target):
             layer = config.layers[i]
             c, h, w = shapes[i] if op == "conv2d" else (shapes[i][0], 1, 1)
             k, pad = (layer["kernel"], layer["padding"]) if op == "conv2d" else (1, 0)
+            pool = self._fusable_pool(steps, n, shapes[i + 1])
+            if pool:
+                fused[steps[n + 1]["layer"]] = i
+                entry.update(
+                    pool=pool, pool_layer=steps[n + 1]["layer"], out_shape=list(shapes[steps[n + 1]["layer"] + 1])
+                )
+            shape = Shape(c, shapes[i + 1][0], h, w, k, pad, pool or 1)
             weight, bias = int8.weights[i]
-            where = f"layer {i} ({op} {c}->{out_shape[0]})"
-            stream = lower_layer(
-                weight, bias, step["shift"], step["low"], Shape(c, out_shape[0], h, w, k, pad), vta, where
-            )
+            where = f"layer {i} ({op} {c}->{shape.cout})"
+            stream = lower_layer(weight, bias, step["shift"], step["low"], shape, vta, where)
             files = cnn_fabric.layer_files(entry)
             (ctx.workdir / cnn_fabric.LAYER_DIR).mkdir(exist_ok=True)
             (ctx.workdir / files["insn"]).write_bytes(stream.insns)

@@ -54,10 +54,18 @@ class Shape:
     width: int
     kernel: int
     padding: int
+    pool: int = 1  # a fused max pooling (kernel = stride), 1 for none
 
     @property
     def out_hw(self) -> tuple[int, int]:
+        """The convolution's output size (before pooling)."""
         return self.height + 2 * self.padding - self.kernel + 1, self.width + 2 * self.padding - self.kernel + 1
+
+    @property
+    def stored_hw(self) -> tuple[int, int]:
+        """What reaches DRAM: the pooled output."""
+        ho, wo = self.out_hw
+        return ho // self.pool, wo // self.pool
 
 
 @dataclass
@@ -78,13 +86,15 @@ def blocks(n: int, block: int) -> int:
 
 def _needs(shape: Shape, t: Tiling) -> dict[str, int]:
     wo = shape.out_hw[1]
-    k, wp = shape.kernel, shape.width + 2 * shape.padding
+    k, wp, pool = shape.kernel, shape.width + 2 * shape.padding, shape.pool
     sets = t.slots**3  # micro-op sets: one per (input, weight, accumulator) slot combination
+    pooled = t.group * (t.rows // pool) * (wo // pool) if pool > 1 else 0
+    pool_uops = (pool * pool + 1) * t.group if pool > 1 else 0
     return {
         "inp": t.slots * t.chunk * (t.rows + k - 1) * wp,
         "wgt": t.slots * t.group * t.chunk * k * k,
-        "acc": t.slots * (t.group * t.rows * wo + t.group),
-        "uop": sets * t.group * t.chunk * k * k + t.slots * t.group,
+        "acc": t.slots * (t.group * t.rows * wo + t.group + pooled),
+        "uop": sets * t.group * t.chunk * k * k + t.slots * (t.group + pool_uops),
     }
 
 
@@ -95,6 +105,8 @@ def choose_tiling(shape: Shape, config: VTAConfig, where: str) -> Tiling:
     ho, wo = shape.out_hw
     if wo >= 1 << isa.LOOP_ITER_BITS or shape.width + 2 * shape.padding >= config.depth("inp"):
         raise UsageError(f"{where}: rows of {shape.width} pixels do not fit the input buffer")
+    if ho % shape.pool or wo % shape.pool:
+        raise UsageError(f"{where}: a {ho}x{wo} output does not divide into {shape.pool}x{shape.pool} pooling windows")
     best = None
     for slots in (2, 1):
         for chunk in [c for c in range(cib, 0, -1) if cib % c == 0]:
@@ -102,6 +114,9 @@ def choose_tiling(shape: Shape, config: VTAConfig, where: str) -> Tiling:
                 # the tallest band that fits, found by halving from the whole height
                 rows = ho
                 while rows >= 1:
+                    if rows % shape.pool:  # a band holds whole pooling windows
+                        rows -= 1
+                        continue
                     t = Tiling(group, rows, chunk, slots)
                     needs = _needs(shape, t)
                     if all(needs[b] <= config.depth(b) for b in needs):
@@ -139,7 +154,8 @@ def pack_weights(w: np.ndarray, shape: Shape, t: Tiling, block: int) -> np.ndarr
 def lower_layer(
     w: np.ndarray, bias: np.ndarray, shift: int, low: int, shape: Shape, config: VTAConfig, where: str
 ) -> LayerStream:
-    """The stream computing clip((conv(x, w) + bias) >> shift, low, 127) in int8 for one image."""
+    """The stream computing clip((conv(x, w) + bias) >> shift, low, 127) in int8 for one image, max
+    pooled by `shape.pool` when it is more than 1."""
     if config.batch != 1:
         raise UsageError(f"{where}: lowering supports BATCH=1 configurations, not {config.batch}")
     if not 0 <= shift <= SHIFT_MAX:
@@ -154,6 +170,10 @@ def lower_layer(
     wgt_slot = t.group * t.chunk * k * k
     acc_slot = t.group * t.rows * wo
     bias_base = t.slots * acc_slot
+    pool = shape.pool
+    pho, pwo = shape.stored_hw
+    pool_slot = t.group * (t.rows // pool) * (wo // pool)  # the pooled band, after the biases
+    pool_base = bias_base + t.slots * t.group
 
     uops: list[isa.Uop] = []
     gemm_sets: dict[tuple[int, int, int], tuple[int, int]] = {}
@@ -186,12 +206,25 @@ def lower_layer(
             row_sets[aslot] = (start, len(uops))
         return row_sets[aslot]
 
+    pool_sets: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def pool_uops(aslot: int, tap: int) -> tuple[int, int]:
+        """Per output block: dst the pooled band, src the window's tap (-1: none, for the reset)."""
+        if (aslot, tap) not in pool_sets:
+            start = len(uops)
+            dy, dx = divmod(max(tap, 0), pool)
+            for co in range(t.group):
+                dst = pool_base + aslot * pool_slot + co * (t.rows // pool) * (wo // pool)
+                uops.append(isa.Uop(dst=dst, src=aslot * acc_slot + co * t.rows * wo + dy * wo + dx, wgt=0))
+            pool_sets[(aslot, tap)] = (start, len(uops))
+        return pool_sets[(aslot, tap)]
+
     def copy(opcode: int, memory: int, sram: int, dram: int, rows: int, size: int, stride: int, pads=(0, 0, 0, 0)):
         return isa.MemInsn(opcode, NO_DEPS, memory, sram, dram, rows, size, stride, *pads)
 
-    def loop(uops_range: tuple[int, int], rows: int, src_factor_out: int, src_factor_in: int) -> dict:
-        """Micro-ops over the band: rows x columns, destinations row-major in the accumulator slot."""
-        return dict(uop_bgn=uops_range[0], uop_end=uops_range[1], iter_out=rows, iter_in=wo, dst_factor_out=wo,
+    def loop(uops_range: tuple[int, int], rows: int, src_factor_out: int, src_factor_in: int, cols: int = wo) -> dict:
+        """Micro-ops over a band: rows x cols, destinations row-major."""
+        return dict(uop_bgn=uops_range[0], uop_end=uops_range[1], iter_out=rows, iter_in=cols, dst_factor_out=cols,
                     dst_factor_in=1, src_factor_out=src_factor_out, src_factor_in=src_factor_in)  # fmt: skip
 
     groups, bands, chunks = cob // t.group, blocks(ho, t.rows), cib // t.chunk
@@ -238,14 +271,33 @@ def lower_layer(
         alu = [(isa.ALU_ADD, False, 0)] + ([(isa.ALU_SHR, True, shift)] if shift else [])
         alu += [(isa.ALU_MAX, True, low), (isa.ALU_MIN, True, 127)]
         row = loop(row_uops(aslot), rows, 0, 0)  # src: the output block's bias, for every pixel
-        for i, (op, use_imm, imm) in enumerate(alu):
-            program.append(isa.AluInsn(isa.Deps(push_next=i == len(alu) - 1), False, **row, alu_opcode=op,
-                                       use_imm=use_imm, imm=imm))  # fmt: skip
-        stores = [
-            copy(isa.STORE, isa.MEM_OUT, aslot * acc_slot + co * t.rows * wo, (g * t.group + co) * ho * wo + y0 * wo, 1,
-                 rows * wo, rows * wo)
-            for co in range(t.group)
-        ]  # fmt: skip
+        requantise = [isa.AluInsn(NO_DEPS, False, **row, alu_opcode=op, use_imm=u, imm=imm) for op, u, imm in alu]
+        if pool > 1:
+            # max pooling on the ALU: the pooled band starts at `low` (below or at every clipped
+            # value), then takes the MAX with each tap of the window
+            prows = rows // pool
+            reset = loop(pool_uops(aslot, -1), prows, 0, 0, wo // pool)
+            requantise.append(isa.GemmInsn(NO_DEPS, True, **reset, wgt_factor_out=0, wgt_factor_in=0))
+            if low:
+                requantise.append(isa.AluInsn(NO_DEPS, False, **reset, alu_opcode=isa.ALU_ADD, use_imm=True, imm=low))
+            for tap in range(pool * pool):
+                taps = loop(pool_uops(aslot, tap), prows, pool * wo, pool, wo // pool)
+                requantise.append(isa.AluInsn(NO_DEPS, False, **taps, alu_opcode=isa.ALU_MAX, use_imm=False, imm=0))
+        requantise[-1] = replace(requantise[-1], deps=isa.Deps(push_next=True))
+        program += requantise
+        if pool > 1:
+            size = (rows // pool) * pwo
+            stores = [
+                copy(isa.STORE, isa.MEM_OUT, pool_base + aslot * pool_slot + co * (t.rows // pool) * pwo,
+                     (g * t.group + co) * pho * pwo + (y0 // pool) * pwo, 1, size, size)
+                for co in range(t.group)
+            ]  # fmt: skip
+        else:
+            stores = [
+                copy(isa.STORE, isa.MEM_OUT, aslot * acc_slot + co * t.rows * wo, (g * t.group + co) * ho * wo + y0 * wo,
+                     1, rows * wo, rows * wo)
+                for co in range(t.group)
+            ]  # fmt: skip
         stores[0] = with_deps(stores[0], pop_prev=True)
         # the token frees this slot for output tile o + d, or (the last) lets FINISH wait for it
         stores[-1] = with_deps(stores[-1], push_prev=o + d < n_out or o == n_out - 1)
@@ -266,7 +318,7 @@ def lower_layer(
         wgt=pack_weights(w, shape, t, block),
         acc=acc.astype(np.int32).reshape(cob, 1, block),
         inp_elems=cib * shape.height * shape.width,
-        out_elems=cob * ho * wo,
+        out_elems=cob * pho * pwo,
         tiling=t,
         counts={**{n: counts[n] for n in isa.OPCODES.values()}, "uops": len(uops)},
     )

@@ -101,7 +101,9 @@ def test_fpga_artifact_is_proved_bit_exact_with_its_placement(tiny_artifact):
     placement = json.loads((art / "targets/fpga/placement.json").read_text())
     assert placement["config_tag"] == "1x16_i8w8a32_15_15_18_17"
     where = {step["op"]: step["where"] for step in placement["steps"]}
-    assert where == {"conv2d": "fabric", "linear": "fabric", "max_pool2d": "host", "flatten": "host"}
+    assert where == {"conv2d": "fabric", "linear": "fabric", "max_pool2d": "fabric", "flatten": "host"}
+    pools = [step for step in placement["steps"] if step["op"] == "max_pool2d"]
+    assert [p["fused_into"] for p in pools] == [0, 3]  # each on the ALU in its conv2d's stream
     files = manifest["files"]
     for step in placement["steps"]:
         for rel in step.get("files", {}).values():
@@ -131,7 +133,12 @@ def test_accelc_run_classifies_and_a_corrupted_stream_is_refused(tiny_artifact, 
 
 def test_an_op_the_fabric_cannot_run_forced_onto_it_is_exit_2(tmp_path, cli):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(FPGA_RECIPE.format(extra="    fabric_layers: [2]", cache=tmp_path / "cache"))
+    recipe.write_text(FPGA_RECIPE.format(extra="    fabric_layers: [6]", cache=tmp_path / "cache"))
+    code, _, err = cli("compile", recipe, "-o", tmp_path / "art")
+    assert code == 2 and "layer 6 is flatten" in err
+    # pooling is fabric work only when fused into its conv2d's stream
+    extra = "    fuse_pooling: false\n    fabric_layers: [2]"
+    recipe.write_text(FPGA_RECIPE.format(extra=extra, cache=tmp_path / "cache"))
     code, _, err = cli("compile", recipe, "-o", tmp_path / "art")
     assert code == 2 and "layer 2 is max_pool2d" in err
 

@@ -182,26 +182,31 @@ SMALL = VTAConfig.from_dict({**PYNQ, "LOG_INP_BUFF_SIZE": 11, "LOG_WGT_BUFF_SIZE
 
 
 @pytest.mark.parametrize(
-    "config, cin, cout, h, w, k, pad, low",
+    "config, cin, cout, h, w, k, pad, low, pool",
     [
-        (DEFAULT, 1, 32, 12, 12, 3, 1, 0),  # first layer: one channel padded to a block
-        (DEFAULT, 40, 20, 9, 7, 3, 0, -128),  # ragged channels, no padding, no ReLU
-        (DEFAULT, 300, 24, 1, 1, 1, 0, -128),  # dense
-        (SMALL, 48, 48, 10, 10, 3, 1, 0),  # small buffers: row bands, channel chunks, many tiles
-        (SMALL, 600, 40, 1, 1, 1, 0, 0),  # dense with partial sums over input chunks
+        (DEFAULT, 1, 32, 12, 12, 3, 1, 0, 1),  # first layer: one channel padded to a block
+        (DEFAULT, 40, 20, 9, 7, 3, 0, -128, 1),  # ragged channels, no padding, no ReLU
+        (DEFAULT, 300, 24, 1, 1, 1, 0, -128, 1),  # dense
+        (SMALL, 48, 48, 10, 10, 3, 1, 0, 1),  # small buffers: row bands, channel chunks, many tiles
+        (SMALL, 600, 40, 1, 1, 1, 0, 0, 1),  # dense with partial sums over input chunks
+        (DEFAULT, 32, 32, 12, 12, 3, 1, 0, 2),  # ReLU and 2x2 max pooling fused on the ALU
+        (SMALL, 20, 40, 12, 12, 3, 1, -128, 2),  # pooling signed values, over several bands
+        (DEFAULT, 16, 16, 9, 9, 3, 0, 0, 7),  # one 7x7 window per block
     ],
 )
-def test_lowered_layers_are_bit_exact_against_the_int32_reference(config, cin, cout, h, w, k, pad, low):
+def test_lowered_layers_are_bit_exact_against_the_int32_reference(config, cin, cout, h, w, k, pad, low, pool):
     rng = np.random.default_rng(cin * 1000 + cout)
     weight = rng.integers(-128, 128, (cout, cin, k, k)).astype(np.int8)
     bias = rng.integers(-20000, 20000, cout).astype(np.int32)
     x = rng.integers(-128, 128, (3, cin, h, w)).astype(np.int8)
-    shift = 9
-    shape = Shape(cin, cout, h, w, k, pad)
+    shift = 9 + pool // 2  # a wider window takes the maximum of more values: keep it off the clip
+    shape = Shape(cin, cout, h, w, k, pad, pool)
     stream = lower_layer(weight, bias, shift, low, shape, config, "test layer")
-    ho, wo = shape.out_hw
+    ho, wo = shape.stored_hw
     step = {"op": "conv2d", "layer": 0, "kernel": k, "padding": pad, "shift": shift, "low": low}
     want = run_step(step, {0: (weight, bias)}, x)
+    if pool > 1:
+        want = run_step({"op": "max_pool2d", "layer": 1, "kernel": pool}, {}, want)
     dram = vta_sim.Dram(
         uop=isa.decode_uops(stream.uops, config),
         inp=pack(x, config.block),
@@ -213,8 +218,10 @@ def test_lowered_layers_are_bit_exact_against_the_int32_reference(config, cin, c
     assert np.array_equal(unpack(dram.out, cout, ho, wo, flat=False), want)
     assert len(np.unique(want)) > 10  # the check saw real values, not a clipped constant
     assert stats.cycles > 0 and stats.instructions["GEMM"] >= 2
-    if config is SMALL:  # the small buffers forced partial sums over input chunks, and row bands
+    if config is SMALL and pool == 1:  # the small buffers forced partial sums over input chunks, and row bands
         assert stream.tiling.chunk < -(-cin // 16) and (h == 1 or stream.tiling.rows < ho)
+    if pool > 1:  # whole windows per band
+        assert stream.tiling.rows % pool == 0 and stream.counts["ALU"] >= pool * pool
 
 
 def test_a_layer_that_fits_no_tiling_is_refused():
