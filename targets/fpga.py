@@ -3,8 +3,9 @@
 Flavour `vta` (Moreau et al., arXiv 1807.04188): the model is quantised to int8 with
 power-of-two scales on real training images (targets/cnn_quantize.py), every conv2d and linear
 layer is lowered to a stream of 128-bit instructions, 32-bit micro-ops and DRAM images for the
-configured bitstream (targets/vta_lower.py; default the PYNQ `1x16_i8w8a32_15_15_18_17`), and the
-rest (max pooling, flatten, a ReLU not fused into its layer) stays on the host. The artifact's
+configured bitstream (targets/vta_lower.py; default the PYNQ `1x16_i8w8a32_15_15_18_17`), a max
+pooling right after a conv2d runs in that conv2d's stream, and the rest (flatten, a ReLU not
+fused into its layer, a pooling that cannot be fused) stays on the host. The artifact's
 `targets/fpga/` holds `vta_config.json`, `int8/` (the int8 model the host runs),
 `layers/L<i>.{insn,uop,wgt,acc}.bin` and `placement.json` (each step on the fabric or the host
 and why, with its MACs, tiling and instruction counts); the manifest checksums every file, so a

@@ -8,7 +8,8 @@ added on the fly) and the group's weights; the compute module zeroes the accumul
 reset), runs one GEMM over micro-ops (co, ci, kh, kw) looped over the band's rows and columns
 (Moreau et al., arXiv 1807.04188, section 3.3), and after the last chunk requantises on the ALU:
 ADD the bias (which holds the rounding constant), SHR by the layer's shift, MAX/MIN clip to int8
-(MAX 0 is the fused ReLU); the store module moves the int8 results to DRAM.
+(MAX 0 is the fused ReLU), and for a fused max pooling the ALU MAX of each window's taps into a
+pooled region; the store module moves the int8 results to DRAM.
 
 When two copies of the tile buffers fit, inputs, weights and accumulators are double buffered
 (slot = tile mod 2) so loads, compute and stores of neighbouring tiles overlap; the dependency
