@@ -28,7 +28,7 @@ def _load(args):
 
 
 def cmd_compile(args) -> int:
-    from accelc.compiler.compile import check, compile_recipe, output_dir, plan_summary
+    from accelc.compiler.compile import check, compile_recipe, compile_summary, output_dir, plan_summary
 
     recipe = _load(args)
     out = output_dir(recipe, args.output)
@@ -39,8 +39,20 @@ def cmd_compile(args) -> int:
         check_writable(out)
         print(json.dumps(plan_summary(recipe, out), indent=2))
         return 0
-    manifest = compile_recipe(recipe, out, no_cache=args.no_cache)
-    print(json.dumps({"artifact": str(out), "metrics": manifest["metrics"]}, indent=2))
+    try:
+        manifest = compile_recipe(recipe, out, no_cache=args.no_cache)
+    except AccelcError as exc:
+        if args.json:  # a CI step reads stdout whatever happened; stderr and the exit code say it too
+            print(json.dumps({"ok": False, "artifact": str(out), "exit_code": exc.exit_code, "error": str(exc)}))
+        raise
+    summary = compile_summary(manifest, out)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"artifact  {out}")
+    for step in summary["steps"]:
+        print(f"{step['step']:<30} {step['status']:<7} {step['seconds']:8.1f} s")
+    print(f"metrics   {json.dumps(summary['metrics'])}")
     return 0
 
 
@@ -96,6 +108,19 @@ def cmd_inspect(args) -> int:
         print(f"pass      {p['name']:<24} {p['status']:<7} {p['seconds']:>7.1f}s  {p['key'][:12]}  {p['params']}")
     for t in m.get("targets", []):
         print(f"target    {t['kind']:<24} backends: {', '.join(t['runtime'])}")
+    rss = {b: r.get("peak_rss_mb_median") for b, r in m.get("metrics", {}).get("bench", {}).items()}
+    for backend in art.backends():
+        size = art.footprint(backend)
+        memory = f", peak RSS {rss[backend]:.0f} MiB (bench)" if rss.get(backend) else ""
+        print(
+            f"backend   {backend:<24} model {size['model_bytes'] / 2**20:.1f} MiB + shared "
+            f"{size['shared_bytes'] / 2**20:.1f} MiB{memory}"
+        )
+    if m.get("profile") == "deploy":
+        dropped = m.get("model_of_record", {}).get("files", {})
+        print(
+            f"profile   deploy: torch weights not shipped ({sum(f['bytes'] for f in dropped.values()) / 2**20:.1f} MiB)"
+        )
     for k, v in m.get("metrics", {}).items():
         print(f"metric    {k}: {json.dumps(v)}")
     total = sum(f["bytes"] for f in m.get("files", {}).values())
@@ -165,8 +190,13 @@ def cmd_eval(args) -> int:
         spec = PerplexitySpec(**spec)
     except ValidationError as exc:
         raise UsageError(f"accelc eval: {exc.errors()[0]['msg']}") from None
-    text = args.text or (recipe.get("data") or {}).get("evaluation", "austen:persuasion")
-    result = art.family.evaluate(art, text, spec)
+    texts = args.text or [(recipe.get("data") or {}).get("evaluation", "austen:persuasion")]
+    if len(texts) == 1:
+        result = art.family.evaluate(art, texts[0], spec)
+    else:
+        from accelc.compiler.evaluation import across_texts
+
+        result = across_texts({text: art.family.evaluate(art, text, spec) for text in dict.fromkeys(texts)})
     print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 5
 
@@ -305,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", help="artifact directory (default: the recipe's output.dir)")
     sp.add_argument("--no-cache", action="store_true", help="neither read nor write the pass cache")
     sp.add_argument("--dry-run", action="store_true", help="validate and print the plan; do nothing")
+    sp.add_argument("--json", action="store_true", help="print one machine-readable summary (for CI), also on failure")
     sp.set_defaults(func=cmd_compile)
     with_recipe("validate", "check a recipe without compiling").set_defaults(func=cmd_validate)
 
@@ -338,7 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("eval", help="perplexity on held-out real text")
     sp.add_argument("artifact")
-    sp.add_argument("--text", help="austen:NAME, shakespeare:NAME or a file (default: recipe's data.evaluation)")
+    sp.add_argument(
+        "--text",
+        action="append",
+        help="austen:NAME, shakespeare:NAME, pydoc:topics, debian-doc:PKG, dir:PATH or a file (default: the "
+        "recipe's data.evaluation); repeat it to score several texts, the worst one gating",
+    )
     sp.add_argument("--backends", nargs="+")
     sp.add_argument("--window", type=int)
     sp.add_argument("--stride", type=int)

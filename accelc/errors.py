@@ -33,6 +33,13 @@ class MissingDependency(AccelcError):
         self.install = install
 
 
+class HostUnsupported(AccelcError):
+    """This machine lacks what an artifact was built for (CPU instruction sets, a GPU architecture,
+    a driver): exit 3, like a missing dependency, naming what is missing and where it was built."""
+
+    exit_code = 3
+
+
 class InternalError(AccelcError):
     """accelc broke one of its own invariants: a bug, never the input's fault (exit 1, as for any
     unexpected exception), so exit 2 keeps meaning "fix your input"."""

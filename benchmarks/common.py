@@ -45,6 +45,18 @@ CPU_FLAGS = (
 )
 
 
+def run(main) -> int:
+    """A benchmark's entry point: accelc's expected errors (a bad option, a missing dependency)
+    end it with their one-line message and exit code, as the CLI does, not a traceback."""
+    from accelc.errors import AccelcError
+
+    try:
+        return main()
+    except AccelcError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
 def quiet_threads(threads: int | None = None) -> dict:
     """Passive OpenMP waits, no tokenizer thread pool, no Hugging Face Hub calls; `threads` caps
     OpenMP and torch threads (None: one per core). Call before torch or ORT load; returns the

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from accelc import progress
     from accelc.compiler import fused_decoder
-    from accelc.data import load_text
+    from accelc.data import describe, mixture_text
     from accelc.loops import pricing, registry
     from accelc.loops.calibration import estimate_alpha
     from accelc.loops.timing import measure_loop_costs
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     target = art.step_model("ort")
     checkpoint = art.dir / "model" / "hf"
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    calibration = load_text(recipe.data.calibration)
+    calibration = mixture_text(recipe.data.calibration)
     subset = frequent_tokens(art.tokenizer, calibration, draft_vocab)
     calib_ids = torch.tensor(art.tokenizer.encode(calibration, add_special_tokens=False)[10_000:10_512]).view(2, 256)
     # a draft keeps at least one layer: a model shallower than a variant asks skips that variant
@@ -173,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         session=art.backends()["ort"]["runtime"]["session"],
         prompts=len(prompts),
         prompt_text="austen:persuasion",
-        vocab_text=recipe.data.calibration,
+        vocab_text=describe(recipe.data.calibration),
         goal=args.goal,
-        layer_ranking_text=f"{recipe.data.calibration}, 2 x 256 tokens",
+        layer_ranking_text=f"{describe(recipe.data.calibration)}, 2 x 256 tokens",
         environment=environment,
     )
     common.write_results(args.json, rows, record)
@@ -183,4 +183,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.run(main))

@@ -152,7 +152,7 @@ def bench(artifact: Path, spec, backends: list[str] | None = None) -> dict:
     )
     available = art.backends()
     wanted = [b for b in (backends or spec.backends) if b in available]
-    if "torch" not in wanted:
+    if "torch" not in wanted and "torch" in available:  # the baseline every speedup is read against
         wanted.insert(0, "torch")
     for backend in wanted:  # a damaged file or a missing library is the user's to fix: say so here,
         art.check_backend(backend)  # not as a worker process's traceback
@@ -184,8 +184,10 @@ def bench(artifact: Path, spec, backends: list[str] | None = None) -> dict:
                 plan_draft_calls=statistics.median(s["draft_calls"] for s in stats),
             )
         rows[backend]["plan_strategy"] = runs[0].get("plan_strategy")
-    base = rows["torch"]
-    for row in rows.values():
+    for backend, row in rows.items():
+        row.update({k.replace("_bytes", "_mb"): v / 2**20 for k, v in art.footprint(backend).items()})
+    base = rows.get("torch")  # a deploy-profile artifact ships no torch weights: no ratio to them
+    for row in rows.values() if base else ():
         row["decode_speedup_vs_torch"] = row["decode_tok_s_median"] / base["decode_tok_s_median"]
         row["prefill_speedup_vs_torch"] = base["prefill_ms_median"] / row["prefill_ms_median"]
     return {

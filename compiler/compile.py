@@ -18,6 +18,7 @@ from accelc.compiler.artifacts import ArtifactWriter, base_manifest, check_writa
 from accelc.compiler.pipeline import PassManager, StepCache
 from accelc.compiler.recipe import recipe_dict, recipe_hash, resolve_path
 from accelc.errors import ValidationFailed
+from accelc.fileutil import sha256_file
 from accelc.runtime.artifact import HF_DIRS
 
 
@@ -72,8 +73,33 @@ def _assemble(writer: ArtifactWriter, bundle, lowered, cache_owned) -> dict:
         for child in item.directory.iterdir():
             if child.name not in ("DONE",):
                 writer.place(child, f"{rel}/{child.name}", link=True)
-        targets.append({"kind": item.kind, "dir": rel, "params": dict(item.params), "runtime": item.runtime})
+        targets.append(
+            {
+                "kind": item.kind,
+                "dir": rel,
+                "params": dict(item.params),
+                "runtime": item.runtime,
+                "status": item.status,
+                "seconds": item.seconds,
+            }
+        )
     return {"graphs": graphs, "targets": targets}
+
+
+def _drop_torch_weights(tree: Path) -> dict:
+    """Remove the torch checkpoints' weight files from a proven artifact tree (the deploy
+    profile); return what the manifest keeps of them: each file's size and sha256, so the model
+    of record stays identified (and its cache entry findable) without shipping it. Configs and
+    the tokenizer stay: every backend reads them."""
+    from accelc.runtime.artifact import HF_DIRS, WEIGHT_SUFFIXES
+
+    kept = {}
+    for rel in HF_DIRS.values():
+        for path in sorted((tree / rel).glob("*")):
+            if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES):
+                kept[f"{rel}/{path.name}"] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+                path.unlink()
+    return {"files": kept, "note": "torch weights the proof ran against, not shipped (output.profile: deploy)"}
 
 
 def _pruning_summary(bundle) -> dict:
@@ -140,6 +166,9 @@ def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
             manifest["warnings"] += family.plan_warnings(writer.tmp)
             metrics, reports_ok = family.prove(writer.tmp, recipe, manifest)
             manifest["metrics"] = metrics
+            manifest["profile"] = recipe.output.profile
+            if recipe.output.profile == "deploy":  # proven against the torch weights; now ship without them
+                manifest["model_of_record"] = _drop_torch_weights(writer.tmp)
             manifest["seconds"] = round(time.perf_counter() - started, 1)
             manifest["files"] = writer.file_table()
             writer.write_json("manifest.json", manifest)
@@ -159,5 +188,40 @@ def compile_recipe(recipe, out: Path, *, no_cache: bool = False) -> dict:
     from accelc.runtime.integrity import remember
 
     remember(out, manifest["files"])  # a run right after the compile need not hash what it just did
+    cache_line = cache_summary(manifest)
+    progress.status(
+        f"steps: {cache_line['cached']} from the cache, {cache_line['ran']} ran"
+        + (" (all cache hits: nothing was recompiled; the proof ran again)" if cache_line["all_hits"] else "")
+    )
     progress.status(f"artifact written to {out} in {time.perf_counter() - started:.0f}s")
     return manifest
+
+
+def step_records(manifest: dict) -> list[dict]:
+    """Every pass and target of a compile, in order: its name, "ran" or "cached", seconds."""
+    steps = [{"step": f"pass {p['name']}", "status": p["status"], "seconds": p["seconds"]} for p in manifest["passes"]]
+    steps += [
+        {"step": f"target {t['kind']}", "status": t.get("status", "ran"), "seconds": t.get("seconds", 0.0)}
+        for t in manifest["targets"]
+    ]
+    return steps
+
+
+def cache_summary(manifest: dict) -> dict:
+    steps = step_records(manifest)
+    cached = sum(s["status"] == "cached" for s in steps)
+    return {"cached": cached, "ran": len(steps) - cached, "all_hits": bool(steps) and cached == len(steps)}
+
+
+def compile_summary(manifest: dict, out: Path) -> dict:
+    """`accelc compile --json`: one machine-readable record of a finished compile, for a CI step."""
+    return {
+        "ok": True,
+        "artifact": str(out),
+        "bundle_id": manifest["bundle_id"],
+        "seconds": manifest.get("seconds"),
+        "steps": step_records(manifest),
+        "cache": cache_summary(manifest),
+        "metrics": manifest["metrics"],
+        "warnings": manifest["warnings"],
+    }

@@ -113,3 +113,29 @@ def perplexity(
         "backend": step_model.name,
         "seconds": time.perf_counter() - start,
     }
+
+
+def across_texts(results: dict[str, dict]) -> dict:
+    """`accelc eval --text A --text B ...`: each text's evaluation (Family.evaluate), and the worst
+    text by the ratio that gates a changed model (`ratio_vs_source` of its torch model, a pruned
+    model's cost over its source's), else by the backends' ratio to torch. The verdict is every
+    text's: a gate such as `max_ratio_vs_source` holds on the worst text, not on an average."""
+
+    def ratio(result: dict) -> float | None:
+        torch = result.get("backends", {}).get("torch", {})
+        if "ratio_vs_source" in torch:
+            return torch["ratio_vs_source"]
+        ratios = [r["ratio_vs_torch"] for r in result.get("backends", {}).values() if "ratio_vs_torch" in r]
+        return max(ratios) if ratios else None
+
+    scored = {text: ratio(r) for text, r in results.items() if ratio(r) is not None}
+    worst = max(scored, key=scored.get) if scored else None
+    failures = [f"{text}: {r['failure']}" for text, r in results.items() if not r["ok"]]
+    return {
+        "texts": results,
+        "ratios": scored,
+        "worst_text": worst,
+        "worst_ratio": scored.get(worst),
+        "ok": not failures,
+        "failure": "; ".join(failures) or None,
+    }

@@ -76,7 +76,7 @@ def fingerprint(recipe, reads: tuple[str, ...]) -> dict[str, Any]:
     out = {}
     for path in reads:
         value = lookup(recipe, path)
-        if path.startswith("data.") and isinstance(value, str):
+        if path.startswith("data."):  # a text, or a mixture of texts
             out[path] = text_identity(value)
         elif isinstance(value, BaseModel):
             out[path] = value.model_dump(mode="json")

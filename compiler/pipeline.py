@@ -41,6 +41,8 @@ class Lowered:
     directory: Path
     runtime: Mapping[str, Any]
     params: Mapping[str, Any] = field(default_factory=dict)
+    status: str = "ran"  # "ran" | "cached", as a pass's PassRecord
+    seconds: float = 0.0
 
 
 @dataclass
@@ -196,10 +198,12 @@ class PassManager:
             cls = registry.TARGETS[step.kind]
             _check_family(cls, bundle, f"target {step.kind}")
             key = step_key(bundle.id, f"target:{step.kind}", params, cls, self.recipe)
+            start = time.perf_counter()
             if self.cache.hit(key):
                 meta = json.loads((self.cache.path(key) / LOWERED_FILE).read_text())
                 progress.status(f"target {step.kind}: cached ({key[:12]})")
-                results.append(Lowered(step.kind, self.cache.path(key), meta["runtime"], params))
+                seconds = round(time.perf_counter() - start, 3)
+                results.append(Lowered(step.kind, self.cache.path(key), meta["runtime"], params, "cached", seconds))
                 continue
             instance = cls(cls.Params(**params))
             tmp, runtime = _run_step(
@@ -211,5 +215,5 @@ class PassManager:
             )
             (tmp / LOWERED_FILE).write_text(json.dumps({"kind": step.kind, "runtime": runtime}, indent=2))
             final = self.cache.commit(key, tmp)
-            results.append(Lowered(step.kind, final, runtime, params))
+            results.append(Lowered(step.kind, final, runtime, params, "ran", round(time.perf_counter() - start, 3)))
         return results

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model, model_validator
 
 from accelc.compiler import registry
 from accelc.errors import RecipeError
@@ -46,9 +46,29 @@ class ModelSpec(Section):
         return self
 
 
+class CalibrationSource(Section):
+    """One source of a calibration mixture."""
+
+    text: str = Field(
+        description="a text spec: austen:NAME, shakespeare:NAME, pydoc:topics, debian-doc:PKG, dir:PATH or a file"
+    )
+    weight: float = Field(1.0, gt=0, description="its share of the calibration windows, relative to the others")
+
+
+# A text spec or a mixture: the tag picks the branch before validation, so an error names only
+# the branch the recipe wrote (and _data_path drops the tag from the key path it reports).
+UNION_TAGS = {"one-text", "mixture"}
+TextOrMixture = Annotated[
+    Annotated[str, Tag("one-text")] | Annotated[list[CalibrationSource], Field(min_length=1), Tag("mixture")],
+    Discriminator(lambda v: "one-text" if isinstance(v, str) else "mixture"),
+]
+
+
 class DataSpec(Section):
-    calibration: str = Field(
-        "austen:emma", description="text for calibration: austen:NAME, shakespeare:NAME or a file path"
+    calibration: TextOrMixture = Field(
+        "austen:emma",
+        description="text for calibration: one text spec (austen:NAME, shakespeare:NAME, pydoc:topics, "
+        "debian-doc:PKG, dir:PATH or a file path), or a list of {text, weight} sources mixed in proportion",
     )
     evaluation: str = Field("austen:persuasion", description="held-out text for perplexity")
 
@@ -138,6 +158,12 @@ class EvalSpec(Section):
 
 class OutputSpec(Section):
     dir: str = Field("artifacts/out", description="artifact directory (written atomically)")
+    profile: Literal["dev", "deploy"] = Field(
+        "dev",
+        description="dev: ship the torch model of record beside the lowered backends (run, eval and bench "
+        "against torch); deploy: ship only what the lowered backends read, the torch weights referenced "
+        "by size and sha256 in the manifest (`model_of_record`) after the proof ran against them",
+    )
 
 
 class CacheSpec(Section):
@@ -235,7 +261,7 @@ def _data_path(loc: tuple, data: Any) -> tuple:
     parts name no key in the data and are dropped. The first key that is absent (an unknown or
     a missing key) ends the path.
     """
-    tags = set(registry.PASSES) | set(registry.TARGETS)
+    tags = set(registry.PASSES) | set(registry.TARGETS) | UNION_TAGS
     out, cur = [], data
     for part in loc:
         if (isinstance(cur, dict) and part in cur) or (

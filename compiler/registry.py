@@ -91,7 +91,7 @@ PASSES: Registry[type[Pass]] = Registry(
     ),
 )
 TARGETS: Registry[type[Target]] = Registry(
-    "target", ("accelc.targets.cpu", "accelc.targets.fpga"), key=lambda cls: cls.kind
+    "target", ("accelc.targets.cpu", "accelc.targets.cuda", "accelc.targets.fpga"), key=lambda cls: cls.kind
 )
 register_pass = PASSES.register
 register_target = TARGETS.register
@@ -106,11 +106,13 @@ def describe(cls: type[Pass] | type[Target]) -> dict[str, Any]:
     """Name, summary and every parameter with type, default and description (for `passes show`)."""
     params = []
     for field_name, field in cls.Params.model_fields.items():
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
         params.append(
             {
                 "name": field_name,
                 "type": getattr(field.annotation, "__name__", str(field.annotation)),
-                "default": None if field.is_required() else field.get_default(call_default_factory=True),
+                # nested options (a target's per-backend Params) as the plain values a recipe writes
+                "default": default.model_dump() if isinstance(default, BaseModel) else default,
                 "required": field.is_required(),
                 "description": field.description or "",
             }

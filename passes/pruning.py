@@ -110,13 +110,20 @@ def _dense_model(bundle, pass_name: str):
 
 
 def _calibration(ctx, tokenizer, windows: int, window: int, *, skip: int = 0, spread: bool = False):
-    from accelc.compiler.pruning.importance import calibration_windows
-    from accelc.data import load_text
+    from accelc.data import calibration_windows
 
-    spec = ctx.recipe.data.calibration
     return calibration_windows(
-        tokenizer, load_text(spec), window=window, max_windows=windows, text_name=spec, skip=skip, spread=spread
+        tokenizer, ctx.recipe.data.calibration, window=window, max_windows=windows, skip=skip, spread=spread
     )
+
+
+def _mixture_record(ctx, tokenizer, windows: int) -> dict:
+    """What a protocol records of the calibration: its name (`text`) and each source's weight,
+    tokens and windows."""
+    from accelc.data import calibration_record
+
+    record = calibration_record(tokenizer, ctx.recipe.data.calibration, windows)
+    return {"text": record["calibration"], "sources": record["sources"]}
 
 
 def _stats(bundle, model, pass_name: str):
@@ -219,7 +226,7 @@ class CalibrationStatistics(registry.Pass):
         path = ctx.workdir / f"{STATS}.npz"
         stats.save(path)
         protocol = {
-            "text": ctx.recipe.data.calibration,
+            **_mixture_record(ctx, tok, len(wins)),
             "windows": len(wins),
             "window": self.params.window,
             "tokens": stats.tokens,
@@ -327,7 +334,7 @@ class ArchSearch(registry.Pass):
                     "fitness": {
                         "windows": len(fit_windows),
                         "window": p.fitness_window,
-                        "text": ctx.recipe.data.calibration,
+                        **_mixture_record(ctx, tok, len(fit_windows)),
                         "spread": True,
                         "reform_in_fitness": p.reform_in_fitness,
                     },
@@ -458,7 +465,7 @@ class Reform(registry.Pass):
                     "damp": p.damp,
                     "windows": len(wins),
                     "window": p.window,
-                    "text": ctx.recipe.data.calibration,
+                    **_mixture_record(ctx, tok, len(wins)),
                     "layers": result.report,
                 },
                 default=float,

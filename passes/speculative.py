@@ -255,10 +255,10 @@ class Speculative(registry.Pass):
         spec, target_meta = self.params.draft, bundle.graph_meta.get("decoder", {})
         subset = None
         if spec.vocab is not None:
-            from accelc.data import load_text
+            from accelc.data import mixture_text
 
             tokenizer = load_tokenizer(bundle.model_dir, bool(bundle.source.get("trust_remote_code")))
-            subset = frequent_tokens(tokenizer, load_text(ctx.recipe.data.calibration), spec.vocab)
+            subset = frequent_tokens(tokenizer, mixture_text(ctx.recipe.data.calibration), spec.vocab)
         graph, meta = export_checkpoint(
             draft_model,
             draft_dir,
@@ -319,13 +319,13 @@ class Speculative(registry.Pass):
     def _calibration_prompts(self, tokenizer, ctx) -> list[list[int]]:
         import numpy as np
 
-        from accelc.data import load_text, token_windows
+        from accelc.data import calibration_windows
 
-        text = load_text(ctx.recipe.data.calibration)
-        ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
         n = self.params.prompt_tokens
-        windows = token_windows(ids, n, n, self.params.calibration_prompts, what="calibration text")
-        return [w.tolist() for w, _ in windows]
+        windows = calibration_windows(
+            tokenizer, ctx.recipe.data.calibration, window=n, max_windows=self.params.calibration_prompts
+        )
+        return [np.asarray(w).tolist() for w in windows]
 
     def _calibrate(self, target, draft, prompts, decode, lookup, loop_pricing):
         """alpha along the target's continuations, as long as the plan's own (within limits): text

@@ -25,7 +25,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 class Artifact:
     def __init__(self, directory: str | Path):
-        self.dir = Path(directory)
+        self.dir = Path(directory).absolute()  # backends hand out paths under it: integrity matches them
         manifest = self.dir / MANIFEST
         if not manifest.exists():
             raise UsageError(
@@ -58,18 +58,47 @@ class Artifact:
         return bool(self.manifest.get("model", {}).get("trust_remote_code", False))
 
     def backends(self) -> dict[str, dict]:
-        """Backend name -> {"target": kind, "dir": target dir, "runtime": config}; torch always."""
-        out = {"torch": {"target": "source", "runtime": {}}}
+        """Backend name -> {"target": kind, "dir": target dir, "runtime": config}; torch where the
+        artifact carries the torch weights (the dev profile; a deploy-profile artifact does not)."""
+        out = {"torch": {"target": "source", "runtime": {}}} if self.has_torch_weights() else {}
         for target in self.manifest.get("targets", []):
             for backend, cfg in target["runtime"].items():
                 out.setdefault(backend, {"target": target["kind"], "dir": self.dir / target["dir"], "runtime": cfg})
         return out
 
+    def has_torch_weights(self) -> bool:
+        return any(f.endswith(WEIGHT_SUFFIXES) for f in self.integrity.entries([HF_DIR])) or (
+            not self.integrity.recorded and any(p.name.endswith(WEIGHT_SUFFIXES) for p in (self.dir / HF_DIR).glob("*"))
+        )
+
+    def footprint(self, backend: str) -> dict[str, int]:
+        """The bytes a deployment on `backend` reads: its models' files, and the files every
+        backend shares (tokenizer, configs, decode plan). From the manifest, or from the disk for
+        the provisional tree compile proves (its manifest has no file table yet)."""
+        entry = self.backend(backend)
+        paths = [p for role in entry.held_roles() for p in entry.files(role)]
+        if self.integrity.recorded:
+            sizes = {f: self.integrity.table[f]["bytes"] for f in self.integrity.entries(paths)}
+        else:
+            found = [q for p in paths for q in ([p] if Path(p).is_file() else Path(p).rglob("*")) if q.is_file()]
+            sizes = {q.relative_to(self.dir).as_posix(): q.stat().st_size for q in found}
+        if backend != "torch":  # the tokenizer and configs sit beside the torch weights: shared
+            sizes = {f: n for f, n in sizes.items() if not f.startswith(HF_DIR + "/")}
+        configs = [q for q in (self.dir / HF_DIR).glob("*") if q.is_file() and not q.name.endswith(WEIGHT_SUFFIXES)]
+        shared = [q for q in [*configs, self.dir / "decode" / "plan.json"] if q.is_file()]
+        return {
+            "model_bytes": sum(sizes.values()),
+            "shared_bytes": sum(q.stat().st_size for q in shared if q.relative_to(self.dir).as_posix() not in sizes),
+        }
+
     def backend(self, name: str) -> Backend:
         """The registered runtime backend `name` over its share of this artifact."""
         available = self.backends()
         if name not in available:
-            raise UsageError(f"backend '{name}' is not in this artifact; available: {', '.join(available)}")
+            hint = ""
+            if name == "torch" and self.manifest.get("profile") == "deploy":
+                hint = " (a deploy-profile artifact ships no torch weights; compile with output.profile: dev)"
+            raise UsageError(f"backend '{name}' is not in this artifact{hint}; available: {', '.join(available)}")
         entry = available[name]
         return get_backend(name)(Placement(self, entry.get("dir"), entry["runtime"]))
 

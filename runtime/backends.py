@@ -78,6 +78,11 @@ class Backend:
         held = self.held_roles()
         return "draft" in held and held["draft"] != held.get("target")
 
+    def unavailable(self) -> str | None:
+        """Why this machine cannot run the backend (a GPU backend on a host without one), or None.
+        Validation at compile time skips such a backend and records the reason; opening it is exit 3."""
+        return None
+
     def files(self, role: str) -> list[Path]:
         """The files or folders `open(role)` reads, checked against the manifest before it does
         (runtime/integrity.py): a damaged file is refused by name, not met as a parser's error."""
@@ -127,6 +132,8 @@ BACKENDS: Registry[type[Backend]] = Registry(
         "accelc.runtime.ort_backend",
         "accelc.runtime.openvino_backend",
         "accelc.runtime.tvm_backend",
+        "accelc.runtime.cuda_tvm_backend",
+        "accelc.runtime.cuda_ort_backend",
     ),
 )
 load_all = BACKENDS.load_all

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from accelc.errors import MissingDependency, UsageError
+from accelc.errors import HostUnsupported, MissingDependency, UsageError
 from accelc.runtime.backends import Backend, Dependency, register_backend
 from accelc.runtime.base import KVState, KVStepModel, kv_length
 
@@ -32,6 +32,38 @@ def import_tvm():
     except ImportError as exc:
         raise MissingDependency("Apache TVM", TVM_INSTALL) from exc
     return tvm
+
+
+# Instruction sets that compiled numerical code uses (vector units, FMA, bit manipulation). LLVM's
+# feature list for a CPU name also holds tuning flags no CPU reports (`fast-lzcnt`) and system
+# instructions that generated kernels never emit and VMs hide (`mwaitx`, `pku`): comparing those
+# would refuse a library on a machine that runs it.
+CODEGEN_FEATURE_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "bmi", "popcnt", "lzcnt", "movbe", "amx", "xop")
+
+
+def missing_cpu_features(target: dict) -> list[str]:
+    """The instruction-set features the code for `target` (an llvm target dict naming its `mcpu`)
+    may use and this machine's CPU lacks."""
+    mcpu = target.get("mcpu")
+    tvm = import_tvm()
+    if not mcpu or mcpu == tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")():
+        return []
+    needed = tvm.get_global_func("target.llvm_get_cpu_features")(tvm.target.Target(dict(target)))
+    have = dict(tvm.get_global_func("tvm.codegen.llvm.GetHostCPUFeatures")())
+    needed = [str(f) for f in needed if str(f).startswith(CODEGEN_FEATURE_PREFIXES)]
+    return sorted(f for f in needed if f in have and not have[f])
+
+
+def check_host_cpu(target: dict) -> None:
+    """Refuse (exit 3) a library compiled for a CPU whose instructions this one lacks: it would
+    die of SIGILL mid-decode instead of saying why."""
+    missing = missing_cpu_features(target)
+    if missing:
+        raise HostUnsupported(
+            f"the TVM library was compiled for CPU '{target['mcpu']}', and this machine's CPU lacks "
+            f"{', '.join(missing)}; recompile the artifact on this machine (or set the cpu target's "
+            f"tvm.mcpu to a CPU both machines support)"
+        )
 
 
 class TVMStepModel(KVStepModel):
@@ -149,6 +181,10 @@ class TvmBackend(Backend):
 
     def held_roles(self) -> dict[str, object]:
         return dict(self.placement.config.get("dirs", {}))
+
+    def check(self, role: str) -> None:
+        super().check(role)
+        check_host_cpu(self.placement.config.get("target") or {})
 
     def files(self, role: str) -> list[Path]:
         return [self.placement.directory / self.held_roles()[role]]  # library, params and tvm_meta.json

@@ -387,3 +387,57 @@ def test_idx_arrays_parse_and_damaged_ones_are_refused():
         parse_idx(raw[:-12], "x")
     with pytest.raises(AccelcError, match="not an idx file"):
         parse_idx(b"PK\x03\x04" + raw[4:], "x")
+
+
+# --------------------------------------------------------------------------- calibration mixtures
+
+
+def test_allocation_follows_weights_and_gives_every_source_a_share():
+    from accelc.data import allocate
+
+    assert allocate(16, [1, 1, 2]) == [4, 4, 8]
+    assert allocate(10, [1, 1, 1]) in ([4, 3, 3], [3, 4, 3], [3, 3, 4])
+    assert allocate(3, [100, 1, 1]) == [1, 1, 1]  # each source at least once while there are enough
+    assert allocate(0, [1, 2]) == [0, 0]
+    assert sum(allocate(7, [0.3, 0.7])) == 7
+
+
+def test_a_mixture_draws_windows_from_every_source_in_turn(tmp_path):
+    from accelc.data import calibration_record, calibration_windows, describe
+    from accelc.families.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    (tmp_path / "a.txt").write_text("a" * 1000)
+    (tmp_path / "b.txt").write_text("b" * 1000)
+    spec = [{"text": str(tmp_path / "a.txt"), "weight": 3}, {"text": str(tmp_path / "b.txt"), "weight": 1}]
+    windows = calibration_windows(tok, spec, window=100, max_windows=4)
+    letters = [tok.decode([int(w[0])]) for w in windows]
+    assert letters == ["a", "b", "a", "a"]  # 3:1, alternating so that any prefix sees both
+    spread = calibration_windows(tok, spec, window=100, max_windows=4, skip=4, spread=True)
+    assert sorted(tok.decode([int(w[0])]) for w in spread) == ["a", "a", "a", "b"]
+    record = calibration_record(tok, spec, 4)
+    assert [(s["weight"], s["tokens"], s["windows"]) for s in record["sources"]] == [(3, 1000, 3), (1, 1000, 1)]
+    assert describe(spec) == f"{tmp_path / 'a.txt'} x3 + {tmp_path / 'b.txt'} x1"
+    # a single text is windowed as before mixtures existed
+    single = calibration_windows(tok, str(tmp_path / "a.txt"), window=100, max_windows=2)
+    assert len(single) == 2 and describe(str(tmp_path / "a.txt")) == str(tmp_path / "a.txt")
+
+
+def test_documentation_sources_of_this_machine_load(tmp_path):
+    from accelc.data import load_text, text_identity
+
+    topics = load_text("pydoc:topics")
+    assert len(topics) > 100_000 and 'The "for" statement' in topics  # Python's reference manual, as text
+    assert text_identity("pydoc:topics").startswith("pydoc:topics sha256:")
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    (tmp_path / "docs" / "README").write_text("read me")
+    (tmp_path / "docs" / "sub" / "guide.md").write_text("a guide")
+    (tmp_path / "docs" / "blob.bin").write_bytes(b"\xff\xfe")
+    assert load_text(f"dir:{tmp_path / 'docs'}") == "read me\n\na guide"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no UTF-8 text files"):
+        load_text(f"dir:{tmp_path / 'empty'}")
+    with pytest.raises(UsageError, match="no Debian documentation for package 'no-such-pkg'"):
+        load_text("debian-doc:no-such-pkg")
+    with pytest.raises(UsageError, match="use pydoc:topics"):
+        load_text("pydoc:library")

@@ -140,3 +140,13 @@ def test_cpu_backends_runs_end_to_end_on_a_tiny_model(tmp_path):
     record = json.loads(out.with_suffix(".protocol.json").read_text())
     assert record["overrides"][0] == "model.builtin=tiny-llama" and record["bench"]["repeats"] == 1
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_search_benchmark_refuses_evaluating_on_calibration_text():
+    from accelc.errors import UsageError
+    from benchmarks.search_vs_baselines import EVAL_TEXTS, check_held_out
+
+    mixture = [{"text": "austen:emma", "weight": 2}, {"text": "pydoc:topics"}]
+    check_held_out(mixture, list(EVAL_TEXTS))  # the defaults are held out from this mixture
+    with pytest.raises(UsageError, match=r"--eval-texts pydoc:topics: also in data\.calibration"):
+        check_held_out(mixture, ["austen:persuasion", "pydoc:topics"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -184,3 +185,61 @@ def test_no_report_names_the_temporary_build_folder(cli, tmp_path):
         assert ".tmp-" not in path.read_text(), path
     evaluation = json.loads((out / "reports" / "eval.json").read_text())
     assert {r["tokenizer"] for r in evaluation["backends"].values()} == {"model/hf"}
+
+
+def test_compile_json_is_one_summary_for_ci_with_cache_hits_and_failures(cli, tiny_recipe, tmp_path):
+    recipe = tiny_recipe()
+    code, out, _ = cli("-q", "compile", recipe, "-o", tmp_path / "a", "--json")
+    first = json.loads(out)
+    assert code == 0 and first["ok"] and first["cache"] == {"cached": 0, "ran": 2, "all_hits": False}
+    assert [s["step"] for s in first["steps"]] == ["pass export_onnx", "target cpu"]
+    code, out, err = cli("compile", recipe, "-o", tmp_path / "b", "--json")
+    second = json.loads(out)
+    assert code == 0 and second["cache"] == {"cached": 2, "ran": 0, "all_hits": True} and "all cache hits" in err
+    assert second["bundle_id"] == first["bundle_id"] and second["metrics"]["validation"]["ort"] == "pass"
+    # a parity gate that cannot hold: exit 5, the summary says so on stdout, no artifact at the destination
+    code, out, _ = cli("-q", "compile", recipe, "-o", tmp_path / "c", "--json", "--set", "eval.parity.atol=1e-12")
+    failed = json.loads(out)
+    assert code == 5 and failed["ok"] is False and failed["exit_code"] == 5 and "validation failed" in failed["error"]
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_ci_example_workflow_runs_commands_accelc_accepts():
+    import shlex
+
+    import yaml
+
+    from accelc.cli import build_parser
+
+    workflow = yaml.safe_load((Path(__file__).parents[1] / "examples/github-actions/compile.yml").read_text())
+    commands = [step["run"] for step in workflow["jobs"]["compile"]["steps"] if "run" in step]
+    accelc = [shlex.split(c.split(">")[0]) for c in commands if c.startswith("accelc ")]
+    assert [a[1] for a in accelc] == ["compile", "verify"]
+    for argv in accelc:
+        build_parser().parse_args(argv[1:])  # an option the CLI lost would exit 2 here
+    assert "--json" in accelc[0]
+
+
+def test_deploy_profile_ships_what_its_backends_read_after_proving_against_torch(cli, tiny_recipe, tmp_path):
+    dev, deploy = tmp_path / "dev", tmp_path / "deploy"
+    recipe = tiny_recipe()
+    assert cli("-q", "compile", recipe, "-o", dev)[0] == 0
+    assert cli("-q", "compile", recipe, "-o", deploy, "--set", "output.profile=deploy")[0] == 0
+    manifest = json.loads((deploy / "manifest.json").read_text())
+    dropped = manifest["model_of_record"]["files"]
+    assert manifest["profile"] == "deploy" and manifest["metrics"]["validation"] == {"torch": "pass", "ort": "pass"}
+    assert "model/hf/model.safetensors" in dropped and not (deploy / "model/hf/model.safetensors").exists()
+    assert (
+        dropped["model/hf/model.safetensors"]
+        == json.loads((dev / "manifest.json").read_text())["files"]["model/hf/model.safetensors"]
+    )  # the model of record, identified by the same size and sha256 the dev artifact ships
+    assert not any(f.endswith(".safetensors") for f in manifest["files"])
+    code, out, err = cli("run", deploy, "--prompt", "hello", "--max-new-tokens", 3, "--raw", "--show-tokens")
+    assert code == 0, err
+    code, _, err = cli("run", deploy, "--prompt", "hello", "--backend", "torch")
+    assert code == 2 and "ships no torch weights" in err and "available: ort" in err
+    code, out, _ = cli("inspect", deploy)
+    graph = manifest["files"]["model/onnx/decoder.onnx"]["bytes"]
+    assert code == 0 and f"model {graph / 2**20:.1f} MiB" in out and "profile   deploy" in out
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    assert total < 1.2 * graph  # the weights its backend needs, and little else

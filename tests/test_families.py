@@ -116,7 +116,9 @@ def test_run_backend_choices_are_the_registered_backends(capsys):
         assert parser.parse_args(["run", "art", "--prompt", "p", "--backend", name]).backend == name
     with pytest.raises(SystemExit):
         parser.parse_args(["run", "art", "--prompt", "p", "--backend", "no-such-backend"])
-    assert "choose from 'openvino', 'ort', 'torch', 'tvm'" in capsys.readouterr().err
+    assert (
+        "choose from 'cuda-ort', 'cuda-tvm', 'openvino', 'ort', 'torch', 'tvm', 'tvm-twin'" in capsys.readouterr().err
+    )
 
 
 def test_missing_backend_dependency_is_exit_3_naming_the_install():

@@ -147,3 +147,12 @@ def test_a_file_written_just_now_is_hashed_again(cli, artifact):
         code, _, err = cli("run", artifact, "--prompt", "hello", "--max-new-tokens", "2")
         assert code == 0, err
     assert _hashes_of(plan) == 2
+
+
+def test_an_artifact_named_by_a_relative_path_is_checked_too(cli, artifact, monkeypatch):
+    with open(artifact / GRAPH, "ab") as f:
+        f.write(b"x")
+    monkeypatch.chdir(artifact.parent)
+    code, _, err = cli("run", artifact.name, "--prompt", "hello", "--max-new-tokens", "2")
+    assert code == 2 and "internal error" not in err
+    assert "where the manifest says" in err and GRAPH in err

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from accelc.compiler.pruning import baselines, importance, masks, materialize, reform, search
+from accelc.data import text_windows
 from accelc.errors import UsageError
 
 torch = pytest.importorskip("torch")
@@ -304,7 +305,7 @@ def test_calibration_text_shorter_than_one_window(tiny):
     from accelc.families.tiny import byte_tokenizer
 
     with pytest.raises(UsageError, match="shorter than one window"):
-        importance.calibration_windows(byte_tokenizer(), "too short", window=64, text_name="file:x.txt")
+        text_windows(byte_tokenizer(), "too short", window=64, text_name="file:x.txt")
 
 
 def test_calibration_windows_adjacent_and_spread():
@@ -312,12 +313,12 @@ def test_calibration_windows_adjacent_and_spread():
 
     text = "".join(chr(97 + i % 26) for i in range(1000))  # 1000 byte tokens
     tok = byte_tokenizer()
-    adjacent = importance.calibration_windows(tok, text, window=100, max_windows=3, skip=2)
+    adjacent = text_windows(tok, text, window=100, max_windows=3, skip=2)
     assert [list(w) for w in adjacent] == [tok.encode(text[a : a + 100]) for a in (200, 300, 400)]
-    spread = importance.calibration_windows(tok, text, window=100, max_windows=3, skip=2, spread=True)
+    spread = text_windows(tok, text, window=100, max_windows=3, skip=2, spread=True)
     assert len(spread) == 3 and list(spread[-1]) == list(tok.encode(text[900:1000]))
     with pytest.raises(UsageError, match="none left after skipping"):
-        importance.calibration_windows(tok, text, window=100, max_windows=3, skip=10)
+        text_windows(tok, text, window=100, max_windows=3, skip=10)
 
 
 def test_bad_settings_and_methods():
@@ -341,8 +342,8 @@ def test_smollm2_reformation_lowers_perplexity():
 
     directory = assets.smollm2_dir()
     model, tok = load_model(directory), load_tokenizer(directory)
-    cal = importance.calibration_windows(tok, load_text("austen:emma"), window=256, max_windows=4)
-    held = importance.calibration_windows(tok, load_text("austen:persuasion"), window=256, max_windows=2)
+    cal = text_windows(tok, load_text("austen:emma"), window=256, max_windows=4)
+    held = text_windows(tok, load_text("austen:persuasion"), window=256, max_windows=2)
     space = masks.SearchSpace(masks.Geometry.from_model(model))
     budget = masks.ParamBudget.from_ratio(space, 0.2)
     stats = importance.collect(model, cal, show_progress=False)

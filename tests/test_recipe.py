@@ -165,3 +165,20 @@ def test_arch_search_offspring_follow_a_smaller_population(tmp_path):
     assert (default.population, default.parents, default.mutations, default.crossovers) == (24, 8, 12, 6)
     msg = error_of(write_recipe(tmp_path, body + "    population: 12\n    mutations: 12\n"))
     assert "exceed the population (12)" in msg
+
+
+def test_calibration_mixture_validates_keys_its_cache_by_every_source_and_refuses_bad_weights(tmp_path):
+    from accelc.compiler.inputs import fingerprint
+
+    body = (
+        "model:\n  builtin: tiny-llama\ndata:\n  calibration:\n"
+        "    - text: austen:emma\n      weight: 2\n    - text: pydoc:topics\n"
+    )
+    recipe = load_recipe(write_recipe(tmp_path, body))
+    key = fingerprint(recipe, ("data.calibration",))["data.calibration"]
+    assert key.startswith("austen:emma x2 + pydoc:topics sha256:") and key.endswith(" x1")
+    single = load_recipe(write_recipe(tmp_path, "model:\n  builtin: tiny-llama\ndata:\n  calibration: austen:emma\n"))
+    assert fingerprint(single, ("data.calibration",)) == {"data.calibration": "austen:emma"}  # keys made before hold
+    bad = write_recipe(tmp_path, body.replace("weight: 2", "weight: 0"))
+    msg = error_of(bad)
+    assert f"{bad}:6: data.calibration" in msg and "greater than 0" in msg

@@ -216,3 +216,28 @@ def test_a_usage_error_is_one_line_with_exit_2():
         )
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and args[0] in lines[0] and "accelc run --help" in lines[0]
+
+
+def test_eval_over_several_texts_reports_each_and_gates_on_the_worst(cli, artifact, text_file, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("Section 1. Definitions. " * 300)  # another domain than text_file's
+    args = ("-q", "eval", artifact, "--text", text_file, "--text", other, "--window", "64", "--max-windows", "2")
+    code, out, err = cli(*args)
+    result = json.loads(out)
+    assert code == 0, err
+    assert set(result["texts"]) == {str(text_file), str(other)}
+    assert all(set(r["backends"]) == {"torch", "ort"} for r in result["texts"].values())
+    assert result["worst_ratio"] == max(result["ratios"].values()) and result["ok"] is True
+    assert result["ratios"][result["worst_text"]] == result["worst_ratio"]
+
+
+def test_across_texts_gates_a_pruned_model_on_its_worst_text():
+    from accelc.compiler.evaluation import across_texts
+
+    def pruned(ratio: float, ok: bool) -> dict:
+        failure = None if ok else f"perplexity of the pruned model is {ratio}x the source model's"
+        return {"backends": {"torch": {"ratio_vs_source": ratio, "ratio_vs_torch": 1.0}}, "ok": ok, "failure": failure}
+
+    result = across_texts({"austen:persuasion": pruned(1.2, True), "legal.txt": pruned(1.9, False)})
+    assert result["worst_text"] == "legal.txt" and result["worst_ratio"] == 1.9
+    assert result["ok"] is False and result["failure"].startswith("legal.txt: perplexity of the pruned model")

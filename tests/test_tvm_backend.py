@@ -251,3 +251,21 @@ def test_non_fp32_model_is_a_usage_error(tmp_path):
 def test_missing_artifact_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match=r"tvm_meta\.json"):
         TVMStepModel(tmp_path)
+
+
+def test_a_library_built_for_a_cpu_this_one_lacks_is_refused_by_name():
+    import tvm
+
+    from accelc.errors import HostUnsupported
+    from accelc.runtime.tvm_backend import check_host_cpu, missing_cpu_features
+
+    host = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")()
+    assert missing_cpu_features({"kind": "llvm", "mcpu": host}) == []
+    assert missing_cpu_features({"kind": "llvm", "mcpu": "x86-64"}) == []  # the baseline runs everywhere
+    for newer in ("graniterapids", "sapphirerapids", "znver5", "arrowlake"):
+        missing = missing_cpu_features({"kind": "llvm", "mcpu": newer})
+        if missing:
+            with pytest.raises(HostUnsupported, match=f"compiled for CPU '{newer}'.* lacks {missing[0]}"):
+                check_host_cpu({"kind": "llvm", "mcpu": newer})
+            return
+    pytest.skip(f"this CPU ({host}) has every feature of the newer CPUs tried")

@@ -28,44 +28,12 @@ import numpy as np
 
 from accelc import progress
 from accelc.compiler.pruning.masks import Geometry
-from accelc.data import token_windows
 from accelc.errors import UsageError
 
 METRICS = ("fluctuation", "energy", "wanda", "magnitude")
 # Measured on SmolLM2 (uniform MLP 1152, 16 x 512 tokens of emma, persuasion ppl): energy 55.7,
 # wanda 56.5, fluctuation 56.8; so energy ranks the initial masks of the search by default.
 DEFAULT_METRIC = "energy"
-
-
-def calibration_windows(
-    tokenizer,
-    text: str,
-    *,
-    window: int = 512,
-    max_windows: int | None = 16,
-    text_name: str = "calibration",
-    skip: int = 0,
-    spread: bool = False,
-) -> list[np.ndarray]:
-    """Disjoint windows of `window` tokens (no special tokens added), after `skip` windows.
-
-    spread=False: the next `max_windows` windows; spread=True: `max_windows` windows evenly
-    spaced over the rest of the text (a search's fitness slice: measured on SmolLM2, 4 spread
-    windows select subnets that generalise better than 2 adjacent ones).
-    UsageError (from accelc.data.token_windows) when the text is shorter than one window.
-    """
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    wanted = None if max_windows is None or spread else max_windows + skip
-    wins = [w for w, _ in token_windows(ids, window, window, wanted, what=f"calibration text '{text_name}'")]
-    rest = wins[skip:]
-    if not rest:
-        raise UsageError(
-            f"calibration text '{text_name}' has {len(wins)} windows of {window} tokens, "
-            f"none left after skipping {skip}"
-        )
-    if spread and max_windows is not None:
-        return [rest[int(i)] for i in np.unique(np.linspace(0, len(rest) - 1, max_windows).round())]
-    return rest
 
 
 class ChannelStats:
