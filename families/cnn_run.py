@@ -16,17 +16,16 @@ DEFAULT_SAMPLES = 100
 
 def run(art, args) -> int:
     from accelc.families import cnn_model
-    from accelc.runtime import cnn_fabric
 
-    target = next((t for t in art.manifest.get("targets", []) if t["kind"] == "fpga"), None)
-    if target is None:
-        raise UsageError(f"{art.dir}: this CNN artifact has no fpga target to run")
-    art.integrity.require(target["dir"])  # a damaged stream or image is refused before it runs
+    name = args.backend or "vta_sim"
+    backend = art.backend(name)
+    if "cnn" not in backend.families:
+        raise UsageError(f"--backend {name} does not run CNN artifacts; backends that do: vta_sim")
     samples = args.samples if args.samples is not None else DEFAULT_SAMPLES
     if not 1 <= samples <= 10000:
         raise UsageError(f"--samples {samples}: allowed 1 to 10000 test images")
     seed = args.seed if args.seed is not None else cnn_model.SEED
-    fabric = cnn_fabric.FabricModel(art.dir / target["dir"])
+    fabric = backend.step_model("target")  # the files are checked against the manifest first
     x, labels = cnn_model.fashion_mnist_inputs(tuple(fabric.model.input_shape), "test", samples, seed)
     predictions = []
     for start in progress.bar(range(0, len(x), 250), desc="VTA simulator"):
