@@ -11,7 +11,11 @@ Arithmetic is that of the int8/int32 datapath: GEMM accumulates int8 x int8 prod
 accumulators with two's-complement wrap-around; ALU MIN/MAX/ADD/SHR act on int32 with a
 sign-extended 16-bit immediate or a second accumulator (SHR by the low LOG_ACC_WIDTH bits of its
 operand, signed); and every GEMM or ALU write also writes the low 8 bits of the result into the
-output buffer (truncation, not saturation), which is all STORE moves to DRAM.
+output buffer (truncation, not saturation), which is all STORE moves to DRAM. As in the HLS source
+of the bitstreams: a GEMM reset zeroes the accumulator but still writes the low 8 bits of
+accumulator plus product to the output buffer; ALU ignores the reset bit; only input LOADs pad;
+a micro-op LOAD reads `x_size` micro-ops and no other field; a stream must leave the four token
+queues empty.
 
 Every buffer carries a leading image axis: the same stream runs on many images at once (their
 input DRAM images differ; micro-ops, weights and biases are shared), which is how whole test
@@ -144,6 +148,9 @@ class Simulator:
                 self._push(tokens, m, prev, clock[m], index, insn)
             if insn.deps.push_next:
                 self._push(tokens, m, nxt, clock[m], index, insn)
+        left = {f"{a}->{b}": len(q) for (a, b), q in tokens.items() if q}
+        if left:  # the hardware asserts its token queues are empty when a stream finishes
+            raise UsageError(f"instruction stream leaves dependency tokens behind: {left}")
         self.stats.cycles = max(clock.values())
         return self.stats
 
@@ -184,22 +191,31 @@ class Simulator:
                 f"instruction {index}: LOAD of memory type {insn.memory_type} (allowed: uop, wgt, inp, acc)"
             )
         source = getattr(dram, name)
-        per_image = name == "inp"  # the other images are shared by every image
-        shared = source[None] if not per_image else source
-        rows = self._rows(index, insn, shared.shape[1], name)
+        buffer = getattr(self, name)
+        depth = self.config.depth(name)
+        if name == "uop":  # x_size micro-ops from dram_base: the hardware reads no other field
+            at = insn.dram_base + np.arange(insn.x_size)
+            if insn.x_size and at[-1] >= len(source):
+                raise UsageError(f"instruction {index}: LOAD of micro-ops past the end of their image ({len(source)})")
+            buffer[(insn.sram_base + np.arange(insn.x_size)) % depth] = source[at]
+            return self._mem_cycles(insn, self.config.elem_bytes(name), 0)
+        if name != "inp":  # weights and biases: rows placed one after another, padding fields unused
+            rows = self._rows(index, insn, len(source), name).reshape(-1)
+            dest = (insn.sram_base + np.arange(rows.size)) % depth
+            if name == "wgt":
+                buffer[dest] = source[rows]
+            else:  # biases are shared by every image
+                buffer[:, dest] = source[rows][None]
+            return self._mem_cycles(insn, self.config.elem_bytes(name), 0)
+        # inputs: each image's rows, with zero padding around them in the buffer
+        rows = self._rows(index, insn, source.shape[1], name)
         height = insn.y_pad_0 + insn.y_size + insn.y_pad_1
         width = insn.x_pad_0 + insn.x_size + insn.x_pad_1
-        buffer = getattr(self, name)
-        dest = (insn.sram_base + np.arange(height * width)) % self.config.depth(name)
-        block = np.zeros((shared.shape[0], height, width) + shared.shape[2:], dtype=buffer.dtype)
-        block[:, insn.y_pad_0 : insn.y_pad_0 + insn.y_size, insn.x_pad_0 : insn.x_pad_0 + insn.x_size] = shared[:, rows]
-        block = block.reshape((shared.shape[0], height * width) + shared.shape[2:])
-        if name in ("uop", "wgt"):  # buffers without an image axis
-            buffer[dest] = block[0]
-        else:
-            buffer[:, dest] = block
-        elem = self.config.elem_bytes(name)
-        return self._mem_cycles(insn, elem, height * width - insn.y_size * insn.x_size)
+        block = np.zeros((source.shape[0], height, width) + source.shape[2:], dtype=buffer.dtype)
+        block[:, insn.y_pad_0 : insn.y_pad_0 + insn.y_size, insn.x_pad_0 : insn.x_pad_0 + insn.x_size] = source[:, rows]
+        dest = (insn.sram_base + np.arange(height * width)) % depth
+        buffer[:, dest] = block.reshape((source.shape[0], height * width) + source.shape[2:])
+        return self._mem_cycles(insn, self.config.elem_bytes(name), height * width - insn.y_size * insn.x_size)
 
     def _store(self, index: int, insn: isa.MemInsn, dram: Dram) -> int:
         if insn.memory_type != isa.MEM_OUT:
@@ -224,6 +240,8 @@ class Simulator:
         return dst, src, wgt
 
     def _gemm(self, insn: isa.GemmInsn) -> int:
+        if insn.reset:
+            return self._gemm_reset(insn)
         # Accumulation wraps modulo 2^32 and each step is an addition, so the order of the
         # iterations does not change the result. Micro-ops with the same destination (the taps and
         # input blocks of one output block) are summed by one matrix product over all iterations.
@@ -235,9 +253,6 @@ class Simulator:
         for ks in by_dst.values():
             dst = self._indices(insn, ks[0], self.inp.shape[1])[0]
             touched.append(dst)
-            if insn.reset:
-                self.acc[:, dst] = 0
-                continue
             for at in range(0, len(ks), GEMM_GROUP):
                 part = [self._indices(insn, k, self.inp.shape[1]) for k in ks[at : at + GEMM_GROUP]]
                 src = np.stack([p[1] for p in part], 1)  # (iterations, micro-ops)
@@ -253,6 +268,25 @@ class Simulator:
             self.acc[:, dst] = wrap32(self.acc[:, dst])
             self.out[:, dst] = low8(self.acc[:, dst])
         return iterations + PIPELINE_DEPTH
+
+    def _gemm_reset(self, insn: isa.GemmInsn) -> int:
+        """reset: each iteration zeroes acc[dst] yet still writes the low 8 bits of acc[dst] plus
+        its product to the output buffer (the HLS datapath computes the sum either way). Exact all
+        at once when every destination is hit once; in hardware order otherwise."""
+        per_uop = [self._indices(insn, k, self.inp.shape[1]) for k in range(insn.uop_bgn, insn.uop_end)]
+        if not per_uop:
+            return PIPELINE_DEPTH
+        dst, src, wgt = (np.stack(column, 1).reshape(-1) for column in zip(*per_uop))  # (i, j) outer, uop inner
+        if len(np.unique(dst)) == len(dst):
+            summed = wrap32(self.acc[:, dst] + self._products(src[:, None], wgt[:, None]))
+            self.out[:, dst] = low8(summed)
+            self.acc[:, dst] = 0
+        else:
+            for d, s, w in zip(dst, src, wgt):
+                summed = wrap32(self.acc[:, [d]] + self._products(np.array([[s]]), np.array([[w]])))
+                self.out[:, [d]] = low8(summed)
+                self.acc[:, [d]] = 0
+        return len(dst) + PIPELINE_DEPTH
 
     def _products(self, src: np.ndarray, wgt: np.ndarray) -> np.ndarray:
         """sum over micro-ops of inp[src] . wgt[wgt]^T for each iteration: (images, iterations, batch, out)
@@ -275,10 +309,6 @@ class Simulator:
             return PIPELINE_DEPTH
         dst = np.stack([d for d, _ in per_uop], 1).reshape(-1)  # (i, j) outer, micro-op inner
         src = np.stack([s for _, s in per_uop], 1).reshape(-1)
-        if insn.reset:
-            self.acc[:, dst] = 0
-            self.out[:, dst] = 0
-            return len(dst) + PIPELINE_DEPTH
         # all at once is exact when no element is written twice and none read after another
         # iteration wrote it; otherwise the iterations run one by one in hardware order
         unique = len(np.unique(dst)) == len(dst)

@@ -229,3 +229,41 @@ def test_a_layer_that_fits_no_tiling_is_refused():
     weight = np.zeros((16, 16, 3, 3), np.int8)
     with pytest.raises(UsageError, match=r"conv 16->16.*fits no tiling"):
         lower_layer(weight, np.zeros(16, np.int32), 4, 0, Shape(16, 16, 8, 8, 3, 1), tiny, "conv 16->16")
+
+
+def _one_block_dram(acc_value: int) -> vta_sim.Dram:
+    return vta_sim.Dram(
+        uop=np.zeros((1, 3), np.int64),
+        inp=np.full((1, 1, 1, 16), 2, np.int8),
+        wgt=np.full((1, 16, 16), 3, np.int8),
+        acc=np.full((1, 1, 16), acc_value, np.int32),
+        out=np.zeros((1, 1, 1, 16), np.int8),
+    )
+
+
+def test_a_reset_gemm_zeroes_the_accumulator_but_writes_acc_plus_product_to_the_output():
+    # as the bitstream's HLS datapath does: out = low 8 bits of (acc + inp . wgt), acc = 0
+    program = [
+        isa.MemInsn(isa.LOAD, NO, isa.MEM_INP, 0, 0, 1, 1, 1),
+        isa.MemInsn(isa.LOAD, isa.Deps(push_next=True), isa.MEM_WGT, 0, 0, 1, 1, 1),
+        isa.MemInsn(isa.LOAD, NO, isa.MEM_UOP, 0, 0, 1, 1, 1),
+        isa.MemInsn(isa.LOAD, NO, isa.MEM_ACC, 0, 0, 1, 1, 1),
+        isa.GemmInsn(isa.Deps(pop_prev=True, push_next=True), True, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0),
+        isa.MemInsn(isa.STORE, isa.Deps(pop_prev=True, push_prev=True), isa.MEM_OUT, 0, 0, 1, 1, 1),
+        isa.FinishInsn(isa.Deps(pop_next=True)),
+    ]
+    dram = _one_block_dram(300)
+    sim = vta_sim.Simulator(DEFAULT, 1)
+    sim.run(isa.encode(program, DEFAULT), dram)
+    assert list(dram.out.reshape(16)) == [(300 + 16 * 2 * 3 + 128) % 256 - 128] * 16
+    assert not sim.acc[0, 0].any()
+
+
+def test_a_stream_that_leaves_tokens_behind_is_refused():
+    # the hardware asserts its token queues are empty at the end: a push nobody pops is a bug
+    program = [
+        isa.MemInsn(isa.LOAD, isa.Deps(push_next=True), isa.MEM_INP, 0, 0, 1, 1, 1),
+        isa.FinishInsn(NO),
+    ]
+    with pytest.raises(UsageError, match="leaves dependency tokens behind"):
+        vta_sim.simulate(DEFAULT, isa.encode(program, DEFAULT), _one_block_dram(0))
