@@ -94,6 +94,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from accelc.serve.server import ServeOptions, serve
+
+    options = ServeOptions(
+        workers=args.workers,
+        threads=args.threads,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout,
+        backend=args.backend,
+        model_name=args.model_name,
+        ray=args.ray,
+        ray_address=args.ray_address,
+    )
+    serve(args.artifact, args.host, args.port, options)
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from accelc.runtime.artifact import Artifact
 
@@ -202,7 +220,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from accelc.compiler.benchmark import plot
     from accelc.compiler.recipe import BenchSpec
     from accelc.runtime import limits
     from accelc.runtime.artifact import Artifact
@@ -213,37 +230,44 @@ def cmd_bench(args) -> int:
         repeats=limits.at_least("--repeats", args.repeats),
     )
     art = Artifact(args.artifact)
+    if args.serve:
+        return _bench_serve(args, art)
     given["backends"] = limits.backends("--backends", args.backends, art.backends())
     spec = BenchSpec(**{k: v for k, v in given.items() if v is not None})  # what is not given: the defaults
     result = art.family.bench(art, spec)
     out = Path(args.json) if args.json else art.dir / "reports" / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    plot(result, out.with_suffix(".png"))
-    print(f"{'backend':<8} {'prefill ms':>11} {'decode tok/s':>13} {'x torch':>8} {'peak MB':>9}")
-    for name, r in result["backends"].items():
-        print(
-            f"{name:<8} {r['prefill_ms_median']:>11.1f} {r['decode_tok_s_median']:>13.2f} "
-            f"{r['decode_speedup_vs_torch']:>8.2f} {r['peak_rss_mb_median']:>9.0f}"
-        )
-    rewritten = {name: r for name, r in result["backends"].items() if "plan_decode_tok_s_median" in r}
-    if rewritten or art.plan.needs_draft:
-        # the decode plan's loop against plain greedy decoding, same prompt, same worker
-        print(f"\ndecode plan '{art.plan.strategy}' (greedy, same prompt):")
-        print(
-            f"{'backend':<8} {'tok/s':>8} {'x plain':>8} {'acceptance':>11} {'accepted/round':>15} "
-            f"{'target calls':>13} {'draft calls':>12}"
-        )
-        for name, r in result["backends"].items():
-            if name not in rewritten:
-                print(f"{name:<8} decodes plainly ({r.get('plan_strategy')}): no draft on this backend")
-                continue
-            print(
-                f"{name:<8} {r['plan_decode_tok_s_median']:>8.2f} {r['plan_speedup_vs_autoregressive']:>8.2f} "
-                f"{r['plan_acceptance_rate']:>11.3f} {r['plan_mean_accepted_length']:>15.2f} "
-                f"{r['plan_target_calls']:>13.0f} {r['plan_draft_calls']:>12.0f}"
-            )
+    art.family.report_bench(art, result, out.with_suffix(".png"))
     progress.status(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _bench_serve(args, art) -> int:
+    """`accelc bench --serve`: workers x threads per worker for `accelc serve`, by a load test."""
+    from accelc.runtime import limits
+    from accelc.serve.tuning import tune
+
+    concurrency = limits.at_least("--concurrency", args.concurrency) or 8
+    max_batch = limits.at_least("--max-batch", args.max_batch) or 8
+    new_tokens = args.new_tokens or 32
+    result = tune(art.dir, max_batch=max_batch, concurrency=concurrency, new_tokens=new_tokens,
+                  requests=(args.repeats or 3) * concurrency)  # fmt: skip
+    out = Path(args.json) if args.json else art.dir / "reports" / "serve_bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"{'workers':>7} {'threads':>7} {'tok/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'errors':>6} {'identical':>9}")
+    for r in result["rows"]:
+        print(
+            f"{r['workers']:>7} {r['threads']:>7} {r['tok_s']:>8.1f} {r['p50_ms']:>8.0f} {r['p95_ms']:>8.0f} "
+            f"{r['errors']:>6} {r['identical']!s:>9}"
+        )
+    best = result["best"]
+    if best is None:
+        raise UsageError("every configuration answered with errors; see the server's messages above")
+    print(f"\nfastest: accelc serve {art.dir} --workers {best['workers']} --threads {best['threads']} "
+          f"--max-batch {max_batch}")  # fmt: skip
+    progress.status(f"wrote {out}")
     return 0
 
 
@@ -358,6 +382,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fresh", action="store_true", help="ignore the checkpoint of an earlier, interrupted run")
     sp.set_defaults(func=cmd_train)
 
+    sp = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over batching, pinned worker processes")
+    sp.add_argument("artifact")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    sp.add_argument("--port", type=int, default=8000, help="0: any free port (the one chosen is printed)")
+    sp.add_argument("--workers", type=int, default=1, help="worker processes, each pinned to its own cores")
+    sp.add_argument("--threads", type=int, help="threads (cores) per worker (default: an equal share)")
+    sp.add_argument("--max-batch", type=int, default=8, help="sequences a worker decodes per model call")
+    sp.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batches (then HTTP 429)")
+    sp.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take (then HTTP 504)")
+    sp.add_argument("--backend", choices=backend_names(), help="default: ort where the artifact has it")
+    sp.add_argument("--model-name", help="the model id clients name (default: the artifact folder's name)")
+    sp.add_argument("--ray", action="store_true", help="the workers as Ray Serve replicas (1 to --workers, by load)")
+    sp.add_argument("--ray-address", help="with --ray: an existing Ray cluster (default: a local instance)")
+    sp.set_defaults(func=cmd_serve)
+
     sp = sub.add_parser("inspect", help="summarise an artifact's manifest")
     sp.add_argument("artifact")
     sp.add_argument("--json", action="store_true")
@@ -388,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt-tokens", type=int)
     sp.add_argument("--new-tokens", type=int)
     sp.add_argument("--json", help="where to write bench.json (default: ARTIFACT/reports/bench.json)")
+    sp.add_argument("--serve", action="store_true", help="load-test `accelc serve` to choose --workers and --threads")
+    sp.add_argument("--concurrency", type=int, help="with --serve: clients at once (default 8)")
+    sp.add_argument("--max-batch", type=int, help="with --serve: the workers' batch cap (default 8)")
     sp.set_defaults(func=cmd_bench)
 
     for name, func in (("passes", cmd_passes), ("targets", cmd_targets)):

@@ -237,6 +237,34 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def report(art, result: dict, figure: Path) -> None:
+    """`accelc bench` on a causal LM: the plot at `figure` and the tables on stdout."""
+    plot(result, figure)
+    print(f"{'backend':<8} {'prefill ms':>11} {'decode tok/s':>13} {'x torch':>8} {'peak MB':>9}")
+    for name, r in result["backends"].items():
+        print(
+            f"{name:<8} {r['prefill_ms_median']:>11.1f} {r['decode_tok_s_median']:>13.2f} "
+            f"{r['decode_speedup_vs_torch']:>8.2f} {r['peak_rss_mb_median']:>9.0f}"
+        )
+    rewritten = {name: r for name, r in result["backends"].items() if "plan_decode_tok_s_median" in r}
+    if rewritten or art.plan.needs_draft:
+        # the decode plan's loop against plain greedy decoding, same prompt, same worker
+        print(f"\ndecode plan '{art.plan.strategy}' (greedy, same prompt):")
+        print(
+            f"{'backend':<8} {'tok/s':>8} {'x plain':>8} {'acceptance':>11} {'accepted/round':>15} "
+            f"{'target calls':>13} {'draft calls':>12}"
+        )
+        for name, r in result["backends"].items():
+            if name not in rewritten:
+                print(f"{name:<8} decodes plainly ({r.get('plan_strategy')}): no draft on this backend")
+                continue
+            print(
+                f"{name:<8} {r['plan_decode_tok_s_median']:>8.2f} {r['plan_speedup_vs_autoregressive']:>8.2f} "
+                f"{r['plan_acceptance_rate']:>11.3f} {r['plan_mean_accepted_length']:>15.2f} "
+                f"{r['plan_target_calls']:>13.0f} {r['plan_draft_calls']:>12.0f}"
+            )
+
+
 if __name__ == "__main__":
     art, backend, pt, nt, rounds = sys.argv[1:6]
     print(json.dumps(_worker(art, backend, int(pt), int(nt), int(rounds))))

@@ -85,6 +85,8 @@ PASSES: Registry[type[Pass]] = Registry(
     "pass",
     (
         "accelc.passes.export_onnx",
+        "accelc.passes.export_flow",
+        "accelc.passes.jacobi",
         "accelc.passes.pruning",
         "accelc.passes.quantize",
         "accelc.passes.speculative",

@@ -71,6 +71,13 @@ class Family:
         family whose artifacts have no generation loop."""
         return None
 
+    def open_model(self, backend, role: str, *, threads: int | None = None, alone_session: bool = False):
+        """The model of `role` on `backend` (runtime/backends.py, over its share of the artifact) in
+        this family's runtime protocol. A backend opens a StepModel itself (`Backend.open`); a
+        family with another protocol opens it here from the backend's placement, by backend name
+        (a flow's blocks: families/tarflow.py), so no backend branches on families."""
+        return backend.open(role, threads=threads, alone_session=alone_session)
+
     def plan_warnings(self, directory: Path) -> list[str]:
         """What a deployment of the provisional artifact in `directory` should know about its
         plan (backends that cannot run it, say); they go into the manifest's `warnings`."""
@@ -94,6 +101,12 @@ class Family:
     def bench(self, art, spec) -> dict:
         """`accelc bench`: the speed and memory of an artifact's backends (a BenchSpec protocol)."""
         raise UsageError(f"accelc bench: {self.title} artifacts have no benchmark")
+
+    def report_bench(self, art, result: dict, figure: Path) -> None:
+        """`accelc bench`'s plot at `figure` and its table on stdout, for this family's `bench` result."""
+        import json
+
+        print(json.dumps(result, indent=2))
 
     def passes(self) -> list[str]:
         """The registered passes that apply to this family."""
@@ -120,6 +133,7 @@ FAMILIES: Registry[type[Family]] = Registry(
     "model family",
     (  # asked in this order (family_for): causal_lm, which claims every folder, comes last
         "accelc.families.onnx_graph",
+        "accelc.families.tarflow",
         "accelc.families.cnn",
         "accelc.families.causal_lm",
     ),

@@ -337,3 +337,8 @@ class CausalLM(Family):
         from accelc.compiler.benchmark import bench
 
         return bench(art.dir, spec)
+
+    def report_bench(self, art, result: dict, figure: Path) -> None:
+        from accelc.compiler.benchmark import report
+
+        report(art, result, figure)

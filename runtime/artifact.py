@@ -127,6 +127,13 @@ class Artifact:
 
         return context_length([self.dir / HF_DIRS[role] for role in self.roles()])
 
+    @cached_property
+    def vocab_size(self) -> int | None:
+        """The target's vocabulary (its config's `vocab_size`): the token ids its models take."""
+        self.integrity.require(f"{HF_DIR}/config.json")
+        config = json.loads((self.dir / HF_DIR / "config.json").read_text())
+        return config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None
+
     def roles(self) -> list[str]:
         """Decode roles this artifact carries: always "target", plus "draft" for speculative plans."""
         return [role for role, rel in HF_DIRS.items() if (self.dir / rel / "config.json").exists()]
@@ -142,6 +149,11 @@ class Artifact:
         `alone_session`: with them, the calls made alone run on the artifact's threads
         (StepModel.alone)."""
         return self.backend(backend).step_model(role, threads=threads, alone_session=alone_session)
+
+    def batch_model(self, backend: str, *, slots: int, threads: int | None = None):
+        """The target decoding up to `slots` sequences per call on `backend` (runtime/base.py
+        BatchModel; what `accelc serve` batches with), or None where that backend cannot."""
+        return self.backend(backend).open_batched("target", slots=slots, threads=threads)
 
     def check_backend(self, backend: str) -> None:
         """Refuse now, by name, what a run on `backend` would fail on: its models (Backend.check),

@@ -21,7 +21,7 @@ from accelc.registry import Registry
 
 if TYPE_CHECKING:
     from accelc.runtime.artifact import Artifact
-    from accelc.runtime.base import StepModel
+    from accelc.runtime.base import BatchModel, StepModel
 
 # The decode roles a model can have in an artifact: the model of record, and a speculative draft.
 ROLES = ("target", "draft")
@@ -94,6 +94,11 @@ class Backend:
         them, the calls made alone run on the artifact's own threads (StepModel.alone)."""
         raise NotImplementedError
 
+    def open_batched(self, role: str, *, slots: int, threads: int | None = None) -> BatchModel | None:
+        """A model decoding up to `slots` sequences per call (serving's continuous batching), or
+        None where this backend's model decodes one sequence per call."""
+        return None
+
     def check(self, role: str) -> None:
         """What opening `role` needs, each with one clear error: the role, the dependency, and the
         files intact. Callers that open models in worker processes (`accelc bench`) check first."""
@@ -104,9 +109,12 @@ class Backend:
         self.placement.artifact.integrity.require(*self.files(role))
 
     def step_model(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> StepModel:
-        """`open` after `check`."""
+        """The model of `role` in the runtime protocol of the artifact's family, after `check`: the
+        family opens it through this backend (Family.open_model), which is `open`, a StepModel,
+        unless the family serves another protocol (a flow's blocks: runtime/flow.py)."""
         self.check(role)
-        return self.open(role, threads=threads, alone_session=alone_session)
+        family = self.placement.artifact.family
+        return family.open_model(self, role, threads=threads, alone_session=alone_session)
 
 
 class GraphBackend(Backend):

@@ -47,6 +47,24 @@ class StepModel(Protocol):
     def truncate(self, state: KVState, n: int) -> KVState: ...
 
 
+@runtime_checkable
+class BatchModel(Protocol):
+    """Several sequences decoding at once, one token each per call (serving's continuous
+    batching): `admit` prefills a sequence into a free row, `decode` feeds every active row its
+    next token (logits in the order of the rows given), `release` frees a finished one. Rows are opaque handles."""
+
+    slots: int
+
+    @property
+    def free(self) -> int: ...
+
+    def admit(self, ids: Sequence[int], positions: int) -> tuple[Any, np.ndarray]: ...
+
+    def decode(self, rows: Sequence[Any], tokens: Sequence[int]) -> np.ndarray: ...
+
+    def release(self, row: Any) -> None: ...
+
+
 class KVStepModel:
     """Shared plumbing: prefill is extend from an empty state; truncate slices the length axis."""
 

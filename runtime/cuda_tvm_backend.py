@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from accelc.errors import AccelcError, MissingDependency, UsageError
+from accelc.errors import HostUnsupported, MissingDependency, UsageError
 from accelc.runtime.backends import Backend, register_backend
 from accelc.runtime.base import KVState, KVStepModel
 from accelc.runtime.tvm_backend import TVM
@@ -44,12 +44,11 @@ BRANCH_POSITIONS = 256  # positions of its own a live branch may hold beyond the
 FATBIN_SERVED: dict[str, int] = {}
 
 
-class GpuUnavailable(MissingDependency):
+class GpuUnavailable(HostUnsupported):
     """What a GPU backend needs of the machine is missing (exit 3, as a missing package is)."""
 
     def __init__(self, backend: str, why: str):
-        AccelcError.__init__(self, f"the {backend} backend cannot run here: {why}")
-        self.install = why
+        super().__init__(f"the {backend} backend cannot run here: {why}")
 
 
 @dataclass(frozen=True, eq=False)

@@ -285,9 +285,21 @@ class OrtBackend(GraphBackend):
     """ONNX Runtime (CPU) on the artifact's exported graphs, with the session options it was validated with."""
 
     name = "ort"
-    families = ("causal_lm", "onnx")  # an opaque ONNX graph runs here as it is
+    families = ("causal_lm", "onnx", "tarflow")  # an opaque ONNX graph runs here as it is
     dependency = ORT
     threads_per_model = True  # one session per model, each with its own intra-op pool
+
+    def open_batched(self, role: str, *, slots: int, threads: int | None = None):
+        """The role's fused graph over a cache of `slots` rows (runtime/ort_batch.py); None for a
+        traced graph, whose Concat-built cache has no per-sequence lengths."""
+        from accelc.runtime.ort_batch import BatchedOrtModel
+
+        self.check(role)
+        session = self.placement.config["session"]
+        if session.get("kv_cache", "auto") != "auto":  # `kv_cache: copy` asked for the copying cache
+            return None
+        options = session if threads is None else {**session, "intra_op_threads": threads}
+        return BatchedOrtModel.open(self.graph(role), options, slots)
 
     def open(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> OrtStepModel:
         session = self.placement.config["session"]

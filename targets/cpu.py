@@ -80,7 +80,7 @@ class CpuTarget(registry.Target):
 
     kind = "cpu"
     version = 4  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
-    families = ("causal_lm", "onnx")  # an opaque ONNX graph lowers to ORT only (the backends that run it)
+    families = ("causal_lm", "onnx", "tarflow")  # an ONNX graph or a flow's blocks lower to ORT only (their backends)
 
     class Params(registry.Params):
         backends: list[Literal["ort", "openvino", "tvm"]] = Field(default_factory=lambda: ["ort", "tvm"], min_length=1)

@@ -14,7 +14,7 @@ pytest.importorskip("tvm")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from accelc.errors import MissingDependency  # noqa: E402
+from accelc.errors import HostUnsupported  # noqa: E402
 from accelc.families.tiny import TINY_CONFIGS  # noqa: E402
 from accelc.runtime.cuda_tvm_backend import PagedKVStepModel  # noqa: E402
 from accelc.runtime.torch_backend import TorchStepModel  # noqa: E402
@@ -148,7 +148,7 @@ def test_prefill_longer_than_a_chunk_is_split(qwen2, tmp_path):
 
 def test_cuda_library_without_a_gpu_is_exit_3_naming_the_driver(llama):
     _, directory, _ = llama
-    with pytest.raises(MissingDependency, match=r"libcuda\.so\.1") as info:
+    with pytest.raises(HostUnsupported, match=r"libcuda\.so\.1") as info:
         PagedKVStepModel(directory, "cuda")
     assert info.value.exit_code == 3 and "\n" not in str(info.value)
 

@@ -1,0 +1,149 @@
+"""Sampling the Fashion-MNIST TarFlow: sequential vs Jacobi, GS-Jacobi and SeJD, side by side.
+
+    python -m benchmarks.jacobi_flow --json OUT.json [--samples 64] [--batch B] [--backend torch|ort]
+                                     [--rounds 3] [--tol 1e-3] [--chunk 16] [--threads N] [--quick]
+
+The model is `tarflow-fmnist` (`accelc train tarflow-fmnist` builds it), run through the
+flow-block protocol (runtime/flow.py) by torch eager or by ONNX Runtime on its exported blocks.
+The samples are drawn `batch` at a time (all at once by default; 1 is one image at a time, the
+latency case). Each round draws the samples' prior noise and samples it with every schedule
+(loops/flow_sampling.py), in turn, so the speedups are paired ratios of times measured side by
+side. SeJD's per-block choice comes from Jacobi iterations on separate calibration noise and the
+measured cost of a Jacobi call in one-token steps at this batch. Rows (`part` "flow"): wall seconds (median), speedup against sequential (median paired
+ratio), model calls, iterations per block, the largest pixel difference (in [0, 1] units, after
+the denoising step) from the sequential sample of the same noise, and the bits per dimension of
+the samples under the model. The plot (OUT.png) shows wall time and iterations per block.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from benchmarks import common
+
+
+def flow_rows(args) -> list[dict]:
+    """The rows, from parsed arguments (samples, rounds, tol, chunk, calibration, quick)."""
+    import numpy as np
+    import torch
+
+    from accelc import progress
+    from accelc.families import tarflow, tarflow_model
+    from accelc.families.tarflow_run import to_images
+    from accelc.loops import flow_sampling as fs
+
+    model = tarflow_model.load(tarflow.builtin_dir(tarflow.FMNIST))
+    flow = open_flow(model, args.backend, args.threads)
+    batch = args.batch or args.samples
+    rounds = 1 if args.quick else args.rounds
+    with progress.step("SeJD calibration"):
+        costs = fs.measure_costs(flow, batch)
+        calibration = fs.prior_noise(flow, max(args.calibration, batch), seed=10_000)
+        iterations = fs.calibrate_iterations(flow, calibration, args.tol, batch)
+    schedules = [
+        fs.FlowSchedule.sequential(len(flow.blocks)),
+        fs.FlowSchedule.jacobi(flow, args.tol),
+        fs.FlowSchedule.gs_jacobi(flow, args.chunk, args.tol),
+        fs.sejd_schedule(flow, iterations, costs.ratio, args.tol),
+    ]
+    times = {s.name: [] for s in schedules}
+    outputs: dict[str, list] = {s.name: [] for s in schedules}
+    for r in progress.bar(range(rounds), desc="rounds"):
+        z = fs.prior_noise(flow, args.samples, seed=r)
+        for schedule in schedules:
+            x, stats = fs.sample_in_batches(flow, z, schedule, batch)
+            times[schedule.name].append(sum(stats.seconds))
+            outputs[schedule.name].append((x, stats))
+    reference = [to_images(model, x) for x, _ in outputs["sequential"]]
+    rows = []
+    for schedule in schedules:
+        runs = outputs[schedule.name]
+        images = [to_images(model, x) for x, _ in runs]
+        with torch.no_grad():
+            bpd = [float(model.bits_per_dim(torch.from_numpy(x)).mean()) for x, _ in runs]
+        rows.append(
+            {
+                "part": "flow",
+                "method": schedule.name,
+                "wall_s": common.median(times[schedule.name]),
+                "speedup": common.median_ratio(times["sequential"], times[schedule.name]),
+                "calls": runs[0][1].total_calls,
+                "iterations_per_block": runs[0][1].iterations,
+                "max_abs_diff": max(float(np.abs(a - b).max()) for a, b in zip(images, reference)),
+                "bpd": float(np.mean(bpd)),
+                "schedule": schedule.to_json(),
+                "samples": args.samples,
+                "batch": batch,
+                "backend": args.backend,
+                "rounds": rounds,
+                "tol": args.tol,
+                "cost_ratio": costs.ratio,
+                "calibration_iterations": iterations,
+            }
+        )
+    return rows
+
+
+def open_flow(model, backend: str, threads: int | None):
+    """The model on `backend`: torch eager, or ORT on its blocks exported to a temporary folder."""
+    import tempfile
+    from pathlib import Path
+
+    if backend == "torch":
+        from accelc.runtime.flow import torch_flow_model
+
+        return torch_flow_model(model)
+    from accelc.families.tarflow_export import export_blocks
+    from accelc.runtime.flow_ort import ort_flow_model
+
+    directory = Path(tempfile.mkdtemp(prefix="accelc-flow-"))
+    export_blocks(model, directory)
+    return ort_flow_model(directory, {**common.ORT_SESSION, "intra_op_threads": threads or 0})
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--samples", type=int, default=64, help="samples drawn in all")
+    p.add_argument("--batch", type=int, help="samples drawn together (default: all of them at once)")
+    p.add_argument("--backend", choices=("torch", "ort"), default="torch")
+    p.add_argument("--rounds", type=int, default=3, help="noise batches, each sampled by every schedule")
+    p.add_argument("--tol", type=float, default=1e-3, help="relative-change stopping threshold of the Jacobi chunks")
+    p.add_argument("--chunk", type=int, default=16, help="GS-Jacobi chunk length in tokens")
+    p.add_argument("--calibration", type=int, default=16, help="calibration noise samples for SeJD")
+    p.add_argument("--quick", action="store_true", help="one round (well under 10 minutes)")
+
+
+def plot(rows, path) -> None:
+    plt = common.pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    names = [r["method"] for r in rows]
+    left.bar(names, [r["wall_s"] for r in rows], color="tab:blue")
+    for i, r in enumerate(rows):
+        left.annotate(f"{r['speedup']:.2f}x", (i, r["wall_s"]), ha="center", va="bottom")
+    left.set_ylabel("wall seconds (median)")
+    left.set_title(f"TarFlow Fashion-MNIST, {rows[0]['samples']} samples")
+    for r in rows:
+        right.plot(range(len(r["iterations_per_block"])), r["iterations_per_block"], marker="o", label=r["method"])
+    right.set_xlabel("block (density order)")
+    right.set_ylabel("iterations (sequential: T - 1)")
+    right.legend()
+    common.save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser(__doc__)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    environment = common.quiet_threads(args.threads)
+    rows = flow_rows(args)
+    path, _ = common.write_results(args.json, rows, common.protocol(environment=environment, args=vars(args)))
+    plot(rows, path.with_suffix(".png"))
+    for r in rows:
+        print(
+            f"{r['method']:<11} {r['wall_s']:7.2f}s  {r['speedup']:5.2f}x  calls {r['calls']:4d}  "
+            f"iters {r['iterations_per_block']}  max|dx| {r['max_abs_diff']:.4f}  bpd {r['bpd']:.3f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
