@@ -90,6 +90,7 @@ PASSES: Registry[type[Pass]] = Registry(
         "accelc.passes.pruning",
         "accelc.passes.quantize",
         "accelc.passes.speculative",
+        "accelc.passes.lookahead",
     ),
 )
 TARGETS: Registry[type[Target]] = Registry(

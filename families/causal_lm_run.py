@@ -40,6 +40,8 @@ def run(art, args) -> int:
         )
         if stats.get("lookup"):
             extra += f", rounds copied from the context {stats['lookup_rounds']} of {stats['rounds']}"
+    elif "tokens_per_call" in stats:  # a window a call (jacobi, lookahead)
+        extra = f", target calls {stats['target_calls']}, {stats['tokens_per_call']:.2f} tokens a call"
     progress.status(
         f"{backend} [{plan.strategy}]: {len(result.tokens)} tokens, prefill "
         f"{result.prefill_seconds * 1e3:.0f} ms, decode {result.decode_tokens_per_second:.1f} tok/s{extra}"

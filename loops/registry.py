@@ -104,6 +104,8 @@ LOOPS: Registry[Loop] = Registry(
         "accelc.loops.batch_speculative",
         "accelc.loops.pearl",
         "accelc.loops.stairs",
+        "accelc.loops.jacobi",
+        "accelc.loops.lookahead",
     ),
 )
 register_loop = LOOPS.register

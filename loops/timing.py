@@ -45,11 +45,11 @@ class CostMeasurement:
 
     def verify(self, gamma: int) -> float:
         """v(gamma): scoring gamma + 1 tokens, interpolated from the measured k (1.0 if none)."""
-        return _monotone(self.verify_cost, gamma + 1, default=1.0)
+        return monotone(self.verify_cost, gamma + 1, default=1.0)
 
     def catchup(self, m: int) -> float:
         """The draft's call feeding m tokens, in target steps, from the measured m (c for one)."""
-        return _monotone({1: self.cost_ratio, **self.catchup_costs}, m, default=self.cost_ratio)
+        return monotone({1: self.cost_ratio, **self.catchup_costs}, m, default=self.cost_ratio)
 
     def to_dict(self) -> dict:
         return {
@@ -80,7 +80,7 @@ class CostMeasurement:
         return cls(**curves, **fields)
 
 
-def _monotone(measured: dict, x: float, default: float) -> float:
+def monotone(measured: dict, x: float, default: float) -> float:
     """A measured call cost at x, interpolated (past the ends: the end's). Feeding more tokens never
     costs less, so the curve is made nondecreasing: timing noise between neighbouring lengths
     cannot make a longer call look cheaper."""
@@ -124,6 +124,18 @@ def _call_ratios(model: StepModel, prompt: Sequence[int], lengths: Sequence[int]
             one = call(1)
             ratios[k].append(call(k) / one)
     return {k: float(np.median(r)) for k, r in ratios.items()}
+
+
+def call_cost_curve(
+    model: StepModel, prompt: Sequence[int], lengths: Sequence[int], repeats: int = TIMING_REPEATS
+) -> dict[int, float]:
+    """k -> a call scoring k tokens over a one-token call (1 -> 1.0), timed back to back from the
+    prompt's state: the cost curve that loops feeding a window of tokens a call are priced with
+    (jacobi_pricing.py). Untimed first: one call of each length (a fresh session allocates)."""
+    _, state = model.prefill(np.asarray(prompt, dtype=np.int64))
+    for k in {1, *lengths}:
+        model.extend(state, np.asarray((list(prompt) * k)[:k], dtype=np.int64))
+    return {1: 1.0, **_call_ratios(model, prompt, sorted({int(k) for k in lengths} - {1}), repeats)}
 
 
 @contextlib.contextmanager

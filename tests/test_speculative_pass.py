@@ -279,9 +279,10 @@ def test_pearl_plan_prices_and_runs_its_workers_on_their_share_of_the_cores(cli,
 def test_a_backend_without_the_draft_decodes_plainly_and_says_why(tmp_path, plan, tvm_dirs, expected):
     from accelc.runtime.artifact import HF_DIRS, Artifact
 
-    for rel in HF_DIRS.values():
+    for rel in HF_DIRS.values():  # a dev-profile artifact: torch checkpoints of both roles
         (tmp_path / rel).mkdir(parents=True)
         (tmp_path / rel / "config.json").write_text("{}")
+        (tmp_path / rel / "model.safetensors").write_bytes(b"")
     runtime = {"ort": {"graphs": {"target": "decoder", "draft": "draft"}, "session": {}}, "tvm": {"dirs": tvm_dirs}}
     (tmp_path / "manifest.json").write_text(
         json.dumps({"targets": [{"kind": "cpu", "dir": "targets/cpu", "runtime": runtime}]})
