@@ -94,7 +94,7 @@ PASSES: Registry[type[Pass]] = Registry(
     ),
 )
 TARGETS: Registry[type[Target]] = Registry(
-    "target", ("accelc.targets.cpu", "accelc.targets.cuda"), key=lambda cls: cls.kind
+    "target", ("accelc.targets.cpu", "accelc.targets.cuda", "accelc.targets.fpga"), key=lambda cls: cls.kind
 )
 register_pass = PASSES.register
 register_target = TARGETS.register

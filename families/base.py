@@ -134,6 +134,7 @@ FAMILIES: Registry[type[Family]] = Registry(
     (  # asked in this order (family_for): causal_lm, which claims every folder, comes last
         "accelc.families.onnx_graph",
         "accelc.families.tarflow",
+        "accelc.families.cnn",
         "accelc.families.causal_lm",
     ),
 )

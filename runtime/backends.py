@@ -142,6 +142,7 @@ BACKENDS: Registry[type[Backend]] = Registry(
         "accelc.runtime.tvm_backend",
         "accelc.runtime.cuda_tvm_backend",
         "accelc.runtime.cuda_ort_backend",
+        "accelc.runtime.vta_backend",
     ),
 )
 load_all = BACKENDS.load_all
