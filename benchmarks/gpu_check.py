@@ -1,5 +1,7 @@
 """The cuda target's check on a GPU: TVM CUDA and ONNX Runtime CUDA decoding against torch eager.
 
+    python -m benchmarks.gpu_check prepare | run --json OUT.json | twin --json OUT.json
+
 Three steps, each a subcommand (docs/cuda.md says how a session runs them on the device machine):
 
     prepare  (here, no GPU)   build the payload: SmolLM2-135M's decoder for sm_80 and sm_90 (CUDA
@@ -149,12 +151,19 @@ def twin(args) -> None:
 
 
 def _runtime_only_tvm(payload: Path) -> None:
-    """Put the payload's runtime-only TVM first on the path and load CUDA 13's runtime library,
-    which TVM's libtvm_runtime_cuda.so needs (the GPU machine has it from the nvidia-cuda-runtime
-    wheel, not on the loader's path)."""
-    os.environ["TVM_USE_RUNTIME_LIB"] = "1"
-    sys.path.insert(0, str(payload / "site"))
+    """Run on the payload's runtime-only TVM: if this process would import another tvm, start it
+    again with the payload's tree first on PYTHONPATH (before any tvm import: a process cannot
+    swap its tvm once loaded). Then load CUDA 13's runtime library, which TVM's
+    libtvm_runtime_cuda.so needs (the GPU machine has it from the nvidia-cuda-runtime wheel, not
+    on the loader's path)."""
     import importlib.util
+
+    site = (payload / "site").resolve()
+    found = importlib.util.find_spec("tvm")
+    if found is None or site not in Path(found.origin).resolve().parents:
+        env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.gpu_check", *sys.argv[1:]], env)
 
     spec = importlib.util.find_spec("nvidia")
     roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
