@@ -88,6 +88,8 @@ PASSES: Registry[type[Pass]] = Registry(
         "accelc.passes.pruning",
         "accelc.passes.quantize",
         "accelc.passes.speculative",
+        "accelc.passes.export_denoiser",
+        "accelc.passes.diffusion_sampling",
     ),
 )
 TARGETS: Registry[type[Target]] = Registry("target", ("accelc.targets.cpu",), key=lambda cls: cls.kind)

@@ -120,6 +120,7 @@ FAMILIES: Registry[type[Family]] = Registry(
     "model family",
     (  # asked in this order (family_for): causal_lm, which claims every folder, comes last
         "accelc.families.onnx_graph",
+        "accelc.families.diffusion_lm",
         "accelc.families.causal_lm",
     ),
 )

@@ -285,7 +285,8 @@ class OrtBackend(GraphBackend):
     """ONNX Runtime (CPU) on the artifact's exported graphs, with the session options it was validated with."""
 
     name = "ort"
-    families = ("causal_lm", "onnx")  # an opaque ONNX graph runs here as it is
+    # an opaque ONNX graph runs here as it is; a diffusion LM's denoiser graph through families/diffusion_lm.py
+    families = ("causal_lm", "onnx", "diffusion_lm")
     dependency = ORT
     threads_per_model = True  # one session per model, each with its own intra-op pool
 

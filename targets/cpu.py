@@ -80,7 +80,8 @@ class CpuTarget(registry.Target):
 
     kind = "cpu"
     version = 4  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
-    families = ("causal_lm", "onnx")  # an opaque ONNX graph lowers to ORT only (the backends that run it)
+    # an opaque ONNX graph and a diffusion LM's denoiser lower to ORT only (the backends that run them)
+    families = ("causal_lm", "onnx", "diffusion_lm")
 
     class Params(registry.Params):
         backends: list[Literal["ort", "openvino", "tvm"]] = Field(default_factory=lambda: ["ort", "tvm"], min_length=1)
