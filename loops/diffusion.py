@@ -72,7 +72,7 @@ class SamplerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     sampler: Literal["baseline", "fast_threshold", "fast_factor", "slowfast"] = "baseline"
-    cache: Literal["none", "prefix", "dual"] = "none"
+    cache: Literal["none", "prefix", "dual", "dllm_cache"] = "none"
     gen_length: int = Field(64, ge=1)
     block_length: int = Field(32, ge=1)
     steps: int | None = Field(None, ge=1)  # baseline: calls in all; None: one token a call (gen_length)
@@ -80,6 +80,10 @@ class SamplerOptions(BaseModel):
     factor: float = 1.0
     slowfast: SlowFastParams = SlowFastParams()
     refresh_every: int | None = Field(None, ge=1)  # cache refresh in calls; None: once per block
+    # dLLM-Cache: the demo's defaults (its Config's 1 / 1 / 0 are exact, and no faster)
+    prompt_interval: int = Field(100, ge=1)
+    response_interval: int = Field(7, ge=1)
+    transfer_ratio: float = Field(0.25, ge=0.0, le=1.0)
     temperature: float = Field(0.0, ge=0.0)
     seed: int = 0
     stop_at_eos: bool = True
@@ -276,7 +280,8 @@ def generate(denoiser, prompt: Sequence[int], opts: SamplerOptions) -> Diffusion
     if not prompt:
         raise UsageError("a diffusion sampler needs a non-empty prompt")
     x = np.asarray(prompt + [denoiser.mask_id] * opts.gen_length, dtype=np.int64)
-    view = ModelView(denoiser, opts.cache, opts.refresh_every)
+    dllm = (opts.prompt_interval, opts.response_interval, opts.transfer_ratio)
+    view = ModelView(denoiser, opts.cache, opts.refresh_every, prompt_length=len(prompt), dllm=dllm)
     rng = np.random.default_rng(opts.seed)
     t0 = time.perf_counter()
     for b in range(opts.gen_length // opts.block_length):

@@ -62,3 +62,9 @@ class TorchDenoiser:
         with torch.inference_mode():
             logits, present = self.model(torch.from_numpy(ids), positions, past)
         return logits[0].numpy(), [(k.numpy(), v.numpy()) for k, v in present]
+
+    def feature_cache(self):
+        """A fresh dLLM-Cache over this model's layers (runtime/dllm_cache.py), for one generation."""
+        from accelc.runtime.dllm_cache import FeatureCache
+
+        return FeatureCache(self.model)

@@ -249,3 +249,43 @@ def test_a_causal_model_is_refused():
 
     with pytest.raises(UsageError, match="masked-diffusion denoiser"):
         D.generate(StepModelLike(), PROMPT, D.SamplerOptions())
+
+
+# --------------------------------------------------------------------------- dLLM-Cache
+
+
+@pytest.mark.parametrize(
+    "intervals", [(1, 1, 0.0), (1, 5, 1.0)], ids=["refreshed every call", "prompt every call, all verified"]
+)
+def test_dllm_cache_that_recomputes_everything_is_no_cache(denoiser, intervals):
+    """algorithms notes 2(d).7: K_p = K_r = 1 and rho = 0, or rho = 1 (prompt refreshed), are exact."""
+    prompt_interval, response_interval, ratio = intervals
+    plain = run(denoiser, sampler="fast_threshold", gen_length=16, block_length=8)
+    cached = run(
+        denoiser,
+        sampler="fast_threshold",
+        cache="dllm_cache",
+        prompt_interval=prompt_interval,
+        response_interval=response_interval,
+        transfer_ratio=ratio,
+        gen_length=16,
+        block_length=8,
+    )
+    assert cached.tokens == plain.tokens
+
+
+def test_dllm_cache_reuses_features_between_refreshes(denoiser):
+    from accelc.runtime.dllm_cache import FeatureCache
+
+    x = np.array(PROMPT + [denoiser.mask_id] * 8)
+    features = FeatureCache(denoiser.model)
+    np.testing.assert_allclose(features(x, len(PROMPT), True, True, 0.0), denoiser(x)[0], atol=1e-4)
+    changed = x.copy()
+    changed[len(PROMPT) : len(PROMPT) + 4] = 65
+    stale = features(changed, len(PROMPT), False, False, 0.0)  # every feature reused: not the new logits
+    assert not np.allclose(stale, denoiser(changed)[0], atol=1e-3)
+
+
+def test_dllm_cache_on_a_graph_backend_is_refused():
+    with pytest.raises(UsageError, match="torch only"):
+        D.generate(Oracle([1], [0.9]), [5], D.SamplerOptions(cache="dllm_cache", gen_length=4, block_length=4))
