@@ -15,7 +15,9 @@ baseline's seconds over the configuration's), both against the baseline at the s
 (median perplexity, under SmolLM2-135M itself, of the continuations up to end-of-text: lower is
 better) and `baseline_quality`. Reference rows (`smollm2_ar`: SmolLM2's own greedy
 continuations; `unigram`: tokens drawn from the training text's unigram distribution) carry the
-quality figure only. The baseline decodes one token a call (steps = gen_length).
+quality figure only. The baseline decodes one token a call (steps = gen_length). dLLM-Cache
+reuses per-layer features and runs on torch only: its rows (`backend` torch) take their speedup
+against the baseline on torch, run beside them; every other row's backend is ort.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def main(argv=None) -> int:
     from accelc.loops.diffusion import SamplerOptions, generate
     from accelc.passes.diffusion_sampling import agreement
     from accelc.passes.export_denoiser import export
+    from accelc.runtime.denoiser import TorchDenoiser
     from accelc.runtime.ort_denoiser import OrtDenoiser
 
     folder = Path(args.model) if Path(args.model).is_dir() else builtin_dir(args.model)
@@ -104,7 +107,7 @@ def main(argv=None) -> int:
         denoiser = OrtDenoiser(
             graph, common.ORT_SESSION, mask_id=cfg.mask_token_id, shift=cfg.shift, eos_id=cfg.eos_token_id
         )
-    del model
+    torch_denoiser = TorchDenoiser(model)
     scorer = AutoModelForCausalLM.from_pretrained(assets.smollm2_dir(), local_files_only=True).eval()
     prompts = common.persuasion_prompts(tokenizer, n_prompts, args.prompt_tokens)
     counts = np.bincount(tokenizer(load_text(TRAIN_TEXTS[0]))["input_ids"], minlength=cfg.vocab_size).astype(float)
@@ -114,33 +117,38 @@ def main(argv=None) -> int:
 
     rows = []
     for gen_length in gen_lengths:
-        configs = [
-            SamplerOptions(sampler=s, cache=c, gen_length=gen_length, block_length=args.block_length)
-            for s in SAMPLERS
-            for c in CACHES
-        ]
-        for opts in configs:
+
+        def options(sampler, cache):
+            return SamplerOptions(sampler=sampler, cache=cache, gen_length=gen_length, block_length=args.block_length)
+
+        # (backend, options): every sampler with every cache on ORT; dLLM-Cache and its baseline on torch
+        configs = [("ort", options(s, c)) for s in SAMPLERS for c in CACHES]
+        configs += [("torch", options("baseline", "none"))] + [("torch", options(s, "dllm_cache")) for s in SAMPLERS]
+        denoisers = {"ort": denoiser, "torch": torch_denoiser}
+        for _, opts in configs:
             opts.check()
-        results = {opts.label(): [] for opts in configs}
+        results = {(b, opts.label()): [] for b, opts in configs}
         for prompt in progress.bar(prompts, desc=f"gen_length {gen_length}", unit="prompt"):
-            for opts in configs:  # interleaved: every configuration on this prompt before the next
-                results[opts.label()].append(generate(denoiser, prompt, opts))
-        base = results["baseline/none"]
+            for backend, opts in configs:  # interleaved: every configuration on this prompt before the next
+                results[backend, opts.label()].append(generate(denoisers[backend], prompt, opts))
+        base = results["ort", "baseline/none"]
         base_quality = [perplexity(scorer, q, r.text_tokens(cfg.eos_token_id)) for q, r in zip(prompts, base)]
-        for opts in configs:
-            runs = results[opts.label()]
+        for backend, opts in configs:
+            runs = results[backend, opts.label()]
+            timed_base = results[backend, "baseline/none"]
             calls = statistics.mean(r.calls for r in runs)
             rows.append(
                 {
                     "sampler": opts.sampler,
                     "cache": opts.cache,
+                    "backend": backend,
                     "gen_length": gen_length,
                     "block_length": opts.block_length,
                     "calls": calls,
                     "tokens_per_call": gen_length / calls,
                     "tok_s": sum(len(r.tokens) for r in runs) / sum(r.seconds for r in runs),
                     "calls_reduction": statistics.mean(r.calls for r in base) / calls,
-                    "speedup": common.median_ratio([r.seconds for r in base], [r.seconds for r in runs]),
+                    "speedup": common.median_ratio([r.seconds for r in timed_base], [r.seconds for r in runs]),
                     "agreement": statistics.mean(agreement(r.tokens, b.tokens) for r, b in zip(runs, base)),
                     "quality": quality(
                         perplexity(scorer, q, r.text_tokens(cfg.eos_token_id)) for q, r in zip(prompts, runs)
@@ -154,7 +162,7 @@ def main(argv=None) -> int:
     record = common.protocol(
         benchmark="diffusion",
         model=str(folder),
-        backend="ort",
+        backend="ort (dllm_cache rows: torch)",
         session=common.ORT_SESSION,
         prompts=f"{n_prompts} windows of {args.prompt_tokens} tokens of austen:persuasion (held out)",
         block_length=args.block_length,
@@ -165,7 +173,7 @@ def main(argv=None) -> int:
     for row in rows:
         if "calls" in row:
             print(
-                f"{row['gen_length']:4d} {row['sampler']:15s} {row['cache']:7s} calls {row['calls']:6.1f} "
+                f"{row['gen_length']:4d} {row['backend']:5s} {row['sampler']:15s} {row['cache']:10s} calls {row['calls']:6.1f} "
                 f"tok/call {row['tokens_per_call']:5.2f} tok/s {row['tok_s']:7.1f} x{row['speedup']:5.2f} "
                 f"calls/{row['calls_reduction']:5.2f} agree {row['agreement']:.3f} ppl {row['quality']}"
             )
@@ -180,7 +188,7 @@ def plot(rows, path: Path) -> None:
     fig, axes = plt.subplots(1, len(lengths), figsize=(7 * len(lengths), 4), squeeze=False)
     for ax, length in zip(axes[0], lengths):
         mine = [r for r in rows if r["gen_length"] == length and "calls" in r]
-        labels = [f"{r['sampler']}\n{r['cache']}" for r in mine]
+        labels = [f"{r['sampler']}\n{r['cache']} ({r['backend']})" for r in mine]
         x = range(len(mine))
         ax.bar([i - 0.2 for i in x], [r["calls_reduction"] for r in mine], 0.4, label="calls reduction")
         ax.bar([i + 0.2 for i in x], [r["speedup"] for r in mine], 0.4, label="speedup (tok/s)")
