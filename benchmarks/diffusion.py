@@ -1,6 +1,8 @@
 """Diffusion-LM samplers side by side on ONNX Runtime: model calls, tokens per call, tokens/s,
 agreement with the LLaDA baseline and the quality of what each one writes.
 
+Run as `python -m benchmarks.diffusion [--quick] --json OUT.json` (the plot goes to OUT.png).
+
 The model is the project's own small masked-diffusion LM (`accelc train smollm2-dream`, or any
 LLaDA/Dream folder given by --model), its denoiser exported to ONNX and run by ONNX Runtime. For
 each generation length, every configuration (the baseline, SlowFast, Fast-dLLM threshold and

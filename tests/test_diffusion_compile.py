@@ -93,3 +93,21 @@ def test_a_diffusion_folder_is_recognised_by_its_config(tmp_path):
     config["architectures"] = ["LlamaForCausalLM"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert not DiffusionLM().recognises_path(tmp_path)
+
+
+def test_the_benchmark_writes_every_row_key(tmp_path):
+    from benchmarks import diffusion
+
+    out = tmp_path / "rows.json"
+    args = ["--model", "tiny-dream", "--gen-lengths", "8", "--block-length", "4", "--prompts", "1"]
+    assert diffusion.main([*args, "--prompt-tokens", "8", "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    keys = {"sampler", "cache", "gen_length", "calls", "tokens_per_call", "tok_s", "calls_reduction", "speedup"}
+    keys |= {"agreement", "quality", "baseline_quality"}
+    measured = [r for r in rows if "calls" in r]
+    assert {(r["sampler"], r["cache"]) for r in measured} >= {("baseline", "none"), ("fast_factor", "dual")}
+    assert all(keys <= set(r) for r in measured)
+    assert {r["sampler"] for r in rows} >= {"smollm2_ar", "unigram"}
+    baseline = next(r for r in measured if r["sampler"] == "baseline" and r["cache"] == "none")
+    assert baseline["calls"] == 8 and baseline["agreement"] == 1.0 and baseline["calls_reduction"] == 1.0
+    assert out.with_suffix(".png").exists() and out.with_suffix(".protocol.json").exists()
