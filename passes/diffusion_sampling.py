@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from accelc import progress
 from accelc.compiler import registry
@@ -102,7 +102,7 @@ class DiffusionSampling(registry.Pass):
             default_factory=lambda: ["fast_threshold", "fast_factor", "slowfast"], min_length=1
         )
         caches: list[Literal["none", "prefix", "dual"]] = Field(default_factory=lambda: ["none", "prefix", "dual"])
-        block_lengths: list[int] = Field(default_factory=lambda: [32], min_length=1)
+        block_lengths: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [32], min_length=1)
         thresholds: list[float] = Field(default_factory=lambda: [0.9], min_length=1)
         gen_length: int = Field(64, ge=1, description="response length of the calibration runs and the plan")
         baseline_block_length: int = Field(32, ge=1, description="the baseline's block length (one token a call)")
@@ -111,6 +111,15 @@ class DiffusionSampling(registry.Pass):
         min_agreement: float = Field(
             0.9, ge=0, le=1, description="quality bound: the fraction of the baseline's tokens a plan must reproduce"
         )
+
+        @model_validator(mode="after")
+        def _blocks_tile_the_response(self):
+            for block in [self.baseline_block_length, *self.block_lengths]:
+                if self.gen_length % block:
+                    raise ValueError(
+                        f"block length {block} does not divide gen_length {self.gen_length}: blocks must tile the response"
+                    )
+            return self
 
     def run(self, bundle, ctx):
         from transformers import AutoTokenizer

@@ -111,3 +111,16 @@ def test_the_benchmark_writes_every_row_key(tmp_path):
     baseline = next(r for r in measured if r["sampler"] == "baseline" and r["cache"] == "none")
     assert baseline["calls"] == 8 and baseline["agreement"] == 1.0 and baseline["calls_reduction"] == 1.0
     assert out.with_suffix(".png").exists() and out.with_suffix(".protocol.json").exists()
+
+
+def test_a_pass_block_length_that_does_not_tile_is_a_recipe_error(cli, tmp_path):
+    path = write_recipe(
+        tmp_path,
+        """
+        model: {builtin: tiny-dream}
+        passes: [{type: export_denoiser}, {type: diffusion_sampling, gen_length: 16, baseline_block_length: 8, block_lengths: [8, 5]}]
+        targets: [{kind: cpu, backends: [ort]}]
+        """,
+    )
+    code, _, err = cli("validate", path)
+    assert code == 2 and "block length 5 does not divide gen_length 16" in err
