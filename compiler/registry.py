@@ -91,6 +91,8 @@ PASSES: Registry[type[Pass]] = Registry(
         "accelc.passes.quantize",
         "accelc.passes.speculative",
         "accelc.passes.lookahead",
+        "accelc.passes.export_denoiser",
+        "accelc.passes.diffusion_sampling",
     ),
 )
 TARGETS: Registry[type[Target]] = Registry(

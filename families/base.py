@@ -135,6 +135,7 @@ FAMILIES: Registry[type[Family]] = Registry(
         "accelc.families.onnx_graph",
         "accelc.families.tarflow",
         "accelc.families.cnn",
+        "accelc.families.diffusion_lm",
         "accelc.families.causal_lm",
     ),
 )

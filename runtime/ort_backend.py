@@ -285,7 +285,8 @@ class OrtBackend(GraphBackend):
     """ONNX Runtime (CPU) on the artifact's exported graphs, with the session options it was validated with."""
 
     name = "ort"
-    families = ("causal_lm", "onnx", "tarflow")  # an opaque ONNX graph runs here as it is
+    # an opaque ONNX graph runs here as it is; a flow's blocks and a diffusion LM's denoiser through their family
+    families = ("causal_lm", "onnx", "tarflow", "diffusion_lm")
     dependency = ORT
     threads_per_model = True  # one session per model, each with its own intra-op pool
 

@@ -67,7 +67,7 @@ class TorchBackend(Backend):
     """torch eager on the artifact's own checkpoints: the reference every artifact carries."""
 
     name = "torch"  # torch is a core dependency: nothing optional to check
-    families = ("causal_lm", "tarflow")
+    families = ("causal_lm", "tarflow", "diffusion_lm")
 
     def held_roles(self) -> dict[str, object]:
         root = self.placement.artifact.dir

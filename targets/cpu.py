@@ -80,7 +80,8 @@ class CpuTarget(registry.Target):
 
     kind = "cpu"
     version = 4  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
-    families = ("causal_lm", "onnx", "tarflow")  # an ONNX graph or a flow's blocks lower to ORT only (their backends)
+    # an ONNX graph, a flow's blocks and a diffusion LM's denoiser lower to ORT only (their backends)
+    families = ("causal_lm", "onnx", "tarflow", "diffusion_lm")
 
     class Params(registry.Params):
         backends: list[Literal["ort", "openvino", "tvm"]] = Field(default_factory=lambda: ["ort", "tvm"], min_length=1)

@@ -1,0 +1,206 @@
+"""Diffusion-LM samplers side by side on ONNX Runtime: model calls, tokens per call, tokens/s,
+agreement with the LLaDA baseline and the quality of what each one writes.
+
+Run as `python -m benchmarks.diffusion [--quick] --json OUT.json` (the plot goes to OUT.png).
+
+The model is the project's own small masked-diffusion LM (`accelc train smollm2-dream`, or any
+LLaDA/Dream folder given by --model), its denoiser exported to ONNX and run by ONNX Runtime. For
+each generation length, every configuration (the baseline, SlowFast, Fast-dLLM threshold and
+factor, each with no cache, the prefix cache and the dual cache) decodes the same held-out
+prompts ("Persuasion"), interleaved prompt by prompt so that machine load hits all alike.
+
+Rows: `sampler`, `cache`, `gen_length`, `block_length`, `calls` and `tokens_per_call` (means over
+prompts), `tok_s` (response tokens over generation seconds), `calls_reduction` (the baseline's
+calls over the configuration's) and `speedup` (median of the per-prompt paired ratios of the
+baseline's seconds over the configuration's), both against the baseline at the same
+`gen_length`; `agreement` (fraction of the baseline's response tokens reproduced), `quality`
+(median perplexity, under SmolLM2-135M itself, of the continuations up to end-of-text: lower is
+better) and `baseline_quality`. Reference rows (`smollm2_ar`: SmolLM2's own greedy
+continuations; `unigram`: tokens drawn from the training text's unigram distribution) carry the
+quality figure only. The baseline decodes one token a call (steps = gen_length). dLLM-Cache
+reuses per-layer features and runs on torch only: its rows (`backend` torch) take their speedup
+against the baseline on torch, run beside them; every other row's backend is ort.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from pathlib import Path
+
+from benchmarks import common
+
+SAMPLERS = ("baseline", "slowfast", "fast_threshold", "fast_factor")
+CACHES = ("none", "prefix", "dual")
+
+
+def perplexity(scorer, prompt: list[int], continuation: list[int]) -> float | None:
+    """exp(mean NLL) of `continuation` after `prompt` under the causal LM `scorer` (None if empty)."""
+    import torch
+
+    if not continuation:
+        return None
+    ids = torch.tensor([prompt + continuation])
+    with torch.inference_mode():
+        logits = scorer(ids).logits[0, len(prompt) - 1 : -1].float()
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(continuation))
+    return float(torch.exp(nll))
+
+
+def quality(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def reference_rows(scorer, prompts, gen_length, eos_id, unigram, rng) -> list[dict]:
+    """SmolLM2's own greedy continuations and unigram samples, scored the same way."""
+    import torch
+
+    own, drawn = [], []
+    for prompt in prompts:
+        with torch.inference_mode():
+            out = scorer.generate(
+                torch.tensor([prompt]), max_new_tokens=gen_length, do_sample=False, eos_token_id=eos_id
+            )
+        continuation = out[0, len(prompt) :].tolist()
+        if eos_id in continuation:
+            continuation = continuation[: continuation.index(eos_id)]
+        own.append(perplexity(scorer, prompt, continuation))
+        drawn.append(perplexity(scorer, prompt, rng.choice(len(unigram), gen_length, p=unigram).tolist()))
+    return [
+        {"sampler": name, "cache": "none", "gen_length": gen_length, "quality": quality(values)}
+        for name, values in (("smollm2_ar", own), ("unigram", drawn))
+    ]
+
+
+def main(argv=None) -> int:
+    p = common.parser(__doc__)
+    p.add_argument(
+        "--quick", action="store_true", help="generation length 64 and 2 prompts (about 9 minutes on 2 shared cores)"
+    )
+    p.add_argument("--model", default="smollm2-dream", help="a built-in diffusion LM or a LLaDA/Dream folder")
+    p.add_argument("--prompts", type=int, help="prompts per generation length (default 8; 2 with --quick)")
+    p.add_argument("--gen-lengths", type=int, nargs="+", help="default 64 256; 64 with --quick")
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    args = p.parse_args(argv)
+    env = common.quiet_threads(args.threads)
+
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from accelc import assets, progress
+    from accelc.data import load_text
+    from accelc.families import diffusion_lm_model as dm
+    from accelc.families.diffusion_lm import builtin_dir
+    from accelc.families.diffusion_lm_train import TRAIN_TEXTS
+    from accelc.loops.diffusion import SamplerOptions, generate
+    from accelc.passes.diffusion_sampling import agreement
+    from accelc.passes.export_denoiser import export
+    from accelc.runtime.denoiser import TorchDenoiser
+    from accelc.runtime.ort_denoiser import OrtDenoiser
+
+    folder = Path(args.model) if Path(args.model).is_dir() else builtin_dir(args.model)
+    gen_lengths = args.gen_lengths or ([64] if args.quick else [64, 256])
+    n_prompts = args.prompts or (2 if args.quick else 8)
+    model = dm.load(folder)
+    cfg = model.config
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    with tempfile.TemporaryDirectory() as tmp, progress.step("denoiser -> ONNX"):
+        graph = export(model, Path(tmp))
+        denoiser = OrtDenoiser(
+            graph, common.ORT_SESSION, mask_id=cfg.mask_token_id, shift=cfg.shift, eos_id=cfg.eos_token_id
+        )
+    torch_denoiser = TorchDenoiser(model)
+    scorer = AutoModelForCausalLM.from_pretrained(assets.smollm2_dir(), local_files_only=True).eval()
+    prompts = common.persuasion_prompts(tokenizer, n_prompts, args.prompt_tokens)
+    counts = np.bincount(tokenizer(load_text(TRAIN_TEXTS[0]))["input_ids"], minlength=cfg.vocab_size).astype(float)
+    counts[cfg.mask_token_id] = 0
+    unigram = counts / counts.sum()
+    rng = np.random.default_rng(0)
+
+    rows = []
+    for gen_length in gen_lengths:
+
+        def options(sampler, cache):
+            return SamplerOptions(sampler=sampler, cache=cache, gen_length=gen_length, block_length=args.block_length)
+
+        # (backend, options): every sampler with every cache on ORT; dLLM-Cache and its baseline on torch
+        configs = [("ort", options(s, c)) for s in SAMPLERS for c in CACHES]
+        configs += [("torch", options("baseline", "none"))] + [("torch", options(s, "dllm_cache")) for s in SAMPLERS]
+        denoisers = {"ort": denoiser, "torch": torch_denoiser}
+        for _, opts in configs:
+            opts.check()
+        results = {(b, opts.label()): [] for b, opts in configs}
+        for prompt in progress.bar(prompts, desc=f"gen_length {gen_length}", unit="prompt"):
+            for backend, opts in configs:  # interleaved: every configuration on this prompt before the next
+                results[backend, opts.label()].append(generate(denoisers[backend], prompt, opts))
+        base = results["ort", "baseline/none"]
+        base_quality = [perplexity(scorer, q, r.text_tokens(cfg.eos_token_id)) for q, r in zip(prompts, base)]
+        for backend, opts in configs:
+            runs = results[backend, opts.label()]
+            timed_base = results[backend, "baseline/none"]
+            calls = statistics.mean(r.calls for r in runs)
+            rows.append(
+                {
+                    "sampler": opts.sampler,
+                    "cache": opts.cache,
+                    "backend": backend,
+                    "gen_length": gen_length,
+                    "block_length": opts.block_length,
+                    "calls": calls,
+                    "tokens_per_call": gen_length / calls,
+                    "tok_s": sum(len(r.tokens) for r in runs) / sum(r.seconds for r in runs),
+                    "calls_reduction": statistics.mean(r.calls for r in base) / calls,
+                    "speedup": common.median_ratio([r.seconds for r in timed_base], [r.seconds for r in runs]),
+                    "agreement": statistics.mean(agreement(r.tokens, b.tokens) for r, b in zip(runs, base)),
+                    "quality": quality(
+                        perplexity(scorer, q, r.text_tokens(cfg.eos_token_id)) for q, r in zip(prompts, runs)
+                    ),
+                    "baseline_quality": quality(base_quality),
+                    "baseline_quality_per_prompt": base_quality,
+                }
+            )
+        rows += reference_rows(scorer, prompts, gen_length, cfg.eos_token_id, unigram, rng)
+
+    record = common.protocol(
+        benchmark="diffusion",
+        model=str(folder),
+        backend="ort (dllm_cache rows: torch)",
+        session=common.ORT_SESSION,
+        prompts=f"{n_prompts} windows of {args.prompt_tokens} tokens of austen:persuasion (held out)",
+        block_length=args.block_length,
+        environment=env,
+    )
+    out, _ = common.write_results(args.json, rows, record)
+    plot(rows, out.with_suffix(".png"))
+    for row in rows:
+        if "calls" in row:
+            print(
+                f"{row['gen_length']:4d} {row['backend']:5s} {row['sampler']:15s} {row['cache']:10s} calls {row['calls']:6.1f} "
+                f"tok/call {row['tokens_per_call']:5.2f} tok/s {row['tok_s']:7.1f} x{row['speedup']:5.2f} "
+                f"calls/{row['calls_reduction']:5.2f} agree {row['agreement']:.3f} ppl {row['quality']}"
+            )
+        else:
+            print(f"{row['gen_length']:4d} {row['sampler']:15s} ppl {row['quality']}")
+    return 0
+
+
+def plot(rows, path: Path) -> None:
+    plt = common.pyplot()
+    lengths = sorted({r["gen_length"] for r in rows if "calls" in r})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(7 * len(lengths), 4), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        mine = [r for r in rows if r["gen_length"] == length and "calls" in r]
+        labels = [f"{r['sampler']}\n{r['cache']} ({r['backend']})" for r in mine]
+        x = range(len(mine))
+        ax.bar([i - 0.2 for i in x], [r["calls_reduction"] for r in mine], 0.4, label="calls reduction")
+        ax.bar([i + 0.2 for i in x], [r["speedup"] for r in mine], 0.4, label="speedup (tok/s)")
+        ax.set_xticks(list(x), labels, rotation=90, fontsize=7)
+        ax.set_title(f"gen_length {length}, block {mine[0]['block_length']}: x vs the baseline")
+        ax.legend()
+    common.save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
