@@ -57,7 +57,15 @@ class Registry(Mapping[str, T], Generic[T]):
         return self._entries[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
+        """Names in the order of the built-in modules' list, whatever order they were imported in
+        (families are asked in this order: the first that recognises a model takes it); entries
+        of one module, and ones from elsewhere (after all built-ins), in registration order."""
+        rank = {module: i for i, module in enumerate(self.modules)}
+
+        def place(name: str) -> int:
+            return rank.get(getattr(self._entries[name], "__module__", None), len(rank))
+
+        return iter(sorted(self._entries, key=place))
 
     def __len__(self) -> int:
         return len(self._entries)

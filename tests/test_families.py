@@ -154,3 +154,16 @@ def test_train_names_the_built_ins_and_refuses_ones_accelc_does_not_train(cli):
     assert code == 2 and "not trained by accelc" in err
     code, _, err = cli("train", "tiny-llama", "--steps", "0")
     assert code == 2 and "--steps 0 is below its minimum 1" in err
+
+
+def test_families_are_asked_in_the_registry_list_order_whatever_the_import_order():
+    from accelc.families.base import FAMILIES
+    from accelc.families.causal_lm import CausalLM
+    from accelc.families.onnx_graph import OnnxGraph
+    from accelc.registry import Registry
+
+    registry = Registry("model family", ("accelc.families.onnx_graph", "accelc.families.causal_lm"))
+    registry.register(CausalLM)  # imported (so registered) first, as another module may cause
+    registry.register(OnnxGraph)
+    assert list(registry) == ["onnx", "causal_lm"]  # causal_lm claims every folder: it must come last
+    assert list(FAMILIES.load_all())[-1] == "causal_lm"
