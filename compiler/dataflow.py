@@ -21,7 +21,7 @@ class Kind:
 
 
 KINDS = {
-    "onnx_graph": Kind("an ONNX decoder graph", fix="export_onnx"),
+    "onnx_graph": Kind("an ONNX decoder graph"),
     "calibration_stats": Kind("calibration statistics", fix="the importance pass"),
     "subnet": Kind("a subnet (a pruning mask)"),
     "consumer_weights": Kind("reformed o_proj/down_proj weights"),
@@ -30,22 +30,23 @@ KINDS = {
 }
 
 
-def providers(kind: str) -> list[str]:
-    """The passes that make `kind` from something else (a quantizer consumes a graph it rewrites)."""
+def providers(kind: str, family: str | None = None) -> list[str]:
+    """The passes that make `kind` from something else (a quantizer consumes a graph it rewrites),
+    those that apply to `family` where one is named (each family has its own exporter)."""
     from accelc.compiler import registry
 
     out = []
     for name, cls in sorted(registry.PASSES.items()):
-        if kind in cls.produces and kind not in cls.consumes:
+        if kind in cls.produces and kind not in cls.consumes and (family is None or family in cls.families):
             out.append(name)
     return out
 
 
-def _fix(kind: str) -> str:
+def _fix(kind: str, family: str) -> str:
     spec = KINDS[kind]
     if spec.fix:
         return spec.fix
-    names = providers(kind)
+    names = providers(kind, family)
     if not names:
         return "a pass that produces it"
     return names[0] + (f" (or {', '.join(names[1:])})" if len(names) > 1 else "")
@@ -77,5 +78,5 @@ def check_order(recipe, family) -> None:
             if later is not None:
                 raise UsageError(f"{needs}, which {later[0]} {later[1]} makes after it: put it after {later[1]}")
             place = "before it" if where.startswith("passes") else "in passes"
-            raise UsageError(f"{needs}: put {_fix(kind)} {place}")
+            raise UsageError(f"{needs}: put {_fix(kind, family.name)} {place}")
         have = (have - set(drops)) | set(produces)

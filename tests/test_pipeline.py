@@ -196,3 +196,11 @@ def test_the_subnet_draft_runs_through_the_pass_manager_and_its_cache(tmp_path, 
     for step in ("importance", "arch_search", "reform", "materialize"):
         assert f"speculative draft subnet: pass {step}: cached" in err
     assert second.draft_dir == first.draft_dir
+
+
+def test_the_missing_export_named_is_the_models_familys_exporter(cli, tmp_path):
+    from tests.conftest import write_recipe
+
+    body = "model:\n  builtin: tarflow-tiny\ntargets:\n  - {kind: cpu, backends: [ort]}\n"
+    code, _, err = cli("validate", write_recipe(tmp_path, body))
+    assert code == 2 and "put export_flow in passes" in err and "export_onnx" not in err
