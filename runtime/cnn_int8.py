@@ -62,8 +62,13 @@ class Int8Model:
         return cls(tuple(data["input_shape"]), data["input_exp"], data["steps"], weights)
 
     def quantise_input(self, x: np.ndarray) -> np.ndarray:
-        """float N x C x H x W -> int8 at the input exponent (round half up, saturate)."""
-        return np.clip(np.floor(x * 2.0**self.input_exp + 0.5), -128, 127).astype(np.int8)
+        """float N x C x H x W -> int8 at the input exponent."""
+        return to_int8(x, self.input_exp)
+
+
+def to_int8(x: np.ndarray, exp: int) -> np.ndarray:
+    """float -> int8 `q` with `q * 2^-exp` nearest (round half up, saturate)."""
+    return np.clip(np.floor(x * 2.0**exp + 0.5), -128, 127).astype(np.int8)
 
 
 def wrap32(x: np.ndarray) -> np.ndarray:

@@ -32,13 +32,39 @@ HOST_REASONS = {
 }
 
 
+def write_stream(workdir, entry: dict, stream) -> dict[str, str]:
+    """Write a fabric layer's stream and DRAM images; return their artifact-relative names."""
+    from accelc.runtime import cnn_fabric
+
+    files = cnn_fabric.layer_files(entry)
+    (workdir / cnn_fabric.LAYER_DIR).mkdir(exist_ok=True)
+    (workdir / files["insn"]).write_bytes(stream.insns)
+    (workdir / files["uop"]).write_bytes(stream.uops)
+    (workdir / files["wgt"]).write_bytes(stream.wgt.tobytes())
+    (workdir / files["acc"]).write_bytes(stream.acc.astype("<i4").tobytes())
+    return files
+
+
+LM_PROMPTS = (
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "The three primary colours are",
+    "To make a cup of tea, first",
+    "Photosynthesis is the process by which",
+    "The quick brown fox",
+    "In 1969, the first humans",
+    "def fibonacci(n):",
+)
+
+
 @registry.register_target
 class FpgaTarget(registry.Target):
     """FPGA artifacts: int8 VTA instruction streams, DRAM images and a per-layer placement report."""
 
     kind = "fpga"
-    version = 1
-    families = ("cnn",)
+    version = 2
+    families = ("cnn", "causal_lm")
+    reads = ("data.calibration",)  # a causal LM's calibration text
 
     class Params(registry.Params):
         flavour: Literal["vta"] = Field("vta", description="the overlay the streams are for (VTA's ISA)")
@@ -64,6 +90,22 @@ class FpgaTarget(registry.Target):
         prove_images: int = Field(
             1000, ge=1, le=10000, description="of those, the images the VTA simulator runs (and checks bit for bit)"
         )
+        calibration_windows: int = Field(
+            8, ge=1, le=256, description="causal LM: windows of data.calibration for the projections' int8 calibration"
+        )
+        calibration_window: int = Field(512, ge=16, le=8192, description="causal LM: tokens per calibration window")
+        prompts: list[str] = Field(
+            default_factory=lambda: list(LM_PROMPTS),
+            min_length=1,
+            description="causal LM: prompts whose greedy tokens fp32 and the offloaded model generate in the proof",
+        )
+        greedy_tokens: int = Field(16, ge=1, le=512, description="causal LM: greedy tokens generated per prompt")
+        simulate_prompts: int = Field(
+            1, ge=1, description="causal LM: prompts whose prefill runs every projection through the VTA simulator"
+        )
+        perplexity_windows: int = Field(
+            4, ge=1, le=256, description="causal LM: 512-token windows of data.evaluation scored in the proof"
+        )
 
     def _fusable_pool(self, steps: list[dict], n: int, conv_out: tuple) -> int:
         """The kernel of a max_pool2d right after conv2d step `n` that its stream can do, else 0."""
@@ -80,14 +122,22 @@ class FpgaTarget(registry.Target):
         return (params.config,) if params.config else ()
 
     def lower(self, bundle, ctx):
+        from accelc.runtime.vta_config import DEFAULT, VTAConfig
+
+        vta = VTAConfig.read(ctx.resolve(self.params.config)) if self.params.config else DEFAULT
+        if bundle.family == "causal_lm":
+            from accelc.targets.fpga_lm import lower_projections
+
+            return lower_projections(self.params, bundle, ctx, vta)
+        return self._lower_cnn(bundle, ctx, vta)
+
+    def _lower_cnn(self, bundle, ctx, vta):
         from accelc.families import cnn_model
         from accelc.runtime import cnn_fabric
-        from accelc.runtime.vta_config import DEFAULT, VTAConfig
         from accelc.targets.cnn_quantize import quantise
         from accelc.targets.vta_lower import Shape, lower_layer
 
         p = self.params
-        vta = VTAConfig.read(ctx.resolve(p.config)) if p.config else DEFAULT
         config, model = cnn_model.load(bundle.model_dir)
         for name, indices in (("host_layers", p.host_layers), ("fabric_layers", p.fabric_layers)):
             bad = [i for i in indices if not 0 <= i < len(config.layers)]
@@ -143,12 +193,7 @@ class FpgaTarget(registry.Target):
             weight, bias = int8.weights[i]
             where = f"layer {i} ({op} {c}->{shape.cout})"
             stream = lower_layer(weight, bias, step["shift"], step["low"], shape, vta, where)
-            files = cnn_fabric.layer_files(entry)
-            (ctx.workdir / cnn_fabric.LAYER_DIR).mkdir(exist_ok=True)
-            (ctx.workdir / files["insn"]).write_bytes(stream.insns)
-            (ctx.workdir / files["uop"]).write_bytes(stream.uops)
-            (ctx.workdir / files["wgt"]).write_bytes(stream.wgt.tobytes())
-            (ctx.workdir / files["acc"]).write_bytes(stream.acc.astype("<i4").tobytes())
+            files = write_stream(ctx.workdir, entry, stream)
             entries.append(
                 {**entry, "where": "fabric", "files": files, "tiling": stream.tiling.to_json(), "instructions": stream.counts,
                  "dram_elements": {"inp": stream.inp_elems, "out": stream.out_elems}}
