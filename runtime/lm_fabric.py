@@ -2,11 +2,13 @@
 
 The `fpga` target (targets/fpga_lm.py) writes an LM's int8 program as the CNN's is written
 (runtime/cnn_int8.py), but its steps are the projections only, each a `linear` step with the
-module it replaces (`name`) and its own input exponent (`in_exp`): everything between them
+module it replaces (`name`) and its weight exponents (`w_exp`, per output channel, as its `shift`):
+everything between them
 (embeddings, RMS norms, rotary embeddings, attention scores and softmax, SiLU gating, residual
-adds, the head) stays in fp32 on the host, which quantises a projection's input to int8 at
-`in_exp`, has the fabric (or its int32 reference) compute the int8 output at exponent `exp`, and
-dequantises it. `Offload` installs that on a transformers model in place, so the model's own
+adds, the head) stays in fp32 on the host. The host quantises a projection's input to int8 with
+a power-of-two scale per token (the largest `e` with max |x| * 2^e <= 127), has the fabric (or
+its int32 reference) compute the int8 output, whose channel c is then at exponent
+e + w_exp[c] - shift[c], and dequantises it (targets/lm_quantize.py). `Offload` installs that on a transformers model in place, so the model's own
 forward, KV cache and generation loop run unchanged around the offloaded projections.
 """
 
@@ -41,6 +43,13 @@ def projection_modules(model) -> list[tuple[str, object]]:
     return found
 
 
+def token_exponents(x: np.ndarray) -> np.ndarray:
+    """Per row of `x`, the largest e with max |row| * 2^e <= 127 (0 for a zero row)."""
+    peak = np.abs(x).max(axis=-1)
+    safe = np.where(peak > 0, peak, 127.0)
+    return np.where(peak > 0, np.floor(np.log2(127.0 / safe)), 0).astype(np.int64)
+
+
 def reference(model: Int8Model) -> Runner:
     """The int32 numpy reference of every projection (what the simulator is proved equal to)."""
     return lambda step, x_q: run_step(step, model.weights, x_q)
@@ -56,6 +65,8 @@ class Offload:
         if missing:
             raise UsageError(f"the int8 program names projections the model lacks: {missing[:3]}")
         self.patched = [(modules[s["name"]], s) for s in int8.steps]
+        # output channel c of a token at input exponent e is at e + w_exp[c] - shift[c]
+        self.out_shift = {m: np.asarray(s["shift"]) - np.asarray(s["w_exp"]) for m, s in self.patched}
         self.run = run
 
     def _forward(self, module, step):
@@ -63,8 +74,9 @@ class Offload:
 
         def forward(x):
             flat = x.detach().reshape(-1, module.in_features).float().numpy()
-            y_q = self.run(step, to_int8(flat, step["in_exp"]))
-            y = torch.from_numpy(y_q.astype(np.float32) * np.float32(2.0 ** -step["exp"]))
+            e = token_exponents(flat)[:, None]
+            y_q = self.run(step, to_int8(flat, e))
+            y = torch.from_numpy((y_q * 2.0 ** (self.out_shift[module] - e)).astype(np.float32))
             return y.reshape(*x.shape[:-1], module.out_features).to(x.dtype)
 
         return forward

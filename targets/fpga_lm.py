@@ -55,7 +55,9 @@ def lower_projections(params, bundle, ctx, vta) -> dict:
         cout, cin = w.shape
         entry = {"layer": step["layer"], "op": "linear", "name": step["name"], "in_shape": [cin],
                  "out_shape": [cout], "macs": cin * cout}  # fmt: skip
-        stream = lower_layer(w, b, step["shift"], step["low"], Shape(cin, cout, 1, 1, 1, 0), vta, step["name"])
+        stream = lower_layer(
+            w, b, step["shift"], step["low"], Shape(cin, cout, 1, 1, 1, 0, channel_shifts=True), vta, step["name"]
+        )
         files = write_stream(ctx.workdir, entry, stream)
         entries.append(
             {**entry, "where": "fabric", "files": files, "tiling": stream.tiling.to_json(), "instructions": stream.counts,

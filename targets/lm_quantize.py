@@ -1,11 +1,15 @@
 """int8 post-training quantisation of a causal LM's projections, calibrated on real text.
 
-As for a CNN (targets/cnn_quantize.py) and VTA's own flow (Moreau et al., arXiv 1807.04188,
-section 5): symmetric per-tensor int8 with power-of-two scales, so the fabric requantises by a
-shift. Each projection's input and output exponents come from the fp32 model's activation maxima
-on windows of the recipe's calibration text (`data.calibration`, never the evaluation text), its
-weight exponent from the weights; a bias (Qwen2's q/k/v) is folded into the int32 bias with the
-rounding constant.
+Power-of-two scales throughout, so the fabric requantises by shifts (Moreau et al., arXiv
+1807.04188, section 5). Weights are symmetric int8 per output channel (exponent `w_exp[c]`).
+Activations are int8 with a scale per token, chosen by the host when it quantises a
+projection's input (runtime/lm_fabric.py): a transformer's activations vary by orders of
+magnitude between tokens and layers, which one static exponent cannot follow. The stream
+shifts output channel c by its own `shift[c]` (an ALU SHR by a vector), so a token whose input
+exponent is e gets its output c at exponent e + w_exp[c] - shift[c]. Calibration on windows of
+the recipe's calibration text (`data.calibration`, never the evaluation text) takes for each
+channel the largest shift any token needs for its fp32 output to fit int8, so no calibration
+token saturates; a shift past the SHR's range coarsens that channel's weights instead.
 """
 
 from __future__ import annotations
@@ -13,22 +17,32 @@ from __future__ import annotations
 import numpy as np
 
 from accelc import progress
-from accelc.runtime.cnn_int8 import Int8Model
-from accelc.runtime.lm_fabric import projection_modules
-from accelc.targets.cnn_quantize import exponent, quantise_linear
+from accelc.errors import UsageError
+from accelc.runtime.cnn_int8 import Int8Model, to_int8
+from accelc.runtime.lm_fabric import projection_modules, token_exponents
+from accelc.targets.vta_lower import SHIFT_MAX
 
 
-def activation_peaks(model, windows: list[np.ndarray]) -> dict[str, tuple[float, float]]:
-    """Per projection: max |input| and max |output| of the fp32 model over the windows."""
+def exponents(x: np.ndarray) -> np.ndarray:
+    """Elementwise: the largest e with |x| * 2^e <= 127 (for nonzero x)."""
+    return np.floor(np.log2(127.0 / np.maximum(np.abs(x), 1e-30))).astype(np.int64)
+
+
+def needed_shifts(model, windows: list[np.ndarray], w_exps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per projection and output channel: the largest shift e + w_exp[c] - out[t, c] over the
+    calibration tokens t, where e is the token's input exponent and out[t, c] the exponent its
+    fp32 output needs."""
     import torch
 
-    peaks: dict[str, list[float]] = {}
+    needed: dict[str, np.ndarray] = {}
 
     def hook(name):
         def record(module, args, out):
-            seen = peaks.setdefault(name, [0.0, 0.0])
-            seen[0] = max(seen[0], float(args[0].abs().max()))
-            seen[1] = max(seen[1], float(out.abs().max()))
+            x = args[0].detach().reshape(-1, module.in_features).float().numpy()
+            y = out.detach().reshape(-1, module.out_features).float().numpy()
+            # a zero output fits at any exponent: it asks for no shift
+            shift = np.where(y != 0, token_exponents(x)[:, None] - exponents(y) + w_exps[name], 0).max(axis=0)
+            needed[name] = np.maximum(needed[name], shift) if name in needed else shift
 
         return record
 
@@ -40,30 +54,33 @@ def activation_peaks(model, windows: list[np.ndarray]) -> dict[str, tuple[float,
     finally:
         for h in handles:
             h.remove()
-    return {name: (a, b) for name, (a, b) in peaks.items()}
+    return needed
 
 
 def quantise(model, windows: list[np.ndarray]) -> Int8Model:
-    """The int8 program of a causal LM's projections: one `linear` step per projection."""
-    peaks = activation_peaks(model, windows)
-    steps, weights = [], {}
-    for index, (name, module) in enumerate(projection_modules(model)):
-        in_peak, out_peak = peaks[name]
-        in_exp = exponent(in_peak)
-        w = module.weight.detach().float().numpy()
-        b = None if module.bias is None else module.bias.detach().float().numpy()
-        w_q, b_q, shift, out_exp = quantise_linear(w, b, in_exp, out_peak)
-        weights[index] = (w_q, b_q)
-        steps.append(
-            {
-                "op": "linear",
-                "layer": index,
-                "name": name,
-                "in_exp": in_exp,
-                "shift": shift,
-                "low": -128,
-                "exp": out_exp,
-            }
+    """The int8 program of a causal LM's projections: one `linear` step per projection, with
+    per-channel `w_exp` and `shift` lists."""
+    modules = projection_modules(model)
+    biased = [name for name, module in modules if module.bias is not None]
+    if biased:
+        raise UsageError(
+            f"targets: fpga: projections with a bias ({biased[0]}, ...) are not lowered: the bias would be at "
+            "each token's own exponent, which a stream's fixed int32 bias cannot follow"
         )
-    hidden = projection_modules(model)[0][1].in_features
-    return Int8Model((hidden,), steps[0]["in_exp"], steps, weights)
+    weights_f = {name: module.weight.detach().float().numpy() for name, module in modules}
+    w_exps = {name: token_exponents(w) for name, w in weights_f.items()}  # per output channel (row)
+    needed = needed_shifts(model, windows, w_exps)
+    steps, weights = [], {}
+    for index, (name, _) in enumerate(modules):
+        shift = needed[name]
+        # past the SHR's range: coarser weights; below 0 (outputs larger than inputs): coarser weights, no shift
+        w_exp = w_exps[name] - np.maximum(shift - SHIFT_MAX, 0) + np.minimum(shift, 0)
+        shift = np.clip(shift, 0, SHIFT_MAX)
+        w_q = to_int8(weights_f[name], w_exp[:, None])
+        rounding = np.where(shift > 0, np.left_shift(1, np.maximum(shift - 1, 0)), 0).astype(np.int32)
+        weights[index] = (w_q, rounding)
+        steps.append(
+            {"op": "linear", "layer": index, "name": name, "w_exp": w_exp.tolist(), "shift": shift.tolist(),
+             "low": -128}
+        )  # fmt: skip
+    return Int8Model((modules[0][1].in_features,), 0, steps, weights)

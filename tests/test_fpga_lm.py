@@ -113,7 +113,7 @@ def test_a_projection_stream_that_disagrees_with_the_reference_is_rejected(tmp_p
     lower = vta_lower.lower_layer
 
     def off_by_one_shift(w, bias, shift, low, shape, config, where):
-        return lower(w, bias, min(shift + 1, vta_lower.SHIFT_MAX), low, shape, config, where)
+        return lower(w, bias, np.minimum(np.asarray(shift) + 1, vta_lower.SHIFT_MAX), low, shape, config, where)
 
     monkeypatch.setattr(vta_lower, "lower_layer", off_by_one_shift)
     code, _, err = cli("compile", write_recipe(tmp_path), "-o", tmp_path / "art")
