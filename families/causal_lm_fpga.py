@@ -119,6 +119,7 @@ def prove(directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
         "bit_exact_protocol": f"every projection on the simulator for the prefill of {params['simulate_prompts']} "
         f"prompt(s), {sim['tokens']} tokens, each output against the int32 reference; the greedy tokens and the "
         "perplexity use that int32 reference",
+        "simulated_tokens": sim["tokens"],
         "mismatched_tokens_by_projection": sim["mismatched"],
         "greedy": {
             "prompts": params["prompts"],
