@@ -62,7 +62,7 @@ class FpgaTarget(registry.Target):
     """FPGA artifacts: int8 VTA instruction streams, DRAM images and a per-layer placement report."""
 
     kind = "fpga"
-    version = 3
+    version = 2
     families = ("cnn", "causal_lm")
     reads = ("data.calibration",)  # a causal LM's calibration text
 
