@@ -1,15 +1,15 @@
 """A causal LM whose q/k/v/o and MLP projections run as int8 layers of the VTA fabric.
 
 The `fpga` target (targets/fpga_lm.py) writes an LM's int8 program as the CNN's is written
-(runtime/cnn_int8.py), but its steps are the projections only, each a `linear` step with the
-module it replaces (`name`) and its weight exponents (`w_exp`, per output channel, as its `shift`):
-everything between them
-(embeddings, RMS norms, rotary embeddings, attention scores and softmax, SiLU gating, residual
-adds, the head) stays in fp32 on the host. The host quantises a projection's input to int8 with
-a power-of-two scale per token (the largest `e` with max |x| * 2^e <= 127), has the fabric (or
-its int32 reference) compute the int8 output, whose channel c is then at exponent
-e + w_exp[c] - shift[c], and dequantises it (targets/lm_quantize.py). `Offload` installs that on a transformers model in place, so the model's own
-forward, KV cache and generation loop run unchanged around the offloaded projections.
+(runtime/cnn_int8.py), but its steps are the projections only: each a `linear` step with the
+module it replaces (`name`) and, per output channel, its weight exponent (`w_exp`) and shift.
+Everything between them (embeddings, RMS norms, rotary embeddings, attention scores and softmax,
+SiLU gating, residual adds, the head) stays in fp32 on the host. The host quantises a
+projection's input to int8 with a power-of-two scale per token (the largest `e` with
+max |x| * 2^e <= 127), has the fabric (or its int32 reference) compute the int8 output, whose
+channel c is then at exponent e + w_exp[c] - shift[c], and dequantises it
+(targets/lm_quantize.py). `Offload` installs that on a transformers model in place, so the
+model's own forward, KV cache and generation loop run unchanged around the offloaded projections.
 """
 
 from __future__ import annotations
