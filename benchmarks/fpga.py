@@ -1,6 +1,6 @@
 """Models on the VTA fabric: fp32 vs int8 on the host vs int8 streams on the simulated PYNQ bitstream.
 
-    python -m benchmarks.fpga [--quick] [--vgg16] [--no-cnn] [--no-lm] --json OUT.json
+    python -m benchmarks.fpga [--quick] [--vgg16] [--hls4ml] [--no-cnn] [--no-lm] --json OUT.json
 
 CNN: compiles recipes/bench/fpga.yaml (the trained Fashion-MNIST CNN; run `accelc train
 fmnist-cnn` first) and reads its proof (reports/fpga.json): accuracy on the Fashion-MNIST test set
@@ -18,7 +18,11 @@ perplexity on held-out Persuasion are measured with that int32 reference (proved
 simulator; simulating every token of them in numpy would take hours) against fp32. `--quick`
 generates 8 tokens per prompt instead of 16 and scores 2 windows of 512 tokens instead of 8.
 
-Rows: `model`, `mode` (fp32, int8_host, vta_sim), `accuracy` (CNN) or `greedy_agreement` and
+`--hls4ml` (needs `pip install 'accelc[hls4ml]'` and g++) adds the Fashion-MNIST CNN through the
+`hls4ml` flavour: the Vitis HLS project's C simulation (compiled with g++) on the same number of
+test images, `bit_exact` meaning its logits equal the int8 reference's on every one.
+
+Rows: `model`, `mode` (fp32, int8_host, vta_sim, hls4ml_csim), `accuracy` (CNN) or `greedy_agreement` and
 `ppl_ratio` (LM), `bit_exact`, `fabric_mac_fraction`, `cycles` (per image or per token, vta_sim),
 `latency_ms` (at the clock), `host_ms_per_image` (CNN), `images` (CNN).
 """
@@ -97,12 +101,22 @@ def lm_rows(name: str, artifact: Path) -> list[dict]:
     ]  # fmt: skip
 
 
+def hls4ml_row(name: str, artifact: Path) -> dict:
+    report = json.loads((artifact / "reports" / "hls4ml.json").read_text())
+    return {"model": name, "mode": "hls4ml_csim", "accuracy": report["accuracy"]["hls4ml_csim"],
+            "bit_exact": report["csim_equals_int8"], "fabric_mac_fraction": 1.0, "cycles": None, "latency_ms": None,
+            "agreement_with_int8": report["agreement_with_int8"], "agreement_with_fp32": report["agreement_with_fp32"],
+            "int8_host_accuracy_on_the_same_images": report["accuracy"]["int8_host"], "images": report["data"],
+            "vendor_build": report["build"]["built"]}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__)
     p.add_argument(
         "--quick", action="store_true", help="CNN: 200 simulated images; LM: 8 tokens per prompt, 2 perplexity windows"
     )
     p.add_argument("--vgg16", action="store_true", help="also lower and simulate VGG-16 (seeded) on one image")
+    p.add_argument("--hls4ml", action="store_true", help="also the CNN through the hls4ml flavour's C simulation")
     p.add_argument("--no-cnn", action="store_true", help="leave out the Fashion-MNIST CNN rows")
     p.add_argument("--no-lm", action="store_true", help="leave out the SmolLM2 rows")
     p.add_argument("--out", help="where the artifacts go (default: a temporary folder)")
@@ -116,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         fmnist = root / "fmnist-cnn"
         common.compile_bench_recipe("fpga", fmnist, [common.override("targets.0.prove_images", prove)])
         rows += rows_for("fmnist-cnn", fmnist, timed=True)
+    if args.hls4ml:
+        hls = root / "fmnist-cnn-hls4ml"
+        sets = {"targets.0.flavour": "hls4ml", "targets.0.prove_images": prove}
+        common.compile_bench_recipe("fpga", hls, [common.override(k, v) for k, v in sets.items()])
+        rows.append(hls4ml_row("fmnist-cnn", hls))
     lm = {"targets.0.greedy_tokens": 8, "targets.0.perplexity_windows": 2} if args.quick else {}
     if not args.no_lm:
         smollm2 = root / "smollm2"
