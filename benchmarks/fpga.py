@@ -19,8 +19,9 @@ simulator; simulating every token of them in numpy would take hours) against fp3
 generates 8 tokens per prompt instead of 16 and scores 2 windows of 512 tokens instead of 8.
 
 `--hls4ml` (needs `pip install 'accelc[hls4ml]'` and g++) adds the Fashion-MNIST CNN through the
-`hls4ml` flavour: the Vitis HLS project's C simulation (compiled with g++) on the same number of
-test images, `bit_exact` meaning its logits equal the int8 reference's on every one.
+`hls4ml` flavour: the Vitis HLS project's C simulation (compiled with g++) on 200 test images (50
+with `--quick`; it simulates the streaming dataflow design cycle by cycle in C++, about a second
+an image), `bit_exact` meaning its logits equal the int8 reference's on every one.
 
 Rows: `model`, `mode` (fp32, int8_host, vta_sim, hls4ml_csim), `accuracy` (CNN) or `greedy_agreement` and
 `ppl_ratio` (LM), `bit_exact`, `fabric_mac_fraction`, `cycles` (per image or per token, vta_sim),
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += rows_for("fmnist-cnn", fmnist, timed=True)
     if args.hls4ml:
         hls = root / "fmnist-cnn-hls4ml"
-        sets = {"targets.0.flavour": "hls4ml", "targets.0.prove_images": prove}
+        sets = {"targets.0.flavour": "hls4ml", "targets.0.prove_images": 50 if args.quick else 200}
         common.compile_bench_recipe("fpga", hls, [common.override(k, v) for k, v in sets.items()])
         rows.append(hls4ml_row("fmnist-cnn", hls))
     lm = {"targets.0.greedy_tokens": 8, "targets.0.perplexity_windows": 2} if args.quick else {}
