@@ -20,8 +20,7 @@ generates 8 tokens per prompt instead of 16 and scores 2 windows of 512 tokens i
 
 `--hls4ml` (needs `pip install 'accelc[hls4ml]'` and g++) adds the Fashion-MNIST CNN through the
 `hls4ml` flavour: the Vitis HLS project's C simulation (compiled with g++) on 200 test images (50
-with `--quick`; it simulates the streaming dataflow design cycle by cycle in C++, about a second
-an image), `bit_exact` meaning its logits equal the int8 reference's on every one.
+with `--quick`; it runs the streaming dataflow design in C++, a few images a second), `bit_exact` meaning its logits equal the int8 reference's on every one.
 
 Rows: `model`, `mode` (fp32, int8_host, vta_sim, hls4ml_csim), `accuracy` (CNN) or `greedy_agreement` and
 `ppl_ratio` (LM), `bit_exact`, `fabric_mac_fraction`, `cycles` (per image or per token, vta_sim),
