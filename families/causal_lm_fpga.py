@@ -94,13 +94,13 @@ def prove(directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
 
     text = load_text(recipe.data.evaluation)
 
-    def score(name: str) -> dict:
+    def score() -> dict:  # the model as it is now: fp32, or offloaded
         return perplexity(TorchStepModel(model), tokenizer, text, text_name=recipe.data.evaluation, window=512,
                           stride=512, max_windows=params["perplexity_windows"])  # fmt: skip
 
-    ppl = {"fp32": score("fp32")}
+    ppl = {"fp32": score()}
     with Offload(model, fabric.model, ref):
-        ppl["int8_fabric"] = score("int8")
+        ppl["int8_fabric"] = score()
     cycles = sum(s["cycles"] for s in sim["stats"].values())
     clock = fabric.config.clock_mhz
     rows = []
