@@ -28,6 +28,7 @@ def greedy(model, ids: list[int], tokens: int) -> list[int]:
     """`tokens` greedy tokens after `ids` (no early stop, so both models give as many)."""
     import torch
 
+    eos = model.config.eos_token_id
     with torch.inference_mode():
         out = model.generate(
             torch.tensor([ids]),
@@ -35,7 +36,7 @@ def greedy(model, ids: list[int], tokens: int) -> list[int]:
             do_sample=False,
             max_new_tokens=tokens,
             min_new_tokens=tokens,
-            pad_token_id=model.config.eos_token_id or 0,
+            pad_token_id=(eos[0] if isinstance(eos, list) else eos) or 0,
         )
     return out[0, len(ids) :].tolist()
 
