@@ -67,6 +67,14 @@ def prove(directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
         metrics["failure"] = f"parity/greedy mismatch on backend(s) {', '.join(failed)} (reports/validation.json)"
         return metrics, False
 
+    if any(t["kind"] == "fpga" for t in manifest["targets"]):  # projections on the fabric
+        from accelc.families.causal_lm_fpga import prove as prove_fabric
+
+        metrics["fpga"], fabric_ok = prove_fabric(directory, recipe, manifest)
+        if not fabric_ok:
+            metrics["failure"] = metrics["fpga"].pop("failure")
+            return metrics, False
+
     ppl_spec = recipe.eval.perplexity
     if ppl_spec.enabled:
         result = evaluate(art, recipe.data.evaluation, ppl_spec, {"torch": torch_model, **step_models})

@@ -93,6 +93,11 @@ class CNN(Family):
         return {}
 
     def prove(self, directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
+        target = next(t for t in manifest["targets"] if t["kind"] == "fpga")
+        if target["params"]["flavour"] == "hls4ml":
+            from accelc.families.cnn_hls4ml import prove as prove_hls4ml
+
+            return prove_hls4ml(directory, manifest)
         from accelc.families.cnn_proof import prove
 
         return prove(directory, manifest)

@@ -57,13 +57,20 @@ class Int8Model:
         except (OSError, ValueError) as exc:
             raise UsageError(f"{directory}: cannot read the int8 model ({exc})") from None
         weights = {
-            s["layer"]: (tensors[f"w{s['layer']}"], tensors[f"b{s['layer']}"]) for s in data["steps"] if "exp" in s
+            s["layer"]: (tensors[f"w{s['layer']}"], tensors[f"b{s['layer']}"])
+            for s in data["steps"]
+            if s["op"] in ("conv2d", "linear")
         }
         return cls(tuple(data["input_shape"]), data["input_exp"], data["steps"], weights)
 
     def quantise_input(self, x: np.ndarray) -> np.ndarray:
-        """float N x C x H x W -> int8 at the input exponent (round half up, saturate)."""
-        return np.clip(np.floor(x * 2.0**self.input_exp + 0.5), -128, 127).astype(np.int8)
+        """float N x C x H x W -> int8 at the input exponent."""
+        return to_int8(x, self.input_exp)
+
+
+def to_int8(x: np.ndarray, exp: int | np.ndarray) -> np.ndarray:
+    """float -> int8 `q` with `q * 2^-exp` nearest (round half up, saturate); `exp` broadcasts."""
+    return np.clip(np.floor(x * 2.0**exp + 0.5), -128, 127).astype(np.int8)
 
 
 def wrap32(x: np.ndarray) -> np.ndarray:
@@ -79,10 +86,11 @@ def im2col(x: np.ndarray, kernel: int, padding: int) -> np.ndarray:
     return win.transpose(0, 2, 3, 1, 4, 5).reshape(n, ho, wo, c * kernel * kernel)
 
 
-def requantise(acc: np.ndarray, bias: np.ndarray, shift: int, low: int) -> np.ndarray:
-    """int32 accumulators -> int8: ADD bias (wrapping), SHR, MAX low, MIN 127."""
+def requantise(acc: np.ndarray, bias: np.ndarray, shift, low: int) -> np.ndarray:
+    """int32 accumulators (channels last) -> int8: ADD bias (wrapping), SHR by one shift or one
+    per channel, MAX low, MIN 127."""
     x = wrap32(wrap32(acc) + bias.astype(np.int64))
-    return np.minimum(np.maximum(x >> shift, low), 127).astype(np.int8)
+    return np.minimum(np.maximum(x >> np.asarray(shift, dtype=np.int64), low), 127).astype(np.int8)
 
 
 def gemm_int32(a: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -24,6 +24,24 @@ def exponent(peak: float) -> int:
     return 0 if peak <= 0 else math.floor(math.log2(127.0 / peak))
 
 
+def quantise_linear(w: np.ndarray, b: np.ndarray | None, in_exp: int, out_peak: float):
+    """int8 weights, the int32 bias (with the rounding constant), the shift and the output exponent
+    of a conv2d/linear layer whose input is at `in_exp` and whose fp32 output reaches `out_peak`."""
+    out_exp = exponent(out_peak)
+    w_exp = exponent(float(np.abs(w).max()))
+    shift = in_exp + w_exp - out_exp
+    if shift > SHIFT_MAX:
+        w_exp -= shift - SHIFT_MAX
+        shift = SHIFT_MAX
+    if shift < 0:  # the output gets the accumulator's exponent: no shift, coarser values
+        out_exp, shift = in_exp + w_exp, 0
+    w_q = np.clip(np.round(w * 2.0**w_exp), -128, 127).astype(np.int8)
+    rounding = (1 << (shift - 1)) if shift else 0
+    b_q = np.zeros(len(w), dtype=np.int64) if b is None else np.round(b * 2.0 ** (in_exp + w_exp)).astype(np.int64)
+    b_q = np.clip(b_q + rounding, -(1 << 31), (1 << 31) - 1).astype(np.int32)
+    return w_q, b_q, shift, out_exp
+
+
 def activation_peaks(config, model, images: np.ndarray) -> tuple[float, dict[int, float]]:
     """max |input| and, per layer index, max |output| of the fp32 model on `images` (N x C x H x W)."""
     import torch
@@ -54,19 +72,9 @@ def quantise(config, model, calibration: np.ndarray) -> Int8Model:
         op = layer["op"]
         if op in ("conv2d", "linear"):
             fused = i + 1 < len(layers) and layers[i + 1]["op"] == "relu"
-            out_exp = exponent(peaks[i + 1] if fused else peaks[i])
             w, b = fw[i]
-            w_exp = exponent(float(np.abs(w).max()))
-            shift = exp + w_exp - out_exp
-            if shift > SHIFT_MAX:
-                w_exp -= shift - SHIFT_MAX
-                shift = SHIFT_MAX
-            if shift < 0:  # the output gets the accumulator's exponent: no shift, coarser values
-                out_exp, shift = exp + w_exp, 0
-            w_q = np.clip(np.round(w * 2.0**w_exp), -128, 127).astype(np.int8)
-            rounding = (1 << (shift - 1)) if shift else 0
-            b_q = np.round(b * 2.0 ** (exp + w_exp)).astype(np.int64) + rounding
-            weights[i] = (w_q, np.clip(b_q, -(1 << 31), (1 << 31) - 1).astype(np.int32))
+            w_q, b_q, shift, out_exp = quantise_linear(w, b, exp, peaks[i + 1] if fused else peaks[i])
+            weights[i] = (w_q, b_q)
             step = {"op": op, "layer": i, "shift": shift, "low": 0 if fused else -128, "exp": out_exp}
             if op == "conv2d":
                 step.update(kernel=layer["kernel"], padding=layer["padding"])

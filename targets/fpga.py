@@ -32,16 +32,46 @@ HOST_REASONS = {
 }
 
 
+def write_stream(workdir, entry: dict, stream) -> dict[str, str]:
+    """Write a fabric layer's stream and DRAM images; return their artifact-relative names."""
+    from accelc.runtime import cnn_fabric
+
+    files = cnn_fabric.layer_files(entry)
+    (workdir / cnn_fabric.LAYER_DIR).mkdir(exist_ok=True)
+    (workdir / files["insn"]).write_bytes(stream.insns)
+    (workdir / files["uop"]).write_bytes(stream.uops)
+    (workdir / files["wgt"]).write_bytes(stream.wgt.tobytes())
+    (workdir / files["acc"]).write_bytes(stream.acc.astype("<i4").tobytes())
+    return files
+
+
+LM_PROMPTS = (
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "The three primary colours are",
+    "To make a cup of tea, first",
+    "Photosynthesis is the process by which",
+    "The quick brown fox",
+    "In 1969, the first humans",
+    "def fibonacci(n):",
+)
+
+
 @registry.register_target
 class FpgaTarget(registry.Target):
     """FPGA artifacts: int8 VTA instruction streams, DRAM images and a per-layer placement report."""
 
     kind = "fpga"
-    version = 1
-    families = ("cnn",)
+    version = 2
+    families = ("cnn", "causal_lm")
+    reads = ("data.calibration",)  # a causal LM's calibration text
 
     class Params(registry.Params):
-        flavour: Literal["vta"] = Field("vta", description="the overlay the streams are for (VTA's ISA)")
+        flavour: Literal["vta", "hls4ml"] = Field(
+            "vta",
+            description="vta: instruction streams for VTA's overlay (CNNs, causal LMs); hls4ml: a Vitis HLS project "
+            "of a small CNN written by hls4ml, its C simulation compiled with g++ (pip install 'accelc[hls4ml]')",
+        )
         config: str | None = Field(
             None, description="a vta_config.json (relative to the recipe); default: the PYNQ 1x16_i8w8a32_15_15_18_17"
         )
@@ -64,6 +94,27 @@ class FpgaTarget(registry.Target):
         prove_images: int = Field(
             1000, ge=1, le=10000, description="of those, the images the VTA simulator runs (and checks bit for bit)"
         )
+        calibration_windows: int = Field(
+            8, ge=1, le=256, description="causal LM: windows of data.calibration for the projections' int8 calibration"
+        )
+        calibration_window: int = Field(512, ge=16, le=8192, description="causal LM: tokens per calibration window")
+        prompts: list[str] = Field(
+            default_factory=lambda: list(LM_PROMPTS),
+            min_length=1,
+            description="causal LM: prompts whose greedy tokens fp32 and the offloaded model generate in the proof",
+        )
+        greedy_tokens: int = Field(16, ge=1, le=512, description="causal LM: greedy tokens generated per prompt")
+        simulate_prompts: int = Field(
+            1, ge=1, description="causal LM: prompts whose prefill runs every projection through the VTA simulator"
+        )
+        perplexity_windows: int = Field(
+            4, ge=1, le=256, description="causal LM: 512-token windows of data.evaluation scored in the proof"
+        )
+        synthesise: bool = Field(
+            False,
+            description="hls4ml: also run the vendor build (C synthesis, IP export, Vivado synthesis); needs "
+            "AMD Vitis (vitis-run on PATH)",
+        )
 
     def _fusable_pool(self, steps: list[dict], n: int, conv_out: tuple) -> int:
         """The kernel of a max_pool2d right after conv2d step `n` that its stream can do, else 0."""
@@ -80,23 +131,50 @@ class FpgaTarget(registry.Target):
         return (params.config,) if params.config else ()
 
     def lower(self, bundle, ctx):
+        from accelc.runtime.vta_config import DEFAULT, VTAConfig
+
+        if self.params.flavour == "hls4ml":
+            if bundle.family != "cnn":
+                raise UsageError(
+                    f"targets: fpga flavour hls4ml takes CNN classifiers, not a {bundle.family} model "
+                    "(hls4ml 1.3 mis-handles token-wise Linear and row softmax); use flavour vta"
+                )
+            from accelc.targets.fpga_hls4ml import lower_hls4ml
+
+            return lower_hls4ml(self.params, bundle, ctx, self._calibrated(bundle, ctx))
+        vta = VTAConfig.read(ctx.resolve(self.params.config)) if self.params.config else DEFAULT
+        if bundle.family == "causal_lm":
+            from accelc.targets.fpga_lm import lower_projections
+
+            return lower_projections(self.params, bundle, ctx, vta)
+        return self._lower_cnn(bundle, ctx, vta)
+
+    def _calibrated(self, bundle, ctx):
+        """A CNN's config, fp32 model and int8 program (calibrated, and saved into the target's folder)."""
         from accelc.families import cnn_model
         from accelc.runtime import cnn_fabric
-        from accelc.runtime.vta_config import DEFAULT, VTAConfig
         from accelc.targets.cnn_quantize import quantise
-        from accelc.targets.vta_lower import Shape, lower_layer
 
         p = self.params
-        vta = VTAConfig.read(ctx.resolve(p.config)) if p.config else DEFAULT
         config, model = cnn_model.load(bundle.model_dir)
-        for name, indices in (("host_layers", p.host_layers), ("fabric_layers", p.fabric_layers)):
-            bad = [i for i in indices if not 0 <= i < len(config.layers)]
-            if bad:
-                raise UsageError(f"targets: fpga {name} {bad}: the model has layers 0..{len(config.layers) - 1}")
         with progress.step(f"int8 calibration on {p.calibration_images} Fashion-MNIST training images"):
             images, _ = cnn_model.fashion_mnist_inputs(config.input, "train", p.calibration_images)
             int8 = quantise(config, model, images)
         int8.save(ctx.workdir / cnn_fabric.INT8_DIR)
+        return config, model, int8
+
+    def _lower_cnn(self, bundle, ctx, vta):
+        from accelc.families import cnn_model
+        from accelc.runtime import cnn_fabric
+        from accelc.targets.vta_lower import Shape, lower_layer
+
+        p = self.params
+        n_layers = len(cnn_model.read_config(bundle.model_dir).layers)
+        for name, indices in (("host_layers", p.host_layers), ("fabric_layers", p.fabric_layers)):
+            bad = [i for i in indices if not 0 <= i < n_layers]
+            if bad:
+                raise UsageError(f"targets: fpga {name} {bad}: the model has layers 0..{n_layers - 1}")
+        config, _, int8 = self._calibrated(bundle, ctx)
         (ctx.workdir / cnn_fabric.CONFIG).write_text(json.dumps(vta.to_json(), indent=1))
 
         shapes, macs = config.shapes(), config.macs()
@@ -143,12 +221,7 @@ class FpgaTarget(registry.Target):
             weight, bias = int8.weights[i]
             where = f"layer {i} ({op} {c}->{shape.cout})"
             stream = lower_layer(weight, bias, step["shift"], step["low"], shape, vta, where)
-            files = cnn_fabric.layer_files(entry)
-            (ctx.workdir / cnn_fabric.LAYER_DIR).mkdir(exist_ok=True)
-            (ctx.workdir / files["insn"]).write_bytes(stream.insns)
-            (ctx.workdir / files["uop"]).write_bytes(stream.uops)
-            (ctx.workdir / files["wgt"]).write_bytes(stream.wgt.tobytes())
-            (ctx.workdir / files["acc"]).write_bytes(stream.acc.astype("<i4").tobytes())
+            files = write_stream(ctx.workdir, entry, stream)
             entries.append(
                 {**entry, "where": "fabric", "files": files, "tiling": stream.tiling.to_json(), "instructions": stream.counts,
                  "dram_elements": {"inp": stream.inp_elems, "out": stream.out_elems}}

@@ -18,7 +18,8 @@ empty again after FINISH, so the next stream starts clean).
 
 DRAM images (element units of each buffer, VTA's hw_spec layouts): inputs (Cin/16, H, W) blocks
 of 16 channels; weights in tile order (group, chunk, co, ci, kh, kw) blocks of 16 x 16 (out, in);
-biases (Cout/16) blocks of 16 int32; outputs (Cout/16, Ho, Wo).
+biases (Cout/16) blocks of 16 int32, followed by as many blocks of shifts when each output channel
+has its own (an ALU SHR by that vector instead of an immediate); outputs (Cout/16, Ho, Wo).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Shape:
     kernel: int
     padding: int
     pool: int = 1  # a fused max pooling (kernel = stride), 1 for none
+    channel_shifts: bool = False  # a shift per output channel (ALU SHR by a vector), not one immediate
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -91,11 +93,12 @@ def _needs(shape: Shape, t: Tiling) -> dict[str, int]:
     sets = t.slots**3  # micro-op sets: one per (input, weight, accumulator) slot combination
     pooled = t.group * (t.rows // pool) * (wo // pool) if pool > 1 else 0
     pool_uops = (pool * pool + 1) * t.group if pool > 1 else 0
+    vectors = 2 if shape.channel_shifts else 1  # biases, and the shifts
     return {
         "inp": t.slots * t.chunk * (t.rows + k - 1) * wp,
         "wgt": t.slots * t.group * t.chunk * k * k,
-        "acc": t.slots * (t.group * t.rows * wo + t.group + pooled),
-        "uop": sets * t.group * t.chunk * k * k + t.slots * (t.group + pool_uops),
+        "acc": t.slots * (t.group * t.rows * wo + vectors * t.group + pooled),
+        "uop": sets * t.group * t.chunk * k * k + t.slots * (vectors * t.group + pool_uops),
     }
 
 
@@ -153,14 +156,18 @@ def pack_weights(w: np.ndarray, shape: Shape, t: Tiling, block: int) -> np.ndarr
 
 
 def lower_layer(
-    w: np.ndarray, bias: np.ndarray, shift: int, low: int, shape: Shape, config: VTAConfig, where: str
+    w: np.ndarray, bias: np.ndarray, shift, low: int, shape: Shape, config: VTAConfig, where: str
 ) -> LayerStream:
     """The stream computing clip((conv(x, w) + bias) >> shift, low, 127) in int8 for one image, max
-    pooled by `shape.pool` when it is more than 1."""
+    pooled by `shape.pool` when it is more than 1. `shift` is one int, or one per output channel
+    (a list or array: an ALU SHR by a vector of shifts held beside the biases)."""
     if config.batch != 1:
         raise UsageError(f"{where}: lowering supports BATCH=1 configurations, not {config.batch}")
-    if not 0 <= shift <= SHIFT_MAX:
+    shifts = np.asarray(shift, dtype=np.int64)
+    if shifts.size == 0 or not 0 <= shifts.min() <= shifts.max() <= SHIFT_MAX:
         raise UsageError(f"{where}: requantisation shift {shift} is outside 0..{SHIFT_MAX}")
+    if shifts.ndim != int(shape.channel_shifts) or (shifts.ndim and len(shifts) != shape.cout):
+        raise UsageError(f"{where}: expected {'one shift per output channel' if shape.channel_shifts else 'one shift'}")
     t = choose_tiling(shape, config, where)
     block, k, p = config.block, shape.kernel, shape.padding
     cib, cob = blocks(shape.cin, block), blocks(shape.cout, block)
@@ -175,10 +182,11 @@ def lower_layer(
     pho, pwo = shape.stored_hw
     pool_slot = t.group * (t.rows // pool) * (wo // pool)  # the pooled band, after the biases
     pool_base = bias_base + t.slots * t.group
+    shift_base = pool_base + (t.slots * pool_slot if pool > 1 else 0)  # per-channel shifts, when given
 
     uops: list[isa.Uop] = []
     gemm_sets: dict[tuple[int, int, int], tuple[int, int]] = {}
-    row_sets: dict[int, tuple[int, int]] = {}  # per accumulator slot: one micro-op per output block
+    row_sets: dict[tuple[int, int], tuple[int, int]] = {}  # per accumulator slot and vector: one per output block
 
     def gemm_uops(islot: int, wslot: int, aslot: int) -> tuple[int, int]:
         if (islot, wslot, aslot) not in gemm_sets:
@@ -197,15 +205,14 @@ def lower_layer(
             gemm_sets[(islot, wslot, aslot)] = (start, len(uops))
         return gemm_sets[(islot, wslot, aslot)]
 
-    def row_uops(aslot: int) -> tuple[int, int]:
-        if aslot not in row_sets:
+    def row_uops(aslot: int, base: int = bias_base) -> tuple[int, int]:
+        """Per output block: dst its accumulators, src its vector at `base` (the biases or the shifts)."""
+        if (aslot, base) not in row_sets:
             start = len(uops)
             for co in range(t.group):
-                uops.append(
-                    isa.Uop(dst=aslot * acc_slot + co * t.rows * wo, src=bias_base + aslot * t.group + co, wgt=0)
-                )
-            row_sets[aslot] = (start, len(uops))
-        return row_sets[aslot]
+                uops.append(isa.Uop(dst=aslot * acc_slot + co * t.rows * wo, src=base + aslot * t.group + co, wgt=0))
+            row_sets[(aslot, base)] = (start, len(uops))
+        return row_sets[(aslot, base)]
 
     pool_sets: dict[tuple[int, int], tuple[int, int]] = {}
 
@@ -262,6 +269,10 @@ def lower_layer(
 
         if c == 0:  # a new output tile: its biases, and zeroed accumulators once its slot is stored
             program.append(copy(isa.LOAD, isa.MEM_ACC, bias_base + aslot * t.group, g * t.group, 1, t.group, t.group))
+            if shape.channel_shifts:  # the shifts sit after the biases in the accumulator image
+                program.append(
+                    copy(isa.LOAD, isa.MEM_ACC, shift_base + aslot * t.group, cob + g * t.group, 1, t.group, t.group)
+                )
             reset = loop(row_uops(aslot), rows, 0, 0)
             program.append(isa.GemmInsn(isa.Deps(pop_next=o >= d), True, **reset, wgt_factor_out=0, wgt_factor_in=0))
         gemm = loop(gemm_uops(islot, wslot, aslot), rows, wp, 1)
@@ -269,10 +280,15 @@ def lower_layer(
         program.append(isa.GemmInsn(deps, False, **gemm, wgt_factor_out=0, wgt_factor_in=0))
         if c < chunks - 1:
             continue
-        alu = [(isa.ALU_ADD, False, 0)] + ([(isa.ALU_SHR, True, shift)] if shift else [])
-        alu += [(isa.ALU_MAX, True, low), (isa.ALU_MIN, True, 127)]
         row = loop(row_uops(aslot), rows, 0, 0)  # src: the output block's bias, for every pixel
-        requantise = [isa.AluInsn(NO_DEPS, False, **row, alu_opcode=op, use_imm=u, imm=imm) for op, u, imm in alu]
+        requantise = [isa.AluInsn(NO_DEPS, False, **row, alu_opcode=isa.ALU_ADD, use_imm=False, imm=0)]
+        if shape.channel_shifts:
+            by_channel = loop(row_uops(aslot, shift_base), rows, 0, 0)
+            requantise.append(isa.AluInsn(NO_DEPS, False, **by_channel, alu_opcode=isa.ALU_SHR, use_imm=False, imm=0))
+        elif shift:
+            requantise.append(isa.AluInsn(NO_DEPS, False, **row, alu_opcode=isa.ALU_SHR, use_imm=True, imm=int(shift)))
+        clip = [(isa.ALU_MAX, low), (isa.ALU_MIN, 127)]
+        requantise += [isa.AluInsn(NO_DEPS, False, **row, alu_opcode=op, use_imm=True, imm=imm) for op, imm in clip]
         if pool > 1:
             # max pooling on the ALU: the pooled band starts at `low` (below or at every clipped
             # value), then takes the MAX with each tap of the window
@@ -312,12 +328,16 @@ def lower_layer(
     acc[: shape.cout] = bias
     if np.abs(acc).max(initial=0) >= 1 << 31:
         raise UsageError(f"{where}: a bias does not fit int32")
+    if shape.channel_shifts:
+        vector = np.zeros((cob * block,), dtype=np.int64)
+        vector[: shape.cout] = shifts
+        acc = np.concatenate([acc, vector])
     counts = Counter(isa.name(insn) for insn in program)
     return LayerStream(
         insns=isa.encode(program, config),
         uops=isa.encode_uops(uops, config),
         wgt=pack_weights(w, shape, t, block),
-        acc=acc.astype(np.int32).reshape(cob, 1, block),
+        acc=acc.astype(np.int32).reshape(-1, 1, block),
         inp_elems=cib * shape.height * shape.width,
         out_elems=cob * pho * pwo,
         tiling=t,

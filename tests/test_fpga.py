@@ -267,3 +267,35 @@ def test_a_stream_that_leaves_tokens_behind_is_refused():
     ]
     with pytest.raises(UsageError, match="leaves dependency tokens behind"):
         vta_sim.simulate(DEFAULT, isa.encode(program, DEFAULT), _one_block_dram(0))
+
+
+@pytest.mark.parametrize(
+    "config, cin, cout, h, k, pad",
+    [
+        (SMALL, 600, 40, 1, 1, 0),  # dense, ragged outputs, partial sums over input chunks (an LM projection)
+        (DEFAULT, 40, 20, 6, 3, 1),  # a convolution over rows
+    ],
+)
+def test_a_shift_per_output_channel_is_an_alu_shr_by_a_vector(config, cin, cout, h, k, pad):
+    rng = np.random.default_rng(cout)
+    weight = rng.integers(-128, 128, (cout, cin, k, k)).astype(np.int8)
+    shifts = rng.integers(6, 14, cout)
+    bias = (1 << (shifts - 1)).astype(np.int32)  # each channel's rounding constant
+    x = rng.integers(-128, 128, (3, cin, h, h)).astype(np.int8)
+    shape = Shape(cin, cout, h, h, k, pad, channel_shifts=True)
+    stream = lower_layer(weight, bias, shifts, -128, shape, config, "test layer")
+    step = {"op": "conv2d", "layer": 0, "kernel": k, "padding": pad, "shift": shifts.tolist(), "low": -128}
+    want = run_step(step, {0: (weight, bias)}, x)
+    dram = vta_sim.Dram(
+        uop=isa.decode_uops(stream.uops, config),
+        inp=pack(x, config.block),
+        wgt=stream.wgt,
+        acc=stream.acc,
+        out=np.zeros((len(x), stream.out_elems, 1, config.block), np.int8),
+    )
+    vta_sim.simulate(config, stream.insns, dram)
+    ho, wo = shape.stored_hw
+    assert np.array_equal(unpack(dram.out, cout, ho, wo, flat=False), want)
+    assert len(np.unique(want)) > 10
+    with pytest.raises(UsageError, match="one shift per output channel"):
+        lower_layer(weight, bias, shifts[:-1], -128, shape, config, "test layer")
