@@ -15,14 +15,16 @@ Perplexity: `--windows` disjoint windows of 512 tokens of "Persuasion", each run
 
 The peers install into a venv of their own under the asset cache, made by this script from
 benchmarks/peers_requirements.txt on first use (llama-cpp-python builds llama.cpp from source:
-~15 minutes on 2 cores, under `nice`); their models are made by their own tools (llama.cpp's
+~15 minutes on 2 cores, under `nice`, without its multimodal library); their models are made by their own tools (llama.cpp's
 quantize API for the F32 and Q8_0 GGUFs, ORT GenAI's model builder for fp32 and int4) and cached
 beside it. A peer that cannot be built or run is a row with `skipped` and the reason.
 
-Threads: every row gets `--threads` (default: the usable cores) and no spinning: ORT's sessions
-(accelc's and ORT GenAI's) with spinning off, OpenMP passive, llama.cpp's ggml thread pools with
-`poll` 0 (they otherwise busy-wait between graphs, which on shared cores slows the other runtimes
-and makes its own timings swing); `--llama-poll 50` measures its default.
+Threads: every row gets `--threads` (default: the usable cores) and no spinning between calls: ORT's
+sessions (accelc's and ORT GenAI's) with spinning off, OMP_WAIT_POLICY=PASSIVE (unless exported)
+for OpenMP, which is what llama.cpp's graph threads are in llama-cpp-python's default build (left
+to libgomp's default they spin after every token, which on shared cores slows whatever else runs
+and makes llama.cpp's own timings swing; `OMP_WAIT_POLICY=ACTIVE python -m benchmarks.peers`
+measures that).
 """
 
 from __future__ import annotations
@@ -171,7 +173,8 @@ def peers_python(build: bool) -> Path:
     what = f"peers: building {env.name} (llama.cpp compiles from source, ~15 min; log {log})"
     with progress.step(what), open(log, "w") as out:
         for cmd in steps:
-            build_env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=cores)
+            # no llava/mtmd library (a third of llama.cpp's build; the benchmark decodes text only)
+            build_env = {"CMAKE_ARGS": "-DLLAVA_BUILD=OFF", **os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": cores}
             proc = subprocess.run(_niced(cmd), stdout=out, stderr=subprocess.STDOUT, env=build_env)
             if proc.returncode != 0:
                 raise Skip(
@@ -253,7 +256,7 @@ def inputs(tokenizer, n_prompts: int, n_windows: int) -> tuple[list[list[int]], 
 
 def run_worker(python: Path, spec: dict, timeout: float = WORKER_TIMEOUT_S) -> dict:
     """peers_runner.py on `spec` in a fresh process: its result, or Skip with the worker's last words."""
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     try:
@@ -380,13 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, help=f"perplexity windows of {WINDOW} tokens (default {FULL['windows']})")
     p.add_argument("--only", nargs="+", default=[], metavar="RUNTIME[:PRECISION]", help="measure only these rows")
     p.add_argument("--no-build", action="store_true", help="skip the peers instead of building their environment")
-    p.add_argument("--llama-poll", type=int, default=0, help="llama.cpp thread-pool polling, 0-100 (0: no spinning)")
     p.add_argument("--lock", help="hold an exclusive flock on this file during the timed rounds")
     args = p.parse_args(argv)
-    from accelc.errors import UsageError
-
-    if not 0 <= args.llama_poll <= 100:
-        raise UsageError(f"--llama-poll must be between 0 and 100, got {args.llama_poll}")
     chosen = settings(args.quick, args.repeats, args.prompts, args.windows)
     rows = select(args.only)
     threads = args.threads or len(os.sched_getaffinity(0))
@@ -414,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise Skip(no_env)
                 model = peer_model(row, python, gguf, hf_dir)
                 runtime = row.runtime
-                specs[row] = (python, {**base, "runtime": runtime, "model": str(model), "llama_poll": args.llama_poll})
+                specs[row] = (python, {**base, "runtime": runtime, "model": str(model)})
             else:
                 artifact = common.REPO / "artifacts" / "bench" / "peers" / Path(row.source).stem
                 if not (artifact / "manifest.json").exists():
@@ -455,7 +453,6 @@ def main(argv: list[str] | None = None) -> int:
         prompt_tokens=PROMPT_TOKENS,
         new_tokens=NEW_TOKENS,
         perplexity={"text": "austen:persuasion", "window": WINDOW, "stride": WINDOW, "windows": len(windows)},
-        llama_poll=args.llama_poll,
         peers_env=str(venv_dir()),
         requirements=REQUIREMENTS.read_text(),
         timed_seconds=time.time() - started,

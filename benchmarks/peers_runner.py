@@ -61,14 +61,14 @@ class Greedy:
 
 class LlamaCpp(Greedy):
     """llama-cpp-python on a GGUF: `eval` of the prompt, then one token at a time; the argmax of the
-    last row of its scores. Its ggml thread pool polls for work between graphs (busy-waits) unless
-    told not to: with `poll` 0 it sleeps like ORT's pool with spinning off."""
+    last logits. Its ggml CPU backend is built with OpenMP (llama-cpp-python's default build), so its
+    graph threads are OpenMP's and OMP_WAIT_POLICY decides whether they spin between tokens."""
 
     def __init__(self, spec: dict):
         import llama_cpp
 
         self.llama_cpp = llama_cpp
-        common = dict(
+        self.common = dict(
             model_path=spec["model"],
             n_threads=spec["threads"],
             n_threads_batch=spec["threads"],
@@ -76,26 +76,12 @@ class LlamaCpp(Greedy):
             n_ubatch=spec["context"],
             verbose=False,
         )
-        self.llm = llama_cpp.Llama(n_ctx=spec["context"], **common)
-        self.scorer = None  # a second context with logits of every position, made on first use
-        self.common = common
-        self.poll = spec.get("llama_poll")
-        if self.poll is not None:
-            self._set_poll(self.llm)
-
-    def _set_poll(self, llm) -> None:
-        """Attach thread pools whose workers poll `self.poll` (0: sleep at once) to llm's context."""
-        lc = self.llama_cpp
-        pools = []
-        for _ in range(2):  # one for single-token graphs, one for batches
-            params = lc.ggml_threadpool_params_default(self.common["n_threads"])
-            params.poll = self.poll
-            pools.append(lc.ggml_threadpool_new(params))
-        lc.llama_attach_threadpool(llm._ctx.ctx, pools[0], pools[1])
-        self._pools = getattr(self, "_pools", []) + pools  # kept alive as long as the contexts
+        self.llm = llama_cpp.Llama(n_ctx=spec["context"], **self.common)
+        self.scorer = None  # a second context with the logits of every position, made on first use
 
     def _argmax(self) -> int:
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        last = self.llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(last, shape=(self.llm.n_vocab(),))))
 
     def first(self, prompt):
         self.llm.reset()
@@ -109,8 +95,6 @@ class LlamaCpp(Greedy):
     def logits(self, ids):
         if self.scorer is None:
             self.scorer = self.llama_cpp.Llama(n_ctx=len(ids), logits_all=True, **self.common)
-            if self.poll is not None:
-                self._set_poll(self.scorer)
         self.scorer.reset()
         self.scorer.eval(ids)
         return np.array(self.scorer.scores[: len(ids)])
@@ -119,17 +103,15 @@ class LlamaCpp(Greedy):
 class OrtGenai(Greedy):
     """onnxruntime-genai on a folder made by its own model builder: `append_tokens` prefills, each
     `generate_next_token` picks a token from the last logits (and, after the first, runs the model
-    on the previous token first). Threads and spinning are set through its config overlay."""
+    on the previous token first). Threads are set through its config overlay."""
 
     def __init__(self, spec: dict):
         import onnxruntime_genai as og
 
         self.og = og
         config = og.Config(spec["model"])
-        session = {
-            "intra_op_num_threads": spec["threads"],
-            "config_entries": {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"},
-        }
+        # its threads; 0.18's genai_config has no key for ORT's spinning, so its pool spins (ORT's default)
+        session = {"intra_op_num_threads": spec["threads"]}
         config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
         self.model = og.Model(config)
         self.context = spec["context"]

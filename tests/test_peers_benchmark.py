@@ -40,9 +40,9 @@ def test_quick_and_full_settings_and_their_overrides():
 def test_argument_errors_exit_2_before_any_work(capsys):
     from benchmarks import common
 
-    assert common.run(lambda: peers.main(["--llama-poll", "101", "--json", "x.json"])) == 2
-    assert "--llama-poll must be between 0 and 100, got 101" in capsys.readouterr().err
     assert common.run(lambda: peers.main(["--prompts", "0", "--json", "x.json"])) == 2
+    assert "--prompts must be at least 1, got 0" in capsys.readouterr().err
+    assert common.run(lambda: peers.main(["--only", "vllm", "--json", "x.json"])) == 2
 
 
 def _run(rates, ttft, rss, tokens, nll=None, scored=None):
