@@ -49,7 +49,7 @@ PROMPT_TOKENS = 64
 NEW_TOKENS = 128
 WINDOW = 512
 EXACT_PPL = 0.01  # `exact`: perplexity within 1% of the source model's
-QUICK = {"repeats": 1, "prompts": 8, "windows": 2}
+QUICK = {"repeats": 1, "prompts": 4, "windows": 2}
 FULL = {"repeats": 3, "prompts": 8, "windows": 4}
 WORKER_TIMEOUT_S = 900
 
@@ -354,7 +354,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 class _Lock:
-    """An exclusive flock on `path` for the timed rounds only (None: no lock)."""
+    """An exclusive flock on `path` while a round is timed (None: no lock)."""
 
     def __init__(self, path: str | None):
         self.path = path
@@ -377,13 +377,18 @@ class _Lock:
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__)
-    p.add_argument("--quick", action="store_true", help=f"{QUICK['repeats']} round, {QUICK['windows']} windows")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK['prompts']} prompts, {QUICK['repeats']} round, {QUICK['windows']} perplexity windows "
+        "(under 10 minutes once the peers are built)",
+    )
     p.add_argument("--repeats", type=int, help=f"rounds over every row (default {FULL['repeats']})")
     p.add_argument("--prompts", type=int, help=f"prompts of {PROMPT_TOKENS} tokens (default {FULL['prompts']})")
     p.add_argument("--windows", type=int, help=f"perplexity windows of {WINDOW} tokens (default {FULL['windows']})")
     p.add_argument("--only", nargs="+", default=[], metavar="RUNTIME[:PRECISION]", help="measure only these rows")
     p.add_argument("--no-build", action="store_true", help="skip the peers instead of building their environment")
-    p.add_argument("--lock", help="hold an exclusive flock on this file during the timed rounds")
+    p.add_argument("--lock", help="hold an exclusive flock on this file during each timed round")
     args = p.parse_args(argv)
     chosen = settings(args.quick, args.repeats, args.prompts, args.windows)
     rows = select(args.only)
@@ -426,9 +431,9 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: dict[Row, list[dict]] = {row: [] for row in specs}
     started = time.time()
-    with _Lock(args.lock):
-        bar = progress.bar(total=chosen["repeats"] * len(specs), desc="peers")
-        for k in range(chosen["repeats"]):
+    bar = progress.bar(total=chosen["repeats"] * len(specs), desc="peers")
+    for k in range(chosen["repeats"]):
+        with _Lock(args.lock):  # a round at a time: other timings on the machine wait minutes, not the whole run
             for row, (python_, spec) in specs.items():
                 if row in skipped or (row is SOURCE and k):  # the source is the reference: one round
                     bar.update()
@@ -440,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                     skipped[row] = str(exc)
                     progress.status(f"peers: {row.name} skipped: {exc}")
                 bar.update()
-        bar.close()
+    bar.close()
 
     source = runs[SOURCE][0] if runs.get(SOURCE) else None
     out = [
