@@ -9,7 +9,7 @@ SmolLM2-135M-Instruct from the embedded assets only (the shipped Q4_1 GGUF and t
 folder accelc converts it to; the hub is never asked). Prompts: `--prompts` windows of 64 tokens of
 held-out "Persuasion", 128 new greedy tokens each (end-of-text ignored), token ids from the Hugging
 Face tokenizer for every runtime. Each row runs warm in a process of its own
-(benchmarks/peers_runner.py), rows interleaved round by round, medians over prompts and rounds.
+(`python -m benchmarks.peers_runner`), rows interleaved round by round, medians over prompts and rounds.
 Perplexity: `--windows` disjoint windows of 512 tokens of "Persuasion", each runtime's own logits;
 `exact` is true where it is within 1% of the source model's (torch, the model of record).
 
@@ -43,7 +43,7 @@ from pathlib import Path
 
 from benchmarks import common
 
-RUNNER = Path(__file__).with_name("peers_runner.py")
+RUNNER = "benchmarks.peers_runner"  # run as a module from the repository root, by either environment's python
 REQUIREMENTS = Path(__file__).with_name("peers_requirements.txt")
 PROMPT_TOKENS = 64
 NEW_TOKENS = 128
@@ -199,7 +199,7 @@ def _made(final: Path, make) -> Path:
 
 
 def _run_tool(cmd: list[str], what: str) -> None:
-    proc = subprocess.run(_niced(cmd), capture_output=True, text=True)
+    proc = subprocess.run(_niced(cmd), cwd=common.REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
         raise Skip(f"{what} failed (exit {proc.returncode}): {tail}")
@@ -219,7 +219,7 @@ def peer_model(row: Row, python: Path, gguf: Path, hf_dir: Path) -> Path:
         def make(tmp: Path) -> Path:
             out = tmp / f"model.{variant}.gguf"
             with progress.step(f"peers: {row.name}: llama.cpp quantize {gguf.name} -> {variant}"):
-                _run_tool([str(python), str(RUNNER), "--quantize", str(gguf), str(out), variant], "llama.cpp quantize")
+                _run_tool([str(python), "-m", RUNNER, "--quantize", str(gguf), str(out), variant], "llama.cpp quantize")
             return out
 
         return _made(models / f"{gguf.stem}.{variant}.gguf", make)
@@ -261,7 +261,12 @@ def run_worker(python: Path, spec: dict, timeout: float = WORKER_TIMEOUT_S) -> d
         json.dump(spec, f)
     try:
         proc = subprocess.run(
-            [str(python), str(RUNNER), f.name], capture_output=True, text=True, env=env, timeout=timeout
+            [str(python), "-m", RUNNER, f.name],
+            cwd=common.REPO,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired:
         raise Skip(f"the worker did not finish in {timeout:.0f} s") from None

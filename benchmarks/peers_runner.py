@@ -1,10 +1,10 @@
 """One row of benchmarks/peers.py, measured warm in a process of its own.
 
-    PYTHON benchmarks/peers_runner.py SPEC.json
-    PYTHON benchmarks/peers_runner.py --quantize SOURCE.gguf OUT.gguf F32|Q8_0
+    python -m benchmarks.peers_runner SPEC.json
+    python -m benchmarks.peers_runner --quantize SOURCE.gguf OUT.gguf F32|Q8_0
 
-Run by the peers benchmark with the peers' venv python (llama.cpp, ORT GenAI) or accelc's (accelc
-rows). SPEC names the runtime, its model, the threads, the prompts and perplexity windows as token
+Run from the repository root by the peers benchmark, with the peers' venv python (llama.cpp, ORT
+GenAI) or accelc's (accelc rows). SPEC names the runtime, its model, the threads, the prompts and perplexity windows as token
 ids (tokenised once by the benchmark with the Hugging Face tokenizer, so every runtime sees the same
 ids and ORT GenAI's tokenizer, which mis-reads SmolLM2's byte-level BPE, is never used). The last
 stdout line is the JSON result: per prompt the time to first token and decode tokens/s, the tokens,
@@ -219,7 +219,8 @@ def quantize(source: str, out: str, ftype: str) -> None:
         raise SystemExit(f"llama_model_quantize {source} -> {ftype} returned {code}")
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--quantize"]:
         quantize(*argv[1:4])
         return 0
@@ -229,4 +230,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
