@@ -436,6 +436,29 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: dict[Row, list[dict]] = {row: [] for row in specs}
     started = time.time()
+
+    def write(rounds_done: int) -> list[dict]:
+        """The rows so far, written after every round: an interrupted run keeps its finished rounds."""
+        source = runs[SOURCE][0] if runs.get(SOURCE) else None
+        out = [
+            skipped_row(row, skipped[row]) if row in skipped else shape_row(row, runs[row], source, threads)
+            for row in rows
+            if row in skipped or runs.get(row)
+        ]
+        record = common.protocol(
+            environment=environment,
+            settings=chosen,
+            rounds_done=rounds_done,
+            prompt_tokens=PROMPT_TOKENS,
+            new_tokens=NEW_TOKENS,
+            perplexity={"text": "austen:persuasion", "window": WINDOW, "stride": WINDOW, "windows": len(windows)},
+            peers_env=str(venv_dir()),
+            requirements=REQUIREMENTS.read_text(),
+            timed_seconds=time.time() - started,
+        )
+        common.write_results(args.json, out, record)
+        return out
+
     bar = progress.bar(total=chosen["repeats"] * len(specs), desc="peers")
     for k in range(chosen["repeats"]):
         with _Lock(args.lock):  # a round at a time: other timings on the machine wait minutes, not the whole run
@@ -450,25 +473,10 @@ def main(argv: list[str] | None = None) -> int:
                     skipped[row] = str(exc)
                     progress.status(f"peers: {row.name} skipped: {exc}")
                 bar.update()
+        out = write(k + 1)
     bar.close()
-
-    source = runs[SOURCE][0] if runs.get(SOURCE) else None
-    out = [
-        skipped_row(row, skipped[row]) if row in skipped else shape_row(row, runs[row], source, threads) for row in rows
-    ]
     print_table(out)
-    record = common.protocol(
-        environment=environment,
-        settings=chosen,
-        prompt_tokens=PROMPT_TOKENS,
-        new_tokens=NEW_TOKENS,
-        perplexity={"text": "austen:persuasion", "window": WINDOW, "stride": WINDOW, "windows": len(windows)},
-        peers_env=str(venv_dir()),
-        requirements=REQUIREMENTS.read_text(),
-        timed_seconds=time.time() - started,
-    )
-    rows_path, _ = common.write_results(args.json, out, record)
-    plot(out, rows_path.with_suffix(".png"))
+    plot(out, Path(args.json).with_suffix(".png"))
     return 0
 
 
