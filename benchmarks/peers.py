@@ -421,13 +421,15 @@ def main(argv: list[str] | None = None) -> int:
                 if no_env:
                     raise Skip(no_env)
                 model = peer_model(row, python, gguf, hf_dir)
-                runtime = row.runtime
-                specs[row] = (python, {**base, "runtime": runtime, "model": str(model)})
+                specs[row] = (python, {**base, "runtime": row.runtime, "model": str(model)})
             else:
                 artifact = common.REPO / "artifacts" / "bench" / "peers" / Path(row.source).stem
                 if not (artifact / "manifest.json").exists():
                     sets = ["eval.perplexity.enabled=false", "eval.bench.enabled=false"]
-                    common.compile_bench_recipe(common.REPO / row.source, artifact, sets)
+                    try:
+                        common.compile_bench_recipe(common.REPO / row.source, artifact, sets)
+                    except SystemExit as exc:  # the compile's own message is above; the row says which
+                        raise Skip(f"accelc compile {row.source} failed (exit {exc.code})") from None
                 spec = {**base, "runtime": "accelc", "model": str(artifact), "backend": row.backend, "plan": row.plan}
                 specs[row] = (Path(sys.executable), spec)
         except Skip as exc:

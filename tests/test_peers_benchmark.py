@@ -136,3 +136,34 @@ def test_the_runner_decodes_an_accelc_artifact_and_matches_accelc_perplexity(tmp
     reference = perplexity(model, art.tokenizer, text, text_name="t", window=16, stride=16, max_windows=2)
     assert math.exp(result["nll"] / result["scored"]) == pytest.approx(reference["ppl"], rel=1e-6)
     json.dumps(result)  # what the benchmark reads back
+
+
+def test_a_recipe_that_fails_to_compile_is_a_skipped_row_not_a_crash(tmp_path, monkeypatch, capsys):
+    from benchmarks import common
+
+    def compile_fails(recipe, out, overrides):
+        raise SystemExit(5)  # what compile_bench_recipe does on a rejected artifact
+
+    monkeypatch.setattr(common, "compile_bench_recipe", compile_fails)
+    monkeypatch.setattr(common, "REPO", tmp_path)  # no artifacts compiled yet under it
+    monkeypatch.setattr(peers, "ROWS", (peers.SOURCE,))
+    from accelc import assets
+    from accelc.families import causal_lm
+
+    # no model is needed before the compile: nothing is fetched or loaded
+    monkeypatch.setattr(assets, "smollm2_gguf", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(assets, "smollm2_dir", lambda: tmp_path / "hf")
+    monkeypatch.setattr(causal_lm, "load_tokenizer", lambda directory: None)
+    monkeypatch.setattr(peers, "inputs", lambda tokenizer, n, w: ([[1, 2]], []))
+    out = tmp_path / "rows.json"
+    assert peers.main(["--prompts", "1", "--windows", "0", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert rows == [
+        {
+            "runtime": "torch",
+            "precision": "fp32",
+            "source": "recipes/bench/peers.yaml",
+            "skipped": "accelc compile recipes/bench/peers.yaml failed (exit 5)",
+        }
+    ]
+    assert "torch                    fp32      skipped: accelc compile" in capsys.readouterr().out
