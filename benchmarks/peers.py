@@ -14,10 +14,10 @@ Perplexity: `--windows` disjoint windows of 512 tokens of "Persuasion", each run
 `exact` is true where it is within 1% of the source model's (torch, the model of record).
 
 The peers install into a venv of their own under the asset cache, made by this script from
-benchmarks/peers_requirements.txt on first use (llama-cpp-python builds llama.cpp from source:
-~15 minutes on 2 cores, under `nice`, without its multimodal library); their models are made by their own tools (llama.cpp's
-quantize API for the F32 and Q8_0 GGUFs, ORT GenAI's model builder for fp32 and int4) and cached
-beside it. A peer that cannot be built or run is a row with `skipped` and the reason.
+benchmarks/peers_requirements.txt on first use (llama-cpp-python builds llama.cpp from source,
+under `nice`, without its multimodal library: ~20 minutes on 2 busy cores); their models are made
+by their own tools (llama.cpp's quantize API for the F32 and Q8_0 GGUFs, ORT GenAI's model builder
+for fp32 and int4) and cached beside it. A peer that cannot be built or run is a row with `skipped` and the reason.
 
 Threads: every row gets `--threads` (default: the usable cores) and no spinning between calls: ORT's
 sessions (accelc's and ORT GenAI's) with spinning off, OMP_WAIT_POLICY=PASSIVE (unless exported)
@@ -159,7 +159,7 @@ def peers_python(build: bool) -> Path:
     if done.is_file() and done.read_bytes() == REQUIREMENTS.read_bytes():
         return env / "bin" / "python"
     if not build:
-        raise Skip(f"the peers' environment {env} is not built (--no-build); run without it once (~15 min)")
+        raise Skip(f"the peers' environment {env} is not built (--no-build); run without it once (~20 min)")
     shutil.rmtree(env, ignore_errors=True)
     log = env.with_suffix(".log")
     env.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +170,7 @@ def peers_python(build: bool) -> Path:
         [sys.executable, "-m", "venv", "--system-site-packages", str(env)],
         [str(env / "bin" / "python"), "-m", "pip", "install", "-r", str(REQUIREMENTS)],
     )
-    what = f"peers: building {env.name} (llama.cpp compiles from source, ~15 min; log {log})"
+    what = f"peers: building {env.name} (llama.cpp compiles from source, ~20 min; log {log})"
     with progress.step(what), open(log, "w") as out:
         for cmd in steps:
             # no llava/mtmd library (a third of llama.cpp's build; the benchmark decodes text only)
