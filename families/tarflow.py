@@ -16,13 +16,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from accelc import assets
 from accelc.errors import UsageError
-from accelc.families import tarflow_model
+from accelc.families import tarflow_config
 from accelc.families.base import Family, register_family
-from accelc.families.tarflow_model import TarFlow, TarFlowConfig
+from accelc.families.tarflow_config import TarFlowConfig
 from accelc.runtime.flow import FlowModel
 
 TINY = "tarflow-tiny"
@@ -32,9 +30,13 @@ TINY_SEED = 0
 FMNIST_CONFIG = TarFlowConfig(image_size=28, channels=1, patch=4, width=64, blocks=4, layers=2, heads=4, noise_std=0.1)
 
 
-def tiny_model(config: TarFlowConfig = TINY_CONFIG, seed: int = TINY_SEED, scale: float = 0.3) -> TarFlow:
+def tiny_model(config: TarFlowConfig = TINY_CONFIG, seed: int = TINY_SEED, scale: float = 0.3):
     """Seeded random weights whose output projections are scaled so each block's (a, b) are
     O(0.1-1), as a trained flow's are (a zero projection would make every block the identity)."""
+    import torch
+
+    from accelc.families.tarflow_model import TarFlow
+
     torch.manual_seed(seed)
     model = TarFlow(config)
     with torch.no_grad():
@@ -49,6 +51,8 @@ def builtin_dir(name: str) -> Path:
         final = models / f"{TINY}-seed{TINY_SEED}"
         if not final.exists():
             tmp = assets.temp_sibling_dir(final)
+            from accelc.families import tarflow_model
+
             tarflow_model.save(tiny_model(), tmp)
             assets.publish_dir(tmp, final)
         return final
@@ -71,7 +75,7 @@ class TarFlowFamily(Family):
         return [TINY, FMNIST]
 
     def recognises_path(self, path: Path) -> bool:
-        return tarflow_model.is_tarflow_dir(path)
+        return tarflow_config.is_tarflow_dir(path)
 
     def train(self, name: str, steps: int | None = None, fresh: bool = False) -> Path:
         from accelc.families.tarflow_train import TrainSpec, train
@@ -83,7 +87,7 @@ class TarFlowFamily(Family):
 
     def check_input(self, spec, recipe=None) -> None:
         if spec.path is not None:
-            tarflow_model.read_config(self._path(spec, recipe))
+            tarflow_config.read_config(self._path(spec, recipe))
 
     def _path(self, spec, recipe) -> Path:
         from accelc.compiler.recipe import resolve_path
@@ -94,11 +98,12 @@ class TarFlowFamily(Family):
 
     def ingest(self, spec, recipe=None):
         from accelc.compiler.bundle import Bundle, chain
+        from accelc.families import tarflow_model
         from accelc.fileutil import sha256_file
 
         path = self._path(spec, recipe)
         tarflow_model.load(path)  # refuses weights that do not belong to the config, by name
-        files = {name: sha256_file(path / name) for name in (tarflow_model.CONFIG_FILE, tarflow_model.WEIGHTS_FILE)}
+        files = {name: sha256_file(path / name) for name in (tarflow_config.CONFIG_FILE, tarflow_config.WEIGHTS_FILE)}
         description = f"builtin:{spec.builtin}" if spec.path is None else f"tarflow:{path}"
         return Bundle(
             id=chain("", "source", {"files": files}),
