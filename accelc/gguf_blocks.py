@@ -2,8 +2,7 @@
 
 Q4_1 stores each block of 32 consecutive input weights of a row as a scale d and a minimum m
 (fp16) and 32 codes q in 0..15: w = d*q + m. Q4_0 has no minimum: w = d*(q - 8), the same form
-with m = -8d; in float32 both d*q and -8d are exact (d has an 11-bit significand, q four bits),
-so the two forms give the same bits.
+with m = -8d (in float32 d*q and -8d are exact: d has an 11-bit significand, q four bits).
 
 The torch model of record holds these weights dequantised by gguf's own dequantiser (the one
 transformers calls), then rearranged: llama's q/k rows un-permuted for rotary, q|k|v or
@@ -38,8 +37,13 @@ class Blocks:
     symmetric: bool  # every row is Q4_0: the minimum is -8 * scale throughout
 
     def dequantise(self) -> np.ndarray:
-        """[rows, blocks * 32] float32, computed as gguf's dequantiser does."""
-        w = self.scale[..., None] * self.codes.astype(np.float32) + self.minimum[..., None]
+        """[rows, blocks * 32] float32, computed as gguf's dequantiser does (Q4_0's d*(q - 8) is
+        -0.0 where d < 0 and q = 8, which d*q - 8d is not: the same value, other bits)."""
+        codes = self.codes.astype(np.float32)
+        if self.symmetric:
+            w = self.scale[..., None] * (codes - np.float32(8))
+        else:
+            w = self.scale[..., None] * codes + self.minimum[..., None]
         return w.reshape(self.codes.shape[0], -1)
 
 
