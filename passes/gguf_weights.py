@@ -100,8 +100,9 @@ def source_gguf(source) -> Path:
 
         return assets.smollm2_gguf()
     raise UsageError(
-        f"gguf_weights carries a GGUF's own 4-bit blocks, but the model is {description or 'not from a file'}; "
-        f"use `model: {{path: FILE.gguf}}` or `builtin: {EMBEDDED}`, or quantize_weights_int4 for other models"
+        f"a GGUF's own 4-bit blocks (gguf_weights, a draft's `weights: gguf`) need a model read from a GGUF file, "
+        f"and this one is {description or 'not from a file'}; use `model: {{path: FILE.gguf}}` or "
+        f"`builtin: {EMBEDDED}`, or re-quantise (quantize_weights_int4, a draft's `weights: int4`)"
     )
 
 

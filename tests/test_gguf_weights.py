@@ -119,8 +119,22 @@ def test_a_gguf_without_4_bit_tensors_is_refused(tmp_path):
 
 
 def test_a_model_not_ingested_from_a_gguf_is_refused():
-    with pytest.raises(UsageError, match=r"gguf_weights.*hf:/models/x") as info:
+    with pytest.raises(UsageError, match=r"GGUF file.*hf:/models/x") as info:
         source_gguf({"description": "hf:/models/x"})
     assert info.value.exit_code == 2
     with pytest.raises(UsageError, match="builtin:tiny-llama"):
         source_gguf({"description": "builtin:tiny-llama"})
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        "  - type: gguf_weights\n",
+        "  - type: speculative\n    draft: {from_target: true, weights: gguf}\n",
+    ],
+)
+def test_a_compile_of_a_model_without_a_gguf_source_exits_2(cli, tiny_recipe, tmp_path, step):
+    recipe = tiny_recipe(extra="")
+    recipe.write_text(recipe.read_text().replace("  - type: export_onnx\n", "  - type: export_onnx\n" + step))
+    code, _, err = cli("compile", recipe, "-o", tmp_path / "out")
+    assert code == 2 and "builtin:tiny-llama" in err and "gguf" in err
