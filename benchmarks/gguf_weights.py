@@ -41,7 +41,8 @@ CONFIGS = {
     "fp32": [common.override("passes", [{"type": "export_onnx"}])],
     "int4": [common.override("passes", [{"type": "export_onnx"}, INT4]), *LOOSE],
     "q4": [],
-    "q4-int8": [common.override("passes", [{"type": "export_onnx"}, {**GGUF, "accuracy_level": 4}])],
+    # int8 activations move logits by ~3 and change greedy tokens within 16: gated as int4 is
+    "q4-int8": [common.override("passes", [{"type": "export_onnx"}, {**GGUF, "accuracy_level": 4}]), *LOOSE],
     "q4-float-zp": [common.override("passes", [{"type": "export_onnx"}, {**GGUF, "layout": "float_zero_point"}])],
     "q4-spec-int8": [
         common.override(
