@@ -98,7 +98,7 @@ class DraftSpec(registry.Params):
         if self.weights in ("fp32", "gguf") and (self.block_size != 32 or self.symmetric):
             raise ValueError(
                 "'block_size' and 'symmetric' describe re-quantised 8- or 4-bit draft weights; set 'weights' "
-                "to int8 or int4 (gguf keeps the file's own blocks of 32)"
+                "too (int8 or int4: gguf keeps the file's own blocks of 32)"
             )
         if self.lookup is None and self.lookup_ngram != 3:
             raise ValueError("'lookup_ngram' tunes drafts copied from the context; set 'lookup' too")

@@ -205,6 +205,7 @@ def test_lookup_drafts_are_planned_priced_and_validated(cli, tiny_recipe, tmp_pa
         ("{from_target: true, weights: int4}", False, "after export_onnx"),
         ("{keep_layers: [0], vocab: 100000}", True, "exceeds the"),
         ("{keep_layers: [0], block_size: 64}", True, "set 'weights' too"),
+        ("{from_target: true, weights: gguf, symmetric: true}", True, "gguf keeps the file's own blocks"),
     ],
 )
 def test_bad_compressed_drafts_are_usage_errors(cli, tiny_recipe, tmp_path, draft, placed_after_export, message):
