@@ -11,7 +11,7 @@ head, its fp32 norms) stay as the graph has them.
 Q4_0 (w = d*(q-8)) is MatMulNBits' own symmetric form. Q4_1 (w = d*q + m) has a real-valued
 minimum per block, which MatMulNBits takes as a float zero point (w = d*(q - z), z = -m/d), but
 ORT's CPU kernel does not prepack a float zero point and dequantises the whole weight at every
-call (~25x slower than its packed kernel; docs/quantization.md). So `layout: split` (the
+call (13-27x slower than its packed kernels; docs/quantization.md). So `layout: split` (the
 default) computes the same product as two exact terms:
     x . W = sum_b d_b (x_b . q_b)  +  sum_b m_b (sum of x over block b)
 the first a packed MatMulNBits with zero point 0, the second a small fp32 MatMul of the input's
