@@ -19,10 +19,16 @@ FLAP's bias compensation adds become Adds. Positions are derived by GroupQueryAt
 the attention mask (seqlens_k = sum(mask) - 1), i.e. positions are contiguous from the cache
 length, which is how every accelc runtime calls a decoder (batch 1, no left padding).
 The tied LM head reads the embedding matrix through Gemm(transB=1), so it is stored once.
+
+The graph says where each of the model's parameters lives in it (`weight_views`, kept in the
+model's metadata under WEIGHT_VIEWS): an initializer, a column range of it (q, k and v are one
+packed matrix) and whether it is stored transposed. Another backend can then read its weights
+out of this graph instead of shipping a second copy (the TVM target does: targets/tvm_build.py).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +40,7 @@ ARCHITECTURES = ("llama", "qwen2")  # Hugging Face model_type values it builds
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
 INLINE_LIMIT = 1_800_000_000  # protobuf's 2 GB cap: larger graphs keep weights in <graph>.data
+WEIGHT_VIEWS = "accelc.weight_views"  # metadata key: {parameter name: view} (see `view_arrays`)
 
 
 def unsupported_reason(model) -> str | None:
@@ -57,13 +64,22 @@ class _Graph:
     Every intermediate's element type is recorded as value_info: ONNX shape inference cannot see
     through com.microsoft ops, and ORT's quantizers need each MatMul input's type."""
 
-    def __init__(self):
+    def __init__(self, model=None):
         self.nodes, self.initializers, self.types, self._count = [], [], {}, 0
+        self.views: dict[str, dict] = {}  # parameter name -> where it is stored (WEIGHT_VIEWS)
+        self._names: dict[int, list[str]] = {}  # every name of a parameter: tied weights have two
+        for name, param in model.named_parameters(remove_duplicate=False) if model is not None else ():
+            self._names.setdefault(id(param), []).append(name)
 
-    def weight(self, name: str, array) -> str:
+    def weight(self, name: str, array, views=()) -> str:
+        """Store `array` as initializer `name`. views: (parameter, transposed, columns) for each
+        model parameter the array holds, columns a [start, stop) range of its last axis or None."""
         from onnx import numpy_helper
 
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        for param, transposed, columns in views:
+            for param_name in self._names.get(id(param), ()):
+                self.views[param_name] = {"initializer": name, "transposed": transposed, "columns": columns}
         return name
 
     def op(
@@ -96,9 +112,9 @@ def _np(tensor) -> np.ndarray:
 
 def _linear(g: _Graph, x: str, linear, name: str) -> str:
     """x @ W^T (+ b): weights are stored transposed once, at build time."""
-    y = g.op("MatMul", [x, g.weight(f"{name}.weight_t", _np(linear.weight).T)])
+    y = g.op("MatMul", [x, g.weight(f"{name}.weight_t", _np(linear.weight).T, [(linear.weight, True, None)])])
     if linear.bias is not None:
-        y = g.op("Add", [y, g.weight(f"{name}.bias", _np(linear.bias))])
+        y = g.op("Add", [y, g.weight(f"{name}.bias", _np(linear.bias), [(linear.bias, False, None)])])
     return y
 
 
@@ -135,8 +151,8 @@ def build(model, out_dir: Path, opset: int = OPSET, vocab_subset=None) -> Path:
     vocab, hidden = body.embed_tokens.weight.shape
     n_kv = layers[0].self_attn.k_proj.weight.shape[0] // head_dim
 
-    g = _Graph()
-    embed = g.weight("embed_tokens.weight", _np(body.embed_tokens.weight))
+    g = _Graph(model)
+    embed = g.weight("embed_tokens.weight", _np(body.embed_tokens.weight), [(body.embed_tokens.weight, False, None)])
     cos, sin = (g.weight(n, a) for n, a in zip(("cos_cache", "sin_cache"), _rotary_caches(model, head_dim)))
     x = g.op("Gather", [embed, "input_ids"])
     # GroupQueryAttention's view of the mask: per-sequence index of the last token, total length
@@ -155,15 +171,19 @@ def build(model, out_dir: Path, opset: int = OPSET, vocab_subset=None) -> Path:
         p = f"layers.{i}"
         attn, mlp = layer.self_attn, layer.mlp
         h, residual = _add_and_norm(g, pending, residual, layer.input_layernorm.weight, f"{p}.input_layernorm", eps)
-        qkv_w = np.concatenate([_np(attn.q_proj.weight), _np(attn.k_proj.weight), _np(attn.v_proj.weight)])
-        qkv = g.op("MatMul", [h, g.weight(f"{p}.qkv_proj.weight_t", qkv_w.T)])
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        bounds = np.cumsum([0] + [lin.weight.shape[0] for lin in projections]).tolist()
+        spans = [bounds[j : j + 2] for j in range(3)]  # each projection's columns of the packed matrix
+        qkv_w = np.concatenate([_np(lin.weight) for lin in projections])
+        packed = [(lin.weight, True, span) for lin, span in zip(projections, spans)]
+        qkv = g.op("MatMul", [h, g.weight(f"{p}.qkv_proj.weight_t", qkv_w.T, packed)])
         if any(lin.bias is not None for lin in projections):
             bias = [
                 _np(lin.bias) if lin.bias is not None else np.zeros(lin.weight.shape[0], np.float32)
                 for lin in projections
             ]
-            qkv = g.op("Add", [qkv, g.weight(f"{p}.qkv_proj.bias", np.concatenate(bias))])
+            held = [(lin.bias, False, span) for lin, span in zip(projections, spans) if lin.bias is not None]
+            qkv = g.op("Add", [qkv, g.weight(f"{p}.qkv_proj.bias", np.concatenate(bias), held)])
         present = [f"present.{i}.key", f"present.{i}.value"]
         context, *_ = g.op(
             "GroupQueryAttention",
@@ -223,7 +243,7 @@ def build(model, out_dir: Path, opset: int = OPSET, vocab_subset=None) -> Path:
     )
     # GroupQueryAttention appends into `past` when present is the same buffer: runtimes may keep
     # the cache in place (runtime/ort_backend.py) instead of copying it every step
-    helper.set_model_props(proto, {IN_PLACE_KV[0]: IN_PLACE_KV[1]})
+    helper.set_model_props(proto, {IN_PLACE_KV[0]: IN_PLACE_KV[1], WEIGHT_VIEWS: json.dumps(g.views)})
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
     external = sum(t.ByteSize() for t in g.initializers) > INLINE_LIMIT
@@ -235,7 +255,7 @@ def build(model, out_dir: Path, opset: int = OPSET, vocab_subset=None) -> Path:
 
 def _add_and_norm(g: _Graph, block_out: str, residual: str | None, weight, name: str, eps: float):
     """RMSNorm(residual + block_out) and the new residual; the first layer has no residual yet."""
-    gamma = g.weight(f"{name}.weight", _np(weight))
+    gamma = g.weight(f"{name}.weight", _np(weight), [(weight, False, None)])
     if residual is None:
         return g.op("SimplifiedLayerNormalization", [block_out, gamma], epsilon=eps, axis=-1, stash_type=1), block_out
     normed, summed = f"{name}.out", f"{name}.residual"
@@ -261,8 +281,14 @@ def _lm_head(g: _Graph, model, h: str, hidden: int, embed: str, vocab_subset) ->
     weight, bias = _np(head.weight), None if head.bias is None else _np(head.bias)
     if vocab_subset is None:
         tied = head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-        logits = g.op("Gemm", [flat, embed if tied else g.weight("lm_head.weight", weight)], transB=1)
-        return logits if bias is None else g.op("Add", [logits, g.weight("lm_head.bias", bias)])
+        if not tied:
+            embed = g.weight("lm_head.weight", weight, [(head.weight, False, None)])
+        logits = g.op("Gemm", [flat, embed], transB=1)
+        return (
+            logits
+            if bias is None
+            else g.op("Add", [logits, g.weight("lm_head.bias", bias, [(head.bias, False, None)])])
+        )
     from onnx import TensorProto, helper
 
     subset = np.unique(np.asarray(vocab_subset, dtype=np.int64))
@@ -295,3 +321,26 @@ def _lm_head(g: _Graph, model, h: str, hidden: int, embed: str, vocab_subset) ->
         dtype=int64,
     )
     return g.op("ScatterElements", [full, index, scores], axis=1)
+
+
+def view_arrays(graph: Path, names) -> dict[str, np.ndarray] | None:
+    """The arrays of parameters `names` as the fused graph at `graph` stores them, in the model's
+    own layout; None when the graph does not hold every one as a plain float initializer (a
+    quantisation pass replaced it, or the graph has no views)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph))
+    props = {p.key: p.value for p in model.metadata_props}
+    views = json.loads(props.get(WEIGHT_VIEWS, "{}"))
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for name in names:
+        view = views.get(name)
+        if view is None or view["initializer"] not in inits:
+            return None
+        array = numpy_helper.to_array(inits[view["initializer"]])
+        if view["columns"] is not None:
+            array = array[..., slice(*view["columns"])]
+        out[name] = np.ascontiguousarray(array.T if view["transposed"] else array)
+    return out

@@ -129,8 +129,12 @@ class GraphBackend(Backend):
         return art.dir / art.manifest["graphs"][self.held_roles()[role]]
 
     def files(self, role: str) -> list[Path]:
-        graph = self.graph(role)
-        return [graph, graph.with_name(graph.name + ".data")]  # weights over 2 GB sit in the .data file
+        return graph_files(self.graph(role))
+
+
+def graph_files(graph: Path) -> list[Path]:
+    """An ONNX graph's files: the graph, and the .data file where weights over 2 GB sit."""
+    return [graph, graph.with_name(graph.name + ".data")]
 
 
 BACKENDS: Registry[type[Backend]] = Registry(

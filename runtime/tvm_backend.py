@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from accelc.errors import HostUnsupported, MissingDependency, UsageError
-from accelc.runtime.backends import Backend, Dependency, register_backend
+from accelc.runtime.backends import Backend, Dependency, graph_files, register_backend
 from accelc.runtime.base import KVState, KVStepModel, kv_length
 
 TVM_INSTALL = "pip install apache-tvm==0.27.0.post1"
@@ -71,7 +71,16 @@ class TVMStepModel(KVStepModel):
 
     name = "tvm"
 
-    def __init__(self, artifact_dir: Path, device: str = "cpu", *, num_threads: int | None = None):
+    def __init__(
+        self,
+        artifact_dir: Path,
+        device: str = "cpu",
+        *,
+        num_threads: int | None = None,
+        weights_graph: Path | None = None,
+    ):
+        """weights_graph: the fused ONNX graph holding the weights, for a library lowered with
+        `params_in_graph` (targets/tvm_build.py); its backend passes the artifact's graph."""
         # TVM sizes its (per calling thread) worker pool once, on the first parallel kernel, from
         # TVM_NUM_THREADS, else OMP_NUM_THREADS, else hardware_concurrency() / 2 on x86 (it
         # assumes hyper-threading): on a 2-core VM without SMT that is ONE thread, and decode
@@ -106,13 +115,29 @@ class TVMStepModel(KVStepModel):
         self._vm = relax.VirtualMachine(lib, self._dev)
         self._step = self._vm[meta["function"]]
         self._truncate = self._vm[meta["truncate_function"]]
-        # Copy each stored tensor into TVM once, as it is read (no second full copy of the
-        # weights in numpy); tied weights then fill several parameter slots with one tensor.
         uploaded = {}
-        with safe_open(str(artifact_dir / meta["param_file"]), framework="numpy") as weights:
-            for key in weights.keys():  # noqa: SIM118 (safe_open is not iterable)
-                uploaded[key] = tvm.runtime.tensor(weights.get_tensor(key), self._dev)
+        if meta.get("params_in_graph"):
+            uploaded = self._weights_from_graph(weights_graph, meta["params"])
+        else:
+            # Copy each stored tensor into TVM once, as it is read (no second full copy of the
+            # weights in numpy); tied weights then fill several parameter slots with one tensor.
+            with safe_open(str(artifact_dir / meta["param_file"]), framework="numpy") as weights:
+                for key in weights.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    uploaded[key] = tvm.runtime.tensor(weights.get_tensor(key), self._dev)
         self._params = [uploaded[key] for key in meta["params"]]
+
+    def _weights_from_graph(self, graph: Path | None, names: list[str]) -> dict:
+        from accelc.compiler.fused_decoder import view_arrays
+
+        if graph is None:
+            raise UsageError(
+                f"{self.artifact_dir}: this TVM library reads its weights from the artifact's ONNX graph; "
+                "open it through the artifact (accelc run/bench), which passes the graph"
+            )
+        arrays = view_arrays(graph, dict.fromkeys(names))
+        if arrays is None:
+            raise UsageError(f"{graph} does not hold the weights this TVM library was built against")
+        return {key: self._tvm.runtime.tensor(array, self._dev) for key, array in arrays.items()}
 
     # -- StepModel ---------------------------------------------------------------------------
 
@@ -186,11 +211,21 @@ class TvmBackend(Backend):
         super().check(role)
         check_host_cpu(self.placement.config.get("target") or {})
 
+    def weights_graph(self, role: str) -> Path | None:
+        """The artifact's ONNX graph that holds this role's weights, or None (its own params file)."""
+        graph_role = self.placement.config.get("weights_graph", {}).get(role)
+        if graph_role is None:
+            return None
+        art = self.placement.artifact
+        return art.dir / art.manifest["graphs"][graph_role]
+
     def files(self, role: str) -> list[Path]:
-        return [self.placement.directory / self.held_roles()[role]]  # library, params and tvm_meta.json
+        graph = self.weights_graph(role)
+        library = self.placement.directory / self.held_roles()[role]  # library, params and tvm_meta.json
+        return [library] if graph is None else [library, *graph_files(graph)]
 
     def open(self, role: str, *, threads: int | None = None, alone_session: bool = False) -> TVMStepModel:
         # TVM reads its thread count from the environment when its pool starts; one pool serves
         # every model of a process, so a per-model share (`threads`) cannot apply
         os.environ.setdefault("TVM_NUM_THREADS", str(self.placement.config.get("num_threads") or os.cpu_count()))
-        return TVMStepModel(self.placement.directory / self.held_roles()[role])
+        return TVMStepModel(self.placement.directory / self.held_roles()[role], weights_graph=self.weights_graph(role))

@@ -79,7 +79,7 @@ class CpuTarget(registry.Target):
     """CPU artifacts: ONNX Runtime session config and/or a TVM llvm VM library."""
 
     kind = "cpu"
-    version = 4  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
+    version = 5  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
     # an ONNX graph, a flow's blocks and a diffusion LM's denoiser lower to ORT only (their backends)
     families = ("causal_lm", "onnx", "tarflow", "diffusion_lm")
 
@@ -147,6 +147,7 @@ class CpuTarget(registry.Target):
 
     def _lower_tvm(self, bundle, ctx):
         from accelc.compiler.pruning.materialize import check_uniform_kv
+        from accelc.families.base import get_family
         from accelc.families.causal_lm import load_model
         from accelc.runtime.tvm_backend import import_tvm
 
@@ -157,16 +158,27 @@ class CpuTarget(registry.Target):
         if self.params.tvm.mcpu != "auto":
             target = {**target, "mcpu": self.params.tvm.mcpu}
         trust = bool(bundle.source.get("trust_remote_code"))
-        dirs, metas, lowered = {}, {}, {}
+        # Graphs that ship with the artifact (ORT or OpenVINO reads them) can hold TVM's weights
+        graphs = (
+            get_family(bundle.family).graph_roles(bundle) if {"ort", "openvino"} & set(self.params.backends) else {}
+        )
+        dirs, metas, lowered, weights_in = {}, {}, {}, {}
         for role, checkpoint in bundle.checkpoints().items():
             name = "target" if role == "decoder" else role
             if checkpoint in lowered:  # a draft made from the target's own weights: one library serves both
                 dirs[name], metas[name] = dirs[lowered[checkpoint]], metas[lowered[checkpoint]]
+                if lowered[checkpoint] in weights_in:
+                    weights_in[name] = weights_in[lowered[checkpoint]]
                 continue
             lowered[checkpoint] = name
             dirs[name] = f"tvm/{name}"
             model = load_model(checkpoint, trust)
             check_uniform_kv(model, "the cpu target's tvm backend")
-            metas[name] = tvm_build.lower_causal_lm(model, ctx.workdir / dirs[name], target)
+            graph_role = graphs.get(name)
+            metas[name] = tvm_build.lower_causal_lm(
+                model, ctx.workdir / dirs[name], target, weights_graph=bundle.graphs.get(graph_role)
+            )
+            if metas[name]["params_in_graph"]:
+                weights_in[name] = graph_role
         threads = self.params.tvm.num_threads or os.cpu_count()
-        return {"dirs": dirs, "target": target, "num_threads": threads, "meta": metas}
+        return {"dirs": dirs, "target": target, "num_threads": threads, "meta": metas, "weights_graph": weights_in}

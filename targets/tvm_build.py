@@ -6,8 +6,13 @@ and write the files the runtime (`accelc.runtime.tvm_backend`) opens.
 
 Files written to `out_dir`:
     model.so           the compiled Relax VM library (step + truncate_kv)
-    params.safetensors the weights, deduplicated (tied embeddings are stored once)
+    params.safetensors the weights, deduplicated (tied embeddings are stored once), unless
+                       the artifact's fused ONNX graph already holds every one of them
     tvm_meta.json      names, shapes, target and TVM version; see `lower_causal_lm`
+
+An artifact lowered for both ONNX Runtime and TVM would otherwise ship the weights twice. The
+fused graph records where each parameter sits in it (compiler/fused_decoder.py, `view_arrays`),
+so TVM reads its weights from that graph when every one is there bit for bit, checked here.
 """
 
 from __future__ import annotations
@@ -34,6 +39,16 @@ META_FILE = "tvm_meta.json"
 META_SCHEMA = 1
 
 
+def _graph_holds(graph: Path, stored: dict) -> bool:
+    """Whether the ONNX graph at `graph` holds every stored tensor bit for bit."""
+    import numpy as np
+
+    from accelc.compiler.fused_decoder import view_arrays
+
+    held = view_arrays(graph, stored)
+    return held is not None and all(np.array_equal(held[k], v) for k, v in stored.items())
+
+
 def host_llvm_target(num_threads: int | None = None) -> dict:
     """An LLVM target dict for this machine's CPU.
 
@@ -48,11 +63,15 @@ def host_llvm_target(num_threads: int | None = None) -> dict:
     return {"kind": "llvm", "mcpu": cpu, "num-cores": int(num_threads or os.cpu_count() or 1)}
 
 
-def lower_causal_lm(model, out_dir: Path, target: dict, *, max_seq_len: int | None = None) -> dict:
+def lower_causal_lm(
+    model, out_dir: Path, target: dict, *, max_seq_len: int | None = None, weights_graph: Path | None = None
+) -> dict:
     """Lower `model` (a loaded transformers causal LM) to `out_dir`; return the metadata written.
 
     `max_seq_len` bounds P + k (default: the model's max_position_embeddings); TVM uses it as the
-    upper bound of the dynamic dims.
+    upper bound of the dynamic dims. `weights_graph`: a fused ONNX graph of the same model that
+    ships beside the library; where it holds every parameter exactly, no params file is written
+    and the metadata says `params_in_graph` (the runtime is then handed that graph).
     """
     tvm = import_tvm()
     from safetensors.numpy import save_file
@@ -95,10 +114,12 @@ def lower_causal_lm(model, out_dir: Path, target: dict, *, max_seq_len: int | No
         raise PassFailed("tvm.compile", f"tvm.compile for {target} failed: {exc}") from exc
     timings["compile_s"] = time.perf_counter() - t0
 
-    # safetensors, not .npz: no pickle, tensors are read one at a time without loading the
-    # whole file (the runtime uploads them one by one), and it is the format HF checkpoints use,
-    # so a stored weight can be diffed against its source by name.
-    save_file(stored, str(out_dir / PARAMS_FILE))
+    in_graph = weights_graph is not None and _graph_holds(weights_graph, stored)
+    if not in_graph:
+        # safetensors, not .npz: no pickle, tensors are read one at a time without loading the
+        # whole file (the runtime uploads them one by one), and it is the format HF checkpoints
+        # use, so a stored weight can be diffed against its source by name.
+        save_file(stored, str(out_dir / PARAMS_FILE))
 
     num_layers = shapes["num_layers"]
     meta = {
@@ -110,7 +131,8 @@ def lower_causal_lm(model, out_dir: Path, target: dict, *, max_seq_len: int | No
         "outputs": ["logits"] + [f"present_{i}" for i in range(2 * num_layers)],
         "kv_layout": "[k_0, v_0, k_1, v_1, ...] each [1, kv_heads, length, head_dim]",
         "params": slots,  # one stored tensor name per parameter slot, in call order
-        "param_file": PARAMS_FILE,
+        "param_file": None if in_graph else PARAMS_FILE,
+        "params_in_graph": in_graph,
         "library": LIBRARY_FILE,
         "num_layers": num_layers,
         "kv_heads": shapes["kv_heads"],

@@ -113,3 +113,23 @@ def test_truncated_head_scores_its_subset_exactly_and_nothing_else(tmp_path):
     assert np.isneginf(logits[:, outside]).all()
     with pytest.raises(UsageError, match="token ids"):
         fused_decoder.build(model, tmp_path / "bad", vocab_subset=[model.config.vocab_size])
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_the_graph_says_where_every_parameter_is_stored(name, tmp_path):
+    """`view_arrays` gives back every parameter bit for bit (q/k/v out of the packed matrix,
+    transposed weights, biases, the tied head), and None once a pass has replaced a weight."""
+    import onnx
+
+    model = _load(name, tmp_path)
+    graph = fused_decoder.build(model, tmp_path / "onnx")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    held = fused_decoder.view_arrays(graph, params)
+    assert held is not None and held.keys() == params.keys()
+    for key, param in params.items():
+        assert np.array_equal(held[key], param.detach().numpy()), key
+
+    proto = onnx.load(str(graph))
+    proto.graph.initializer.remove(next(t for t in proto.graph.initializer if t.name == "layers.0.qkv_proj.weight_t"))
+    onnx.save(proto, str(graph))
+    assert fused_decoder.view_arrays(graph, params) is None

@@ -62,9 +62,25 @@ def test_overwritten_bytes_are_named_by_verify_run_and_inspect(cli, artifact):
     code, out, err = cli("inspect", artifact)
     assert code == 0 and f"integrity DAMAGED: {GRAPH} (changed)" in out
 
-    # the other backends do not read the graph and still run
+    # TVM reads its weights from the same graph, so it is refused too; torch does not read it
     code, out, err = cli("run", artifact, "--prompt", "hello", "--max-new-tokens", "2", "--backend", "tvm")
+    assert code == 2 and f"{artifact / GRAPH} fails its manifest checksum" in err
+    code, out, err = cli("run", artifact, "--prompt", "hello", "--max-new-tokens", "2", "--backend", "torch")
     assert code == 0, err
+
+
+def test_tvm_reads_its_weights_from_the_graph_ort_ships(cli, compiled):
+    """One copy of the weights for both backends, and TVM decodes the same tokens from it."""
+    meta = json.loads((compiled / "targets/cpu/tvm/target/tvm_meta.json").read_text())
+    assert meta["params_in_graph"] and not (compiled / "targets/cpu/tvm/target/params.safetensors").exists()
+    outputs = {}
+    for backend in ("ort", "tvm"):
+        code, out, err = cli(
+            "run", compiled, "--prompt", "hello", "--raw", "--max-new-tokens", "6", "--backend", backend
+        )
+        assert code == 0, err
+        outputs[backend] = out
+    assert outputs["ort"] == outputs["tvm"]
 
 
 def test_a_damaged_tvm_library_is_refused_before_it_is_loaded(cli, artifact):
