@@ -131,6 +131,7 @@ def carry_blocks(src: Path, dst: Path, blocks: GGUFBlocks, layout: str, accuracy
         nodes.append(node)
     used = {name for node in nodes for name in node.input}
     kept = [t for t in graph.initializer if t.name in used]
+    _keep_views_of(model, {t.name for t in kept})
     del graph.node[:], graph.initializer[:]
     graph.node.extend(nodes)
     graph.initializer.extend(kept + writer.initializers)
@@ -141,6 +142,18 @@ def carry_blocks(src: Path, dst: Path, blocks: GGUFBlocks, layout: str, accuracy
         model, str(dst), save_as_external_data=external, all_tensors_to_one_file=True, location=dst.name + ".data"
     )
     return carried, total
+
+
+def _keep_views_of(model, initializers: set[str]) -> None:
+    """Drop the fused graph's weight views (where TVM may read a parameter) into replaced weights."""
+    import json
+
+    from accelc.compiler.fused_decoder import WEIGHT_VIEWS
+
+    for prop in model.metadata_props:
+        if prop.key == WEIGHT_VIEWS:
+            views = json.loads(prop.value)
+            prop.value = json.dumps({k: v for k, v in views.items() if v["initializer"] in initializers})
 
 
 class _Writer:

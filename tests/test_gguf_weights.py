@@ -138,3 +138,20 @@ def test_a_compile_of_a_model_without_a_gguf_source_exits_2(cli, tiny_recipe, tm
     recipe.write_text(recipe.read_text().replace("  - type: export_onnx\n", "  - type: export_onnx\n" + step))
     code, _, err = cli("compile", recipe, "-o", tmp_path / "out")
     assert code == 2 and "builtin:tiny-llama" in err and "gguf" in err
+
+
+def test_weight_views_into_replaced_weights_are_dropped(tiny):
+    """TVM may read a parameter from the fused graph (weight views): none may name a weight
+    the pass replaced, and views of weights it kept stay."""
+    import json
+
+    from accelc.compiler.fused_decoder import WEIGHT_VIEWS
+
+    work, _ = tiny
+    model = onnx.load(str(work / "model.onnx"))
+    views = {n: {"initializer": n, "columns": None, "transposed": True} for n in ("qk_t", "down_t", "embd_t")}
+    helper.set_model_props(model, {WEIGHT_VIEWS: json.dumps(views)})
+    onnx.save(model, work / "viewed.onnx")
+    carry_blocks(work / "viewed.onnx", work / "viewed.q4.onnx", GGUFBlocks(work / "tiny.gguf"), "split", 0)
+    props = {p.key: p.value for p in onnx.load(str(work / "viewed.q4.onnx")).metadata_props}
+    assert set(json.loads(props[WEIGHT_VIEWS])) == {"embd_t"}
