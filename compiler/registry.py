@@ -89,6 +89,7 @@ PASSES: Registry[type[Pass]] = Registry(
         "accelc.passes.jacobi",
         "accelc.passes.pruning",
         "accelc.passes.quantize",
+        "accelc.passes.gguf_weights",
         "accelc.passes.speculative",
         "accelc.passes.lookahead",
         "accelc.passes.export_denoiser",

@@ -48,7 +48,37 @@ def run(art, args) -> int:
     )
     if args.show_tokens:
         print(json.dumps(result.tokens))
+    if plan.sampler(args.temperature).temperature == 0.0:
+        planned, plain = steady_state(plan, target, draft, ids, n, eos)
+        versus = "" if plan.strategy == "greedy" else f", plain greedy {plain:.1f} tok/s ({planned / plain:.2f}x)"
+        progress.status(
+            f"{backend} steady state (warm sessions, median of {STEADY_ROUNDS} alternated runs): "
+            f"[{plan.strategy}] {planned:.1f} tok/s{versus}"
+        )
     return 0
+
+
+STEADY_ROUNDS = 3
+
+
+def steady_state(plan, target, draft, ids, n, eos) -> tuple[float, float]:
+    """Decode tok/s of the plan and of plain greedy decoding on warm sessions, in this process.
+
+    The first generation of a process pays for session set-up and first-touch allocations (the
+    fp32 quick start reports ~29 tok/s cold, ~47 warm), so it is no rate to deploy by; rounds
+    alternate the two so that a busy machine slows both alike."""
+    import statistics
+
+    from accelc.loops.autoregressive import generate
+    from accelc.loops.plan import run_plan
+
+    planned, plain = [], []
+    for _ in range(STEADY_ROUNDS):
+        planned.append(run_plan(plan, target, draft, ids, n, eos_ids=eos).decode_tokens_per_second)
+        if plan.strategy != "greedy":
+            plain.append(generate(target, ids, n, eos_ids=eos).decode_tokens_per_second)
+    median = statistics.median(planned)
+    return median, statistics.median(plain) if plain else median
 
 
 def plan_coverage(directory: Path) -> list[str]:

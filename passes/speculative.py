@@ -55,9 +55,10 @@ class DraftSpec(registry.Params):
     from_target: bool = Field(
         False, description="the target's own weights as the draft, made cheaper by `weights` and/or `vocab`"
     )
-    weights: Literal["fp32", "int8", "int4"] = Field(
+    weights: Literal["fp32", "int8", "int4", "gguf"] = Field(
         "fp32",
-        description="weight precision of the draft's ONNX graph (ORT MatMulNBits); needs the pass after export_onnx",
+        description="weight precision of the draft's ONNX graph (ORT MatMulNBits); gguf: the source GGUF's own "
+        "4-bit blocks with int8 compute (passes/gguf_weights.py); needs the pass after export_onnx",
     )
     block_size: Literal[16, 32, 64, 128, 256] = Field(
         32,
@@ -94,8 +95,11 @@ class DraftSpec(registry.Params):
         given += ["from_target"] if self.from_target else []
         if len(given) != 1:
             raise ValueError("give exactly one of 'path', 'keep_layers', 'subnet_ratio' or 'from_target'")
-        if self.weights == "fp32" and (self.block_size != 32 or self.symmetric):
-            raise ValueError("'block_size' and 'symmetric' describe 8- or 4-bit draft weights; set 'weights' too")
+        if self.weights in ("fp32", "gguf") and (self.block_size != 32 or self.symmetric):
+            raise ValueError(
+                "'block_size' and 'symmetric' describe re-quantised 8- or 4-bit draft weights; set 'weights' "
+                "too (int8 or int4: gguf keeps the file's own blocks of 32)"
+            )
         if self.lookup is None and self.lookup_ngram != 3:
             raise ValueError("'lookup_ngram' tunes drafts copied from the context; set 'lookup' too")
         if self.from_target and not self.compressed:
@@ -270,7 +274,18 @@ class Speculative(registry.Pass):
         compression = []
         if subset is not None:
             compression.append(f"head scores {len(subset)} of {draft_model.config.vocab_size} tokens")
-        if spec.weights != "fp32":
+        if spec.weights == "gguf":
+            from accelc.gguf_blocks import GGUFBlocks
+            from accelc.passes.gguf_weights import carry_blocks, source_gguf
+
+            with progress.step("speculative: the draft's weights as the GGUF's own 4-bit blocks"):
+                blocks = GGUFBlocks(source_gguf(bundle.source))
+                dst = graph.with_name("model.gguf4.onnx")
+                # a draft need not be exact (verification is): int8 compute, the cheaper kernel
+                carry_blocks(graph, dst, blocks, "split", accuracy_level=4)
+                graph = dst
+            compression.append("the GGUF's own 4-bit blocks (MatMulNBits, int8 compute)")
+        elif spec.weights != "fp32":
             bits = {"int8": 8, "int4": 4}[spec.weights]
             with progress.step(f"speculative: draft weights to {spec.weights}"):
                 graph = quantize_matmul_nbits(

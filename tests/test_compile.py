@@ -38,11 +38,12 @@ def test_run_matches_transformers_generate(cli, tiny_recipe, tmp_path):
     ids = list(art.tokenizer(prompt)["input_ids"])
     expected = reference_greedy(art.torch_model(), ids, 12)
     for backend in ("ort", "torch"):
-        code, stdout, _ = cli(
+        code, stdout, err = cli(
             "run", out, "--prompt", prompt, "--max-new-tokens", 12, "--backend", backend, "--raw", "--show-tokens"
         )
         assert code == 0
         assert json.loads(stdout.strip().splitlines()[-1]) == expected
+        assert f"{backend} steady state (warm sessions" in err  # a warm rate, not only the cold first one
 
 
 def test_second_compile_reuses_the_cache_and_no_cache_bypasses_it(cli, tiny_recipe, tmp_path):

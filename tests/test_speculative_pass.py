@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -42,6 +43,7 @@ def test_rewritten_loop_is_validated_on_every_backend(cli, tiny_recipe, tmp_path
     assert manifest["decode_plan"]["strategy"] == strategy and "model/draft_hf/config.json" in manifest["files"]
     code, _, err = cli("run", out, "--prompt", "Hello", "--raw", "--max-new-tokens", 10)
     assert code == 0 and f"[{strategy}]" in err and "target calls" in err
+    assert re.search(rf"steady state .*\[{strategy}\] [0-9.]+ tok/s, plain greedy [0-9.]+ tok/s", err)
 
 
 def test_subnet_draft_comes_from_the_pruning_passes(cli, tiny_recipe, tmp_path):
@@ -203,6 +205,7 @@ def test_lookup_drafts_are_planned_priced_and_validated(cli, tiny_recipe, tmp_pa
         ("{from_target: true, weights: int4}", False, "after export_onnx"),
         ("{keep_layers: [0], vocab: 100000}", True, "exceeds the"),
         ("{keep_layers: [0], block_size: 64}", True, "set 'weights' too"),
+        ("{from_target: true, weights: gguf, symmetric: true}", True, "gguf keeps the file's own blocks"),
     ],
 )
 def test_bad_compressed_drafts_are_usage_errors(cli, tiny_recipe, tmp_path, draft, placed_after_export, message):

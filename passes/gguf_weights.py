@@ -1,0 +1,225 @@
+"""gguf_weights: the source GGUF's own 4-bit blocks as the ONNX graphs' MatMul weights.
+
+A model ingested from a Q4_0/Q4_1 GGUF (`model: gguf:` or the built-in SmolLM2) is, as a torch
+model, those blocks dequantised. Re-quantising that fp32 copy (quantize_weights_int4) rounds
+it a second time onto a different grid and costs ~20% perplexity on SmolLM2; carrying the
+blocks over loses nothing: every MatMul whose weight is made of the file's 4-bit rows
+(accelc/gguf_blocks.py finds them, whatever the exporter's layout) becomes ONNX Runtime's
+MatMulNBits over those very blocks. Tensors of other types (SmolLM2's Q8_0 embedding and tied
+head, its fp32 norms) stay as the graph has them.
+
+Q4_0 (w = d*(q-8)) is MatMulNBits' own symmetric form. Q4_1 (w = d*q + m) has a real-valued
+minimum per block, which MatMulNBits takes as a float zero point (w = d*(q - z), z = -m/d), but
+ORT's CPU kernel does not prepack a float zero point and dequantises the whole weight at every
+call (13-27x slower than its packed kernels; docs/quantization.md). So `layout: split` (the
+default) computes the same product as two exact terms:
+    x . W = sum_b d_b (x_b . q_b)  +  sum_b m_b (sum of x over block b)
+the first a packed MatMulNBits with zero point 0, the second a small fp32 MatMul of the input's
+block sums ([.., K/32]) with the minima ([K/32, N]).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from accelc.compiler import registry
+from accelc.errors import UsageError
+from accelc.gguf_blocks import BLOCK, Blocks, GGUFBlocks
+
+MS_DOMAIN = "com.microsoft"
+
+
+@registry.register_pass
+class GgufWeights(registry.Pass):
+    """The source GGUF's Q4_0/Q4_1 blocks as MatMulNBits weights: the model's exact weights in 4 bits."""
+
+    name = "gguf_weights"
+    families = ("causal_lm",)  # needs the model's GGUF source, which only causal_lm ingests
+    consumes = produces = ("onnx_graph",)
+
+    class Params(registry.Params):
+        layout: Literal["split", "float_zero_point"] = Field(
+            "split",
+            description="how Q4_1's block minima are computed: split = packed MatMulNBits plus a MatMul of "
+            "the input's block sums by the minima (fast on CPU); float_zero_point = one MatMulNBits with "
+            "float zero points (ORT's CPU kernel dequantises those at every call)",
+        )
+        accuracy_level: int = Field(
+            0,
+            ge=0,
+            le=4,
+            description="MatMulNBits compute type: 0 = fp32 (the source's weights, exact to float rounding), "
+            "4 = int8 activations (faster, rounds the activations)",
+        )
+
+    def run(self, bundle, ctx):
+        if not bundle.graphs:
+            raise UsageError("gguf_weights needs ONNX graphs: put export_onnx before it")
+        source = source_gguf(bundle.source)
+        blocks = GGUFBlocks(source)
+        graphs, meta = {}, {}
+        for role, src in bundle.graphs.items():
+            dst = ctx.workdir / role / "model.gguf4.onnx"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            carried, total = carry_blocks(src, dst, blocks, self.params.layout, self.params.accuracy_level)
+            if role == "decoder" and carried == 0:
+                raise UsageError(
+                    f"gguf_weights: no MatMul weight of the decoder graph is made of {source.name}'s 4-bit rows "
+                    "(was the graph quantised or pruned before this pass? put gguf_weights right after export_onnx)"
+                )
+            graphs[role] = dst if carried else src
+            meta[role] = {
+                **bundle.graph_meta.get(role, {}),
+                **(
+                    {
+                        "quantization": f"{source.name}'s own 4-bit blocks (MatMulNBits, {self.params.layout})",
+                        "weights": "source blocks, exact",
+                        "gguf_matmuls": f"{carried} of {total}",
+                    }
+                    if carried
+                    else {}
+                ),
+            }
+        return bundle.evolve(graphs=graphs, graph_meta={**bundle.graph_meta, **meta})
+
+
+def source_gguf(source) -> Path:
+    """The GGUF file a bundle's model was ingested from; exit 2 when it was not a GGUF."""
+    from accelc.families.causal_lm import EMBEDDED
+
+    description = str(source.get("description", ""))
+    kind, _, rest = description.partition(":")
+    if kind == "gguf":
+        return Path(rest)
+    if kind == "builtin" and rest == EMBEDDED:
+        from accelc import assets
+
+        return assets.smollm2_gguf()
+    raise UsageError(
+        f"a GGUF's own 4-bit blocks (gguf_weights, a draft's `weights: gguf`) need a model read from a GGUF file, "
+        f"and this one is {description or 'not from a file'}; use `model: {{path: FILE.gguf}}` or "
+        f"`builtin: {EMBEDDED}`, or re-quantise (quantize_weights_int4, a draft's `weights: int4`)"
+    )
+
+
+def carry_blocks(src: Path, dst: Path, blocks: GGUFBlocks, layout: str, accuracy_level: int) -> tuple[int, int]:
+    """Rewrite `src` to `dst` with every MatMul whose weight `blocks` holds as MatMulNBits over
+    those blocks; return (MatMuls rewritten, MatMuls with a constant weight)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from accelc.compiler.fused_decoder import INLINE_LIMIT
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    writer = _Writer(layout, accuracy_level)
+    nodes, carried, total = [], 0, 0
+    for node in graph.node:
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight is not None and len(weight.dims) == 2 and weight.data_type == onnx.TensorProto.FLOAT:
+            total += 1
+            found = blocks.find(numpy_helper.to_array(weight).T)
+            if found is not None:
+                nodes += writer.matmul(node, found)
+                carried += 1
+                continue
+        nodes.append(node)
+    used = {name for node in nodes for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    _keep_views_of(model, {t.name for t in kept})
+    del graph.node[:], graph.initializer[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(kept + writer.initializers)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    external = model.ByteSize() > INLINE_LIMIT
+    onnx.save_model(
+        model, str(dst), save_as_external_data=external, all_tensors_to_one_file=True, location=dst.name + ".data"
+    )
+    return carried, total
+
+
+def _keep_views_of(model, initializers: set[str]) -> None:
+    """Drop the fused graph's weight views (where TVM may read a parameter) into replaced weights."""
+    import json
+
+    from accelc.compiler.fused_decoder import WEIGHT_VIEWS
+
+    for prop in model.metadata_props:
+        if prop.key == WEIGHT_VIEWS:
+            views = json.loads(prop.value)
+            prop.value = json.dumps({k: v for k, v in views.items() if v["initializer"] in initializers})
+
+
+class _Writer:
+    """The nodes and initializers that replace one MatMul; block sums shared by MatMuls of one input."""
+
+    def __init__(self, layout: str, accuracy_level: int):
+        self.layout, self.accuracy_level = layout, accuracy_level
+        self.initializers: list = []
+        self._block_sums: dict[tuple[str, int], str] = {}
+
+    def _constant(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def matmul(self, node, found: Blocks) -> list:
+        from onnx import helper
+
+        x, (y,) = node.input[0], node.output
+        n, nb = found.scale.shape
+        k, name = nb * BLOCK, node.name or y
+        codes, scale = found.codes, found.scale
+        extra, inputs = [], [x, f"{name}.q4", f"{name}.scale"]
+        if found.symmetric:
+            pass  # MatMulNBits without zero points is Q4_0's d*(q - 8)
+        elif self.layout == "float_zero_point":
+            flat = scale == 0  # a constant block (d = 0) is m * (1 - 0)
+            codes = np.where(flat[..., None], np.uint8(1), codes)
+            zero = np.where(flat, 0, -found.minimum / np.where(flat, 1, scale)).astype(np.float32)
+            scale = np.where(flat, found.minimum, scale).astype(np.float32)
+            inputs.append(self._constant(f"{name}.zero_point", zero.reshape(-1)))
+        else:
+            inputs.append(self._constant(f"{name}.zero_point", np.zeros(n * ((nb + 1) // 2), np.uint8)))
+            main = f"{name}.codes_out"
+            minima = helper.make_node(
+                "MatMul", [self._sums(x, k, extra), self._constant(f"{name}.minimum_t", found.minimum.T)], [f"{y}.min"]
+            )
+            extra = [*extra, minima, helper.make_node("Add", [main, f"{y}.min"], [y], name=f"{name}.add")]
+            y = main
+        self._constant(f"{name}.q4", codes[..., 0::2] | (codes[..., 1::2] << 4))
+        self._constant(f"{name}.scale", scale.reshape(-1))
+        nbits = helper.make_node(
+            "MatMulNBits",
+            inputs,
+            [y],
+            name=f"{name}.nbits",
+            domain=MS_DOMAIN,
+            K=k,
+            N=n,
+            bits=4,
+            block_size=BLOCK,
+            accuracy_level=self.accuracy_level,
+        )
+        return [nbits, *extra]
+
+    def _sums(self, x: str, k: int, nodes: list) -> str:
+        """The sum of `x` over each block of 32 inputs ([.., k/32]): one small MatMul with a 0/1
+        indicator, which works at any input rank (the fused graph's intermediates carry no shapes)."""
+        from onnx import helper
+
+        key = (x, k)
+        if key not in self._block_sums:
+            indicator = f"block_indicator_{k}"
+            if not any(t.name == indicator for t in self.initializers):
+                self._constant(indicator, np.repeat(np.eye(k // BLOCK, dtype=np.float32), BLOCK, axis=0))
+            self._block_sums[key] = f"{x}.block_sums"
+            nodes.append(helper.make_node("MatMul", [x, indicator], [self._block_sums[key]]))
+        return self._block_sums[key]

@@ -1,0 +1,157 @@
+"""gguf_weights: a GGUF's own 4-bit blocks carried into an ONNX graph, bit for bit.
+
+A tiny GGUF is written with gguf's own writer and quantiser; the weights a torch model of
+record holds are gguf's dequantisation of it (what transformers loads), here rearranged as
+exporters do (rows permuted, q|k concatenated, transposed into MatMul initializers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from accelc.errors import UsageError
+from accelc.gguf_blocks import GGUFBlocks
+from accelc.passes.gguf_weights import carry_blocks, source_gguf
+
+gguf = pytest.importorskip("gguf")
+K = 64  # two blocks of 32 along the input dimension
+
+
+def write_gguf(path, tensors: dict[str, tuple[np.ndarray, str]]) -> None:
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for name, (values, kind) in tensors.items():
+        qtype = gguf.GGMLQuantizationType[kind]
+        writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A GGUF (Q4_1 q/k with a zero-scale block, Q4_0 down, Q8_0 embedding) and a graph over its weights."""
+    rng = np.random.default_rng(0)
+    work = tmp_path_factory.mktemp("gguf")
+    q, k = rng.standard_normal((8, K), dtype=np.float32), rng.standard_normal((4, K), dtype=np.float32)
+    q[3, :32] = 0.25  # a constant block: Q4_1 stores d = 0
+    tensors = {
+        "blk.0.attn_q.weight": (q, "Q4_1"),
+        "blk.0.attn_k.weight": (k, "Q4_1"),
+        "blk.0.ffn_down.weight": (rng.standard_normal((6, K), dtype=np.float32), "Q4_0"),
+        "token_embd.weight": (rng.standard_normal((10, K), dtype=np.float32), "Q8_0"),
+    }
+    write_gguf(work / "tiny.gguf", tensors)
+    reader = gguf.GGUFReader(work / "tiny.gguf")
+    w = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors}
+    # the exporter's view: q's rows permuted (rotary), q|k concatenated, weights transposed
+    qk = np.concatenate([w["blk.0.attn_q.weight"][[1, 0, 3, 2, 5, 4, 7, 6]], w["blk.0.attn_k.weight"]])
+    weights = {"qk_t": qk.T, "down_t": w["blk.0.ffn_down.weight"].T, "embd_t": w["token_embd.weight"].T}
+    nodes = [helper.make_node("MatMul", ["x", name], [f"y_{name}"], name=f"mm_{name}") for name in weights]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, K])],
+        [helper.make_tensor_value_info(f"y_{n}", TensorProto.FLOAT, None) for n in weights],
+        [numpy_helper.from_array(np.ascontiguousarray(a), n) for n, a in weights.items()],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), work / "model.onnx")
+    return work, weights
+
+
+def run(path, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, {"x": x})))
+
+
+def initializers(path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.mark.parametrize("layout", ["split", "float_zero_point"])
+def test_the_graph_computes_the_dequantised_weights(tiny, layout):
+    work, weights = tiny
+    dst = work / f"{layout}.onnx"
+    assert carry_blocks(work / "model.onnx", dst, GGUFBlocks(work / "tiny.gguf"), layout, 0) == (2, 3)
+    ops = [n.op_type for n in onnx.load(str(dst)).graph.node]
+    assert ops.count("MatMulNBits") == 2 and "embd_t" in initializers(dst)  # the Q8_0 tensor stays fp32
+    x = np.random.default_rng(1).standard_normal((1, 3, K), dtype=np.float32)
+    got = run(dst, x)
+    for name, w in weights.items():
+        expected = x.astype(np.float64) @ w.astype(np.float64)
+        np.testing.assert_allclose(got[f"y_{name}"], expected, rtol=2e-6, atol=1e-5)  # float32 sums
+
+
+def test_the_carried_blocks_reproduce_the_weights_bit_for_bit(tiny):
+    work, weights = tiny
+    dst = work / "bits.onnx"
+    carry_blocks(work / "model.onnx", dst, GGUFBlocks(work / "tiny.gguf"), "split", 0)
+    init = initializers(dst)
+    for name, symmetric in (("mm_qk_t", False), ("mm_down_t", True)):
+        packed = init[f"{name}.q4"]  # [N, blocks, 16]: element 2i in the low nibble, 2i+1 in the high
+        codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:2], 32).astype(np.float32)
+        scale = init[f"{name}.scale"].reshape(packed.shape[:2])
+        if symmetric:  # Q4_0: d * (q - 8)
+            rebuilt = scale[..., None] * (codes - 8)
+        else:  # Q4_1: d * q + m
+            rebuilt = scale[..., None] * codes + init[f"{name}.minimum_t"].T[..., None]
+        rebuilt = rebuilt.reshape(len(packed), -1)
+        reference = weights[name.removeprefix("mm_")].T
+        assert np.array_equal(rebuilt.view(np.uint32), np.ascontiguousarray(reference).view(np.uint32))
+
+
+def test_weights_not_from_the_file_are_left_alone(tiny):
+    work, weights = tiny
+    nudged = dict(weights, qk_t=np.nextafter(weights["qk_t"], np.float32(9)))
+    blocks = GGUFBlocks(work / "tiny.gguf")
+    assert blocks.find(nudged["qk_t"].T) is None and blocks.find(weights["qk_t"].T) is not None
+
+
+def test_a_gguf_without_4_bit_tensors_is_refused(tmp_path):
+    write_gguf(tmp_path / "f32.gguf", {"blk.0.attn_q.weight": (np.ones((4, K), np.float32), "F32")})
+    with pytest.raises(UsageError, match=r"no Q4_0 or Q4_1 tensors.*F32"):
+        GGUFBlocks(tmp_path / "f32.gguf")
+
+
+def test_a_model_not_ingested_from_a_gguf_is_refused():
+    with pytest.raises(UsageError, match=r"GGUF file.*hf:/models/x") as info:
+        source_gguf({"description": "hf:/models/x"})
+    assert info.value.exit_code == 2
+    with pytest.raises(UsageError, match="builtin:tiny-llama"):
+        source_gguf({"description": "builtin:tiny-llama"})
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        "  - type: gguf_weights\n",
+        "  - type: speculative\n    draft: {from_target: true, weights: gguf}\n",
+    ],
+)
+def test_a_compile_of_a_model_without_a_gguf_source_exits_2(cli, tiny_recipe, tmp_path, step):
+    recipe = tiny_recipe(extra="")
+    recipe.write_text(recipe.read_text().replace("  - type: export_onnx\n", "  - type: export_onnx\n" + step))
+    code, _, err = cli("compile", recipe, "-o", tmp_path / "out")
+    assert code == 2 and "builtin:tiny-llama" in err and "gguf" in err
+
+
+def test_weight_views_into_replaced_weights_are_dropped(tiny):
+    """TVM may read a parameter from the fused graph (weight views): none may name a weight
+    the pass replaced, and views of weights it kept stay."""
+    import json
+
+    from accelc.compiler.fused_decoder import WEIGHT_VIEWS
+
+    work, _ = tiny
+    model = onnx.load(str(work / "model.onnx"))
+    views = {n: {"initializer": n, "columns": None, "transposed": True} for n in ("qk_t", "down_t", "embd_t")}
+    helper.set_model_props(model, {WEIGHT_VIEWS: json.dumps(views)})
+    onnx.save(model, work / "viewed.onnx")
+    carry_blocks(work / "viewed.onnx", work / "viewed.q4.onnx", GGUFBlocks(work / "tiny.gguf"), "split", 0)
+    props = {p.key: p.value for p in onnx.load(str(work / "viewed.q4.onnx")).metadata_props}
+    assert set(json.loads(props[WEIGHT_VIEWS])) == {"embd_t"}
