@@ -84,6 +84,7 @@ ACCELC = (
     Row("accelc-openvino", "fp32", "recipes/bench/peers.yaml", "openvino"),
     Row("accelc-tvm", "fp32", "recipes/bench/peers.yaml", "tvm"),
     Row("accelc-ort", "int4", "recipes/quickstart_int4.yaml", "ort"),
+    Row("accelc-ort", "q4_1", "recipes/quickstart.yaml", "ort"),  # the GGUF's own blocks: exact weights
 )
 # The peers, each on a model its own tools make from the shipped GGUF or accelc's HF folder.
 PEERS = (
