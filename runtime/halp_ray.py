@@ -1,0 +1,164 @@
+"""A HALP plan executed on Ray actors: one actor per worker, pinned to its cores, the host in the caller.
+
+Per fused group the host sends each worker only its own input rows (runtime/receptive_field.py:
+the slabs are disjoint), computes the overlap-zone rows itself while the workers run (the paper's
+task collaboration, arXiv 2207.11294 section III), then merges; the classifier runs on the host.
+Every piece runs `halp.run_rows`, so the result equals `halp.run_plan` in one process bit for bit.
+
+Without an address a local Ray instance is started on loopback for the cluster's lifetime; with
+one (`--ray-address`, the `partition` pass's `ray_address`) the actors join that cluster, whose
+nodes need accelc and the model folder at the same path. Each actor asks Ray for `threads` CPUs,
+pins itself to as many cores of its node (disjoint between the actors of one node) and sets its
+torch thread count to match; the host runs its pieces on one thread.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from accelc import progress
+from accelc.errors import UsageError
+from accelc.runtime import halp
+from accelc.runtime.backends import Dependency
+
+RAY = Dependency("ray", "pip install 'accelc[ray]'", "Ray")
+
+
+class HalpWorker:
+    """One worker: the model's layers, its pieces of the plan, its own cores and thread count."""
+
+    def __init__(self, model_dir: str, plan: dict, index: int, threads: int):
+        import torch
+
+        from accelc.families import cnn_model
+
+        cores = sorted(os.sched_getaffinity(0))
+        mine = cores[index * threads : (index + 1) * threads]
+        if len(mine) == threads:  # a node with fewer free cores than workers x threads: Ray's share only
+            os.sched_setaffinity(0, mine)
+        torch.set_num_threads(threads)
+        self.cores = sorted(os.sched_getaffinity(0))
+        _, model = cnn_model.load(Path(model_dir))
+        self.modules = list(model.layers)
+        self.plan = halp.Plan.from_json(plan, "plan")
+
+    def run(self, group: int, piece: int, slab: np.ndarray) -> tuple[np.ndarray, float]:
+        """A piece's output rows from its input slab, and the seconds its compute took."""
+        import torch
+
+        started = time.perf_counter()
+        g = self.plan.groups[group]
+        with torch.inference_mode():
+            out = halp.run_piece(self.modules, g, g.pieces[piece], _tensor(slab))
+        return halp.as_numpy(out), time.perf_counter() - started
+
+    def echo(self, data: np.ndarray) -> np.ndarray:
+        """The link's round trip (latency and bytes/s) for the latency model."""
+        return data
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "cores": self.cores}
+
+
+def _tensor(a: np.ndarray):
+    import torch
+
+    with warnings.catch_warnings():  # Ray's arrays are read-only views of its object store; no piece writes them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+class HalpCluster:
+    """The plan's K actors (and Ray, started here unless `address` names a cluster)."""
+
+    def __init__(self, model_dir: Path, plan: halp.Plan, address: str | None = None):
+        RAY.check()
+        import ray
+
+        halp.require_onednn()
+        self.plan = plan
+        self._started_ray = False
+        if not ray.is_initialized():
+            if address is None:
+                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                         _node_ip_address="127.0.0.1", configure_logging=False)  # fmt: skip
+                self._started_ray = True
+            else:
+                try:
+                    ray.init(address=address, log_to_driver=False, configure_logging=False)
+                except (ConnectionError, ValueError, RuntimeError) as exc:
+                    raise UsageError(f"--ray-address {address}: cannot join that Ray cluster ({exc})") from None
+        actor = ray.remote(HalpWorker).options(num_cpus=plan.threads)
+        with progress.step(f"HALP: {plan.workers} Ray worker(s), {plan.threads} thread(s) each"):
+            self.workers = [actor.remote(str(model_dir), plan.to_json(), i, plan.threads) for i in range(plan.workers)]
+            self.info = ray.get([w.info.remote() for w in self.workers])
+        import torch
+
+        from accelc.families import cnn_model
+
+        torch.set_num_threads(1)
+        _, model = cnn_model.load(Path(model_dir))
+        self.modules = list(model.layers)
+        self.ray = ray
+
+    def infer(self, x: np.ndarray, timings: list | None = None) -> np.ndarray:
+        """Logits of images `x` (N x C x H x W float32) through the plan; `timings` gets one dict per
+        group: wall seconds, each worker's compute seconds, the host's seconds on its pieces."""
+        import torch
+
+        with torch.inference_mode():
+            h = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            for gi, group in enumerate(self.plan.groups):
+                started = time.perf_counter()
+                pending = {
+                    pi: self.workers[p.worker].run.remote(gi, pi, h[:, :, p.in_first : p.in_last + 1].numpy())
+                    for pi, p in enumerate(group.pieces)
+                    if p.worker is not None
+                }
+                host_started = time.perf_counter()
+                parts = {
+                    pi: halp.run_piece(self.modules, group, p, h[:, :, p.in_first : p.in_last + 1])
+                    for pi, p in enumerate(group.pieces)
+                    if p.worker is None
+                }
+                host_seconds = time.perf_counter() - host_started
+                got = dict(zip(pending, self.ray.get(list(pending.values()))))
+                parts.update({pi: _tensor(out) for pi, (out, _) in got.items()})
+                h = torch.cat([parts[pi] for pi in range(len(group.pieces))], 2)
+                if timings is not None:
+                    timings.append({"group": gi, "seconds": time.perf_counter() - started, "host_seconds": host_seconds,
+                                    "worker_seconds": {group.pieces[pi].worker: s for pi, (_, s) in got.items()}})  # fmt: skip
+            return halp.as_numpy(halp.run_head(self.modules, self.plan.head, h))
+
+    def link(self, sizes=(1 << 16, 1 << 22), repeats: int = 5) -> tuple[float, float]:
+        """(seconds per call, bytes per second) of a round trip to the first worker: the latency model's link."""
+        times = []
+        for size in sizes:
+            data = np.zeros(size // 4, np.float32)
+            self.ray.get(self.workers[0].echo.remote(data))
+            samples = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                self.ray.get(self.workers[0].echo.remote(data))
+                samples.append(time.perf_counter() - started)
+            times.append(float(np.median(samples)))
+        per_byte = max((times[1] - times[0]) / (2 * (sizes[1] - sizes[0])), 1e-12)  # there and back
+        return max(times[0] - 2 * sizes[0] * per_byte, 0.0), 1.0 / per_byte
+
+    def close(self) -> None:
+        for w in self.workers:
+            self.ray.kill(w)
+        self.workers = []
+        if self._started_ray:
+            self.ray.shutdown()
+
+    def __enter__(self) -> HalpCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
