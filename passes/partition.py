@@ -70,16 +70,17 @@ class Partition(registry.Pass):
         with progress.step(f"partition: per-layer costs at {p.threads} thread(s), batch {p.batch}"):
             costs = layer_costs(modules, x, p.threads)
         whole = single_plan(config, p.threads)
-        with HalpCluster(bundle.model_dir, whole, p.ray_address) as cluster:
+        with HalpCluster(bundle.model_dir, {"whole": whole}, p.ray_address, workers=most) as cluster:
             link = cluster.link()
-        progress.status(f"partition: link {link[0] * 1e3:.2f} ms + {link[1] / 1e9:.2f} GB/s per round trip")
-        host_shares = cores < (most + 1) * p.threads if p.ray_address is None else False
-        candidates = [p.workers] if p.workers else range(1, most + 1)
-        chosen = min((plan_for(config, costs, link, k, p.threads, p.batch, host_shares) for k in candidates),
-                     key=lambda plan: plan.predicted["seconds"])  # fmt: skip
-        progress.status(f"partition: {chosen.workers} worker(s), {len(chosen.groups)} group(s), predicted "
-                        f"{chosen.predicted['seconds'] * 1e3:.1f} ms per inference")  # fmt: skip
-        measured = measure(bundle.model_dir, chosen, x.numpy(), p.measure_images, p.ray_address)
+            progress.status(f"partition: link {link[0] * 1e3:.2f} ms + {link[1] / 1e9:.2f} GB/s per round trip")
+            host_shares = cores < (most + 1) * p.threads if p.ray_address is None else False
+            candidates = [p.workers] if p.workers else range(1, most + 1)
+            chosen = min((plan_for(config, costs, link, k, p.threads, p.batch, host_shares) for k in candidates),
+                         key=lambda plan: plan.predicted["seconds"])  # fmt: skip
+            progress.status(f"partition: {chosen.workers} worker(s), {len(chosen.groups)} group(s), predicted "
+                            f"{chosen.predicted['seconds'] * 1e3:.1f} ms per inference")  # fmt: skip
+            cluster.add_plan("chosen", chosen)
+            measured = measure(cluster, "chosen", x.numpy(), p.measure_images)
         report = {"plan": chosen.to_json(), "link": {"latency_s": link[0], "bytes_per_s": link[1]},
                   "costs": costs, "host_shares_cores": host_shares, "measured": measured}  # fmt: skip
         path = ctx.workdir / "partition.json"
@@ -160,8 +161,9 @@ def _padded(module, window, x):
     return halp._apply(module, x, window.padding, window.padding) if window else module(x)
 
 
-def _compute(costs, first: int, rows_per_layer: list[tuple[int, int]]) -> float:
-    return sum(costs[first + i]["fixed"] + costs[first + i]["per_row"] * (b - a + 1)
+def _compute(costs, first: int, rows_per_layer: list[tuple[int, int]], batch: int) -> float:
+    """Seconds of layers first.. on these rows each: a call's fixed cost once, its rows per image."""
+    return sum(costs[first + i]["fixed"] + batch * costs[first + i]["per_row"] * (b - a + 1)
                for i, (a, b) in enumerate(rows_per_layer[1:]))  # fmt: skip
 
 
@@ -173,7 +175,7 @@ def piece_seconds(config, costs, link, group: halp.Group, piece: Segment, batch:
     """The latency model's time of one piece: compute, and for a worker the transfer there and back."""
     stack = _stack(config, group.first, group.end)
     have = determined_rows(stack, group.rows, piece.in_first, piece.in_last)
-    seconds = batch * _compute(costs, group.first, have)
+    seconds = _compute(costs, group.first, have, batch)
     if piece.worker is not None:
         moved = _bytes(costs[group.first]["in"], piece.in_rows, batch) + _bytes(
             costs[group.end - 1]["out"], piece.out_rows, batch
@@ -230,7 +232,7 @@ def _slab_time(config, costs, link, first, end, rows, stack, start, stop, batch)
 def plan_for(config, costs, link, workers: int, threads: int, batch: int, host_shares: bool) -> halp.Plan:
     """The best plan with `workers` workers over every grouping of consecutive stages."""
     head = feature_layers(config)
-    head_seconds = batch * sum(c["fixed"] + c["per_row"] for c in costs[head:])
+    head_seconds = sum(c["fixed"] + batch * c["per_row"] for c in costs[head:])
     if workers == 1:
         plan = single_plan(config, threads)
         group = plan.groups[0]
@@ -268,22 +270,20 @@ def cut_points(config) -> list[int]:
     return [0, *inner, head]
 
 
-def measure(model_dir, plan: halp.Plan, x, images: int, address: str | None) -> dict:
-    """Run the plan on Ray `images` times (after one warm-up): median wall seconds per group and per
-    worker's compute, against the model's prediction."""
+def measure(cluster, name: str, x, images: int) -> dict:
+    """Run a plan on its Ray actors `images` times (after one warm-up): median wall seconds per group
+    and each worker's compute, against the latency model's prediction."""
     import numpy as np
 
-    from accelc.runtime.halp_ray import HalpCluster
-
-    with HalpCluster(model_dir, plan, address) as cluster:
-        cluster.infer(x)
-        runs, walls = [], []
-        for _ in range(images):
-            timings: list = []
-            started = time.perf_counter()
-            cluster.infer(x, timings)
-            walls.append(time.perf_counter() - started)
-            runs.append(timings)
+    plan = cluster.plans[name]
+    cluster.infer(x, plan=name)
+    runs, walls = [], []
+    for _ in range(images):
+        timings: list = []
+        started = time.perf_counter()
+        cluster.infer(x, timings, plan=name)
+        walls.append(time.perf_counter() - started)
+        runs.append(timings)
     groups = []
     for gi, predicted in enumerate(plan.predicted.get("groups", [])):
         per_worker = {str(w): float(np.median([r[gi]["worker_seconds"][w] for r in runs]))

@@ -9,7 +9,9 @@ Without an address a local Ray instance is started on loopback for the cluster's
 one (`--ray-address`, the `partition` pass's `ray_address`) the actors join that cluster, whose
 nodes need accelc and the model folder at the same path. Each actor asks Ray for `threads` CPUs,
 pins itself to as many cores of its node (disjoint between the actors of one node) and sets its
-torch thread count to match; the host runs its pieces on one thread.
+torch thread count to match. The host runs its overlap-zone pieces on one thread (the workers hold
+the cores meanwhile) and the classifier on `head_threads` (default: every core it may use, idle
+by then); `halp.run_plan` on that many threads gives the same bits.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ RAY = Dependency("ray", "pip install 'accelc[ray]'", "Ray")
 
 
 class HalpWorker:
-    """One worker: the model's layers, its pieces of the plan, its own cores and thread count."""
+    """One worker: the model's layers, the plans it serves pieces of, its own cores and thread count."""
 
-    def __init__(self, model_dir: str, plan: dict, index: int, threads: int):
+    def __init__(self, model_dir: str, plans: dict[str, dict], index: int, threads: int):
         import torch
 
         from accelc.families import cnn_model
@@ -45,14 +47,17 @@ class HalpWorker:
         self.cores = sorted(os.sched_getaffinity(0))
         _, model = cnn_model.load(Path(model_dir))
         self.modules = list(model.layers)
-        self.plan = halp.Plan.from_json(plan, "plan")
+        self.plans = {name: halp.Plan.from_json(plan, f"plan {name}") for name, plan in plans.items()}
 
-    def run(self, group: int, piece: int, slab: np.ndarray) -> tuple[np.ndarray, float]:
+    def add_plan(self, name: str, plan: dict) -> None:
+        self.plans[name] = halp.Plan.from_json(plan, f"plan {name}")
+
+    def run(self, plan: str, group: int, piece: int, slab: np.ndarray) -> tuple[np.ndarray, float]:
         """A piece's output rows from its input slab, and the seconds its compute took."""
         import torch
 
         started = time.perf_counter()
-        g = self.plan.groups[group]
+        g = self.plans[plan].groups[group]
         with torch.inference_mode():
             out = halp.run_piece(self.modules, g, g.pieces[piece], _tensor(slab))
         return halp.as_numpy(out), time.perf_counter() - started
@@ -74,14 +79,28 @@ def _tensor(a: np.ndarray):
 
 
 class HalpCluster:
-    """The plan's K actors (and Ray, started here unless `address` names a cluster)."""
+    """Actors for one or more plans of a model (as many as the largest plan has workers, its thread
+    count each: plans share them, a 1-worker plan runs on worker 0; `workers` reserves more for
+    plans added later), and Ray, started here unless `address` names a cluster. The first plan is
+    the default of `infer`."""
 
-    def __init__(self, model_dir: Path, plan: halp.Plan, address: str | None = None):
+    def __init__(self, model_dir: Path, plans: halp.Plan | dict[str, halp.Plan], address: str | None = None,
+                 workers: int | None = None, head_threads: int | None = None):  # fmt: skip
         RAY.check()
         import ray
 
         halp.require_onednn()
-        self.plan = plan
+        self.plans = plans if isinstance(plans, dict) else {"plan": plans}
+        first = next(iter(self.plans.values()))
+        workers = max(workers or 1, *(plan.workers for plan in self.plans.values()))
+        threads = {plan.threads for plan in self.plans.values()}
+        if len(threads) != 1:
+            raise UsageError(f"HALP plans on the same actors need one thread count, not {sorted(threads)}")
+        if address is None and workers * first.threads > (os.cpu_count() or 1):
+            raise UsageError(
+                f"HALP: {workers} worker(s) x {first.threads} thread(s) need more than this machine's "
+                f"{os.cpu_count()} cores on local Ray: fewer workers or threads, or a cluster (--ray-address)"
+            )
         self._started_ray = False
         if not ray.is_initialized():
             if address is None:
@@ -93,30 +112,35 @@ class HalpCluster:
                     ray.init(address=address, log_to_driver=False, configure_logging=False)
                 except (ConnectionError, ValueError, RuntimeError) as exc:
                     raise UsageError(f"--ray-address {address}: cannot join that Ray cluster ({exc})") from None
-        actor = ray.remote(HalpWorker).options(num_cpus=plan.threads)
-        with progress.step(f"HALP: {plan.workers} Ray worker(s), {plan.threads} thread(s) each"):
-            self.workers = [actor.remote(str(model_dir), plan.to_json(), i, plan.threads) for i in range(plan.workers)]
+        actor = ray.remote(HalpWorker).options(num_cpus=first.threads)
+        plans_json = {name: plan.to_json() for name, plan in self.plans.items()}
+        with progress.step(f"HALP: {workers} Ray worker(s), {first.threads} thread(s) each"):
+            self.workers = [actor.remote(str(model_dir), plans_json, i, first.threads) for i in range(workers)]
             self.info = ray.get([w.info.remote() for w in self.workers])
         import torch
 
         from accelc.families import cnn_model
 
         torch.set_num_threads(1)
+        self.head_threads = head_threads or len(os.sched_getaffinity(0))
         _, model = cnn_model.load(Path(model_dir))
         self.modules = list(model.layers)
         self.ray = ray
 
-    def infer(self, x: np.ndarray, timings: list | None = None) -> np.ndarray:
-        """Logits of images `x` (N x C x H x W float32) through the plan; `timings` gets one dict per
-        group: wall seconds, each worker's compute seconds, the host's seconds on its pieces."""
+    def infer(self, x: np.ndarray, timings: list | None = None, plan: str | None = None) -> np.ndarray:
+        """Logits of images `x` (N x C x H x W float32) through a plan (default: the first); `timings`
+        gets one dict per group: wall seconds, each worker's compute seconds, the host's seconds on
+        its pieces."""
         import torch
 
+        name = plan or next(iter(self.plans))
+        chosen = self.plans[name]
         with torch.inference_mode():
             h = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-            for gi, group in enumerate(self.plan.groups):
+            for gi, group in enumerate(chosen.groups):
                 started = time.perf_counter()
                 pending = {
-                    pi: self.workers[p.worker].run.remote(gi, pi, h[:, :, p.in_first : p.in_last + 1].numpy())
+                    pi: self.workers[p.worker].run.remote(name, gi, pi, h[:, :, p.in_first : p.in_last + 1].numpy())
                     for pi, p in enumerate(group.pieces)
                     if p.worker is not None
                 }
@@ -133,7 +157,18 @@ class HalpCluster:
                 if timings is not None:
                     timings.append({"group": gi, "seconds": time.perf_counter() - started, "host_seconds": host_seconds,
                                     "worker_seconds": {group.pieces[pi].worker: s for pi, (_, s) in got.items()}})  # fmt: skip
-            return halp.as_numpy(halp.run_head(self.modules, self.plan.head, h))
+            torch.set_num_threads(self.head_threads)
+            try:
+                return halp.as_numpy(halp.run_head(self.modules, chosen.head, h))
+            finally:
+                torch.set_num_threads(1)
+
+    def add_plan(self, name: str, plan: halp.Plan) -> None:
+        """Another plan on the same actors (no more workers than they are, the same threads)."""
+        if plan.workers > len(self.workers) or plan.threads != next(iter(self.plans.values())).threads:
+            raise UsageError(f"HALP plan {name}: {plan.workers} x {plan.threads} threads does not fit these actors")
+        self.ray.get([w.add_plan.remote(name, plan.to_json()) for w in self.workers])
+        self.plans[name] = plan
 
     def link(self, sizes=(1 << 16, 1 << 22), repeats: int = 5) -> tuple[float, float]:
         """(seconds per call, bytes per second) of a round trip to the first worker: the latency model's link."""
