@@ -92,12 +92,27 @@ class CNN(Family):
     def graph_roles(self, bundle) -> dict[str, str]:
         return {}
 
+    def decode_plan(self, recipe, bundle) -> dict | None:
+        return dict(bundle.plan) or None  # the partition pass's HALP plan (families/cnn_halp.py)
+
     def prove(self, directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
+        from accelc.families import cnn_halp
         from accelc.families.cnn_proof import prove
 
-        return prove(directory, manifest)
+        metrics, ok = {}, True
+        if cnn_halp.plan_of(manifest) is not None:
+            metrics["halp"], ok = cnn_halp.prove(directory, manifest)
+        if any(t["kind"] == "fpga" for t in manifest["targets"]):
+            fpga, fpga_ok = prove(directory, manifest)
+            metrics, ok = {**metrics, **fpga}, ok and fpga_ok
+        if not ok and "failure" not in metrics:
+            metrics["failure"] = metrics["halp"]["failure"]
+        return metrics, ok
 
     def run(self, art, args) -> int:
+        from accelc.families import cnn_halp
         from accelc.families.cnn_run import run
 
+        if cnn_halp.plan_of(art.manifest) is not None and args.backend is None:
+            return cnn_halp.run(art, args)
         return run(art, args)

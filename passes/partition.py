@@ -22,6 +22,7 @@ decode plan (`decode/plan.json`, kind `halp`), which `accelc run` and `accelc be
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -79,6 +80,7 @@ class Partition(registry.Pass):
                          key=lambda plan: plan.predicted["seconds"])  # fmt: skip
             progress.status(f"partition: {chosen.workers} worker(s), {len(chosen.groups)} group(s), predicted "
                             f"{chosen.predicted['seconds'] * 1e3:.1f} ms per inference")  # fmt: skip
+            chosen = dataclasses.replace(chosen, ray_address=p.ray_address)
             cluster.add_plan("chosen", chosen)
             measured = measure(cluster, "chosen", x.numpy(), p.measure_images)
         report = {"plan": chosen.to_json(), "link": {"latency_s": link[0], "bytes_per_s": link[1]},

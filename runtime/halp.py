@@ -139,10 +139,12 @@ class Plan:
     groups: tuple[Group, ...]
     head: int  # the first layer after the last group: from here on the host runs the model whole
     predicted: dict = field(default_factory=dict)
+    ray_address: str | None = None  # the cluster it runs on; None: a local Ray instance
 
     def to_json(self) -> dict:
         return {"kind": PLAN_KIND, "workers": self.workers, "threads": self.threads, "head": self.head,
-                "groups": [g.to_json() for g in self.groups], "predicted": self.predicted}  # fmt: skip
+                "groups": [g.to_json() for g in self.groups], "predicted": self.predicted,
+                "ray_address": self.ray_address}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict, where: str) -> Plan:
@@ -152,7 +154,7 @@ class Plan:
             )
         try:
             return cls(data["workers"], data["threads"], tuple(Group.from_json(g) for g in data["groups"]),
-                       data["head"], data.get("predicted", {}))  # fmt: skip
+                       data["head"], data.get("predicted", {}), data.get("ray_address"))  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise UsageError(f"{where}: malformed HALP plan ({exc})") from None
 
@@ -169,7 +171,7 @@ class Plan:
         for g in self.groups:
             whole = Segment(0, 0, g.rows - 1, 0, g.pieces[-1].out_last)
             groups.append(Group(g.first, g.end, g.rows, (whole,)))
-        return Plan(1, self.threads, tuple(groups), self.head)
+        return Plan(1, self.threads, tuple(groups), self.head, ray_address=self.ray_address)
 
 
 def group_stack(modules, group: Group) -> tuple[list, list]:
