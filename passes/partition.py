@@ -122,9 +122,9 @@ def _stack(config, first: int, end: int) -> list:
 
 
 def layer_costs(modules, x, threads: int, repeats: int = 3) -> list[dict]:
-    """Per layer: seconds = fixed + per_row x output rows, fitted from the whole input and its top
-    half (each the median of `repeats`), at `threads` torch threads; and the layer's input/output
-    shape (for transfer bytes)."""
+    """Per layer: seconds = fixed + per_row x output rows, from the whole input, its top half and a
+    thin slab (each the median of `repeats`), at `threads` torch threads; and the layer's
+    input/output shape (for transfer bytes)."""
     import torch
 
     previous = torch.get_num_threads()
@@ -137,9 +137,9 @@ def layer_costs(modules, x, threads: int, repeats: int = 3) -> list[dict]:
                 spatial = h.dim() == 4 and not isinstance(module, torch.nn.Flatten)
                 window = halp.window_of(module) if spatial else None
                 rows = h.shape[2] if spatial else 1
-                half = max(rows // 2, (window.span if window else 1) + 1) if spatial else rows
+                thin = min((window.span if window else 1) + 3, rows)  # an overlap zone's size
                 timed = {}
-                for n in sorted({rows, min(half, rows)}):
+                for n in sorted({rows, max(rows // 2, thin), thin}) if spatial else [rows]:
                     part = h[:, :, :n] if spatial else h
                     samples = []
                     for _ in range(repeats):
@@ -148,9 +148,15 @@ def layer_costs(modules, x, threads: int, repeats: int = 3) -> list[dict]:
                         samples.append(time.perf_counter() - started)
                     timed[out.shape[2] if out.dim() == 4 else 1] = sorted(samples)[len(samples) // 2]
                 out = _padded(module, window, h)
-                (r1, t1), (r2, t2) = (min(timed.items()), max(timed.items()))
-                per_row = (t2 - t1) / (r2 - r1) if r2 > r1 else t2 / max(r2, 1)
-                costs.append({"fixed": max(t2 - per_row * r2, 0.0), "per_row": max(per_row, 0.0),
+                points = sorted(timed.items())
+                (r_thin, t_thin), (r_full, t_full) = points[0], points[-1]
+                r_half, t_half = points[-2] if len(points) > 1 else points[-1]
+                # the slope from the two large slabs (the workers' share), the fixed cost of a call
+                # from the thin one (the host's overlap zones): a straight line through all three
+                # would charge every thin piece the large slabs' cache misses
+                per_row = (t_full - t_half) / (r_full - r_half) if r_full > r_half else t_full / max(r_full, 1)
+                per_row = max(per_row, 0.0)
+                costs.append({"fixed": max(t_thin - per_row * r_thin, 0.0), "per_row": per_row,
                               "in": list(h.shape[1:]), "out": list(out.shape[1:])})  # fmt: skip
                 h = out
     finally:
