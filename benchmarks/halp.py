@@ -18,8 +18,6 @@ Run timings under the shared lock: flock /work/bench.lock python -m benchmarks.h
 
 from __future__ import annotations
 
-import time
-
 from benchmarks import common
 
 MODELS = ("vgg16", "fmnist-cnn")
@@ -68,16 +66,10 @@ def bench_model(name: str, quick: bool, address: str | None) -> list[dict]:
         cluster.add_plan("2", plans[2])
         for batch in BATCHES:
             x = x4[:batch]
-            times: dict[int, list[float]] = {1: [], 2: []}
-            timings: dict[int, list] = {1: [], 2: []}
-            outputs = {k: cluster.infer(x, plan=str(k)) for k in (1, 2)}  # warm-up, and the outputs compared
-            for _ in progress.bar(range(rounds), desc=f"{name} batch {batch}: 1 vs 2 workers"):
-                for k in (1, 2):
-                    t: list = []
-                    started = time.perf_counter()
-                    cluster.infer(x, t, plan=str(k))
-                    times[k].append(time.perf_counter() - started)
-                    timings[k].append(t)
+            runs = cluster.paired_rounds(["1", "2"], x, rounds, desc=f"{name} batch {batch}: 1 vs 2 workers")
+            times = {k: runs[str(k)]["seconds"] for k in (1, 2)}
+            timings = {k: runs[str(k)]["timings"] for k in (1, 2)}
+            outputs = {k: runs[str(k)]["output"] for k in (1, 2)}
             torch.set_num_threads(cluster.head_threads)  # the classifier's threads on the host: the same bits
             local = halp.run_plan(modules, plans[2], torch.from_numpy(x))
             with torch.inference_mode():

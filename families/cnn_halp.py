@@ -6,7 +6,8 @@ and refuses the artifact (exit 5) unless every logit equals the unpartitioned ru
 (`halp.reference`: the same oneDNN kernels on the whole image); it also records whether they equal
 the plain torch module's forward, which holds where torch's own dispatch picks those kernels. The
 latency the plan was chosen for and what it measured on Ray are the pass's `reports/partition.json`.
-`accelc run` classifies test images through the plan on Ray actors (runtime/halp_ray.py).
+`accelc run` classifies test images through the plan on Ray actors (runtime/halp_ray.py);
+`accelc bench` times the plan against the unpartitioned model on one of those actors, side by side.
 """
 
 from __future__ import annotations
@@ -59,6 +60,33 @@ def prove(directory: Path, manifest: dict) -> tuple[dict, bool]:
     return metrics, exact
 
 
+def _model_dir(art) -> Path:
+    for name in (cnn_model.CONFIG, cnn_model.WEIGHTS):
+        art.integrity.require(f"model/hf/{name}")
+    return art.dir / "model" / "hf"
+
+
+def bench(art, spec) -> dict:
+    """The plan's K workers against the unpartitioned model on worker 0, `spec.repeats` paired
+    rounds on one Fashion-MNIST test image: medians, the median paired speedup, bit-exactness."""
+    from accelc.runtime.halp_ray import HalpCluster
+
+    plan = plan_of(art.manifest)
+    weights = _model_dir(art)
+    x, _ = cnn_model.fashion_mnist_inputs(cnn_model.read_config(weights).input, "test", 1)
+    with HalpCluster(weights, {"whole": plan.single(), "plan": plan}, plan.ray_address) as cluster:
+        runs = cluster.paired_rounds(["whole", "plan"], x, spec.repeats, desc=f"HALP: 1 vs {plan.workers} workers")
+    whole, split = runs["whole"]["seconds"], runs["plan"]["seconds"]
+    return {
+        "workers": plan.workers,
+        "rounds": spec.repeats,
+        "latency_ms": {"1": 1e3 * float(np.median(whole)), str(plan.workers): 1e3 * float(np.median(split))},
+        "speedup": float(np.median(np.array(whole) / np.array(split))),
+        "bit_exact": bool(np.array_equal(runs["whole"]["output"], runs["plan"]["output"])),
+        "predicted_ms": 1e3 * plan.predicted.get("seconds", float("nan")),
+    }
+
+
 def run(art, args) -> int:
     from accelc.runtime.halp_ray import HalpCluster
 
@@ -67,9 +95,7 @@ def run(art, args) -> int:
     if not 1 <= samples <= 10000:
         raise UsageError(f"--samples {samples}: allowed 1 to 10000 test images")
     seed = args.seed if args.seed is not None else cnn_model.SEED
-    weights = art.dir / "model" / "hf"
-    for name in (cnn_model.CONFIG, cnn_model.WEIGHTS):
-        art.integrity.require(f"model/hf/{name}")
+    weights = _model_dir(art)
     config = cnn_model.read_config(weights)
     x, labels = cnn_model.fashion_mnist_inputs(config.input, "test", samples, seed)
     predictions, seconds = [], []

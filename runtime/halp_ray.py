@@ -163,6 +163,20 @@ class HalpCluster:
             finally:
                 torch.set_num_threads(1)
 
+    def paired_rounds(self, names: list[str], x: np.ndarray, rounds: int, desc: str = "HALP rounds") -> dict:
+        """Plans `names` timed side by side, round after round (one warm-up first): per plan its
+        outputs, wall seconds per round and per-group timings per round. Pairing by round cancels
+        the drift of the machine's load that separate runs would keep."""
+        out = {name: {"output": self.infer(x, plan=name), "seconds": [], "timings": []} for name in names}
+        for _ in progress.bar(range(rounds), desc=desc):
+            for name in names:
+                timings: list = []
+                started = time.perf_counter()
+                self.infer(x, timings, plan=name)
+                out[name]["seconds"].append(time.perf_counter() - started)
+                out[name]["timings"].append(timings)
+        return out
+
     def add_plan(self, name: str, plan: halp.Plan) -> None:
         """Another plan on the same actors (no more workers than they are, the same threads)."""
         if plan.workers > len(self.workers) or plan.threads != next(iter(self.plans.values())).threads:

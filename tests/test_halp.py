@@ -99,6 +99,14 @@ def test_accelc_run_classifies_through_the_plan(halp_artifact, tmp_path, cli):
     assert len(json.loads((tmp_path / "preds.json").read_text())["predictions"]) == 6
 
 
+def test_accelc_bench_times_the_plan_against_one_worker(halp_artifact, tmp_path, cli):
+    art, _ = halp_artifact
+    code, _, _ = cli("bench", art, "--repeats", "2", "--json", tmp_path / "bench.json")
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert code == 0 and result["workers"] == 2 and result["bit_exact"] is True
+    assert set(result["latency_ms"]) == {"1", "2"} and result["speedup"] > 0
+
+
 def test_malformed_plans_are_refused():
     with pytest.raises(UsageError, match="not a HALP plan"):
         halp.Plan.from_json({"kind": "speculative"}, "decode/plan.json")
