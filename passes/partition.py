@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import time
 
@@ -32,7 +33,7 @@ from pydantic import Field
 
 from accelc.compiler import registry
 from accelc.runtime import halp
-from accelc.runtime.receptive_field import Segment, determined_rows, segments, sizes
+from accelc.runtime.receptive_field import Segment, determined_rows, input_rows, segments, sizes
 
 SPATIAL_OPS = ("conv2d", "max_pool2d", "relu", "dropout")
 
@@ -210,14 +211,19 @@ def split(config, costs, link, first: int, end: int, workers: int, batch: int) -
     if workers == 2:  # exhaustive: every cut
         options = [g for g in (pieces_for([u]) for u in range(1, rows)) if g is not None]
         return min(options, key=worker_time) if options else None
+    # the thinnest slab that determines an output row anywhere: one row's receptive field, plus
+    # the strides' product (where that field starts relative to the slab)
+    mid = sizes(stack, rows)[-1] // 2
+    field_first, field_last = input_rows(stack, rows, mid, mid)[0]
+    thinnest = field_last - field_first + 1 + math.prod(w.stride for w in stack if w)
     lo, hi = 0.0, worker_time(pieces_for([])) * 2
     best = None
-    for _ in range(40):  # bisection on the slowest worker's time; slabs grown greedily from the top
+    for _ in range(24):  # bisection on the slowest worker's time; slabs grown greedily from the top
         tau = (lo + hi) / 2
         cuts, start = [], 0
-        for _ in range(workers - 1):
-            u = start + 1
-            while u < rows and _slab_time(config, costs, link, first, end, rows, stack, start, u, batch) <= tau:
+        for j in range(workers - 1):
+            u, last = start + 1, rows - (workers - 1 - j) * thinnest  # leave each later worker a slab
+            while u < last and _slab_time(config, costs, link, first, end, rows, stack, start, u, batch) <= tau:
                 u += 1
             cuts.append(u)
             start = u
