@@ -7,9 +7,9 @@ alone determines, the host computes the overlap zone between two workers' output
 (after each max pooling) up to the classifier, which runs on the host.
 
 The latency model (the paper's section IV, with measured rather than nominal rates):
-- compute: each layer's seconds on this machine at the workers' thread count, measured at two row
-  counts and fitted as `fixed + per_row x rows` (one image; a batch scales it);
-- link: one round trip to a Ray actor, fitted as `latency + bytes / rate` (runtime/halp_ray.py);
+- compute: each layer's seconds on this machine at the workers' thread count, measured at three
+  row counts and fitted as `fixed + per_row x rows` (a batch scales the rows' part);
+- link: a round trip to every worker at once, fitted as `latency + bytes / rate` (runtime/halp_ray.py);
 - a worker's time in a group: its slab there and its output back, plus its layers on the rows its
   slab determines; the host's: its overlap-zone pieces. Where the workers hold every core the host
   shares them, so its time adds to the group's; on a machine with a core to spare it overlaps.

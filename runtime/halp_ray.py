@@ -185,15 +185,17 @@ class HalpCluster:
         self.plans[name] = plan
 
     def link(self, sizes=(1 << 16, 1 << 22), repeats: int = 5) -> tuple[float, float]:
-        """(seconds per call, bytes per second) of a round trip to the first worker: the latency model's link."""
+        """(seconds per trip, bytes per second) of the link, as a group uses it: every worker gets a
+        payload and sends it back at once (a single worker's round trip misses the contention of
+        several), at two payload sizes, fitted as `latency + bytes / rate` for one worker's bytes."""
         times = []
         for size in sizes:
             data = np.zeros(size // 4, np.float32)
-            self.ray.get(self.workers[0].echo.remote(data))
+            self.ray.get([w.echo.remote(data) for w in self.workers])
             samples = []
             for _ in range(repeats):
                 started = time.perf_counter()
-                self.ray.get(self.workers[0].echo.remote(data))
+                self.ray.get([w.echo.remote(data) for w in self.workers])
                 samples.append(time.perf_counter() - started)
             times.append(float(np.median(samples)))
         per_byte = max((times[1] - times[0]) / (2 * (sizes[1] - sizes[0])), 1e-12)  # there and back
