@@ -32,6 +32,7 @@ import time
 from pydantic import Field
 
 from accelc.compiler import registry
+from accelc.errors import UsageError
 from accelc.runtime import halp
 from accelc.runtime.receptive_field import Segment, determined_rows, input_rows, segments, sizes
 
@@ -65,6 +66,9 @@ class Partition(registry.Pass):
         p = self.params
         halp.require_onednn()
         config, model = cnn_model.load(bundle.model_dir)
+        if feature_layers(config) == 0:
+            raise UsageError(f"passes: partition: {bundle.model_dir} starts with {config.layers[0]['op']}; "
+                             "there are no conv2d/max_pool2d layers before the classifier to split by rows")  # fmt: skip
         modules = list(model.layers)
         cores = len(os.sched_getaffinity(0))
         most = p.workers or p.max_workers or max(cores // p.threads, 1)

@@ -112,11 +112,20 @@ class HalpCluster:
                     ray.init(address=address, log_to_driver=False, configure_logging=False)
                 except (ConnectionError, ValueError, RuntimeError) as exc:
                     raise UsageError(f"--ray-address {address}: cannot join that Ray cluster ({exc})") from None
-        actor = ray.remote(HalpWorker).options(num_cpus=first.threads)
-        plans_json = {name: plan.to_json() for name, plan in self.plans.items()}
-        with progress.step(f"HALP: {workers} Ray worker(s), {first.threads} thread(s) each"):
-            self.workers = [actor.remote(str(model_dir), plans_json, i, first.threads) for i in range(workers)]
-            self.info = ray.get([w.info.remote() for w in self.workers])
+        self.ray, self.workers = ray, []
+        try:
+            actor = ray.remote(HalpWorker).options(num_cpus=first.threads)
+            plans_json = {name: plan.to_json() for name, plan in self.plans.items()}
+            with progress.step(f"HALP: {workers} Ray worker(s), {first.threads} thread(s) each"):
+                self.workers = [actor.remote(str(model_dir), plans_json, i, first.threads) for i in range(workers)]
+                self.info = ray.get([w.info.remote() for w in self.workers])
+        except ray.exceptions.RayError as exc:  # a worker that cannot start (its node lacks the model, ...)
+            self.close()
+            first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"HALP: a Ray worker could not start with {model_dir}: {first_line}") from None
+        except BaseException:
+            self.close()
+            raise
         import torch
 
         from accelc.families import cnn_model
@@ -125,7 +134,6 @@ class HalpCluster:
         self.head_threads = head_threads or len(os.sched_getaffinity(0))
         _, model = cnn_model.load(Path(model_dir))
         self.modules = list(model.layers)
-        self.ray = ray
 
     def infer(self, x: np.ndarray, timings: list | None = None, plan: str | None = None) -> np.ndarray:
         """Logits of images `x` (N x C x H x W float32) through a plan (default: the first); `timings`
