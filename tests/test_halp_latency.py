@@ -48,3 +48,14 @@ def test_more_workers_split_the_rows_further():
     assert sorted(p.worker for p in first.pieces if p.worker is not None) == [0, 1, 2]
     times = three.predicted["groups"][0]["workers_s"]
     assert max(times.values()) <= 1.15 * min(times.values())
+
+
+def test_a_cnn_without_conv_layers_is_exit_2(tmp_path, cli):
+    config = cnn_model.CNNConfig((1, 4, 4), 2, ({"op": "flatten"}, {"op": "linear", "in": 16, "out": 2}))
+    cnn_model.save(cnn_model.seeded(config), config, tmp_path / "mlp")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"version: 1\nmodel:\n  path: {tmp_path / 'mlp'}\npasses:\n  - type: partition\n"
+                      f"cache:\n  dir: {tmp_path / 'cache'}\n")  # fmt: skip
+    code, _, err = cli("compile", recipe, "-o", tmp_path / "art")
+    assert code == 2 and "no conv2d/max_pool2d layers" in err and "Traceback" not in err
+    assert not (tmp_path / "art").exists()
