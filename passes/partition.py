@@ -126,10 +126,10 @@ def _stack(config, first: int, end: int) -> list:
     return out
 
 
-def layer_costs(modules, x, threads: int, repeats: int = 3) -> list[dict]:
+def layer_costs(modules, x, threads: int, repeats: int = 5) -> list[dict]:
     """Per layer: seconds = fixed + per_row x output rows, from the whole input, its top half and a
-    thin slab (each the median of `repeats`), at `threads` torch threads; and the layer's
-    input/output shape (for transfer bytes)."""
+    thin slab (each the fastest of `repeats`: other jobs only ever add time), at `threads` torch
+    threads; and the layer's input/output shape (for transfer bytes)."""
     import torch
 
     previous = torch.get_num_threads()
@@ -151,7 +151,7 @@ def layer_costs(modules, x, threads: int, repeats: int = 3) -> list[dict]:
                         started = time.perf_counter()
                         out = _padded(module, window, part)
                         samples.append(time.perf_counter() - started)
-                    timed[out.shape[2] if out.dim() == 4 else 1] = sorted(samples)[len(samples) // 2]
+                    timed[out.shape[2] if out.dim() == 4 else 1] = min(samples)
                 out = _padded(module, window, h)
                 points = sorted(timed.items())
                 (r_thin, t_thin), (r_full, t_full) = points[0], points[-1]
