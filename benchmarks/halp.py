@@ -56,11 +56,11 @@ def bench_model(name: str, quick: bool, address: str | None) -> list[dict]:
     modules = list(model.layers)
     x4, _ = cnn_model.fashion_mnist_inputs(config.input, "test", 4)
     rounds = (5 if quick else 15) if name == "vgg16" else (20 if quick else 60)
-    with progress.step(f"{name}: per-layer costs on one thread"):
-        costs = partition.layer_costs(modules, torch.from_numpy(x4[:1]), 1)
     whole = partition.single_plan(config, 1)
     rows = []
     with HalpCluster(directory, {"1": whole}, address, workers=2) as cluster:
+        with progress.step(f"{name}: per-layer costs on both workers at once"):
+            costs = cluster.layer_costs(x4[:1])
         link = cluster.link()
         plans = {k: partition.plan_for(config, costs, link, k, 1, 1, host_shares=True) for k in (1, 2)}
         cluster.add_plan("2", plans[2])

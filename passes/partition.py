@@ -7,8 +7,9 @@ alone determines, the host computes the overlap zone between two workers' output
 (after each max pooling) up to the classifier, which runs on the host.
 
 The latency model (the paper's section IV, with measured rather than nominal rates):
-- compute: each layer's seconds on this machine at the workers' thread count, measured at three
-  row counts and fitted as `fixed + per_row x rows` (a batch scales the rows' part);
+- compute: each layer's seconds at the workers' thread count, measured on every worker at once (so
+  they compete for caches and memory bandwidth as in a group) at three row counts and fitted as
+  `fixed + per_row x rows` (a batch scales the rows' part);
 - link: a round trip to every worker at once, fitted as `latency + bytes / rate` (runtime/halp_ray.py);
 - a worker's time in a group: its slab there and its output back, plus its layers on the rows its
   slab determines; the host's: its overlap-zone pieces. Where the workers hold every core the host
@@ -57,26 +58,23 @@ class Partition(registry.Pass):
         ray_address: str | None = Field(None, description="a Ray cluster to plan and run on; default: local Ray")
 
     def run(self, bundle, ctx):
-        import torch
-
         from accelc import progress
         from accelc.families import cnn_model
         from accelc.runtime.halp_ray import HalpCluster
 
         p = self.params
         halp.require_onednn()
-        config, model = cnn_model.load(bundle.model_dir)
+        config, _ = cnn_model.load(bundle.model_dir)  # refuses weights that do not match the config
         if feature_layers(config) == 0:
             raise UsageError(f"passes: partition: {bundle.model_dir} starts with {config.layers[0]['op']}; "
                              "there are no conv2d/max_pool2d layers before the classifier to split by rows")  # fmt: skip
-        modules = list(model.layers)
         cores = len(os.sched_getaffinity(0))
         most = p.workers or p.max_workers or max(cores // p.threads, 1)
-        x = torch.from_numpy(cnn_model.fashion_mnist_inputs(config.input, "test", p.batch)[0])
-        with progress.step(f"partition: per-layer costs at {p.threads} thread(s), batch {p.batch}"):
-            costs = layer_costs(modules, x, p.threads)
+        x = cnn_model.fashion_mnist_inputs(config.input, "test", p.batch)[0]
         whole = single_plan(config, p.threads)
         with HalpCluster(bundle.model_dir, {"whole": whole}, p.ray_address, workers=most) as cluster:
+            with progress.step(f"partition: per-layer costs on {most} worker(s) at once, batch {p.batch}"):
+                costs = cluster.layer_costs(x)
             link = cluster.link()
             progress.status(f"partition: link {link[0] * 1e3:.2f} ms + {link[1] / 1e9:.2f} GB/s per round trip")
             host_shares = cores < (most + 1) * p.threads if p.ray_address is None else False
@@ -87,7 +85,7 @@ class Partition(registry.Pass):
                             f"{chosen.predicted['seconds'] * 1e3:.1f} ms per inference")  # fmt: skip
             chosen = dataclasses.replace(chosen, ray_address=p.ray_address)
             cluster.add_plan("chosen", chosen)
-            measured = measure(cluster, "chosen", x.numpy(), p.measure_images)
+            measured = measure(cluster, "chosen", x, p.measure_images)
         report = {"plan": chosen.to_json(), "link": {"latency_s": link[0], "bytes_per_s": link[1]},
                   "costs": costs, "host_shares_cores": host_shares, "measured": measured}  # fmt: skip
         path = ctx.workdir / "partition.json"
@@ -124,54 +122,6 @@ def _stack(config, first: int, end: int) -> list:
         else:
             out.append(None)
     return out
-
-
-def layer_costs(modules, x, threads: int, repeats: int = 5) -> list[dict]:
-    """Per layer: seconds = fixed + per_row x output rows, from the whole input, its top half and a
-    thin slab (each the fastest of `repeats`: other jobs only ever add time), at `threads` torch
-    threads; and the layer's input/output shape (for transfer bytes)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    costs = []
-    try:
-        with torch.inference_mode():
-            h = x
-            for module in modules:
-                spatial = h.dim() == 4 and not isinstance(module, torch.nn.Flatten)
-                window = halp.window_of(module) if spatial else None
-                rows = h.shape[2] if spatial else 1
-                thin = min((window.span if window else 1) + 3, rows)  # an overlap zone's size
-                timed = {}
-                for n in sorted({rows, max(rows // 2, thin), thin}) if spatial else [rows]:
-                    part = h[:, :, :n] if spatial else h
-                    samples = []
-                    for _ in range(repeats):
-                        started = time.perf_counter()
-                        out = _padded(module, window, part)
-                        samples.append(time.perf_counter() - started)
-                    timed[out.shape[2] if out.dim() == 4 else 1] = min(samples)
-                out = _padded(module, window, h)
-                points = sorted(timed.items())
-                (r_thin, t_thin), (r_full, t_full) = points[0], points[-1]
-                r_half, t_half = points[-2] if len(points) > 1 else points[-1]
-                # the slope from the two large slabs (the workers' share), the fixed cost of a call
-                # from the thin one (the host's overlap zones): a straight line through all three
-                # would charge every thin piece the large slabs' cache misses
-                per_row = (t_full - t_half) / (r_full - r_half) if r_full > r_half else t_full / max(r_full, 1)
-                per_row = max(per_row, 0.0)
-                costs.append({"fixed": max(t_thin - per_row * r_thin, 0.0), "per_row": per_row,
-                              "in": list(h.shape[1:]), "out": list(out.shape[1:])})  # fmt: skip
-                h = out
-    finally:
-        torch.set_num_threads(previous)
-    return costs
-
-
-def _padded(module, window, x):
-    """A layer on a whole-height input, as the unpartitioned model runs it."""
-    return halp._apply(module, x, window.padding, window.padding) if window else module(x)
 
 
 def _compute(costs, first: int, rows_per_layer: list[tuple[int, int]], batch: int) -> float:

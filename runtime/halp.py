@@ -21,6 +21,7 @@ whole image (VGG-16 at 224x224: every layer), `reference` equals the plain modul
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,6 +206,56 @@ def run_plan(modules, plan: Plan, x):
 def reference(modules, plan: Plan, x):
     """The unpartitioned model on the same kernels: every group on the whole image."""
     return run_plan(modules, plan.single(), x)
+
+
+def layer_costs(modules, x, threads: int, repeats: int = 5) -> list[dict]:
+    """Per layer: seconds = fixed + per_row x output rows, from the whole input, its top half and a
+    thin slab (each the fastest of `repeats`: other jobs only ever add time), at `threads` torch
+    threads; and the layer's input/output shape (for transfer bytes). The partition pass runs it on
+    every worker at once (`HalpCluster.layer_costs`), so the costs include what the workers do to
+    each other (shared caches, memory bandwidth)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    costs = []
+    try:
+        with torch.inference_mode():
+            h = x
+            for module in modules:
+                spatial = h.dim() == 4 and not isinstance(module, torch.nn.Flatten)
+                window = window_of(module) if spatial else None
+                rows = h.shape[2] if spatial else 1
+                thin = min((window.span if window else 1) + 3, rows)  # an overlap zone's size
+                timed = {}
+                for n in sorted({rows, max(rows // 2, thin), thin}) if spatial else [rows]:
+                    part = h[:, :, :n] if spatial else h
+                    samples = []
+                    for _ in range(repeats):
+                        started = time.perf_counter()
+                        out = _whole_height(module, window, part)
+                        samples.append(time.perf_counter() - started)
+                    timed[out.shape[2] if out.dim() == 4 else 1] = min(samples)
+                out = _whole_height(module, window, h)
+                points = sorted(timed.items())
+                (r_thin, t_thin), (r_full, t_full) = points[0], points[-1]
+                r_half, t_half = points[-2] if len(points) > 1 else points[-1]
+                # the slope from the two large slabs (the workers' share), the fixed cost of a call
+                # from the thin one (the host's overlap zones): a straight line through all three
+                # would charge every thin piece the large slabs' cache misses
+                per_row = (t_full - t_half) / (r_full - r_half) if r_full > r_half else t_full / max(r_full, 1)
+                per_row = max(per_row, 0.0)
+                costs.append({"fixed": max(t_thin - per_row * r_thin, 0.0), "per_row": per_row,
+                              "in": list(h.shape[1:]), "out": list(out.shape[1:])})  # fmt: skip
+                h = out
+    finally:
+        torch.set_num_threads(previous)
+    return costs
+
+
+def _whole_height(module, window, x):
+    """A layer on a whole-height input, as the unpartitioned model runs it."""
+    return _apply(module, x, window.padding, window.padding) if window else module(x)
 
 
 def as_numpy(t) -> np.ndarray:

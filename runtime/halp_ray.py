@@ -62,6 +62,13 @@ class HalpWorker:
             out = halp.run_piece(self.modules, g, g.pieces[piece], _tensor(slab))
         return halp.as_numpy(out), time.perf_counter() - started
 
+    def layer_costs(self, x: np.ndarray) -> list[dict]:
+        """The model's per-layer costs on this worker's cores (halp.layer_costs)."""
+        import torch
+
+        threads = torch.get_num_threads()
+        return halp.layer_costs(self.modules, _tensor(x), threads)
+
     def echo(self, data: np.ndarray) -> np.ndarray:
         """The link's round trip (latency and bytes/s) for the latency model."""
         return data
@@ -191,6 +198,15 @@ class HalpCluster:
             raise UsageError(f"HALP plan {name}: {plan.workers} x {plan.threads} threads does not fit these actors")
         self.ray.get([w.add_plan.remote(name, plan.to_json()) for w in self.workers])
         self.plans[name] = plan
+
+    def layer_costs(self, x: np.ndarray) -> list[dict]:
+        """Per-layer costs measured on every worker at once, the slower worker's for each layer:
+        what a partitioned group sees, workers competing for caches and memory bandwidth."""
+        per_worker = self.ray.get([w.layer_costs.remote(np.ascontiguousarray(x, np.float32)) for w in self.workers])
+        return [
+            {**layers[0], "fixed": max(c["fixed"] for c in layers), "per_row": max(c["per_row"] for c in layers)}
+            for layers in zip(*per_worker)
+        ]
 
     def link(self, sizes=(1 << 16, 1 << 22), repeats: int = 5) -> tuple[float, float]:
         """(seconds per trip, bytes per second) of the link, as a group uses it: every worker gets a

@@ -77,7 +77,7 @@ def test_ray_workers_are_bit_exact_against_the_unpartitioned_model(local_ray):
 
     config, model = cnn_model.load(cnn.builtin_dir("tiny-cnn"))
     modules = list(model.layers)
-    costs = partition.layer_costs(modules, torch.rand(1, *config.input), 1)
+    costs = halp.layer_costs(modules, torch.rand(1, *config.input), 1)
     link = (1e-3, 1e9)
     two = partition.plan_for(config, costs, link, 2, 1, 1, host_shares=True)
     x, _ = cnn_model.fashion_mnist_inputs(config.input, "test", 3)
