@@ -94,6 +94,7 @@ PASSES: Registry[type[Pass]] = Registry(
         "accelc.passes.lookahead",
         "accelc.passes.export_denoiser",
         "accelc.passes.diffusion_sampling",
+        "accelc.passes.partition",
     ),
 )
 TARGETS: Registry[type[Target]] = Registry(

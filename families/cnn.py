@@ -92,17 +92,35 @@ class CNN(Family):
     def graph_roles(self, bundle) -> dict[str, str]:
         return {}
 
+    def decode_plan(self, recipe, bundle) -> dict | None:
+        return dict(bundle.plan) or None  # the partition pass's HALP plan (families/cnn_halp.py)
+
     def prove(self, directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
-        target = next(t for t in manifest["targets"] if t["kind"] == "fpga")
-        if target["params"]["flavour"] == "hls4ml":
-            from accelc.families.cnn_hls4ml import prove as prove_hls4ml
+        from accelc.families import cnn_halp, cnn_hls4ml, cnn_proof
 
-            return prove_hls4ml(directory, manifest)
-        from accelc.families.cnn_proof import prove
+        metrics, ok = {}, True
+        if cnn_halp.plan_of(manifest) is not None:
+            metrics["halp"], ok = cnn_halp.prove(directory, manifest)
+        fpga = next((t for t in manifest["targets"] if t["kind"] == "fpga"), None)
+        if fpga is not None:  # the fabric's proof: the VTA simulator, or hls4ml's C simulation
+            prove = cnn_hls4ml.prove if fpga["params"]["flavour"] == "hls4ml" else cnn_proof.prove
+            found, fpga_ok = prove(directory, manifest)
+            metrics, ok = {**metrics, **found}, ok and fpga_ok
+        if not ok and "failure" not in metrics:
+            metrics["failure"] = metrics["halp"]["failure"]
+        return metrics, ok
 
-        return prove(directory, manifest)
+    def bench(self, art, spec) -> dict:
+        from accelc.families import cnn_halp
+
+        if cnn_halp.plan_of(art.manifest) is None:
+            return super().bench(art, spec)
+        return cnn_halp.bench(art, spec)
 
     def run(self, art, args) -> int:
+        from accelc.families import cnn_halp
         from accelc.families.cnn_run import run
 
+        if cnn_halp.plan_of(art.manifest) is not None and args.backend is None:
+            return cnn_halp.run(art, args)
         return run(art, args)
