@@ -64,6 +64,11 @@ class QuantizeWeightsInt4(registry.Pass):
             le=4,
             description="MatMulNBits compute type: 4 = int8 activations (fastest on AVX2/AVX-512), 0 = fp32",
         )
+        head: bool = Field(
+            False,
+            description="quantise the LM head too: a head tied to the embedding (a Gemm on it) gets its own "
+            "transposed copy as a MatMul, which the quantizer reaches; the embedding lookup keeps fp32 rows",
+        )
 
     def run(self, bundle, ctx):
         """Decoding one token is matrix-vector work bound by weight bandwidth, so 4-bit weights
@@ -78,23 +83,35 @@ class QuantizeWeightsInt4(registry.Pass):
             graphs[role] = quantize_matmul_nbits(
                 src,
                 dst,
+                head=self.params.head,
                 bits=4,
                 block_size=self.params.block_size,
                 symmetric=self.params.symmetric,
                 accuracy_level=self.params.accuracy_level,
             )
         meta = {
-            role: {**bundle.graph_meta.get(role, {}), "quantization": f"int4 block {self.params.block_size}"}
+            role: {
+                **bundle.graph_meta.get(role, {}),
+                "quantization": f"int4 block {self.params.block_size}"
+                + (", head included" if self.params.head else ""),
+            }
             for role in graphs
         }
         return bundle.evolve(graphs=graphs, graph_meta={**bundle.graph_meta, **meta})
 
 
 def quantize_matmul_nbits(
-    src: Path, dst: Path, *, bits: int, block_size: int = 32, symmetric: bool = False, accuracy_level: int = 4
+    src: Path,
+    dst: Path,
+    *,
+    bits: int,
+    block_size: int = 32,
+    symmetric: bool = False,
+    accuracy_level: int = 4,
+    head: bool = False,
 ) -> Path:
     """Every MatMul with a constant weight in `src` as ORT MatMulNBits (`bits` = 4 or 8, blocks
-    along the input dimension); written to `dst`."""
+    along the input dimension), and with `head` the LM head too (`untie_head`); written to `dst`."""
     import logging
 
     import onnx
@@ -102,9 +119,50 @@ def quantize_matmul_nbits(
     # the quantizer logs one INFO line per node (thousands); keep warnings
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     nbits = require("onnxruntime.quantization.matmul_nbits_quantizer", "pip install onnxruntime")
+    model = onnx.load(str(src))
+    if head:
+        untie_head(model, str(src))
     quantizer = nbits.MatMulNBitsQuantizer(
-        onnx.load(str(src)), bits=bits, block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level
+        model, bits=bits, block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level
     )
     quantizer.process()
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
     return dst
+
+
+def untie_head(model, where: str) -> None:
+    """Rewrite, in `model` (an ONNX ModelProto), every Gemm(A, W, transB=1) on a constant W as
+    MatMul(A, W^T) over a transposed copy. The fused graph's tied head is such a Gemm on the
+    embedding, and ORT's quantizer only rewrites MatMuls: the head (a fifth of SmolLM2's weights,
+    read in full every token) then becomes 4-bit while the embedding lookup keeps its fp32 rows."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    nodes, untied = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = (
+            attrs.get("transB") == 1
+            and not attrs.get("transA")
+            and attrs.get("alpha", 1.0) == attrs.get("beta", 1.0) == 1.0
+        )
+        if node.op_type != "Gemm" or not plain or node.input[1] not in weights:
+            nodes.append(node)
+            continue
+        name = f"{node.input[1]}.head_t"
+        if name not in weights:
+            array = numpy_helper.to_array(weights[node.input[1]]).T.copy()
+            weights[name] = numpy_helper.from_array(array, name)
+            graph.initializer.append(weights[name])
+        product = node.output[0] if len(node.input) < 3 else f"{node.output[0]}.no_bias"
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}.matmul"))
+        if len(node.input) == 3:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}.bias"))
+        untied += 1
+    if not untied:
+        raise UsageError(
+            f"{where}: quantize_weights_int4 head: true found no LM head (a Gemm with transB=1 on a weight)"
+        )
+    del graph.node[:]
+    graph.node.extend(nodes)

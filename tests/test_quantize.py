@@ -1,0 +1,65 @@
+"""quantize_weights_int4's `head` option: the tied LM head becomes a 4-bit MatMul of its own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from accelc.compiler import fused_decoder
+from accelc.errors import UsageError
+from accelc.passes.quantize import quantize_matmul_nbits
+from accelc.runtime.ort_backend import OrtStepModel
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory):
+    from accelc.families import tiny
+    from accelc.families.causal_lm import load_model
+
+    root = tmp_path_factory.mktemp("quantize")
+    model = load_model(tiny.build("tiny-llama", root / "tiny-llama"))
+    assert model.config.tie_word_embeddings  # the case the option exists for
+    return fused_decoder.build(model, root / "onnx")
+
+
+def _ops(path):
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    weights = {t.name for t in graph.initializer}
+    return [n.op_type for n in graph.node], [n for n in graph.node if n.op_type == "Gemm" and n.input[1] in weights]
+
+
+def test_head_option_quantises_the_tied_head_and_keeps_the_embedding(fused, tmp_path):
+    plain = quantize_matmul_nbits(fused, tmp_path / "plain.onnx", bits=4, block_size=16)
+    head = quantize_matmul_nbits(fused, tmp_path / "head.onnx", bits=4, block_size=16, head=True)
+    plain_ops, plain_gemms = _ops(plain)
+    head_ops, head_gemms = _ops(head)
+    assert len(plain_gemms) == 1 and not head_gemms
+    assert head_ops.count("MatMulNBits") == plain_ops.count("MatMulNBits") + 1
+    assert "Gather" in head_ops  # the lookup still reads the fp32 embedding
+
+    ids = np.arange(1, 13)[None, :]
+    logits = {}
+    for name, graph in (("fp32", fused), ("plain", plain), ("head", head)):
+        step = OrtStepModel(graph)
+        logits[name], _ = step.extend(step.empty_state(), ids)
+    # 4-bit weights move the logits, the head's a little more; a wrong rewrite moves them by far more
+    scale = np.abs(logits["fp32"]).max()
+    assert np.abs(logits["plain"] - logits["fp32"]).max() < 0.5 * scale
+    assert 0 < np.abs(logits["head"] - logits["plain"]).max() < 0.5 * scale
+
+
+def test_head_option_on_a_graph_without_a_head_is_refused(fused, tmp_path):
+    import onnx
+
+    model = onnx.load(str(fused))
+    kept = [n for n in model.graph.node if n.op_type != "Gemm"]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    headless = tmp_path / "headless.onnx"
+    onnx.save(model, str(headless))
+    with pytest.raises(UsageError, match="found no LM head"):
+        quantize_matmul_nbits(headless, tmp_path / "out.onnx", bits=4, block_size=16, head=True)
