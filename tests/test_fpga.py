@@ -178,6 +178,18 @@ def test_a_stream_whose_tokens_never_come_deadlocks():
         vta_sim.simulate(DEFAULT, isa.encode(program, DEFAULT), dram)
 
 
+def _simulate(stream, x, config):
+    """Run a lowered layer's binary stream on the simulator over inputs `x`: (DRAM output, stats)."""
+    dram = vta_sim.Dram(
+        uop=isa.decode_uops(stream.uops, config),
+        inp=pack(x, config.block),
+        wgt=stream.wgt,
+        acc=stream.acc,
+        out=np.zeros((len(x), stream.out_elems, 1, config.block), np.int8),
+    )
+    return dram.out, vta_sim.simulate(config, stream.insns, dram)
+
+
 SMALL = VTAConfig.from_dict({**PYNQ, "LOG_INP_BUFF_SIZE": 11, "LOG_WGT_BUFF_SIZE": 13, "LOG_ACC_BUFF_SIZE": 13})
 
 
@@ -207,15 +219,8 @@ def test_lowered_layers_are_bit_exact_against_the_int32_reference(config, cin, c
     want = run_step(step, {0: (weight, bias)}, x)
     if pool > 1:
         want = run_step({"op": "max_pool2d", "layer": 1, "kernel": pool}, {}, want)
-    dram = vta_sim.Dram(
-        uop=isa.decode_uops(stream.uops, config),
-        inp=pack(x, config.block),
-        wgt=stream.wgt,
-        acc=stream.acc,
-        out=np.zeros((len(x), stream.out_elems, 1, config.block), np.int8),
-    )
-    stats = vta_sim.simulate(config, stream.insns, dram)
-    assert np.array_equal(unpack(dram.out, cout, ho, wo, flat=False), want)
+    out, stats = _simulate(stream, x, config)
+    assert np.array_equal(unpack(out, cout, ho, wo, flat=False), want)
     assert len(np.unique(want)) > 10  # the check saw real values, not a clipped constant
     assert stats.cycles > 0 and stats.instructions["GEMM"] >= 2
     if config is SMALL and pool == 1:  # the small buffers forced partial sums over input chunks, and row bands
@@ -286,16 +291,9 @@ def test_a_shift_per_output_channel_is_an_alu_shr_by_a_vector(config, cin, cout,
     stream = lower_layer(weight, bias, shifts, -128, shape, config, "test layer")
     step = {"op": "conv2d", "layer": 0, "kernel": k, "padding": pad, "shift": shifts.tolist(), "low": -128}
     want = run_step(step, {0: (weight, bias)}, x)
-    dram = vta_sim.Dram(
-        uop=isa.decode_uops(stream.uops, config),
-        inp=pack(x, config.block),
-        wgt=stream.wgt,
-        acc=stream.acc,
-        out=np.zeros((len(x), stream.out_elems, 1, config.block), np.int8),
-    )
-    vta_sim.simulate(config, stream.insns, dram)
+    out, _ = _simulate(stream, x, config)
     ho, wo = shape.stored_hw
-    assert np.array_equal(unpack(dram.out, cout, ho, wo, flat=False), want)
+    assert np.array_equal(unpack(out, cout, ho, wo, flat=False), want)
     assert len(np.unique(want)) > 10
     with pytest.raises(UsageError, match="one shift per output channel"):
         lower_layer(weight, bias, shifts[:-1], -128, shape, config, "test layer")
