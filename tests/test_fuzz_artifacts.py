@@ -150,7 +150,6 @@ ARTIFACT_FILES = {
     "plan.json": "decode/plan.json",
     "manifest.json": "manifest.json",
     "tvm library": "targets/cpu/tvm/target/model.so",
-    "tvm params": "targets/cpu/tvm/target/params.safetensors",
     "weights": "model/hf/model.safetensors",
 }
 ARTIFACT_DAMAGE = {"junk7": ("junk", 0.5, b"\x00\xff\x13\x37\x00\xff\x42"), "truncate": ("truncate", 0.5)}
@@ -176,11 +175,10 @@ COMMANDS = {
 }
 # what opens each file (the rest of the grid: the command never reads it, so damage cannot show)
 READERS = {
-    "decoder.onnx": ["run", "inspect", "eval", "bench"],
+    "decoder.onnx": ["run", "run-tvm", "inspect", "eval", "bench"],  # TVM reads its weights from the graph
     "plan.json": ["run", "run-tvm", "inspect", "bench"],
     "manifest.json": ["run", "inspect", "eval", "bench"],
     "tvm library": ["run-tvm", "inspect", "eval"],
-    "tvm params": ["run-tvm", "inspect"],
     # ORT and TVM never read the torch weights, so only the readers that do are held to them
     "weights": ["run-torch", "inspect", "bench"],
 }
