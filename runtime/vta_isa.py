@@ -60,8 +60,8 @@ class MemInsn:
 
 
 @dataclass(frozen=True)
-class GemmInsn:
-    """acc[dst] += inp[src] . wgt[wgt]^T over micro-ops [uop_bgn, uop_end) in a two-level loop whose
+class LoopInsn:
+    """The part GEMM and ALU share: micro-ops [uop_bgn, uop_end) run in a two-level loop whose
     indices add `*_factor_out` per outer and `*_factor_in` per inner iteration (reset: acc = 0)."""
 
     deps: Deps
@@ -74,24 +74,20 @@ class GemmInsn:
     dst_factor_in: int
     src_factor_out: int
     src_factor_in: int
+
+
+@dataclass(frozen=True)
+class GemmInsn(LoopInsn):
+    """acc[dst] += inp[src] . wgt[wgt]^T over the loop."""
+
     wgt_factor_out: int
     wgt_factor_in: int
 
 
 @dataclass(frozen=True)
-class AluInsn:
-    """acc[dst] = op(acc[dst], imm if use_imm else acc[src]) over the same loop as GEMM."""
+class AluInsn(LoopInsn):
+    """acc[dst] = op(acc[dst], imm if use_imm else acc[src]) over the loop."""
 
-    deps: Deps
-    reset: bool
-    uop_bgn: int
-    uop_end: int
-    iter_out: int
-    iter_in: int
-    dst_factor_out: int
-    dst_factor_in: int
-    src_factor_out: int
-    src_factor_in: int
     alu_opcode: int
     use_imm: bool
     imm: int

@@ -226,7 +226,7 @@ class Simulator:
         return self._mem_cycles(insn, self.config.elem_bytes("out"), 0)
 
     # ------------------------------------------------------------------ compute
-    def _indices(self, insn, uop_index: int, src_depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _indices(self, insn: isa.LoopInsn, uop_index: int, src_depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(dst, src, wgt) of every loop iteration of one micro-op, in the hardware's (i, j) order."""
         i = np.arange(insn.iter_out)[:, None]
         j = np.arange(insn.iter_in)[None, :]
