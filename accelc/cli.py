@@ -374,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--samples", type=int, help="how many samples to draw (generative models of images)")
     sp.add_argument("--seed", type=int, help="random seed of the samples (default: the artifact's plan)")
     sp.add_argument("--out", help="where to write what is not text (an image grid, predictions)")
+    sp.add_argument(
+        "--ray-address", help="partitioned CNNs: run the partitions on this Ray cluster (default: the plan's)"
+    )
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("train", help="train a built-in model that accelc builds itself, into the asset cache")

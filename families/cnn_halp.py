@@ -99,7 +99,8 @@ def run(art, args) -> int:
     config = cnn_model.read_config(weights)
     x, labels = cnn_model.fashion_mnist_inputs(config.input, "test", samples, seed)
     predictions, seconds = [], []
-    with HalpCluster(weights, plan, plan.ray_address) as cluster:
+    address = args.ray_address or plan.ray_address  # a cluster named at run time wins over the compile's
+    with HalpCluster(weights, plan, address) as cluster:
         cluster.infer(x[:1])  # warm-up: the actors' first call allocates
         for i in progress.bar(range(len(x)), desc=f"HALP on {plan.workers} Ray worker(s)"):
             started = time.perf_counter()

@@ -18,6 +18,9 @@ def run(art, args) -> int:
     from accelc.families import cnn_model
 
     name = args.backend or "vta_sim"
+    if args.ray_address:
+        raise UsageError("--ray-address applies to partitioned artifacts run on Ray (the `partition` pass), "
+                         f"not to --backend {name}")  # fmt: skip
     backend = art.backend(name)
     if "cnn" not in backend.families:
         raise UsageError(f"--backend {name} does not run CNN artifacts; backends that do: vta_sim")

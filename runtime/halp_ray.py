@@ -25,7 +25,7 @@ import numpy as np
 
 from accelc import progress
 from accelc.errors import UsageError
-from accelc.runtime import halp
+from accelc.runtime import halp, ray_cluster
 from accelc.runtime.backends import Dependency
 
 RAY = Dependency("ray", "pip install 'accelc[ray]'", "Ray")
@@ -110,15 +110,7 @@ class HalpCluster:
             )
         self._started_ray = False
         if not ray.is_initialized():
-            if address is None:
-                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                         _node_ip_address="127.0.0.1", configure_logging=False)  # fmt: skip
-                self._started_ray = True
-            else:
-                try:
-                    ray.init(address=address, log_to_driver=False, configure_logging=False)
-                except (ConnectionError, ValueError, RuntimeError) as exc:
-                    raise UsageError(f"--ray-address {address}: cannot join that Ray cluster ({exc})") from None
+            self._started_ray = ray_cluster.start(ray, address)
         self.ray, self.workers = ray, []
         try:
             actor = ray.remote(HalpWorker).options(num_cpus=first.threads)

@@ -19,6 +19,7 @@ import threading
 
 from accelc import progress
 from accelc.errors import UsageError
+from accelc.runtime import ray_cluster
 from accelc.runtime.backends import Dependency
 from accelc.serve.batching import Event, Request
 from accelc.serve.router import Router, _Worker
@@ -86,15 +87,7 @@ class RayRouter(Router):
         import ray
         from ray import serve
 
-        if self.address is None:
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     _node_ip_address="127.0.0.1", configure_logging=False)  # fmt: skip
-            self._started_ray = True
-        else:
-            try:
-                ray.init(address=self.address, log_to_driver=False, configure_logging=False)
-            except (ConnectionError, ValueError, RuntimeError) as exc:
-                raise UsageError(f"--ray-address {self.address}: cannot join that Ray cluster ({exc})") from None
+        self._started_ray = ray_cluster.start(ray, self.address)
         serve.start(proxy_location="Disabled")  # the HTTP side is accelc's own
         deployment = serve.deployment(ServingReplica).options(
             name="worker",

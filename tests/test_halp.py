@@ -120,3 +120,9 @@ def test_more_workers_than_cores_on_local_ray_is_a_usage_error(local_ray):
     config = cnn_model.BUILTINS["tiny-cnn"]
     with pytest.raises(UsageError, match="cores"):
         HalpCluster(cnn.builtin_dir("tiny-cnn"), partition.single_plan(config, 1), workers=64)
+
+
+def test_ray_address_is_refused_off_the_partitioned_path(halp_artifact, cli):
+    art, _ = halp_artifact
+    code, _, err = cli("run", art, "--backend", "vta_sim", "--ray-address", "127.0.0.1:1")
+    assert code == 2 and "--ray-address applies to partitioned artifacts" in err
