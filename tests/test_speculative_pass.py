@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+from conftest import write_recipe
 
 SPEC = """
   - type: speculative
@@ -298,3 +299,31 @@ def test_a_backend_without_the_draft_decodes_plainly_and_says_why(tmp_path, plan
     for p in ran.values():
         if p.strategy != plan["strategy"]:
             assert p.planned_strategy == plan["strategy"] and "runs on: ort" in p.reason
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_alpha_is_calibrated_on_prompts_of_the_form_the_plan_decodes(tmp_path, chat_template):
+    from types import SimpleNamespace
+
+    from accelc import assets
+    from accelc.compiler.recipe import load_recipe
+    from accelc.families.causal_lm import load_tokenizer
+    from accelc.passes.speculative import Speculative
+
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        version: 1
+        model: {{builtin: smollm2-135m-instruct}}
+        data: {{calibration: austen:emma}}
+        passes: [{{type: export_onnx}}]
+        decode: {{chat_template: {str(chat_template).lower()}}}
+        """,
+    )
+    ctx = SimpleNamespace(recipe=load_recipe(recipe))
+    step = Speculative(Speculative.Params(draft={"from_target": True, "weights": "int8"}, calibration_prompts=2))
+    tokenizer = load_tokenizer(assets.smollm2_dir())
+    text = [tokenizer.decode(p) for p in step._calibration_prompts(tokenizer, ctx)]
+    assert len(text) == 2
+    wrapped = ["<|im_start|>user" in t and t.rstrip().endswith("<|im_start|>assistant") for t in text]
+    assert wrapped == [chat_template] * 2
