@@ -7,7 +7,8 @@ The model is the project's own small masked-diffusion LM (`accelc train smollm2-
 LLaDA/Dream folder given by --model), its denoiser exported to ONNX and run by ONNX Runtime. For
 each generation length, every configuration (the baseline, SlowFast, Fast-dLLM threshold and
 factor, each with no cache, the prefix cache and the dual cache) decodes the same held-out
-prompts ("Persuasion"), interleaved prompt by prompt so that machine load hits all alike.
+prompts ("Persuasion", its line wraps joined as in the model's training text), interleaved
+prompt by prompt so that machine load hits all alike.
 
 Rows: `sampler`, `cache`, `stop_at_eos`, `gen_length`, `block_length`, `calls` and
 `tokens_per_call` (means over prompts), `padding_calls` (mean calls that decoded nothing but
@@ -102,7 +103,8 @@ def main(argv=None) -> int:
     from accelc.data import load_text
     from accelc.families import diffusion_lm_model as dm
     from accelc.families.diffusion_lm import builtin_dir
-    from accelc.families.diffusion_lm_train import TRAIN_TEXTS
+    from accelc.families.diffusion_lm_bench import prompts as held_out_prompts
+    from accelc.families.diffusion_lm_train import TRAIN_TEXTS, unwrap
     from accelc.loops.diffusion import SamplerOptions, generate
     from accelc.passes.diffusion_sampling import agreement
     from accelc.passes.export_denoiser import export
@@ -122,8 +124,9 @@ def main(argv=None) -> int:
         )
     torch_denoiser = TorchDenoiser(model)
     scorer = AutoModelForCausalLM.from_pretrained(assets.smollm2_dir(), local_files_only=True).eval()
-    prompts = common.persuasion_prompts(tokenizer, n_prompts, args.prompt_tokens)
-    counts = np.bincount(tokenizer(load_text(TRAIN_TEXTS[0]))["input_ids"], minlength=cfg.vocab_size).astype(float)
+    prompts = held_out_prompts(tokenizer, n_prompts, args.prompt_tokens)
+    text = unwrap(load_text(TRAIN_TEXTS[0]))
+    counts = np.bincount(tokenizer(text)["input_ids"], minlength=cfg.vocab_size).astype(float)
     counts[cfg.mask_token_id] = 0
     unigram = counts / counts.sum()
     rng = np.random.default_rng(0)
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
         model=str(folder),
         backend="ort (dllm_cache rows: torch)",
         session=common.ORT_SESSION,
-        prompts=f"{n_prompts} windows of {args.prompt_tokens} tokens of austen:persuasion (held out)",
+        prompts=f"{n_prompts} windows of {args.prompt_tokens} tokens of austen:persuasion (held out; line wraps joined)",
         block_length=args.block_length,
         environment=env,
     )

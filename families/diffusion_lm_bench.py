@@ -18,12 +18,14 @@ SAMPLERS = ("fast_threshold", "fast_factor", "slowfast")
 
 
 def prompts(tokenizer, count: int, length: int) -> list[list[int]]:
-    """`count` windows of `length` tokens, spread over the text."""
+    """`count` windows of `length` tokens, spread over the text (its line wraps joined, as the
+    model's training text is)."""
     import numpy as np
 
     from accelc.data import load_text, token_windows
+    from accelc.families.diffusion_lm_train import unwrap
 
-    ids = np.asarray(tokenizer.encode(load_text(PROMPT_TEXT), add_special_tokens=False))
+    ids = np.asarray(tokenizer.encode(unwrap(load_text(PROMPT_TEXT)), add_special_tokens=False))
     windows = token_windows(ids, length, length, count * 5, what="bench prompt text")
     return [w.tolist() for w, _ in windows][::5][:count]
 

@@ -58,6 +58,7 @@ EVAL_LENGTH = 64  # the plain-window accuracy is measured at one length for ever
 # a full stop after these is not the end of a sentence
 ABBREVIATIONS = ("Mr", "Mrs", "Dr", "St", "Messrs")
 SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)_]*(?=\s)")
+LINE_WRAP = re.compile(r"(?<=\S)[ \t]*\n(?=[ \t]*\S)")  # a line break inside a paragraph
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,16 @@ class TrainConfig:
     prompt_tokens: tuple[int, int] = (16, 48)  # sft: the prompt's length range, both ends included
     max_sentences: int = 4  # sft: the response ends after 1..max_sentences sentence ends
     bf16: bool = False  # autocast the matmuls to bfloat16 (the weights stay float32)
+    # join the novels' fixed-width line wraps: a break every ~70 characters is typesetting, and a
+    # weak denoiser fills uncertain positions with that frequent token (runs of newlines)
+    unwrap: bool = False
     start: str = ""  # the stage whose model this one continues ("": SmolLM2 itself)
 
     def data_format(self) -> dict:
         """What an example is: the fields a checkpoint is only valid for (the cache key's input)."""
         fields = {"format": self.format, "length": self.length, "start": self.start}
+        if self.unwrap:
+            fields["unwrap"] = True
         if self.format == "sft":
             fields |= {"prompt_tokens": list(self.prompt_tokens), "max_sentences": self.max_sentences}
         return fields
@@ -87,7 +93,7 @@ class TrainConfig:
 # the first stage: 120 steps of plain windows (about 15 minutes on two shared cores)
 TEXT = TrainConfig(stage="text", format="text", steps=120, batch=4, length=64)
 # the second: prompt + response + padding at the benchmark's 32 + 256 positions
-SFT = TrainConfig(stage="sft", format="sft", steps=480, batch=2, length=288, bf16=True, start="text")
+SFT = TrainConfig(stage="sft", format="sft", steps=360, batch=2, length=288, bf16=True, unwrap=True, start="text")
 STAGES = {cfg.stage: cfg for cfg in (TEXT, SFT)}
 FINAL = SFT
 
@@ -159,6 +165,11 @@ def tokenizer_for(source: Path):
     return tokenizer
 
 
+def unwrap(text: str) -> str:
+    """`text` with the line breaks inside its paragraphs replaced by spaces (blank lines kept)."""
+    return LINE_WRAP.sub(" ", text)
+
+
 def sentences(text: str) -> list[str]:
     """`text` cut after each sentence end; the whitespace that follows goes with the next piece,
     so the pieces tokenise as the text does."""
@@ -174,14 +185,15 @@ def sentences(text: str) -> list[str]:
     return pieces
 
 
-def token_stream(tokenizer, specs) -> tuple[list[int], list[int]]:
+def token_stream(tokenizer, specs, unwrapped: bool) -> tuple[list[int], list[int]]:
     """The texts' token ids and the positions just after each sentence end (ascending)."""
     from accelc.data import load_text
 
     ids: list[int] = []
     ends: list[int] = []
     for spec in specs:
-        for piece in tokenizer(sentences(load_text(spec)), add_special_tokens=False)["input_ids"]:
+        text = unwrap(load_text(spec)) if unwrapped else load_text(spec)
+        for piece in tokenizer(sentences(text), add_special_tokens=False)["input_ids"]:
             ids += piece
             ends.append(len(ids))
     return ids, ends
@@ -307,8 +319,8 @@ def train_stage(cfg: TrainConfig, fresh: bool = False) -> Path:
         model, tokenizer = start_model(cfg)
     mask_id, eos_id = model.config.mask_token_id, model.config.eos_token_id
     with progress.step(f"{NAME}: tokenizing Austen ({HELD_OUT} held out)"):
-        train_stream = token_stream(tokenizer, TRAIN_TEXTS)
-        eval_stream = token_stream(tokenizer, [HELD_OUT])
+        train_stream = token_stream(tokenizer, TRAIN_TEXTS, cfg.unwrap)
+        eval_stream = token_stream(tokenizer, [HELD_OUT], cfg.unwrap)
     plain = replace(TEXT, length=EVAL_LENGTH, batch=4)
 
     def accuracy() -> dict:

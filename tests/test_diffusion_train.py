@@ -44,6 +44,12 @@ def test_sentences_end_after_punctuation_and_closing_quotes_not_abbreviations():
     assert pieces == ["Mr. Elliot came in.", ' "Who is he?"', " she asked!", "  It rained\nall day"]
 
 
+def test_unwrap_joins_line_wraps_and_keeps_paragraphs():
+    assert T.unwrap("It was\na truth  \nuniversally.\n\n  Acknowledged\nthat") == (
+        "It was a truth universally.\n\n  Acknowledged that"
+    )
+
+
 def test_sft_examples_are_prompt_then_whole_sentences_then_end_of_text(stream):
     ids, ends = stream
     x, noisy, masked, _, maskable = T.training_batch(torch, stream, SMALL, EOS, MASK, torch.Generator().manual_seed(1))
