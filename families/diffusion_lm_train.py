@@ -93,7 +93,7 @@ class TrainConfig:
 # the first stage: 120 steps of plain windows (about 15 minutes on two shared cores)
 TEXT = TrainConfig(stage="text", format="text", steps=120, batch=4, length=64)
 # the second: prompt + response + padding at the benchmark's 32 + 256 positions
-SFT = TrainConfig(stage="sft", format="sft", steps=360, batch=2, length=288, bf16=True, unwrap=True, start="text")
+SFT = TrainConfig(stage="sft", format="sft", steps=430, batch=2, length=288, bf16=True, unwrap=True, start="text")
 STAGES = {cfg.stage: cfg for cfg in (TEXT, SFT)}
 FINAL = SFT
 
