@@ -7,19 +7,27 @@ The model is the project's own small masked-diffusion LM (`accelc train smollm2-
 LLaDA/Dream folder given by --model), its denoiser exported to ONNX and run by ONNX Runtime. For
 each generation length, every configuration (the baseline, SlowFast, Fast-dLLM threshold and
 factor, each with no cache, the prefix cache and the dual cache) decodes the same held-out
-prompts ("Persuasion"), interleaved prompt by prompt so that machine load hits all alike.
+prompts ("Persuasion", its line wraps joined as in the model's training text), interleaved
+prompt by prompt so that machine load hits all alike.
 
-Rows: `sampler`, `cache`, `gen_length`, `block_length`, `calls` and `tokens_per_call` (means over
-prompts), `tok_s` (response tokens over generation seconds), `calls_reduction` (the baseline's
-calls over the configuration's) and `speedup` (median of the per-prompt paired ratios of the
-baseline's seconds over the configuration's), both against the baseline at the same
-`gen_length`; `agreement` (fraction of the baseline's response tokens reproduced), `quality`
-(median perplexity, under SmolLM2-135M itself, of the continuations up to end-of-text: lower is
-better) and `baseline_quality`. Reference rows (`smollm2_ar`: SmolLM2's own greedy
-continuations; `unigram`: tokens drawn from the training text's unigram distribution) carry the
-quality figure only. The baseline decodes one token a call (steps = gen_length). dLLM-Cache
-reuses per-layer features and runs on torch only: its rows (`backend` torch) take their speedup
-against the baseline on torch, run beside them; every other row's backend is ort.
+Rows: `sampler`, `cache`, `stop_at_eos`, `gen_length`, `block_length`, `calls` and
+`tokens_per_call` (means over prompts), `padding_calls` (mean calls that decoded nothing but
+end-of-text), `text_tokens` (mean response length up to its first end-of-text), `tok_s` (response
+tokens over generation seconds), `calls_reduction` (the baseline's calls over the configuration's)
+and `speedup` (median of the per-prompt paired ratios of the baseline's seconds over the
+configuration's), both against the baseline at the same `gen_length`; `agreement` (fraction of the
+baseline's response tokens reproduced), `quality` (median perplexity, under SmolLM2-135M itself, of
+the continuations up to end-of-text: lower is better) and `baseline_quality`. Reference rows
+(`smollm2_ar`: SmolLM2's own greedy continuations; `unigram`: tokens drawn from the training text's
+unigram distribution) carry the quality figure only.
+
+The baseline is LLaDA's sampler as published: one token a call (steps = gen_length) and no early
+stop, so it spends calls on the end-of-text padding too. Every other configuration stops at the
+first committed end-of-text (`stop_at_eos`); the row `baseline` with `stop_at_eos` true separates
+what the early stop saves from what parallel decoding saves. dLLM-Cache reuses per-layer features
+and runs on torch only: its rows (`backend` torch) take their speedup against the baseline on
+torch, run beside them; every other row's backend is ort. `--samplers` and `--caches` choose a
+subset (the baseline without cache always runs: it is the reference).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from pathlib import Path
 from benchmarks import common
 
 SAMPLERS = ("baseline", "slowfast", "fast_threshold", "fast_factor")
-CACHES = ("none", "prefix", "dual")
+CACHES = ("none", "prefix", "dual", "dllm_cache")
 
 
 def perplexity(scorer, prompt: list[int], continuation: list[int]) -> float | None:
@@ -83,6 +91,8 @@ def main(argv=None) -> int:
     p.add_argument("--gen-lengths", type=int, nargs="+", help="default 64 256; 64 with --quick")
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
+    p.add_argument("--caches", nargs="+", choices=CACHES, default=list(CACHES), help="dllm_cache rows run on torch")
     args = p.parse_args(argv)
     env = common.quiet_threads(args.threads)
 
@@ -93,7 +103,8 @@ def main(argv=None) -> int:
     from accelc.data import load_text
     from accelc.families import diffusion_lm_model as dm
     from accelc.families.diffusion_lm import builtin_dir
-    from accelc.families.diffusion_lm_train import TRAIN_TEXTS
+    from accelc.families.diffusion_lm_bench import prompts as held_out_prompts
+    from accelc.families.diffusion_lm_train import TRAIN_TEXTS, unwrap
     from accelc.loops.diffusion import SamplerOptions, generate
     from accelc.passes.diffusion_sampling import agreement
     from accelc.passes.export_denoiser import export
@@ -113,8 +124,9 @@ def main(argv=None) -> int:
         )
     torch_denoiser = TorchDenoiser(model)
     scorer = AutoModelForCausalLM.from_pretrained(assets.smollm2_dir(), local_files_only=True).eval()
-    prompts = common.persuasion_prompts(tokenizer, n_prompts, args.prompt_tokens)
-    counts = np.bincount(tokenizer(load_text(TRAIN_TEXTS[0]))["input_ids"], minlength=cfg.vocab_size).astype(float)
+    prompts = held_out_prompts(tokenizer, n_prompts, args.prompt_tokens)
+    text = unwrap(load_text(TRAIN_TEXTS[0]))
+    counts = np.bincount(tokenizer(text)["input_ids"], minlength=cfg.vocab_size).astype(float)
     counts[cfg.mask_token_id] = 0
     unigram = counts / counts.sum()
     rng = np.random.default_rng(0)
@@ -122,34 +134,48 @@ def main(argv=None) -> int:
     rows = []
     for gen_length in gen_lengths:
 
-        def options(sampler, cache):
-            return SamplerOptions(sampler=sampler, cache=cache, gen_length=gen_length, block_length=args.block_length)
+        def options(sampler, cache, stop=True):
+            return SamplerOptions(
+                sampler=sampler, cache=cache, gen_length=gen_length, block_length=args.block_length, stop_at_eos=stop
+            )
 
-        # (backend, options): every sampler with every cache on ORT; dLLM-Cache and its baseline on torch
-        configs = [("ort", options(s, c)) for s in SAMPLERS for c in CACHES]
-        configs += [("torch", options("baseline", "none"))] + [("torch", options(s, "dllm_cache")) for s in SAMPLERS]
+        # (backend, options): LLaDA's baseline first (the reference), the baseline with the early stop,
+        # every chosen sampler with every chosen ORT cache; dLLM-Cache and its baseline on torch
+        reference = options("baseline", "none", stop=False)
+        configs = [("ort", reference), ("ort", options("baseline", "none"))]
+        configs += [
+            ("ort", options(s, c))
+            for s in args.samplers
+            for c in args.caches
+            if c != "dllm_cache" and (s, c) != ("baseline", "none")
+        ]
+        if "dllm_cache" in args.caches:
+            configs += [("torch", reference)] + [("torch", options(s, "dllm_cache")) for s in args.samplers]
         denoisers = {"ort": denoiser, "torch": torch_denoiser}
         for _, opts in configs:
             opts.check()
-        results = {(b, opts.label()): [] for b, opts in configs}
+        results = {config: [] for config in configs}
         for prompt in progress.bar(prompts, desc=f"gen_length {gen_length}", unit="prompt"):
             for backend, opts in configs:  # interleaved: every configuration on this prompt before the next
-                results[backend, opts.label()].append(generate(denoisers[backend], prompt, opts))
-        base = results["ort", "baseline/none"]
+                results[backend, opts].append(generate(denoisers[backend], prompt, opts))
+        base = results["ort", reference]
         base_quality = [perplexity(scorer, q, r.text_tokens(cfg.eos_token_id)) for q, r in zip(prompts, base)]
         for backend, opts in configs:
-            runs = results[backend, opts.label()]
-            timed_base = results[backend, "baseline/none"]
+            runs = results[backend, opts]
+            timed_base = results[backend, reference]
             calls = statistics.mean(r.calls for r in runs)
             rows.append(
                 {
                     "sampler": opts.sampler,
                     "cache": opts.cache,
+                    "stop_at_eos": opts.stop_at_eos,
                     "backend": backend,
                     "gen_length": gen_length,
                     "block_length": opts.block_length,
                     "calls": calls,
                     "tokens_per_call": gen_length / calls,
+                    "padding_calls": statistics.mean(r.padding_calls for r in runs),
+                    "text_tokens": statistics.mean(len(r.text_tokens(cfg.eos_token_id)) for r in runs),
                     "tok_s": sum(len(r.tokens) for r in runs) / sum(r.seconds for r in runs),
                     "calls_reduction": statistics.mean(r.calls for r in base) / calls,
                     "speedup": common.median_ratio([r.seconds for r in timed_base], [r.seconds for r in runs]),
@@ -168,7 +194,7 @@ def main(argv=None) -> int:
         model=str(folder),
         backend="ort (dllm_cache rows: torch)",
         session=common.ORT_SESSION,
-        prompts=f"{n_prompts} windows of {args.prompt_tokens} tokens of austen:persuasion (held out)",
+        prompts=f"{n_prompts} windows of {args.prompt_tokens} tokens of austen:persuasion (held out; line wraps joined)",
         block_length=args.block_length,
         environment=env,
     )
@@ -177,8 +203,9 @@ def main(argv=None) -> int:
     for row in rows:
         if "calls" in row:
             print(
-                f"{row['gen_length']:4d} {row['backend']:5s} {row['sampler']:15s} {row['cache']:10s} calls {row['calls']:6.1f} "
-                f"tok/call {row['tokens_per_call']:5.2f} tok/s {row['tok_s']:7.1f} x{row['speedup']:5.2f} "
+                f"{row['gen_length']:4d} {row['backend']:5s} {row['sampler']:15s} {row['cache']:10s} "
+                f"{'stop' if row['stop_at_eos'] else 'full'} calls {row['calls']:6.1f} (padding {row['padding_calls']:5.1f}) "
+                f"text {row['text_tokens']:5.1f} tok/call {row['tokens_per_call']:5.2f} tok/s {row['tok_s']:7.1f} x{row['speedup']:5.2f} "
                 f"calls/{row['calls_reduction']:5.2f} agree {row['agreement']:.3f} ppl {row['quality']}"
             )
         else:
@@ -192,7 +219,7 @@ def plot(rows, path: Path) -> None:
     fig, axes = plt.subplots(1, len(lengths), figsize=(7 * len(lengths), 4), squeeze=False)
     for ax, length in zip(axes[0], lengths):
         mine = [r for r in rows if r["gen_length"] == length and "calls" in r]
-        labels = [f"{r['sampler']}\n{r['cache']} ({r['backend']})" for r in mine]
+        labels = [f"{r['sampler']}{'' if r['stop_at_eos'] else ' full'}\n{r['cache']} ({r['backend']})" for r in mine]
         x = range(len(mine))
         ax.bar([i - 0.2 for i in x], [r["calls_reduction"] for r in mine], 0.4, label="calls reduction")
         ax.bar([i + 0.2 for i in x], [r["speedup"] for r in mine], 0.4, label="speedup (tok/s)")

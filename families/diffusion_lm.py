@@ -166,3 +166,13 @@ class DiffusionLM(Family):
         from accelc.families.diffusion_lm_proof import prove
 
         return prove(directory, recipe, manifest)
+
+    def bench(self, art, spec) -> dict:
+        from accelc.families.diffusion_lm_bench import bench
+
+        return bench(art, spec)
+
+    def report_bench(self, art, result: dict, figure: Path) -> None:
+        from accelc.families.diffusion_lm_bench import report
+
+        report(result, figure)

@@ -14,51 +14,105 @@ al., arXiv 2410.17891 §3) and Dream (arXiv 2508.15487):
   DiffuLLaMA reuses one: the vocabulary and its embedding keep their size;
 - the tied embedding and head are frozen (they are a fifth of the weights; the text is small).
 
+Two stages, each its own cached model (the second starts from the first):
+
+1. `text`: plain windows of the novels, every token but the first maskable;
+2. `sft`: the examples of LLaDA's SFT (arXiv 2502.09992 §2.3 and App. B): a prompt (a span of
+   16-48 tokens of text), the response (the rest of the sentence the prompt stops in and up to
+   `max_sentences` - 1 more) and `<|endoftext|>` padding up to the training length, which covers
+   the benchmark's 32-token prompt plus 256 generated positions. Only response and padding are
+   masked, and each example's loss is divided by their length (LLaDA's SFT estimator). The model
+   learns where a text ends, and that after an end-of-text everything is end-of-text, so a sampler
+   can commit the padding in parallel or stop at the end-of-text.
+
 The text is Jane Austen's novels with `persuasion` held out for evaluation. A run checkpoints
-every `CHECKPOINT_EVERY` steps (weights, optimiser, data position) and resumes from it; the
-finished model is a Dream folder in the asset cache with its cost and its masked-token accuracy
-on the held-out novel, before and after training, in `accelc_builtin.json`.
+every `CHECKPOINT_EVERY` steps (weights, optimiser, step) and resumes from it; each step draws its
+batch from its own seeded generator, so a resumed run sees the batches an unbroken one would. A
+stage's cache key covers its data format and its starting point, so a changed format trains anew
+instead of resuming an incompatible checkpoint. The finished model is a Dream folder in the asset
+cache; `accelc_builtin.json` records the format, the cost (steps, tokens, seconds, threads,
+precision) and the masked-token accuracy on the held-out novel before and after training.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
 import math
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from accelc import progress
 
 NAME = "smollm2-dream"
 MASK_TOKEN = "<empty_output>"
+EOS_TOKEN = "<|endoftext|>"
 TRAIN_TEXTS = ("austen:prideprejudice", "austen:sensesensibility", "austen:emma", "austen:mansfieldpark")
 HELD_OUT = "austen:persuasion"
 CHECKPOINT_EVERY = 5
 EPS = 1e-3
+EVAL_LENGTH = 64  # the plain-window accuracy is measured at one length for every stage
+# a full stop after these is not the end of a sentence
+ABBREVIATIONS = ("Mr", "Mrs", "Dr", "St", "Messrs")
+SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)_]*(?=\s)")
+LINE_WRAP = re.compile(r"(?<=\S)[ \t]*\n(?=[ \t]*\S)")  # a line break inside a paragraph
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # sized for a short CPU run: about 10 s a step on two shared cores, 20 minutes in all
-    steps: int = 120
-    batch: int = 4
-    length: int = 64
+    stage: str  # the cache name's suffix
+    format: str  # "text" (plain windows) or "sft" (prompt + sentences + end-of-text padding)
+    steps: int
+    batch: int
+    length: int
     lr: float = 1e-4
     warmup: int = 5
     seed: int = 0
-    eval_windows: int = 16
+    eval_examples: int = 16
+    prompt_tokens: tuple[int, int] = (16, 48)  # sft: the prompt's length range, both ends included
+    max_sentences: int = 4  # sft: the response ends after 1..max_sentences sentence ends
+    bf16: bool = False  # autocast the matmuls to bfloat16 (the weights stay float32)
+    # join the novels' fixed-width line wraps: a break every ~70 characters is typesetting, and a
+    # weak denoiser fills uncertain positions with that frequent token (runs of newlines)
+    unwrap: bool = False
+    start: str = ""  # the stage whose model this one continues ("": SmolLM2 itself)
+
+    def data_format(self) -> dict:
+        """What an example is: the fields a checkpoint is only valid for (the cache key's input)."""
+        fields = {"format": self.format, "length": self.length, "start": self.start}
+        if self.unwrap:
+            fields["unwrap"] = True
+        if self.format == "sft":
+            fields |= {"prompt_tokens": list(self.prompt_tokens), "max_sentences": self.max_sentences}
+        return fields
 
 
-def model_dir() -> Path:
-    """Where the trained model is published (keyed by the SmolLM2 it starts from)."""
+# the first stage: 120 steps of plain windows (about 15 minutes on two shared cores)
+TEXT = TrainConfig(stage="text", format="text", steps=120, batch=4, length=64)
+# the second: prompt + response + padding at the benchmark's 32 + 256 positions
+SFT = TrainConfig(stage="sft", format="sft", steps=430, batch=2, length=288, bf16=True, unwrap=True, start="text")
+STAGES = {cfg.stage: cfg for cfg in (TEXT, SFT)}
+FINAL = SFT
+
+
+def model_dir(cfg: TrainConfig = FINAL) -> Path:
+    """Where a stage's model is published, keyed by the SmolLM2 it starts from and its data format
+    (the format of every stage it continues included)."""
     from accelc import assets
 
-    return assets.cache_root() / "models" / f"{NAME}-{assets.key(assets.SMOLLM2_WHEEL.sha256)}"
+    chain = [cfg]
+    while chain[-1].start:
+        chain.append(STAGES[chain[-1].start])
+    formats = json.dumps([c.data_format() for c in chain], sort_keys=True)
+    digest = hashlib.sha256((assets.SMOLLM2_WHEEL.sha256 + formats).encode()).hexdigest()
+    return assets.cache_root() / "models" / f"{NAME}-{cfg.stage}-{assets.key(digest)}"
 
 
-def work_dir() -> Path:
-    return model_dir().with_name(model_dir().name + ".work")
+def work_dir(cfg: TrainConfig = FINAL) -> Path:
+    return model_dir(cfg).with_name(model_dir(cfg).name + ".work")
 
 
 def initial_model():
@@ -84,7 +138,7 @@ def initial_model():
         rope_theta=raw["rope_theta"],
         rms_norm_eps=raw["rms_norm_eps"],
         mask_token_id=tokenizer.mask_token_id,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
         max_positions=raw["max_position_embeddings"],
         qkv_bias=True,
         tie_embeddings=True,
@@ -111,28 +165,91 @@ def tokenizer_for(source: Path):
     return tokenizer
 
 
-def token_stream(tokenizer, specs) -> list[int]:
+def unwrap(text: str) -> str:
+    """`text` with the line breaks inside its paragraphs replaced by spaces (blank lines kept)."""
+    return LINE_WRAP.sub(" ", text)
+
+
+def sentences(text: str) -> list[str]:
+    """`text` cut after each sentence end; the whitespace that follows goes with the next piece,
+    so the pieces tokenise as the text does."""
+    pieces, begin = [], 0
+    for end in SENTENCE_END.finditer(text):
+        words = text[begin : end.start()].split()
+        if words and words[-1] in ABBREVIATIONS:
+            continue
+        pieces.append(text[begin : end.end()])
+        begin = end.end()
+    if begin < len(text):
+        pieces.append(text[begin:])
+    return pieces
+
+
+def token_stream(tokenizer, specs, unwrapped: bool) -> tuple[list[int], list[int]]:
+    """The texts' token ids and the positions just after each sentence end (ascending)."""
     from accelc.data import load_text
 
     ids: list[int] = []
+    ends: list[int] = []
     for spec in specs:
-        ids += tokenizer(load_text(spec))["input_ids"]
-    return ids
+        text = unwrap(load_text(spec)) if unwrapped else load_text(spec)
+        for piece in tokenizer(sentences(text), add_special_tokens=False)["input_ids"]:
+            ids += piece
+            ends.append(len(ids))
+    return ids, ends
 
 
-def masked_batch(torch, ids, starts, length, mask_id, generator):
-    """Windows at `starts`, each masked at rate t ~ U(eps, 1) (never its first token)."""
-    x = torch.stack([torch.as_tensor(ids[s : s + length]) for s in starts])
-    t = EPS + (1 - EPS) * torch.rand(len(starts), 1, generator=generator)
-    masked = torch.rand(x.shape, generator=generator) < t
-    masked[:, 0] = False
+def randint(torch, low: int, high: int, generator) -> int:
+    """An integer in [low, high)."""
+    return int(torch.randint(low, high, (1,), generator=generator))
+
+
+def text_example(torch, stream, cfg: TrainConfig, generator) -> tuple[list[int], int]:
+    """A plain window; only its first token is kept unmasked (the context the shift needs)."""
+    ids, _ = stream
+    start = randint(torch, 0, len(ids) - cfg.length, generator)
+    return ids[start : start + cfg.length], 1
+
+
+def sft_example(torch, stream, cfg: TrainConfig, eos_id: int, generator) -> tuple[list[int], int]:
+    """A prompt of `prompt_tokens` tokens from a random position, the response up to the n-th
+    sentence end after it (n in 1..max_sentences, fewer when they do not fit), end-of-text padding
+    to `length` (at least one). Returns the ids and the prompt's length."""
+    ids, ends = stream
+    low, high = cfg.prompt_tokens
+    while True:
+        prompt = randint(torch, low, high + 1, generator)
+        start = randint(torch, 0, len(ids) - cfg.length, generator)
+        first = bisect.bisect_right(ends, start + prompt)  # the first sentence end inside the response
+        fitting = [e for e in ends[first : first + cfg.max_sentences] if e - start < cfg.length]
+        if fitting:
+            end = fitting[randint(torch, 0, len(fitting), generator)]
+            return ids[start:end] + [eos_id] * (cfg.length - (end - start)), prompt
+
+
+def training_batch(torch, stream, cfg: TrainConfig, eos_id: int, mask_id: int, generator):
+    """`batch` examples, their response (and padding) masked at rate t ~ U(eps, 1) per example.
+    Returns the clean ids, the noisy ids, the masked positions, t, and each example's maskable length."""
+    examples = [
+        sft_example(torch, stream, cfg, eos_id, generator)
+        if cfg.format == "sft"
+        else text_example(torch, stream, cfg, generator)
+        for _ in range(cfg.batch)
+    ]
+    x = torch.tensor([ids for ids, _ in examples])
+    prompt = torch.tensor([[p] for _, p in examples])
+    maskable = torch.arange(cfg.length).expand_as(x) >= prompt
+    t = EPS + (1 - EPS) * torch.rand(cfg.batch, 1, generator=generator)
+    masked = (torch.rand(x.shape, generator=generator) < t) & maskable
     noisy = torch.where(masked, torch.full_like(x, mask_id), x)
-    return x, noisy, masked, t
+    return x, noisy, masked, t, maskable.sum(1)
 
 
-def diffusion_loss(model, x, noisy, masked, t):
+def diffusion_loss(model, x, noisy, masked, t, maskable):
     """1/t-weighted cross-entropy of the masked tokens, each predicted from the previous position's
-    hidden state (the shift), summed and divided by the tokens (LLaDA Eq. 3's estimator)."""
+    hidden state (the shift), summed per example over its maskable length and averaged over the
+    batch (LLaDA Eq. 3's estimator; its SFT form, App. B, when only the response is maskable).
+    Returns the loss, whether each masked token's argmax was right, and the targets."""
     import torch
 
     positions = torch.arange(x.shape[1]).expand_as(x)
@@ -142,30 +259,47 @@ def diffusion_loss(model, x, noisy, masked, t):
         hidden, _, _ = layer(hidden, cos, sin)
     rows, cols = masked[:, 1:].nonzero(as_tuple=True)  # target position cols+1, read at cols
     logits = model.hidden_logits(hidden[rows, cols])  # the head only where it is scored
-    losses = torch.nn.functional.cross_entropy(logits, x[rows, cols + 1], reduction="none")
-    weighted = (losses / t[rows, 0]).sum() / (x.shape[0] * (x.shape[1] - 1))
-    correct = (logits.argmax(-1) == x[rows, cols + 1]).float()
-    return weighted, correct
+    targets = x[rows, cols + 1]
+    losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    weighted = (losses / t[rows, 0] / maskable[rows]).sum() / x.shape[0]
+    return weighted, logits.argmax(-1) == targets, targets
 
 
-def masked_accuracy(model, ids, cfg: TrainConfig, mask_id: int) -> float:
-    """Accuracy of the argmax prediction on masked tokens of held-out windows, t ~ U(eps, 1), seeded."""
+def masked_accuracy(model, stream, cfg: TrainConfig, eos_id: int, mask_id: int) -> dict:
+    """Argmax accuracy on the masked tokens of seeded held-out examples in `cfg`'s format, t ~ U(eps, 1):
+    of text tokens, and (sft) of the end-of-text padding, separately."""
     import torch
 
     generator = torch.Generator().manual_seed(1234)
-    stride = max(1, (len(ids) - cfg.length) // cfg.eval_windows)
-    hits = total = 0
+    hits = {"text": 0.0, "padding": 0.0}
+    total = {"text": 0, "padding": 0}
     with torch.no_grad():
-        for k in range(0, cfg.eval_windows, cfg.batch):
-            starts = [stride * j for j in range(k, min(k + cfg.batch, cfg.eval_windows))]
-            x, noisy, masked, t = masked_batch(torch, ids, starts, cfg.length, mask_id, generator)
-            _, correct = diffusion_loss(model, x, noisy, masked, t)
-            hits += float(correct.sum())
-            total += correct.numel()
-    return hits / max(total, 1)
+        for _ in range(cfg.eval_examples // cfg.batch):
+            batch = training_batch(torch, stream, cfg, eos_id, mask_id, generator)
+            _, correct, targets = diffusion_loss(model, *batch)
+            for kind, where in (("text", targets != eos_id), ("padding", targets == eos_id)):
+                hits[kind] += float(correct[where].sum())
+                total[kind] += int(where.sum())
+    return {kind: hits[kind] / total[kind] for kind in hits if total[kind]}
+
+
+def start_model(cfg: TrainConfig):
+    """The model and tokenizer a stage begins with: SmolLM2, or the model of the stage it continues
+    (trained first if it is not in the cache)."""
+    if not cfg.start:
+        return initial_model()
+    from accelc.families import diffusion_lm_model as dm
+
+    folder = train_stage(STAGES[cfg.start])
+    return dm.load(folder), tokenizer_for(folder)
 
 
 def train(steps: int | None = None, fresh: bool = False) -> Path:
+    """Train every stage not yet in the cache; `steps` and `fresh` apply to the last one."""
+    return train_stage(replace(FINAL, **({"steps": steps} if steps else {})), fresh)
+
+
+def train_stage(cfg: TrainConfig, fresh: bool = False) -> Path:
     import shutil
 
     import torch
@@ -173,21 +307,31 @@ def train(steps: int | None = None, fresh: bool = False) -> Path:
     from accelc import assets
     from accelc.families import diffusion_lm_model as dm
 
-    cfg = TrainConfig(**({"steps": steps} if steps else {}))
-    final = model_dir()
+    final = model_dir(cfg)
     if final.is_dir() and not fresh:
-        progress.status(f"{NAME}: already trained in {final}")
+        progress.status(f"{NAME} ({cfg.stage}): already trained in {final}")
         return final
-    work = work_dir()
+    work = work_dir(cfg)
     if fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    with progress.step(f"{NAME}: SmolLM2-135M as a Dream-style denoiser"):
-        model, tokenizer = initial_model()
-    mask_id = model.config.mask_token_id
+    with progress.step(f"{NAME} ({cfg.stage}): the starting model"):
+        model, tokenizer = start_model(cfg)
+    mask_id, eos_id = model.config.mask_token_id, model.config.eos_token_id
     with progress.step(f"{NAME}: tokenizing Austen ({HELD_OUT} held out)"):
-        train_ids = token_stream(tokenizer, TRAIN_TEXTS)
-        eval_ids = token_stream(tokenizer, [HELD_OUT])
+        train_stream = token_stream(tokenizer, TRAIN_TEXTS, cfg.unwrap)
+        eval_stream = token_stream(tokenizer, [HELD_OUT], cfg.unwrap)
+    plain = replace(TEXT, length=EVAL_LENGTH, batch=4)
+
+    def accuracy() -> dict:
+        model.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            scores = {"windows": masked_accuracy(model, eval_stream, plain, eos_id, mask_id)["text"]}
+            if cfg.format == "sft":
+                scores |= masked_accuracy(model, eval_stream, cfg, eos_id, mask_id)
+        model.train()
+        return scores
+
     for p in model.model.embed_tokens.parameters():
         p.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -197,29 +341,25 @@ def train(steps: int | None = None, fresh: bool = False) -> Path:
         lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)),
     )
     checkpoint = work / "checkpoint.pt"
-    record = {"steps_done": 0, "seconds": 0.0, "losses": []}
+    record = {"steps_done": 0, "seconds": 0.0, "losses": [], "data_format": cfg.data_format()}
     if checkpoint.exists():
         saved = torch.load(checkpoint, weights_only=True)
         model.load_state_dict(saved["model"], strict=False)
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         record = json.loads((work / "record.json").read_text())
-        progress.status(f"{NAME}: resuming at step {record['steps_done']}")
+        progress.status(f"{NAME} ({cfg.stage}): resuming at step {record['steps_done']}")
     else:
-        model.eval()
-        with progress.step(f"{NAME}: masked-token accuracy of the unadapted model on {HELD_OUT}"):
-            record["accuracy_before"] = masked_accuracy(model, eval_ids, cfg, mask_id)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    for _ in range(record["steps_done"]):  # the data position: the same batches as an unbroken run
-        torch.randint(0, len(train_ids) - cfg.length, (cfg.batch,), generator=generator)
-        masked_batch(torch, train_ids, [0] * cfg.batch, cfg.length, mask_id, generator)
+        with progress.step(f"{NAME} ({cfg.stage}): masked-token accuracy on {HELD_OUT} before training"):
+            record["accuracy_before"] = accuracy()
     model.train()
-    bar = progress.bar(total=cfg.steps, initial=record["steps_done"], desc=f"{NAME} training", unit="step")
+    bar = progress.bar(total=cfg.steps, initial=record["steps_done"], desc=f"{NAME} {cfg.stage}", unit="step")
     while record["steps_done"] < cfg.steps:
         t0 = time.perf_counter()
-        starts = torch.randint(0, len(train_ids) - cfg.length, (cfg.batch,), generator=generator).tolist()
-        x, noisy, masked, t = masked_batch(torch, train_ids, starts, cfg.length, mask_id, generator)
-        loss, correct = diffusion_loss(model, x, noisy, masked, t)
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + record["steps_done"])
+        batch = training_batch(torch, train_stream, cfg, eos_id, mask_id, generator)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss, correct, _ = diffusion_loss(model, *batch)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -230,7 +370,7 @@ def train(steps: int | None = None, fresh: bool = False) -> Path:
         loss = float(loss.detach())
         record["losses"].append(round(loss, 4))
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{float(correct.mean()):.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{float(correct.float().mean()):.3f}")
         if record["steps_done"] % CHECKPOINT_EVERY == 0 or record["steps_done"] == cfg.steps:
             state = {"model": {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}}
             tmp = work / "checkpoint.pt.tmp"
@@ -238,13 +378,14 @@ def train(steps: int | None = None, fresh: bool = False) -> Path:
             tmp.replace(checkpoint)
             (work / "record.json").write_text(json.dumps(record))
     bar.close()
-    model.eval()
-    with progress.step(f"{NAME}: masked-token accuracy on {HELD_OUT}"):
-        record["accuracy_after"] = masked_accuracy(model, eval_ids, cfg, mask_id)
+    with progress.step(f"{NAME} ({cfg.stage}): masked-token accuracy on {HELD_OUT}"):
+        record["accuracy_after"] = accuracy()
     progress.status(
-        f"{NAME}: masked-token accuracy on {HELD_OUT} {record['accuracy_before']:.3f} -> {record['accuracy_after']:.3f} "
-        f"after {cfg.steps} steps ({record['seconds'] / 60:.1f} min, {torch.get_num_threads()} threads)"
+        f"{NAME} ({cfg.stage}): masked-token accuracy on {HELD_OUT} {record['accuracy_before']} -> "
+        f"{record['accuracy_after']} after {cfg.steps} steps ({record['seconds'] / 60:.1f} min, "
+        f"{torch.get_num_threads()} threads)"
     )
+    model.eval()
     tmp = assets.temp_sibling_dir(final)
     dm.save(model, tmp)
     tokenizer.save_pretrained(tmp)
@@ -253,9 +394,13 @@ def train(steps: int | None = None, fresh: bool = False) -> Path:
         "tokens": cfg.steps * cfg.batch * cfg.length,
         "train_seconds": round(record["seconds"], 1),
         "threads": torch.get_num_threads(),
-        "config": cfg.__dict__,
+        "precision": "bf16 autocast" if cfg.bf16 else "fp32",
+        "config": asdict(cfg),
     }
-    info = {"name": NAME, "cost": cost, "held_out": HELD_OUT, "train_texts": list(TRAIN_TEXTS)}
+    info = {"name": NAME, "stage": cfg.stage, "data_format": cfg.data_format(), "cost": cost}
+    if cfg.start:
+        info["continues"] = json.loads((model_dir(STAGES[cfg.start]) / "accelc_builtin.json").read_text())
+    info |= {"held_out": HELD_OUT, "train_texts": list(TRAIN_TEXTS)}
     info["masked_token_accuracy"] = {"before": record["accuracy_before"], "after": record["accuracy_after"]}
     info["loss_first_last"] = [record["losses"][:10], record["losses"][-10:]]
     (tmp / "accelc_builtin.json").write_text(json.dumps(info, indent=2))

@@ -113,6 +113,7 @@ class DiffusionResult:
     calls: int
     tokens_fed: int
     seconds: float
+    padding_calls: int = 0  # calls that decoded nothing but end-of-text: the work spent on padding
 
     def text_tokens(self, eos_id: int | None) -> list[int]:
         """The response up to its first end-of-text token."""
@@ -160,6 +161,8 @@ class Block:
         """Decode the block-relative `positions` to their predictions; with stop_at_eos, pad after an
         end-of-text token."""
         self.x[self.lo + positions] = pred[positions]
+        if self.eos_id is not None and positions.size and (pred[positions] == self.eos_id).all():
+            self.view.stats.padding_calls += 1
         if self.opts.stop_at_eos and self.eos_id is not None:
             eos = positions[pred[positions] == self.eos_id]
             if eos.size:
@@ -291,4 +294,5 @@ def generate(denoiser, prompt: Sequence[int], opts: SamplerOptions) -> Diffusion
             view.begin_block()
             FILL[opts.sampler](block)
     seconds = time.perf_counter() - t0
-    return DiffusionResult(x[len(prompt) :].tolist(), view.stats.calls, view.stats.tokens_fed, seconds)
+    stats = view.stats
+    return DiffusionResult(x[len(prompt) :].tolist(), stats.calls, stats.tokens_fed, seconds, stats.padding_calls)

@@ -37,6 +37,7 @@ class CallStats:
     calls: int = 0
     tokens_fed: int = 0
     seconds: float = 0.0
+    padding_calls: int = 0  # calls whose commits were all end-of-text (counted by the sampler)
 
 
 class ModelView:

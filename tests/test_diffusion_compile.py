@@ -44,6 +44,17 @@ def test_compile_validates_ort_and_runs(cli, tmp_path, model):
     code, _, err = cli("run", out, "--prompt", "Hello", "--backend", "ort")
     assert code == 0, err
     assert "calls" in err and "tokens per call" in err and "tok/s" in err
+    report = tmp_path / "bench.json"
+    code, text, err = cli(
+        "bench", out, "--repeats", "2", "--prompt-tokens", "8", "--new-tokens", "16", "--json", report
+    )
+    assert code == 0, err
+    rows = json.loads(report.read_text())["rows"]
+    reference = rows[0]
+    assert (reference["sampler"], reference["stop_at_eos"], reference["calls"]) == ("baseline", False, 16)
+    assert {r["backend"] for r in rows} == {"torch", "ort"} and sum(r["planned"] for r in rows) == 2
+    assert {r["sampler"] for r in rows} >= {"baseline", "fast_threshold", "fast_factor", "slowfast"}
+    assert "x calls" in text and "fast_factor" in text and report.with_suffix(".png").exists()
 
 
 def test_an_unreachable_quality_bound_plans_the_baseline(cli, tmp_path):
@@ -103,13 +114,14 @@ def test_the_benchmark_writes_every_row_key(tmp_path):
     assert diffusion.main([*args, "--prompt-tokens", "8", "--threads", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     keys = {"sampler", "cache", "gen_length", "calls", "tokens_per_call", "tok_s", "calls_reduction", "speedup"}
-    keys |= {"agreement", "quality", "baseline_quality"}
+    keys |= {"agreement", "quality", "baseline_quality", "stop_at_eos", "padding_calls", "text_tokens"}
     measured = [r for r in rows if "calls" in r]
     assert {(r["sampler"], r["cache"]) for r in measured} >= {("baseline", "none"), ("fast_factor", "dual")}
     assert all(keys <= set(r) for r in measured)
     assert {r["sampler"] for r in rows} >= {"smollm2_ar", "unigram"}
     baseline = next(r for r in measured if r["sampler"] == "baseline" and r["cache"] == "none")
     assert baseline["calls"] == 8 and baseline["agreement"] == 1.0 and baseline["calls_reduction"] == 1.0
+    assert not baseline["stop_at_eos"] and any(r["sampler"] == "baseline" and r["stop_at_eos"] for r in measured)
     assert out.with_suffix(".png").exists() and out.with_suffix(".protocol.json").exists()
 
 

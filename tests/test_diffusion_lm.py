@@ -228,6 +228,15 @@ def test_end_of_text_pads_the_rest_and_stops():
     assert full.calls > 1
 
 
+def test_calls_that_decode_only_end_of_text_are_padding_calls():
+    oracle = Oracle(tokens=[1, 7, 7, 7], conf=[0.95, 0.3, 0.3, 0.3], eos_id=7)
+    opts = D.SamplerOptions(sampler="fast_threshold", gen_length=4, block_length=4, stop_at_eos=False)
+    result = D.generate(oracle, [5], opts)
+    assert result.tokens == [1, 7, 7, 7] and (result.calls, result.padding_calls) == (4, 3)
+    stopped = D.generate(oracle, [5], opts.model_copy(update={"stop_at_eos": True}))
+    assert (stopped.calls, stopped.padding_calls) == (2, 1)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

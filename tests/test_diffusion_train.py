@@ -1,0 +1,102 @@
+"""`accelc train smollm2-dream`'s data and loss, on synthetic text and a tiny seeded model (no test
+trains the real model)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from accelc.families import diffusion_lm_model as dm
+from accelc.families import diffusion_lm_tiny
+from accelc.families import diffusion_lm_train as T
+
+EOS, MASK = 0, 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    """Sentences of 3..9 distinct tokens (ids from 2 up), and the positions after each."""
+    generator = torch.Generator().manual_seed(0)
+    ids, ends = [], []
+    while len(ids) < 400:
+        ids += [2 + len(ids) + k for k in range(int(torch.randint(3, 10, (1,), generator=generator)))]
+        ends.append(len(ids))
+    return ids, ends
+
+
+SMALL = replace(T.SFT, length=32, batch=64, prompt_tokens=(4, 8), max_sentences=2)
+
+
+def test_sentences_end_after_punctuation_and_closing_quotes_not_abbreviations():
+    text = 'Mr. Elliot came in. "Who is he?" she asked!  It rained\nall day'
+    pieces = T.sentences(text)
+    assert "".join(pieces) == text
+    assert pieces == ["Mr. Elliot came in.", ' "Who is he?"', " she asked!", "  It rained\nall day"]
+
+
+def test_unwrap_joins_line_wraps_and_keeps_paragraphs():
+    assert T.unwrap("It was\na truth  \nuniversally.\n\n  Acknowledged\nthat") == (
+        "It was a truth universally.\n\n  Acknowledged that"
+    )
+
+
+def test_sft_examples_are_prompt_then_whole_sentences_then_end_of_text(stream):
+    ids, ends = stream
+    x, noisy, masked, _, maskable = T.training_batch(torch, stream, SMALL, EOS, MASK, torch.Generator().manual_seed(1))
+    assert x.shape == (SMALL.batch, SMALL.length)
+    for row, noisy_row, masked_row, count in zip(x.tolist(), noisy, masked, maskable.tolist()):
+        prompt = SMALL.length - count
+        assert SMALL.prompt_tokens[0] <= prompt <= SMALL.prompt_tokens[1]
+        assert not masked_row[:prompt].any()  # the prompt is never masked
+        end = row.index(EOS)
+        assert end > prompt and row[end:] == [EOS] * (SMALL.length - end)  # padding to the end, at least one
+        start = ids.index(row[0])
+        assert row[:end] == ids[start : start + end]  # real text, unbroken
+        assert start + end in ends  # the response stops at a sentence end...
+        between = [e for e in ends if start + prompt < e < start + end]
+        assert len(between) < SMALL.max_sentences  # ...after at most max_sentences of them
+        assert torch.equal(noisy_row[masked_row], torch.full((int(masked_row.sum()),), MASK))
+        assert torch.equal(noisy_row[~masked_row], torch.tensor(row)[~masked_row])
+    assert masked[:, -1].any()  # padding is masked, and so part of the loss
+
+
+def test_plain_windows_keep_only_the_first_token():
+    ids = list(range(2, 200))
+    cfg = replace(T.TEXT, length=16, batch=32)
+    x, _, masked, _, maskable = T.training_batch(torch, (ids, []), cfg, EOS, MASK, torch.Generator().manual_seed(0))
+    assert (maskable == cfg.length - 1).all() and not masked[:, 0].any() and masked[:, 1:].any()
+    assert EOS not in x
+
+
+def test_the_loss_reads_only_masked_targets(stream, tmp_path):
+    model = dm.load(diffusion_lm_tiny.build("tiny-dream", tmp_path / "model"))
+    vocab = model.config.vocab_size
+    ids = [i % (vocab - 2) + 2 for i in stream[0]]
+    cfg = replace(SMALL, batch=4)
+    x, noisy, masked, t, maskable = T.training_batch(
+        torch, (ids, stream[1]), cfg, EOS, MASK, torch.Generator().manual_seed(2)
+    )
+    with torch.no_grad():
+        loss, correct, targets = T.diffusion_loss(model, x, noisy, masked, t, maskable)
+        changed = torch.where(masked, x, (x + 1) % vocab)  # every target that is not masked changed
+        again, _, _ = T.diffusion_loss(model, changed, noisy, masked, t, maskable)
+    assert targets.numel() == correct.numel() == int(masked.sum())
+    assert torch.isfinite(loss) and float(loss) > 0 and torch.equal(loss, again)
+
+
+def test_the_cache_key_covers_the_data_format_not_the_run_length():
+    assert T.model_dir(replace(T.SFT, steps=T.SFT.steps + 1)) == T.model_dir(T.SFT)
+    assert T.model_dir(replace(T.SFT, max_sentences=T.SFT.max_sentences + 1)) != T.model_dir(T.SFT)
+    assert T.model_dir(replace(T.SFT, length=T.SFT.length * 2)) != T.model_dir(T.SFT)
+    assert T.model_dir(replace(T.SFT, start="")) != T.model_dir(T.SFT)
+    assert T.model_dir(T.SFT) != T.model_dir(T.TEXT)
