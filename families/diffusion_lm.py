@@ -18,10 +18,10 @@ from accelc import progress
 from accelc.compiler.bundle import Bundle, chain
 from accelc.errors import UsageError
 from accelc.families.base import Family, register_family
+from accelc.families.diffusion_lm_train import BUILTINS as TRAINED  # name -> stage; imports no torch
 from accelc.fileutil import sha256_file
 from accelc.runtime.denoiser import Denoiser
 
-TRAINED = "smollm2-dream"
 GRAPH_ROLE = "denoiser"  # the bundle's and the manifest's name of the exported graph
 
 
@@ -29,12 +29,12 @@ def builtin_dir(name: str) -> Path:
     from accelc import assets
     from accelc.families import diffusion_lm_tiny as tiny
 
-    if name == TRAINED:
+    if name in TRAINED:
         from accelc.families.diffusion_lm_train import model_dir
 
-        final = model_dir()
+        final = model_dir(TRAINED[name])
         if not final.is_dir():
-            raise UsageError(f"built-in model '{TRAINED}' is not trained yet: run `accelc train {TRAINED}` first")
+            raise UsageError(f"built-in model '{name}' is not trained yet: run `accelc train {name}` first")
         return final
     final = assets.cache_root() / "models" / f"{name}-seed{tiny.SEED}"
     if (final / "config.json").exists():
@@ -107,14 +107,14 @@ class DiffusionLM(Family):
     def builtins(self) -> list[str]:
         from accelc.families.diffusion_lm_tiny import TINY
 
-        return [*TINY, TRAINED]
+        return [*TINY, *TRAINED]
 
     def train(self, name: str, steps: int | None = None, fresh: bool = False) -> Path:
-        if name != TRAINED:
+        if name not in TRAINED:
             return super().train(name, steps, fresh)
         from accelc.families.diffusion_lm_train import train
 
-        return train(steps, fresh)
+        return train(name, steps, fresh)
 
     def recognises_path(self, path: Path) -> bool:
         return is_diffusion_folder(path)
