@@ -240,7 +240,7 @@ class ArchSearch(registry.Pass):
     """Evolutionary search for a subnet under a budget; fitness = perplexity after one-shot reformation."""
 
     name = "arch_search"
-    reads = ("data.calibration",)
+    reads = ("data.calibration", "data.evaluation")
     consumes = (STATS,)
     produces = (SUBNET,)
     drops = (CONSUMERS,)  # weights reformed for an earlier subnet do not fit this one
@@ -270,6 +270,12 @@ class ArchSearch(registry.Pass):
             "statistics' windows) scored by the fitness",
         )
         fitness_window: int = Field(512, ge=8)
+        holdout_windows: int = Field(
+            4,
+            ge=0,
+            description="windows of data.evaluation (spread over it) scored on each generation's best "
+            "to record the search's held-out curve in search_log.json; never used to select (0: off)",
+        )
         reform_in_fitness: bool = Field(
             True,
             description="score each candidate after one-shot closed-form "
@@ -319,7 +325,21 @@ class ArchSearch(registry.Pass):
         seeds = (
             [baselines.flap(model, space, budget, stats, bias_compensation=False).subnet] if p.seed_with_flap else []
         )
-        result = search.search(space, budget, imp, fitness, settings, seeds=seeds)
+        holdout = None
+        if p.holdout_windows:
+            from accelc.data import load_text, text_windows
+
+            text = ctx.recipe.data.evaluation
+            held = text_windows(
+                tok,
+                load_text(text),
+                window=p.fitness_window,
+                max_windows=p.holdout_windows,
+                text_name=text,
+                spread=True,
+            )
+            holdout = fitness.on(held)
+        result = search.search(space, budget, imp, fitness, settings, seeds=seeds, holdout=holdout)
         log = ctx.workdir / "search_log.json"
         log.write_text(
             json.dumps(
@@ -338,6 +358,7 @@ class ArchSearch(registry.Pass):
                         "spread": True,
                         "reform_in_fitness": p.reform_in_fitness,
                     },
+                    "holdout": {"text": ctx.recipe.data.evaluation, "windows": len(held)} if holdout else None,
                 },
                 default=str,
             )
