@@ -190,14 +190,24 @@ def main() -> int:
             f"calibration windows {row['fit_ratio']:.3f}x"
         )
 
-    for mask, (_, bundle) in masks.items():
-        subnet, _ = load_subnet(bundle.intermediates["subnet"])
-        add(mask, subnet, None)
-        for how in settings(args) if mask == "search" else settings(args)[:1]:
-            t0 = time.perf_counter()
+    subnets = {mask: load_subnet(bundle.intermediates["subnet"])[0] for mask, (_, bundle) in masks.items()}
+    base, *varied = settings(args)
+    # both masks alone and at the default setting first, then the sweep: a run cut short keeps the
+    # comparison; rows are written as they come (progress.jsonl beside the JSON)
+    plan = [(m, how) for m in subnets for how in (None, base)] + [("search", how) for how in varied]
+    partial = Path(args.json).with_suffix(".progress.jsonl")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text("")
+    for mask, how in plan:
+        t0, overrides = time.perf_counter(), None
+        if how is not None:
             wins = calibration_windows(tokenizer, calibration, window=args.window, max_windows=how["windows"])
-            result = reform.reform(model, subnet, wins, method=how["method"], damp=how["damp"], show_progress=False)
-            add(mask, subnet, how, result.overrides, time.perf_counter() - t0)
+            overrides = reform.reform(
+                model, subnets[mask], wins, method=how["method"], damp=how["damp"], show_progress=False
+            ).overrides
+        add(mask, subnets[mask], how, overrides, time.perf_counter() - t0)
+        with partial.open("a") as out:
+            out.write(json.dumps(rows[-1]) + "\n")
     log = json.loads(masks["search"][1].reports["search_log.json"].read_text())
     record = common.protocol(
         model=recipe.model.builtin,
