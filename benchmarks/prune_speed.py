@@ -11,6 +11,11 @@ Each shape is materialised, exported as the deployed graph (export_onnx's fused 
 timed with search_vs_baselines' workers, interleaved round by round, medians: decode tokens/s
 over 32 greedy tokens after a 64-token prompt.
 
+`--kernel-widths W ...` times instead the MLP block alone at each width (latency.py's stack, as
+deep as the model, one ORT session per width), interleaved call by call in one process, to see
+whether the kernels favour widths in multiples of 16/32/64 (`--seed` changes the weights, and so
+where they sit in memory; a width effect survives it, a memory-placement effect does not).
+
 A least-squares fit over the shapes, ms per token = fixed + a x attention params + m x MLP params,
 says what no width change removes (the tied LM head, embeddings, norms, per-operator dispatch,
 the Python loop) and so which speedup a parameter cut can buy: with the fixed part f of the dense
@@ -47,6 +52,37 @@ def uniform(space, n_heads: int, width: int):
     )
 
 
+def kernel_widths(widths: list[int], hidden: int, layers: int, calls: int, seed: int) -> list[dict]:
+    """Microseconds per layer of the MLP block at each width, interleaved call by call."""
+    import onnxruntime as ort
+
+    from accelc.compiler.pruning import latency
+    from accelc.runtime.ort_backend import session_options
+
+    rng = np.random.default_rng(seed)
+    runs = {}
+    for w in widths:
+        stack = latency.mlp_stack(hidden, w, 1, layers, rng)
+        sess = ort.InferenceSession(
+            stack.model(), sess_options=session_options(common.ORT_SESSION), providers=["CPUExecutionProvider"]
+        )
+        for _ in range(5):
+            sess.run(None, stack.feed)
+        runs[w] = (sess, stack.feed, [])
+    for _ in range(calls):
+        for sess, feed, times in runs.values():
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            times.append((time.perf_counter() - t0) * 1e6 / layers)
+    out = []
+    for w, (_, _, times) in runs.items():
+        us = common.median(times)
+        out.append(
+            {"width": w, "us_per_layer": us, "us_per_channel": us / w, "p25_us": float(np.percentile(times, 25))}
+        )
+    return out
+
+
 def main() -> int:
     p = common.parser(__doc__)
     p.add_argument("--mlp-widths", type=int, nargs="*", default=[1280, 1272, 1264, 1256, 1024])
@@ -54,9 +90,26 @@ def main() -> int:
     p.add_argument("--subnet", nargs="*", default=[], help="subnet.json files of arch_search (or a baseline)")
     p.add_argument("--repeats", type=int, default=5, help="worker processes per shape (medians)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override the recipe")
+    p.add_argument("--kernel-widths", type=int, nargs="*", help="time the MLP block alone at these widths")
+    p.add_argument("--calls", type=int, default=150, help="--kernel-widths: interleaved calls per width")
+    p.add_argument("--seed", type=int, default=0, help="--kernel-widths: seed of the random weights")
     p.add_argument("--plot", help="PNG path (default: next to the JSON)")
     args = p.parse_args()
     environment = common.quiet_threads(args.threads)
+    if args.kernel_widths:
+        rows = kernel_widths(args.kernel_widths, 576, 30, args.calls, args.seed)
+        record = common.protocol(
+            what="MLP block (gate, up, SiLU, down; hidden 576, SmolLM2's) per width, 30-deep stack, ORT CPU",
+            calls=args.calls,
+            seed=args.seed,
+            environment=environment,
+        )
+        common.write_results(args.json, rows, record)
+        for r in rows:
+            print(
+                f"{r['width']:>5} {r['us_per_layer']:8.1f} us/layer (p25 {r['p25_us']:.1f}) {r['us_per_channel']:.4f} us/ch"
+            )
+        return 0
 
     from accelc import progress
     from accelc.compiler.benchmark import prompt_ids
