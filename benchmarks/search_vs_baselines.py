@@ -195,7 +195,7 @@ def main() -> int:
     p = common.parser(__doc__)
     p.add_argument("--quick", action="store_true", help="ratio 0.2, a small search, 8 held-out windows")
     p.add_argument("--ratios", type=float, nargs="+", help="removal ratios (default 0.1 0.2 0.3; --quick: 0.2)")
-    p.add_argument("--eval-windows", type=int, default=24)
+    p.add_argument("--eval-windows", type=int, help="held-out windows per text (default 24; --quick: 8)")
     p.add_argument(
         "--eval-texts",
         nargs="+",
@@ -203,7 +203,7 @@ def main() -> int:
         help="held-out texts of different domains, none in the calibration; the first is the `ppl` column",
     )
     p.add_argument("--eval-window", type=int, default=512, help="tokens per held-out perplexity window")
-    p.add_argument("--repeats", type=int, default=5, help="timing runs per shape (medians)")
+    p.add_argument("--repeats", type=int, help="timing runs per shape (medians; default 5, --quick: 3)")
     p.add_argument("--cache", help="step cache to reuse between runs (default: a fresh temporary one)")
     p.add_argument(
         "--graph",
@@ -228,9 +228,10 @@ def main() -> int:
     environment = common.quiet_threads(args.threads)
     search = {}
     if args.quick:
-        args.eval_windows, args.repeats = 8, 3
         search = QUICK_SEARCH
     args.ratios = args.ratios or ([0.2] if args.quick else [0.1, 0.2, 0.3])
+    args.eval_windows = args.eval_windows or (8 if args.quick else 24)
+    args.repeats = args.repeats or (3 if args.quick else 5)
 
     from accelc import progress
     from accelc.compiler.benchmark import prompt_ids
