@@ -6,7 +6,10 @@
 Every shape is the recipe model (recipes/bench/prune_search.yaml's) sliced to uniform widths
 (which channels are kept does not change the time): `--mlp-widths` keeps every head and gives
 every layer that MLP width; `--heads` keeps that many query heads per layer (the same count in
-every KV group) and the full MLP; `--subnet` adds searched subnets (an arch_search subnet.json).
+every KV group) and the full MLP; `--subnet` adds searched subnets (an arch_search subnet.json),
+named subnet0, subnet1, ..., and `--round-to 16 64` each of them with its MLP widths rounded down
+to those multiples (subnet0/16, ...), which asks directly whether kernel-friendly widths buy
+more speed than their parameters.
 Each shape is materialised, exported as the deployed graph (export_onnx's fused decoder) and
 timed with search_vs_baselines' workers, interleaved round by round, medians: decode tokens/s
 over 32 greedy tokens after a 64-token prompt.
@@ -88,6 +91,13 @@ def main() -> int:
     p.add_argument("--mlp-widths", type=int, nargs="*", default=[1280, 1272, 1264, 1256, 1024])
     p.add_argument("--heads", type=int, nargs="*", default=[6], help="query heads kept per layer (full MLP)")
     p.add_argument("--subnet", nargs="*", default=[], help="subnet.json files of arch_search (or a baseline)")
+    p.add_argument(
+        "--round-to",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time each --subnet with its MLP widths rounded down to these multiples (e.g. 16 64)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="worker processes per shape (medians)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override the recipe")
     p.add_argument("--kernel-widths", type=int, nargs="*", help="time the MLP block alone at these widths")
@@ -129,8 +139,16 @@ def main() -> int:
         shapes[f"mlp{w}"] = uniform(space, geo.num_heads, w)
     for h in args.heads:
         shapes[f"heads{h}"] = uniform(space, h, geo.intermediate)
-    for path in args.subnet:
-        shapes[Path(path).parent.name or Path(path).stem] = load_subnet(Path(path))[0]
+    for i, path in enumerate(args.subnet):
+        subnet = load_subnet(Path(path))[0]
+        shapes[f"subnet{i}"] = subnet
+        for m in args.round_to:  # the same subnet, each MLP width rounded down to a multiple of m
+            shapes[f"subnet{i}/{m}"] = masks.Subnet(
+                tuple(
+                    masks.LayerMask(layer.heads, layer.channels[: len(layer.channels) // m * m])
+                    for layer in subnet.layers
+                )
+            )
     work = Path(tempfile.mkdtemp(prefix="accelc-prune-speed-"))
     graphs, rows = {}, []
     for name, subnet in shapes.items():
