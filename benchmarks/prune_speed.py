@@ -184,7 +184,7 @@ def main() -> int:
         row["fit_ms"] = float(x @ [fixed, per_attn, per_mlp])
         row["decode_speedup_vs_dense"] = row["decode_tok_s"] / dense["decode_tok_s"]
         row["params_vs_dense"] = row["params"] / dense["params"]
-        if row["heads"] == dense["heads"] and row["shape"] != "dense":
+        if row["shape"].startswith("mlp"):  # uniform MLP shapes: time per removed channel
             removed = dense["mlp_widths"][0] - row["mlp_widths"][0]
             row["us_per_removed_channel_layer"] = (dense["ms_per_token"] - t) * 1e3 / (removed * geo.num_layers)
     fit = {
