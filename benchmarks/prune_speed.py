@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import common
-from benchmarks.search_vs_baselines import PROMPT_TOKENS, time_graphs
+from benchmarks.search_vs_baselines import NEW_TOKENS, PROMPT_TOKENS, time_graphs
 
 
 def uniform(space, n_heads: int, width: int):
@@ -86,6 +86,28 @@ def kernel_widths(widths: list[int], hidden: int, layers: int, calls: int, seed:
     return out
 
 
+def interleaved(graphs: dict[str, Path], prompt: list[int], rounds: int) -> dict[str, dict]:
+    """Every graph loaded in this process and decoded in turn, round by round: tokens/s per round,
+    and each shape's ratio to the first graph's paired within the round (a busy machine's load
+    drifts between rounds; pairing cancels it)."""
+    from accelc import progress
+    from accelc.loops.autoregressive import generate
+    from accelc.runtime.ort_backend import OrtStepModel
+
+    models = {name: OrtStepModel(path, common.ORT_SESSION) for name, path in graphs.items()}
+    for model in models.values():
+        generate(model, prompt[:8], 4)
+    runs = {name: [] for name in models}
+    for _ in progress.bar(range(rounds), desc="decode rounds", unit="round"):
+        for name, model in models.items():
+            runs[name].append(generate(model, prompt, NEW_TOKENS).decode_tokens_per_second)
+    first = next(iter(runs.values()))
+    return {
+        name: {"decode_tok_s": common.median(r), "paired_vs_first": common.median_ratio(r, first), "rounds": r}
+        for name, r in runs.items()
+    }
+
+
 def main() -> int:
     p = common.parser(__doc__)
     p.add_argument("--mlp-widths", type=int, nargs="*", default=[1280, 1272, 1264, 1256, 1024])
@@ -99,6 +121,12 @@ def main() -> int:
         help="also time each --subnet with its MLP widths rounded down to these multiples (e.g. 16 64)",
     )
     p.add_argument("--repeats", type=int, default=5, help="worker processes per shape (medians)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="time instead in this one process: every graph decodes in turn, this many rounds "
+        "(paired ratios per round; for a busy machine)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override the recipe")
     p.add_argument("--kernel-widths", type=int, nargs="*", help="time the MLP block alone at these widths")
     p.add_argument("--calls", type=int, default=150, help="--kernel-widths: interleaved calls per width")
@@ -172,7 +200,7 @@ def main() -> int:
             }
         )
     prompt = prompt_ids(tokenizer, PROMPT_TOKENS)
-    timing = time_graphs(graphs, prompt, args.repeats)
+    timing = interleaved(graphs, prompt, args.rounds) if args.rounds else time_graphs(graphs, prompt, args.repeats)
     for row in rows:
         row.update(timing[row["shape"]])
         row["ms_per_token"] = 1e3 / row["decode_tok_s"]
@@ -198,8 +226,12 @@ def main() -> int:
         model=recipe.model.builtin,
         overrides=args.set,
         fit=fit,
-        timing=f"ORT CPU, fused graph, {PROMPT_TOKENS}-token prompt, 32 greedy tokens, "
-        f"median of {args.repeats} worker processes, interleaved",
+        timing=f"ORT CPU, fused graph, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy tokens, "
+        + (
+            f"one process, {args.rounds} rounds, medians and paired ratios"
+            if args.rounds
+            else f"median of {args.repeats} worker processes, interleaved"
+        ),
         environment=environment,
         seconds=round(time.perf_counter() - started, 1),
     )
@@ -219,6 +251,8 @@ def main() -> int:
             f"{r['shape']:<14} {r['params'] / 1e6:>7.1f}M {r['decode_tok_s']:>7.1f} {r['decode_speedup_vs_dense']:>7.3f} "
             f"{r['ms_per_token']:>6.2f} {r['fit_ms']:>6.2f} {'' if per is None else f'{per:.3f}':>11}"
         )
+    if args.rounds:
+        print("paired per round, x dense: " + ", ".join(f"{r['shape']} {r['paired_vs_first']:.3f}" for r in rows))
     print(json.dumps(fit))
     return 0
 
