@@ -87,7 +87,7 @@ def kernel_widths(widths: list[int], hidden: int, layers: int, calls: int, seed:
 
 
 def interleaved(graphs: dict[str, Path], prompt: list[int], rounds: int) -> dict[str, dict]:
-    """Every graph loaded in this process and decoded in turn, round by round: tokens/s per round,
+    """Every graph loaded in this process and decoded in turn (the order rotating), round by round: tokens/s per round,
     and each shape's ratio to the first graph's paired within the round (a busy machine's load
     drifts between rounds; pairing cancels it)."""
     from accelc import progress
@@ -98,9 +98,12 @@ def interleaved(graphs: dict[str, Path], prompt: list[int], rounds: int) -> dict
     for model in models.values():
         generate(model, prompt[:8], 4)
     runs = {name: [] for name in models}
-    for _ in progress.bar(range(rounds), desc="decode rounds", unit="round"):
-        for name, model in models.items():
-            runs[name].append(generate(model, prompt, NEW_TOKENS).decode_tokens_per_second)
+    names = list(models)
+    for r in progress.bar(range(rounds), desc="decode rounds", unit="round"):
+        # each round starts one graph later: the graph decoded right after another runs measurably
+        # slower or faster (measured: 4-10%), so no shape may hold one position
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            runs[name].append(generate(models[name], prompt, NEW_TOKENS).decode_tokens_per_second)
     first = next(iter(runs.values()))
     return {
         name: {"decode_tok_s": common.median(r), "paired_vs_first": common.median_ratio(r, first), "rounds": r}
