@@ -213,7 +213,7 @@ def test_operators_always_meet_the_budget():
             assert sr.budget.meets(sr.space.shape(cand))
 
 
-def run_tiny_search(model, seed, evaluated=None):
+def run_tiny_search(model, seed, evaluated=None, holdout=None):
     space = masks.SearchSpace(masks.Geometry.from_model(model))
     budget = masks.ParamBudget.from_ratio(space, 0.3, slack=0.05)
     imp = importance.importance(model, windows(2), "fluctuation", show_progress=False)
@@ -225,7 +225,7 @@ def run_tiny_search(model, seed, evaluated=None):
         return fit(sub)
 
     settings = search.SearchSettings(generations=4, population=10, parents=4, mutations=5, crossovers=3, seed=seed)
-    return space, budget, search.search(space, budget, imp, fitness, settings, show_progress=False)
+    return space, budget, search.search(space, budget, imp, fitness, settings, holdout=holdout, show_progress=False)
 
 
 def test_search_invariants_and_determinism(tiny, tmp_path):
@@ -250,6 +250,25 @@ def test_search_invariants_and_determinism(tiny, tmp_path):
     assert [r["key"] for r in other.log] != [r["key"] for r in res.log]
     search.plot(res, tmp_path / "search.png")
     assert (tmp_path / "search.png").stat().st_size > 1000
+
+
+def test_holdout_scores_each_best_once_and_never_steers_the_search(tiny):
+    _, model = tiny
+    plain = run_tiny_search(model, seed=7)[2]
+    held = search.PerplexityFitness(model, windows(2, 32, seed=11))
+    scored = []
+
+    def holdout(sub):
+        scored.append(sub)
+        return held(sub)
+
+    res = run_tiny_search(model, seed=7, holdout=holdout)[2]
+    assert [(r["key"], r["fitness"]) for r in res.log] == [(r["key"], r["fitness"]) for r in plain.log]
+    assert [s.key for s in scored] == list(dict.fromkeys(h["best_key"] for h in res.history))
+    for h in res.history:
+        best = next(s for s in scored if s.key == h["best_key"])
+        assert h["best_holdout"] == pytest.approx(held(best))
+    assert plain.history[0]["best_holdout"] is None
 
 
 # --------------------------------------------------------------------------- baselines

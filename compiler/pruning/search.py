@@ -339,11 +339,14 @@ def search(
     settings: SearchSettings = SearchSettings(),
     *,
     seeds=(),
+    holdout=None,
     show_progress: bool = True,
 ) -> SearchResult:
     """Run the evolutionary search; `fitness(subnet) -> float` is minimised (perplexity).
 
     `seeds`: extra subnets for the first generation (e.g. a baseline's), fitted to the budget.
+    `holdout(subnet) -> float`: scored on each generation's best (never used to select), so the
+    history shows whether what the fitness rewards holds on text the search never saw.
     """
     start = time.perf_counter()
     sr = Searcher(space, budget, importance, settings)
@@ -412,6 +415,8 @@ def search(
         pool = sorted(set(archive) | {c.key for c, _ in cands}, key=lambda k: (_finite(memo[k]["fitness"]), k))
         archive = pool[: s.parents]
         best = memo[archive[0]]
+        if holdout is not None and "holdout" not in best:
+            best["holdout"] = float(holdout(subnets[archive[0]]))
         gen_values = [memo[c.key]["fitness"] for c, _ in cands]
         history.append(
             {
@@ -419,6 +424,7 @@ def search(
                 "evaluated": len(cands),
                 "best_fitness": best["fitness"],
                 "best_key": best["key"],
+                "best_holdout": best.get("holdout"),
                 "generation_best": float(np.min(gen_values)),
                 "generation_median": float(np.median(gen_values)),
                 "evaluations": len(memo),
@@ -429,7 +435,9 @@ def search(
         progress.status(
             f"search gen {gen + 1}/{s.generations}: best {best['fitness']:.4g} "
             f"({best['removed_ratio']:.1%} removed), this generation best "
-            f"{history[-1]['generation_best']:.4g} median {history[-1]['generation_median']:.4g}, "
+            f"{history[-1]['generation_best']:.4g} median {history[-1]['generation_median']:.4g}"
+            + (f", best on held-out text {best['holdout']:.4g}" if "holdout" in best else "")
+            + ", "
             f"{len(cands)} evaluated ({len(memo)} total) in {history[-1]['seconds']:.0f}s"
         )
         if gen == s.generations - 1:
@@ -512,6 +520,12 @@ class PerplexityFitness:
             raise UsageError("fitness needs at least one calibration window")
         self.model, self.windows, self.grams, self.damp = model, windows, grams, damp
 
+    def on(self, windows) -> PerplexityFitness:
+        """The same fitness on other windows (a held-out text), sharing the reformed-layer cache."""
+        other = PerplexityFitness(self.model, windows, grams=self.grams, damp=self.damp, cache_entries=0)
+        other.cache = self.cache
+        return other
+
     def __call__(self, subnet: Subnet) -> float:
         import torch
 
@@ -555,8 +569,12 @@ def plot(result: SearchResult | list, path, *, title: str = "architecture search
         sel = np.array([r["origin"] == o for r in log])
         ax1.scatter(gens[sel] + jitter[sel], fit[sel], s=10, alpha=0.6, label=o)
     ax1.plot(range(len(best)), best, "k-", lw=2, label="best so far")
+    history = result.history if isinstance(result, SearchResult) else []
+    held = [(h["generation"], h["best_holdout"]) for h in history if h.get("best_holdout") is not None]
+    if held:
+        ax1.plot(*zip(*held), "r--", lw=2, label="best so far, held-out text")
     ax1.set_xlabel("generation")
-    ax1.set_ylabel("fitness (calibration perplexity)")
+    ax1.set_ylabel("perplexity (fitness: calibration windows)")
     ax1.set_yscale("log")
     ax1.legend(fontsize=8)
     sc = ax2.scatter(total, fit, c=gens, s=10, cmap="viridis")

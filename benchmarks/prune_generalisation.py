@@ -1,0 +1,247 @@
+"""Where pruning's held-out loss comes from: the mask, or reformation fitting its calibration.
+
+    python -m benchmarks.prune_generalisation [--quick] [--ratio 0.2] --json OUT.json
+
+At one removal ratio it builds two masks with accelc's own passes (PassManager, one step cache,
+recipes/bench/*.yaml with the calibration mixture): the architecture search's (importance ->
+arch_search, `--generations` x `--population`) and FLAP's (importance -> flap, no bias
+compensation). For each mask it scores the subnet sliced only, and reformed
+(compiler/pruning/reform.py, as the reform pass runs it) at the default settings (closed form,
+`--damp`, `--windows` windows) and, for the search's mask, one setting changed at a time:
+`--damps`, `--window-counts` and ADMM. Every row has
+
+    ppl_by_text / ratio_by_text / worst_ratio   perplexity on each held-out text (`--eval-texts`,
+                                                none calibrated on) and its ratio to the dense model's
+    fit_ratio                                   the same ratio on the first `--fit-windows`
+                                                calibration windows, which every reformation fitted
+
+so fit_ratio vs worst_ratio separates what the mask costs everywhere from what reformation wins
+on its calibration windows only. The search's own held-out curve (each generation's best
+fitness and its perplexity on data.evaluation, from search_log.json) lands in the protocol file
+and the plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import common
+from benchmarks.search_vs_baselines import EVAL_TEXTS, QUICK_SEARCH, check_held_out, held_out_ppl
+
+
+def mask_bundle(name: str, overrides: list[str], cache: Path):
+    """The bundle after the recipe's first two passes (importance and the mask's pass), cached."""
+    from accelc.compiler.pipeline import PassManager, StepCache
+    from accelc.families.causal_lm import ingest
+
+    recipe = common.load_bench_recipe(name, [*overrides, common.override("cache.dir", str(cache))])
+    steps = [(step.type, step.model_dump(mode="json", exclude={"type"})) for step in recipe.passes[:2]]
+    return recipe, PassManager(recipe, StepCache(cache)).run_steps(ingest(recipe.model, recipe), steps)
+
+
+def window_ppl(model, windows) -> float:
+    """Perplexity of a torch model over whole windows (each scores window - 1 tokens)."""
+    import numpy as np
+    import torch
+
+    nll, n = 0.0, 0
+    with torch.inference_mode():
+        for win in windows:
+            ids = torch.as_tensor(np.asarray(win, dtype=np.int64)).unsqueeze(0)
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            n += ids.shape[1] - 1
+    return math.exp(nll / n)
+
+
+def settings(args) -> list[dict]:
+    """The reformation settings: the default, then one axis changed at a time."""
+    base = {"method": "closed_form", "damp": args.damp, "windows": args.windows}
+    out = [base]
+    out += [{**base, "damp": d} for d in args.damps if d != args.damp]
+    out += [{**base, "windows": w} for w in args.window_counts if w != args.windows]
+    if args.admm:
+        out.append({**base, "method": "admm"})
+    return out
+
+
+def plot(rows: list[dict], history: list[dict], path: Path) -> None:
+    fig, (ax1, ax2) = common.pyplot().subplots(1, 2, figsize=(11, 4.2))
+    swept = [r for r in rows if r["mask"] == "search" and r["reform"] != "none" and r["method"] == "closed_form"]
+    by_damp = sorted((r["damp"], r["worst_ratio"], r["fit_ratio"]) for r in swept if r["windows"] == rows[0]["windows"])
+    if by_damp:
+        d, worst, fit = zip(*by_damp)
+        ax1.plot(d, worst, "o-", label="held-out (worst text)")
+        ax1.plot(d, fit, "s--", label="calibration windows")
+    for r in rows:
+        if r["reform"] == "none":
+            ax1.axhline(
+                r["worst_ratio"], ls=":", color="C3" if r["mask"] == "search" else "C4", label=f"{r['mask']} mask only"
+            )
+    ax1.set_xscale("log")
+    ax1.set_xlabel("reformation ridge (damp, x mean diag H)")
+    ax1.set_ylabel("perplexity / dense")
+    ax1.legend(fontsize=8)
+    gens = [h["generation"] for h in history]
+    ax2.plot(gens, [h["best_fitness"] for h in history], "k-o", label="best fitness (calibration windows)")
+    held = [(h["generation"], h["best_holdout"]) for h in history if h.get("best_holdout") is not None]
+    if held:
+        ax2.plot(*zip(*held), "r--o", label="its perplexity on the held-out text")
+    ax2.set_xlabel("search generation")
+    ax2.set_ylabel("perplexity")
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"{rows[0]['model']}: mask vs reformation, {rows[0]['ratio']:.0%} removed")
+    common.save_figure(fig, path)
+
+
+def main() -> int:
+    p = common.parser(__doc__)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the search of search_vs_baselines --quick (3 x 10; its step cache serves both)",
+    )
+    p.add_argument("--ratio", type=float, default=0.2)
+    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--population", type=int, default=24)
+    p.add_argument("--damp", type=float, default=0.2, help="the default ridge (reform pass's damp)")
+    p.add_argument("--windows", type=int, default=32, help="the default calibration windows of reformation")
+    p.add_argument("--damps", type=float, nargs="*", default=[0.05, 1.0, 5.0])
+    p.add_argument("--window-counts", type=int, nargs="*", default=[16, 64])
+    p.add_argument("--no-admm", dest="admm", action="store_false", help="skip the ADMM row")
+    p.add_argument("--fit-windows", type=int, default=4, help="calibration windows scored in-sample")
+    p.add_argument("--eval-texts", nargs="+", default=list(EVAL_TEXTS))
+    p.add_argument("--eval-windows", type=int, default=8)
+    p.add_argument("--window", type=int, default=512, help="tokens per window: reformation, calibration and held-out")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a value of both recipes (e.g. model.builtin=tiny-llama, passes.0.window=64)",
+    )
+    p.add_argument("--cache", help="step cache shared with other runs (default: a fresh temporary one)")
+    p.add_argument("--plot", help="PNG path (default: next to the JSON)")
+    args = p.parse_args()
+    environment = common.quiet_threads(args.threads)
+    search = {"generations": args.generations, "population": args.population}
+    if args.quick:
+        search = QUICK_SEARCH
+
+    from accelc import progress
+    from accelc.compiler.pruning import materialize, reform
+    from accelc.data import calibration_record, calibration_windows
+    from accelc.families.causal_lm import load_model, load_tokenizer
+    from accelc.passes.pruning import load_subnet
+
+    started = time.perf_counter()
+    cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="accelc-generalise-")) / "cache"
+    ratio = common.override("passes.1.budget.remove_ratio", args.ratio)
+    masks = {
+        "search": mask_bundle(
+            "prune_search", [ratio, *(common.override(f"passes.1.{k}", v) for k, v in search.items()), *args.set], cache
+        ),
+        "flap": mask_bundle(
+            "prune_baseline",
+            [ratio, "passes.1.type=flap", common.override("passes.1.bias_compensation", False), *args.set],
+            cache,
+        ),
+    }
+    recipe, first = masks["search"]
+    calibration, texts = recipe.data.calibration, args.eval_texts
+    check_held_out(calibration, texts)
+    model = load_model(first.model_dir)
+    tokenizer = load_tokenizer(first.model_dir)
+    fit = calibration_windows(tokenizer, calibration, window=args.window, max_windows=args.fit_windows)
+
+    def score(small) -> dict:
+        return {
+            "ppl_by_text": held_out_ppl(small, tokenizer, texts, args.eval_windows, args.window),
+            "fit_ppl": window_ppl(small, fit),
+        }
+
+    dense = score(model)
+    progress.status(f"dense: {dense}")
+    rows = []
+
+    def add(mask: str, subnet, how: dict | None, overrides=None, seconds=0.0):
+        t0 = time.perf_counter()
+        small = materialize.shrink(model, subnet, overrides)
+        row = {
+            "model": recipe.model.builtin,
+            "ratio": args.ratio,
+            "mask": mask,
+            "reform": "none" if how is None else "reformed",
+            **(how or {"method": None, "damp": None, "windows": None}),
+            **score(small),
+        }
+        row["ratio_by_text"] = {t: row["ppl_by_text"][t] / dense["ppl_by_text"][t] for t in texts}
+        row["worst_ratio"] = max(row["ratio_by_text"].values())
+        row["fit_ratio"] = row["fit_ppl"] / dense["fit_ppl"]
+        row["seconds"] = round(seconds + time.perf_counter() - t0, 1)
+        rows.append(row)
+        progress.status(
+            f"{mask} {how or 'mask only'}: worst held-out {row['worst_ratio']:.3f}x dense, "
+            f"calibration windows {row['fit_ratio']:.3f}x"
+        )
+
+    subnets = {mask: load_subnet(bundle.intermediates["subnet"])[0] for mask, (_, bundle) in masks.items()}
+    base, *varied = settings(args)
+    # both masks alone and at the default setting first, then the sweep: a run cut short keeps the
+    # comparison; rows are written as they come (progress.jsonl beside the JSON)
+    plan = [(m, how) for m in subnets for how in (None, base)] + [("search", how) for how in varied]
+    partial = Path(args.json).with_suffix(".progress.jsonl")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text("")
+    for mask, how in plan:
+        t0, overrides = time.perf_counter(), None
+        if how is not None:
+            wins = calibration_windows(tokenizer, calibration, window=args.window, max_windows=how["windows"])
+            overrides = reform.reform(
+                model, subnets[mask], wins, method=how["method"], damp=how["damp"], show_progress=False
+            ).overrides
+        add(mask, subnets[mask], how, overrides, time.perf_counter() - t0)
+        with partial.open("a") as out:
+            out.write(json.dumps(rows[-1]) + "\n")
+    log = json.loads(masks["search"][1].reports["search_log.json"].read_text())
+    record = common.protocol(
+        model=recipe.model.builtin,
+        overrides=args.set,
+        ratio=args.ratio,
+        search=search,
+        calibration=calibration_record(tokenizer, calibration, args.windows),
+        held_out=texts,
+        eval_windows=args.eval_windows,
+        eval_window=args.window,
+        fit_windows=args.fit_windows,
+        dense=dense,
+        search_curve=[
+            {k: h.get(k) for k in ("generation", "best_fitness", "best_holdout", "evaluations")} for h in log["history"]
+        ],
+        search_holdout=log.get("holdout"),
+        environment=environment,
+        seconds=round(time.perf_counter() - started, 1),
+    )
+    rows_path, _ = common.write_results(args.json, rows, record)
+    plot(rows, log["history"], Path(args.plot) if args.plot else rows_path.with_suffix(".png"))
+    print(f"{'mask':<7} {'reform':<12} {'damp':>5} {'win':>4} {'worst x':>8} {'fit x':>7}  per text")
+    for r in rows:
+        per = " ".join(f"{x:.3f}" for x in r["ratio_by_text"].values())
+        print(
+            f"{r['mask']:<7} {r['method'] or 'none':<12} {r['damp'] or '':>5} {r['windows'] or '':>4} "
+            f"{r['worst_ratio']:>8.3f} {r['fit_ratio']:>7.3f}  {per}"
+        )
+    print("search curve (generation: best fitness, held-out):")
+    for h in record["search_curve"]:
+        print(f"  {h['generation']}: {h['best_fitness']:.3f} {h['best_holdout'] or float('nan'):.3f}")
+    print(f"total {record['seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(common.run(main))
