@@ -78,3 +78,14 @@ def cli(capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tiny models (thread start-up costs more than they compute)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

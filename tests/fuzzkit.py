@@ -51,25 +51,35 @@ def assert_refused(result, codes=REFUSED, *, also_ok: bool = False):
     return code, out, err
 
 
-def tree_digest(root: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under root (empty when root is absent)."""
+HASHED_UP_TO = 1 << 20  # bytes
+
+
+def tree_state(root: Path) -> dict[str, object]:
+    """relative path -> the state of every file under root (empty when root is absent): the
+    sha256 of a small file; of a larger one its size, mtime and inode, which any later write or
+    replacement changes. Hashing every byte would read the pass cache (gigabytes on a used
+    machine) twice per case."""
     root = Path(root)
     if not root.exists():
         return {}
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
+    out: dict[str, object] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            small = st.st_size <= HASHED_UP_TO
+            out[str(p.relative_to(root))] = (
+                hashlib.sha256(p.read_bytes()).hexdigest() if small else (st.st_size, st.st_mtime_ns, st.st_ino)
+            )
+    return out
 
 
 @contextmanager
 def unchanged(*roots: Path):
     """Assert that no file under the roots is added, removed or changed by the block."""
-    before = {str(r): tree_digest(r) for r in roots}
+    before = {str(r): tree_state(r) for r in roots}
     yield
     for r in roots:
-        after = tree_digest(r)
+        after = tree_state(r)
         changed = sorted(set(before[str(r)].items()) ^ set(after.items()))
         assert not changed, f"{r} was modified: {[name for name, _ in changed][:10]}"
 

@@ -18,12 +18,7 @@ from accelc.runtime.denoiser import TorchDenoiser
 PROMPT = [72, 101, 108, 108, 111, 44, 32, 119, 111, 114]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=sorted(diffusion_lm_tiny.TINY))

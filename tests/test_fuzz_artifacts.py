@@ -191,6 +191,22 @@ def artifact_cases():
                 yield pytest.param(name, how, command, id=f"{name}-{how}-{command}")
 
 
+@pytest.mark.parametrize("change", ["rewrite", "replace", "add", "remove"])
+def test_unchanged_notices_every_kind_of_write(tmp_path, change):
+    kept = tmp_path / "kept.bin"
+    kept.write_bytes(b"same")
+    with pytest.raises(AssertionError, match="was modified"), unchanged(tmp_path):
+        if change == "rewrite":  # same size, other bytes
+            kept.write_bytes(b"SAME")
+        elif change == "replace":
+            (tmp_path / "new.tmp").write_bytes(b"new!")
+            (tmp_path / "new.tmp").replace(kept)
+        elif change == "add":
+            (tmp_path / "extra.bin").write_bytes(b"")
+        else:
+            kept.unlink()
+
+
 @pytest.mark.parametrize("name,how,command", list(artifact_cases()))
 def test_damaged_artifact(cli, tmp_path, artifact, pass_cache, name, how, command):
     broken = copy_artifact(artifact, tmp_path / "broken")
