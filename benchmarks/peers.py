@@ -19,9 +19,10 @@ under `nice`, without its multimodal library: ~20 minutes on 2 busy cores); thei
 by their own tools (llama.cpp's quantize API for the F32 and Q8_0 GGUFs, ORT GenAI's model builder
 for fp32 and int4) and cached beside it. A peer that cannot be built or run is a row with `skipped` and the reason.
 
-Threads: every row gets `--threads` (default: the usable cores) and no spinning between calls: ORT's
-sessions (accelc's and ORT GenAI's) with spinning off, OMP_WAIT_POLICY=PASSIVE (unless exported)
-for OpenMP, which is what llama.cpp's graph threads are in llama-cpp-python's default build (left
+Threads: every row gets `--threads` (default: the usable cores) and no spinning between calls where
+the runtime lets us say so: accelc's ORT sessions with spinning off (except the `accelc-ort-spin`
+row, which spins as ORT GenAI does, bounded to 20 us: ORT GenAI 0.18's config has no key for
+ORT's spinning, so its pool always spins), OMP_WAIT_POLICY=PASSIVE (unless exported) for OpenMP, which is what llama.cpp's graph threads are in llama-cpp-python's default build (left
 to libgomp's default they spin after every token, which on shared cores slows whatever else runs
 and makes llama.cpp's own timings swing; `OMP_WAIT_POLICY=ACTIVE python -m benchmarks.peers`
 measures that).
@@ -65,10 +66,23 @@ class Row:
     source: str
     backend: str = ""
     plan: bool = False
+    spin_us: int | None = None  # the artifact's ORT threads spin this long before sleeping (off: None)
 
     @property
     def name(self) -> str:
         return f"{self.runtime}:{self.precision}"
+
+    @property
+    def recipe_sets(self) -> list[str]:
+        """`--set` overrides of the row's recipe: the spin policy of its (first) target's sessions."""
+        if self.spin_us is None:
+            return []
+        return ["targets.0.ort.allow_spinning=true", f"targets.0.ort.spin_duration_us={self.spin_us}"]
+
+    @property
+    def artifact(self) -> Path:
+        name = Path(self.source).stem + ("" if self.spin_us is None else f"-spin{self.spin_us}us")
+        return common.REPO / "artifacts" / "bench" / "peers" / name
 
     @property
     def is_peer(self) -> bool:
@@ -84,6 +98,9 @@ ACCELC = (
     Row("accelc-openvino", "fp32", "recipes/bench/peers.yaml", "openvino"),
     Row("accelc-tvm", "fp32", "recipes/bench/peers.yaml", "tvm"),
     Row("accelc-ort", "int4", "recipes/quickstart_int4.yaml", "ort"),
+    # ORT GenAI's threads spin (its config cannot turn that off): the same int4 artifact with its
+    # threads spinning too, bounded to 20 us so a shared machine loses little (docs/peers.md)
+    Row("accelc-ort-spin", "int4", "recipes/quickstart_int4.yaml", "ort", spin_us=20),
     Row("accelc-ort", "q4_1", "recipes/quickstart.yaml", "ort"),  # the GGUF's own blocks: exact weights
 )
 # The peers, each on a model its own tools make from the shipped GGUF or accelc's HF folder.
@@ -283,6 +300,8 @@ def shape_row(row: Row, runs: list[dict], source: dict | None, threads: int) -> 
     """The JSON row of `row` from its workers' results: medians over every prompt of every round,
     perplexity from the run that scored windows, `exact` and `same_tokens` against the source's."""
     out = {"runtime": row.runtime, "precision": row.precision, "source": row.source, "threads": threads}
+    if row.spin_us is not None:
+        out["spin_us"] = row.spin_us
     if row.backend:
         out["backend"] = row.backend
     ttft = [x for r in runs for x in r["ttft_ms"]]
@@ -424,9 +443,9 @@ def main(argv: list[str] | None = None) -> int:
                 model = peer_model(row, python, gguf, hf_dir)
                 specs[row] = (python, {**base, "runtime": row.runtime, "model": str(model)})
             else:
-                artifact = common.REPO / "artifacts" / "bench" / "peers" / Path(row.source).stem
+                artifact = row.artifact
                 if not (artifact / "manifest.json").exists():
-                    sets = ["eval.perplexity.enabled=false", "eval.bench.enabled=false"]
+                    sets = ["eval.perplexity.enabled=false", "eval.bench.enabled=false", *row.recipe_sets]
                     try:
                         common.compile_bench_recipe(common.REPO / row.source, artifact, sets)
                     except SystemExit as exc:  # the compile's own message is above; the row says which

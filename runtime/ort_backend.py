@@ -64,6 +64,8 @@ def session_options(cfg: Mapping[str, Any]):
     spin = "1" if cfg.get("allow_spinning", False) else "0"
     so.add_session_config_entry("session.intra_op.allow_spinning", spin)
     so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    if cfg.get("allow_spinning", False) and cfg.get("spin_duration_us") is not None:
+        so.add_session_config_entry("session.intra_op.spin_duration_us", str(int(cfg["spin_duration_us"])))
     so.log_severity_level = 3
     return so
 
@@ -168,9 +170,9 @@ class OrtStepModel(KVStepModel):
         binding = arena.binding(session)
         for name, value in self._feed(n, ids).items():
             binding.bind_cpu_input(name, value)
-        binding.bind_output("logits")  # unallocated: its shape changes with k
+        step = arena.step_logits(session, self.vocab_size) if k == 1 else arena.unbind_step_logits(session)
         session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()[0]
+        logits = step[0].copy() if step is not None else binding.get_outputs()[0].numpy()[0]
         return logits, arena.wrote(n, k)
 
     def truncate(self, state: KVState, n: int) -> KVState:
@@ -233,6 +235,7 @@ class _Arena:
         self.clock = 0
         self.live: weakref.WeakSet[KVState] = weakref.WeakSet()
         self._bindings: dict[int, Any] = {}
+        self._step_logits: dict[int, np.ndarray] = {}
 
     def binding(self, session):
         """`session`'s IO binding of these buffers, made on its first call."""
@@ -247,6 +250,25 @@ class _Arena:
                 binding.bind_ortvalue_input(past, value)
                 binding.bind_ortvalue_output(present, value)
         return binding
+
+    def step_logits(self, session, vocab_size: int | None) -> np.ndarray | None:
+        """The buffer a one-token call of `session` writes its logits into (None until the vocabulary
+        size is known). Reading a binding's outputs wraps every present tensor as well: 0.17 ms per
+        decode step for SmolLM2's 60 caches, 3% of a 4-bit step."""
+        buffer = self._step_logits.get(id(session))
+        if buffer is None and vocab_size:
+            import onnxruntime as ort
+
+            buffer = self._step_logits[id(session)] = np.empty((1, 1, vocab_size), dtype=np.float32)
+            self.binding(session).bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(buffer))
+        elif buffer is None:
+            self.binding(session).bind_output("logits")
+        return buffer
+
+    def unbind_step_logits(self, session) -> None:
+        """Let ORT allocate the logits of a call of several tokens (their shape changes with k)."""
+        self._step_logits.pop(id(session), None)
+        self.binding(session).bind_output("logits")
 
     def state(self, length: int, stamp: int | None = None) -> KVState:
         state = KVState(length, (_View(self, self.clock if stamp is None else stamp),))

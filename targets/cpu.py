@@ -14,7 +14,7 @@ import json
 import os
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from accelc.compiler import registry
 from accelc.errors import UsageError
@@ -27,11 +27,25 @@ class OrtOptions(registry.Params):
     allow_spinning: bool = Field(
         False, description="spin-wait threads: faster on an idle machine, much slower when cores are shared"
     )
+    # ORT's default spin (~2^20 pauses after every op) is what costs a shared machine; 20 us covers
+    # the gap between one decode step's ops, so a dedicated machine keeps the whole gain (docs/peers.md)
+    spin_duration_us: int | None = Field(
+        None,
+        ge=1,
+        description="with allow_spinning: how long an idle thread spins before it sleeps "
+        "(ORT's session.intra_op.spin_duration_us); unset: ORT's default, much longer",
+    )
     kv_cache: Literal["auto", "copy"] = Field(
         "auto",
         description="auto: keep the KV cache in place for graphs "
         "that declare it (fused), else copy it each step; copy: always copy",
     )
+
+    @model_validator(mode="after")
+    def _spin_duration_needs_spinning(self):
+        if self.spin_duration_us is not None and not self.allow_spinning:
+            raise ValueError("spin_duration_us bounds spinning: set allow_spinning: true with it, or remove it")
+        return self
 
 
 class OpenVinoOptions(registry.Params):

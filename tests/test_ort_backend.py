@@ -46,8 +46,11 @@ def test_fused_graphs_run_in_place(tiny):
     assert step.in_place and not copying.in_place
     for model in (step, copying):
         _, state = model.prefill(ids[:10])
+        steps = []
         for t in ids[10:20]:  # a decode loop that drops each old state, as generate() does
-            _, state = model.extend(state, np.array([t]))
+            logits, state = model.extend(state, np.array([t]))
+            steps.append(logits)
+        _close(np.concatenate(steps), expected[10:20])  # each step's own logits, kept after the next step
         state = model.truncate(state, 15)  # a rejection
         logits, state = model.extend(state, ids[15:18])
         _close(logits, expected[15:18])
@@ -143,3 +146,21 @@ def test_calls_made_alone_run_on_the_second_session_over_the_same_cache(tiny, kv
     _close(np.concatenate(rows), expected)
     assert runs == {"worker": 3, "alone": 3}
     assert not step._alone  # the context restores the worker's session
+
+
+@pytest.mark.parametrize(
+    ("options", "spin", "duration"),
+    [
+        ({}, "0", None),
+        ({"allow_spinning": True}, "1", None),  # ORT's own (long) spin
+        ({"allow_spinning": True, "spin_duration_us": 20}, "1", "20"),
+    ],
+)
+def test_session_options_carry_the_spin_policy(options, spin, duration):
+    so = ort_backend.session_options(options)
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == spin
+    if duration is None:
+        with pytest.raises(Exception, match="does not have configuration"):
+            so.get_session_config_entry("session.intra_op.spin_duration_us")
+    else:
+        assert so.get_session_config_entry("session.intra_op.spin_duration_us") == duration

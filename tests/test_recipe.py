@@ -60,6 +60,15 @@ def test_unknown_key_lists_allowed_keys(tmp_path):
     assert "intra_op_threads" in msg
 
 
+def test_a_spin_duration_without_spinning_is_refused_at_its_line(tmp_path):
+    path = write_recipe(
+        tmp_path,
+        "model:\n  builtin: tiny-llama\ntargets:\n  - kind: cpu\n    ort:\n      spin_duration_us: 20\n",
+    )
+    msg = error_of(path)
+    assert f"{path}:5: targets[0].ort" in msg and "allow_spinning: true" in msg
+
+
 def test_unknown_top_level_section(tmp_path):
     msg = error_of(write_recipe(tmp_path, "model:\n  builtin: tiny-llama\noptimise: yes\n"))
     assert "unknown key 'optimise'" in msg and "passes" in msg
