@@ -8,6 +8,7 @@ and logits drift, so validation tolerances for quantised artifacts must be loose
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -69,6 +70,9 @@ class QuantizeWeightsInt4(registry.Pass):
             description="quantise the LM head too: a head tied to the embedding (a Gemm on it) gets its own "
             "transposed copy as a MatMul, which the quantizer reaches; the embedding lookup keeps fp32 rows",
         )
+        # SmolLM2-135M (docs/quantization.md): a 4-bit head costs most of the perplexity; at 8 bits
+        # it costs little, and the body's blocks can then grow to 128 for speed
+        head_bits: Literal[4, 8] = Field(8, description="with head: the head's weight bits (blocks of block_size)")
 
     def run(self, bundle, ctx):
         """Decoding one token is matrix-vector work bound by weight bandwidth, so 4-bit weights
@@ -84,6 +88,7 @@ class QuantizeWeightsInt4(registry.Pass):
                 src,
                 dst,
                 head=self.params.head,
+                head_bits=self.params.head_bits,
                 bits=4,
                 block_size=self.params.block_size,
                 symmetric=self.params.symmetric,
@@ -93,7 +98,7 @@ class QuantizeWeightsInt4(registry.Pass):
             role: {
                 **bundle.graph_meta.get(role, {}),
                 "quantization": f"int4 block {self.params.block_size}"
-                + (", head included" if self.params.head else ""),
+                + (f", head {self.params.head_bits}-bit" if self.params.head else ""),
             }
             for role in graphs
         }
@@ -109,9 +114,11 @@ def quantize_matmul_nbits(
     symmetric: bool = False,
     accuracy_level: int = 4,
     head: bool = False,
+    head_bits: int | None = None,
 ) -> Path:
     """Every MatMul with a constant weight in `src` as ORT MatMulNBits (`bits` = 4 or 8, blocks
-    along the input dimension), and with `head` the LM head too (`untie_head`); written to `dst`."""
+    along the input dimension), and with `head` the LM head too (`untie_head`) at `head_bits`
+    (default: `bits`); written to `dst`."""
     import logging
 
     import onnx
@@ -120,26 +127,41 @@ def quantize_matmul_nbits(
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     nbits = require("onnxruntime.quantization.matmul_nbits_quantizer", "pip install onnxruntime")
     model = onnx.load(str(src))
+
+    def quantize(model, bits: int, exclude: list[str] = ()):
+        quantizer = nbits.MatMulNBitsQuantizer(
+            model,
+            bits=bits,
+            block_size=block_size,
+            is_symmetric=symmetric,
+            accuracy_level=accuracy_level,
+            nodes_to_exclude=list(exclude),
+        )
+        quantizer.process()
+        return quantizer.model
+
     if head:
-        untie_head(model, str(src))
-    quantizer = nbits.MatMulNBitsQuantizer(
-        model, bits=bits, block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level
-    )
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+        heads = untie_head(model, str(src))
+        if head_bits not in (None, bits):  # the head first, every other MatMul left for the pass below
+            for i, node in enumerate(model.graph.node):  # the quantizer excludes nodes by name
+                node.name = node.name or f"{node.op_type}_{i}"
+            others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in heads]
+            model = quantize(model, head_bits, others).model
+    quantize(model, bits).save_model_to_file(str(dst), use_external_data_format=False)
     return dst
 
 
-def untie_head(model, where: str) -> None:
+def untie_head(model, where: str) -> list[str]:
     """Rewrite, in `model` (an ONNX ModelProto), every Gemm(A, W, transB=1) on a constant W as
     MatMul(A, W^T) over a transposed copy. The fused graph's tied head is such a Gemm on the
     embedding, and ORT's quantizer only rewrites MatMuls: the head (a fifth of SmolLM2's weights,
-    read in full every token) then becomes 4-bit while the embedding lookup keeps its fp32 rows."""
+    read in full every token) then becomes 4- or 8-bit while the embedding lookup keeps its fp32
+    rows. Returns the new MatMuls' names."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
-    nodes, untied = [], 0
+    nodes, untied = [], []
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         plain = (
@@ -159,10 +181,11 @@ def untie_head(model, where: str) -> None:
         nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}.matmul"))
         if len(node.input) == 3:
             nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}.bias"))
-        untied += 1
+        untied.append(f"{node.name}.matmul")
     if not untied:
         raise UsageError(
             f"{where}: quantize_weights_int4 head: true found no LM head (a Gemm with transB=1 on a weight)"
         )
     del graph.node[:]
     graph.node.extend(nodes)
+    return untied

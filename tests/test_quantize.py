@@ -1,4 +1,4 @@
-"""quantize_weights_int4's `head` option: the tied LM head becomes a 4-bit MatMul of its own."""
+"""quantize_weights_int4's `head` option: the tied LM head becomes a 4- or 8-bit MatMul of its own."""
 
 from __future__ import annotations
 
@@ -50,6 +50,26 @@ def test_head_option_quantises_the_tied_head_and_keeps_the_embedding(fused, tmp_
     scale = np.abs(logits["fp32"]).max()
     assert np.abs(logits["plain"] - logits["fp32"]).max() < 0.5 * scale
     assert 0 < np.abs(logits["head"] - logits["plain"]).max() < 0.5 * scale
+
+
+def _logits(graph):
+    step = OrtStepModel(graph)
+    return step.extend(step.empty_state(), np.arange(1, 13)[None, :])[0]
+
+
+def test_an_8_bit_head_over_4_bit_layers_is_one_8_bit_node_and_closer_to_fp32(fused, tmp_path):
+    import onnx
+
+    four = quantize_matmul_nbits(fused, tmp_path / "h4.onnx", bits=4, block_size=16, head=True)
+    eight = quantize_matmul_nbits(fused, tmp_path / "h8.onnx", bits=4, block_size=16, head=True, head_bits=8)
+    nodes = [n for n in onnx.load(str(eight)).graph.node if n.op_type == "MatMulNBits"]
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes}
+    assert sorted(bits.values()).count(8) == 1 and len(bits) == _ops(four)[0].count("MatMulNBits")
+    assert next(name for name, b in bits.items() if b == 8).startswith(
+        next(n.name for n in onnx.load(str(fused)).graph.node if n.op_type == "Gemm")
+    )
+    exact = _logits(fused)
+    assert np.abs(_logits(eight) - exact).max() < np.abs(_logits(four) - exact).max()
 
 
 def test_head_option_on_a_graph_without_a_head_is_refused(fused, tmp_path):
