@@ -102,6 +102,7 @@ ACCELC = (
     # threads spinning too, bounded to 20 us so a shared machine loses little (docs/peers.md)
     Row("accelc-ort-spin", "int4", "recipes/quickstart_int4.yaml", "ort", spin_us=20),
     Row("accelc-ort", "q4_1", "recipes/quickstart.yaml", "ort"),  # the GGUF's own blocks: exact weights
+    Row("accelc-ort-spin", "q4_1", "recipes/quickstart.yaml", "ort", spin_us=20),
 )
 # The peers, each on a model its own tools make from the shipped GGUF or accelc's HF folder.
 PEERS = (
