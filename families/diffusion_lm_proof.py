@@ -13,7 +13,9 @@ from accelc.errors import UsageError
 
 
 def encode(tokenizer, prompt: str) -> list[int]:
-    ids = list(tokenizer(prompt)["input_ids"])
+    """The prompt's tokens as the model saw text in training: no special tokens (SmolLM2's
+    tokenizer would prepend `<|im_start|>`, which no trained prompt starts with)."""
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if not ids:
         raise UsageError("the prompt is empty after tokenization: a diffusion sampler needs a non-empty prompt")
     return ids

@@ -1,8 +1,9 @@
 """diffusion_sampling: choose a masked-diffusion LM's sampler by measuring it.
 
-On calibration prompts (windows of data.calibration) it runs the LLaDA baseline (one token a
-call) and every candidate configuration: each sampler of `samplers` with each cache of
-`caches`, block length of `block_lengths` and (for fast_threshold) threshold of `thresholds`.
+On calibration prompts (windows of data.calibration) it runs the LLaDA baseline as published
+(one token a call, every response position decoded) and every candidate configuration: the
+baseline stopping at the first committed end-of-text, and each sampler of `samplers` with each
+cache of `caches`, block length of `block_lengths` and (for fast_threshold) threshold of `thresholds`.
 It records each one's model calls and its agreement with the baseline's output (the fraction
 of response positions holding the baseline's token), and plans the configuration with the
 fewest calls, then the fewest tokens fed, among those whose agreement reaches `min_agreement`.
@@ -64,10 +65,14 @@ def choose(denoiser, prompts, params) -> tuple[dict, list[Measured]]:
 
     base = SamplerOptions(gen_length=params.gen_length, block_length=params.baseline_block_length)
     base.check()
-    reference = [measure_one(denoiser, ids, base) for ids in prompts]
-    baseline = measure(denoiser, prompts, base, reference)
+    # the anchor is LLaDA as published: every response position decoded, one a call, no early stop
+    # (the early stop conditions what precedes an end-of-text on padding, so it is a candidate too)
+    published = base.model_copy(update={"stop_at_eos": False})
+    reference = [measure_one(denoiser, ids, published) for ids in prompts]
+    baseline = measure(denoiser, prompts, published, reference)
     measured = []
-    for options in progress.bar(list(candidates(params, base)), desc="diffusion_sampling", unit="config"):
+    configs = [base, *(c for c in candidates(params, base) if c != base)]
+    for options in progress.bar(configs, desc="diffusion_sampling", unit="config"):
         options.check()
         measured.append(measure(denoiser, prompts, options, reference))
     good = [m for m in measured if m.agreement >= params.min_agreement]
@@ -93,7 +98,7 @@ class DiffusionSampling(registry.Pass):
     """Choose a diffusion LM's sampler, block length, threshold and cache by calls and agreement with the baseline."""
 
     name = "diffusion_sampling"
-    version = 1
+    version = 2
     families = ("diffusion_lm",)
     reads = ("data.calibration",)
 

@@ -41,6 +41,9 @@ def test_compile_validates_ort_and_runs(cli, tmp_path, model):
     plan = json.loads((out / "decode" / "plan.json").read_text())
     measured = json.loads((out / "reports" / "diffusion_sampling.json").read_text())["measured"]
     assert measured[0]["options"]["sampler"] == "baseline" and plan["reason"]
+    # the anchor is LLaDA as published (every position, one a call); its early-stopped form is a candidate
+    assert not measured[0]["options"]["stop_at_eos"] and measured[0]["calls"] == 16
+    assert measured[1]["options"] == {**measured[0]["options"], "stop_at_eos": True}
     code, _, err = cli("run", out, "--prompt", "Hello", "--backend", "ort")
     assert code == 0, err
     assert "calls" in err and "tokens per call" in err and "tok/s" in err
@@ -136,3 +139,13 @@ def test_a_pass_block_length_that_does_not_tile_is_a_recipe_error(cli, tmp_path)
     )
     code, _, err = cli("validate", path)
     assert code == 2 and "block length 5 does not divide gen_length 16" in err
+
+
+def test_run_encodes_the_prompt_as_training_did_without_special_tokens():
+    from accelc import assets
+    from accelc.families.causal_lm import load_tokenizer
+    from accelc.families.diffusion_lm_proof import encode
+
+    tokenizer = load_tokenizer(assets.smollm2_dir())  # its tokenizer adds <|im_start|> by default
+    assert tokenizer("Hello")["input_ids"][0] == tokenizer.bos_token_id
+    assert encode(tokenizer, "Hello") == tokenizer("Hello", add_special_tokens=False)["input_ids"]
