@@ -16,7 +16,11 @@ The latency model (the paper's section IV, with measured rather than nominal rat
   shares them, so its time adds to the group's; on a machine with a core to spare it overlaps.
 For each grouping of consecutive stages and each K, the cuts balance the workers' times (bisection
 on the slowest worker's time, slabs grown greedily); the plan with the smallest predicted latency
-wins. The pass then runs it on Ray for `measure_images` images and reports predicted against
+wins. Where the host shares the workers' cores, a group may instead leave the overlap to the
+workers (`overlap: auto`): each computes its output rows from every input row they read, so the
+receptive field's halo is computed twice instead of on the host
+(runtime/receptive_field.py:halo_segments); per group the model takes whichever it predicts
+faster. `overlap: host` keeps the paper's task collaboration everywhere. The pass then runs it on Ray for `measure_images` images and reports predicted against
 measured seconds per group and worker (reports/partition.json). The plan is the artifact's
 decode plan (`decode/plan.json`, kind `halp`), which `accelc run` and `accelc bench` execute.
 """
@@ -29,13 +33,14 @@ import json
 import math
 import os
 import time
+from typing import Literal
 
 from pydantic import Field
 
 from accelc.compiler import registry
 from accelc.errors import UsageError
 from accelc.runtime import halp
-from accelc.runtime.receptive_field import Segment, determined_rows, input_rows, segments, sizes
+from accelc.runtime.receptive_field import Segment, determined_rows, halo_segments, input_rows, segments, sizes
 
 SPATIAL_OPS = ("conv2d", "max_pool2d", "relu", "dropout")
 
@@ -45,7 +50,7 @@ class Partition(registry.Pass):
     """HALP: a CNN's conv stages split by rows across K Ray workers, overlap zones on the host."""
 
     name = "partition"
-    version = 1
+    version = 2
     families = ("cnn",)
     produces = ("plan",)
 
@@ -56,6 +61,11 @@ class Partition(registry.Pass):
         batch: int = Field(1, ge=1, le=256, description="images per inference the plan is priced for")
         measure_images: int = Field(3, ge=1, le=100, description="inferences timed on Ray for the report")
         ray_address: str | None = Field(None, description="a Ray cluster to plan and run on; default: local Ray")
+        overlap: Literal["auto", "host", "workers"] = Field(
+            "auto",
+            description="who computes the rows between two workers' slabs: host (HALP's task collaboration), "
+            "workers (each recomputes the receptive field's halo), auto (per group, the faster predicted)",
+        )
 
     def run(self, bundle, ctx):
         from accelc import progress
@@ -79,7 +89,8 @@ class Partition(registry.Pass):
             progress.status(f"partition: link {link[0] * 1e3:.2f} ms + {link[1] / 1e9:.2f} GB/s per round trip")
             host_shares = cores < (most + 1) * p.threads if p.ray_address is None else False
             candidates = [p.workers] if p.workers else range(1, most + 1)
-            chosen = min((plan_for(config, costs, link, k, p.threads, p.batch, host_shares) for k in candidates),
+            chosen = min((plan_for(config, costs, link, k, p.threads, p.batch, host_shares, p.overlap)
+                          for k in candidates),
                          key=lambda plan: plan.predicted["seconds"])  # fmt: skip
             progress.status(f"partition: {chosen.workers} worker(s), {len(chosen.groups)} group(s), predicted "
                             f"{chosen.predicted['seconds'] * 1e3:.1f} ms per inference")  # fmt: skip
@@ -189,6 +200,49 @@ def split(config, costs, link, first: int, end: int, workers: int, batch: int) -
     return best
 
 
+def split_halo(config, costs, link, first: int, end: int, workers: int, batch: int) -> halp.Group | None:
+    """The group's output rows cut for `workers`, each worker computing its rows' whole receptive
+    field (no host piece), balanced on the slowest worker's time; None where it cannot be cut."""
+    rows = costs[first]["in"][1]
+    stack = _stack(config, first, end)
+    out_rows = sizes(stack, rows)[-1]
+    if workers > out_rows:
+        return None
+
+    def group_for(cuts):
+        pieces = halo_segments(stack, rows, cuts)
+        return None if pieces is None else halp.Group(first, end, rows, tuple(pieces))
+
+    def worker_time(group):
+        return max(piece_seconds(config, costs, link, group, p, batch) for p in group.pieces)
+
+    def rows_time(a: int, b: int) -> float:  # one worker on output rows [a, b]
+        (lo, hi) = input_rows(stack, rows, a, b)[0]
+        group = halp.Group(first, end, rows, (Segment(0, lo, hi, a, b),))
+        return piece_seconds(config, costs, link, group, group.pieces[0], batch)
+
+    if workers == 1:
+        return group_for([])
+    if workers == 2:  # exhaustive: every cut
+        options = [g for g in (group_for([u]) for u in range(1, out_rows)) if g is not None]
+        return min(options, key=worker_time) if options else None
+    lo, hi, best = 0.0, rows_time(0, out_rows - 1) * 2, None
+    for _ in range(24):  # bisection on the slowest worker's time; each worker's rows grown greedily
+        tau, cuts, start = (lo + hi) / 2, [], 0
+        for j in range(workers - 1):
+            u = start + 1
+            while u < out_rows - (workers - 1 - j) and rows_time(start, u) <= tau:
+                u += 1
+            cuts.append(u)
+            start = u
+        group = group_for(cuts) if all(a < b for a, b in itertools.pairwise([0, *cuts, out_rows])) else None
+        if group is not None and worker_time(group) <= tau:
+            best, hi = group, tau
+        else:
+            lo = tau
+    return best
+
+
 def _slab_time(config, costs, link, first, end, rows, stack, start, stop, batch) -> float:
     have = determined_rows(stack, rows, start, stop)  # [start, stop]: one row past the slab being grown
     if have is None:
@@ -197,8 +251,12 @@ def _slab_time(config, costs, link, first, end, rows, stack, start, stop, batch)
     return piece_seconds(config, costs, link, group, group.pieces[0], batch)
 
 
-def plan_for(config, costs, link, workers: int, threads: int, batch: int, host_shares: bool) -> halp.Plan:
-    """The best plan with `workers` workers over every grouping of consecutive stages."""
+def plan_for(
+    config, costs, link, workers: int, threads: int, batch: int, host_shares: bool, overlap: str = "auto"
+) -> halp.Plan:
+    """The best plan with `workers` workers over every grouping of consecutive stages; `overlap`:
+    who computes the rows between the workers' slabs (the pass's option of that name)."""
+    splitters = {"host": [split], "workers": [split_halo], "auto": [split, split_halo]}[overlap]
     head = feature_layers(config)
     head_seconds = sum(c["fixed"] + batch * c["per_row"] for c in costs[head:])
     if workers == 1:
@@ -215,16 +273,17 @@ def plan_for(config, costs, link, workers: int, threads: int, batch: int, host_s
         for i in range(j):
             if best[i] is None:
                 continue
-            group = split(config, costs, link, points[i], points[j], workers, batch)
-            if group is None:
-                continue
-            times = {p.worker: piece_seconds(config, costs, link, group, p, batch) for p in group.pieces}
-            host = sum(t for w, t in times.items() if w is None)
-            slowest = max(t for w, t in times.items() if w is not None)
-            seconds = best[i][0] + (slowest + host if host_shares else max(slowest, host))
-            if best[j] is None or seconds < best[j][0]:
-                detail = {"workers_s": {str(w): t for w, t in times.items() if w is not None}, "host_s": host}
-                best[j] = (seconds, [*best[i][1], group], [*best[i][2], detail])
+            for splitter in splitters:
+                group = splitter(config, costs, link, points[i], points[j], workers, batch)
+                if group is None:
+                    continue
+                times = [(p.worker, piece_seconds(config, costs, link, group, p, batch)) for p in group.pieces]
+                host = sum(t for w, t in times if w is None)
+                slowest = max(t for w, t in times if w is not None)
+                seconds = best[i][0] + (slowest + host if host_shares else max(slowest, host))
+                if best[j] is None or seconds < best[j][0]:
+                    detail = {"workers_s": {str(w): t for w, t in times if w is not None}, "host_s": host}
+                    best[j] = (seconds, [*best[i][1], group], [*best[i][2], detail])
     seconds, groups, detail = best[-1]
     return halp.Plan(workers, threads, tuple(groups), head,
                      {"seconds": seconds + head_seconds, "head_s": head_seconds, "groups": detail})  # fmt: skip

@@ -15,10 +15,17 @@ A segment plan for K workers cuts the group's *input* rows into K disjoint slabs
 each worker computes the output rows its slab alone determines, and the output rows between two
 workers' parts (those whose inputs straddle a cut: the overlap zone) are computed by the host,
 which holds the whole input (the paper's task collaboration). No input row is sent twice.
+
+The other plan (`halo_segments`) cuts the group's *output* rows instead: each worker computes its
+output rows from every input row they read, so neighbouring slabs overlap by the receptive field's
+halo, which is computed twice, and the host computes nothing. Where the host has no core of its
+own it would take the workers' cores for its overlap zones; the latency model then weighs those
+against the halo's recomputation (passes/partition.py).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -146,6 +153,24 @@ def segments(stack: Stack, rows: int, cuts: Sequence[int]) -> list[Segment] | No
         done = last + 1
     if done < out_rows:  # rows past the last slab's reach (possible only with floor-sized outputs)
         plan.append(_host(stack, rows, done, out_rows - 1))
+    return plan
+
+
+def halo_segments(stack: Stack, rows: int, cuts: Sequence[int]) -> list[Segment] | None:
+    """The segment plan that cuts the stack's output rows before each row in `cuts` (increasing):
+    worker j computes output rows [cuts[j-1], cuts[j] - 1] from every input row they read, its
+    slab overlapping its neighbours' by the receptive field's halo; no host piece. None where
+    some worker's rows read only padding."""
+    out_rows = sizes(stack, rows)[-1]
+    bounds = [0, *cuts, out_rows]
+    if any(lo >= hi for lo, hi in itertools.pairwise(bounds)):
+        raise ValueError(f"output cuts {list(cuts)} must increase strictly inside 1..{out_rows - 1}")
+    plan = []
+    for j, (a, b) in enumerate(itertools.pairwise(bounds)):
+        first, last = input_rows(stack, rows, a, b - 1)[0]
+        if first > last:
+            return None
+        plan.append(Segment(j, first, last, a, b - 1))
     return plan
 
 

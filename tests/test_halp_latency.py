@@ -36,9 +36,35 @@ def test_two_workers_are_balanced_and_the_host_keeps_only_overlap_zones():
 def test_a_slow_link_keeps_one_worker():
     costs = synthetic_costs(VGG16)
     slow = (0.5, 1e6)  # half a second a call, 1 MB/s: nothing pays for its transfers
-    two = partition.plan_for(VGG16, costs, slow, 2, 1, 1, host_shares=True)
+    two = partition.plan_for(VGG16, costs, slow, 2, 1, 1, host_shares=True, overlap="host")
     one = partition.plan_for(VGG16, costs, slow, 1, 1, 1, host_shares=True)
     assert one.predicted["seconds"] < two.predicted["seconds"]
+
+
+def test_overlap_goes_to_the_workers_where_the_host_would_take_their_cores():
+    # thin slabs cost as much per row as whole ones plus a call's fixed cost: the host's zones add
+    # to every group's time when it shares the cores, and overlap with the workers when it does not
+    costs = synthetic_costs(VGG16, fixed=2e-3)
+    link = (1e-4, 1e9)
+    shared = {o: partition.plan_for(VGG16, costs, link, 2, 1, 1, True, o) for o in ("auto", "host", "workers")}
+    assert all(p.worker is not None for g in shared["workers"].groups for p in g.pieces)
+    assert any(p.worker is None for g in shared["host"].groups for p in g.pieces)
+    assert shared["auto"].predicted["seconds"] <= min(shared[o].predicted["seconds"] for o in ("host", "workers"))
+    assert shared["auto"].predicted["seconds"] < shared["host"].predicted["seconds"]
+    spare = {o: partition.plan_for(VGG16, costs, link, 2, 1, 1, False, o) for o in ("auto", "host")}
+    assert spare["auto"].predicted["seconds"] <= spare["host"].predicted["seconds"]
+    assert any(p.worker is None for g in spare["auto"].groups for p in g.pieces)  # a core of its own: HALP's zones
+
+
+def test_halo_plans_cut_the_output_rows_and_balance_three_workers():
+    costs = synthetic_costs(VGG16)
+    three = partition.plan_for(VGG16, costs, (1e-4, 1e9), 3, 1, 1, host_shares=True, overlap="workers")
+    for group in three.groups:
+        assert [p.worker for p in group.pieces] == [0, 1, 2]
+        assert group.pieces[0].out_first == 0
+        assert all(a.out_last + 1 == b.out_first for a, b in zip(group.pieces, group.pieces[1:]))
+    times = three.predicted["groups"][0]["workers_s"]
+    assert max(times.values()) <= 1.15 * min(times.values())
 
 
 def test_more_workers_split_the_rows_further():

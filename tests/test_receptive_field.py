@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from accelc.runtime import halp
-from accelc.runtime.receptive_field import Window, determined_rows, input_rows, segments, sizes
+from accelc.runtime.receptive_field import Window, determined_rows, halo_segments, input_rows, segments, sizes
 
 
 def random_stack(rng: random.Random, rows: int, exact: bool = False):
@@ -139,3 +139,26 @@ def test_partitioned_execution_is_bit_exact(seed):
     x = torch.randn(2, channels, rows, rows)
     got, want = halp.run_plan(list(model), plan, x), halp.reference(list(model), plan, x)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_halo_plans_recompute_the_overlap_on_the_workers_bit_exact(seed):
+    rng = random.Random(300 + seed)
+    pieces = None
+    while not pieces:
+        rows = rng.randint(16, 40)
+        model, channels = random_stack(rng, rows, exact=True)
+        stack = [halp.window_of(m) for m in model]
+        out_rows = sizes(stack, rows)[-1]
+        if out_rows < 4:
+            continue
+        workers = rng.randint(2, min(4, out_rows))
+        pieces = halo_segments(stack, rows, sorted(rng.sample(range(1, out_rows), workers - 1)))
+    assert [p.worker for p in pieces] == list(range(workers))  # no host piece
+    assert pieces[0].out_first == 0 and pieces[-1].out_last == out_rows - 1
+    assert all(a.out_last + 1 == b.out_first for a, b in zip(pieces, pieces[1:]))
+    for p in pieces:  # each slab is exactly what its rows read
+        assert (p.in_first, p.in_last) == input_rows(stack, rows, p.out_first, p.out_last)[0]
+    plan = halp.Plan(workers, 1, (halp.Group(0, len(model), rows, tuple(pieces)),), len(model))
+    x = torch.randn(2, channels, rows, rows)
+    assert torch.equal(halp.run_plan(list(model), plan, x), halp.reference(list(model), plan, x))
