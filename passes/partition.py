@@ -47,7 +47,7 @@ SPATIAL_OPS = ("conv2d", "max_pool2d", "relu", "dropout")
 
 @registry.register_pass
 class Partition(registry.Pass):
-    """HALP: a CNN's conv stages split by rows across K Ray workers, overlap zones on the host."""
+    """HALP: a CNN's conv stages split by rows across K Ray workers, overlap zones on the host or the workers."""
 
     name = "partition"
     version = 2

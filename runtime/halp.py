@@ -2,7 +2,8 @@
 
 A plan (written by the `partition` pass, read back here) cuts a CNN's feature layers into fused
 groups; each group's input rows are split between K workers, the host computes the overlap zones
-(runtime/receptive_field.py), and the host merges the pieces before the next group; the layers
+(runtime/receptive_field.py), or the workers recompute them where the plan cut the output rows
+instead (`halo_segments`), and the host merges the pieces before the next group; the layers
 after the last group (the classifier) run on the host. `run_plan` executes a plan in one process,
 piece by piece; `runtime/halp_ray.py` runs the workers' pieces on Ray actors with the same
 `run_rows`, so both give the same bits.
