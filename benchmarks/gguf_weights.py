@@ -1,11 +1,13 @@
 """The GGUF's own 4-bit blocks against fp32 and re-quantised int4 weights (ONNX Runtime), side by side.
 
-    python -m benchmarks.gguf_weights [--only NAME ...] [--repeats 3] [--new-tokens 32] [--compile-only] --json OUT.json
+    python -m benchmarks.gguf_weights [--only NAME ...] [--repeats 3] [--new-tokens 32] [--spin-us N]
+                                      [--compile-only] --json OUT.json
 
 Compiles recipes/bench/gguf_weights.yaml (the embedded SmolLM2-135M-Instruct, a Q4_1 GGUF) once
 per configuration into artifacts/bench/gguf_weights/NAME (kept and reused when present):
   fp32          export_onnx only
   int4          quantize_weights_int4: ORT's quantizer re-quantises the dequantised weights
+  int4[-bB]-hH  the same in blocks of B (32 unless named) with the LM head quantised to H bits
   q4            gguf_weights: the GGUF's own blocks, fp32 compute (accuracy_level 0)
   q4-int8       gguf_weights with int8 activations (accuracy_level 4)
   q4-float-zp   gguf_weights as one MatMulNBits with float zero points
@@ -40,6 +42,18 @@ LOOSE = [  # re-quantised weights move logits and tokens (recipes/quickstart_int
 CONFIGS = {
     "fp32": [common.override("passes", [{"type": "export_onnx"}])],
     "int4": [common.override("passes", [{"type": "export_onnx"}, INT4]), *LOOSE],
+    # the LM head quantised too (its own copy of the tied embedding), at 4 or 8 bits; larger blocks
+    # read fewer scales (recipes/quickstart_int4.yaml is int4-b128-h8)
+    **{
+        f"int4{'' if block == 32 else f'-b{block}'}-h{bits}": [
+            common.override(
+                "passes", [{"type": "export_onnx"}, {**INT4, "block_size": block, "head": True, "head_bits": bits}]
+            ),
+            *LOOSE,
+            common.override("eval.perplexity.max_ratio", 1.35),
+        ]
+        for block, bits in ((32, 4), (32, 8), (64, 8), (128, 8))
+    },
     "q4": [],
     # int8 activations move logits by ~3 and change greedy tokens within 16: gated as int4 is
     "q4-int8": [common.override("passes", [{"type": "export_onnx"}, {**GGUF, "accuracy_level": 4}]), *LOOSE],
@@ -68,8 +82,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--compile-only", action="store_true", help="build the artifacts and stop (run it under nice)")
+    p.add_argument(
+        "--spin-us",
+        type=int,
+        help="compile the artifacts with ORT's threads spinning this long before they sleep (a machine of their "
+        "own; artifacts in a folder of their own): spinning changes which layout decodes fastest",
+    )
     args = p.parse_args(argv)
     environment = common.quiet_threads(args.threads)
+    spin = []
+    if args.spin_us is not None:
+        if args.spin_us < 1:
+            from accelc.errors import UsageError
+
+            raise UsageError(f"--spin-us must be at least 1 (microseconds), got {args.spin_us}")
+        spin = [
+            common.override("targets.0.ort.allow_spinning", True),
+            common.override("targets.0.ort.spin_duration_us", args.spin_us),
+        ]
+        args.artifacts = f"{args.artifacts}-spin{args.spin_us}us"
 
     from accelc.compiler.benchmark import _run_worker, round_robin
 
@@ -79,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.artifacts)
     for name in names:
         if not (root / name / "manifest.json").exists():
-            common.compile_bench_recipe("gguf_weights", root / name, CONFIGS[name])
+            common.compile_bench_recipe("gguf_weights", root / name, [*CONFIGS[name], *spin])
     if args.compile_only:
         return 0
     samples = round_robin(
@@ -122,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     record = common.protocol(
         recipe=str(common.bench_recipe("gguf_weights")),
-        configs={name: CONFIGS[name] for name in names},
+        configs={name: [*CONFIGS[name], *spin] for name in names},
         environment=environment,
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,

@@ -150,3 +150,14 @@ def test_search_benchmark_refuses_evaluating_on_calibration_text():
     check_held_out(mixture, list(EVAL_TEXTS))  # the defaults are held out from this mixture
     with pytest.raises(UsageError, match=r"--eval-texts pydoc:topics: also in data\.calibration"):
         check_held_out(mixture, ["austen:persuasion", "pydoc:topics"])
+
+
+def test_every_gguf_weights_configuration_is_a_valid_recipe():
+    from benchmarks import gguf_weights
+
+    for name, overrides in gguf_weights.CONFIGS.items():
+        recipe = common.load_bench_recipe("gguf_weights", overrides)
+        quantize = [p for p in recipe.passes if p.type == "quantize_weights_int4"]
+        if "-h" in name:  # int4[-bB]-hH: the head quantised at H bits in blocks of B
+            (q,) = quantize
+            assert q.head and f"-h{q.head_bits}" in name and (q.block_size == 32 or f"-b{q.block_size}" in name)
