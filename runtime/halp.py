@@ -187,6 +187,43 @@ def run_piece(modules, group: Group, piece: Segment, x_slab):
     return run_rows(layers, stack, group.rows, x_slab, piece.in_first, piece.in_last, (piece.out_first, piece.out_last))
 
 
+def piece_before(plan: Plan, gi: int, piece: Segment) -> Segment | None:
+    """The piece the same worker computed in group gi - 1 (None for group 0, the host, or a worker
+    idle there)."""
+    if gi == 0 or piece.worker is None:
+        return None
+    return next((p for p in plan.groups[gi - 1].pieces if p.worker == piece.worker), None)
+
+
+def kept_rows(plan: Plan, gi: int, piece: Segment) -> tuple[int, int] | None:
+    """The rows of `piece`'s input that its worker already holds: its own output of group gi - 1
+    (a worker keeps what it computed; only the rest of its slab travels), or None."""
+    before = piece_before(plan, gi, piece)
+    if before is None:
+        return None
+    first, last = max(before.out_first, piece.in_first), min(before.out_last, piece.in_last)
+    return (first, last) if first <= last else None
+
+
+def rows_wanted_elsewhere(plan: Plan, gi: int, piece: Segment) -> list[tuple[int, int]]:
+    """The rows of a worker's output in group gi that the next group's other pieces read (the host's
+    included), merged; after the last group, all of them (the classifier's input)."""
+    if gi == len(plan.groups) - 1:
+        return [(piece.out_first, piece.out_last)]
+    wanted = sorted(
+        (max(q.in_first, piece.out_first), min(q.in_last, piece.out_last))
+        for q in plan.groups[gi + 1].pieces
+        if q.worker != piece.worker and max(q.in_first, piece.out_first) <= min(q.in_last, piece.out_last)
+    )
+    merged: list[tuple[int, int]] = []
+    for first, last in wanted:
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
+
+
 def run_head(modules, head: int, x):
     for module in modules[head:]:
         x = module(x)

@@ -1,9 +1,12 @@
 """A HALP plan executed on Ray actors: one actor per worker, pinned to its cores, the host in the caller.
 
-Per fused group the host sends each worker only its own input rows (runtime/receptive_field.py:
-the slabs are disjoint), computes the overlap-zone rows itself while the workers run (the paper's
-task collaboration, arXiv 2207.11294 section III), then merges; the classifier runs on the host.
-Every piece runs `halp.run_rows`, so the result equals `halp.run_plan` in one process bit for bit.
+Per fused group each worker computes its piece from its input rows (runtime/receptive_field.py),
+the host computes the overlap-zone rows where the plan gives them to it, while the workers run
+(the paper's task collaboration, arXiv 2207.11294 section III); the classifier runs on the host.
+A worker keeps what it computed: the next group's slab mostly lies in it, so only the rows it
+lacks travel (its neighbours' halo, from the host), and a worker sends back only the rows another
+piece reads (`halp.rows_wanted_elsewhere`; everything after the last group). Every piece runs
+`halp.run_rows` on the same rows, so the result equals `halp.run_plan` in one process bit for bit.
 
 Without an address a local Ray instance is started on loopback for the cluster's lifetime; with
 one (`--ray-address`, the `partition` pass's `ray_address`) the actors join that cluster, whose
@@ -48,19 +51,39 @@ class HalpWorker:
         _, model = cnn_model.load(Path(model_dir))
         self.modules = list(model.layers)
         self.plans = {name: halp.Plan.from_json(plan, f"plan {name}") for name, plan in plans.items()}
+        self.kept: dict[str, tuple[int, int, object]] = {}  # plan -> (inference, group, its output)
 
     def add_plan(self, name: str, plan: dict) -> None:
         self.plans[name] = halp.Plan.from_json(plan, f"plan {name}")
 
-    def run(self, plan: str, group: int, piece: int, slab: np.ndarray) -> tuple[np.ndarray, float]:
-        """A piece's output rows from its input slab, and the seconds its compute took."""
+    def run(
+        self, plan: str, inference: int, group: int, piece: int, parts: list[tuple[int, np.ndarray]]
+    ) -> tuple[list[tuple[int, np.ndarray]], float]:
+        """A piece of group `group`: its slab is the rows this worker kept from the group before
+        and `parts` ((first row, rows) the host sent); returns the output rows wanted elsewhere as
+        (first row, rows), and the seconds its compute took."""
         import torch
 
         started = time.perf_counter()
-        g = self.plans[plan].groups[group]
+        chosen = self.plans[plan]
+        segment = chosen.groups[group].pieces[piece]
+        rows = RowStore()
+        if halp.kept_rows(chosen, group, segment) is not None:
+            inference_kept, group_kept, out = self.kept.get(plan, (None, None, None))
+            if (inference_kept, group_kept) != (inference, group - 1):
+                raise RuntimeError(f"HALP worker: no output of group {group - 1} kept for inference {inference}")
+            rows.put(halp.piece_before(chosen, group, segment).out_first, out)
+        for first, part in parts:
+            rows.put(first, _tensor(part))
         with torch.inference_mode():
-            out = halp.run_piece(self.modules, g, g.pieces[piece], _tensor(slab))
-        return halp.as_numpy(out), time.perf_counter() - started
+            out = halp.run_piece(
+                self.modules, chosen.groups[group], segment, rows.take(segment.in_first, segment.in_last)
+            )
+        self.kept[plan] = (inference, group, out)
+        wanted = halp.rows_wanted_elsewhere(chosen, group, segment)
+        first = segment.out_first
+        sent = [(a, halp.as_numpy(out[:, :, a - first : b - first + 1].contiguous())) for a, b in wanted]
+        return sent, time.perf_counter() - started
 
     def layer_costs(self, x: np.ndarray) -> list[dict]:
         """The model's per-layer costs on this worker's cores (halp.layer_costs)."""
@@ -75,6 +98,31 @@ class HalpWorker:
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "cores": self.cores}
+
+
+class RowStore:
+    """Row intervals of one activation (N x C x rows x W) held as (first row, tensor) pieces."""
+
+    def __init__(self):
+        self.pieces: list[tuple[int, object]] = []
+
+    def put(self, first: int, rows) -> None:
+        self.pieces.append((first, rows))
+
+    def take(self, first: int, last: int):
+        """Rows [first, last], from whichever pieces hold them (every row must be held)."""
+        import torch
+
+        out, row = [], first
+        while row <= last:
+            held = [(f, t) for f, t in self.pieces if f <= row < f + t.shape[2]]
+            if not held:
+                raise RuntimeError(f"HALP: row {row} of [{first}, {last}] was never received")
+            f, t = max(held, key=lambda piece: piece[0] + piece[1].shape[2])  # the piece reaching furthest
+            end = min(last + 1, f + t.shape[2])
+            out.append(t[:, :, row - f : end - f])
+            row = end
+        return out[0] if len(out) == 1 else torch.cat(out, 2)
 
 
 def _tensor(a: np.ndarray):
@@ -131,6 +179,7 @@ class HalpCluster:
 
         torch.set_num_threads(1)
         self.head_threads = head_threads or len(os.sched_getaffinity(0))
+        self._inferences = 0  # numbers each inference, so a worker can tell its kept rows are this one's
         _, model = cnn_model.load(Path(model_dir))
         self.modules = list(model.layers)
 
@@ -142,28 +191,39 @@ class HalpCluster:
 
         name = plan or next(iter(self.plans))
         chosen = self.plans[name]
+        self._inferences += 1
         with torch.inference_mode():
-            h = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            rows = RowStore()  # the rows of the current group's input the host holds
+            rows.put(0, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
             for gi, group in enumerate(chosen.groups):
                 started = time.perf_counter()
-                pending = {
-                    pi: self.workers[p.worker].run.remote(name, gi, pi, h[:, :, p.in_first : p.in_last + 1].numpy())
-                    for pi, p in enumerate(group.pieces)
-                    if p.worker is not None
-                }
+                pending = {}
+                for pi, p in enumerate(group.pieces):
+                    if p.worker is None:
+                        continue
+                    kept = halp.kept_rows(chosen, gi, p)
+                    missing = [(p.in_first, p.in_last)] if kept is None else [
+                        (a, b) for a, b in ((p.in_first, kept[0] - 1), (kept[1] + 1, p.in_last)) if a <= b
+                    ]  # fmt: skip
+                    parts = [(a, rows.take(a, b).contiguous().numpy()) for a, b in missing]
+                    pending[pi] = self.workers[p.worker].run.remote(name, self._inferences, gi, pi, parts)
                 host_started = time.perf_counter()
-                parts = {
-                    pi: halp.run_piece(self.modules, group, p, h[:, :, p.in_first : p.in_last + 1])
-                    for pi, p in enumerate(group.pieces)
-                    if p.worker is None
-                }
+                computed = RowStore()
+                for p in group.pieces:
+                    if p.worker is None:
+                        computed.put(
+                            p.out_first, halp.run_piece(self.modules, group, p, rows.take(p.in_first, p.in_last))
+                        )
                 host_seconds = time.perf_counter() - host_started
                 got = dict(zip(pending, self.ray.get(list(pending.values()))))
-                parts.update({pi: _tensor(out) for pi, (out, _) in got.items()})
-                h = torch.cat([parts[pi] for pi in range(len(group.pieces))], 2)
+                for sent, _ in got.values():
+                    for first, part in sent:
+                        computed.put(first, _tensor(part))
+                rows = computed
                 if timings is not None:
                     timings.append({"group": gi, "seconds": time.perf_counter() - started, "host_seconds": host_seconds,
                                     "worker_seconds": {group.pieces[pi].worker: s for pi, (_, s) in got.items()}})  # fmt: skip
+            h = rows.take(0, chosen.groups[-1].pieces[-1].out_last)
             torch.set_num_threads(self.head_threads)
             try:
                 return halp.as_numpy(halp.run_head(self.modules, chosen.head, h))

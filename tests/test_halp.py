@@ -79,17 +79,52 @@ def test_ray_workers_are_bit_exact_against_the_unpartitioned_model(local_ray):
     modules = list(model.layers)
     costs = halp.layer_costs(modules, torch.rand(1, *config.input), 1)
     link = (1e-3, 1e9)
-    two = partition.plan_for(config, costs, link, 2, 1, 1, host_shares=True)
+    # every stage a group of its own, the overlap on the host (HALP's zones) or on the workers (the
+    # halo): workers keep their rows from group to group and receive only what they lack
+    points = partition.cut_points(config)
+    stages = list(zip(points, points[1:]))
+    plans = {
+        name: halp.Plan(2, 1, tuple(splitter(config, costs, link, a, b, 2, 1) for a, b in stages), points[-1])
+        for name, splitter in (("host", partition.split), ("workers", partition.split_halo))
+    }
+    assert any(p.worker is None for g in plans["host"].groups for p in g.pieces)
+    assert len(points) > 2 and all(p.worker is not None for g in plans["workers"].groups for p in g.pieces)
     x, _ = cnn_model.fashion_mnist_inputs(config.input, "test", 3)
-    with HalpCluster(cnn.builtin_dir("tiny-cnn"), {"2": two}) as cluster:
+    with HalpCluster(cnn.builtin_dir("tiny-cnn"), plans) as cluster:
         assert len({tuple(i["cores"]) for i in cluster.info}) == 2  # each actor pinned to its own core
-        got = cluster.infer(x)
+        got = {name: cluster.infer(x, plan=name) for name in plans}
         timings: list = []
-        cluster.infer(x, timings)
+        cluster.infer(x, timings, plan="workers")
+        again = cluster.infer(x, plan="host")
     torch.set_num_threads(cluster.head_threads)
-    want = halp.reference(modules, two, torch.from_numpy(x)).numpy()
-    assert (got == want).all()
-    assert len(timings) == len(two.groups) and all(set(t["worker_seconds"]) == {0, 1} for t in timings)
+    for name, plan in plans.items():
+        assert (got[name] == halp.reference(modules, plan, torch.from_numpy(x)).numpy()).all(), name
+    assert (again == got["host"]).all()
+    assert len(timings) == len(plans["workers"].groups)
+    assert all(set(t["worker_seconds"]) == {0, 1} for t in timings)
+
+
+def test_a_worker_sends_back_only_the_rows_other_pieces_read():
+    from accelc.runtime.receptive_field import Segment
+
+    def group(*pieces):
+        return halp.Group(0, 1, 8, tuple(Segment(*p) for p in pieces))
+
+    plan = halp.Plan(
+        2,
+        1,
+        (
+            group((0, 0, 4, 0, 3), (1, 3, 7, 4, 7)),  # halo: slabs overlap, output rows split at 4
+            group((0, 0, 4, 0, 3), (None, 2, 5, 3, 4), (1, 4, 7, 5, 7)),  # HALP: a host zone in the middle
+        ),
+        2,
+    )
+    first, second = plan.groups
+    assert halp.rows_wanted_elsewhere(plan, 0, first.pieces[0]) == [(2, 3)]  # the host's zone reads rows 2-5
+    assert halp.rows_wanted_elsewhere(plan, 0, first.pieces[1]) == [(4, 5)]  # worker 0 reads 4, the host 4-5
+    assert halp.kept_rows(plan, 1, second.pieces[0]) == (0, 3)  # rows 0-3 stay on worker 0, row 4 travels
+    assert halp.kept_rows(plan, 1, second.pieces[1]) is None  # the host keeps nothing
+    assert halp.rows_wanted_elsewhere(plan, 1, second.pieces[2]) == [(5, 7)]  # the last group: everything
 
 
 def test_accelc_run_classifies_through_the_plan(halp_artifact, tmp_path, cli):
