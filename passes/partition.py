@@ -159,45 +159,26 @@ def piece_seconds(config, costs, link, group: halp.Group, piece: Segment, batch:
 
 
 def split(config, costs, link, first: int, end: int, workers: int, batch: int) -> halp.Group | None:
-    """The group's cuts for `workers` that minimise its slowest worker's time; None if the stack's
-    receptive field leaves no slab for some worker."""
+    """HALP's cuts of the group's input rows for `workers`, the host computing the overlap zones,
+    that minimise the slowest worker's time; None if the stack's receptive field leaves no slab for
+    some worker."""
     rows = costs[first]["in"][1]
     stack = _stack(config, first, end)
 
-    def pieces_for(cuts):
+    def group_for(cuts):
         plan = segments(stack, rows, cuts)
         return None if plan is None else halp.Group(first, end, rows, tuple(plan))
 
-    def worker_time(group):
-        return max(piece_seconds(config, costs, link, group, p, batch) for p in group.pieces if p.worker is not None)
-
-    if workers == 1:
-        return pieces_for([])
-    if workers == 2:  # exhaustive: every cut
-        options = [g for g in (pieces_for([u]) for u in range(1, rows)) if g is not None]
-        return min(options, key=worker_time) if options else None
     # the thinnest slab that determines an output row anywhere: one row's receptive field, plus
     # the strides' product (where that field starts relative to the slab)
     mid = sizes(stack, rows)[-1] // 2
     field_first, field_last = input_rows(stack, rows, mid, mid)[0]
     thinnest = field_last - field_first + 1 + math.prod(w.stride for w in stack if w)
-    lo, hi = 0.0, worker_time(pieces_for([])) * 2
-    best = None
-    for _ in range(24):  # bisection on the slowest worker's time; slabs grown greedily from the top
-        tau = (lo + hi) / 2
-        cuts, start = [], 0
-        for j in range(workers - 1):
-            u, last = start + 1, rows - (workers - 1 - j) * thinnest  # leave each later worker a slab
-            while u < last and _slab_time(config, costs, link, first, end, rows, stack, start, u, batch) <= tau:
-                u += 1
-            cuts.append(u)
-            start = u
-        group = pieces_for(cuts) if all(a < b for a, b in itertools.pairwise([0, *cuts, rows])) else None
-        if group is not None and worker_time(group) <= tau:
-            best, hi = group, tau
-        else:
-            lo = tau
-    return best
+
+    def slab_time(start: int, stop: int) -> float:
+        return _slab_time(config, costs, link, first, end, rows, stack, start, stop, batch)
+
+    return _balanced(rows, workers, group_for, _slowest(config, costs, link, batch), slab_time, thinnest)
 
 
 def split_halo(config, costs, link, first: int, end: int, workers: int, batch: int) -> halp.Group | None:
@@ -213,30 +194,44 @@ def split_halo(config, costs, link, first: int, end: int, workers: int, batch: i
         pieces = halo_segments(stack, rows, cuts)
         return None if pieces is None else halp.Group(first, end, rows, tuple(pieces))
 
-    def worker_time(group):
-        return max(piece_seconds(config, costs, link, group, p, batch) for p in group.pieces)
-
     def rows_time(a: int, b: int) -> float:  # one worker on output rows [a, b]
         (lo, hi) = input_rows(stack, rows, a, b)[0]
         group = halp.Group(first, end, rows, (Segment(0, lo, hi, a, b),))
         return piece_seconds(config, costs, link, group, group.pieces[0], batch)
 
+    return _balanced(out_rows, workers, group_for, _slowest(config, costs, link, batch), rows_time, 1)
+
+
+def _slowest(config, costs, link, batch):
+    """A group's slowest worker's time, by the latency model."""
+
+    def slowest(group: halp.Group) -> float:
+        return max(piece_seconds(config, costs, link, group, p, batch) for p in group.pieces if p.worker is not None)
+
+    return slowest
+
+
+def _balanced(n: int, workers: int, group_for, slowest, grow_time, reserve: int) -> halp.Group | None:
+    """The cuts of n rows among `workers` that minimise the slowest worker's time: every cut for 2
+    workers; for more, bisection on that time with each worker's rows grown greedily from the top
+    (`grow_time(start, stop)`: a worker's seconds on rows [start, stop]), leaving `reserve` rows to
+    each later worker. `group_for(cuts)` builds the group, None where a cut leaves a worker nothing."""
     if workers == 1:
         return group_for([])
     if workers == 2:  # exhaustive: every cut
-        options = [g for g in (group_for([u]) for u in range(1, out_rows)) if g is not None]
-        return min(options, key=worker_time) if options else None
-    lo, hi, best = 0.0, rows_time(0, out_rows - 1) * 2, None
-    for _ in range(24):  # bisection on the slowest worker's time; each worker's rows grown greedily
+        options = [g for g in (group_for([u]) for u in range(1, n)) if g is not None]
+        return min(options, key=slowest) if options else None
+    lo, hi, best = 0.0, slowest(group_for([])) * 2, None
+    for _ in range(24):
         tau, cuts, start = (lo + hi) / 2, [], 0
         for j in range(workers - 1):
-            u = start + 1
-            while u < out_rows - (workers - 1 - j) and rows_time(start, u) <= tau:
+            u, last = start + 1, n - (workers - 1 - j) * reserve
+            while u < last and grow_time(start, u) <= tau:
                 u += 1
             cuts.append(u)
             start = u
-        group = group_for(cuts) if all(a < b for a, b in itertools.pairwise([0, *cuts, out_rows])) else None
-        if group is not None and worker_time(group) <= tau:
+        group = group_for(cuts) if all(a < b for a, b in itertools.pairwise([0, *cuts, n])) else None
+        if group is not None and slowest(group) <= tau:
             best, hi = group, tau
         else:
             lo = tau
