@@ -109,6 +109,14 @@ def main() -> int:
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--population", type=int, default=24)
+    p.add_argument(
+        "--search-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an arch_search parameter for the search's mask only (e.g. fitness_windows=16)",
+    )
+    p.add_argument("--no-flap", dest="flap", action="store_false", help="skip FLAP's mask (the search's only)")
     p.add_argument("--damp", type=float, default=0.2, help="the default ridge (reform pass's damp)")
     p.add_argument("--windows", type=int, default=32, help="the default calibration windows of reformation")
     p.add_argument("--damps", type=float, nargs="*", default=[0.05, 1.0, 5.0])
@@ -142,16 +150,12 @@ def main() -> int:
     started = time.perf_counter()
     cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="accelc-generalise-")) / "cache"
     ratio = common.override("passes.1.budget.remove_ratio", args.ratio)
-    masks = {
-        "search": mask_bundle(
-            "prune_search", [ratio, *(common.override(f"passes.1.{k}", v) for k, v in search.items()), *args.set], cache
-        ),
-        "flap": mask_bundle(
-            "prune_baseline",
-            [ratio, "passes.1.type=flap", common.override("passes.1.bias_compensation", False), *args.set],
-            cache,
-        ),
-    }
+    search_overrides = [*(common.override(f"passes.1.{k}", v) for k, v in search.items())]
+    search_overrides += [f"passes.1.{assignment}" for assignment in args.search_set]
+    masks = {"search": mask_bundle("prune_search", [ratio, *search_overrides, *args.set], cache)}
+    if args.flap:
+        flap = [ratio, "passes.1.type=flap", common.override("passes.1.bias_compensation", False), *args.set]
+        masks["flap"] = mask_bundle("prune_baseline", flap, cache)
     recipe, first = masks["search"]
     calibration, texts = recipe.data.calibration, args.eval_texts
     check_held_out(calibration, texts)
@@ -214,6 +218,7 @@ def main() -> int:
         overrides=args.set,
         ratio=args.ratio,
         search=search,
+        search_set=args.search_set,
         calibration=calibration_record(tokenizer, calibration, args.windows),
         held_out=texts,
         eval_windows=args.eval_windows,
