@@ -240,7 +240,7 @@ class ArchSearch(registry.Pass):
     """Evolutionary search for a subnet under a budget; fitness = perplexity after one-shot reformation."""
 
     name = "arch_search"
-    version = 2  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
+    version = 3  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
     reads = ("data.calibration", "data.evaluation")
     consumes = (STATS,)
     produces = (SUBNET,)

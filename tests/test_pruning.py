@@ -376,8 +376,11 @@ def test_calibration_windows_adjacent_and_spread():
     tok = byte_tokenizer()
     adjacent = text_windows(tok, text, window=100, max_windows=3, skip=2)
     assert [list(w) for w in adjacent] == [tok.encode(text[a : a + 100]) for a in (200, 300, 400)]
+    # the rest is 8 windows (200..900): the middles of 3 equal parts are windows 1, 4 and 6 of it
     spread = text_windows(tok, text, window=100, max_windows=3, skip=2, spread=True)
-    assert len(spread) == 3 and list(spread[-1]) == list(tok.encode(text[900:1000]))
+    assert [list(w) for w in spread] == [tok.encode(text[a : a + 100]) for a in (300, 600, 800)]
+    middle = text_windows(tok, text, window=100, max_windows=1, skip=2, spread=True)
+    assert [list(w) for w in middle] == [tok.encode(text[600:700])]
     with pytest.raises(UsageError, match="none left after skipping"):
         text_windows(tok, text, window=100, max_windows=3, skip=10)
 
