@@ -343,8 +343,8 @@ def text_windows(
     `max_windows` equal parts of the rest of the text (a search's fitness slice: measured on
     SmolLM2, 4 spread windows select subnets that generalise better than 2 adjacent ones). Middles,
     not end points: one window per source would otherwise be the one right after the skipped
-    ones (the statistics' own passage), and two would be a text's first and last (for a Project
-    Gutenberg text, its license).
+    ones (the statistics' own passage), and two would be a text's first and last (its
+    front matter and its closing lines).
     UsageError (from token_windows) when the text is shorter than one window.
     """
     ids = tokenizer.encode(text, add_special_tokens=False)
