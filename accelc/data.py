@@ -339,9 +339,12 @@ def text_windows(
 ) -> list[np.ndarray]:
     """Disjoint windows of `window` tokens of one text (no special tokens added), after `skip` windows.
 
-    spread=False: the next `max_windows` windows; spread=True: `max_windows` windows evenly
-    spaced over the rest of the text (a search's fitness slice: measured on SmolLM2, 4 spread
-    windows select subnets that generalise better than 2 adjacent ones).
+    spread=False: the next `max_windows` windows; spread=True: the middle window of each of
+    `max_windows` equal parts of the rest of the text (a search's fitness slice: measured on
+    SmolLM2, 4 spread windows select subnets that generalise better than 2 adjacent ones). Middles,
+    not end points: one window per source would otherwise be the one right after the skipped
+    ones (the statistics' own passage), and two would be a text's first and last (its
+    front matter and its closing lines).
     UsageError (from token_windows) when the text is shorter than one window.
     """
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -354,7 +357,8 @@ def text_windows(
             f"none left after skipping {skip}"
         )
     if spread and max_windows is not None:
-        return [rest[int(i)] for i in np.unique(np.linspace(0, len(rest) - 1, max_windows).round())]
+        middles = (np.arange(max_windows) + 0.5) * len(rest) / max_windows
+        return [rest[int(i)] for i in np.unique(middles.astype(np.int64))]
     return rest
 
 

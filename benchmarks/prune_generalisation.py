@@ -8,7 +8,9 @@ arch_search, `--generations` x `--population`) and FLAP's (importance -> flap, n
 compensation). For each mask it scores the subnet sliced only, and reformed
 (compiler/pruning/reform.py, as the reform pass runs it) at the default settings (closed form,
 `--damp`, `--windows` windows) and, for the search's mask, one setting changed at a time:
-`--damps`, `--window-counts` and ADMM. Every row has
+`--damps`, `--window-counts`, `--targets` (the dense model's outputs as the target),
+`--layer-damps` (each consumer's ridge chosen on held-out calibration windows) and ADMM; the
+search's own parameters (its fitness windows, say) with `--search-set`. Every row has
 
     ppl_by_text / ratio_by_text / worst_ratio   perplexity on each held-out text (`--eval-texts`,
                                                 none calibrated on) and its ratio to the dense model's
@@ -61,10 +63,13 @@ def window_ppl(model, windows) -> float:
 
 def settings(args) -> list[dict]:
     """The reformation settings: the default, then one axis changed at a time."""
-    base = {"method": "closed_form", "damp": args.damp, "windows": args.windows}
+    base = {"method": "closed_form", "damp": args.damp, "windows": args.windows, "target": args.target, "damps": []}
     out = [base]
     out += [{**base, "damp": d} for d in args.damps if d != args.damp]
     out += [{**base, "windows": w} for w in args.window_counts if w != args.windows]
+    out += [{**base, "target": t} for t in args.targets if t != args.target]
+    if args.layer_damps:
+        out.append({**base, "damps": list(args.layer_damps)})
     if args.admm:
         out.append({**base, "method": "admm"})
     return out
@@ -109,11 +114,28 @@ def main() -> int:
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--population", type=int, default=24)
+    p.add_argument(
+        "--search-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an arch_search parameter for the search's mask only (e.g. fitness_windows=16)",
+    )
+    p.add_argument("--no-flap", dest="flap", action="store_false", help="skip FLAP's mask (the search's only)")
     p.add_argument("--damp", type=float, default=0.2, help="the default ridge (reform pass's damp)")
     p.add_argument("--windows", type=int, default=32, help="the default calibration windows of reformation")
     p.add_argument("--damps", type=float, nargs="*", default=[0.05, 1.0, 5.0])
     p.add_argument("--window-counts", type=int, nargs="*", default=[16, 64])
     p.add_argument("--no-admm", dest="admm", action="store_false", help="skip the ADMM row")
+    p.add_argument("--target", choices=("pruned", "dense"), default="pruned", help="the default reformation target")
+    p.add_argument("--targets", nargs="*", default=["dense"], choices=("pruned", "dense"), help="targets swept")
+    p.add_argument(
+        "--layer-damps",
+        type=float,
+        nargs="*",
+        default=[0.05, 0.2, 1.0, 5.0],
+        help="a row whose consumers each choose their ridge among these on held-out calibration windows",
+    )
     p.add_argument("--fit-windows", type=int, default=4, help="calibration windows scored in-sample")
     p.add_argument("--eval-texts", nargs="+", default=list(EVAL_TEXTS))
     p.add_argument("--eval-windows", type=int, default=8)
@@ -142,16 +164,12 @@ def main() -> int:
     started = time.perf_counter()
     cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="accelc-generalise-")) / "cache"
     ratio = common.override("passes.1.budget.remove_ratio", args.ratio)
-    masks = {
-        "search": mask_bundle(
-            "prune_search", [ratio, *(common.override(f"passes.1.{k}", v) for k, v in search.items()), *args.set], cache
-        ),
-        "flap": mask_bundle(
-            "prune_baseline",
-            [ratio, "passes.1.type=flap", common.override("passes.1.bias_compensation", False), *args.set],
-            cache,
-        ),
-    }
+    search_overrides = [*(common.override(f"passes.1.{k}", v) for k, v in search.items())]
+    search_overrides += [f"passes.1.{assignment}" for assignment in args.search_set]
+    masks = {"search": mask_bundle("prune_search", [ratio, *search_overrides, *args.set], cache)}
+    if args.flap:
+        flap = [ratio, "passes.1.type=flap", common.override("passes.1.bias_compensation", False), *args.set]
+        masks["flap"] = mask_bundle("prune_baseline", flap, cache)
     recipe, first = masks["search"]
     calibration, texts = recipe.data.calibration, args.eval_texts
     check_held_out(calibration, texts)
@@ -177,7 +195,7 @@ def main() -> int:
             "ratio": args.ratio,
             "mask": mask,
             "reform": "none" if how is None else "reformed",
-            **(how or {"method": None, "damp": None, "windows": None}),
+            **(how or {"method": None, "damp": None, "windows": None, "target": None, "damps": []}),
             **score(small),
         }
         row["ratio_by_text"] = {t: row["ppl_by_text"][t] / dense["ppl_by_text"][t] for t in texts}
@@ -203,7 +221,14 @@ def main() -> int:
         if how is not None:
             wins = calibration_windows(tokenizer, calibration, window=args.window, max_windows=how["windows"])
             overrides = reform.reform(
-                model, subnets[mask], wins, method=how["method"], damp=how["damp"], show_progress=False
+                model,
+                subnets[mask],
+                wins,
+                method=how["method"],
+                damp=how["damp"],
+                target=how["target"],
+                damps=how["damps"],
+                show_progress=False,
             ).overrides
         add(mask, subnets[mask], how, overrides, time.perf_counter() - t0)
         with partial.open("a") as out:
@@ -214,6 +239,7 @@ def main() -> int:
         overrides=args.set,
         ratio=args.ratio,
         search=search,
+        search_set=args.search_set,
         calibration=calibration_record(tokenizer, calibration, args.windows),
         held_out=texts,
         eval_windows=args.eval_windows,
@@ -229,11 +255,12 @@ def main() -> int:
     )
     rows_path, _ = common.write_results(args.json, rows, record)
     plot(rows, log["history"], Path(args.plot) if args.plot else rows_path.with_suffix(".png"))
-    print(f"{'mask':<7} {'reform':<12} {'damp':>5} {'win':>4} {'worst x':>8} {'fit x':>7}  per text")
+    print(f"{'mask':<7} {'reform':<12} {'damp':>9} {'win':>4} {'target':>6} {'worst x':>8} {'fit x':>7}  per text")
     for r in rows:
         per = " ".join(f"{x:.3f}" for x in r["ratio_by_text"].values())
         print(
-            f"{r['mask']:<7} {r['method'] or 'none':<12} {r['damp'] or '':>5} {r['windows'] or '':>4} "
+            f"{r['mask']:<7} {r['method'] or 'none':<12} {'per layer' if r['damps'] else r['damp'] or '':>9} "
+            f"{r['windows'] or '':>4} {r['target'] or '':>6} "
             f"{r['worst_ratio']:>8.3f} {r['fit_ratio']:>7.3f}  {per}"
         )
     print("search curve (generation: best fitness, held-out):")

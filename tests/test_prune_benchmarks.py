@@ -14,13 +14,24 @@ from accelc.compiler.pruning import masks
 def test_the_sweep_changes_one_setting_at_a_time():
     from benchmarks.prune_generalisation import settings
 
-    args = argparse.Namespace(damp=0.2, windows=32, damps=[0.05, 0.2, 1.0], window_counts=[16, 32], admm=True)
-    base = {"method": "closed_form", "damp": 0.2, "windows": 32}
+    args = argparse.Namespace(
+        damp=0.2,
+        windows=32,
+        damps=[0.05, 0.2, 1.0],
+        window_counts=[16, 32],
+        admm=True,
+        target="pruned",
+        targets=["pruned", "dense"],
+        layer_damps=[0.1, 1.0],
+    )
+    base = {"method": "closed_form", "damp": 0.2, "windows": 32, "target": "pruned", "damps": []}
     assert settings(args) == [
         base,
         {**base, "damp": 0.05},
         {**base, "damp": 1.0},
         {**base, "windows": 16},
+        {**base, "target": "dense"},
+        {**base, "damps": [0.1, 1.0]},
         {**base, "method": "admm"},
     ]
 

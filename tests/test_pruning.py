@@ -169,6 +169,48 @@ def test_admm_agrees_with_closed_form_on_column_masks():
     assert reform.reconstruction_error(W, out, H) <= reform.reconstruction_error(W, W * mask, H)
 
 
+def test_closed_form_toward_other_targets_is_their_least_squares():
+    """With the dense model's inputs T as the target, the closed form is the ridge least squares
+    of W T ~ W' X_S (checked against an explicit augmented lstsq), and with T = X it is the usual
+    formula."""
+    gen = torch.Generator().manual_seed(1)
+    m, n, N, k = 12, 32, 300, 20
+    X = torch.randn(n, N, generator=gen, dtype=torch.float64)
+    T = X + 0.3 * torch.randn(n, N, generator=gen, dtype=torch.float64)  # the dense stream, drifted
+    W = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    keep = torch.arange(0, n, 3)[:k]
+    H = X @ X.T
+    assert torch.allclose(reform.solve_closed_form(W, H, keep, 0.1, cross=H), reform.solve_closed_form(W, H, keep, 0.1))
+    got = reform.solve_closed_form(W, H, keep, 0.1, cross=T @ X.T)
+    lam = 0.1 * float(H.diagonal().mean())
+    A = torch.cat([X[keep].T, lam**0.5 * torch.eye(len(keep), dtype=X.dtype)])  # [N + k, k]
+    B = torch.cat([(W @ T).T, lam**0.5 * W[:, keep].T])  # [N + k, m]
+    torch.testing.assert_close(got, torch.linalg.lstsq(A, B).solution.T)
+
+
+def test_reformation_toward_the_dense_outputs_and_per_layer_ridge(tiny):
+    """target="dense": layer 0 sees the dense stream, so its o_proj is the usual solve; later
+    consumers differ, and reformation still never does worse than masking on its own target.
+    damps: each consumer reports a ridge among those given; one given ridge is plain `damp`."""
+    _, model = tiny
+    space = masks.SearchSpace(masks.Geometry.from_model(model))
+    sub = random_subnet(space, np.random.default_rng(7), widths=[128, 96])
+    cal = windows(8, 48, seed=8)
+    usual = reform.reform(model, sub, cal, show_progress=False)
+    dense = reform.reform(model, sub, cal, target="dense", show_progress=False)
+    torch.testing.assert_close(dense.overrides[(0, "o_proj")][0], usual.overrides[(0, "o_proj")][0])
+    assert not torch.allclose(dense.overrides[(1, "down_proj")][0], usual.overrides[(1, "down_proj")][0])
+    assert all(r["err_reformed"] <= r["err_masked"] * (1 + 1e-9) for r in dense.report)
+    chosen = reform.reform(model, sub, cal, damps=(0.01, 0.2, 5.0), show_progress=False)
+    assert {r["damp"] for r in chosen.report} <= {0.01, 0.2, 5.0}
+    one = reform.reform(model, sub, cal, damps=(0.05,), show_progress=False)
+    plain = reform.reform(model, sub, cal, damp=0.05, show_progress=False)
+    for key, (weight, _) in plain.overrides.items():
+        torch.testing.assert_close(one.overrides[key][0], weight)
+    with pytest.raises(UsageError, match="closed_form"):
+        reform.reform(model, sub, cal, method="admm", target="dense", show_progress=False)
+
+
 # --------------------------------------------------------------------------- search
 
 
@@ -334,8 +376,11 @@ def test_calibration_windows_adjacent_and_spread():
     tok = byte_tokenizer()
     adjacent = text_windows(tok, text, window=100, max_windows=3, skip=2)
     assert [list(w) for w in adjacent] == [tok.encode(text[a : a + 100]) for a in (200, 300, 400)]
+    # the rest is 8 windows (200..900): the middles of 3 equal parts are windows 1, 4 and 6 of it
     spread = text_windows(tok, text, window=100, max_windows=3, skip=2, spread=True)
-    assert len(spread) == 3 and list(spread[-1]) == list(tok.encode(text[900:1000]))
+    assert [list(w) for w in spread] == [tok.encode(text[a : a + 100]) for a in (300, 600, 800)]
+    middle = text_windows(tok, text, window=100, max_windows=1, skip=2, spread=True)
+    assert [list(w) for w in middle] == [tok.encode(text[600:700])]
     with pytest.raises(UsageError, match="none left after skipping"):
         text_windows(tok, text, window=100, max_windows=3, skip=10)
 

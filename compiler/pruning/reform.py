@@ -25,7 +25,10 @@ q/k/v and gate/up lose output rows only; their optimum is the original kept rows
 reformation there is a no-op (it matters for the consumers).
 
 Order: layer by layer, SparseGPT-style. Layer i's inputs come from the already pruned and reformed
-layers 0..i-1; inside the layer the MLP's inputs come from the pruned, reformed attention.
+layers 0..i-1; inside the layer the MLP's inputs come from the pruned, reformed attention. The
+target is the unpruned consumer on those inputs (`target="pruned"`), or the dense model's own
+consumer output (`target="dense"`: min ||W T - W' X||, T the dense model's inputs, so a layer also
+corrects the error of the layers before it; W'_S = (W T X_S^T + lam W_S)(X_S X_S^T + lam I)^-1).
 """
 
 from __future__ import annotations
@@ -60,10 +63,12 @@ def _damping(H, damp: float) -> float:
     return float(damp) * float(H.diagonal().mean())
 
 
-def solve_closed_form(W, H, keep, damp: float = DEFAULT_DAMP):
+def solve_closed_form(W, H, keep, damp: float = DEFAULT_DAMP, cross=None):
     """W [m, n], H [n, n] (float64 tensors), keep: kept column indices (LongTensor [k]).
 
-    Returns W'_S [m, k]: the reformed kept columns.
+    `cross` [n, n] = T X^T, when the target is the dense model's inputs T rather than the pruned
+    model's X (H = X X^T); then W'_S = (W C[:, S] + lam W_S) (H_SS + lam I)^-1, which is the formula
+    above when T = X. Returns W'_S [m, k]: the reformed kept columns.
     """
     import torch
 
@@ -72,11 +77,15 @@ def solve_closed_form(W, H, keep, damp: float = DEFAULT_DAMP):
     drop = torch.ones(n, dtype=torch.bool)
     drop[keep] = False
     drop = drop.nonzero().flatten()
-    if drop.numel() == 0:
+    if drop.numel() == 0 and cross is None:
         return W.clone()
     lam = _damping(H, damp)
     Hss = H[keep][:, keep] + lam * torch.eye(len(keep), dtype=H.dtype)
     L = _cholesky(Hss)
+    if cross is not None:
+        # X [k, m] solves (H_SS + lam I) X = (W C[:, S] + lam W_S)^T
+        rhs = W @ cross.double()[:, keep] + lam * W[:, keep]
+        return torch.cholesky_solve(rhs.T, L).T
     # X [k, m] solves (H_SS + lam I) X = H[S, Sbar] W_Sbar^T
     X = torch.cholesky_solve(H[keep][:, drop] @ W[:, drop].T, L)
     return W[:, keep] + X.T
@@ -248,6 +257,9 @@ def _gram(xs, n):
     return H
 
 
+TARGETS = ("pruned", "dense")
+
+
 def reform(
     model,
     subnet: Subnet,
@@ -258,24 +270,39 @@ def reform(
     rho: float = DEFAULT_RHO,
     iters: int = DEFAULT_ITERS,
     modules=("o_proj", "down_proj"),
+    target: str = "pruned",
+    damps=(),
     show_progress: bool = True,
 ) -> Reformation:
     """Sequential reformation of the dense `model` for `subnet` on calibration `windows`.
 
-    `modules` chooses which consumers are reformed (the others are only sliced). Returns the
-    overrides for materialize.shrink and a report of calibration reconstruction errors per module.
+    `modules` chooses which consumers are reformed (the others are only sliced). `target`: what a
+    consumer's reformed output should match: "pruned", the unpruned consumer on the pruned model's
+    inputs (each layer repairs its own pruning), or "dense", the dense model's own output there
+    (each layer also corrects the error the pruned layers before it passed on; closed form only).
+    `damps`: when given, each consumer picks its ridge among them by the reconstruction error on
+    the last quarter of `windows` fitted on the rest, then is solved on all windows (`damp` unused).
+    Returns the overrides for materialize.shrink and a report of calibration reconstruction errors
+    per module.
     """
     import torch
 
     from accelc.compiler.pruning.materialize import _index_sets
+    from accelc.errors import UsageError
 
     if method not in METHODS:
-        from accelc.errors import UsageError
-
         raise UsageError(f"unknown reformation method '{method}': choose one of {', '.join(METHODS)}")
+    if target not in TARGETS:
+        raise UsageError(f"unknown reformation target '{target}': choose one of {', '.join(TARGETS)}")
+    if (target == "dense" or damps) and method != "closed_form":
+        raise UsageError("reformation toward the dense outputs, or a ridge chosen per layer, needs method closed_form")
+    if damps and len(windows) < 2:
+        raise UsageError("choosing the ridge per layer holds out a quarter of the windows: give at least 2")
     geo = Geometry.from_model(model)
     result = Reformation()
     states = layer_inputs(model, windows)
+    dense = [h for h, _ in states] if target == "dense" else None  # the dense model's stream, kept beside
+    solver = _Solver(method, damp, rho, iters, tuple(damps), held=max(1, len(windows) // 4) if damps else 0)
     layers = progress.bar(
         list(enumerate(zip(model.model.layers, subnet.layers))),
         desc="reformation",
@@ -285,22 +312,34 @@ def reform(
     with torch.inference_mode():
         for i, (layer, mask) in layers:
             q_rows, _, ch, _ = _index_sets(geo, mask.heads, mask.channels)
-            new_states = []
+            kws = [kw for _, kw in states]
             # attention: the dense attention's o_proj inputs (every head) on the pruned stream
             a = layer.self_attn
-            xo = _inputs_of(a.o_proj, lambda: [a(hidden_states=layer.input_layernorm(h), **kw) for h, kw in states])
-            Wo = _consumer(result, i, "o_proj", a.o_proj, xo, q_rows, "o_proj" in modules, method, damp, rho, iters)
+
+            def attend(hs, a=a, layer=layer, kws=kws):
+                return _inputs_of(
+                    a.o_proj, lambda: [a(hidden_states=layer.input_layernorm(h), **kw) for h, kw in zip(hs, kws)]
+                )
+
+            xo = attend([h for h, _ in states])
+            to = None if dense is None else attend(dense)
+            Wo = solver.consumer(result, i, "o_proj", a.o_proj, xo, to, q_rows, "o_proj" in modules)
             mids = [h + _apply(x, q_rows, Wo, a.o_proj.bias) for (h, _), x in zip(states, xo)]
-            del xo
+            if dense is not None:
+                dense = [h + a.o_proj(t) for h, t in zip(dense, to)]
+            del xo, to
             # MLP: the dense down_proj inputs (every channel) after the pruned attention
             m = layer.mlp
-            xd = _inputs_of(m.down_proj, lambda: [m(layer.post_attention_layernorm(h)) for h in mids])
-            Wd = _consumer(
-                result, i, "down_proj", m.down_proj, xd, ch, "down_proj" in modules, method, damp, rho, iters
-            )
-            for (_h, kw), mid, x in zip(states, mids, xd):
-                new_states.append((mid + _apply(x, ch, Wd, m.down_proj.bias), kw))
-            states = new_states
+
+            def feed(hs, m=m, layer=layer):
+                return _inputs_of(m.down_proj, lambda: [m(layer.post_attention_layernorm(h)) for h in hs])
+
+            xd = feed(mids)
+            td = None if dense is None else feed(dense)
+            Wd = solver.consumer(result, i, "down_proj", m.down_proj, xd, td, ch, "down_proj" in modules)
+            states = [(mid + _apply(x, ch, Wd, m.down_proj.bias), kw) for mid, x, kw in zip(mids, xd, kws)]
+            if dense is not None:
+                dense = [h + m.down_proj(t) for h, t in zip(dense, td)]
     return result
 
 
@@ -309,36 +348,87 @@ def _apply(x, keep, W_kept, bias):
     return out if bias is None else out + bias
 
 
-def _consumer(result, i, name, linear, xs, keep, enabled, method, damp, rho, iters):
-    """Solve one consumer; record its override and errors; return the kept weight [m, k]."""
-    W = linear.weight.detach().double()
-    n = W.shape[1]
+def _cross(targets, xs, n):
+    """T X^T summed over tokens: [n, n], targets' channels by inputs' channels."""
+    import torch
+
+    C = torch.zeros(n, n, dtype=torch.float64)
+    for t, x in zip(targets, xs):
+        C += (t.reshape(-1, n).float().T @ x.reshape(-1, n).float()).double()
+    return C
+
+
+def _error(W, W_new, H, C, T) -> float:
+    """||W T - W' X||_F^2 from the Grams: tr(W T T^T W^T) - 2 tr(W C W'^T) + tr(W' H W'^T)."""
+    if C is H:  # targets = inputs: the exact form, without the cancellation of the expanded one
+        return reconstruction_error(W, W_new, H)
+    W, W_new = W.double(), W_new.double()
+    return float(((W @ T) * W).sum() - 2 * ((W @ C) * W_new).sum() + ((W_new @ H) * W_new).sum())
+
+
+@dataclass
+class _Solver:
+    """One consumer's reformation: statistics from its inputs (and targets), the solve, the report."""
+
+    method: str
+    damp: float
+    rho: float | None
+    iters: int
+    damps: tuple = ()
+    held: int = 0  # windows held out to choose the ridge (0: `damp` for every consumer)
+
+    def consumer(self, result, i, name, linear, xs, targets, keep, enabled):
+        """Solve one consumer; record its override and errors; return the kept weight [m, k]."""
+        W = linear.weight.detach().double()
+        n = W.shape[1]
+        grams = _grams(xs, targets, n)
+        masked_full = _scatter_cols(W[:, keep], keep, n)
+        err_masked = _error(W, masked_full, *grams)
+        damp = self.damp
+        if enabled and self.damps:
+            fit, held = (
+                _grams(xs[: -self.held], targets and targets[: -self.held], n),
+                _grams(xs[-self.held :], targets and targets[-self.held :], n),
+            )
+            damp = min(self.damps, key=lambda d: _error(W, _scatter_cols(self._solve(W, fit, keep, d), keep, n), *held))
+        if enabled:
+            W_new = self._solve(W, grams, keep, damp)
+            err_new = _error(W, _scatter_cols(W_new, keep, n), *grams)
+        else:
+            W_new, err_new = W[:, keep], err_masked
+        W_new = W_new.to(linear.weight.dtype)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        result.overrides[(i, name)] = (W_new, bias)
+        result.report.append(
+            {
+                "layer": i,
+                "module": name,
+                "kept": len(keep),
+                "of": n,
+                "err_masked": err_masked,
+                "err_reformed": err_new,
+                "target_energy": float(((W @ grams[2]) * W).sum()),
+                "tokens": sum(x.reshape(-1, n).shape[0] for x in xs),
+                "reformed": bool(enabled),
+                "damp": damp,
+            }
+        )
+        return W_new
+
+    def _solve(self, W, grams, keep, damp):
+        H, C, _ = grams
+        if C is H:
+            return solve(W, H, keep, method=self.method, damp=damp, rho=self.rho, iters=self.iters)
+        return solve_closed_form(W, H, keep, damp, cross=C)
+
+
+def _grams(xs, targets, n):
+    """(H, C, T): the inputs' Gram, the targets-by-inputs cross Gram and the targets' Gram (all H
+    when the targets are the inputs themselves)."""
     H = _gram(xs, n)
-    masked_full = _scatter_cols(W[:, keep], keep, n)
-    err_masked = reconstruction_error(W, masked_full, H)
-    if enabled:
-        W_new = solve(W, H, keep, method=method, damp=damp, rho=rho, iters=iters)
-        err_new = reconstruction_error(W, _scatter_cols(W_new, keep, n), H)
-    else:
-        W_new, err_new = W[:, keep], err_masked
-    W_new = W_new.to(linear.weight.dtype)
-    bias = None if linear.bias is None else linear.bias.detach().clone()
-    result.overrides[(i, name)] = (W_new, bias)
-    target = float(((W @ H) * W).sum())
-    result.report.append(
-        {
-            "layer": i,
-            "module": name,
-            "kept": len(keep),
-            "of": n,
-            "err_masked": err_masked,
-            "err_reformed": err_new,
-            "target_energy": target,
-            "tokens": sum(x.reshape(-1, n).shape[0] for x in xs),
-            "reformed": bool(enabled),
-        }
-    )
-    return W_new
+    if targets is None:
+        return H, H, H
+    return H, _cross(targets, xs, n), _gram(targets, n)
 
 
 def oneshot(model, subnet: Subnet, grams: dict, *, damp: float = DEFAULT_DAMP, cache=None) -> dict:
