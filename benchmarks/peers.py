@@ -21,8 +21,8 @@ for fp32 and int4) and cached beside it. A peer that cannot be built or run is a
 
 Threads: every row gets `--threads` (default: the usable cores) and no spinning between calls where
 the runtime lets us say so: accelc's ORT sessions with spinning off (except the `accelc-ort-spin`
-row, which spins as ORT GenAI does, bounded to 20 us: ORT GenAI 0.18's config has no key for
-ORT's spinning, so its pool always spins), OMP_WAIT_POLICY=PASSIVE (unless exported) for OpenMP, which is what llama.cpp's graph threads are in llama-cpp-python's default build (left
+rows, which spin as ORT GenAI does, and `accelc-ort-spin20us`, bounded to 20 us: ORT GenAI 0.18's
+config has no key for ORT's spinning, so its pool always spins), OMP_WAIT_POLICY=PASSIVE (unless exported) for OpenMP, which is what llama.cpp's graph threads are in llama-cpp-python's default build (left
 to libgomp's default they spin after every token, which on shared cores slows whatever else runs
 and makes llama.cpp's own timings swing; `OMP_WAIT_POLICY=ACTIVE python -m benchmarks.peers`
 measures that).
@@ -66,7 +66,8 @@ class Row:
     source: str
     backend: str = ""
     plan: bool = False
-    spin_us: int | None = None  # the artifact's ORT threads spin this long before sleeping (off: None)
+    spin: bool = False  # the artifact's ORT threads spin between ops (as ORT GenAI's always do)
+    spin_us: int | None = None  # with spin: how long before they sleep (None: ORT's default)
 
     @property
     def name(self) -> str:
@@ -75,14 +76,15 @@ class Row:
     @property
     def recipe_sets(self) -> list[str]:
         """`--set` overrides of the row's recipe: the spin policy of its (first) target's sessions."""
-        if self.spin_us is None:
+        if not self.spin:
             return []
-        return ["targets.0.ort.allow_spinning=true", f"targets.0.ort.spin_duration_us={self.spin_us}"]
+        bound = [] if self.spin_us is None else [f"targets.0.ort.spin_duration_us={self.spin_us}"]
+        return ["targets.0.ort.allow_spinning=true", *bound]
 
     @property
     def artifact(self) -> Path:
-        name = Path(self.source).stem + ("" if self.spin_us is None else f"-spin{self.spin_us}us")
-        return common.REPO / "artifacts" / "bench" / "peers" / name
+        suffix = "" if not self.spin else "-spin" if self.spin_us is None else f"-spin{self.spin_us}us"
+        return common.REPO / "artifacts" / "bench" / "peers" / (Path(self.source).stem + suffix)
 
     @property
     def is_peer(self) -> bool:
@@ -99,10 +101,12 @@ ACCELC = (
     Row("accelc-tvm", "fp32", "recipes/bench/peers.yaml", "tvm"),
     Row("accelc-ort", "int4", "recipes/quickstart_int4.yaml", "ort"),
     # ORT GenAI's threads spin (its config cannot turn that off): the same int4 artifact with its
-    # threads spinning too, bounded to 20 us so a shared machine loses little (docs/peers.md)
-    Row("accelc-ort-spin", "int4", "recipes/quickstart_int4.yaml", "ort", spin_us=20),
+    # threads spinning too, as ORT GenAI's do (ORT's default) and bounded to 20 us, the setting
+    # that loses little on a shared machine (docs/peers.md)
+    Row("accelc-ort-spin", "int4", "recipes/quickstart_int4.yaml", "ort", spin=True),
+    Row("accelc-ort-spin20us", "int4", "recipes/quickstart_int4.yaml", "ort", spin=True, spin_us=20),
     Row("accelc-ort", "q4_1", "recipes/quickstart.yaml", "ort"),  # the GGUF's own blocks: exact weights
-    Row("accelc-ort-spin", "q4_1", "recipes/quickstart.yaml", "ort", spin_us=20),
+    Row("accelc-ort-spin20us", "q4_1", "recipes/quickstart.yaml", "ort", spin=True, spin_us=20),
 )
 # The peers, each on a model its own tools make from the shipped GGUF or accelc's HF folder.
 PEERS = (
@@ -301,8 +305,8 @@ def shape_row(row: Row, runs: list[dict], source: dict | None, threads: int) -> 
     """The JSON row of `row` from its workers' results: medians over every prompt of every round,
     perplexity from the run that scored windows, `exact` and `same_tokens` against the source's."""
     out = {"runtime": row.runtime, "precision": row.precision, "source": row.source, "threads": threads}
-    if row.spin_us is not None:
-        out["spin_us"] = row.spin_us
+    if row.spin:
+        out["spin_us"] = row.spin_us  # None: ORT's default spin
     if row.backend:
         out["backend"] = row.backend
     ttft = [x for r in runs for x in r["ttft_ms"]]

@@ -180,30 +180,33 @@ def main() -> int:
                     for layer in subnet.layers
                 )
             )
-    work = Path(tempfile.mkdtemp(prefix="accelc-prune-speed-"))
-    graphs, rows = {}, []
-    for name, subnet in shapes.items():
-        with progress.step(f"materialise and export {name}"):
-            small = materialize.shrink(model, subnet)
-            directory = materialize.save(small, work / name / "model", source_dir=dense_dir, subnet=subnet)
-            graphs[name], meta = export_checkpoint(
-                load_model(directory), directory, work / name / "onnx", None, "fused"
+    # the graphs (hundreds of MB each) live until they are timed, then go: left behind, a few runs
+    # filled the disk
+    with tempfile.TemporaryDirectory(prefix="accelc-prune-speed-") as tmp:
+        work = Path(tmp)
+        graphs, rows = {}, []
+        for name, subnet in shapes.items():
+            with progress.step(f"materialise and export {name}"):
+                small = materialize.shrink(model, subnet)
+                directory = materialize.save(small, work / name / "model", source_dir=dense_dir, subnet=subnet)
+                graphs[name], meta = export_checkpoint(
+                    load_model(directory), directory, work / name / "onnx", None, "fused"
+                )
+            shape = space.shape(subnet)
+            attn = sum(geo.layer_params(q, kv, 0) for q, kv, _ in shape)
+            rows.append(
+                {
+                    "shape": name,
+                    "heads": [q for q, _, _ in shape],
+                    "mlp_widths": [w for _, _, w in shape],
+                    "params": space.count(shape).total,
+                    "attention_params": attn,
+                    "mlp_params": space.count(shape).prunable - attn,
+                    "graph": meta["graph"],
+                }
             )
-        shape = space.shape(subnet)
-        attn = sum(geo.layer_params(q, kv, 0) for q, kv, _ in shape)
-        rows.append(
-            {
-                "shape": name,
-                "heads": [q for q, _, _ in shape],
-                "mlp_widths": [w for _, _, w in shape],
-                "params": space.count(shape).total,
-                "attention_params": attn,
-                "mlp_params": space.count(shape).prunable - attn,
-                "graph": meta["graph"],
-            }
-        )
-    prompt = prompt_ids(tokenizer, PROMPT_TOKENS)
-    timing = interleaved(graphs, prompt, args.rounds) if args.rounds else time_graphs(graphs, prompt, args.repeats)
+        prompt = prompt_ids(tokenizer, PROMPT_TOKENS)
+        timing = interleaved(graphs, prompt, args.rounds) if args.rounds else time_graphs(graphs, prompt, args.repeats)
     for row in rows:
         row.update(timing[row["shape"]])
         row["ms_per_token"] = 1e3 / row["decode_tok_s"]

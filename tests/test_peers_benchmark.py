@@ -24,13 +24,14 @@ def test_only_selects_rows_by_runtime_or_precision_and_keeps_the_source_first():
 def test_the_spinning_row_compiles_the_same_recipe_with_bounded_spin_into_its_own_artifact():
     from accelc.compiler.recipe import load_recipe
 
-    spinning = [r for r in peers.ACCELC if r.spin_us is not None]
-    assert spinning
+    spinning = [r for r in peers.ACCELC if r.spin]
+    assert {r.spin_us for r in spinning} == {None, 20}  # ORT's default spin (ORT GenAI's) and the bound
     for spin in spinning:
-        (plain,) = [r for r in peers.ACCELC if r.source == spin.source and r.spin_us is None]
+        (plain,) = [r for r in peers.ACCELC if r.source == spin.source and not r.spin and r.runtime == "accelc-ort"]
         assert spin.artifact != plain.artifact and plain.recipe_sets == []
         ort = load_recipe(peers.common.REPO / spin.source, spin.recipe_sets).targets[0].ort
         assert ort.allow_spinning and ort.spin_duration_us == spin.spin_us
+    assert len({r.artifact for r in spinning}) == len(spinning)
 
 
 def test_only_refuses_an_unknown_row_naming_the_known_ones():

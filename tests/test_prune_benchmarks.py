@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 
 from accelc.compiler.pruning import masks
 
@@ -62,7 +63,11 @@ def test_speed_rounds_time_uniform_searched_and_rounded_shapes(tmp_path, monkeyp
     argv = ["prune_speed", "--set", "model.builtin=tiny-llama", "--mlp-widths", "128", "--heads", "2"]
     argv += ["--subnet", str(tmp_path / "subnet.json"), "--round-to", "64", "--rounds", "2", "--json", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     assert prune_speed.main() == 0
+    assert not list(scratch.iterdir())  # the exported graphs are gone once timed
     rows = {r["shape"]: r for r in json.loads(out.read_text())}
     assert list(rows) == ["dense", "mlp128", "heads2", "subnet0", "subnet0/64"]
     assert rows["subnet0"]["mlp_widths"] == [120, 120] and rows["subnet0/64"]["mlp_widths"] == [64, 64]
