@@ -1,8 +1,10 @@
-"""A GGUF file's 4-bit blocks (Q4_0, Q4_1), found by the weights they dequantise to.
+"""A GGUF file's block-quantised rows (Q4_0, Q4_1, Q8_0), found by the weights they dequantise to.
 
 Q4_1 stores each block of 32 consecutive input weights of a row as a scale d and a minimum m
 (fp16) and 32 codes q in 0..15: w = d*q + m. Q4_0 has no minimum: w = d*(q - 8), the same form
 with m = -8d (in float32 d*q and -8d are exact: d has an 11-bit significand, q four bits).
+Q8_0 is the 8-bit symmetric form: w = d*q with q in -128..127, kept here as u = q + 128 in
+0..255, w = d*(u - 128) (MatMulNBits' default zero point for 8 bits).
 
 The torch model of record holds these weights dequantised by gguf's own dequantiser (the one
 transformers calls), then rearranged: llama's q/k rows un-permuted for rotary, q|k|v or
@@ -23,36 +25,41 @@ import numpy as np
 
 from accelc.errors import UsageError, require
 
-BLOCK = 32  # weights per Q4_0/Q4_1 block
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}  # fp16 scale [+ fp16 minimum] + 16 bytes of codes
+BLOCK = 32  # weights per Q4_0/Q4_1/Q8_0 block
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # fp16 scale [+ fp16 minimum] + the codes
+FOUR_BIT = ("Q4_0", "Q4_1")
 
 
 @dataclass(frozen=True)
 class Blocks:
-    """Rows of 4-bit blocks: row r, block b holds weights scale[r, b] * codes[r, b] + minimum[r, b]."""
+    """Rows of blocks: row r, block b holds weights scale[r, b] * codes[r, b] + minimum[r, b]."""
 
     scale: np.ndarray  # [rows, blocks] float32
-    minimum: np.ndarray  # [rows, blocks] float32 (-8 * scale for Q4_0 rows)
-    codes: np.ndarray  # [rows, blocks, 32] uint8 in 0..15
-    symmetric: bool  # every row is Q4_0: the minimum is -8 * scale throughout
+    minimum: np.ndarray  # [rows, blocks] float32 (-2^(bits-1) * scale for symmetric rows)
+    codes: np.ndarray  # [rows, blocks, 32] uint8 in 0..2^bits - 1
+    symmetric: bool  # every row is Q4_0 or Q8_0: the minimum is -2^(bits-1) * scale throughout
+    bits: int = 4
 
     def dequantise(self) -> np.ndarray:
         """[rows, blocks * 32] float32, computed as gguf's dequantiser does (Q4_0's d*(q - 8) is
         -0.0 where d < 0 and q = 8, which d*q - 8d is not: the same value, other bits)."""
         codes = self.codes.astype(np.float32)
         if self.symmetric:
-            w = self.scale[..., None] * (codes - np.float32(8))
+            w = self.scale[..., None] * (codes - np.float32(2 ** (self.bits - 1)))
         else:
             w = self.scale[..., None] * codes + self.minimum[..., None]
         return w.reshape(self.codes.shape[0], -1)
 
 
 def _decode(raw: np.ndarray, kind: str) -> Blocks:
-    """Blocks of raw GGUF rows [rows, bytes] of one 4-bit type."""
+    """Blocks of raw GGUF rows [rows, bytes] of one block type."""
     rows = raw.shape[0]
     size = BLOCK_BYTES[kind]
     raw = np.asarray(raw).reshape(rows, -1, size)
     scale = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if kind == "Q8_0":
+        codes = (raw[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        return Blocks(scale, np.float32(-128) * scale, codes, symmetric=True, bits=8)
     packed = raw[..., size - 16 :]
     # the first 16 weights of a block are the low nibbles, the last 16 the high ones
     codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).astype(np.uint8)
@@ -68,7 +75,7 @@ def _digest(row: np.ndarray) -> bytes:
 
 
 class GGUFBlocks:
-    """Every Q4_0/Q4_1 row of a GGUF file, indexed by its dequantised values."""
+    """Every Q4_0/Q4_1/Q8_0 row of a GGUF file, indexed by its dequantised values."""
 
     def __init__(self, path: Path):
         gguf = require("gguf", "pip install gguf")
@@ -80,7 +87,7 @@ class GGUFBlocks:
         except Exception as exc:  # any parse failure means "not a GGUF file"
             raise UsageError(f"{self.path} is not a valid GGUF file ({exc})") from exc
         self.types: dict[str, str] = {}  # tensor name -> GGML type name, every tensor
-        self._raw: dict[str, tuple[np.ndarray, str]] = {}  # 4-bit tensors: raw rows and type
+        self._raw: dict[str, tuple[np.ndarray, str]] = {}  # block-quantised tensors: raw rows and type
         self._rows: dict[bytes, tuple[str, int]] = {}  # digest of a dequantised row -> (tensor, row)
         for tensor in reader.tensors:
             kind = tensor.tensor_type.name
@@ -91,7 +98,7 @@ class GGUFBlocks:
             values = dequantize(tensor.data, tensor.tensor_type)
             for r in range(values.shape[0]):
                 self._rows.setdefault(_digest(values[r]), (tensor.name, r))
-        if not self._raw:
+        if not self.four_bit_tensors:
             kinds = sorted(set(self.types.values()))
             raise UsageError(
                 f"{self.path}: no Q4_0 or Q4_1 tensors to carry over (its tensor types: {', '.join(kinds)}); "
@@ -100,11 +107,11 @@ class GGUFBlocks:
 
     @property
     def four_bit_tensors(self) -> list[str]:
-        return sorted(self._raw)
+        return sorted(name for name, (_, kind) in self._raw.items() if kind in FOUR_BIT)
 
     def find(self, rows: np.ndarray) -> Blocks | None:
         """The blocks of `rows` ([n, k] float32, one weight row per output), or None unless every
-        row is a 4-bit row of this file with exactly these values."""
+        row is a block-quantised row of this file with exactly these values, all of one bit width."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] % BLOCK:
             return None
@@ -115,6 +122,9 @@ class GGUFBlocks:
         minimum, codes, symmetric = np.empty_like(scale), np.empty((*scale.shape, BLOCK), np.uint8), True
         names = np.array([name for name, _ in where])
         indices = np.array([r for _, r in where])
+        widths = {8 if self._raw[name][1] == "Q8_0" else 4 for name in np.unique(names)}
+        if len(widths) > 1:
+            return None  # one MatMulNBits has one bit width
         for name in np.unique(names):
             raw, kind = self._raw[name]
             if raw.shape[1] // BLOCK_BYTES[kind] * BLOCK != rows.shape[1]:
@@ -123,7 +133,7 @@ class GGUFBlocks:
             part = _decode(raw[indices[mine]], kind)
             scale[mine], minimum[mine], codes[mine] = part.scale, part.minimum, part.codes
             symmetric &= part.symmetric
-        found = Blocks(scale, minimum, codes, symmetric)
+        found = Blocks(scale, minimum, codes, symmetric, bits=widths.pop())
         if not np.array_equal(found.dequantise().view(np.uint32), rows.view(np.uint32)):
             return None  # a digest collision
         return found

@@ -11,6 +11,7 @@ per configuration into artifacts/bench/gguf_weights/NAME (kept and reused when p
   q4            gguf_weights: the GGUF's own blocks, fp32 compute (accuracy_level 0)
   q4-int8       gguf_weights with int8 activations (accuracy_level 4)
   q4-float-zp   gguf_weights as one MatMulNBits with float zero points
+  q4[-int8]-q8  q4 / q4-int8 with the Q8_0 tied head as the file's 8-bit blocks (int8 activations)
   q4-spec-int8  q4 with the speculative plan, draft: the target's weights in int8 (block 128,
                 symmetric) with a head over the 8,192 most frequent tokens (recipes/bench/speculative.yaml's)
   q4-spec-gguf  q4 with the speculative plan, draft: the GGUF's blocks (int8 compute), same head
@@ -57,6 +58,11 @@ CONFIGS = {
     "q4": [],
     # int8 activations move logits by ~3 and change greedy tokens within 16: gated as int4 is
     "q4-int8": [common.override("passes", [{"type": "export_onnx"}, {**GGUF, "accuracy_level": 4}]), *LOOSE],
+    # the tied head (the file's Q8_0 embedding) as 8-bit blocks: its activations rounded as llama.cpp's are
+    **{
+        f"{name}-q8": [common.override("passes", [{"type": "export_onnx"}, {**GGUF, "q8_0": "int8", **extra}]), *LOOSE]
+        for name, extra in (("q4", {}), ("q4-int8", {"accuracy_level": 4}))
+    },
     "q4-float-zp": [common.override("passes", [{"type": "export_onnx"}, {**GGUF, "layout": "float_zero_point"}])],
     "q4-spec-int8": [
         common.override(

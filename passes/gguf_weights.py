@@ -5,8 +5,20 @@ model, those blocks dequantised. Re-quantising that fp32 copy (quantize_weights_
 it a second time onto a different grid and costs ~20% perplexity on SmolLM2; carrying the
 blocks over loses nothing: every MatMul whose weight is made of the file's 4-bit rows
 (accelc/gguf_blocks.py finds them, whatever the exporter's layout) becomes ONNX Runtime's
-MatMulNBits over those very blocks. Tensors of other types (SmolLM2's Q8_0 embedding and tied
-head, its fp32 norms) stay as the graph has them.
+MatMulNBits over those very blocks. Tensors of other types (SmolLM2's fp32 norms) stay as the
+graph has them.
+
+Q8_0 tensors (SmolLM2's embedding, which is also its tied head: 21% of its weights, read in full
+every token) stay fp32 by default, since ORT's CPU kernel for 8-bit weights has no fp32-compute
+path (it dequantises the weight at every call: 103 ms for SmolLM2's head against 3.7 ms as an
+fp32 MatMul). `q8_0: int8` carries them as 8-bit MatMulNBits over the file's own blocks with
+int8 activations (0.94 ms): the weights stay exact, the activations are rounded per block of 32,
+as llama.cpp's own Q8_0 dot products round them. The tied head is untied first (its Gemm on the
+embedding becomes a MatMul on a transposed copy), and the embedding lookup reads the same blocks
+(GatherBlockQuantized dequantises the rows it gathers, bit for bit), so neither keeps an fp32
+copy of the vocabulary (113 MB for SmolLM2). A lookup on Q4_0 rows is carried whatever `q8_0`
+says: it computes nothing, so it is exact. (Q4_1 lookups stay fp32: GatherBlockQuantized takes
+integer zero points only.)
 
 Q4_0 (w = d*(q-8)) is MatMulNBits' own symmetric form. Q4_1 (w = d*q + m) has a real-valued
 minimum per block, which MatMulNBits takes as a float zero point (w = d*(q - z), z = -m/d), but
@@ -21,7 +33,7 @@ block sums ([.., K/32]) with the minima ([K/32, N]).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 from pydantic import Field
@@ -48,6 +60,12 @@ class GgufWeights(registry.Pass):
             "the input's block sums by the minima (fast on CPU); float_zero_point = one MatMulNBits with "
             "float zero points (ORT's CPU kernel dequantises those at every call)",
         )
+        q8_0: Literal["float", "int8"] = Field(
+            "float",
+            description="MatMuls whose weight is a Q8_0 tensor of the file (a tied head on a Q8_0 embedding): "
+            "float = fp32 MatMul (exact); int8 = 8-bit MatMulNBits over the file's blocks with int8 "
+            "activations (4x less weight traffic; ORT's CPU kernel has no fp32 path for 8-bit weights)",
+        )
         accuracy_level: int = Field(
             0,
             ge=0,
@@ -65,22 +83,26 @@ class GgufWeights(registry.Pass):
         for role, src in bundle.graphs.items():
             dst = ctx.workdir / role / "model.gguf4.onnx"
             dst.parent.mkdir(parents=True, exist_ok=True)
-            carried, total = carry_blocks(src, dst, blocks, self.params.layout, self.params.accuracy_level)
-            if role == "decoder" and carried == 0:
+            carried = carry_blocks(
+                src, dst, blocks, self.params.layout, self.params.accuracy_level, eight_bit=self.params.q8_0 == "int8"
+            )
+            if role == "decoder" and carried.matmuls == 0:
                 raise UsageError(
                     f"gguf_weights: no MatMul weight of the decoder graph is made of {source.name}'s 4-bit rows "
                     "(was the graph quantised or pruned before this pass? put gguf_weights right after export_onnx)"
                 )
-            graphs[role] = dst if carried else src
+            graphs[role] = dst if carried.matmuls or carried.lookups else src
             meta[role] = {
                 **bundle.graph_meta.get(role, {}),
                 **(
                     {
-                        "quantization": f"{source.name}'s own 4-bit blocks (MatMulNBits, {self.params.layout})",
+                        "quantization": f"{source.name}'s own blocks (MatMulNBits, {self.params.layout}"
+                        + (", Q8_0 with int8 activations)" if self.params.q8_0 == "int8" else ")"),
                         "weights": "source blocks, exact",
-                        "gguf_matmuls": f"{carried} of {total}",
+                        "gguf_matmuls": f"{carried.matmuls} of {carried.of}",
+                        "gguf_lookups": carried.lookups,
                     }
-                    if carried
+                    if carried.matmuls
                     else {}
                 ),
             }
@@ -106,27 +128,52 @@ def source_gguf(source) -> Path:
     )
 
 
-def carry_blocks(src: Path, dst: Path, blocks: GGUFBlocks, layout: str, accuracy_level: int) -> tuple[int, int]:
+class Carried(NamedTuple):
+    matmuls: int  # MatMuls rewritten as MatMulNBits
+    of: int  # MatMuls with a constant fp32 weight
+    lookups: int  # Gathers rewritten as GatherBlockQuantized
+
+
+def carry_blocks(
+    src: Path, dst: Path, blocks: GGUFBlocks, layout: str, accuracy_level: int, *, eight_bit: bool = False
+) -> Carried:
     """Rewrite `src` to `dst` with every MatMul whose weight `blocks` holds as MatMulNBits over
-    those blocks; return (MatMuls rewritten, MatMuls with a constant weight)."""
+    those blocks and every row lookup on symmetric blocks as GatherBlockQuantized (Q8_0 ones only
+    with `eight_bit`, the tied head untied first)."""
     import onnx
     from onnx import numpy_helper
 
     from accelc.compiler.fused_decoder import INLINE_LIMIT
+    from accelc.passes.quantize import untie_head
 
     model = onnx.load(str(src))
+    if eight_bit:
+        untie_head(model)
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
     writer = _Writer(layout, accuracy_level)
-    nodes, carried, total = [], 0, 0
+    nodes, carried, total, lookups = [], 0, 0, 0
+
+    def fp32_matrix(name: str) -> np.ndarray | None:
+        weight = weights.get(name)
+        if weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:
+            return None
+        return numpy_helper.to_array(weight)
+
     for node in graph.node:
-        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if weight is not None and len(weight.dims) == 2 and weight.data_type == onnx.TensorProto.FLOAT:
+        if node.op_type == "MatMul" and len(node.input) == 2 and (weight := fp32_matrix(node.input[1])) is not None:
             total += 1
-            found = blocks.find(numpy_helper.to_array(weight).T)
-            if found is not None:
+            found = blocks.find(weight.T)
+            if found is not None and (found.bits == 4 or eight_bit):
                 nodes += writer.matmul(node, found)
                 carried += 1
+                continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type == "Gather" and axis == 0 and (table := fp32_matrix(node.input[0])) is not None:
+            found = blocks.find(table)
+            if found is not None and found.symmetric and (found.bits == 4 or eight_bit):
+                nodes.append(writer.lookup(node, found))
+                lookups += 1
                 continue
         nodes.append(node)
     used = {name for node in nodes for name in node.input}
@@ -141,7 +188,7 @@ def carry_blocks(src: Path, dst: Path, blocks: GGUFBlocks, layout: str, accuracy
     onnx.save_model(
         model, str(dst), save_as_external_data=external, all_tensors_to_one_file=True, location=dst.name + ".data"
     )
-    return carried, total
+    return Carried(carried, total, lookups)
 
 
 def _keep_views_of(model, initializers: set[str]) -> None:
@@ -177,9 +224,9 @@ class _Writer:
         n, nb = found.scale.shape
         k, name = nb * BLOCK, node.name or y
         codes, scale = found.codes, found.scale
-        extra, inputs = [], [x, f"{name}.q4", f"{name}.scale"]
+        extra, inputs = [], [x, f"{name}.q{found.bits}", f"{name}.scale"]
         if found.symmetric:
-            pass  # MatMulNBits without zero points is Q4_0's d*(q - 8)
+            pass  # MatMulNBits without zero points is Q4_0's d*(q - 8) and Q8_0's d*(u - 128)
         elif self.layout == "float_zero_point":
             flat = scale == 0  # a constant block (d = 0) is m * (1 - 0)
             codes = np.where(flat[..., None], np.uint8(1), codes)
@@ -194,7 +241,7 @@ class _Writer:
             )
             extra = [*extra, minima, helper.make_node("Add", [main, f"{y}.min"], [y], name=f"{name}.add")]
             y = main
-        self._constant(f"{name}.q4", codes[..., 0::2] | (codes[..., 1::2] << 4))
+        self._constant(inputs[1], _packed(codes, found.bits))
         self._constant(f"{name}.scale", scale.reshape(-1))
         nbits = helper.make_node(
             "MatMulNBits",
@@ -204,11 +251,31 @@ class _Writer:
             domain=MS_DOMAIN,
             K=k,
             N=n,
-            bits=4,
+            bits=found.bits,
             block_size=BLOCK,
-            accuracy_level=self.accuracy_level,
+            accuracy_level=4 if found.bits == 8 else self.accuracy_level,
         )
         return [nbits, *extra]
+
+    def lookup(self, node, found: Blocks):
+        """A Gather of whole rows of symmetric blocks as GatherBlockQuantized over them (no zero
+        point: its default, 2^(bits-1), is Q4_0's 8 and Q8_0's 128)."""
+        from onnx import helper
+
+        name = node.name or node.output[0]
+        rows = len(found.codes)
+        codes = self._constant(f"{name}.q{found.bits}", _packed(found.codes, found.bits).reshape(rows, -1))
+        return helper.make_node(
+            "GatherBlockQuantized",
+            [codes, node.input[1], self._constant(f"{name}.scale", found.scale)],
+            list(node.output),
+            name=f"{name}.blocks",
+            domain=MS_DOMAIN,
+            bits=found.bits,
+            block_size=BLOCK,
+            gather_axis=0,
+            quantize_axis=1,
+        )
 
     def _sums(self, x: str, k: int, nodes: list) -> str:
         """The sum of `x` over each block of 32 inputs ([.., k/32]): one small MatMul with a 0/1
@@ -223,3 +290,9 @@ class _Writer:
             self._block_sums[key] = f"{x}.block_sums"
             nodes.append(helper.make_node("MatMul", [x, indicator], [self._block_sums[key]]))
         return self._block_sums[key]
+
+
+def _packed(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes [.., 32] as MatMulNBits/GatherBlockQuantized store them: 8-bit as they are, 4-bit two
+    to a byte, element 2i in the low nibble."""
+    return codes if bits == 8 else codes[..., 0::2] | (codes[..., 1::2] << 4)

@@ -141,7 +141,11 @@ def quantize_matmul_nbits(
         return quantizer.model
 
     if head:
-        heads = untie_head(model, str(src))
+        heads = untie_head(model)
+        if not heads:
+            raise UsageError(
+                f"{src}: quantize_weights_int4 head: true found no LM head (a Gemm with transB=1 on a weight)"
+            )
         if head_bits not in (None, bits):  # the head first, every other MatMul left for the pass below
             for i, node in enumerate(model.graph.node):  # the quantizer excludes nodes by name
                 node.name = node.name or f"{node.op_type}_{i}"
@@ -151,12 +155,12 @@ def quantize_matmul_nbits(
     return dst
 
 
-def untie_head(model, where: str) -> list[str]:
+def untie_head(model) -> list[str]:
     """Rewrite, in `model` (an ONNX ModelProto), every Gemm(A, W, transB=1) on a constant W as
     MatMul(A, W^T) over a transposed copy. The fused graph's tied head is such a Gemm on the
     embedding, and ORT's quantizer only rewrites MatMuls: the head (a fifth of SmolLM2's weights,
     read in full every token) then becomes 4- or 8-bit while the embedding lookup keeps its fp32
-    rows. Returns the new MatMuls' names."""
+    rows. Returns the new MatMuls' names (none when the graph has no such Gemm)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -182,10 +186,6 @@ def untie_head(model, where: str) -> list[str]:
         if len(node.input) == 3:
             nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}.bias"))
         untied.append(f"{node.name}.matmul")
-    if not untied:
-        raise UsageError(
-            f"{where}: quantize_weights_int4 head: true found no LM head (a Gemm with transB=1 on a weight)"
-        )
     del graph.node[:]
     graph.node.extend(nodes)
     return untied

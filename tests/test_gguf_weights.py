@@ -77,7 +77,7 @@ def initializers(path) -> dict[str, np.ndarray]:
 def test_the_graph_computes_the_dequantised_weights(tiny, layout):
     work, weights = tiny
     dst = work / f"{layout}.onnx"
-    assert carry_blocks(work / "model.onnx", dst, GGUFBlocks(work / "tiny.gguf"), layout, 0) == (2, 3)
+    assert carry_blocks(work / "model.onnx", dst, GGUFBlocks(work / "tiny.gguf"), layout, 0) == (2, 3, 0)
     ops = [n.op_type for n in onnx.load(str(dst)).graph.node]
     assert ops.count("MatMulNBits") == 2 and "embd_t" in initializers(dst)  # the Q8_0 tensor stays fp32
     x = np.random.default_rng(1).standard_normal((1, 3, K), dtype=np.float32)
@@ -155,3 +155,81 @@ def test_weight_views_into_replaced_weights_are_dropped(tiny):
     carry_blocks(work / "viewed.onnx", work / "viewed.q4.onnx", GGUFBlocks(work / "tiny.gguf"), "split", 0)
     props = {p.key: p.value for p in onnx.load(str(work / "viewed.q4.onnx")).metadata_props}
     assert set(json.loads(props[WEIGHT_VIEWS])) == {"embd_t"}
+
+
+def test_q8_0_weights_and_a_tied_head_carried_as_8_bit_blocks(tiny):
+    """With eight_bit, a MatMul on Q8_0 rows and a tied head (Gemm transB=1 on the Q8_0
+    embedding) become 8-bit MatMulNBits whose codes are the file's, bit for bit, and the
+    embedding lookup gathers the same blocks: no fp32 copy of the table is left."""
+    work, weights = tiny
+    model = onnx.load(str(work / "model.onnx"))
+    embedding = np.ascontiguousarray(weights["embd_t"].T)  # [vocab, K], as the fused graph's tied head reads it
+    model.graph.initializer.append(numpy_helper.from_array(embedding, "embedding"))
+    model.graph.node.append(helper.make_node("Gemm", ["x2", "embedding"], ["logits"], name="head", transB=1))
+    model.graph.node.append(helper.make_node("Gather", ["embedding", "ids"], ["rows"], name="lookup"))
+    model.graph.node.insert(0, helper.make_node("Reshape", ["x", "flat"], ["x2"], name="flatten"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1, K], np.int64), "flat"))
+    model.graph.input.append(helper.make_tensor_value_info("ids", TensorProto.INT64, [2]))
+    model.graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("logits", "rows")])
+    onnx.save(model, work / "tied.onnx")
+    dst = work / "tied.q8.onnx"
+    assert carry_blocks(work / "tied.onnx", dst, GGUFBlocks(work / "tiny.gguf"), "split", 0, eight_bit=True) == (
+        4,
+        4,
+        1,
+    )
+    graph = onnx.load(str(dst)).graph
+    nbits = {
+        n.name: {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+    }
+    assert {name: (a["bits"], a["accuracy_level"]) for name, a in nbits.items()} == {
+        "mm_qk_t.nbits": (4, 0),
+        "mm_down_t.nbits": (4, 0),
+        "mm_embd_t.nbits": (8, 4),
+        "head.matmul.nbits": (8, 4),
+    }
+    init = initializers(dst)
+    for name in ("mm_embd_t", "head.matmul"):  # Q8_0: d * (u - 128)
+        codes = init[f"{name}.q8"].astype(np.float32)
+        rebuilt = (init[f"{name}.scale"].reshape(codes.shape[:2])[..., None] * (codes - 128)).reshape(len(codes), -1)
+        assert np.array_equal(rebuilt.view(np.uint32), embedding.view(np.uint32))
+    assert "embedding" not in init and "embedding.head_t" not in init
+    assert np.array_equal(init["lookup.q8"], init["head.matmul.q8"].reshape(len(embedding), -1))
+    x = np.random.default_rng(2).standard_normal((1, 3, K), dtype=np.float32)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {"x": x, "ids": np.array([3, 7])})))
+    expected = x.reshape(3, K).astype(np.float64) @ embedding.T.astype(np.float64)
+    # int8 activations: each block of 32 inputs rounded to 1/127 of its largest magnitude
+    np.testing.assert_allclose(got["logits"], expected, rtol=0, atol=0.05 * np.abs(expected).max())
+    assert np.array_equal(got["rows"], embedding[[3, 7]])
+
+
+def test_a_lookup_on_q4_0_rows_gathers_the_blocks_and_q8_0_stays_fp32_by_default(tiny):
+    """A Gather on Q4_0 rows is exact as blocks (nothing is computed) and carried always; one on
+    Q8_0 rows only with eight_bit."""
+    work, weights = tiny
+    model = onnx.load(str(work / "model.onnx"))
+    tables = {"down": weights["down_t"].T, "embd": weights["embd_t"].T}  # [rows, K]: Q4_0 and Q8_0
+    for name, table in tables.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table), f"{name}_rows"))
+        model.graph.node.append(helper.make_node("Gather", [f"{name}_rows", "ids"], [f"got_{name}"], name=f"g_{name}"))
+        model.graph.output.append(helper.make_tensor_value_info(f"got_{name}", TensorProto.FLOAT, None))
+    model.graph.input.append(helper.make_tensor_value_info("ids", TensorProto.INT64, [3]))
+    onnx.save(model, work / "lookups.onnx")
+    dst = work / "lookups.q4.onnx"
+    assert carry_blocks(work / "lookups.onnx", dst, GGUFBlocks(work / "tiny.gguf"), "split", 0) == (2, 3, 1)
+    ops = {n.name: n.op_type for n in onnx.load(str(dst)).graph.node}
+    assert ops["g_down.blocks"] == "GatherBlockQuantized" and ops["g_embd"] == "Gather"
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    ids = np.array([5, 0, 2])
+    x = np.zeros((1, 3, K), np.float32)
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"x": x, "ids": ids})))
+    for name, table in tables.items():
+        assert np.array_equal(got[f"got_{name}"].view(np.uint32), np.ascontiguousarray(table[ids]).view(np.uint32))
