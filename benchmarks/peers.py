@@ -107,6 +107,9 @@ ACCELC = (
     Row("accelc-ort-spin20us", "int4", "recipes/quickstart_int4.yaml", "ort", spin=True, spin_us=20),
     Row("accelc-ort", "q4_1", "recipes/quickstart.yaml", "ort"),  # the GGUF's own blocks: exact weights
     Row("accelc-ort-spin20us", "q4_1", "recipes/quickstart.yaml", "ort", spin=True, spin_us=20),
+    # the same blocks with int8 activations and the Q8_0 head, computed as llama.cpp computes Q4_1
+    Row("accelc-ort", "q4_1-int8", "recipes/bench/q4_1_int8.yaml", "ort"),
+    Row("accelc-ort-spin20us", "q4_1-int8", "recipes/bench/q4_1_int8.yaml", "ort", spin=True, spin_us=20),
 )
 # The peers, each on a model its own tools make from the shipped GGUF or accelc's HF folder.
 PEERS = (
