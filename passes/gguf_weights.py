@@ -25,9 +25,14 @@ minimum per block, which MatMulNBits takes as a float zero point (w = d*(q - z),
 ORT's CPU kernel does not prepack a float zero point and dequantises the whole weight at every
 call (13-27x slower than its packed kernels; docs/quantization.md). So `layout: split` (the
 default) computes the same product as two exact terms:
-    x . W = sum_b d_b (x_b . q_b)  +  sum_b m_b (sum of x over block b)
-the first a packed MatMulNBits with zero point 0, the second a small fp32 MatMul of the input's
-block sums ([.., K/32]) with the minima ([K/32, N]).
+    x . W = sum_b d_b (x_b . (q_b - 8))  +  sum_b (m_b + 8 d_b) (sum of x over block b)
+the first a packed MatMulNBits in Q4_0's symmetric form, the second a small fp32 MatMul of the
+input's block sums ([.., K/32]) with the centred minima ([K/32, N]; m + 8d is exact in float32
+for fp16 m and d of nearby exponents, checked per tensor, else the codes keep zero point 0 and
+the minima are m). Centring matters with int8 activations (`accuracy_level: 4`): the rounding
+error of a block of activations, e, enters the first term as d (q - 8) . e, and with codes
+0..15 uncentred it would enter as d q . e, whose mean 7.5 d sum(e) does not cancel (perplexity
++0.7% instead of +1.3% on SmolLM2; docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class GgufWeights(registry.Pass):
     """The source GGUF's Q4_0/Q4_1 blocks as MatMulNBits weights: the model's exact weights in 4 bits."""
 
     name = "gguf_weights"
+    version = 2  # Q4_1's codes centred (zero point 8) with the minima m + 8d (CHANGELOG)
     families = ("causal_lm",)  # needs the model's GGUF source, which only causal_lm ingests
     consumes = produces = ("onnx_graph",)
 
@@ -234,10 +240,13 @@ class _Writer:
             scale = np.where(flat, found.minimum, scale).astype(np.float32)
             inputs.append(self._constant(f"{name}.zero_point", zero.reshape(-1)))
         else:
-            inputs.append(self._constant(f"{name}.zero_point", np.zeros(n * ((nb + 1) // 2), np.uint8)))
+            minimum = _centred(found)
+            if minimum is None:  # m + 8d not exact in float32: zero point 0, the minima as they are
+                inputs.append(self._constant(f"{name}.zero_point", np.zeros(n * ((nb + 1) // 2), np.uint8)))
+                minimum = found.minimum
             main = f"{name}.codes_out"
             minima = helper.make_node(
-                "MatMul", [self._sums(x, k, extra), self._constant(f"{name}.minimum_t", found.minimum.T)], [f"{y}.min"]
+                "MatMul", [self._sums(x, k, extra), self._constant(f"{name}.minimum_t", minimum.T)], [f"{y}.min"]
             )
             extra = [*extra, minima, helper.make_node("Add", [main, f"{y}.min"], [y], name=f"{name}.add")]
             y = main
@@ -296,3 +305,11 @@ def _packed(codes: np.ndarray, bits: int) -> np.ndarray:
     """Codes [.., 32] as MatMulNBits/GatherBlockQuantized store them: 8-bit as they are, 4-bit two
     to a byte, element 2i in the low nibble."""
     return codes if bits == 8 else codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def _centred(found: Blocks) -> np.ndarray | None:
+    """Q4_1's minima with the codes read as Q4_0's (q - 8): m + 8d, or None unless every one is
+    exact in float32 (then d (q - 8) + (m + 8d) is the weight d q + m to the bit)."""
+    centred = found.minimum + np.float32(8) * found.scale
+    exact = centred.astype(np.float64) == found.minimum.astype(np.float64) + 8 * found.scale.astype(np.float64)
+    return centred if exact.all() else None

@@ -13,8 +13,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from accelc.errors import UsageError
-from accelc.gguf_blocks import GGUFBlocks
-from accelc.passes.gguf_weights import carry_blocks, source_gguf
+from accelc.gguf_blocks import Blocks, GGUFBlocks
+from accelc.passes.gguf_weights import _centred, carry_blocks, source_gguf
 
 gguf = pytest.importorskip("gguf")
 K = 64  # two blocks of 32 along the input dimension
@@ -98,8 +98,9 @@ def test_the_carried_blocks_reproduce_the_weights_bit_for_bit(tiny):
         scale = init[f"{name}.scale"].reshape(packed.shape[:2])
         if symmetric:  # Q4_0: d * (q - 8)
             rebuilt = scale[..., None] * (codes - 8)
-        else:  # Q4_1: d * q + m
-            rebuilt = scale[..., None] * codes + init[f"{name}.minimum_t"].T[..., None]
+        else:  # Q4_1: d * (q - 8) + (m + 8d), the centred minima
+            assert f"{name}.zero_point" not in init
+            rebuilt = scale[..., None] * (codes - 8) + init[f"{name}.minimum_t"].T[..., None]
         rebuilt = rebuilt.reshape(len(packed), -1)
         reference = weights[name.removeprefix("mm_")].T
         assert np.array_equal(rebuilt.view(np.uint32), np.ascontiguousarray(reference).view(np.uint32))
@@ -233,3 +234,12 @@ def test_a_lookup_on_q4_0_rows_gathers_the_blocks_and_q8_0_stays_fp32_by_default
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"x": x, "ids": ids})))
     for name, table in tables.items():
         assert np.array_equal(got[f"got_{name}"].view(np.uint32), np.ascontiguousarray(table[ids]).view(np.uint32))
+
+
+def test_minima_are_centred_only_where_float32_holds_them_exactly():
+    """m + 8d replaces m only when exact; otherwise the codes keep zero point 0."""
+    codes = np.zeros((1, 1, 32), np.uint8)
+    fits = Blocks(np.float32([[0.5]]), np.float32([[-3.75]]), codes, symmetric=False)
+    np.testing.assert_array_equal(_centred(fits), [[0.25]])
+    tiny_scale = np.float32([[2.0**-24]])  # fp16's smallest subnormal beside a minimum of 1024
+    assert _centred(Blocks(tiny_scale, np.float32([[1024.0]]), codes, symmetric=False)) is None
