@@ -73,6 +73,11 @@ class QuantizeWeightsInt4(registry.Pass):
         # SmolLM2-135M (docs/quantization.md): a 4-bit head costs most of the perplexity; at 8 bits
         # it costs little, and the body's blocks can then grow to 128 for speed
         head_bits: Literal[4, 8] = Field(8, description="with head: the head's weight bits (blocks of block_size)")
+        lookup: Literal["float", "head"] = Field(
+            "float",
+            description="with head: the embedding lookup of a tied head reads fp32 rows (float) or the head's "
+            "quantised blocks (head: GatherBlockQuantized, one vocabulary table in head_bits instead of fp32)",
+        )
 
     def run(self, bundle, ctx):
         """Decoding one token is matrix-vector work bound by weight bandwidth, so 4-bit weights
@@ -89,6 +94,7 @@ class QuantizeWeightsInt4(registry.Pass):
                 dst,
                 head=self.params.head,
                 head_bits=self.params.head_bits,
+                lookup=self.params.lookup == "head",
                 bits=4,
                 block_size=self.params.block_size,
                 symmetric=self.params.symmetric,
@@ -98,7 +104,8 @@ class QuantizeWeightsInt4(registry.Pass):
             role: {
                 **bundle.graph_meta.get(role, {}),
                 "quantization": f"int4 block {self.params.block_size}"
-                + (f", head {self.params.head_bits}-bit" if self.params.head else ""),
+                + (f", head {self.params.head_bits}-bit" if self.params.head else "")
+                + (", lookup on the head's blocks" if self.params.head and self.params.lookup == "head" else ""),
             }
             for role in graphs
         }
@@ -115,10 +122,12 @@ def quantize_matmul_nbits(
     accuracy_level: int = 4,
     head: bool = False,
     head_bits: int | None = None,
+    lookup: bool = False,
 ) -> Path:
     """Every MatMul with a constant weight in `src` as ORT MatMulNBits (`bits` = 4 or 8, blocks
     along the input dimension), and with `head` the LM head too (`untie_head`) at `head_bits`
-    (default: `bits`); written to `dst`."""
+    (default: `bits`), with `lookup` the tied embedding's lookup on the head's blocks
+    (`lookup_on_head`); written to `dst`."""
     import logging
 
     import onnx
@@ -151,8 +160,72 @@ def quantize_matmul_nbits(
                 node.name = node.name or f"{node.op_type}_{i}"
             others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in heads]
             model = quantize(model, head_bits, others).model
-    quantize(model, bits).save_model_to_file(str(dst), use_external_data_format=False)
+    result = quantize(model, bits)
+    if head and lookup and not lookup_on_head(result.model):
+        raise UsageError(
+            f"{src}: quantize_weights_int4 lookup: head found no embedding lookup on the tied head's table"
+        )
+    result.save_model_to_file(str(dst), use_external_data_format=False)
     return dst
+
+
+def lookup_on_head(model) -> int:
+    """Rewrite, in a quantised `model`, every Gather (axis 0) on a table whose transposed copy
+    `untie_head` made into a quantised head as GatherBlockQuantized over that head's blocks, so
+    the vocabulary is held once, in the head's bits, and every row read is the row the head
+    scores (bit for bit). MatMulNBits stores B as [N, blocks, block bytes] with the last block
+    padded and 4-bit zero points two to a byte per row; GatherBlockQuantized reads the same
+    bytes as [N, K * bits / 8] with [N, blocks] scales. Returns the lookups rewritten."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    heads = {  # the table a head was untied from -> the head's MatMulNBits
+        node.input[1].split(".head_t")[0]: node
+        for node in graph.node
+        if node.op_type == "MatMulNBits" and ".head_t" in node.input[1]
+    }
+    rewritten = 0
+    for i, node in enumerate(graph.node):
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        head = heads.get(node.input[0]) if node.op_type == "Gather" and axis == 0 else None
+        if head is None:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+        bits, block, k = attrs["bits"], attrs["block_size"], attrs["K"]
+        codes = numpy_helper.to_array(weights[head.input[1]])
+        rows = len(codes)
+        tensors = {
+            "q": np.ascontiguousarray(codes.reshape(rows, -1)[:, : k * bits // 8]),
+            "scales": numpy_helper.to_array(weights[head.input[2]]).reshape(rows, -1),
+        }
+        if len(head.input) > 3 and head.input[3]:
+            tensors["zero_points"] = numpy_helper.to_array(weights[head.input[3]]).reshape(rows, -1)
+        names = []
+        for suffix, array in tensors.items():
+            names.append(f"{node.input[0]}.lookup_{suffix}")
+            graph.initializer.append(numpy_helper.from_array(array, names[-1]))
+        graph.node[i].CopyFrom(
+            helper.make_node(
+                "GatherBlockQuantized",
+                [names[0], node.input[1], *names[1:]],
+                list(node.output),
+                name=f"{node.name or node.output[0]}.blocks",
+                domain="com.microsoft",
+                bits=bits,
+                block_size=block,
+                gather_axis=0,
+                quantize_axis=1,
+            )
+        )
+        rewritten += 1
+    if rewritten:
+        used = {name for n in graph.node for name in n.input}
+        kept = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return rewritten
 
 
 def untie_head(model) -> list[str]:

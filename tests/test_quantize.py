@@ -83,3 +83,50 @@ def test_head_option_on_a_graph_without_a_head_is_refused(fused, tmp_path):
     onnx.save(model, str(headless))
     with pytest.raises(UsageError, match="found no LM head"):
         quantize_matmul_nbits(headless, tmp_path / "out.onnx", bits=4, block_size=16, head=True)
+
+
+def _run_node(model, node, feeds: dict):
+    """One node of `model` in a session of its own, over the model's initializers."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    inputs = [
+        helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+        for name, a in feeds.items()
+    ]
+    graph = helper.make_graph(
+        [node],
+        "one",
+        inputs,
+        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
+        [t for t in model.graph.initializer if t.name in node.input],
+    )
+    one = helper.make_model(graph, opset_imports=list(model.opset_import))
+    return ort.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("head_bits", [4, 8])
+def test_the_lookup_on_the_heads_blocks_gathers_the_rows_the_head_scores(fused, tmp_path, head_bits):
+    """lookup=True: no fp32 vocabulary table is left, and each gathered row is, bit for bit, the
+    head's dequantised weight row (read back through the head's own MatMulNBits at level 0)."""
+    import onnx
+
+    out = quantize_matmul_nbits(
+        fused, tmp_path / "lookup.onnx", bits=4, block_size=16, head=True, head_bits=head_bits, lookup=True
+    )
+    model = onnx.load(str(out))
+    lookup = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and ".head_t" in n.input[1])
+    assert not any(
+        n.op_type == "Gather" and n.input[0] in {t.name for t in model.graph.initializer} for n in model.graph.node
+    )
+    k = next(a.i for a in head.attribute if a.name == "K")
+    rows = _run_node(model, lookup, {lookup.input[1]: np.arange(5, 17, dtype=np.int64)})
+    exact_head = onnx.helper.make_node(head.op_type, ["eye", *head.input[1:]], ["w"], domain=head.domain)
+    exact_head.attribute.extend(a for a in head.attribute if a.name != "accuracy_level")
+    weight = _run_node(model, exact_head, {"eye": np.eye(k, dtype=np.float32)})  # [K, vocab]
+    assert np.array_equal(rows.view(np.uint32), np.ascontiguousarray(weight.T[5:17]).view(np.uint32))
+    plain = quantize_matmul_nbits(fused, tmp_path / "plain.onnx", bits=4, block_size=16, head=True, head_bits=head_bits)
+    scale = np.abs(_logits(fused)).max()
+    assert 0 < np.abs(_logits(out) - _logits(plain)).max() < 0.5 * scale  # the rows moved, a little
