@@ -4,7 +4,8 @@
                                       [--compile-only] --json OUT.json
 
 Compiles recipes/bench/gguf_weights.yaml (the embedded SmolLM2-135M-Instruct, a Q4_1 GGUF) once
-per configuration into artifacts/bench/gguf_weights/NAME (kept and reused when present):
+per configuration into artifacts/bench/gguf_weights/NAME (every run; the step cache keeps an
+unchanged configuration's compile to its proof):
   fp32          export_onnx only
   int4          quantize_weights_int4: ORT's quantizer re-quantises the dequantised weights
   int4[-bB]-hH  the same in blocks of B (32 unless named) with the LM head quantised to H bits
@@ -114,9 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     if "fp32" not in names:
         names.insert(0, "fp32")  # the baseline every ratio is read against
     root = Path(args.artifacts)
-    for name in names:
-        if not (root / name / "manifest.json").exists():
-            common.compile_bench_recipe("gguf_weights", root / name, [*CONFIGS[name], *spin])
+    for name in names:  # every run: the step cache makes an unchanged one cheap, and a stale one is rebuilt
+        common.compile_bench_recipe("gguf_weights", root / name, [*CONFIGS[name], *spin])
     if args.compile_only:
         return 0
     samples = round_robin(
