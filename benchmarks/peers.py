@@ -22,10 +22,13 @@ for fp32 and int4) and cached beside it. A peer that cannot be built or run is a
 Threads: every row gets `--threads` (default: the usable cores) and no spinning between calls where
 the runtime lets us say so: accelc's ORT sessions with spinning off (except the `accelc-ort-spin`
 rows, which spin as ORT GenAI does, and `accelc-ort-spin20us`, bounded to 20 us: ORT GenAI 0.18's
-config has no key for ORT's spinning, so its pool always spins), OMP_WAIT_POLICY=PASSIVE (unless exported) for OpenMP, which is what llama.cpp's graph threads are in llama-cpp-python's default build (left
-to libgomp's default they spin after every token, which on shared cores slows whatever else runs
-and makes llama.cpp's own timings swing; `OMP_WAIT_POLICY=ACTIVE python -m benchmarks.peers`
-measures that).
+config has no key for ORT's spinning, so its pool always spins), and OMP_WAIT_POLICY=PASSIVE for
+OpenMP, which is what llama.cpp's graph threads are in llama-cpp-python's default build (left to
+libgomp's default they spin after every token, which on shared cores slows whatever else runs and
+makes llama.cpp's own timings swing). `--peers-omp-wait active` lets the peers' threads spin and
+measures that; it applies to the peers' worker processes only (exporting OMP_WAIT_POLICY=ACTIVE
+would also leave this process's torch threads spinning after its compiles and perplexity
+passes, slowing every row).
 """
 
 from __future__ import annotations
@@ -282,7 +285,8 @@ def inputs(tokenizer, n_prompts: int, n_windows: int) -> tuple[list[list[int]], 
 
 def run_worker(python: Path, spec: dict, timeout: float = WORKER_TIMEOUT_S) -> dict:
     """peers_runner.py on `spec` in a fresh process: its result, or Skip with the worker's last words."""
-    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    wait = spec.get("omp_wait", "passive").upper()
+    env = {**os.environ, "OMP_WAIT_POLICY": wait, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     try:
@@ -422,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", default=[], metavar="RUNTIME[:PRECISION]", help="measure only these rows")
     p.add_argument("--no-build", action="store_true", help="skip the peers instead of building their environment")
     p.add_argument("--lock", help="hold an exclusive flock on this file during each timed round")
+    p.add_argument(
+        "--peers-omp-wait",
+        choices=("passive", "active"),
+        default="passive",
+        help="OpenMP wait policy of the peers' workers (llama.cpp's threads): active lets them spin",
+    )
     args = p.parse_args(argv)
     chosen = settings(args.quick, args.repeats, args.prompts, args.windows)
     rows = select(args.only)
@@ -449,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                 if no_env:
                     raise Skip(no_env)
                 model = peer_model(row, python, gguf, hf_dir)
-                specs[row] = (python, {**base, "runtime": row.runtime, "model": str(model)})
+                spec = {**base, "runtime": row.runtime, "model": str(model), "omp_wait": args.peers_omp_wait}
+                specs[row] = (python, spec)
             else:
                 artifact = row.artifact
                 # compiled every run: the step cache makes an unchanged artifact a few seconds'
@@ -484,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             new_tokens=NEW_TOKENS,
             perplexity={"text": "austen:persuasion", "window": WINDOW, "stride": WINDOW, "windows": len(windows)},
             peers_env=str(venv_dir()),
+            peers_omp_wait=args.peers_omp_wait,
             requirements=REQUIREMENTS.read_text(),
             timed_seconds=time.time() - started,
         )
