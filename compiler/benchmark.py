@@ -87,7 +87,9 @@ def time_decode(model, ids: list[int], new_tokens: int, rounds: int, after_round
 def _worker(artifact: str, backend: str, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
     from accelc.loops.plan import run_plan
     from accelc.runtime.artifact import Artifact
+    from accelc.runtime.torch_free import keep_torch_out
 
+    keep_torch_out(backend)  # the memory measured is a deployment's, without torch it never runs
     art = Artifact(artifact)
     plan = art.plan_for(backend)
     t0 = time.perf_counter()

@@ -13,12 +13,14 @@ def run(art, args) -> int:
     from accelc.families.causal_lm import encode_prompt
     from accelc.loops.plan import run_plan
     from accelc.runtime import limits
+    from accelc.runtime.torch_free import keep_torch_out
 
     if args.prompt is None:
         raise UsageError("accelc run: a causal-LM artifact needs --prompt")
     limits.at_least("--max-new-tokens", args.max_new_tokens)
     limits.temperature(args.temperature)
     backend = args.backend or ("ort" if "ort" in art.backends() else "torch")
+    keep_torch_out(backend)  # before the tokenizer imports transformers
     plan = art.plan_for(backend)
     if plan.planned_strategy is not None:
         progress.status(plan.reason)

@@ -56,6 +56,7 @@ def service(artifact_dir: str | Path, o: ServeOptions):
     """The artifact checked, its workers started and their HTTP service built (app.Service)."""
     from accelc.families.causal_lm import CausalLM
     from accelc.runtime.artifact import Artifact
+    from accelc.runtime.torch_free import keep_torch_out
     from accelc.serve.app import Service
     from accelc.serve.cores import core_sets
     from accelc.serve.router import Router
@@ -72,6 +73,7 @@ def service(artifact_dir: str | Path, o: ServeOptions):
     if backend not in available:
         raise UsageError(f"--backend {backend}: not a backend of this artifact; choose from {', '.join(available)}")
     art.check_backend(backend)
+    keep_torch_out(backend)  # before the tokenizer (art.eos_ids) imports transformers
     specs = [
         WorkerSpec(str(art.dir), backend, tuple(cores), o.max_batch, art.eos_ids)
         for cores in core_sets(o.workers, o.threads)
