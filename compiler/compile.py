@@ -60,10 +60,12 @@ def _assemble(writer: ArtifactWriter, bundle, lowered, cache_owned) -> dict:
                 writer.place(src, f"{rel}/{src.name}", link=cache_owned(src))
     for role, graph in bundle.graphs.items():
         rel = f"model/onnx/{role}.onnx"
-        writer.place(graph, rel, link=cache_owned(graph))
         data = graph.with_name(graph.name + ".data")
-        if data.exists():  # graphs over 2 GB keep weights in an external-data file beside them
+        if data.exists():  # weights in an external-data file beside the graph: renamed with it
             writer.place(data, rel + ".data", link=cache_owned(data))
+            _relocate_external_data(graph, writer.tmp / rel, Path(rel).name + ".data")
+        else:
+            writer.place(graph, rel, link=cache_owned(graph))
         graphs[role] = rel
     for name, report in bundle.reports.items():  # the passes' own reports (search log, plots)
         writer.place(report, f"reports/{name}", link=cache_owned(report))
@@ -84,6 +86,22 @@ def _assemble(writer: ArtifactWriter, bundle, lowered, cache_owned) -> dict:
             }
         )
     return {"graphs": graphs, "targets": targets}
+
+
+def _relocate_external_data(graph: Path, dst: Path, location: str) -> None:
+    """Write `graph`'s proto to `dst` with its external initializers read from `location` (the
+    data file's name in the artifact): a graph names its data file by its own file name, and the
+    artifact renames both to the graph's role."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
 
 
 def _drop_torch_weights(tree: Path) -> dict:

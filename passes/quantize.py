@@ -48,6 +48,7 @@ class QuantizeWeightsInt4(registry.Pass):
     """Weight-only 4-bit block quantisation of MatMul weights (ONNX Runtime MatMulNBits)."""
 
     name = "quantize_weights_int4"
+    version = 2  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
     families = ("causal_lm", "onnx")  # rewrites whatever ONNX graphs the bundle holds
     consumes = produces = ("onnx_graph",)
 
@@ -165,7 +166,7 @@ def quantize_matmul_nbits(
         raise UsageError(
             f"{src}: quantize_weights_int4 lookup: head found no embedding lookup on the tied head's table"
         )
-    result.save_model_to_file(str(dst), use_external_data_format=False)
+    result.save_model_to_file(str(dst), use_external_data_format=True)  # mapped by ORT, as gguf_weights' graphs
     return dst
 
 
