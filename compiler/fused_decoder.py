@@ -330,7 +330,9 @@ def view_arrays(graph: Path, names) -> dict[str, np.ndarray] | None:
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(graph))
+    # weights stay on disk until one is wanted: a rewritten graph (its data file hard-linked into an
+    # artifact, which onnx refuses to read) answers None before any is read
+    model = onnx.load(str(graph), load_external_data=False)
     props = {p.key: p.value for p in model.metadata_props}
     views = json.loads(props.get(WEIGHT_VIEWS, "{}"))
     inits = {t.name: t for t in model.graph.initializer}
@@ -339,7 +341,7 @@ def view_arrays(graph: Path, names) -> dict[str, np.ndarray] | None:
         view = views.get(name)
         if view is None or view["initializer"] not in inits:
             return None
-        array = numpy_helper.to_array(inits[view["initializer"]])
+        array = numpy_helper.to_array(inits[view["initializer"]], base_dir=str(Path(graph).parent))
         if view["columns"] is not None:
             array = array[..., slice(*view["columns"])]
         out[name] = np.ascontiguousarray(array.T if view["transposed"] else array)

@@ -157,6 +157,10 @@ def test_int4_weight_quantisation_uses_matmulnbits(cli, tiny_recipe, tmp_path):
     assert not [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
     report = json.loads((out / "reports" / "validation.json").read_text())
     assert 0 < report["backends"]["ort"]["max_abs_diff"]["prefill_logits"] < 5
+    # the weights travel in an external-data file renamed with the graph, which names it
+    locations = {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"decoder.onnx.data"} and (out / "model" / "onnx" / "decoder.onnx.data").is_file()
+    assert "model/onnx/decoder.onnx.data" in json.loads((out / "manifest.json").read_text())["files"]
 
 
 def test_no_report_names_the_temporary_build_folder(cli, tmp_path):
