@@ -240,7 +240,7 @@ class ArchSearch(registry.Pass):
     """Evolutionary search for a subnet under a budget; fitness = perplexity after one-shot reformation."""
 
     name = "arch_search"
-    version = 3  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
+    version = 4  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
     reads = ("data.calibration", "data.evaluation")
     consumes = (STATS,)
     produces = (SUBNET,)
@@ -273,6 +273,11 @@ class ArchSearch(registry.Pass):
             "statistics' windows) scored by the fitness",
         )
         fitness_window: int = Field(512, ge=8)
+        fitness: Literal["pooled", "worst_source"] = Field(
+            "pooled",
+            description="pooled: perplexity over all fitness windows; worst_source: the largest ratio "
+            "of a calibration source's perplexity to the dense model's on its windows (minimax over domains)",
+        )
         holdout_windows: int = Field(
             4,
             ge=0,
@@ -302,6 +307,7 @@ class ArchSearch(registry.Pass):
 
     def run(self, bundle, ctx):
         from accelc.compiler.pruning import baselines, importance, search
+        from accelc.data import calibration_sources, mixture
 
         p = self.params
         model, tok = _dense_model(bundle, self.name)
@@ -309,12 +315,23 @@ class ArchSearch(registry.Pass):
         space, budget = _space_and_budget(p, model)
         imp = importance.scores(space.geometry, importance.weight_norms(model), stats, p.metric)
         skip = -(-protocol["windows"] * protocol["window"] // p.fitness_window)  # after the statistics' tokens
-        fit_windows = _calibration(ctx, tok, p.fitness_windows, p.fitness_window, skip=skip, spread=True)
+        per_source = calibration_sources(
+            tok,
+            ctx.recipe.data.calibration,
+            window=p.fitness_window,
+            max_windows=p.fitness_windows,
+            skip=skip,
+            spread=True,
+        )
+        fit_windows = [w for group in per_source for w in group]
+        labels = [text for (text, _), group in zip(mixture(ctx.recipe.data.calibration), per_source) for _ in group]
         grams = None
         if p.reform_in_fitness:  # Gram matrices are too large to cache (hundreds of MB): recollect
             cal = _calibration(ctx, tok, protocol["windows"], protocol["window"])
             grams = importance.collect(model, cal, gram=True).grams()
-        fitness = search.PerplexityFitness(model, fit_windows, grams=grams, damp=p.damp)
+        fitness = search.PerplexityFitness(
+            model, fit_windows, grams=grams, damp=p.damp, sources=labels, aggregate=p.fitness
+        )
         settings = search.SearchSettings(
             generations=p.generations,
             population=p.population,
@@ -359,6 +376,8 @@ class ArchSearch(registry.Pass):
                         "window": p.fitness_window,
                         **_mixture_record(ctx, tok, len(fit_windows)),
                         "spread": True,
+                        "aggregate": p.fitness,
+                        "dense_by_source": fitness.dense,
                         "reform_in_fitness": p.reform_in_fitness,
                     },
                     "holdout": {"text": ctx.recipe.data.evaluation, "windows": len(held)} if holdout else None,
