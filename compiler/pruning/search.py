@@ -549,7 +549,8 @@ class PerplexityFitness:
         return other
 
     def perplexities(self, model) -> dict[str, float]:
-        """Perplexity of a torch model on each source's windows."""
+        """Perplexity of a torch model on each source's windows ({"pooled": one perplexity over
+        all windows} for the pooled fitness)."""
         import torch
 
         nll: dict[str, float] = {}
