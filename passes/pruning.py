@@ -265,7 +265,8 @@ class ArchSearch(registry.Pass):
         )
         seed: int = 0
         # 4 x 512: 16 x 128 (the same tokens) and 8 x 512 did not lower the worst held-out text
-        # (1.54x, 1.53x vs 1.48x at 20% removed; docs/pruning.md, session 13)
+        # (1.54x, 1.53x vs 1.48x at 20% removed; 8 x 512 middles 1.50x; docs/pruning.md,
+        # sessions 13-14)
         fitness_windows: int = Field(
             4,
             ge=1,
