@@ -362,23 +362,30 @@ def text_windows(
     return rest
 
 
-def calibration_windows(
+def calibration_sources(
     tokenizer, spec, *, window: int = 512, max_windows: int | None = 16, skip: int = 0, spread: bool = False
-) -> list[np.ndarray]:
-    """`max_windows` windows of the calibration `spec` (a text or a mixture), `text_windows` per
-    source: each source gives its weight's share of the windows (and of the `skip`ped ones), and
-    the sources alternate, so any prefix of the list (a search's first fitness windows) draws on
-    every source."""
+) -> list[list[np.ndarray]]:
+    """`max_windows` windows of the calibration `spec` (a text or a mixture), grouped by source
+    (in the mixture's order), `text_windows` per source: each source gives its weight's share of
+    the windows (and of the `skip`ped ones)."""
     sources = mixture(spec)
     weights = [w for _, w in sources]
     counts = [None] * len(sources) if max_windows is None else allocate(max_windows, weights)
     skips = allocate(skip, weights)
-    per_source = [
+    return [
         text_windows(tokenizer, load_text(text), window=window, max_windows=n, text_name=text, skip=k, spread=spread)
         if n != 0
         else []
         for (text, _), n, k in zip(sources, counts, skips, strict=True)
     ]
+
+
+def calibration_windows(
+    tokenizer, spec, *, window: int = 512, max_windows: int | None = 16, skip: int = 0, spread: bool = False
+) -> list[np.ndarray]:
+    """`calibration_sources`' windows with the sources alternating, so any prefix of the list (a
+    search's first fitness windows) draws on every source."""
+    per_source = calibration_sources(tokenizer, spec, window=window, max_windows=max_windows, skip=skip, spread=spread)
     return [w for group in itertools.zip_longest(*per_source) for w in group if w is not None]
 
 

@@ -454,6 +454,35 @@ def test_oneshot_reformation_matches_sequential_on_the_first_layer(tiny):
     assert fit(sub) == value  # the cached solves are the same
 
 
+def test_worst_source_fitness_is_the_largest_ratio_to_dense(tiny):
+    """worst_source: each source's perplexity over the dense model's on the same windows, the
+    largest returned; the dense subnet scores 1 on every source; pooled ignores the labels."""
+    _, model = tiny
+    space = masks.SearchSpace(masks.Geometry.from_model(model))
+    sub = random_subnet(space, np.random.default_rng(21), options=[0, 1])
+    a, b = windows(2, 32, seed=22), windows(1, 32, seed=23)
+    labels = ["a", "a", "b"]
+    worst = search.PerplexityFitness(model, a + b, sources=labels, aggregate="worst_source")
+    small = materialize.shrink(model, sub)
+    ratios = [_ppl(small, a) / _ppl(model, a), _ppl(small, b) / _ppl(model, b)]
+    assert ratios[0] != pytest.approx(ratios[1], rel=1e-3)  # the two sources disagree: max is a real choice
+    assert worst(sub) == pytest.approx(max(ratios), rel=1e-4)
+    assert worst.dense == pytest.approx({"a": _ppl(model, a), "b": _ppl(model, b)}, rel=1e-4)
+    full = space.from_scores([len(space.head_options) - 1] * 2, [space.widths[-1]] * 2, *_ones(space))
+    assert worst(full) == pytest.approx(1.0, rel=1e-4)
+    pooled = search.PerplexityFitness(model, a + b, sources=labels)
+    assert pooled(sub) == pytest.approx(_ppl(small, a + b), rel=1e-4)
+    # the held-out curve of a worst_source search is the held-out text's ratio to dense
+    assert worst.on(b)(sub) == pytest.approx(ratios[1], rel=1e-4)
+    with pytest.raises(UsageError, match="worst_source"):
+        search.PerplexityFitness(model, a, aggregate="mean")
+
+
+def _ones(space):
+    g = space.geometry
+    return np.ones((g.num_layers, g.num_heads)), np.ones((g.num_layers, g.intermediate))
+
+
 def test_seeds_enter_the_first_generation_and_bound_the_result():
     """A given seed (e.g. a baseline's subnet) is fitted to the budget and evaluated first; the
     elitist archive then guarantees the result is at least as fit. Fitness here: the importance

@@ -94,6 +94,7 @@ def test_search_reform_materialize_compiles_for_ort_and_tvm(cli, prune_recipe, t
     assert log["log"] and all(budget["floor"] <= r["cost"] <= budget["limit"] for r in log["log"])
     bests = [h["best_fitness"] for h in log["history"]]
     assert all(b2 <= b1 for b1, b2 in zip(bests, bests[1:]))
+    assert log["fitness"]["aggregate"] == "pooled" and log["fitness"]["dense_by_source"] is None
     assert log["holdout"]["text"] == "austen:persuasion" and all(h["best_holdout"] > 1 for h in log["history"])
     assert (out / "reports" / "search.png").stat().st_size > 1000
     # quality is measured against the source model on the same protocol
@@ -229,3 +230,32 @@ def test_group_gqa_subnet_cannot_be_exported_yet(cli, prune_recipe):
     )
     code, _, err = cli("compile", prune_recipe(passes))
     assert code == 2 and "gqa: query" in err
+
+
+def test_worst_source_fitness_scores_every_calibration_source(tmp_path):
+    """fitness: worst_source labels each fitness window with its source and records every
+    source's dense perplexity; the search's best fitness is a ratio to dense."""
+    from accelc.compiler.pipeline import PassManager, StepCache
+    from accelc.compiler.recipe import load_recipe
+    from accelc.families.causal_lm import ingest
+
+    body = PRUNE_RECIPE.format(passes=STATS.strip("\n"), backends="[ort]", calibration="x", cache=tmp_path / "cache")
+    body = body.replace('calibration: "x"', "calibration: [{text: austen:emma}, {text: shakespeare:macbeth}]")
+    recipe = load_recipe(write_recipe(tmp_path, body))
+    search = {
+        "budget": {"remove_ratio": 0.3},
+        "generations": 1,
+        "population": 4,
+        "fitness_windows": 2,
+        "fitness_window": 64,
+        "holdout_windows": 0,
+        "fitness": "worst_source",
+    }
+    steps = [("importance", {"windows": 4, "window": 64}), ("arch_search", search)]
+    bundle = PassManager(recipe, StepCache(tmp_path / "cache")).run_steps(ingest(recipe.model, recipe), steps)
+    log = json.loads(bundle.reports["search_log.json"].read_text())
+    assert log["fitness"]["aggregate"] == "worst_source"
+    dense = log["fitness"]["dense_by_source"]
+    assert set(dense) == {"austen:emma", "shakespeare:macbeth"} and all(v > 1 for v in dense.values())
+    assert [s["windows"] for s in log["fitness"]["sources"]] == [1, 1]
+    assert log["best_fitness"] == min(r["fitness"] for r in log["log"]) and log["best_fitness"] > 0

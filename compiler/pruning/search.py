@@ -9,7 +9,7 @@ is the released code's AutoFormer-style one with the paper's mask mutation:
              + importance-aware random candidates around the adaptive allocation, P in all
     for gen in 1..G:
         evaluate every new candidate once (memo by content hash); fitness = perplexity on a small
-        calibration slice (lower is better)
+        calibration slice, or its worst source's ratio to dense (lower is better)
         archive = best K of archive + cands                     (elitist: best never worsens)
         cands   = M mutations of archive members + C uniform crossovers of two members
                   + (P - M - C) fresh importance-aware random candidates
@@ -495,12 +495,23 @@ class _LRU(dict):
             super().pop(next(iter(self)))
 
 
+# "pooled": perplexity over all fitness windows together. "worst_source": the largest ratio of a
+# source's perplexity to the dense model's on the same windows (minimax over calibration domains).
+# The mean over sources of log(ratio) is not offered: with the same tokens from every source it
+# equals the pooled log-perplexity minus a constant, so it ranks candidates exactly as "pooled" does.
+AGGREGATES = ("pooled", "worst_source")
+
+
 class PerplexityFitness:
     """Perplexity of the shrunk subnet on a few calibration windows (each scores window-1 tokens).
 
     With `grams` ({(layer, "o_proj"|"down_proj"): H} of the dense model, importance.collect with
     gram=True) every candidate is first given a one-shot closed-form reformation, so the search
     ranks masks by what they are worth after reformation.
+
+    `sources` labels each window with its calibration source; with aggregate="worst_source" the
+    value is max over sources of ppl_source(subnet) / ppl_source(dense), so a mask that is good
+    on average but poor on the source least like the others ranks by that source.
     """
 
     def __init__(
@@ -511,6 +522,8 @@ class PerplexityFitness:
         grams: dict | None = None,
         damp: float | None = None,
         cache_entries: int = CACHE_ENTRIES,
+        sources: list[str] | None = None,
+        aggregate: str = "pooled",
     ):
         from accelc.compiler.pruning.reform import DEFAULT_DAMP
 
@@ -518,30 +531,51 @@ class PerplexityFitness:
         self.cache = _LRU(cache_entries)
         if not windows:
             raise UsageError("fitness needs at least one calibration window")
+        if aggregate not in AGGREGATES:
+            raise UsageError(f"fitness aggregate must be one of {', '.join(AGGREGATES)}, got '{aggregate}'")
+        sources = ["calibration"] * len(windows) if sources is None else list(sources)
+        if len(sources) != len(windows):
+            raise InternalError(f"{len(sources)} source labels for {len(windows)} fitness windows")
         self.model, self.windows, self.grams, self.damp = model, windows, grams, damp
+        self.sources, self.aggregate = sources, aggregate
+        self.dense = self.perplexities(model) if aggregate == "worst_source" else None
 
     def on(self, windows) -> PerplexityFitness:
-        """The same fitness on other windows (a held-out text), sharing the reformed-layer cache."""
-        other = PerplexityFitness(self.model, windows, grams=self.grams, damp=self.damp, cache_entries=0)
+        """The same fitness on other windows (a held-out text, one source), sharing the reformed-layer cache."""
+        other = PerplexityFitness(
+            self.model, windows, grams=self.grams, damp=self.damp, cache_entries=0, aggregate=self.aggregate
+        )
         other.cache = self.cache
         return other
 
-    def __call__(self, subnet: Subnet) -> float:
+    def perplexities(self, model) -> dict[str, float]:
+        """Perplexity of a torch model on each source's windows ({"pooled": one perplexity over
+        all windows} for the pooled fitness)."""
         import torch
 
+        nll: dict[str, float] = {}
+        tokens: dict[str, int] = {}
+        with torch.inference_mode():
+            for win, source in zip(self.windows, self.sources):
+                ids = torch.as_tensor(np.asarray(win, dtype=np.int64)).unsqueeze(0)
+                logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+                nll[source] = nll.get(source, 0.0) + float(
+                    torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+                )
+                tokens[source] = tokens.get(source, 0) + ids.shape[1] - 1
+        if self.aggregate == "pooled":
+            return {"pooled": math.exp(sum(nll.values()) / sum(tokens.values()))}
+        return {source: math.exp(nll[source] / tokens[source]) for source in nll}
+
+    def __call__(self, subnet: Subnet) -> float:
         from accelc.compiler.pruning.materialize import shrink
         from accelc.compiler.pruning.reform import oneshot
 
         overrides = oneshot(self.model, subnet, self.grams, damp=self.damp, cache=self.cache) if self.grams else None
-        small = shrink(self.model, subnet, overrides)
-        nll, n = 0.0, 0
-        with torch.inference_mode():
-            for win in self.windows:
-                ids = torch.as_tensor(np.asarray(win, dtype=np.int64)).unsqueeze(0)
-                logits = small(input_ids=ids, use_cache=False).logits[0, :-1].float()
-                nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-                n += ids.shape[1] - 1
-        return math.exp(nll / n)
+        ppl = self.perplexities(shrink(self.model, subnet, overrides))
+        if self.aggregate == "pooled":
+            return ppl["pooled"]
+        return max(ppl[source] / self.dense[source] for source in ppl)
 
 
 # --------------------------------------------------------------------------- plot
