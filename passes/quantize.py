@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from accelc.compiler import registry
 from accelc.errors import UsageError, require
@@ -79,6 +79,12 @@ class QuantizeWeightsInt4(registry.Pass):
             description="with head: the embedding lookup of a tied head reads fp32 rows (float) or the head's "
             "quantised blocks (head: GatherBlockQuantized, one vocabulary table in head_bits instead of fp32)",
         )
+
+        @model_validator(mode="after")
+        def _lookup_needs_the_head(self):
+            if self.lookup == "head" and not self.head:
+                raise ValueError("lookup: head reads the quantised head's blocks: set head: true with it")
+            return self
 
     def run(self, bundle, ctx):
         """Decoding one token is matrix-vector work bound by weight bandwidth, so 4-bit weights

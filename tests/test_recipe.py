@@ -69,6 +69,16 @@ def test_a_spin_duration_without_spinning_is_refused_at_its_line(tmp_path):
     assert f"{path}:5: targets[0].ort" in msg and "allow_spinning: true" in msg
 
 
+def test_a_lookup_on_the_head_without_a_quantised_head_is_refused_at_its_line(tmp_path):
+    path = write_recipe(
+        tmp_path,
+        "model:\n  builtin: tiny-llama\npasses:\n  - type: export_onnx\n"
+        "  - type: quantize_weights_int4\n    lookup: head\n",
+    )
+    msg = error_of(path)
+    assert f"{path}:" in msg and "passes[1]" in msg and "head: true" in msg
+
+
 def test_unknown_top_level_section(tmp_path):
     msg = error_of(write_recipe(tmp_path, "model:\n  builtin: tiny-llama\noptimise: yes\n"))
     assert "unknown key 'optimise'" in msg and "passes" in msg
