@@ -13,6 +13,8 @@ unchanged configuration's compile to its proof):
   q4-int8       gguf_weights with int8 activations (accuracy_level 4)
   q4-float-zp   gguf_weights as one MatMulNBits with float zero points
   q4[-int8]-q8  q4 / q4-int8 with the Q8_0 tied head as the file's 8-bit blocks (int8 activations)
+  q4-int8-q8-apart  q4-int8-q8 with every MatMul its own MatMulNBits (merge: false; gate and up
+                are merged by default)
   q4-spec-int8  q4 with the speculative plan, draft: the target's weights in int8 (block 128,
                 symmetric) with a head over the 8,192 most frequent tokens (recipes/bench/speculative.yaml's)
   q4-spec-gguf  q4 with the speculative plan, draft: the GGUF's blocks (int8 compute), same head
@@ -64,6 +66,12 @@ CONFIGS = {
         f"{name}-q8": [common.override("passes", [{"type": "export_onnx"}, {**GGUF, "q8_0": "int8", **extra}]), *LOOSE]
         for name, extra in (("q4", {}), ("q4-int8", {"accuracy_level": 4}))
     },
+    "q4-int8-q8-apart": [
+        common.override(
+            "passes", [{"type": "export_onnx"}, {**GGUF, "q8_0": "int8", "accuracy_level": 4, "merge": False}]
+        ),
+        *LOOSE,
+    ],
     "q4-float-zp": [common.override("passes", [{"type": "export_onnx"}, {**GGUF, "layout": "float_zero_point"}])],
     "q4-spec-int8": [
         common.override(

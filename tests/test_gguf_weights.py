@@ -243,3 +243,35 @@ def test_minima_are_centred_only_where_float32_holds_them_exactly():
     np.testing.assert_array_equal(_centred(fits), [[0.25]])
     tiny_scale = np.float32([[2.0**-24]])  # fp16's smallest subnormal beside a minimum of 1024
     assert _centred(Blocks(tiny_scale, np.float32([[1024.0]]), codes, symmetric=False)) is None
+
+
+def test_matmuls_of_one_input_are_carried_as_one_with_the_same_values(tiny, tmp_path):
+    """q and k read the same input: merged they are one MatMulNBits (and one minima product), split
+    after, with every output bit for bit what the separate nodes give; Q4_0's down, of another kind,
+    stays apart."""
+    work, weights = tiny
+    q, k = weights["qk_t"][:, :8], weights["qk_t"][:, 8:]
+    named = {"q_t": q, "k_t": k, "down_t": weights["down_t"]}
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", n], [f"y_{n}"], name=f"mm_{n}") for n in named],
+        "apart",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, K])],
+        [helper.make_tensor_value_info(f"y_{n}", TensorProto.FLOAT, None) for n in named],
+        [numpy_helper.from_array(np.ascontiguousarray(a), n) for n, a in named.items()],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "apart.onnx")
+    x = np.random.default_rng(2).standard_normal((1, 3, K), dtype=np.float32)
+    blocks = GGUFBlocks(work / "tiny.gguf")
+    outputs, ops = {}, {}
+    for merge in (False, True):
+        dst = tmp_path / f"merge-{merge}.onnx"
+        assert carry_blocks(tmp_path / "apart.onnx", dst, blocks, "split", 4, merge=merge) == (3, 3, 0)
+        ops[merge] = [n.op_type for n in onnx.load(str(dst)).graph.node]
+        outputs[merge] = run(dst, x)
+    assert ops[False].count("MatMulNBits") == 3 and ops[True].count("MatMulNBits") == 2
+    assert ops[True].count("Split") == 1 and ops[True].count("Add") == ops[False].count("Add") - 1
+    for name in named:
+        assert np.array_equal(outputs[True][f"y_{name}"], outputs[False][f"y_{name}"]), name
+    for name, w in named.items():  # and each is its own product (int8 activations: within their rounding)
+        expected = x @ w
+        np.testing.assert_allclose(outputs[True][f"y_{name}"], expected, atol=0.03 * np.abs(expected).max())
