@@ -23,7 +23,13 @@ Two stages, each its own cached model (the second starts from the first):
    the benchmark's 32-token prompt plus 256 generated positions. Only response and padding are
    masked, and each example's loss is divided by their length (LLaDA's SFT estimator). The model
    learns where a text ends, and that after an end-of-text everything is end-of-text, so a sampler
-   can commit the padding in parallel or stop at the end-of-text.
+   can commit the padding in parallel or stop at the end-of-text;
+3. `sft-short`: the same examples, continuing `sft`, with every response at least
+   `min_response` tokens long (it ends at one of the first sentence ends past that). Trained on
+   responses that may end anywhere, the weak `sft` model puts its end-of-text prior above its
+   text confidence at the far end of the first block and writes nothing (docs/diffusion.md);
+   here no response ends inside the first `min_response` positions, so that prior is learned
+   as zero there.
 
 The text is Jane Austen's novels with `persuasion` held out for evaluation. A run checkpoints
 every `CHECKPOINT_EVERY` steps (weights, optimiser, step) and resumes from it; each step draws its
@@ -74,6 +80,7 @@ class TrainConfig:
     eval_examples: int = 16
     prompt_tokens: tuple[int, int] = (16, 48)  # sft: the prompt's length range, both ends included
     max_sentences: int = 4  # sft: the response ends after 1..max_sentences sentence ends
+    min_response: int = 0  # sft: ...counted from the first past this many response tokens
     bf16: bool = False  # autocast the matmuls to bfloat16 (the weights stay float32)
     # join the novels' fixed-width line wraps: a break every ~70 characters is typesetting, and a
     # weak denoiser fills uncertain positions with that frequent token (runs of newlines)
@@ -87,6 +94,8 @@ class TrainConfig:
             fields["unwrap"] = True
         if self.format == "sft":
             fields |= {"prompt_tokens": list(self.prompt_tokens), "max_sentences": self.max_sentences}
+            if self.min_response:
+                fields["min_response"] = self.min_response
         return fields
 
 
@@ -94,11 +103,13 @@ class TrainConfig:
 TEXT = TrainConfig(stage="text", format="text", steps=120, batch=4, length=64)
 # the second: prompt + response + padding at the benchmark's 32 + 256 positions
 SFT = TrainConfig(stage="sft", format="sft", steps=430, batch=2, length=288, bf16=True, unwrap=True, start="text")
-STAGES = {cfg.stage: cfg for cfg in (TEXT, SFT)}
+# the third: responses of at least 24 tokens (most of the first 32-token block), 1-2 sentences
+SFT_SHORT = replace(SFT, stage="sft-short", steps=200, min_response=24, max_sentences=2, start="sft")
+STAGES = {cfg.stage: cfg for cfg in (TEXT, SFT, SFT_SHORT)}
 # The built-ins `accelc train` makes. The SFT stage learned the padding but, at 430 steps, not yet
 # where a text ends (it writes 0-1 tokens; docs/diffusion.md), so the default model is the text
 # stage, which writes text; `smollm2-dream-sft` resumes the SFT stage for a longer run.
-BUILTINS = {NAME: TEXT, f"{NAME}-sft": SFT}
+BUILTINS = {NAME: TEXT, f"{NAME}-sft": SFT, f"{NAME}-sft-short": SFT_SHORT}
 
 
 def model_dir(cfg: TrainConfig) -> Path:
@@ -216,14 +227,15 @@ def text_example(torch, stream, cfg: TrainConfig, generator) -> tuple[list[int],
 
 def sft_example(torch, stream, cfg: TrainConfig, eos_id: int, generator) -> tuple[list[int], int]:
     """A prompt of `prompt_tokens` tokens from a random position, the response up to the n-th
-    sentence end after it (n in 1..max_sentences, fewer when they do not fit), end-of-text padding
-    to `length` (at least one). Returns the ids and the prompt's length."""
+    sentence end at least `min_response` tokens after it (n in 1..max_sentences, fewer when they
+    do not fit), end-of-text padding to `length` (at least one). Returns the ids and the prompt's
+    length."""
     ids, ends = stream
     low, high = cfg.prompt_tokens
     while True:
         prompt = randint(torch, low, high + 1, generator)
         start = randint(torch, 0, len(ids) - cfg.length, generator)
-        first = bisect.bisect_right(ends, start + prompt)  # the first sentence end inside the response
+        first = bisect.bisect_right(ends, start + prompt + cfg.min_response)  # the first end it may stop at
         fitting = [e for e in ends[first : first + cfg.max_sentences] if e - start < cfg.length]
         if fitting:
             end = fitting[randint(torch, 0, len(fitting), generator)]

@@ -65,6 +65,24 @@ def test_sft_examples_are_prompt_then_whole_sentences_then_end_of_text(stream):
     assert masked[:, -1].any()  # padding is masked, and so part of the loss
 
 
+def test_a_minimum_response_keeps_every_end_of_text_past_it(stream):
+    """`min_response`: no response stops before that many tokens, and each stops at one of the
+    first `max_sentences` sentence ends past them."""
+    ids, ends = stream
+    cfg = replace(SMALL, min_response=6)
+    x, _, _, _, maskable = T.training_batch(torch, stream, cfg, EOS, MASK, torch.Generator().manual_seed(3))
+    lengths = []
+    for row, count in zip(x.tolist(), maskable.tolist()):
+        prompt, end = cfg.length - count, row.index(EOS)
+        start = ids.index(row[0])
+        assert end - prompt > cfg.min_response and start + end in ends
+        assert len([e for e in ends if start + prompt + cfg.min_response < e < start + end]) < cfg.max_sentences
+        lengths.append(end - prompt)
+    plain, _, _, _, counts = T.training_batch(torch, stream, SMALL, EOS, MASK, torch.Generator().manual_seed(3))
+    shortest = min(row.index(EOS) - (SMALL.length - c) for row, c in zip(plain.tolist(), counts.tolist()))
+    assert shortest <= cfg.min_response < min(lengths)  # without it, some responses are that short
+
+
 def test_plain_windows_keep_only_the_first_token():
     ids = list(range(2, 200))
     cfg = replace(T.TEXT, length=16, batch=32)
@@ -93,5 +111,6 @@ def test_the_cache_key_covers_the_data_format_not_the_run_length():
     assert T.model_dir(replace(T.SFT, steps=T.SFT.steps + 1)) == T.model_dir(T.SFT)
     assert T.model_dir(replace(T.SFT, max_sentences=T.SFT.max_sentences + 1)) != T.model_dir(T.SFT)
     assert T.model_dir(replace(T.SFT, length=T.SFT.length * 2)) != T.model_dir(T.SFT)
+    assert T.model_dir(replace(T.SFT, min_response=24)) != T.model_dir(T.SFT)
     assert T.model_dir(replace(T.SFT, start="")) != T.model_dir(T.SFT)
     assert T.model_dir(T.SFT) != T.model_dir(T.TEXT)
