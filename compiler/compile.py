@@ -61,8 +61,11 @@ def _assemble(writer: ArtifactWriter, bundle, lowered, cache_owned) -> dict:
     for role, graph in bundle.graphs.items():
         rel = f"model/onnx/{role}.onnx"
         data = graph.with_name(graph.name + ".data")
-        if data.exists():  # weights in an external-data file beside the graph: renamed with it
-            writer.place(data, rel + ".data", link=cache_owned(data))
+        if data.exists():  # weights in an external-data file beside the graph: renamed with it, and
+            # copied, never hard-linked: onnx (1.23) refuses to read a data file with more than one
+            # link ("potential hardlink attack"), so neither the artifact's graph nor the cached one
+            # a later pass reads would open in onnx
+            writer.place(data, rel + ".data", link=False)
             _relocate_external_data(graph, writer.tmp / rel, Path(rel).name + ".data")
         else:
             writer.place(graph, rel, link=cache_owned(graph))

@@ -39,7 +39,6 @@ from accelc.runtime.ort_backend import IN_PLACE_KV  # metadata: past and present
 ARCHITECTURES = ("llama", "qwen2")  # Hugging Face model_type values it builds
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
-INLINE_LIMIT = 1_800_000_000  # protobuf's 2 GB cap: larger graphs keep weights in <graph>.data
 WEIGHT_VIEWS = "accelc.weight_views"  # metadata key: {parameter name: view} (see `view_arrays`)
 
 
@@ -246,9 +245,11 @@ def build(model, out_dir: Path, opset: int = OPSET, vocab_subset=None) -> Path:
     helper.set_model_props(proto, {IN_PLACE_KV[0]: IN_PLACE_KV[1], WEIGHT_VIEWS: json.dumps(g.views)})
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
-    external = sum(t.ByteSize() for t in g.initializers) > INLINE_LIMIT
+    # weights in <graph>.data whatever their size (protobuf caps a proto at 2 GB anyway): ONNX
+    # Runtime maps that file instead of parsing a copy of every weight out of the proto, which
+    # kept ~200 MB more resident on SmolLM2 (docs/peers.md)
     onnx.save_model(
-        proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=path.name + ".data"
+        proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
     )
     return path
 
@@ -330,8 +331,7 @@ def view_arrays(graph: Path, names) -> dict[str, np.ndarray] | None:
     import onnx
     from onnx import numpy_helper
 
-    # weights stay on disk until one is wanted: a rewritten graph (its data file hard-linked into an
-    # artifact, which onnx refuses to read) answers None before any is read
+    # weights stay on disk until one is wanted: a rewritten graph answers None before any is read
     model = onnx.load(str(graph), load_external_data=False)
     props = {p.key: p.value for p in model.metadata_props}
     views = json.loads(props.get(WEIGHT_VIEWS, "{}"))

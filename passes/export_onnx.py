@@ -23,7 +23,7 @@ class ExportOnnx(registry.Pass):
     """Export the causal LM to ONNX with past/present KV tensors (fused builder or optimum-onnx)."""
 
     name = "export_onnx"
-    version = 6  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
+    version = 7  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
     produces = ("onnx_graph",)
 
     class Params(registry.Params):

@@ -127,7 +127,7 @@ class Speculative(registry.Pass):
     """Speculative decoding plan: draft model, measured alpha and cost ratio, gamma by predicted speedup."""
 
     name = "speculative"
-    version = 13  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
+    version = 14  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
     reads = ("data.calibration", "decode")  # alpha's prompts and sampler, the draft's vocabulary
     produces = ("draft", "plan")
 

@@ -133,7 +133,7 @@ class GraphBackend(Backend):
 
 
 def graph_files(graph: Path) -> list[Path]:
-    """An ONNX graph's files: the graph, and the .data file where weights over 2 GB sit."""
+    """An ONNX graph's files: the graph, and the .data file beside it that holds its weights."""
     return [graph, graph.with_name(graph.name + ".data")]
 
 
