@@ -86,6 +86,7 @@ def test_int8_quantisation_shrinks_the_graph_and_stays_close(cli, tiny_recipe, t
     manifest = json.loads((out / "manifest.json").read_text())
     assert [p["name"] for p in manifest["passes"]] == ["export_onnx", "quantize_dynamic_int8"]
     fp32 = json.loads((tmp_path / "fp32" / "manifest.json").read_text())
+
     def graph_bytes(files: dict) -> int:  # the graph and its weights' data file
         return sum(files[name]["bytes"] for name in files if name.startswith("model/onnx/decoder.onnx"))
 
