@@ -65,7 +65,9 @@ def _assemble(writer: ArtifactWriter, bundle, lowered, cache_owned) -> dict:
             # copied, never hard-linked: onnx (1.23) refuses to read a data file with more than one
             # link ("potential hardlink attack"), so neither the artifact's graph nor the cached one
             # a later pass reads would open in onnx
-            writer.place(data, rel + ".data", link=False)
+            # onnx writes data files owner-only (0600): the artifact's copy gets the graph's mode, so
+            # a service reading the artifact as another user can open its weights
+            writer.place(data, rel + ".data", link=False).chmod(graph.stat().st_mode & 0o777)
             _relocate_external_data(graph, writer.tmp / rel, Path(rel).name + ".data")
         else:
             writer.place(graph, rel, link=cache_owned(graph))

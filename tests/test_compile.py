@@ -164,6 +164,10 @@ def test_int4_weight_quantisation_uses_matmulnbits(cli, tiny_recipe, tmp_path):
     locations = {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {"decoder.onnx.data"} and (out / "model" / "onnx" / "decoder.onnx.data").is_file()
     assert "model/onnx/decoder.onnx.data" in json.loads((out / "manifest.json").read_text())["files"]
+    # ...a file of its own (onnx refuses data with more than one hard link), as readable as the graph
+    data, proto = out / "model" / "onnx" / "decoder.onnx.data", out / "model" / "onnx" / "decoder.onnx"
+    assert data.stat().st_nlink == 1 and data.stat().st_mode == proto.stat().st_mode
+    assert len(onnx.load(str(proto)).graph.initializer) == len(graph.graph.initializer)
 
 
 def test_no_report_names_the_temporary_build_folder(cli, tmp_path):
