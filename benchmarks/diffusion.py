@@ -17,7 +17,10 @@ tokens over generation seconds), `calls_reduction` (the baseline's calls over th
 and `speedup` (median of the per-prompt paired ratios of the baseline's seconds over the
 configuration's), both against the baseline at the same `gen_length`; `agreement` (fraction of the
 baseline's response tokens reproduced), `quality` (median perplexity, under SmolLM2-135M itself, of
-the continuations up to end-of-text: lower is better) and `baseline_quality`. Reference rows
+the continuations up to end-of-text: lower is better) and `baseline_quality`, with
+`quality_per_prompt` and `baseline_quality_per_prompt` (prompt by prompt, in one order: with
+greedy sampling the baseline has no run-to-run spread of its own, so a configuration's quality is
+judged prompt by prompt against it). Reference rows
 (`smollm2_ar`: SmolLM2's own greedy continuations; `unigram`: tokens drawn from the training text's
 unigram distribution) carry the quality figure only.
 
@@ -164,6 +167,7 @@ def main(argv=None) -> int:
             runs = results[backend, opts]
             timed_base = results[backend, reference]
             calls = statistics.mean(r.calls for r in runs)
+            per_prompt = [perplexity(scorer, q, r.text_tokens(cfg.eos_token_id)) for q, r in zip(prompts, runs)]
             rows.append(
                 {
                     "sampler": opts.sampler,
@@ -180,9 +184,8 @@ def main(argv=None) -> int:
                     "calls_reduction": statistics.mean(r.calls for r in base) / calls,
                     "speedup": common.median_ratio([r.seconds for r in timed_base], [r.seconds for r in runs]),
                     "agreement": statistics.mean(agreement(r.tokens, b.tokens) for r, b in zip(runs, base)),
-                    "quality": quality(
-                        perplexity(scorer, q, r.text_tokens(cfg.eos_token_id)) for q, r in zip(prompts, runs)
-                    ),
+                    "quality": quality(per_prompt),
+                    "quality_per_prompt": per_prompt,
                     "baseline_quality": quality(base_quality),
                     "baseline_quality_per_prompt": base_quality,
                 }
