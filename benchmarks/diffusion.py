@@ -3,8 +3,9 @@ agreement with the LLaDA baseline and the quality of what each one writes.
 
 Run as `python -m benchmarks.diffusion [--quick] --json OUT.json` (the plot goes to OUT.png).
 
-The model is the project's own small masked-diffusion LM (`accelc train smollm2-dream`, or any
-LLaDA/Dream folder given by --model), its denoiser exported to ONNX and run by ONNX Runtime. For
+The model is the project's own small masked-diffusion LM (`accelc train smollm2-dream-sft-short`,
+the stage that writes a response and ends it), or any LLaDA/Dream folder given by --model, its
+denoiser exported to ONNX and run by ONNX Runtime. For
 each generation length, every configuration (the baseline, SlowFast, Fast-dLLM threshold and
 factor, each with no cache, the prefix cache and the dual cache) decodes the same held-out
 prompts ("Persuasion", its line wraps joined as in the model's training text), interleaved
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--quick", action="store_true", help="generation length 64 and 2 prompts (about 9 minutes on 2 shared cores)"
     )
-    p.add_argument("--model", default="smollm2-dream", help="a built-in diffusion LM or a LLaDA/Dream folder")
+    p.add_argument("--model", default="smollm2-dream-sft-short", help="a built-in diffusion LM or a LLaDA/Dream folder")
     p.add_argument("--prompts", type=int, help="prompts per generation length (default 8; 2 with --quick)")
     p.add_argument("--gen-lengths", type=int, nargs="+", help="default 64 256; 64 with --quick")
     p.add_argument("--block-length", type=int, default=32)
