@@ -6,6 +6,10 @@ Text specs, as a recipe writes them:
     pydoc:topics         Python's own reference documentation (the standard library's pydoc_data)
     debian-doc:<pkg>     the plain-text documentation Debian installs for a package
                          (/usr/share/doc/<pkg>: README, *.txt, *.md; dpkg's is always there)
+    licenses:<name>      a licence of /usr/share/common-licenses (Debian's base-files): apache-2.0,
+                         mpl-2.0, ...; licenses:non-gnu is all of them joined (formal, legal English).
+                         The GNU family (GPL*, LGPL*, GFDL*) is refused: the benchmarks evaluate on
+                         GPL-3, whose wording those share (read it with file:<path>)
     dir:<path>           every UTF-8 text file (.txt, .md, .rst, README) under a folder of the user's
     file:<path>, <path>  the user's own UTF-8 text file
 
@@ -110,16 +114,51 @@ _RDX_SUFFIX = "janeaustenr/data/Rdata.rdx"
 
 _SPEC_HELP = (
     "allowed text specs: austen:<novel>, shakespeare:<play>, pydoc:topics, debian-doc:<package>, "
-    "dir:<folder>, file:<path> or a path to a UTF-8 text file (novels: " + ", ".join(AUSTEN_NOVELS) + "; plays: see "
+    "licenses:<name>, dir:<folder>, file:<path> or a path to a UTF-8 text file (novels: "
+    + ", ".join(AUSTEN_NOVELS)
+    + "; plays: see "
     "accelc.data.list_texts())"
 )
 DOC_SUFFIXES = (".txt", ".md", ".rst")
 DEBIAN_DOC_ROOT = Path("/usr/share/doc")
+LICENSE_ROOT = Path("/usr/share/common-licenses")
+# GPL-3 is the benchmarks' legal evaluation text (benchmarks/search_vs_baselines.py); these share
+# its wording (the LGPL is GPL-3 plus exceptions, the GFDL is drafted in the same terms), so
+# calibrating on them would score GPL-3 on text the model was fitted to.
+_GNU_LICENSE = re.compile(r"^(gpl|lgpl|gfdl)(-|$)")
+ALL_NON_GNU_LICENSES = "non-gnu"
 
 
 def list_texts() -> dict[str, list[str]]:
-    """The named texts, by corpus: {"austen": [...], "shakespeare": [...]}."""
-    return {"austen": list(AUSTEN_NOVELS), "shakespeare": list(SHAKESPEARE_PLAYS)}
+    """The named texts, by corpus: {"austen": [...], "shakespeare": [...], "licenses": [...]}."""
+    return {"austen": list(AUSTEN_NOVELS), "shakespeare": list(SHAKESPEARE_PLAYS), "licenses": list(_licenses())}
+
+
+def _licenses() -> dict[str, Path]:
+    """The non-GNU licences of this machine by lower-case name (none where the folder is missing)."""
+    if not LICENSE_ROOT.is_dir():
+        return {}
+    files = sorted(path for path in LICENSE_ROOT.iterdir() if path.is_file())
+    return {path.name.lower(): path for path in files if not _GNU_LICENSE.match(path.name.lower())}
+
+
+def _license_text(name: str, spec: str) -> str:
+    licenses, name = _licenses(), name.lower()
+    if _GNU_LICENSE.match(name.lower()):
+        raise UsageError(
+            f"'{spec}': the GNU licences (GPL*, LGPL*, GFDL*) are not a calibration source: they share the "
+            f"wording of GPL-3, the benchmarks' legal evaluation text; read one as file:{LICENSE_ROOT}/<NAME>"
+        )
+    if not licenses:
+        raise UsageError(f"'{spec}': no licences here ({LICENSE_ROOT} is Debian's base-files; it is missing)")
+    if name == ALL_NON_GNU_LICENSES:
+        return "\n\n".join(_read_user_file(path) for path in licenses.values())
+    if name not in licenses:
+        raise UsageError(
+            f"unknown licence '{name}' in '{spec}': choose one of {', '.join(licenses)} "
+            f"or {ALL_NON_GNU_LICENSES} (all of them)"
+        )
+    return _read_user_file(licenses[name])
 
 
 # --------------------------------------------------------------------------- decoding
@@ -259,6 +298,8 @@ def load_text(spec: str) -> str:
         if not name or "/" in name or not folder.is_dir():
             raise UsageError(f"no Debian documentation for package '{name}' in '{spec}' (no folder {folder})")
         return _folder_text(folder, spec)
+    if sep and corpus == "licenses":
+        return _license_text(name, spec)
     if sep and corpus == "dir":
         return _folder_text(Path(name).expanduser(), spec)
     if sep and corpus == "file":

@@ -264,14 +264,15 @@ class ArchSearch(registry.Pass):
             0.9, ge=0, le=1, description="a mutation keeps at least this fraction of the parent's kept heads/channels"
         )
         seed: int = 0
-        # 4 x 512: 16 x 128 (the same tokens) and 8 x 512 did not lower the worst held-out text
-        # (1.54x, 1.53x vs 1.48x at 20% removed; 8 x 512 middles 1.50x; docs/pruning.md,
-        # sessions 13-14)
-        fitness_windows: int = Field(
-            4,
+        # one 512-token window per source (4 for the four-source mixture): 16 x 128 (the same
+        # tokens) and 8 x 512 did not lower the worst held-out text (1.54x, 1.53x vs 1.48x at 20%
+        # removed; 8 x 512 middles 1.50x; docs/pruning.md, sessions 13-14); fewer windows than
+        # sources would leave a source out of the fitness
+        fitness_windows: int | None = Field(
+            None,
             ge=1,
             description="calibration windows (the middles of equal parts of each source after the "
-            "statistics' windows) scored by the fitness",
+            "statistics' windows) scored by the fitness (default: one per calibration source, at least 4)",
         )
         fitness_window: int = Field(512, ge=8)
         # pooled: worst_source lowered the worst held-out text at 20% removed (1.460x vs 1.486x,
@@ -323,7 +324,7 @@ class ArchSearch(registry.Pass):
             tok,
             ctx.recipe.data.calibration,
             window=p.fitness_window,
-            max_windows=p.fitness_windows,
+            max_windows=p.fitness_windows or max(4, len(mixture(ctx.recipe.data.calibration))),
             skip=skip,
             spread=True,
         )

@@ -441,3 +441,29 @@ def test_documentation_sources_of_this_machine_load(tmp_path):
         load_text("debian-doc:no-such-pkg")
     with pytest.raises(UsageError, match="use pydoc:topics"):
         load_text("pydoc:library")
+
+
+def test_licenses_are_a_formal_prose_source_without_the_gnu_family(tmp_path, monkeypatch):
+    from accelc.data import list_texts, load_text, text_identity
+
+    for name, text in {
+        "Apache-2.0": "Apache terms",
+        "BSD": "BSD terms",
+        "GPL-3": "GPL",
+        "LGPL-2.1": "L",
+        "GFDL": "F",
+    }.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(data, "LICENSE_ROOT", tmp_path)
+    assert list_texts()["licenses"] == ["apache-2.0", "bsd"]
+    assert load_text("licenses:apache-2.0") == load_text("licenses:Apache-2.0") == "Apache terms"
+    assert load_text("licenses:non-gnu") == "Apache terms\n\nBSD terms"
+    assert text_identity("licenses:non-gnu").startswith("licenses:non-gnu sha256:")
+    for gnu in ("gpl-3", "LGPL-2.1", "gfdl", "gpl"):
+        with pytest.raises(UsageError, match=r"GNU licences .* share the wording of GPL-3.*file:"):
+            load_text(f"licenses:{gnu}")
+    with pytest.raises(UsageError, match=r"unknown licence 'mit'.*apache-2\.0, bsd or non-gnu"):
+        load_text("licenses:mit")
+    monkeypatch.setattr(data, "LICENSE_ROOT", tmp_path / "missing")
+    with pytest.raises(UsageError, match="no licences here"):
+        load_text("licenses:non-gnu")

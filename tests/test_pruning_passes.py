@@ -259,3 +259,23 @@ def test_worst_source_fitness_scores_every_calibration_source(tmp_path):
     assert set(dense) == {"austen:emma", "shakespeare:macbeth"} and all(v > 1 for v in dense.values())
     assert [s["windows"] for s in log["fitness"]["sources"]] == [1, 1]
     assert log["best_fitness"] == min(r["fitness"] for r in log["log"]) and log["best_fitness"] > 0
+
+
+def test_fitness_scores_one_window_of_every_source_by_default(tmp_path):
+    """Without fitness_windows the search scores one window per calibration source (at least 4),
+    so a fifth source is not left out of the fitness."""
+    from accelc.compiler.pipeline import PassManager, StepCache
+    from accelc.compiler.recipe import load_recipe
+    from accelc.families.causal_lm import ingest
+
+    plays = ["macbeth", "lear", "tempest", "othello", "julius_caesar"]
+    body = PRUNE_RECIPE.format(passes=STATS.strip("\n"), backends="[ort]", calibration="x", cache=tmp_path / "cache")
+    mixture = ", ".join(f"{{text: shakespeare:{play}}}" for play in plays)
+    recipe = load_recipe(write_recipe(tmp_path, body.replace('calibration: "x"', f"calibration: [{mixture}]")))
+    search = {"budget": {"remove_ratio": 0.3}, "generations": 1, "population": 2, "fitness_window": 64}
+    cheap = {"holdout_windows": 0, "reform_in_fitness": False, "seed_with_flap": False}
+    steps = [("importance", {"windows": 5, "window": 64}), ("arch_search", {**search, **cheap})]
+    bundle = PassManager(recipe, StepCache(tmp_path / "cache")).run_steps(ingest(recipe.model, recipe), steps)
+    fitness = json.loads(bundle.reports["search_log.json"].read_text())["fitness"]
+    assert fitness["windows"] == 5 and [s["windows"] for s in fitness["sources"]] == [1] * 5
+    assert [s["text"] for s in fitness["sources"]] == [f"shakespeare:{play}" for play in plays]
