@@ -33,10 +33,12 @@ the minima are m). MatMuls that read the same input (a layer's gate and up proje
 carried as one MatMulNBits over their blocks side by side, with one minima product and one Add,
 then split (`merge: true`, the default): each output column is the same dot product over the same
 blocks, so the values are the same; the step runs 60 fewer small nodes on SmolLM2, which is what
-the split layout costs (docs/quantization.md). Centring matters with int8 activations (`accuracy_level: 4`): the rounding
-error of a block of activations, e, enters the first term as d (q - 8) . e, and with codes
-0..15 uncentred it would enter as d q . e, whose mean 7.5 d sum(e) does not cancel (perplexity
-+0.7% instead of +1.3% on SmolLM2; docs/quantization.md).
+the split layout costs (docs/quantization.md).
+
+Centring matters with int8 activations (`accuracy_level: 4`): the rounding error of a block of
+activations, e, enters the first term as d (q - 8) . e, and with codes 0..15 uncentred it would
+enter as d q . e, whose mean 7.5 d sum(e) does not cancel (perplexity +0.7% instead of +1.3% on
+SmolLM2; docs/quantization.md).
 """
 
 from __future__ import annotations
