@@ -9,10 +9,14 @@ The samples are drawn `batch` at a time (all at once by default; 1 is one image 
 latency case). Each round draws the samples' prior noise and samples it with every schedule
 (loops/flow_sampling.py), in turn, so the speedups are paired ratios of times measured side by
 side. SeJD's per-block choice comes from Jacobi iterations on separate calibration noise and the
-measured cost of a Jacobi call in one-token steps at this batch. Rows (`part` "flow"): wall seconds (median), speedup against sequential (median paired
-ratio), model calls, iterations per block, the largest pixel difference (in [0, 1] units, after
-the denoising step) from the sequential sample of the same noise, and the bits per dimension of
-the samples under the model. The plot (OUT.png) shows wall time and iterations per block.
+measured cost of a Jacobi call in one-token steps at this batch. Rows (`part` "flow"): wall
+seconds (median), speedup against sequential (median paired ratio), model calls, iterations per
+block, the largest and the mean pixel difference (in [0, 1] units, after the denoising step)
+from the sequential sample of the same noise, the bits per dimension of the samples under the
+model, and `class_agreement`: the fraction of samples that the project's Fashion-MNIST classifier
+(`accelc train fmnist-cnn`; null when it is not trained) puts in the class of the sequential
+sample of the same noise, i.e. whether a looser tolerance changed what was drawn. The plot
+(OUT.png) shows wall time and iterations per block.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ def flow_rows(args) -> list[dict]:
             times[schedule.name].append(sum(stats.seconds))
             outputs[schedule.name].append((x, stats))
     reference = [to_images(model, x) for x, _ in outputs["sequential"]]
+    classify = fmnist_classifier()
+    reference_classes = [classify(images) for images in reference] if classify else None
     rows = []
     for schedule in schedules:
         runs = outputs[schedule.name]
@@ -70,6 +76,10 @@ def flow_rows(args) -> list[dict]:
                 "calls": runs[0][1].total_calls,
                 "iterations_per_block": runs[0][1].iterations,
                 "max_abs_diff": max(float(np.abs(a - b).max()) for a, b in zip(images, reference)),
+                "mean_abs_diff": float(np.mean([np.abs(a - b).mean() for a, b in zip(images, reference)])),
+                "class_agreement": float(np.mean([classify(a) == c for a, c in zip(images, reference_classes)]))
+                if classify
+                else None,
                 "bpd": float(np.mean(bpd)),
                 "schedule": schedule.to_json(),
                 "samples": args.samples,
@@ -82,6 +92,29 @@ def flow_rows(args) -> list[dict]:
             }
         )
     return rows
+
+
+def fmnist_classifier():
+    """Images (N, 1, 28, 28) in [0, 1] -> predicted classes, by the project's trained Fashion-MNIST
+    CNN; None (and a note) when `accelc train fmnist-cnn` has not been run."""
+    import numpy as np
+    import torch
+
+    from accelc import progress
+    from accelc.errors import UsageError
+    from accelc.families import cnn, cnn_model
+
+    try:
+        _, net = cnn_model.load(cnn.builtin_dir("fmnist-cnn"))
+    except UsageError as exc:
+        progress.status(f"class agreement left out: {exc}")
+        return None
+
+    def classify(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return net(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))).argmax(1).numpy()
+
+    return classify
 
 
 def open_flow(model, backend: str, threads: int | None):
@@ -140,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(
             f"{r['method']:<11} {r['wall_s']:7.2f}s  {r['speedup']:5.2f}x  calls {r['calls']:4d}  "
-            f"iters {r['iterations_per_block']}  max|dx| {r['max_abs_diff']:.4f}  bpd {r['bpd']:.3f}"
+            f"iters {r['iterations_per_block']}  max|dx| {r['max_abs_diff']:.4f}  mean|dx| {r['mean_abs_diff']:.5f}  "
+            f"bpd {r['bpd']:.4f}  classes {r['class_agreement']}"
         )
     return 0
 

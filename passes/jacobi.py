@@ -8,12 +8,19 @@ relative-change tolerance, times one call of each length at the deployment batch
 each block the length with the smallest predicted time (calls x cost per call): SeJD's selection
 (arXiv 2505.24791) generalised to GS-Jacobi's chunks and priced on this machine. Sequential is
 kept where nothing else is predicted at least `min_gain` faster, since the prediction has noise.
-The schedule goes into the family's decode plan (families/tarflow.py `decode_plan`).
+
+The stopping tolerance is chosen the same way, under a quality bound: every tolerance of `tol`
+and `looser_tols` gets its own schedule, whose calibration samples are drawn and compared, as
+images after the denoising step, with the sequential samples of the same noise; the fastest
+predicted schedule whose mean absolute pixel difference stays within `max_pixel_diff` is
+planned (by default one 8-bit grey level: a looser tolerance that moves what is drawn is not
+taken). The schedule goes into the family's decode plan (families/tarflow.py `decode_plan`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -25,7 +32,7 @@ class Jacobi(registry.Pass):
     """Per-block sampling schedule of a TarFlow (sequential, Jacobi, GS-Jacobi) by predicted wall time."""
 
     name = "jacobi"
-    version = 1
+    version = 2
     families = ("tarflow",)
     produces = ("plan",)
 
@@ -33,6 +40,17 @@ class Jacobi(registry.Pass):
         backend: Literal["torch", "ort"] = Field("ort", description="where calls are timed (ort: after export_flow)")
         batch: int = Field(64, gt=0, le=4096, description="samples drawn together at run time")
         tol: float = Field(1e-3, ge=0, lt=1, description="relative-change stopping threshold per chunk")
+        looser_tols: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+            default_factory=lambda: [3e-3, 1e-2],
+            description="looser thresholds tried too; planned only within max_pixel_diff of sequential",
+        )
+        max_pixel_diff: float = Field(
+            1 / 255,
+            ge=0,
+            le=1,
+            description="quality bound: mean absolute difference of the calibration samples from the "
+            "sequential ones (pixels in [0, 1], after the denoising step)",
+        )
         chunks: list[int] = Field(
             default_factory=lambda: [8, 16], description="GS-Jacobi chunk lengths tried besides 1 and the whole block"
         )
@@ -45,7 +63,11 @@ class Jacobi(registry.Pass):
         return ("onnx_graph",) if params.backend == "ort" else (), cls.produces, cls.drops
 
     def run(self, bundle, ctx):
+        import numpy as np
+
         from accelc import progress
+        from accelc.families import tarflow_model
+        from accelc.families.tarflow_run import to_images
         from accelc.loops import flow_sampling as fs
 
         p = self.params
@@ -53,29 +75,49 @@ class Jacobi(registry.Pass):
         steps = flow.tokens - 1
         candidates = sorted({1, steps, *(c for c in p.chunks if 1 < c < steps)})
         z = fs.prior_noise(flow, p.batch, p.seed)
-        costs, calls = {}, {}
-        for chunk in progress.bar(candidates, desc="jacobi: calibrate chunk lengths"):
-            costs[chunk] = fs.call_cost(flow, p.batch, chunk)
-            _, stats = fs.sample(flow, z, fs.FlowSchedule.uniform("calibration", len(flow.blocks), chunk, p.tol))
-            calls[chunk] = stats.calls
-        chosen, gain = fs.cheapest_chunks(calls, costs, p.min_gain)
-        if gain < p.min_gain:
-            reason = f"no schedule predicted {p.min_gain}x faster than sequential (best {gain:.2f}x)"
+        costs = {c: fs.call_cost(flow, p.batch, c) for c in progress.bar(candidates, desc="jacobi: time calls")}
+        reference, stats = fs.sample(flow, z, fs.FlowSchedule.sequential(len(flow.blocks)))
+        model = tarflow_model.load(bundle.model_dir)  # the model of record denoises the samples compared
+        reference_images = to_images(model, reference)
+        tried = []
+        for tol in progress.bar(sorted({p.tol, *p.looser_tols}), desc="jacobi: calibrate tolerances"):
+            calls = {1: stats.calls}
+            for chunk in candidates[1:]:
+                schedule = fs.FlowSchedule.uniform("calibration", len(flow.blocks), chunk, tol)
+                calls[chunk] = fs.sample(flow, z, schedule)[1].calls
+            chosen, gain = fs.cheapest_chunks(calls, costs, p.min_gain)
+            schedule = fs.FlowSchedule(schedule_name(chosen, steps), tuple(fs.BlockSchedule(c, tol) for c in chosen))
+            images = to_images(model, fs.sample(flow, z, schedule)[0])
+            diff = float(np.abs(images - reference_images).mean())
+            tried.append(Tried(tol, schedule, calls, gain, diff))
+        best = fastest_within(tried, p.max_pixel_diff, p.min_gain)
+        if best is None:
+            best = Tried(p.tol, fs.FlowSchedule.sequential(len(flow.blocks)), tried[0].calls, 1.0, 0.0)
+            reason = (
+                f"no schedule within {p.max_pixel_diff:.4f} of sequential was predicted {p.min_gain}x faster "
+                f"(best {max(t.gain for t in tried):.2f}x)"
+            )
         else:
-            reason = f"predicted {gain:.2f}x faster than sequential at batch {p.batch} on {p.backend}"
-        predicted = sum(calls[c][b] * costs[c] for b, c in enumerate(chosen))
-        sequential = sum(calls[1][b] * costs[1] for b in range(len(chosen)))
-        schedule = fs.FlowSchedule(schedule_name(chosen, steps), tuple(fs.BlockSchedule(c, p.tol) for c in chosen))
-        progress.status(f"jacobi: {schedule.name} {chosen} ({reason})")
+            reason = (
+                f"predicted {best.gain:.2f}x faster than sequential at batch {p.batch} on {p.backend}, tol {best.tol:g}, "
+                f"mean pixel difference {best.pixel_diff:.5f}"
+            )
+        chosen = [b.chunk for b in best.schedule.blocks]
+        predicted = sum(best.calls[c][b] * costs[c] for b, c in enumerate(chosen))
+        sequential = sum(best.calls[1][b] * costs[1] for b in range(len(chosen)))
+        progress.status(f"jacobi: {best.schedule.name} {chosen} ({reason})")
         plan = {
-            "schedule": schedule.to_json(),
+            "schedule": best.schedule.to_json(),
             "batch": p.batch,
             "backend": p.backend,
+            "tol": best.tol,
             "call_cost_s": {str(c): costs[c] for c in candidates},
-            "calls_per_block": {str(c): calls[c] for c in candidates},
+            "calls_per_block": {str(c): best.calls[c] for c in candidates},
             "predicted_s": predicted,
             "predicted_sequential_s": sequential,
             "predicted_speedup": sequential / predicted,
+            "tolerances": [t.to_json() for t in tried],
+            "max_pixel_diff": p.max_pixel_diff,
             "reason": reason,
         }
         return bundle.evolve(plan={**bundle.plan, "flow": plan})
@@ -91,6 +133,33 @@ class Jacobi(registry.Pass):
 
         session = {"intra_op_threads": self.params.threads, "allow_spinning": False}
         return ort_flow_model(bundle.graphs[FLOW_GRAPH], session)
+
+
+@dataclass(frozen=True)
+class Tried:
+    """One tolerance's calibration: its cheapest schedule, the calls behind it, its predicted gain
+    over sequential and its samples' mean absolute pixel difference from sequential's."""
+
+    tol: float
+    schedule: object  # loops/flow_sampling.FlowSchedule
+    calls: dict[int, list[int]]
+    gain: float
+    pixel_diff: float
+
+    def to_json(self) -> dict:
+        return {
+            "tol": self.tol,
+            "schedule": self.schedule.to_json(),
+            "predicted_speedup": self.gain,
+            "mean_pixel_diff": self.pixel_diff,
+        }
+
+
+def fastest_within(tried: list[Tried], max_pixel_diff: float, min_gain: float) -> Tried | None:
+    """The tolerance with the largest predicted gain (ties: the stricter) among those whose samples
+    stay within `max_pixel_diff` and that gain at least `min_gain`; None when none does."""
+    within = [t for t in tried if t.pixel_diff <= max_pixel_diff and t.gain >= min_gain]
+    return max(within, key=lambda t: (t.gain, -t.tol)) if within else None
 
 
 def schedule_name(chunks: list[int], steps: int) -> str:

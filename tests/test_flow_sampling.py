@@ -105,3 +105,17 @@ def test_a_schedule_must_cover_every_block(flow, noise):
         fs.sample(flow, noise, fs.FlowSchedule.uniform("short", 2, 1))
     schedule = fs.FlowSchedule.gs_jacobi(flow, 4, 1e-3)
     assert fs.FlowSchedule.from_json(schedule.to_json()) == schedule
+
+
+def test_the_jacobi_pass_plans_the_fastest_tolerance_within_the_quality_bound():
+    from accelc.passes.jacobi import Tried, fastest_within
+
+    def tried(tol, gain, diff):
+        return Tried(tol, fs.FlowSchedule.sequential(2), {}, gain, diff)
+
+    strict, middle, loose = tried(1e-3, 1.5, 0.0001), tried(3e-3, 2.0, 0.002), tried(1e-2, 2.6, 0.009)
+    assert fastest_within([strict, middle, loose], 1 / 255, 1.05) is middle  # loose moves the samples too far
+    assert fastest_within([strict, middle, loose], 0.01, 1.05) is loose
+    assert fastest_within([strict, middle, loose], 0.0, 1.05) is None  # nothing within: sequential
+    assert fastest_within([strict, tried(3e-3, 1.5, 0.0)], 1 / 255, 1.05) is strict  # ties go to the stricter
+    assert fastest_within([tried(1e-3, 1.02, 0.0)], 1 / 255, 1.05) is None  # no gain worth the noise

@@ -69,6 +69,12 @@ def test_compile_proves_parity_and_plans_a_schedule(artifact):
     if plan["schedule"]["name"] != "sequential":  # each block got its cheapest predicted chunk length
         for b, c in enumerate(chosen):
             assert jacobi["calls_per_block"][str(c)][b] * jacobi["call_cost_s"][str(c)] == predicted[b]
+    tried = {t["tol"]: t for t in jacobi["tolerances"]}
+    assert set(tried) == {1e-3, 3e-3, 1e-2}
+    within = [t for t in tried.values() if t["mean_pixel_diff"] <= jacobi["max_pixel_diff"]]
+    if plan["schedule"]["name"] != "sequential":  # the fastest tolerance whose samples stay within the bound
+        assert tried[jacobi["tol"]] in within
+        assert tried[jacobi["tol"]]["predicted_speedup"] == max(t["predicted_speedup"] for t in within)
     quality = metrics["quality"]
     assert quality["schedule_max_abs_diff_from_sequential"] < 0.05
     assert abs(quality["samples_bits_per_dim"] - quality["sequential_samples_bits_per_dim"]) < 0.01
