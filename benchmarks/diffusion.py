@@ -11,7 +11,8 @@ factor, each with no cache, the prefix cache and the dual cache) decodes the sam
 prompts ("Persuasion", its line wraps joined as in the model's training text), interleaved
 prompt by prompt so that machine load hits all alike.
 
-Rows: `sampler`, `cache`, `stop_at_eos`, `gen_length`, `block_length`, `calls` and
+Rows: `sampler`, `cache`, `stop_at_eos`, `gen_length`, `block_length`, `threshold` (fast_threshold
+rows, one per `--thresholds` value) and `factor` (fast_factor rows, one per `--factors`), `calls` and
 `tokens_per_call` (means over prompts), `padding_calls` (mean calls that decoded nothing but
 end-of-text), `text_tokens` (mean response length up to its first end-of-text), `tok_s` (response
 tokens over generation seconds), `calls_reduction` (the baseline's calls over the configuration's)
@@ -97,6 +98,14 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
     p.add_argument("--caches", nargs="+", choices=CACHES, default=list(CACHES), help="dllm_cache rows run on torch")
+    p.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="+",
+        default=[0.9],
+        help="fast_threshold's confidence thresholds (one row each)",
+    )
+    p.add_argument("--factors", type=float, nargs="+", default=[1.0], help="fast_factor's factors (one row each)")
     args = p.parse_args(argv)
     env = common.quiet_threads(args.threads)
 
@@ -138,23 +147,42 @@ def main(argv=None) -> int:
     rows = []
     for gen_length in gen_lengths:
 
-        def options(sampler, cache, stop=True):
+        def options(sampler, cache, stop=True, threshold=0.9, factor=1.0):
             return SamplerOptions(
-                sampler=sampler, cache=cache, gen_length=gen_length, block_length=args.block_length, stop_at_eos=stop
+                sampler=sampler,
+                cache=cache,
+                gen_length=gen_length,
+                block_length=args.block_length,
+                stop_at_eos=stop,
+                threshold=threshold,
+                factor=factor,
             )
+
+        def variants(sampler):
+            """(threshold, factor) of every row a sampler gets: one per value of its own knob."""
+            if sampler == "fast_threshold":
+                return [(t, 1.0) for t in args.thresholds]
+            if sampler == "fast_factor":
+                return [(0.9, f) for f in args.factors]
+            return [(0.9, 1.0)]
 
         # (backend, options): LLaDA's baseline first (the reference), the baseline with the early stop,
         # every chosen sampler with every chosen ORT cache; dLLM-Cache and its baseline on torch
         reference = options("baseline", "none", stop=False)
         configs = [("ort", reference), ("ort", options("baseline", "none"))]
         configs += [
-            ("ort", options(s, c))
+            ("ort", options(s, c, threshold=t, factor=f))
             for s in args.samplers
             for c in args.caches
+            for t, f in variants(s)
             if c != "dllm_cache" and (s, c) != ("baseline", "none")
         ]
         if "dllm_cache" in args.caches:
-            configs += [("torch", reference)] + [("torch", options(s, "dllm_cache")) for s in args.samplers]
+            configs += [("torch", reference)] + [
+                ("torch", options(s, "dllm_cache", threshold=t, factor=f))
+                for s in args.samplers
+                for t, f in variants(s)
+            ]
         denoisers = {"ort": denoiser, "torch": torch_denoiser}
         for _, opts in configs:
             opts.check()
@@ -177,6 +205,8 @@ def main(argv=None) -> int:
                     "backend": backend,
                     "gen_length": gen_length,
                     "block_length": opts.block_length,
+                    "threshold": opts.threshold if opts.sampler == "fast_threshold" else None,
+                    "factor": opts.factor if opts.sampler == "fast_factor" else None,
                     "calls": calls,
                     "tokens_per_call": gen_length / calls,
                     "padding_calls": statistics.mean(r.padding_calls for r in runs),
@@ -208,6 +238,7 @@ def main(argv=None) -> int:
         if "calls" in row:
             print(
                 f"{row['gen_length']:4d} {row['backend']:5s} {row['sampler']:15s} {row['cache']:10s} "
+                f"{row['threshold'] or row['factor'] or '':4} "
                 f"{'stop' if row['stop_at_eos'] else 'full'} calls {row['calls']:6.1f} (padding {row['padding_calls']:5.1f}) "
                 f"text {row['text_tokens']:5.1f} tok/call {row['tokens_per_call']:5.2f} tok/s {row['tok_s']:7.1f} x{row['speedup']:5.2f} "
                 f"calls/{row['calls_reduction']:5.2f} agree {row['agreement']:.3f} ppl {row['quality']}"
@@ -223,7 +254,11 @@ def plot(rows, path: Path) -> None:
     fig, axes = plt.subplots(1, len(lengths), figsize=(7 * len(lengths), 4), squeeze=False)
     for ax, length in zip(axes[0], lengths):
         mine = [r for r in rows if r["gen_length"] == length and "calls" in r]
-        labels = [f"{r['sampler']}{'' if r['stop_at_eos'] else ' full'}\n{r['cache']} ({r['backend']})" for r in mine]
+        labels = [
+            f"{r['sampler']} {r['threshold'] or r['factor'] or ''}{'' if r['stop_at_eos'] else ' full'}\n"
+            f"{r['cache']} ({r['backend']})"
+            for r in mine
+        ]
         x = range(len(mine))
         ax.bar([i - 0.2 for i in x], [r["calls_reduction"] for r in mine], 0.4, label="calls reduction")
         ax.bar([i + 0.2 for i in x], [r["speedup"] for r in mine], 0.4, label="speedup (tok/s)")

@@ -3,7 +3,8 @@
 On calibration prompts (windows of data.calibration) it runs the LLaDA baseline as published
 (one token a call, every response position decoded) and every candidate configuration: the
 baseline stopping at the first committed end-of-text, and each sampler of `samplers` with each
-cache of `caches`, block length of `block_lengths` and (for fast_threshold) threshold of `thresholds`.
+cache of `caches`, block length of `block_lengths`, and threshold of `thresholds` (fast_threshold) or
+factor of `factors` (fast_factor).
 It records each one's model calls and its agreement with the baseline's output (the fraction
 of response positions holding the baseline's token), and plans the configuration with the
 fewest calls, then the fewest tokens fed, among those whose agreement reaches `min_agreement`.
@@ -53,10 +54,17 @@ def candidates(params, base):
     for sampler in params.samplers:
         for cache in params.caches:
             for block in params.block_lengths:
-                for threshold in params.thresholds if sampler == "fast_threshold" else [base.threshold]:
-                    yield base.model_copy(
-                        update={"sampler": sampler, "cache": cache, "block_length": block, "threshold": threshold}
-                    )
+                for knob in knobs(params, sampler):
+                    yield base.model_copy(update={"sampler": sampler, "cache": cache, "block_length": block, **knob})
+
+
+def knobs(params, sampler: str) -> list[dict]:
+    """The settings of a sampler's own knob the params name: one candidate each."""
+    if sampler == "fast_threshold":
+        return [{"threshold": t} for t in params.thresholds]
+    if sampler == "fast_factor":
+        return [{"factor": f} for f in params.factors]
+    return [{}]
 
 
 def choose(denoiser, prompts, params) -> tuple[dict, list[Measured]]:
@@ -80,8 +88,13 @@ def choose(denoiser, prompts, params) -> tuple[dict, list[Measured]]:
         reason = f"no configuration reached agreement {params.min_agreement} with the baseline; the baseline is planned"
         return {"sampler": baseline.options, "fallback": True, "reason": reason}, [baseline, *measured]
     best = min(good, key=lambda m: (m.calls, m.tokens_fed))
+    knob = {
+        "fast_threshold": f" threshold {best.options['threshold']}",
+        "fast_factor": f" factor {best.options['factor']}",
+    }
     reason = (
-        f"{best.options['sampler']}/{best.options['cache']} (block {best.options['block_length']}): "
+        f"{best.options['sampler']}{knob.get(best.options['sampler'], '')}/{best.options['cache']} "
+        f"(block {best.options['block_length']}): "
         f"{best.calls:.1f} calls against the baseline's {baseline.calls:.1f}, agreement {best.agreement:.3f}"
     )
     return {"sampler": best.options, "fallback": False, "reason": reason}, [baseline, *measured]
@@ -98,7 +111,7 @@ class DiffusionSampling(registry.Pass):
     """Choose a diffusion LM's sampler, block length, threshold and cache by calls and agreement with the baseline."""
 
     name = "diffusion_sampling"
-    version = 2
+    version = 3
     families = ("diffusion_lm",)
     reads = ("data.calibration",)
 
@@ -109,6 +122,7 @@ class DiffusionSampling(registry.Pass):
         caches: list[Literal["none", "prefix", "dual"]] = Field(default_factory=lambda: ["none", "prefix", "dual"])
         block_lengths: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [32], min_length=1)
         thresholds: list[float] = Field(default_factory=lambda: [0.9], min_length=1)
+        factors: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [1.0, 2.0], min_length=1)
         gen_length: int = Field(64, ge=1, description="response length of the calibration runs and the plan")
         baseline_block_length: int = Field(32, ge=1, description="the baseline's block length (one token a call)")
         calibration_prompts: int = Field(4, ge=1)

@@ -44,6 +44,8 @@ def test_compile_validates_ort_and_runs(cli, tmp_path, model):
     # the anchor is LLaDA as published (every position, one a call); its early-stopped form is a candidate
     assert not measured[0]["options"]["stop_at_eos"] and measured[0]["calls"] == 16
     assert measured[1]["options"] == {**measured[0]["options"], "stop_at_eos": True}
+    factors = {m["options"]["factor"] for m in measured if m["options"]["sampler"] == "fast_factor"}
+    assert factors == {1.0, 2.0}  # each sampler's own knob: one candidate per value
     code, _, err = cli("run", out, "--prompt", "Hello", "--backend", "ort")
     assert code == 0, err
     assert "calls" in err and "tokens per call" in err and "tok/s" in err
@@ -114,6 +116,7 @@ def test_the_benchmark_writes_every_row_key(tmp_path):
 
     out = tmp_path / "rows.json"
     args = ["--model", "tiny-dream", "--gen-lengths", "8", "--block-length", "4", "--prompts", "1"]
+    args += ["--thresholds", "0.9", "0.7", "--factors", "1", "2"]
     assert diffusion.main([*args, "--prompt-tokens", "8", "--threads", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     keys = {"sampler", "cache", "gen_length", "calls", "tokens_per_call", "tok_s", "calls_reduction", "speedup"}
@@ -121,6 +124,9 @@ def test_the_benchmark_writes_every_row_key(tmp_path):
     measured = [r for r in rows if "calls" in r]
     assert {(r["sampler"], r["cache"]) for r in measured} >= {("baseline", "none"), ("fast_factor", "dual")}
     assert all(keys <= set(r) for r in measured)
+    knobs = {(r["sampler"], r["threshold"], r["factor"]) for r in measured if r["cache"] == "none"}
+    assert knobs >= {("fast_threshold", 0.9, None), ("fast_threshold", 0.7, None)}
+    assert knobs >= {("fast_factor", None, 1.0), ("fast_factor", None, 2.0)}
     assert {r["sampler"] for r in rows} >= {"smollm2_ar", "unigram"}
     baseline = next(r for r in measured if r["sampler"] == "baseline" and r["cache"] == "none")
     assert baseline["calls"] == 8 and baseline["agreement"] == 1.0 and baseline["calls_reduction"] == 1.0
