@@ -9,7 +9,8 @@ compensation). For each mask it scores the subnet sliced only, and reformed
 (compiler/pruning/reform.py, as the reform pass runs it) at the default settings (closed form,
 `--damp`, `--windows` windows) and, for the search's mask, one setting changed at a time:
 `--damps`, `--window-counts`, `--targets` (the dense model's outputs as the target),
-`--layer-damps` (each consumer's ridge chosen on held-out calibration windows) and ADMM; the
+`--layer-damps` (each consumer's ridge chosen on held-out calibration windows), `--intercept` (each
+consumer also fits a bias) and ADMM; the
 search's own parameters (its fitness windows, say) with `--search-set`. Every row has
 
     ppl_by_text / ratio_by_text / worst_ratio   perplexity on each held-out text (`--eval-texts`,
@@ -88,13 +89,22 @@ def paired(nlls: list[float], reference: list[float]) -> tuple[float, float]:
 
 def settings(args) -> list[dict]:
     """The reformation settings: the default, then one axis changed at a time."""
-    base = {"method": "closed_form", "damp": args.damp, "windows": args.windows, "target": args.target, "damps": []}
+    base = {
+        "method": "closed_form",
+        "damp": args.damp,
+        "windows": args.windows,
+        "target": args.target,
+        "damps": [],
+        "intercept": False,
+    }
     out = [base]
     out += [{**base, "damp": d} for d in args.damps if d != args.damp]
     out += [{**base, "windows": w} for w in args.window_counts if w != args.windows]
     out += [{**base, "target": t} for t in args.targets if t != args.target]
     if args.layer_damps:
         out.append({**base, "damps": list(args.layer_damps)})
+    if args.intercept:
+        out.append({**base, "intercept": True})
     if args.admm:
         out.append({**base, "method": "admm"})
     return out
@@ -152,6 +162,9 @@ def main() -> int:
     p.add_argument("--damps", type=float, nargs="*", default=[0.05, 1.0, 5.0])
     p.add_argument("--window-counts", type=int, nargs="*", default=[16, 64])
     p.add_argument("--no-admm", dest="admm", action="store_false", help="skip the ADMM row")
+    p.add_argument(
+        "--intercept", action="store_true", help="a row whose consumers also fit a bias (reform's intercept)"
+    )
     p.add_argument("--target", choices=("pruned", "dense"), default="pruned", help="the default reformation target")
     p.add_argument("--targets", nargs="*", default=["dense"], choices=("pruned", "dense"), help="targets swept")
     p.add_argument(
@@ -238,7 +251,7 @@ def main() -> int:
             "ratio": args.ratio,
             "mask": mask,
             "reform": "none" if how is None else "reformed",
-            **(how or {"method": None, "damp": None, "windows": None, "target": None, "damps": []}),
+            **(how or {"method": None, "damp": None, "windows": None, "target": None, "damps": [], "intercept": None}),
             **score(small),
         }
         row["ratio_by_text"] = {t: row["ppl_by_text"][t] / dense["ppl_by_text"][t] for t in texts}
@@ -278,6 +291,7 @@ def main() -> int:
                 damp=how["damp"],
                 target=how["target"],
                 damps=how["damps"],
+                intercept=how["intercept"],
                 show_progress=False,
             ).overrides
         add(mask, subnets[mask], how, overrides, time.perf_counter() - t0)

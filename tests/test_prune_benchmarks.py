@@ -24,8 +24,9 @@ def test_the_sweep_changes_one_setting_at_a_time():
         target="pruned",
         targets=["pruned", "dense"],
         layer_damps=[0.1, 1.0],
+        intercept=True,
     )
-    base = {"method": "closed_form", "damp": 0.2, "windows": 32, "target": "pruned", "damps": []}
+    base = {"method": "closed_form", "damp": 0.2, "windows": 32, "target": "pruned", "damps": [], "intercept": False}
     assert settings(args) == [
         base,
         {**base, "damp": 0.05},
@@ -33,6 +34,7 @@ def test_the_sweep_changes_one_setting_at_a_time():
         {**base, "windows": 16},
         {**base, "target": "dense"},
         {**base, "damps": [0.1, 1.0]},
+        {**base, "intercept": True},
         {**base, "method": "admm"},
     ]
 
