@@ -158,9 +158,9 @@ def main() -> int:
     )
     p.add_argument("--no-flap", dest="flap", action="store_false", help="skip FLAP's mask (the search's only)")
     p.add_argument("--damp", type=float, default=0.2, help="the default ridge (reform pass's damp)")
-    p.add_argument("--windows", type=int, default=64, help="the default calibration windows of reformation")
+    p.add_argument("--windows", type=int, default=128, help="the default calibration windows of reformation")
     p.add_argument("--damps", type=float, nargs="*", default=[0.05, 1.0, 5.0])
-    p.add_argument("--window-counts", type=int, nargs="*", default=[32, 128])
+    p.add_argument("--window-counts", type=int, nargs="*", default=[64, 256])
     p.add_argument("--no-admm", dest="admm", action="store_false", help="skip the ADMM row")
     p.add_argument(
         "--intercept", action="store_true", help="a row whose consumers also fit a bias (reform's intercept)"

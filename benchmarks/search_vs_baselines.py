@@ -22,7 +22,7 @@ prefill latency of a 64-token prompt, decode tokens/s over 32 greedy tokens, the
 RSS (VmHWM: includes session-creation transients) and its RSS after decoding (the loaded model). Methods with the same shape (magnitude and wanda_sp; search and search_reform) share
 one measurement, noted in `speed_from`.
 
-Calibration: the recipes' `data.calibration` (16 x 512 tokens for statistics, 64 for
+Calibration: the recipes' `data.calibration` (16 x 512 tokens for statistics, 128 for
 reformation; the search's fitness uses 4 further windows spread over the rest of each source).
 Held-out: `--eval-texts` (default a novel, a play, legal English and Newton's Opticks, none
 calibrated on), 24 x 512 tokens each (--quick: 16; GPL-3 has 14); each row has `ppl_by_text`,
