@@ -9,7 +9,8 @@ compensation). For each mask it scores the subnet sliced only, and reformed
 (compiler/pruning/reform.py, as the reform pass runs it) at the default settings (closed form,
 `--damp`, `--windows` windows) and, for the search's mask, one setting changed at a time:
 `--damps`, `--window-counts`, `--targets` (the dense model's outputs as the target),
-`--layer-damps` (each consumer's ridge chosen on held-out calibration windows) and ADMM; the
+`--layer-damps` (each consumer's ridge chosen on held-out calibration windows), `--intercept` (each
+consumer also fits a bias) and ADMM; the
 search's own parameters (its fitness windows, say) with `--search-set`. Every row has
 
     ppl_by_text / ratio_by_text / worst_ratio   perplexity on each held-out text (`--eval-texts`,
@@ -17,8 +18,16 @@ search's own parameters (its fitness windows, say) with `--search-set`. Every ro
     fit_ratio                                   the same ratio on the first `--fit-windows`
                                                 calibration windows, which every reformation fitted
 
+    ratio_se_by_text                            the standard error of each ratio (of its log: a
+                                                relative error), from the windows' paired differences
+                                                to the dense model
+    vs_default                                  per text, this row's log ratio minus the default
+                                                reformation's (same mask) and its paired standard error
+
 so fit_ratio vs worst_ratio separates what the mask costs everywhere from what reformation wins
-on its calibration windows only. The search's own held-out curve (each generation's best
+on its calibration windows only, and vs_default says whether a setting's difference is larger
+than the held-out windows' own sampling (every row scores the same windows, so the comparison
+is paired window by window). The search's own held-out curve (each generation's best
 fitness and its perplexity on data.evaluation, from search_log.json) lands in the protocol file
 and the plot.
 """
@@ -33,7 +42,7 @@ import time
 from pathlib import Path
 
 from benchmarks import common
-from benchmarks.search_vs_baselines import EVAL_TEXTS, QUICK_SEARCH, check_held_out, held_out_ppl
+from benchmarks.search_vs_baselines import EVAL_TEXTS, QUICK_SEARCH, check_held_out
 
 
 def mask_bundle(name: str, overrides: list[str], cache: Path):
@@ -46,30 +55,56 @@ def mask_bundle(name: str, overrides: list[str], cache: Path):
     return recipe, PassManager(recipe, StepCache(cache)).run_steps(ingest(recipe.model, recipe), steps)
 
 
-def window_ppl(model, windows) -> float:
-    """Perplexity of a torch model over whole windows (each scores window - 1 tokens)."""
+def window_nlls(model, windows) -> list[float]:
+    """Mean negative log-likelihood (nats per scored token) of a torch model on each whole window
+    (each scores window - 1 tokens)."""
     import numpy as np
     import torch
 
-    nll, n = 0.0, 0
+    out = []
     with torch.inference_mode():
         for win in windows:
             ids = torch.as_tensor(np.asarray(win, dtype=np.int64)).unsqueeze(0)
             logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-            n += ids.shape[1] - 1
-    return math.exp(nll / n)
+            out.append(float(torch.nn.functional.cross_entropy(logits, ids[0, 1:])))
+    return out
+
+
+def window_ppl(model, windows) -> float:
+    """Perplexity over whole windows of one length (so the mean of their means is the token mean)."""
+    nlls = window_nlls(model, windows)
+    return math.exp(sum(nlls) / len(nlls))
+
+
+def paired(nlls: list[float], reference: list[float]) -> tuple[float, float]:
+    """log(ppl / reference ppl) over the same equal-length windows, and its standard error from
+    the spread of the per-window differences (0 with one window)."""
+    diffs = [a - b for a, b in zip(nlls, reference, strict=True)]
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return mean, 0.0
+    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(var / len(diffs))
 
 
 def settings(args) -> list[dict]:
     """The reformation settings: the default, then one axis changed at a time."""
-    base = {"method": "closed_form", "damp": args.damp, "windows": args.windows, "target": args.target, "damps": []}
+    base = {
+        "method": "closed_form",
+        "damp": args.damp,
+        "windows": args.windows,
+        "target": args.target,
+        "damps": [],
+        "intercept": False,
+    }
     out = [base]
     out += [{**base, "damp": d} for d in args.damps if d != args.damp]
     out += [{**base, "windows": w} for w in args.window_counts if w != args.windows]
     out += [{**base, "target": t} for t in args.targets if t != args.target]
     if args.layer_damps:
         out.append({**base, "damps": list(args.layer_damps)})
+    if args.intercept:
+        out.append({**base, "intercept": True})
     if args.admm:
         out.append({**base, "method": "admm"})
     return out
@@ -123,10 +158,13 @@ def main() -> int:
     )
     p.add_argument("--no-flap", dest="flap", action="store_false", help="skip FLAP's mask (the search's only)")
     p.add_argument("--damp", type=float, default=0.2, help="the default ridge (reform pass's damp)")
-    p.add_argument("--windows", type=int, default=32, help="the default calibration windows of reformation")
+    p.add_argument("--windows", type=int, default=128, help="the default calibration windows of reformation")
     p.add_argument("--damps", type=float, nargs="*", default=[0.05, 1.0, 5.0])
-    p.add_argument("--window-counts", type=int, nargs="*", default=[16, 64])
+    p.add_argument("--window-counts", type=int, nargs="*", default=[64, 256])
     p.add_argument("--no-admm", dest="admm", action="store_false", help="skip the ADMM row")
+    p.add_argument(
+        "--intercept", action="store_true", help="a row whose consumers also fit a bias (reform's intercept)"
+    )
     p.add_argument("--target", choices=("pruned", "dense"), default="pruned", help="the default reformation target")
     p.add_argument("--targets", nargs="*", default=["dense"], choices=("pruned", "dense"), help="targets swept")
     p.add_argument(
@@ -138,7 +176,9 @@ def main() -> int:
     )
     p.add_argument("--fit-windows", type=int, default=4, help="calibration windows scored in-sample")
     p.add_argument("--eval-texts", nargs="+", default=list(EVAL_TEXTS))
-    p.add_argument("--eval-windows", type=int, default=8)
+    # 16: with 8, one text's ratio moved by 5% between the first 8 windows and the first 16
+    # (docs/pruning.md, session 16); each ratio's standard error is in the rows
+    p.add_argument("--eval-windows", type=int, default=16, help="windows per held-out text (a text may have fewer)")
     p.add_argument("--window", type=int, default=512, help="tokens per window: reformation, calibration and held-out")
     p.add_argument(
         "--set",
@@ -157,7 +197,7 @@ def main() -> int:
 
     from accelc import progress
     from accelc.compiler.pruning import materialize, reform
-    from accelc.data import calibration_record, calibration_windows
+    from accelc.data import calibration_record, calibration_windows, load_text, token_windows
     from accelc.families.causal_lm import load_model, load_tokenizer
     from accelc.passes.pruning import load_subnet
 
@@ -176,15 +216,31 @@ def main() -> int:
     model = load_model(first.model_dir)
     tokenizer = load_tokenizer(first.model_dir)
     fit = calibration_windows(tokenizer, calibration, window=args.window, max_windows=args.fit_windows)
+    # the perplexity protocol's windows (accelc eval's, disjoint): the first --eval-windows of each text
+    held = {
+        text: [
+            w
+            for w, _ in token_windows(
+                tokenizer.encode(load_text(text), add_special_tokens=False),
+                args.window,
+                args.window,
+                args.eval_windows,
+                what=f"text '{text}'",
+            )
+        ]
+        for text in texts
+    }
 
     def score(small) -> dict:
+        nlls = {text: window_nlls(small, wins) for text, wins in held.items()}
         return {
-            "ppl_by_text": held_out_ppl(small, tokenizer, texts, args.eval_windows, args.window),
+            "ppl_by_text": {text: math.exp(sum(v) / len(v)) for text, v in nlls.items()},
+            "nll_by_window": nlls,
             "fit_ppl": window_ppl(small, fit),
         }
 
     dense = score(model)
-    progress.status(f"dense: {dense}")
+    progress.status(f"dense: {dense['ppl_by_text']}, calibration windows {dense['fit_ppl']:.2f}")
     rows = []
 
     def add(mask: str, subnet, how: dict | None, overrides=None, seconds=0.0):
@@ -195,10 +251,17 @@ def main() -> int:
             "ratio": args.ratio,
             "mask": mask,
             "reform": "none" if how is None else "reformed",
-            **(how or {"method": None, "damp": None, "windows": None, "target": None, "damps": []}),
+            **(how or {"method": None, "damp": None, "windows": None, "target": None, "damps": [], "intercept": None}),
             **score(small),
         }
         row["ratio_by_text"] = {t: row["ppl_by_text"][t] / dense["ppl_by_text"][t] for t in texts}
+        row["ratio_se_by_text"] = {t: paired(row["nll_by_window"][t], dense["nll_by_window"][t])[1] for t in texts}
+        default = next((r for r in rows if r["mask"] == mask and r["reform"] != "none"), None)
+        if default is not None:
+            row["vs_default"] = {
+                t: dict(zip(("log_diff", "se"), paired(row["nll_by_window"][t], default["nll_by_window"][t])))
+                for t in texts
+            }
         row["worst_ratio"] = max(row["ratio_by_text"].values())
         row["fit_ratio"] = row["fit_ppl"] / dense["fit_ppl"]
         row["seconds"] = round(seconds + time.perf_counter() - t0, 1)
@@ -228,6 +291,7 @@ def main() -> int:
                 damp=how["damp"],
                 target=how["target"],
                 damps=how["damps"],
+                intercept=how["intercept"],
                 show_progress=False,
             ).overrides
         add(mask, subnets[mask], how, overrides, time.perf_counter() - t0)
@@ -257,7 +321,9 @@ def main() -> int:
     plot(rows, log["history"], Path(args.plot) if args.plot else rows_path.with_suffix(".png"))
     print(f"{'mask':<7} {'reform':<12} {'damp':>9} {'win':>4} {'target':>6} {'worst x':>8} {'fit x':>7}  per text")
     for r in rows:
-        per = " ".join(f"{x:.3f}" for x in r["ratio_by_text"].values())
+        per = " ".join(f"{r['ratio_by_text'][t]:.3f}+-{r['ratio_se_by_text'][t]:.3f}" for t in texts)
+        if "vs_default" in r:
+            per += "  vs default: " + " ".join(f"{v['log_diff']:+.3f}+-{v['se']:.3f}" for v in r["vs_default"].values())
         print(
             f"{r['mask']:<7} {r['method'] or 'none':<12} {'per layer' if r['damps'] else r['damp'] or '':>9} "
             f"{r['windows'] or '':>4} {r['target'] or '':>6} "

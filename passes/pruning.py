@@ -490,10 +490,13 @@ class Reform(registry.Pass):
             "closed_form", description="closed form for column masks (exact); ADMM for general masks"
         )
         damp: float = Field(0.2, gt=0, description="ridge toward the inherited weights, x mean(diag H)")
-        # 32, not 16: measured on held-out texts (docs/pruning.md), more windows narrow the gap
-        # between the calibration fit and other text; a stronger ridge does not, nor a ridge
-        # chosen per layer or the dense model's outputs as the target (reform.reform's options)
-        windows: int = Field(32, ge=1, description="calibration windows from data.calibration")
+        # 128, not 32: lower on every held-out text at 20% and 10% removed, and on the worst
+        # (Opticks) by more than 64 windows' (1.489x -> 1.475x -> 1.469x; 1.208x -> 1.203x ->
+        # 1.197x; 128 vs 64 there: 4-6 standard errors of the paired difference; docs/pruning.md,
+        # session 16), at about 3x the reformation time of 32 and inputs held for all windows
+        # (SmolLM2: 128 x 512 x 1536 floats at down_proj, 0.4 GB); a stronger ridge does not help,
+        # nor an intercept, a ridge chosen per layer or the dense model's outputs as the target
+        windows: int = Field(128, ge=1, description="calibration windows from data.calibration")
         window: int = Field(512, ge=8)
         rho: float | None = Field(None, gt=0, description="ADMM penalty (default: from the Gram spectrum)")
         iters: int = Field(20, ge=1, description="ADMM iterations")

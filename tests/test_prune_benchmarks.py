@@ -24,8 +24,9 @@ def test_the_sweep_changes_one_setting_at_a_time():
         target="pruned",
         targets=["pruned", "dense"],
         layer_damps=[0.1, 1.0],
+        intercept=True,
     )
-    base = {"method": "closed_form", "damp": 0.2, "windows": 32, "target": "pruned", "damps": []}
+    base = {"method": "closed_form", "damp": 0.2, "windows": 32, "target": "pruned", "damps": [], "intercept": False}
     assert settings(args) == [
         base,
         {**base, "damp": 0.05},
@@ -33,8 +34,22 @@ def test_the_sweep_changes_one_setting_at_a_time():
         {**base, "windows": 16},
         {**base, "target": "dense"},
         {**base, "damps": [0.1, 1.0]},
+        {**base, "intercept": True},
         {**base, "method": "admm"},
     ]
+
+
+def test_paired_log_ratio_and_its_standard_error_come_from_the_window_differences():
+    import math
+
+    from benchmarks.prune_generalisation import paired
+
+    # differences 0.1, 0.3: mean 0.2, sample sd sqrt(0.02), standard error sqrt(0.02 / 2) = 0.1
+    mean, se = paired([2.1, 3.3], [2.0, 3.0])
+    assert math.isclose(mean, 0.2) and math.isclose(se, 0.1)
+    # the same shift in every window is known exactly, however different the windows are
+    assert paired([1.5, 4.5, 2.5], [1.0, 4.0, 2.0]) == (0.5, 0.0)
+    assert paired([2.0], [1.5]) == (0.5, 0.0)
 
 
 def test_kernel_widths_time_the_mlp_block_at_each_width(tmp_path, monkeypatch):

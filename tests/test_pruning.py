@@ -211,6 +211,40 @@ def test_reformation_toward_the_dense_outputs_and_per_layer_ridge(tiny):
         reform.reform(model, sub, cal, method="admm", target="dense", show_progress=False)
 
 
+def test_intercept_moves_the_omitted_channels_mean_into_a_bias():
+    """Omitted channels that are constant on the calibration text (uncorrelated with the kept,
+    centred ones) cannot be rebuilt from kept channels; with the intercept their contribution
+    becomes the consumer's bias and the kept weights stay as they were."""
+    gen = torch.Generator().manual_seed(3)
+    m, n, N = 6, 10, 200
+    linear = torch.nn.Linear(n, m, bias=False)
+    x = torch.randn(N, n, generator=gen)
+    x -= x.mean(dim=0)
+    x[:, 7:] = 2.0  # the omitted channels: a constant offset
+    keep = torch.arange(7)
+    plain, fitted = reform.Reformation(), reform.Reformation()
+    args = ("closed_form", 1e-9, None, 20)
+    W, b = reform._Solver(*args, intercept=True).consumer(fitted, 0, "o_proj", linear, [x], None, keep, True)
+    torch.testing.assert_close(W, linear.weight[:, :7].detach(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(b, 2.0 * linear.weight[:, 7:].detach().sum(dim=1), atol=1e-4, rtol=0)
+    assert fitted.report[0]["err_reformed"] < 1e-6 * fitted.report[0]["err_masked"]
+    assert fitted.report[0]["kept"] == 7 and fitted.report[0]["of"] == n
+    _, none = reform._Solver(*args).consumer(plain, 0, "o_proj", linear, [x], None, keep, True)
+    assert none is None and plain.report[0]["err_reformed"] > 0.5 * plain.report[0]["err_masked"]
+
+
+def test_reformation_with_an_intercept_gives_every_reformed_consumer_a_bias(tiny):
+    _, model = tiny
+    space = masks.SearchSpace(masks.Geometry.from_model(model))
+    sub = random_subnet(space, np.random.default_rng(9), widths=[128, 96])
+    result = reform.reform(model, sub, windows(6, 48, seed=10), intercept=True, show_progress=False)
+    assert all(r["err_reformed"] <= r["err_masked"] * (1 + 1e-9) for r in result.report)
+    assert all(bias is not None and bias.shape == (w.shape[0],) for w, bias in result.overrides.values())
+    small = materialize.shrink(model, sub, result.overrides)
+    assert small.model.layers[1].mlp.down_proj.bias is not None
+    assert torch.isfinite(logits(small, windows(1, 48, seed=11)[0])).all()
+
+
 # --------------------------------------------------------------------------- search
 
 

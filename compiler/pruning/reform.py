@@ -29,6 +29,12 @@ layers 0..i-1; inside the layer the MLP's inputs come from the pruned, reformed 
 target is the unpruned consumer on those inputs (`target="pruned"`), or the dense model's own
 consumer output (`target="dense"`: min ||W T - W' X||, T the dense model's inputs, so a layer also
 corrects the error of the layers before it; W'_S = (W T X_S^T + lam W_S)(X_S X_S^T + lam I)^-1).
+
+Intercept (`intercept=True`): the inputs gain a constant channel of ones, kept and inherited as
+zero, so the solve also fits a bias b: min ||W X - W'_S X_S - b 1^T||. The omitted channels'
+mean contribution then goes to a term that does not depend on the text, where without it only
+kept channels correlated with that mean on the calibration text can carry it (FLAP's bias
+compensation, arXiv 2312.11983, is this bias alone with W'_S = W_S).
 """
 
 from __future__ import annotations
@@ -272,6 +278,7 @@ def reform(
     modules=("o_proj", "down_proj"),
     target: str = "pruned",
     damps=(),
+    intercept: bool = False,
     show_progress: bool = True,
 ) -> Reformation:
     """Sequential reformation of the dense `model` for `subnet` on calibration `windows`.
@@ -282,6 +289,7 @@ def reform(
     (each layer also corrects the error the pruned layers before it passed on; closed form only).
     `damps`: when given, each consumer picks its ridge among them by the reconstruction error on
     the last quarter of `windows` fitted on the rest, then is solved on all windows (`damp` unused).
+    `intercept`: each reformed consumer also fits a bias (added to its own, if any).
     Returns the overrides for materialize.shrink and a report of calibration reconstruction errors
     per module.
     """
@@ -302,7 +310,8 @@ def reform(
     result = Reformation()
     states = layer_inputs(model, windows)
     dense = [h for h, _ in states] if target == "dense" else None  # the dense model's stream, kept beside
-    solver = _Solver(method, damp, rho, iters, tuple(damps), held=max(1, len(windows) // 4) if damps else 0)
+    held = max(1, len(windows) // 4) if damps else 0
+    solver = _Solver(method, damp, rho, iters, tuple(damps), held=held, intercept=intercept)
     layers = progress.bar(
         list(enumerate(zip(model.model.layers, subnet.layers))),
         desc="reformation",
@@ -323,8 +332,8 @@ def reform(
 
             xo = attend([h for h, _ in states])
             to = None if dense is None else attend(dense)
-            Wo = solver.consumer(result, i, "o_proj", a.o_proj, xo, to, q_rows, "o_proj" in modules)
-            mids = [h + _apply(x, q_rows, Wo, a.o_proj.bias) for (h, _), x in zip(states, xo)]
+            Wo, bo = solver.consumer(result, i, "o_proj", a.o_proj, xo, to, q_rows, "o_proj" in modules)
+            mids = [h + _apply(x, q_rows, Wo, bo) for (h, _), x in zip(states, xo)]
             if dense is not None:
                 dense = [h + a.o_proj(t) for h, t in zip(dense, to)]
             del xo, to
@@ -336,8 +345,8 @@ def reform(
 
             xd = feed(mids)
             td = None if dense is None else feed(dense)
-            Wd = solver.consumer(result, i, "down_proj", m.down_proj, xd, td, ch, "down_proj" in modules)
-            states = [(mid + _apply(x, ch, Wd, m.down_proj.bias), kw) for mid, x, kw in zip(mids, xd, kws)]
+            Wd, bd = solver.consumer(result, i, "down_proj", m.down_proj, xd, td, ch, "down_proj" in modules)
+            states = [(mid + _apply(x, ch, Wd, bd), kw) for mid, x, kw in zip(mids, xd, kws)]
             if dense is not None:
                 dense = [h + m.down_proj(t) for h, t in zip(dense, td)]
     return result
@@ -345,7 +354,14 @@ def reform(
 
 def _apply(x, keep, W_kept, bias):
     out = x[..., keep] @ W_kept.T.to(x.dtype)
-    return out if bias is None else out + bias
+    return out if bias is None else out + bias.to(x.dtype)
+
+
+def _with_ones(x):
+    """x [..., n] with a constant channel appended: [..., n + 1] (the intercept's input)."""
+    import torch
+
+    return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
 
 
 def _cross(targets, xs, n):
@@ -376,10 +392,19 @@ class _Solver:
     iters: int
     damps: tuple = ()
     held: int = 0  # windows held out to choose the ridge (0: `damp` for every consumer)
+    intercept: bool = False
 
     def consumer(self, result, i, name, linear, xs, targets, keep, enabled):
-        """Solve one consumer; record its override and errors; return the kept weight [m, k]."""
+        """Solve one consumer; record its override and errors; return its kept weight [m, k] and bias."""
+        import torch
+
         W = linear.weight.detach().double()
+        fit_bias = enabled and self.intercept
+        if fit_bias:  # a constant input channel, kept, whose inherited weight is zero
+            xs = [_with_ones(x) for x in xs]
+            targets = targets and [_with_ones(t) for t in targets]
+            W = torch.cat([W, W.new_zeros(W.shape[0], 1)], dim=1)
+            keep = torch.cat([keep, torch.tensor([W.shape[1] - 1], dtype=keep.dtype)])
         n = W.shape[1]
         grams = _grams(xs, targets, n)
         masked_full = _scatter_cols(W[:, keep], keep, n)
@@ -396,24 +421,28 @@ class _Solver:
             err_new = _error(W, _scatter_cols(W_new, keep, n), *grams)
         else:
             W_new, err_new = W[:, keep], err_masked
-        W_new = W_new.to(linear.weight.dtype)
         bias = None if linear.bias is None else linear.bias.detach().clone()
+        if fit_bias:
+            fitted = W_new[:, -1].to(linear.weight.dtype)
+            W_new, bias = W_new[:, :-1], fitted if bias is None else bias + fitted
+        W_new = W_new.to(linear.weight.dtype)
         result.overrides[(i, name)] = (W_new, bias)
         result.report.append(
             {
                 "layer": i,
                 "module": name,
-                "kept": len(keep),
-                "of": n,
+                "kept": len(keep) - fit_bias,
+                "of": n - fit_bias,
                 "err_masked": err_masked,
                 "err_reformed": err_new,
                 "target_energy": float(((W @ grams[2]) * W).sum()),
                 "tokens": sum(x.reshape(-1, n).shape[0] for x in xs),
                 "reformed": bool(enabled),
                 "damp": damp,
+                "intercept": fit_bias,
             }
         )
-        return W_new
+        return W_new, bias
 
     def _solve(self, W, grams, keep, damp):
         H, C, _ = grams
