@@ -15,7 +15,8 @@ images after the denoising step, with the sequential samples of the same noise; 
 predicted schedule whose mean absolute pixel difference stays within `max_pixel_diff` is
 planned (by default 0.001 of the pixel range, a quarter of an 8-bit grey level: on the
 Fashion-MNIST flow, tolerance 1e-2 moves samples by half a grey level on average and changes the
-class of 1% of them, docs/flows.md, so it is not taken). The schedule goes into the family's decode plan (families/tarflow.py `decode_plan`).
+class of 1% of them, docs/flows.md, so it is not taken). The schedule goes into the family's
+decode plan (families/tarflow.py `decode_plan`).
 """
 
 from __future__ import annotations
