@@ -11,7 +11,7 @@ factor, each with no cache, the prefix cache and the dual cache) decodes the sam
 prompts ("Persuasion", its line wraps joined as in the model's training text), interleaved
 prompt by prompt so that machine load hits all alike.
 
-Rows: `sampler`, `cache`, `stop_at_eos`, `gen_length`, `block_length`, `threshold` (fast_threshold
+Rows: `sampler`, `cache`, `stop_at_eos`, `stop_rule` (one row per `--stop-rules` value), `gen_length`, `block_length`, `threshold` (fast_threshold
 rows, one per `--thresholds` value) and `factor` (fast_factor rows, one per `--factors`), `calls` and
 `tokens_per_call` (means over prompts), `padding_calls` (mean calls that decoded nothing but
 end-of-text), `text_tokens` (mean response length up to its first end-of-text), `tok_s` (response
@@ -20,16 +20,20 @@ and `speedup` (median of the per-prompt paired ratios of the baseline's seconds 
 configuration's), both against the baseline at the same `gen_length`; `agreement` (fraction of the
 baseline's response tokens reproduced), `quality` (median perplexity, under SmolLM2-135M itself, of
 the continuations up to end-of-text: lower is better) and `baseline_quality`, with
-`quality_per_prompt` and `baseline_quality_per_prompt` (prompt by prompt, in one order: with
-greedy sampling the baseline has no run-to-run spread of its own, so a configuration's quality is
-judged prompt by prompt against it). Reference rows
+`quality_per_prompt` and `baseline_quality_per_prompt` (prompt by prompt, in one order),
+`same_texts` (prompts whose text, up to end-of-text, is the baseline's) and `baseline_spread`
+with `within_spread`: greedy sampling gives the baseline no run-to-run spread on one prompt, so
+its spread is that of the benchmark's own figure, the 95% interval of the baseline's median
+perplexity over prompts resampled with replacement (what a run on another draw of as many
+prompts would read), and a row is within it when its quality falls inside. Reference rows
 (`smollm2_ar`: SmolLM2's own greedy continuations; `unigram`: tokens drawn from the training text's
 unigram distribution) carry the quality figure only.
 
 The baseline is LLaDA's sampler as published: one token a call (steps = gen_length) and no early
 stop, so it spends calls on the end-of-text padding too. Every other configuration stops at the
-first committed end-of-text (`stop_at_eos`); the row `baseline` with `stop_at_eos` true separates
-what the early stop saves from what parallel decoding saves. dLLM-Cache reuses per-layer features
+end-of-text (`stop_at_eos`, by `stop_rule`: `settled` keeps the text the sampler writes without
+the stop, `eos` stops sooner); the row `baseline` with `stop_at_eos` true separates what the early
+stop saves from what parallel decoding saves. dLLM-Cache reuses per-layer features
 and runs on torch only: its rows (`backend` torch) take their speedup against the baseline on
 torch, run beside them; every other row's backend is ort. `--samplers` and `--caches` choose a
 subset (the baseline without cache always runs: it is the reference).
@@ -63,6 +67,18 @@ def perplexity(scorer, prompt: list[int], continuation: list[int]) -> float | No
 def quality(values) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
+
+
+def spread(values, draws: int = 2000, seed: int = 0) -> list[float] | None:
+    """95% bootstrap interval of `quality(values)` over the prompts, resampled with replacement."""
+    import numpy as np
+
+    values = np.array([v for v in values if v is not None])
+    if not values.size:
+        return None
+    picks = np.random.default_rng(seed).integers(0, values.size, (draws, values.size))
+    medians = np.median(values[picks], axis=1)
+    return [float(np.quantile(medians, 0.025)), float(np.quantile(medians, 0.975))]
 
 
 def reference_rows(scorer, prompts, gen_length, eos_id, unigram, rng) -> list[dict]:
@@ -106,6 +122,13 @@ def main(argv=None) -> int:
         help="fast_threshold's confidence thresholds (one row each)",
     )
     p.add_argument("--factors", type=float, nargs="+", default=[1.0], help="fast_factor's factors (one row each)")
+    p.add_argument(
+        "--stop-rules",
+        nargs="+",
+        choices=("settled", "eos"),
+        default=["settled"],
+        help="early-stop rules of the stopping rows (one row each)",
+    )
     args = p.parse_args(argv)
     env = common.quiet_threads(args.threads)
 
@@ -147,41 +170,44 @@ def main(argv=None) -> int:
     rows = []
     for gen_length in gen_lengths:
 
-        def options(sampler, cache, stop=True, threshold=0.9, factor=1.0):
+        def options(sampler, cache, stop=True, threshold=0.9, factor=1.0, rule="settled"):
             return SamplerOptions(
                 sampler=sampler,
                 cache=cache,
                 gen_length=gen_length,
                 block_length=args.block_length,
                 stop_at_eos=stop,
+                stop_rule=rule,
                 threshold=threshold,
                 factor=factor,
             )
 
         def variants(sampler):
-            """(threshold, factor) of every row a sampler gets: one per value of its own knob."""
+            """(threshold, factor, stop rule) of every row a sampler gets: one per value of its own knob
+            and per stop rule."""
+            knob = [(0.9, 1.0)]
             if sampler == "fast_threshold":
-                return [(t, 1.0) for t in args.thresholds]
+                knob = [(t, 1.0) for t in args.thresholds]
             if sampler == "fast_factor":
-                return [(0.9, f) for f in args.factors]
-            return [(0.9, 1.0)]
+                knob = [(0.9, f) for f in args.factors]
+            return [(t, f, rule) for t, f in knob for rule in args.stop_rules]
 
         # (backend, options): LLaDA's baseline first (the reference), the baseline with the early stop,
         # every chosen sampler with every chosen ORT cache; dLLM-Cache and its baseline on torch
         reference = options("baseline", "none", stop=False)
-        configs = [("ort", reference), ("ort", options("baseline", "none"))]
+        configs = [("ort", reference)] + [("ort", options("baseline", "none", rule=r)) for r in args.stop_rules]
         configs += [
-            ("ort", options(s, c, threshold=t, factor=f))
+            ("ort", options(s, c, threshold=t, factor=f, rule=r))
             for s in args.samplers
             for c in args.caches
-            for t, f in variants(s)
+            for t, f, r in variants(s)
             if c != "dllm_cache" and (s, c) != ("baseline", "none")
         ]
         if "dllm_cache" in args.caches:
             configs += [("torch", reference)] + [
-                ("torch", options(s, "dllm_cache", threshold=t, factor=f))
+                ("torch", options(s, "dllm_cache", threshold=t, factor=f, rule=r))
                 for s in args.samplers
-                for t, f in variants(s)
+                for t, f, r in variants(s)
             ]
         denoisers = {"ort": denoiser, "torch": torch_denoiser}
         for _, opts in configs:
@@ -192,6 +218,7 @@ def main(argv=None) -> int:
                 results[backend, opts].append(generate(denoisers[backend], prompt, opts))
         base = results["ort", reference]
         base_quality = [perplexity(scorer, q, r.text_tokens(cfg.eos_token_id)) for q, r in zip(prompts, base)]
+        base_spread = spread(base_quality)
         for backend, opts in configs:
             runs = results[backend, opts]
             timed_base = results[backend, reference]
@@ -202,6 +229,7 @@ def main(argv=None) -> int:
                     "sampler": opts.sampler,
                     "cache": opts.cache,
                     "stop_at_eos": opts.stop_at_eos,
+                    "stop_rule": opts.stop_rule if opts.stop_at_eos else None,
                     "backend": backend,
                     "gen_length": gen_length,
                     "block_length": opts.block_length,
@@ -219,6 +247,13 @@ def main(argv=None) -> int:
                     "quality_per_prompt": per_prompt,
                     "baseline_quality": quality(base_quality),
                     "baseline_quality_per_prompt": base_quality,
+                    "baseline_spread": base_spread,
+                    "within_spread": quality(per_prompt) is not None
+                    and base_spread is not None
+                    and base_spread[0] <= quality(per_prompt) <= base_spread[1],
+                    "same_texts": sum(
+                        r.text_tokens(cfg.eos_token_id) == b.text_tokens(cfg.eos_token_id) for r, b in zip(runs, base)
+                    ),
                 }
             )
         rows += reference_rows(scorer, prompts, gen_length, cfg.eos_token_id, unigram, rng)
@@ -239,9 +274,10 @@ def main(argv=None) -> int:
             print(
                 f"{row['gen_length']:4d} {row['backend']:5s} {row['sampler']:15s} {row['cache']:10s} "
                 f"{row['threshold'] or row['factor'] or '':4} "
-                f"{'stop' if row['stop_at_eos'] else 'full'} calls {row['calls']:6.1f} (padding {row['padding_calls']:5.1f}) "
+                f"{row['stop_rule'] or 'full':7s} calls {row['calls']:6.1f} (padding {row['padding_calls']:5.1f}) "
                 f"text {row['text_tokens']:5.1f} tok/call {row['tokens_per_call']:5.2f} tok/s {row['tok_s']:7.1f} x{row['speedup']:5.2f} "
-                f"calls/{row['calls_reduction']:5.2f} agree {row['agreement']:.3f} ppl {row['quality']}"
+                f"calls/{row['calls_reduction']:5.2f} agree {row['agreement']:.3f} same {row['same_texts']}/{len(prompts)} "
+                f"ppl {row['quality']} (baseline {row['baseline_quality']}, spread {row['baseline_spread']})"
             )
         else:
             print(f"{row['gen_length']:4d} {row['sampler']:15s} ppl {row['quality']}")
@@ -255,7 +291,7 @@ def plot(rows, path: Path) -> None:
     for ax, length in zip(axes[0], lengths):
         mine = [r for r in rows if r["gen_length"] == length and "calls" in r]
         labels = [
-            f"{r['sampler']} {r['threshold'] or r['factor'] or ''}{'' if r['stop_at_eos'] else ' full'}\n"
+            f"{r['sampler']} {r['threshold'] or r['factor'] or ''} {r['stop_rule'] or 'full'}\n"
             f"{r['cache']} ({r['backend']})"
             for r in mine
         ]

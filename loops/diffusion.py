@@ -20,9 +20,14 @@ how many tokens, and which, each model call commits:
 
 Confidence is the probability of the argmax (LLaDA's low-confidence remasking); ties go to the
 leftmost position. With `temperature` > 0 the prediction is drawn by Gumbel-max in float64, as
-LLaDA's sampler does. `stop_at_eos`: once an end-of-text token is committed, every masked
-position after it becomes end-of-text padding, which is what the model would fill there, and
-costs no more calls (Learn2PD's end-of-text prediction, arXiv 2509.25188).
+LLaDA's sampler does. `stop_at_eos`: once the response's text is settled, every masked position
+after it becomes end-of-text padding, which is what the model would fill there, and costs no
+more calls (Learn2PD's end-of-text prediction, arXiv 2509.25188). `stop_rule` says when the text
+is settled: `settled` (the default) once an end-of-text token is committed and every position
+before it is decoded, so the text is the one the same sampler writes without the stop; `eos` as
+soon as an end-of-text token is committed, a few calls sooner, but the forced padding then
+enters the model's context while positions before it are still masked, and changes the text of
+a model that sometimes writes on after an end-of-text.
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ class SamplerOptions(BaseModel):
     temperature: float = Field(0.0, ge=0.0)
     seed: int = 0
     stop_at_eos: bool = True
+    stop_rule: Literal["settled", "eos"] = "settled"
 
     def check(self) -> None:
         """UsageError (exit 2) for a configuration no sampler can run, naming the option."""
@@ -158,17 +164,22 @@ class Block:
         return pred, conf
 
     def commit(self, positions: np.ndarray, pred: np.ndarray) -> None:
-        """Decode the block-relative `positions` to their predictions; with stop_at_eos, pad after an
-        end-of-text token."""
+        """Decode the block-relative `positions` to their predictions; with stop_at_eos, pad after the
+        text once `stop_rule` says it is settled."""
         self.x[self.lo + positions] = pred[positions]
         if self.eos_id is not None and positions.size and (pred[positions] == self.eos_id).all():
             self.view.stats.padding_calls += 1
-        if self.opts.stop_at_eos and self.eos_id is not None:
-            eos = positions[pred[positions] == self.eos_id]
-            if eos.size:
-                after = self.lo + int(eos.min()) + 1
-                tail = self.x[after:]
-                tail[tail == self.mask_id] = self.eos_id
+        if not self.opts.stop_at_eos or self.eos_id is None:
+            return
+        response = self.x[self.view.prompt_length :]
+        eos = np.flatnonzero(response == self.eos_id)
+        if not eos.size:
+            return
+        first = int(eos[0])
+        if self.opts.stop_rule == "settled" and (response[:first] == self.mask_id).any():
+            return
+        tail = response[first + 1 :]
+        tail[tail == self.mask_id] = self.eos_id
 
 
 def ranked(conf: np.ndarray, among: np.ndarray | None = None) -> np.ndarray:

@@ -4,7 +4,8 @@ On calibration prompts (windows of data.calibration) it runs the LLaDA baseline 
 (one token a call, every response position decoded) and every candidate configuration: the
 baseline stopping at the first committed end-of-text, and each sampler of `samplers` with each
 cache of `caches`, block length of `block_lengths`, and threshold of `thresholds` (fast_threshold) or
-factor of `factors` (fast_factor).
+factor of `factors` (fast_factor), each with each early-stop rule of `stop_rules` (`settled`, the
+default, keeps the text the sampler writes without the stop; `eos` stops a few calls sooner).
 It records each one's model calls and its agreement with the baseline's output (the fraction
 of response positions holding the baseline's token), and plans the configuration with the
 fewest calls, then the fewest tokens fed, among those whose agreement reaches `min_agreement`.
@@ -55,7 +56,16 @@ def candidates(params, base):
         for cache in params.caches:
             for block in params.block_lengths:
                 for knob in knobs(params, sampler):
-                    yield base.model_copy(update={"sampler": sampler, "cache": cache, "block_length": block, **knob})
+                    for rule in params.stop_rules:
+                        yield base.model_copy(
+                            update={
+                                "sampler": sampler,
+                                "cache": cache,
+                                "block_length": block,
+                                "stop_rule": rule,
+                                **knob,
+                            }
+                        )
 
 
 def knobs(params, sampler: str) -> list[dict]:
@@ -79,7 +89,8 @@ def choose(denoiser, prompts, params) -> tuple[dict, list[Measured]]:
     reference = [measure_one(denoiser, ids, published) for ids in prompts]
     baseline = measure(denoiser, prompts, published, reference)
     measured = []
-    configs = [base, *(c for c in candidates(params, base) if c != base)]
+    stopped = [base.model_copy(update={"stop_rule": rule}) for rule in params.stop_rules]
+    configs = [*stopped, *(c for c in candidates(params, base) if c not in stopped)]
     for options in progress.bar(configs, desc="diffusion_sampling", unit="config"):
         options.check()
         measured.append(measure(denoiser, prompts, options, reference))
@@ -94,7 +105,7 @@ def choose(denoiser, prompts, params) -> tuple[dict, list[Measured]]:
     }
     reason = (
         f"{best.options['sampler']}{knob.get(best.options['sampler'], '')}/{best.options['cache']} "
-        f"(block {best.options['block_length']}): "
+        f"(block {best.options['block_length']}, stop {best.options['stop_rule']}): "
         f"{best.calls:.1f} calls against the baseline's {baseline.calls:.1f}, agreement {best.agreement:.3f}"
     )
     return {"sampler": best.options, "fallback": False, "reason": reason}, [baseline, *measured]
@@ -111,7 +122,7 @@ class DiffusionSampling(registry.Pass):
     """Choose a diffusion LM's sampler, block length, threshold and cache by calls and agreement with the baseline."""
 
     name = "diffusion_sampling"
-    version = 3
+    version = 4
     families = ("diffusion_lm",)
     reads = ("data.calibration",)
 
@@ -123,6 +134,7 @@ class DiffusionSampling(registry.Pass):
         block_lengths: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [32], min_length=1)
         thresholds: list[float] = Field(default_factory=lambda: [0.9], min_length=1)
         factors: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [1.0, 2.0], min_length=1)
+        stop_rules: list[Literal["settled", "eos"]] = Field(default_factory=lambda: ["settled"], min_length=1)
         gen_length: int = Field(64, ge=1, description="response length of the calibration runs and the plan")
         baseline_block_length: int = Field(32, ge=1, description="the baseline's block length (one token a call)")
         calibration_prompts: int = Field(4, ge=1)

@@ -116,20 +116,23 @@ def test_the_benchmark_writes_every_row_key(tmp_path):
 
     out = tmp_path / "rows.json"
     args = ["--model", "tiny-dream", "--gen-lengths", "8", "--block-length", "4", "--prompts", "1"]
-    args += ["--thresholds", "0.9", "0.7", "--factors", "1", "2"]
+    args += ["--thresholds", "0.9", "0.7", "--factors", "1", "2", "--stop-rules", "settled", "eos"]
     assert diffusion.main([*args, "--prompt-tokens", "8", "--threads", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     keys = {"sampler", "cache", "gen_length", "calls", "tokens_per_call", "tok_s", "calls_reduction", "speedup"}
     keys |= {"agreement", "quality", "baseline_quality", "stop_at_eos", "padding_calls", "text_tokens"}
+    keys |= {"stop_rule", "same_texts", "baseline_spread", "within_spread"}
     measured = [r for r in rows if "calls" in r]
     assert {(r["sampler"], r["cache"]) for r in measured} >= {("baseline", "none"), ("fast_factor", "dual")}
     assert all(keys <= set(r) for r in measured)
     knobs = {(r["sampler"], r["threshold"], r["factor"]) for r in measured if r["cache"] == "none"}
     assert knobs >= {("fast_threshold", 0.9, None), ("fast_threshold", 0.7, None)}
     assert knobs >= {("fast_factor", None, 1.0), ("fast_factor", None, 2.0)}
+    assert {r["stop_rule"] for r in measured if r["stop_at_eos"]} == {"settled", "eos"}
     assert {r["sampler"] for r in rows} >= {"smollm2_ar", "unigram"}
     baseline = next(r for r in measured if r["sampler"] == "baseline" and r["cache"] == "none")
     assert baseline["calls"] == 8 and baseline["agreement"] == 1.0 and baseline["calls_reduction"] == 1.0
+    assert baseline["same_texts"] == 1 and baseline["within_spread"] is (baseline["quality"] is not None)
     assert not baseline["stop_at_eos"] and any(r["sampler"] == "baseline" and r["stop_at_eos"] for r in measured)
     assert out.with_suffix(".png").exists() and out.with_suffix(".protocol.json").exists()
 

@@ -223,6 +223,31 @@ def test_end_of_text_pads_the_rest_and_stops():
     assert full.calls > 1
 
 
+def test_the_settled_rule_pads_only_once_the_text_before_end_of_text_is_decoded():
+    # end-of-text is the most confident prediction; position 2 (after it) the next
+    oracle = Oracle(tokens=[1, 7, 2, 3, 4, 5, 6, 8], conf=[0.3, 0.95, 0.5, 0.3, 0.3, 0.3, 0.3, 0.3], eos_id=7)
+    opts = D.SamplerOptions(sampler="fast_threshold", gen_length=8, block_length=4)
+    settled = D.generate(oracle, [5], opts)
+    eos = D.generate(oracle, [5], opts.model_copy(update={"stop_rule": "eos"}))
+    # eos: padded at once, then position 0; settled: positions 2 and 0 decoded before the padding
+    assert (eos.tokens, eos.calls) == ([1, 7, 7, 7, 7, 7, 7, 7], 2)
+    assert (settled.tokens, settled.calls) == ([1, 7, 2, 7, 7, 7, 7, 7], 3)
+    assert settled.text_tokens(7) == eos.text_tokens(7) == [1]
+
+
+@pytest.mark.parametrize("sampler", D.SAMPLERS)
+def test_the_settled_stop_keeps_the_text_of_the_full_run(folder, sampler):
+    """A model whose predictions depend on context: the settled stop writes the text the same
+    sampler writes without the stop (up to end-of-text), in fewer calls."""
+    denoiser = TorchDenoiser(dm.load(folder))
+    full = D.generate(denoiser, PROMPT, D.SamplerOptions(sampler=sampler, stop_at_eos=False))
+    # the tiny model does not write its end-of-text: take a token it writes mid-response as one
+    denoiser.eos_id = eos = full.tokens[len(full.tokens) // 3]
+    full = D.generate(denoiser, PROMPT, D.SamplerOptions(sampler=sampler, stop_at_eos=False))
+    stopped = D.generate(denoiser, PROMPT, D.SamplerOptions(sampler=sampler))
+    assert stopped.text_tokens(eos) == full.text_tokens(eos) and stopped.calls < full.calls
+
+
 def test_calls_that_decode_only_end_of_text_are_padding_calls():
     oracle = Oracle(tokens=[1, 7, 7, 7], conf=[0.95, 0.3, 0.3, 0.3], eos_id=7)
     opts = D.SamplerOptions(sampler="fast_threshold", gen_length=4, block_length=4, stop_at_eos=False)
