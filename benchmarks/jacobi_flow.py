@@ -15,7 +15,13 @@ block, the largest and the mean pixel difference (in [0, 1] units, after the den
 from the sequential sample of the same noise, the bits per dimension of the samples under the
 model, and `class_agreement`: the fraction of samples that the project's Fashion-MNIST classifier
 (`accelc train fmnist-cnn`; null when it is not trained) puts in the class of the sequential
-sample of the same noise, i.e. whether a looser tolerance changed what was drawn. The plot
+sample of the same noise, i.e. whether a looser tolerance changed what was drawn; and the
+quality of the samples as a set: `fid`, the Frechet distance (arXiv 1706.08500 §3) between the
+samples and 10,000 real test images in that classifier's 128-feature layer, and `fid_change`
+(median, 2.5% and 97.5% quantiles of FID(method) - FID(sequential) over samples resampled with
+replacement, the same picks for both: paired, since they share the noise), with `bpd_change` (the
+mean per-sample change of bits per dimension and its standard error), so a schedule whose
+samples differ from sequential's can be told apart from one whose samples are worse. The plot
 (OUT.png) shows wall time and iterations per block.
 """
 
@@ -59,14 +65,17 @@ def flow_rows(args) -> list[dict]:
             times[schedule.name].append(sum(stats.seconds))
             outputs[schedule.name].append((x, stats))
     reference = [to_images(model, x) for x, _ in outputs["sequential"]]
-    classify = fmnist_classifier()
-    reference_classes = [classify(images) for images in reference] if classify else None
+    net = fmnist_cnn()
+    reference_classes = [classify(net, images) for images in reference] if net else None
+    sequential_x = np.concatenate([x for x, _ in outputs["sequential"]])
+    quality = SetQuality(net, model, np.concatenate(reference), sequential_x) if net else None
     rows = []
     for schedule in schedules:
         runs = outputs[schedule.name]
         images = [to_images(model, x) for x, _ in runs]
         with torch.no_grad():
             bpd = [float(model.bits_per_dim(torch.from_numpy(x)).mean()) for x, _ in runs]
+        set_quality = quality.compare(np.concatenate(images), np.concatenate([x for x, _ in runs])) if net else {}
         rows.append(
             {
                 "part": "flow",
@@ -77,10 +86,13 @@ def flow_rows(args) -> list[dict]:
                 "iterations_per_block": runs[0][1].iterations,
                 "max_abs_diff": max(float(np.abs(a - b).max()) for a, b in zip(images, reference)),
                 "mean_abs_diff": float(np.mean([np.abs(a - b).mean() for a, b in zip(images, reference)])),
-                "class_agreement": float(np.mean([classify(a) == c for a, c in zip(images, reference_classes)]))
-                if classify
+                "class_agreement": float(np.mean([classify(net, a) == c for a, c in zip(images, reference_classes)]))
+                if net
                 else None,
                 "bpd": float(np.mean(bpd)),
+                "fid": set_quality.get("fid"),
+                "fid_change": set_quality.get("fid_change"),
+                "bpd_change": set_quality.get("bpd_change"),
                 "schedule": schedule.to_json(),
                 "samples": args.samples,
                 "batch": batch,
@@ -94,27 +106,93 @@ def flow_rows(args) -> list[dict]:
     return rows
 
 
-def fmnist_classifier():
-    """Images (N, 1, 28, 28) in [0, 1] -> predicted classes, by the project's trained Fashion-MNIST
-    CNN; None (and a note) when `accelc train fmnist-cnn` has not been run."""
-    import numpy as np
-    import torch
-
+def fmnist_cnn():
+    """The project's trained Fashion-MNIST CNN (images N x 1 x 28 x 28 in [0, 1]); None (and a note)
+    when `accelc train fmnist-cnn` has not been run."""
     from accelc import progress
     from accelc.errors import UsageError
     from accelc.families import cnn, cnn_model
 
     try:
-        _, net = cnn_model.load(cnn.builtin_dir("fmnist-cnn"))
+        return cnn_model.load(cnn.builtin_dir("fmnist-cnn"))[1]
     except UsageError as exc:
-        progress.status(f"class agreement left out: {exc}")
+        progress.status(f"class agreement and FID left out: {exc}")
         return None
 
-    def classify(images: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return net(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))).argmax(1).numpy()
 
-    return classify
+def classify(net, images):
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        return net(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))).argmax(1).numpy()
+
+
+def features(net, images):
+    """The classifier's last hidden layer (128 features after its ReLU), the space FID is taken in."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        return net.layers[:-1](torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))).double().numpy()
+
+
+def frechet(mu_a, cov_a, mu_b, cov_b) -> float:
+    """Frechet distance of two Gaussians: |mu_a - mu_b|^2 + tr(A + B - 2 (A B)^(1/2)), the trace of
+    the root taken as the sum of root eigenvalues of A^(1/2) B A^(1/2) (symmetric, so eigh)."""
+    import numpy as np
+
+    w, v = np.linalg.eigh(cov_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
+
+
+class SetQuality:
+    """Sample-set quality of a schedule against the sequential samples of the same noise: FID to
+    the real test images, and paired bootstrap changes of FID and bits per dimension."""
+
+    def __init__(self, net, model, sequential_images, sequential_x, draws: int = 200, seed: int = 0):
+        import numpy as np
+
+        from accelc.families.cnn_model import fashion_mnist_inputs
+
+        self.net, self.model, self.draws, self.seed = net, model, draws, seed
+        real = features(net, fashion_mnist_inputs((1, 28, 28), "test")[0])
+        self.real = real.mean(0), np.cov(real, rowvar=False)
+        self.sequential = features(net, sequential_images)
+        self.sequential_bpd = self.bits_per_dim(sequential_x)
+
+    def bits_per_dim(self, x):
+        import torch
+
+        with torch.no_grad():
+            return self.model.bits_per_dim(torch.from_numpy(x)).double().numpy()
+
+    def fid(self, feats) -> float:
+        import numpy as np
+
+        return frechet(feats.mean(0), np.cov(feats, rowvar=False), *self.real)
+
+    def compare(self, images, x) -> dict:
+        import numpy as np
+
+        feats = features(self.net, images)
+        picks = np.random.default_rng(self.seed).integers(0, len(feats), (self.draws, len(feats)))
+        change = [self.fid(feats[k]) - self.fid(self.sequential[k]) for k in picks]
+        delta = self.bits_per_dim(x) - self.sequential_bpd
+        return {
+            "fid": self.fid(feats),
+            "fid_change": [
+                float(np.median(change)),
+                float(np.quantile(change, 0.025)),
+                float(np.quantile(change, 0.975)),
+            ],
+            "bpd_change": [
+                float(delta.mean()),
+                float(delta.std(ddof=1) / np.sqrt(len(delta))) if len(delta) > 1 else 0.0,
+            ],
+        }
 
 
 def open_flow(model, backend: str, threads: int | None):
@@ -174,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['method']:<11} {r['wall_s']:7.2f}s  {r['speedup']:5.2f}x  calls {r['calls']:4d}  "
             f"iters {r['iterations_per_block']}  max|dx| {r['max_abs_diff']:.4f}  mean|dx| {r['mean_abs_diff']:.5f}  "
-            f"bpd {r['bpd']:.4f}  classes {r['class_agreement']}"
+            f"bpd {r['bpd']:.4f} (change {r['bpd_change']})  classes {r['class_agreement']}  "
+            f"FID {r['fid']} (change {r['fid_change']})"
         )
     return 0
 

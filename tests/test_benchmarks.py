@@ -161,3 +161,18 @@ def test_every_gguf_weights_configuration_is_a_valid_recipe():
         if "-h" in name:  # int4[-bB]-hH: the head quantised at H bits in blocks of B
             (q,) = quantize
             assert q.head and f"-h{q.head_bits}" in name and (q.block_size == 32 or f"-b{q.block_size}" in name)
+
+
+def test_frechet_distance_of_known_gaussians():
+    import numpy as np
+
+    from benchmarks.jacobi_flow import frechet
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 4))
+    cov = a @ a.T + np.eye(4)
+    assert abs(frechet(np.zeros(4), cov, np.zeros(4), cov)) < 1e-9
+    # diagonal: |mu|^2 + sum (sigma_a - sigma_b)^2
+    mu = np.array([1.0, 0.0, 2.0])
+    got = frechet(mu, np.diag([1.0, 4.0, 9.0]), np.zeros(3), np.diag([4.0, 4.0, 1.0]))
+    assert abs(got - (5.0 + 1.0 + 0.0 + 4.0)) < 1e-9
