@@ -139,13 +139,15 @@ def features(net, images):
 
 def frechet(mu_a, cov_a, mu_b, cov_b) -> float:
     """Frechet distance of two Gaussians: |mu_a - mu_b|^2 + tr(A + B - 2 (A B)^(1/2)), the trace of
-    the root taken as the sum of root eigenvalues of A^(1/2) B A^(1/2) (symmetric, so eigh)."""
-    import numpy as np
+    the root taken as the sum of root eigenvalues of A^(1/2) B A^(1/2) (symmetric, so eigh). In
+    torch: numpy's OpenBLAS threads spin while they wait, which stalls a loaded machine."""
+    import torch
 
-    w, v = np.linalg.eigh(cov_a)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
+    mu_a, cov_a, mu_b, cov_b = (torch.as_tensor(v, dtype=torch.float64) for v in (mu_a, cov_a, mu_b, cov_b))
+    w, v = torch.linalg.eigh(cov_a)
+    root_a = (v * w.clamp(min=0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return float(((mu_a - mu_b) ** 2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
 
 
 class SetQuality:
@@ -154,14 +156,18 @@ class SetQuality:
 
     def __init__(self, net, model, sequential_images, sequential_x, draws: int = 200, seed: int = 0):
         import numpy as np
+        import torch
 
         from accelc.families.cnn_model import fashion_mnist_inputs
 
-        self.net, self.model, self.draws, self.seed = net, model, draws, seed
-        real = features(net, fashion_mnist_inputs((1, 28, 28), "test")[0])
-        self.real = real.mean(0), np.cov(real, rowvar=False)
+        self.net, self.model = net, model
+        real = torch.from_numpy(features(net, fashion_mnist_inputs((1, 28, 28), "test")[0]))
+        self.real = real.mean(0), torch.cov(real.T)
         self.sequential = features(net, sequential_images)
         self.sequential_bpd = self.bits_per_dim(sequential_x)
+        n = len(self.sequential)
+        self.picks = np.random.default_rng(seed).integers(0, n, (draws, n))
+        self.sequential_fids = np.array([self.fid(self.sequential[k]) for k in self.picks])
 
     def bits_per_dim(self, x):
         import torch
@@ -170,16 +176,16 @@ class SetQuality:
             return self.model.bits_per_dim(torch.from_numpy(x)).double().numpy()
 
     def fid(self, feats) -> float:
-        import numpy as np
+        import torch
 
-        return frechet(feats.mean(0), np.cov(feats, rowvar=False), *self.real)
+        feats = torch.from_numpy(feats)
+        return frechet(feats.mean(0), torch.cov(feats.T), *self.real)
 
     def compare(self, images, x) -> dict:
         import numpy as np
 
         feats = features(self.net, images)
-        picks = np.random.default_rng(self.seed).integers(0, len(feats), (self.draws, len(feats)))
-        change = [self.fid(feats[k]) - self.fid(self.sequential[k]) for k in picks]
+        change = np.array([self.fid(feats[k]) for k in self.picks]) - self.sequential_fids
         delta = self.bits_per_dim(x) - self.sequential_bpd
         return {
             "fid": self.fid(feats),
