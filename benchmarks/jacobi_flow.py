@@ -20,8 +20,10 @@ quality of the samples as a set: `fid`, the Frechet distance (arXiv 1706.08500 Â
 samples and 10,000 real test images in that classifier's 128-feature layer, and `fid_change`
 (median, 2.5% and 97.5% quantiles of FID(method) - FID(sequential) over samples resampled with
 replacement, the same picks for both: paired, since they share the noise), with `bpd_change` (the
-mean per-sample change of bits per dimension and its standard error), so a schedule whose
-samples differ from sequential's can be told apart from one whose samples are worse. The plot
+mean per-sample change of bits per dimension and its standard error) and `bpd_spread` (the
+standard error of the samples' mean bits per dimension: how far another draw of as many samples
+would move it), so a schedule whose samples differ from sequential's can be told apart from one
+whose samples are worse. The plot
 (OUT.png) shows wall time and iterations per block.
 """
 
@@ -93,6 +95,7 @@ def flow_rows(args) -> list[dict]:
                 "fid": set_quality.get("fid"),
                 "fid_change": set_quality.get("fid_change"),
                 "bpd_change": set_quality.get("bpd_change"),
+                "bpd_spread": set_quality.get("bpd_spread"),
                 "schedule": schedule.to_json(),
                 "samples": args.samples,
                 "batch": batch,
@@ -186,7 +189,8 @@ class SetQuality:
 
         feats = features(self.net, images)
         change = np.array([self.fid(feats[k]) for k in self.picks]) - self.sequential_fids
-        delta = self.bits_per_dim(x) - self.sequential_bpd
+        bpd = self.bits_per_dim(x)
+        delta = bpd - self.sequential_bpd
         return {
             "fid": self.fid(feats),
             "fid_change": [
@@ -194,11 +198,15 @@ class SetQuality:
                 float(np.quantile(change, 0.025)),
                 float(np.quantile(change, 0.975)),
             ],
-            "bpd_change": [
-                float(delta.mean()),
-                float(delta.std(ddof=1) / np.sqrt(len(delta))) if len(delta) > 1 else 0.0,
-            ],
+            "bpd_change": [float(delta.mean()), standard_error(delta)],
+            "bpd_spread": standard_error(bpd),
         }
+
+
+def standard_error(values) -> float:
+    import numpy as np
+
+    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
 def open_flow(model, backend: str, threads: int | None):
@@ -258,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['method']:<11} {r['wall_s']:7.2f}s  {r['speedup']:5.2f}x  calls {r['calls']:4d}  "
             f"iters {r['iterations_per_block']}  max|dx| {r['max_abs_diff']:.4f}  mean|dx| {r['mean_abs_diff']:.5f}  "
-            f"bpd {r['bpd']:.4f} (change {r['bpd_change']})  classes {r['class_agreement']}  "
+            f"bpd {r['bpd']:.4f} (change {r['bpd_change']}, spread {r['bpd_spread']})  classes {r['class_agreement']}  "
             f"FID {r['fid']} (change {r['fid_change']})"
         )
     return 0
