@@ -21,11 +21,12 @@ configuration's), both against the baseline at the same `gen_length`; `agreement
 baseline's response tokens reproduced), `quality` (median perplexity, under SmolLM2-135M itself, of
 the continuations up to end-of-text: lower is better) and `baseline_quality`, with
 `quality_per_prompt` and `baseline_quality_per_prompt` (prompt by prompt, in one order),
-`same_texts` (prompts whose text, up to end-of-text, is the baseline's) and `baseline_spread`
-with `within_spread`: greedy sampling gives the baseline no run-to-run spread on one prompt, so
-its spread is that of the benchmark's own figure, the 95% interval of the baseline's median
-perplexity over prompts resampled with replacement (what a run on another draw of as many
-prompts would read), and a row is within it when its quality falls inside. Reference rows
+`same_texts` (prompts whose text, up to end-of-text, is the baseline's) and `baseline_spread`:
+greedy sampling gives the baseline no run-to-run spread on one prompt, so this is the spread of
+the benchmark's own figure, the 95% interval of the baseline's median perplexity over prompts
+resampled with replacement (what a run on another draw of as many prompts would read). On 8
+prompts it is wide (docs/diffusion.md): judge a configuration by its texts, prompt by prompt,
+and read the interval as the figure's resolution. Reference rows
 (`smollm2_ar`: SmolLM2's own greedy continuations; `unigram`: tokens drawn from the training text's
 unigram distribution) carry the quality figure only.
 
@@ -248,9 +249,6 @@ def main(argv=None) -> int:
                     "baseline_quality": quality(base_quality),
                     "baseline_quality_per_prompt": base_quality,
                     "baseline_spread": base_spread,
-                    "within_spread": quality(per_prompt) is not None
-                    and base_spread is not None
-                    and base_spread[0] <= quality(per_prompt) <= base_spread[1],
                     "same_texts": sum(
                         r.text_tokens(cfg.eos_token_id) == b.text_tokens(cfg.eos_token_id) for r, b in zip(runs, base)
                     ),
