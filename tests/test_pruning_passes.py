@@ -279,3 +279,46 @@ def test_fitness_scores_one_window_of_every_source_by_default(tmp_path):
     fitness = json.loads(bundle.reports["search_log.json"].read_text())["fitness"]
     assert fitness["windows"] == 5 and [s["windows"] for s in fitness["sources"]] == [1] * 5
     assert [s["text"] for s in fitness["sources"]] == [f"shakespeare:{play}" for play in plays]
+
+
+def test_restarts_pool_their_final_archives_and_the_held_out_calibration_windows_choose(tmp_path):
+    """restarts: 2 runs the search with seeds 0 and 1; select_windows rescores every distinct
+    finalist on calibration windows the fitness did not score, and the chosen subnet is the one
+    with the lowest selection score (not necessarily the best fitness)."""
+    from accelc.compiler.pipeline import PassManager, StepCache
+    from accelc.compiler.recipe import load_recipe
+    from accelc.families.causal_lm import ingest
+    from accelc.passes.pruning import load_subnet
+
+    body = PRUNE_RECIPE.format(passes=STATS.strip("\n"), backends="[ort]", calibration="x", cache=tmp_path / "cache")
+    body = body.replace('calibration: "x"', "calibration: [{text: austen:emma}, {text: shakespeare:macbeth}]")
+    recipe = load_recipe(write_recipe(tmp_path, body))
+    search = {
+        "budget": {"remove_ratio": 0.3},
+        "generations": 2,
+        "population": 4,
+        "parents": 2,
+        "mutations": 2,
+        "crossovers": 1,
+        "fitness_windows": 2,
+        "fitness_window": 64,
+        "holdout_windows": 0,
+        "restarts": 2,
+        "select_windows": 4,
+        "select_skip": 8,
+    }
+    steps = [("importance", {"windows": 4, "window": 64}), ("arch_search", search)]
+    bundle = PassManager(recipe, StepCache(tmp_path / "cache")).run_steps(ingest(recipe.model, recipe), steps)
+    log = json.loads(bundle.reports["search_log.json"].read_text())
+    assert [r["seed"] for r in log["restarts"]] == [0, 1]
+    assert log["selection"]["windows"] == 4 and log["selection"]["by_source"] == {
+        "austen:emma": 2,
+        "shakespeare:macbeth": 2,
+    }
+    finalists = log["finalists"]
+    assert len({f["key"] for f in finalists}) == len(finalists) >= 2
+    assert {f["seed"] for f in finalists} <= {0, 1}
+    assert [f["selection"] for f in finalists] == sorted(f["selection"] for f in finalists)
+    chosen, info = load_subnet(bundle.intermediates["subnet"])
+    assert chosen.key == finalists[0]["key"] and info["selection_score"] == finalists[0]["selection"]
+    assert {r["seed"] for r in log["log"]} == {0, 1}

@@ -107,6 +107,7 @@ class SearchSettings:
 class SearchResult:
     best: Subnet
     best_fitness: float
+    finalists: list = field(default_factory=list)  # the final archive: (subnet, fitness), best first
     log: list = field(default_factory=list)  # one dict per evaluated candidate
     history: list = field(default_factory=list)  # one dict per generation
     settings: dict = field(default_factory=dict)
@@ -457,6 +458,7 @@ def search(
     return SearchResult(
         best=subnets[best_key],
         best_fitness=memo[best_key]["fitness"],
+        finalists=[(subnets[k], memo[k]["fitness"]) for k in archive],
         log=log,
         history=history,
         settings=asdict(settings),
@@ -540,10 +542,17 @@ class PerplexityFitness:
         self.sources, self.aggregate = sources, aggregate
         self.dense = self.perplexities(model) if aggregate == "worst_source" else None
 
-    def on(self, windows) -> PerplexityFitness:
-        """The same fitness on other windows (a held-out text, one source), sharing the reformed-layer cache."""
+    def on(self, windows, sources: list[str] | None = None) -> PerplexityFitness:
+        """The same fitness on other windows (a held-out text, or other windows of the calibration
+        sources labelled by `sources`), sharing the reformed-layer cache."""
         other = PerplexityFitness(
-            self.model, windows, grams=self.grams, damp=self.damp, cache_entries=0, aggregate=self.aggregate
+            self.model,
+            windows,
+            grams=self.grams,
+            damp=self.damp,
+            cache_entries=0,
+            sources=sources,
+            aggregate=self.aggregate,
         )
         other.cache = self.cache
         return other
