@@ -232,9 +232,12 @@ def test_group_gqa_subnet_cannot_be_exported_yet(cli, prune_recipe):
     assert code == 2 and "gqa: query" in err
 
 
-def test_worst_source_fitness_scores_every_calibration_source(tmp_path):
-    """fitness: worst_source labels each fitness window with its source and records every
-    source's dense perplexity; the search's best fitness is a ratio to dense."""
+# a small search scoring one 64-token window of each of two sources, no held-out curve
+TWO_WINDOW_SEARCH = {"budget": {"remove_ratio": 0.3}, "fitness_windows": 2, "fitness_window": 64, "holdout_windows": 0}
+
+
+def search_two_sources(tmp_path, search: dict):
+    """importance + arch_search (`search`) on the tiny model, calibrated on Emma and Macbeth."""
     from accelc.compiler.pipeline import PassManager, StepCache
     from accelc.compiler.recipe import load_recipe
     from accelc.families.causal_lm import ingest
@@ -242,17 +245,15 @@ def test_worst_source_fitness_scores_every_calibration_source(tmp_path):
     body = PRUNE_RECIPE.format(passes=STATS.strip("\n"), backends="[ort]", calibration="x", cache=tmp_path / "cache")
     body = body.replace('calibration: "x"', "calibration: [{text: austen:emma}, {text: shakespeare:macbeth}]")
     recipe = load_recipe(write_recipe(tmp_path, body))
-    search = {
-        "budget": {"remove_ratio": 0.3},
-        "generations": 1,
-        "population": 4,
-        "fitness_windows": 2,
-        "fitness_window": 64,
-        "holdout_windows": 0,
-        "fitness": "worst_source",
-    }
     steps = [("importance", {"windows": 4, "window": 64}), ("arch_search", search)]
-    bundle = PassManager(recipe, StepCache(tmp_path / "cache")).run_steps(ingest(recipe.model, recipe), steps)
+    return PassManager(recipe, StepCache(tmp_path / "cache")).run_steps(ingest(recipe.model, recipe), steps)
+
+
+def test_worst_source_fitness_scores_every_calibration_source(tmp_path):
+    """fitness: worst_source labels each fitness window with its source and records every
+    source's dense perplexity; the search's best fitness is a ratio to dense."""
+    search = {**TWO_WINDOW_SEARCH, "generations": 1, "population": 4, "fitness": "worst_source"}
+    bundle = search_two_sources(tmp_path, search)
     log = json.loads(bundle.reports["search_log.json"].read_text())
     assert log["fitness"]["aggregate"] == "worst_source"
     dense = log["fitness"]["dense_by_source"]
@@ -285,30 +286,11 @@ def test_restarts_pool_their_final_archives_and_the_held_out_calibration_windows
     """restarts: 2 runs the search with seeds 0 and 1; select_windows rescores every distinct
     finalist on calibration windows the fitness did not score, and the chosen subnet is the one
     with the lowest selection score (not necessarily the best fitness)."""
-    from accelc.compiler.pipeline import PassManager, StepCache
-    from accelc.compiler.recipe import load_recipe
-    from accelc.families.causal_lm import ingest
     from accelc.passes.pruning import load_subnet
 
-    body = PRUNE_RECIPE.format(passes=STATS.strip("\n"), backends="[ort]", calibration="x", cache=tmp_path / "cache")
-    body = body.replace('calibration: "x"', "calibration: [{text: austen:emma}, {text: shakespeare:macbeth}]")
-    recipe = load_recipe(write_recipe(tmp_path, body))
-    search = {
-        "budget": {"remove_ratio": 0.3},
-        "generations": 2,
-        "population": 4,
-        "parents": 2,
-        "mutations": 2,
-        "crossovers": 1,
-        "fitness_windows": 2,
-        "fitness_window": 64,
-        "holdout_windows": 0,
-        "restarts": 2,
-        "select_windows": 4,
-        "select_skip": 8,
-    }
-    steps = [("importance", {"windows": 4, "window": 64}), ("arch_search", search)]
-    bundle = PassManager(recipe, StepCache(tmp_path / "cache")).run_steps(ingest(recipe.model, recipe), steps)
+    search = {**TWO_WINDOW_SEARCH, "generations": 2, "population": 4, "parents": 2, "mutations": 2, "crossovers": 1}
+    search |= {"restarts": 2, "select_windows": 4, "select_skip": 8}
+    bundle = search_two_sources(tmp_path, search)
     log = json.loads(bundle.reports["search_log.json"].read_text())
     assert [r["seed"] for r in log["restarts"]] == [0, 1]
     assert log["selection"]["windows"] == 4 and log["selection"]["by_source"] == {
