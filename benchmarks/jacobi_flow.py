@@ -1,7 +1,8 @@
 """Sampling the Fashion-MNIST TarFlow: sequential vs Jacobi, GS-Jacobi and SeJD, side by side.
 
     python -m benchmarks.jacobi_flow --json OUT.json [--samples 64] [--batch B] [--backend torch|ort]
-                                     [--rounds 3] [--tol 1e-3] [--chunk 16] [--threads N] [--quick]
+                                     [--rounds 3] [--tol 1e-3] [--chunk 16] [--threads N]
+                                     [--reference-threads N ...] [--quick]
 
 The model is `tarflow-fmnist` (`accelc train tarflow-fmnist` builds it), run through the
 flow-block protocol (runtime/flow.py) by torch eager or by ONNX Runtime on its exported blocks.
@@ -23,7 +24,12 @@ replacement, the same picks for both: paired, since they share the noise), with 
 mean per-sample change of bits per dimension and its standard error) and `bpd_spread` (the
 standard error of the samples' mean bits per dimension: how far another draw of as many samples
 would move it), so a schedule whose samples differ from sequential's can be told apart from one
-whose samples are worse. The plot
+whose samples are worse. On ORT, sequential sampling is also timed at each of
+`--reference-threads` intra-op thread counts (default 1, 2, 4, ... up to the cores) in the same
+rounds: rows `method` "sequential" with `threads` set, and every schedule's
+`speedup_vs_fastest_sequential` (median over rounds of the fastest sequential time of the round,
+at any of those counts or the run's own, over the schedule's), since at batch 1 a one-token step
+is call overhead and a deployment of sequential sampling would run at its fastest count. The plot
 (OUT.png) shows wall time and iterations per block.
 """
 
@@ -43,9 +49,13 @@ def flow_rows(args) -> list[dict]:
     from accelc.families import tarflow, tarflow_model
     from accelc.families.tarflow_run import to_images
     from accelc.loops import flow_sampling as fs
+    from accelc.passes.jacobi import thread_counts
 
     model = tarflow_model.load(tarflow.builtin_dir(tarflow.FMNIST))
-    flow = open_flow(model, args.backend, args.threads)
+    directory = export(model) if args.backend == "ort" else None
+    flow = open_flow(model, directory, args.threads)
+    reference_counts = args.reference_threads if args.reference_threads is not None else thread_counts(0, args.backend)
+    references = {t: open_flow(model, directory, t) for t in reference_counts if directory is not None}
     batch = args.batch or args.samples
     rounds = 1 if args.quick else args.rounds
     with progress.step("SeJD calibration"):
@@ -59,6 +69,7 @@ def flow_rows(args) -> list[dict]:
         fs.sejd_schedule(flow, iterations, costs.ratio, args.tol),
     ]
     times = {s.name: [] for s in schedules}
+    reference_times: dict[int, list[float]] = {t: [] for t in references}
     outputs: dict[str, list] = {s.name: [] for s in schedules}
     for r in progress.bar(range(rounds), desc="rounds"):
         z = fs.prior_noise(flow, args.samples, seed=r)
@@ -66,6 +77,10 @@ def flow_rows(args) -> list[dict]:
             x, stats = fs.sample_in_batches(flow, z, schedule, batch)
             times[schedule.name].append(sum(stats.seconds))
             outputs[schedule.name].append((x, stats))
+        for t, reference_flow in references.items():
+            _, stats = fs.sample_in_batches(reference_flow, z, schedules[0], batch)
+            reference_times[t].append(sum(stats.seconds))
+    fastest_sequential = [min(round_times) for round_times in zip(times["sequential"], *reference_times.values())]
     reference = [to_images(model, x) for x, _ in outputs["sequential"]]
     net = fmnist_cnn()
     reference_classes = [classify(net, images) for images in reference] if net else None
@@ -84,6 +99,7 @@ def flow_rows(args) -> list[dict]:
                 "method": schedule.name,
                 "wall_s": common.median(times[schedule.name]),
                 "speedup": common.median_ratio(times["sequential"], times[schedule.name]),
+                "speedup_vs_fastest_sequential": common.median_ratio(fastest_sequential, times[schedule.name]),
                 "calls": runs[0][1].total_calls,
                 "iterations_per_block": runs[0][1].iterations,
                 "max_abs_diff": max(float(np.abs(a - b).max()) for a, b in zip(images, reference)),
@@ -100,10 +116,26 @@ def flow_rows(args) -> list[dict]:
                 "samples": args.samples,
                 "batch": batch,
                 "backend": args.backend,
+                "threads": args.threads,
                 "rounds": rounds,
                 "tol": args.tol,
                 "cost_ratio": costs.ratio,
                 "calibration_iterations": iterations,
+            }
+        )
+    for t, seconds in reference_times.items():
+        rows.append(
+            {
+                "part": "flow",
+                "method": "sequential",
+                "threads": t,
+                "wall_s": common.median(seconds),
+                "speedup": common.median_ratio(times["sequential"], seconds),
+                "speedup_vs_fastest_sequential": common.median_ratio(fastest_sequential, seconds),
+                "samples": args.samples,
+                "batch": batch,
+                "backend": args.backend,
+                "rounds": rounds,
             }
         )
     return rows
@@ -209,20 +241,26 @@ def standard_error(values) -> float:
     return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
-def open_flow(model, backend: str, threads: int | None):
-    """The model on `backend`: torch eager, or ORT on its blocks exported to a temporary folder."""
+def export(model):
+    """The model's blocks exported for ORT into a temporary folder."""
     import tempfile
     from pathlib import Path
 
-    if backend == "torch":
-        from accelc.runtime.flow import torch_flow_model
-
-        return torch_flow_model(model)
     from accelc.families.tarflow_export import export_blocks
-    from accelc.runtime.flow_ort import ort_flow_model
 
     directory = Path(tempfile.mkdtemp(prefix="accelc-flow-"))
     export_blocks(model, directory)
+    return directory
+
+
+def open_flow(model, directory, threads: int | None):
+    """The model on ORT over its exported blocks in `directory`, or in torch eager when that is None."""
+    if directory is None:
+        from accelc.runtime.flow import torch_flow_model
+
+        return torch_flow_model(model)
+    from accelc.runtime.flow_ort import ort_flow_model
+
     return ort_flow_model(directory, {**common.ORT_SESSION, "intra_op_threads": threads or 0})
 
 
@@ -234,18 +272,27 @@ def add_arguments(p) -> None:
     p.add_argument("--tol", type=float, default=1e-3, help="relative-change stopping threshold of the Jacobi chunks")
     p.add_argument("--chunk", type=int, default=16, help="GS-Jacobi chunk length in tokens")
     p.add_argument("--calibration", type=int, default=16, help="calibration noise samples for SeJD")
+    p.add_argument(
+        "--reference-threads", type=int, nargs="*",
+        help="ORT thread counts sequential is also timed at (default 1, 2, 4, ... up to the cores; none: omit)",
+    )  # fmt: skip
+
+
+def label(row: dict) -> str:
+    """The method, with the thread count for the extra sequential references."""
+    return f"{row['method']} ({row['threads']}t)" if "iterations_per_block" not in row else row["method"]
 
 
 def plot(rows, path) -> None:
     plt = common.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    names = [r["method"] for r in rows]
+    names = [label(r) for r in rows]
     left.bar(names, [r["wall_s"] for r in rows], color="tab:blue")
     for i, r in enumerate(rows):
         left.annotate(f"{r['speedup']:.2f}x", (i, r["wall_s"]), ha="center", va="bottom")
     left.set_ylabel("wall seconds (median)")
     left.set_title(f"TarFlow Fashion-MNIST, {rows[0]['samples']} samples")
-    for r in rows:
+    for r in (r for r in rows if "iterations_per_block" in r):
         right.plot(range(len(r["iterations_per_block"])), r["iterations_per_block"], marker="o", label=r["method"])
     right.set_xlabel("block (density order)")
     right.set_ylabel("iterations (sequential: T - 1)")
@@ -263,11 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     path, _ = common.write_results(args.json, rows, common.protocol(environment=environment, args=vars(args)))
     plot(rows, path.with_suffix(".png"))
     for r in rows:
+        if "iterations_per_block" not in r:
+            print(f"{label(r):<15} {r['wall_s']:7.2f}s  {r['speedup']:5.2f}x")
+            continue
         print(
-            f"{r['method']:<11} {r['wall_s']:7.2f}s  {r['speedup']:5.2f}x  calls {r['calls']:4d}  "
+            f"{r['method']:<15} {r['wall_s']:7.2f}s  {r['speedup']:5.2f}x  calls {r['calls']:4d}  "
             f"iters {r['iterations_per_block']}  max|dx| {r['max_abs_diff']:.4f}  mean|dx| {r['mean_abs_diff']:.5f}  "
             f"bpd {r['bpd']:.4f} (change {r['bpd_change']}, spread {r['bpd_spread']})  classes {r['class_agreement']}  "
-            f"FID {r['fid']} (change {r['fid_change']})"
+            f"FID {r['fid']} (change {r['fid_change']})  vs fastest sequential {r['speedup_vs_fastest_sequential']:.2f}x"
         )
     return 0
 

@@ -117,16 +117,17 @@ def prove(directory: Path, recipe, manifest: dict) -> tuple[dict, bool]:
 
 def bench(art, spec) -> dict:
     """Each schedule on each of `spec.backends` this artifact has, in turn on the same noise, `spec.repeats` rounds,
-    at the plan's batch: median wall seconds, paired speedup against sequential, calls, iterations."""
+    at the plan's batch and threads: median wall seconds, paired speedup against sequential, calls, iterations."""
     from accelc.families.tarflow_run import read_plan
     from accelc.loops.flow_sampling import FlowSchedule, prior_noise, sample
 
     plan = read_plan(art)
     planned = FlowSchedule.from_json(plan["schedule"])
     tol = planned.blocks[0].tol or 1e-3
-    result = {"protocol": {"batch": plan["batch"], "repeats": spec.repeats, "tol": tol}, "backends": {}}
+    protocol = {"batch": plan["batch"], "threads": plan.get("threads"), "repeats": spec.repeats, "tol": tol}
+    result = {"protocol": protocol, "backends": {}}
     for name in [b for b in spec.backends if b in art.backends()] or ["torch"]:
-        flow = art.step_model(name)
+        flow = art.step_model(name, threads=plan.get("threads"))
         schedules = {
             s.name: s
             for s in (

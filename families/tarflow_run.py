@@ -2,7 +2,8 @@
 
 The decode plan (`decode/plan.json`) holds the sampling schedule the `jacobi` pass chose
 (sequential where no pass ran), the batch it was priced for, and the defaults of `accelc run`
-(samples, seed, the denoising step). `accelc run ARTIFACT --samples N --seed S --out grid.png`
+(samples, seed, the denoising step), and the ORT threads the pass found the schedule fastest at
+(none: the target's session threads). `accelc run ARTIFACT --samples N --seed S --out grid.png`
 samples with that schedule on the chosen backend, applies TarFlow's denoising step with the
 torch model of record, and writes the images as one PNG grid.
 """
@@ -30,14 +31,16 @@ def decode_plan(bundle) -> dict:
     config = tarflow_model.read_config(bundle.model_dir)
     chosen = bundle.plan.get("flow")
     if chosen is None:
-        schedule, batch = FlowSchedule.sequential(config.blocks).to_json(), 64
+        schedule, batch, threads = FlowSchedule.sequential(config.blocks).to_json(), 64, None
         reason = "no jacobi pass in the recipe: sequential decoding"
     else:
         schedule, batch, reason = chosen["schedule"], chosen["batch"], chosen["reason"]
+        threads = chosen.get("threads")
     return {
         "family": "tarflow",
         "schedule": schedule,
         "batch": batch,
+        "threads": threads,
         "reason": reason,
         "samples": DEFAULT_SAMPLES,
         "seed": 0,
@@ -126,7 +129,7 @@ def run(art, args) -> int:
     if seed < 0:
         raise UsageError(f"--seed {seed}: the seed must be 0 or more")
     backend = args.backend or ("ort" if "ort" in art.backends() else "torch")
-    flow = art.step_model(backend)
+    flow = art.step_model(backend, threads=plan.get("threads"))
     schedule = FlowSchedule.from_json(plan["schedule"])
     x, stats = sample_in_batches(flow, prior_noise(flow, samples, seed), schedule, int(plan["batch"]))
     images = to_images(torch_model(art), x, denoise=bool(plan["denoise"]))

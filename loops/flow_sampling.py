@@ -226,6 +226,31 @@ def cheapest_chunks(
     return (chosen, gain) if gain >= min_gain else ([1] * len(chosen), gain)
 
 
+def fastest_step_threads(costs: dict[int, dict[int, float]]) -> int:
+    """The thread count of the cheapest one-token step (ties: fewer threads): sequential's."""
+    return min(costs, key=lambda t: (costs[t][1], t))
+
+
+def cheapest_threads(
+    calls: dict[int, list[float]], costs: dict[int, dict[int, float]], min_gain: float = 1.0
+) -> tuple[int, list[int], float]:
+    """Over thread counts (`costs[threads][chunk]`: seconds of one call): each count's cheapest
+    chunks per block, the count with the smallest predicted time (ties: fewer threads), and its
+    gain over sequential at sequential's own fastest count, since a deployment of sequential
+    sampling would run there too; sequential at that count when the gain is under `min_gain`.
+    A one-token step is mostly call overhead at small batches, where fewer threads are faster."""
+    blocks = len(calls[1])
+
+    def predicted(threads: int, chosen: list[int]) -> float:
+        return sum(calls[c][b] * costs[threads][c] for b, c in enumerate(chosen))
+
+    sequential = fastest_step_threads(costs)
+    options = {t: cheapest_chunks(calls, costs[t])[0] for t in costs}
+    threads = min(costs, key=lambda t: (predicted(t, options[t]), t))
+    gain = predicted(sequential, [1] * blocks) / predicted(threads, options[threads])
+    return (threads, options[threads], gain) if gain >= min_gain else (sequential, [1] * blocks, gain)
+
+
 def sejd_schedule(model: FlowModel, iterations: list[float], cost_ratio: float, tol: float) -> FlowSchedule:
     """SeJD: Jacobi where its measured iterations cost less than T - 1 sequential steps
     (iterations x cost_ratio < T - 1, the ratio being a Jacobi call's cost in one-token steps),

@@ -17,6 +17,12 @@ planned (by default 0.001 of the pixel range, a quarter of an 8-bit grey level: 
 Fashion-MNIST flow, tolerance 1e-2 moves samples by half a grey level on average and changes the
 class of 1% of them, docs/flows.md, so it is not taken). The schedule goes into the family's
 decode plan (families/tarflow.py `decode_plan`).
+
+On ORT the calls are timed at several intra-op thread counts (1, 2, 4, ... up to one per usable
+core) unless `threads` pins one, and the plan keeps the count its schedule is fastest at, which
+sampling then runs with. At batch 1 a one-token step is call overhead, and waking a second
+thread for it costs more than it saves (docs/flows.md, session 18: 62 us at one thread, 98 at
+two); the predicted gain is over sequential at its own fastest count.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ class Jacobi(registry.Pass):
     """Per-block sampling schedule of a TarFlow (sequential, Jacobi, GS-Jacobi) by predicted wall time."""
 
     name = "jacobi"
-    version = 2
+    version = 3
     families = ("tarflow",)
     produces = ("plan",)
 
@@ -56,7 +62,11 @@ class Jacobi(registry.Pass):
         chunks: list[int] = Field(
             default_factory=lambda: [8, 16], description="GS-Jacobi chunk lengths tried besides 1 and the whole block"
         )
-        threads: int = Field(0, ge=0, description="ORT intra-op threads while timing (0: one per core)")
+        threads: int = Field(
+            0,
+            ge=0,
+            description="ORT intra-op threads to sample with (0: time 1, 2, 4, ... per core and plan the fastest)",
+        )
         min_gain: float = Field(1.05, ge=1, description="keep sequential unless predicted this much faster")
         seed: int = 10_000
 
@@ -73,11 +83,16 @@ class Jacobi(registry.Pass):
         from accelc.loops import flow_sampling as fs
 
         p = self.params
-        flow = self._open(bundle)
+        counts = thread_counts(p.threads, p.backend)
+        flows = {t: self._open(bundle, t) for t in counts}
+        flow = flows[counts[0]]  # calls to a tolerance do not depend on the thread count
         steps = flow.tokens - 1
         candidates = sorted({1, steps, *(c for c in p.chunks if 1 < c < steps)})
         z = fs.prior_noise(flow, p.batch, p.seed)
-        costs = {c: fs.call_cost(flow, p.batch, c) for c in progress.bar(candidates, desc="jacobi: time calls")}
+        timed = [(t, c) for t in counts for c in candidates]
+        costs_by_threads: dict[int, dict[int, float]] = {t: {} for t in counts}
+        for t, c in progress.bar(timed, desc="jacobi: time calls"):
+            costs_by_threads[t][c] = fs.call_cost(flows[t], p.batch, c)
         reference, stats = fs.sample(flow, z, fs.FlowSchedule.sequential(len(flow.blocks)))
         model = tarflow_model.load(bundle.model_dir)  # the model of record denoises the samples compared
         reference_images = to_images(model, reference)
@@ -87,14 +102,15 @@ class Jacobi(registry.Pass):
             for chunk in candidates[1:]:
                 schedule = fs.FlowSchedule.uniform("calibration", len(flow.blocks), chunk, tol)
                 calls[chunk] = fs.sample(flow, z, schedule)[1].calls
-            chosen, gain = fs.cheapest_chunks(calls, costs, p.min_gain)
+            threads, chosen, gain = fs.cheapest_threads(calls, costs_by_threads, p.min_gain)
             schedule = fs.FlowSchedule(schedule_name(chosen, steps), tuple(fs.BlockSchedule(c, tol) for c in chosen))
             images = to_images(model, fs.sample(flow, z, schedule)[0])
             diff = float(np.abs(images - reference_images).mean())
-            tried.append(Tried(tol, schedule, calls, gain, diff))
+            tried.append(Tried(tol, schedule, calls, gain, diff, threads))
         best = fastest_within(tried, p.max_pixel_diff, p.min_gain)
         if best is None:
-            best = Tried(p.tol, fs.FlowSchedule.sequential(len(flow.blocks)), tried[0].calls, 1.0, 0.0)
+            sequential = fs.FlowSchedule.sequential(len(flow.blocks))
+            best = Tried(p.tol, sequential, tried[0].calls, 1.0, 0.0, fs.fastest_step_threads(costs_by_threads))
             reason = (
                 f"no schedule within {p.max_pixel_diff:.4f} of sequential was predicted {p.min_gain}x faster "
                 f"(best {max(t.gain for t in tried):.2f}x)"
@@ -104,16 +120,23 @@ class Jacobi(registry.Pass):
                 f"predicted {best.gain:.2f}x faster than sequential at batch {p.batch} on {p.backend}, tol {best.tol:g}, "
                 f"mean pixel difference {best.pixel_diff:.5f}"
             )
+        if p.backend == "ort":
+            reason += f", {best.threads} thread{'s' * (best.threads > 1)}"
+        costs = costs_by_threads[best.threads]
         chosen = [b.chunk for b in best.schedule.blocks]
         predicted = sum(best.calls[c][b] * costs[c] for b, c in enumerate(chosen))
-        sequential = sum(best.calls[1][b] * costs[1] for b in range(len(chosen)))
+        sequential = min(sum(best.calls[1][b] * by[1] for b in range(len(chosen))) for by in costs_by_threads.values())
         progress.status(f"jacobi: {best.schedule.name} {chosen} ({reason})")
         plan = {
             "schedule": best.schedule.to_json(),
             "batch": p.batch,
             "backend": p.backend,
+            "threads": best.threads or None,
             "tol": best.tol,
             "call_cost_s": {str(c): costs[c] for c in candidates},
+            "call_cost_s_by_threads": {
+                str(t): {str(c): by[c] for c in candidates} for t, by in costs_by_threads.items()
+            },
             "calls_per_block": {str(c): best.calls[c] for c in candidates},
             "predicted_s": predicted,
             "predicted_sequential_s": sequential,
@@ -124,7 +147,7 @@ class Jacobi(registry.Pass):
         }
         return bundle.evolve(plan={**bundle.plan, "flow": plan})
 
-    def _open(self, bundle):
+    def _open(self, bundle, threads: int):
         from accelc.families import tarflow_model
         from accelc.runtime.flow import torch_flow_model
 
@@ -133,7 +156,7 @@ class Jacobi(registry.Pass):
         from accelc.passes.export_flow import FLOW_GRAPH
         from accelc.runtime.flow_ort import ort_flow_model
 
-        session = {"intra_op_threads": self.params.threads, "allow_spinning": False}
+        session = {"intra_op_threads": threads, "allow_spinning": False}
         return ort_flow_model(bundle.graphs[FLOW_GRAPH], session)
 
 
@@ -147,6 +170,7 @@ class Tried:
     calls: dict[int, list[int]]
     gain: float
     pixel_diff: float
+    threads: int = 0  # the ORT intra-op threads the schedule is fastest at (0: the backend's own)
 
     def to_json(self) -> dict:
         return {
@@ -154,6 +178,7 @@ class Tried:
             "schedule": self.schedule.to_json(),
             "predicted_speedup": self.gain,
             "mean_pixel_diff": self.pixel_diff,
+            "threads": self.threads or None,
         }
 
 
@@ -162,6 +187,17 @@ def fastest_within(tried: list[Tried], max_pixel_diff: float, min_gain: float) -
     stay within `max_pixel_diff` and that gain at least `min_gain`; None when none does."""
     within = [t for t in tried if t.pixel_diff <= max_pixel_diff and t.gain >= min_gain]
     return max(within, key=lambda t: (t.gain, -t.tol)) if within else None
+
+
+def thread_counts(pinned: int, backend: str) -> list[int]:
+    """The intra-op thread counts to time: the pinned one, torch's own (0), or 1, 2, 4, ... and
+    the usable cores for ORT."""
+    import os
+
+    if pinned or backend != "ort":
+        return [pinned]
+    cores = len(os.sched_getaffinity(0))
+    return sorted({*(1 << k for k in range(cores.bit_length()) if 1 << k <= cores), cores})
 
 
 def schedule_name(chunks: list[int], steps: int) -> str:

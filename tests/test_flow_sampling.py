@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -98,6 +100,30 @@ def test_each_block_gets_its_cheapest_predicted_chunk_and_sequential_stays_witho
     assert gain == pytest.approx(45 / (8 + 9 + 15))
     chosen, gain = fs.cheapest_chunks(calls, {1: 1.0, 4: 2.4, 15: 7.4}, min_gain=1.05)
     assert chosen == [1, 1, 1] and gain == pytest.approx(45 / (14.8 + 14.4 + 15))  # under 1.05
+
+
+def test_the_thread_count_is_chosen_by_predicted_time_and_the_gain_is_over_the_fastest_sequential():
+    calls = {1: [15, 15], 15: [3, 12]}
+    # one thread: steps cheap, full calls dear; two threads: steps dearer (waking the pool), full calls cheaper
+    costs = {1: {1: 1.0, 15: 4.0}, 2: {1: 1.6, 15: 2.0}}
+    # 1 thread: [15, 1] -> 12 + 15 = 27; 2 threads: [15, 1] -> 6 + 24 = 30 (a tie goes to the shorter chunk)
+    threads, chosen, gain = fs.cheapest_threads(calls, costs, min_gain=1.05)
+    assert (threads, chosen, gain) == (1, [15, 1], pytest.approx(30 / 27))
+    costs[2][15] = 1.0  # now two threads' Jacobi (3 + 12 = 15) beats everything
+    threads, chosen, gain = fs.cheapest_threads(calls, costs, min_gain=1.05)
+    # the gain is against sequential at one thread (30), not at two (48)
+    assert (threads, chosen, gain) == (2, [15, 15], pytest.approx(30 / 15))
+    costs = {1: {1: 1.0, 15: 10.0}, 2: {1: 1.6, 15: 10.0}}  # no gain: sequential at its own fastest count
+    assert fs.cheapest_threads(calls, costs, min_gain=1.05) == (1, [1, 1], pytest.approx(1.0))
+
+
+def test_thread_counts_to_time():
+    from accelc.passes.jacobi import thread_counts
+
+    assert thread_counts(3, "ort") == [3] and thread_counts(0, "torch") == [0]
+    counts = thread_counts(0, "ort")
+    cores = len(os.sched_getaffinity(0))
+    assert counts[0] == 1 and counts[-1] == cores and all(b > a for a, b in zip(counts, counts[1:]))
 
 
 def test_a_schedule_must_cover_every_block(flow, noise):

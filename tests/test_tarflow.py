@@ -62,6 +62,7 @@ def test_compile_proves_parity_and_plans_a_schedule(artifact):
     assert plan["schedule"] == jacobi["schedule"] and len(plan["schedule"]["blocks"]) == TINY_CONFIG.blocks
     steps = TINY_CONFIG.tokens - 1
     assert set(jacobi["calls_per_block"]) == {"1", "8", str(steps)}
+    assert plan["threads"] == jacobi["threads"] == 1 and set(jacobi["call_cost_s_by_threads"]) == {"1"}  # pinned
     assert jacobi["calls_per_block"]["1"] == [steps] * TINY_CONFIG.blocks  # sequential: one call a token
     chosen = [b["chunk"] for b in plan["schedule"]["blocks"]]
     predicted = [min(jacobi["calls_per_block"][str(c)][b] * jacobi["call_cost_s"][str(c)] for c in (1, 8, steps))
@@ -79,6 +80,35 @@ def test_compile_proves_parity_and_plans_a_schedule(artifact):
     assert quality["schedule_max_abs_diff_from_sequential"] < 0.05
     assert abs(quality["samples_bits_per_dim"] - quality["sequential_samples_bits_per_dim"]) < 0.01
     assert (artifact / "model" / "onnx" / "flow.onnx" / "flow.json").exists()
+
+
+def test_unpinned_threads_are_timed_at_each_count_and_the_plan_keeps_the_fastest(tmp_path):
+    from accelc.cli import main
+    from accelc.passes.jacobi import thread_counts
+
+    path = recipe(tmp_path)
+    path.write_text(path.read_text().replace("    threads: 1\n", ""))
+    out = tmp_path / "art"
+    assert main(["compile", str(path), "-o", str(out)]) == 0
+    plan = json.loads((out / "decode" / "plan.json").read_text())
+    jacobi = plan["jacobi"]
+    by_threads = {
+        int(t): {int(c): s for c, s in costs.items()} for t, costs in jacobi["call_cost_s_by_threads"].items()
+    }
+    assert sorted(by_threads) == thread_counts(0, "ort") and plan["threads"] == jacobi["threads"] in by_threads
+    assert jacobi["call_cost_s"] == jacobi["call_cost_s_by_threads"][str(plan["threads"])]
+    chosen = [b["chunk"] for b in plan["schedule"]["blocks"]]
+
+    def predicted(threads, chunks):
+        return sum(jacobi["calls_per_block"][str(c)][b] * by_threads[threads][c] for b, c in enumerate(chunks))
+
+    if plan["schedule"]["name"] != "sequential":  # no count's best chunks are predicted faster
+        best = predicted(plan["threads"], chosen)
+        for costs in by_threads.values():
+            blocks = range(len(chosen))
+            assert best <= sum(min(jacobi["calls_per_block"][str(c)][b] * costs[c] for c in costs) for b in blocks)
+    else:  # sequential runs at its own fastest count
+        assert by_threads[plan["threads"]][1] == min(costs[1] for costs in by_threads.values())
 
 
 def test_run_writes_a_grid_of_the_samples_on_each_backend(cli, artifact, tmp_path):
