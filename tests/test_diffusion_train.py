@@ -107,10 +107,26 @@ def test_the_loss_reads_only_masked_targets(stream, tmp_path):
     assert torch.isfinite(loss) and float(loss) > 0 and torch.equal(loss, again)
 
 
-def test_the_cache_key_covers_the_data_format_not_the_run_length():
+def test_the_cache_key_covers_the_data_format_not_the_run_length(monkeypatch):
     assert T.model_dir(replace(T.SFT, steps=T.SFT.steps + 1)) == T.model_dir(T.SFT)
     assert T.model_dir(replace(T.SFT, max_sentences=T.SFT.max_sentences + 1)) != T.model_dir(T.SFT)
     assert T.model_dir(replace(T.SFT, length=T.SFT.length * 2)) != T.model_dir(T.SFT)
     assert T.model_dir(replace(T.SFT, min_response=24)) != T.model_dir(T.SFT)
     assert T.model_dir(replace(T.SFT, start="")) != T.model_dir(T.SFT)
     assert T.model_dir(T.SFT) != T.model_dir(T.TEXT)
+    # another thread count trains another model
+    assert T.model_dir(replace(T.SFT, threads=T.SFT.threads + 1)) != T.model_dir(T.SFT)
+    # a change of a stage reaches the stages that continue it
+    short = T.model_dir(T.SFT_SHORT)
+    monkeypatch.setitem(T.STAGES, "sft", replace(T.SFT, threads=T.SFT.threads + 1))
+    assert T.model_dir(T.SFT_SHORT) != short
+
+
+def test_a_stage_trains_on_its_own_threads_and_gives_them_back():
+    before = torch.get_num_threads()
+    with T.torch_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), T.torch_threads(before + 1):
+        raise RuntimeError("a failed step")
+    assert torch.get_num_threads() == before
