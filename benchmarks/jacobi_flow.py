@@ -70,6 +70,7 @@ def flow_rows(args) -> list[dict]:
     ]
     times = {s.name: [] for s in schedules}
     reference_times: dict[int, list[float]] = {t: [] for t in references}
+    reference_runs: dict[int, list] = {t: [] for t in references}
     outputs: dict[str, list] = {s.name: [] for s in schedules}
     for r in progress.bar(range(rounds), desc="rounds"):
         z = fs.prior_noise(flow, args.samples, seed=r)
@@ -78,8 +79,9 @@ def flow_rows(args) -> list[dict]:
             times[schedule.name].append(sum(stats.seconds))
             outputs[schedule.name].append((x, stats))
         for t, reference_flow in references.items():
-            _, stats = fs.sample_in_batches(reference_flow, z, schedules[0], batch)
+            x, stats = fs.sample_in_batches(reference_flow, z, schedules[0], batch)
             reference_times[t].append(sum(stats.seconds))
+            reference_runs[t].append((x, stats))
     fastest_sequential = [min(round_times) for round_times in zip(times["sequential"], *reference_times.values())]
     reference = [to_images(model, x) for x, _ in outputs["sequential"]]
     net = fmnist_cnn()
@@ -124,6 +126,9 @@ def flow_rows(args) -> list[dict]:
             }
         )
     for t, seconds in reference_times.items():
+        runs = reference_runs[t]
+        with torch.no_grad():
+            bpd = [float(model.bits_per_dim(torch.from_numpy(x)).mean()) for x, _ in runs]
         rows.append(
             {
                 "part": "flow",
@@ -132,6 +137,10 @@ def flow_rows(args) -> list[dict]:
                 "wall_s": common.median(seconds),
                 "speedup": common.median_ratio(times["sequential"], seconds),
                 "speedup_vs_fastest_sequential": common.median_ratio(fastest_sequential, seconds),
+                "calls": runs[0][1].total_calls,
+                # the same schedule at another thread count: only float rounding may differ
+                "max_abs_diff": max(float(np.abs(to_images(model, x) - b).max()) for (x, _), b in zip(runs, reference)),
+                "bpd": float(np.mean(bpd)),
                 "samples": args.samples,
                 "batch": batch,
                 "backend": args.backend,
