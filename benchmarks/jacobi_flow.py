@@ -273,6 +273,19 @@ def open_flow(model, directory, threads: int | None):
     return ort_flow_model(directory, {**common.ORT_SESSION, "intra_op_threads": threads or 0})
 
 
+def positive_count(text: str) -> int:
+    """A thread count from the command line: 1 or more (argparse reports anything else as usage)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a thread count: give 1 or more")
+    return value
+
+
 def add_arguments(p) -> None:
     p.add_argument("--samples", type=int, default=64, help="samples drawn in all")
     p.add_argument("--batch", type=int, help="samples drawn together (default: all of them at once)")
@@ -282,7 +295,7 @@ def add_arguments(p) -> None:
     p.add_argument("--chunk", type=int, default=16, help="GS-Jacobi chunk length in tokens")
     p.add_argument("--calibration", type=int, default=16, help="calibration noise samples for SeJD")
     p.add_argument(
-        "--reference-threads", type=int, nargs="*",
+        "--reference-threads", type=positive_count, nargs="*",
         help="ORT thread counts sequential is also timed at (default 1, 2, 4, ... up to the cores; none: omit)",
     )  # fmt: skip
 

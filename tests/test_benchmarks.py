@@ -176,3 +176,14 @@ def test_frechet_distance_of_known_gaussians():
     mu = np.array([1.0, 0.0, 2.0])
     got = frechet(mu, np.diag([1.0, 4.0, 9.0]), np.zeros(3), np.diag([4.0, 4.0, 1.0]))
     assert abs(got - (5.0 + 1.0 + 0.0 + 4.0)) < 1e-9
+
+
+def test_flow_benchmark_refuses_a_thread_count_below_one(capsys):
+    from benchmarks import jacobi_flow
+
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit) as exit_info:
+            jacobi_flow.main(["--json", "unused.json", "--reference-threads", bad])
+        assert exit_info.value.code == 2
+        assert "is not a thread count" in capsys.readouterr().err
+    assert jacobi_flow.positive_count("2") == 2
