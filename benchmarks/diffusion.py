@@ -38,11 +38,18 @@ stop saves from what parallel decoding saves. dLLM-Cache reuses per-layer featur
 and runs on torch only: its rows (`backend` torch) take their speedup against the baseline on
 torch, run beside them; every other row's backend is ort. `--samplers` and `--caches` choose a
 subset (the baseline without cache always runs: it is the reference).
+
+A built-in model that failed the response check of `accelc train` (it writes a few tokens where its
+training responses have at least 24) is refused (exit 2): on it every sampler stops after a few
+calls, and the figures would be the stop's. `--allow-failed-model` measures it anyway; the
+protocol records the check (`model_response_check`).
 """
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -103,6 +110,12 @@ def reference_rows(scorer, prompts, gen_length, eos_id, unigram, rng) -> list[di
     ]
 
 
+def response_check_record(folder: Path) -> dict | None:
+    """The response check `accelc train` recorded for a built-in model (None for other folders)."""
+    info = folder / "accelc_builtin.json"
+    return json.loads(info.read_text()).get("response_check") if info.is_file() else None
+
+
 def main(argv=None) -> int:
     p = common.parser(__doc__)
     p.add_argument(
@@ -130,6 +143,12 @@ def main(argv=None) -> int:
         default=["settled"],
         help="early-stop rules of the stopping rows (one row each)",
     )
+    p.add_argument(
+        "--allow-failed-model",
+        action="store_true",
+        help="measure a built-in model whose response check failed (it writes a few tokens and ends); "
+        "the protocol records the check",
+    )
     args = p.parse_args(argv)
     env = common.quiet_threads(args.threads)
 
@@ -149,6 +168,16 @@ def main(argv=None) -> int:
     from accelc.runtime.ort_denoiser import OrtDenoiser
 
     folder = Path(args.model) if Path(args.model).is_dir() else builtin_dir(args.model)
+    check = response_check_record(folder)
+    if check and not check["passed"] and not args.allow_failed_model:
+        print(
+            f"error: {folder} failed its response check (responses of {check['text_tokens']} tokens where "
+            f"its training responses have at least {check['expected_at_least']}): every sampler would stop "
+            "after a few tokens, so the calls and speedups would be the early stop's, not parallel "
+            "decoding's (docs/diffusion.md, session 19). Pass --allow-failed-model to measure it anyway.",
+            file=sys.stderr,
+        )
+        return 2
     gen_lengths = args.gen_lengths or ([64] if args.quick else [64, 256])
     n_prompts = args.prompts or (2 if args.quick else 8)
     model = dm.load(folder)
@@ -263,6 +292,7 @@ def main(argv=None) -> int:
         session=common.ORT_SESSION,
         prompts=f"{n_prompts} windows of {args.prompt_tokens} tokens of austen:persuasion (held out; line wraps joined)",
         block_length=args.block_length,
+        model_response_check=check,
         environment=env,
     )
     out, _ = common.write_results(args.json, rows, record)

@@ -31,6 +31,15 @@ Two stages, each its own cached model (the second starts from the first):
    here no response ends inside the first `min_response` positions, so that prior is learned
    as zero there.
 
+An sft-format stage ends with a response check: the benchmark's sampler (Fast-dLLM's factor rule,
+factor 2, block 32) writes responses to `CHECK_PROMPTS` held-out prompts, and the check passes
+when their median length reaches the stage's shortest training response. Training is not
+reproducible across machines (another CPU sums its matmuls in another order), and this small
+model sometimes lands where its end-of-text prior beats its text (docs/diffusion.md): then every
+sampler "decodes" a response of a few tokens in a few calls, and a benchmark on it measures the
+stop, not parallel decoding. `accelc train` exits 5 naming the lengths when the model it was
+asked for fails the check (the model stays in the cache with its record).
+
 The text is Jane Austen's novels with `persuasion` held out for evaluation. A run checkpoints
 every `CHECKPOINT_EVERY` steps (weights, optimiser, step) and resumes from it; each step draws its
 batch from its own seeded generator, so a resumed run sees the batches an unbroken one would. A
@@ -53,6 +62,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from accelc import progress
+from accelc.errors import ValidationFailed
 
 NAME = "smollm2-dream"
 MASK_TOKEN = "<empty_output>"
@@ -62,6 +72,8 @@ HELD_OUT = "austen:persuasion"
 CHECKPOINT_EVERY = 5
 EPS = 1e-3
 EVAL_LENGTH = 64  # the plain-window accuracy is measured at one length for every stage
+CHECK_PROMPTS = 4  # held-out prompts of the response check
+CHECK_PROMPT_TOKENS = 32  # the benchmark's prompt length; the rest of the training length is generated
 # a full stop after these is not the end of a sentence
 ABBREVIATIONS = ("Mr", "Mrs", "Dr", "St", "Messrs")
 SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)_]*(?=\s)")
@@ -316,8 +328,67 @@ def start_model(cfg: TrainConfig):
 
 def train(name: str = NAME, steps: int | None = None, fresh: bool = False) -> Path:
     """Train built-in `name`'s stage and every stage before it not yet in the cache; `steps` and
-    `fresh` apply to the last one."""
-    return train_stage(replace(BUILTINS[name], **({"steps": steps} if steps else {})), fresh)
+    `fresh` apply to the last one. ValidationFailed (exit 5) when that stage's model fails its
+    response check (a model published before the check existed is checked now)."""
+    cfg = replace(BUILTINS[name], **({"steps": steps} if steps else {}))
+    final = train_stage(cfg, fresh)
+    info_file = final / "accelc_builtin.json"
+    info = json.loads(info_file.read_text())
+    if cfg.format == "sft" and "response_check" not in info:
+        with torch_threads(cfg.threads), progress.step(f"{NAME} ({cfg.stage}): response check"):
+            info["response_check"] = response_check_of(final, cfg)
+        tmp = info_file.with_name(info_file.name + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(info_file)
+    check = info.get("response_check")
+    if check and not check["passed"]:
+        raise ValidationFailed(
+            f"{name} in {final} writes responses of {check['text_tokens']} tokens to {check['prompts']} held-out "
+            f"prompts (median under the {check['expected_at_least']} its training responses have at least): "
+            "its end-of-text prior beats its text, and a diffusion benchmark on it would measure the early "
+            "stop, not parallel decoding (docs/diffusion.md). The model stays in the cache with this record."
+        )
+    return final
+
+
+def response_check(denoiser, prompts: list[list[int]], eos_id: int, expected: int, gen_length: int) -> dict:
+    """Whether a model writes responses: the lengths, up to the first end-of-text, that Fast-dLLM's
+    factor rule (factor 2, block 32: the diffusion benchmark's sampler) writes after `prompts`;
+    passed when their median reaches `expected` tokens."""
+    import statistics
+
+    from accelc.loops.diffusion import SamplerOptions, generate
+
+    opts = SamplerOptions(sampler="fast_factor", factor=2.0, gen_length=gen_length, block_length=32)
+    lengths = [len(generate(denoiser, prompt, opts).text_tokens(eos_id)) for prompt in prompts]
+    return {
+        "sampler": opts.sampler,
+        "factor": opts.factor,
+        "gen_length": gen_length,
+        "block_length": opts.block_length,
+        "prompts": len(prompts),
+        "text_tokens": lengths,
+        "expected_at_least": expected,
+        "passed": statistics.median(lengths) >= expected,
+    }
+
+
+def response_check_of(folder: Path, cfg: TrainConfig) -> dict:
+    """`response_check` of the Dream folder `folder` trained as `cfg`, on torch, over held-out
+    Persuasion prompts, expecting the stage's shortest training response (at least one token)."""
+    from accelc.families import diffusion_lm_model as dm
+    from accelc.families.diffusion_lm_bench import prompts
+    from accelc.runtime.denoiser import TorchDenoiser
+
+    model = dm.load(folder)
+    held_out = prompts(tokenizer_for(folder), CHECK_PROMPTS, CHECK_PROMPT_TOKENS)
+    return response_check(
+        TorchDenoiser(model),
+        held_out,
+        model.config.eos_token_id,
+        max(1, cfg.min_response),
+        cfg.length - CHECK_PROMPT_TOKENS,
+    )
 
 
 @contextmanager
@@ -442,5 +513,9 @@ def _train_stage(cfg: TrainConfig, fresh: bool = False) -> Path:
     info |= {"held_out": HELD_OUT, "train_texts": list(TRAIN_TEXTS)}
     info["masked_token_accuracy"] = {"before": record["accuracy_before"], "after": record["accuracy_after"]}
     info["loss_first_last"] = [record["losses"][:10], record["losses"][-10:]]
+    if cfg.format == "sft":
+        with progress.step(f"{NAME} ({cfg.stage}): response check"):
+            info["response_check"] = response_check_of(tmp, cfg)
+        progress.status(f"{NAME} ({cfg.stage}): response check {info['response_check']}")
     (tmp / "accelc_builtin.json").write_text(json.dumps(info, indent=2))
     return assets.publish_dir(tmp, final)

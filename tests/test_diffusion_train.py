@@ -4,6 +4,7 @@ trains the real model)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +131,50 @@ def test_a_stage_trains_on_its_own_threads_and_gives_them_back():
     with pytest.raises(RuntimeError), T.torch_threads(before + 1):
         raise RuntimeError("a failed step")
     assert torch.get_num_threads() == before
+
+
+def test_the_response_check_reports_the_lengths_the_sampler_writes(tmp_path):
+    from accelc.loops.diffusion import SamplerOptions, generate
+    from accelc.runtime.denoiser import TorchDenoiser
+
+    model = dm.load(diffusion_lm_tiny.build("tiny-dream", tmp_path / "model"))
+    denoiser, eos = TorchDenoiser(model), model.config.eos_token_id
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
+    opts = SamplerOptions(sampler="fast_factor", factor=2.0, gen_length=32, block_length=32)
+    lengths = [len(generate(denoiser, p, opts).text_tokens(eos)) for p in prompts]
+    check = T.response_check(denoiser, prompts, eos, expected=min(lengths), gen_length=32)
+    assert check["text_tokens"] == lengths and check["prompts"] == 2 and check["passed"]
+    assert check["sampler"] == "fast_factor" and check["block_length"] == 32
+    assert not T.response_check(denoiser, prompts, eos, expected=33, gen_length=32)["passed"]
+
+
+def published_stage(monkeypatch, tmp_path, check: dict) -> Path:
+    """The sft-short stage's folder in an empty cache, as `accelc train` publishes it, with `check`."""
+    import json
+
+    monkeypatch.setenv("ACCELC_CACHE_DIR", str(tmp_path / "cache"))
+    folder = T.model_dir(T.SFT_SHORT)
+    folder.mkdir(parents=True)
+    (folder / "accelc_builtin.json").write_text(json.dumps({"stage": "sft-short", "response_check": check}))
+    return folder
+
+
+def test_accelc_train_fails_on_a_model_that_does_not_write_its_responses(monkeypatch, tmp_path):
+    from accelc.errors import ValidationFailed
+
+    check = {"prompts": 4, "text_tokens": [3, 1, 2, 1], "expected_at_least": 24, "passed": False}
+    folder = published_stage(monkeypatch, tmp_path, check)
+    with pytest.raises(ValidationFailed, match=r"\[3, 1, 2, 1\] tokens"):
+        T.train(f"{T.NAME}-sft-short")
+    assert folder.is_dir()  # the trained model is kept with its record
+    (folder / "accelc_builtin.json").write_text('{"response_check": {"passed": true}}')
+    assert T.train(f"{T.NAME}-sft-short") == folder
+
+
+def test_the_diffusion_benchmark_refuses_a_model_that_failed_its_check(monkeypatch, tmp_path):
+    from benchmarks import diffusion
+
+    check = {"prompts": 4, "text_tokens": [0, 1, 0, 2], "expected_at_least": 24, "passed": False}
+    folder = published_stage(monkeypatch, tmp_path, check)
+    assert diffusion.main(["--model", str(folder), "--json", str(tmp_path / "rows.json")]) == 2
+    assert not (tmp_path / "rows.json").exists()
