@@ -28,8 +28,11 @@ Two stages, each its own cached model (the second starts from the first):
    `min_response` tokens long (it ends at one of the first sentence ends past that). Trained on
    responses that may end anywhere, the weak `sft` model puts its end-of-text prior above its
    text confidence at the far end of the first block and writes nothing (docs/diffusion.md);
-   here no response ends inside the first `min_response` positions, so that prior is learned
-   as zero there.
+   here no response ends inside the first `min_response` positions. That prior is only learned
+   where the model sees it: the sampler's first call has the whole response masked, which
+   t ~ U(eps, 1) rarely draws, so one example of each batch is fully masked (`full_mask`), and
+   the padding after the end-of-text, ~80% of the positions, weighs 0.1 in the loss
+   (`padding_weight`) so the text's tokens and its end carry the stage.
 
 An sft-format stage ends with a response check: the benchmark's sampler (Fast-dLLM's factor rule,
 factor 2, block 32) writes responses to `CHECK_PROMPTS` held-out prompts, and the check passes
@@ -99,6 +102,13 @@ class TrainConfig:
     # weak denoiser fills uncertain positions with that frequent token (runs of newlines)
     unwrap: bool = False
     start: str = ""  # the stage whose model this one continues ("": SmolLM2 itself)
+    # sft: examples per batch whose whole response is masked (t = 1). The sampler's first call on a
+    # response is that case, and U(eps, 1) draws it rarely: a model trained without it reads a mask
+    # among masks as padding (true of partly masked examples) and puts end-of-text first
+    full_mask: int = 0
+    # sft: the loss weight of the padding after the first end-of-text (that one is the text's end and
+    # keeps weight 1); the padding is ~80% of an example's positions
+    padding_weight: float = 1.0
     # torch threads while training, part of the cache key: a matmul's sums are split by thread
     # count, so another count trains another model (session 18: the sft stage reached held-out text
     # accuracy 0.140 at one thread, 0.109 at two); one thread stepped as fast as two on 2 cores
@@ -113,6 +123,10 @@ class TrainConfig:
             fields |= {"prompt_tokens": list(self.prompt_tokens), "max_sentences": self.max_sentences}
             if self.min_response:
                 fields["min_response"] = self.min_response
+            if self.full_mask:
+                fields["full_mask"] = self.full_mask
+            if self.padding_weight != 1.0:
+                fields["padding_weight"] = self.padding_weight
         return fields
 
 
@@ -121,7 +135,16 @@ TEXT = TrainConfig(stage="text", format="text", steps=120, batch=4, length=64)
 # the second: prompt + response + padding at the benchmark's 32 + 256 positions
 SFT = TrainConfig(stage="sft", format="sft", steps=430, batch=2, length=288, bf16=True, unwrap=True, start="text")
 # the third: responses of at least 24 tokens (most of the first 32-token block), 1-2 sentences
-SFT_SHORT = replace(SFT, stage="sft-short", steps=200, min_response=24, max_sentences=2, start="sft")
+SFT_SHORT = replace(
+    SFT,
+    stage="sft-short",
+    steps=200,
+    min_response=24,
+    max_sentences=2,
+    start="sft",
+    full_mask=1,
+    padding_weight=0.1,
+)
 STAGES = {cfg.stage: cfg for cfg in (TEXT, SFT, SFT_SHORT)}
 # The built-ins `accelc train` makes. The SFT stage learned the padding but, at 430 steps, not yet
 # where a text ends (it writes 0-1 tokens; docs/diffusion.md), so the default model is the text
@@ -272,12 +295,13 @@ def training_batch(torch, stream, cfg: TrainConfig, eos_id: int, mask_id: int, g
     prompt = torch.tensor([[p] for _, p in examples])
     maskable = torch.arange(cfg.length).expand_as(x) >= prompt
     t = EPS + (1 - EPS) * torch.rand(cfg.batch, 1, generator=generator)
+    t[: cfg.full_mask] = 1.0
     masked = (torch.rand(x.shape, generator=generator) < t) & maskable
     noisy = torch.where(masked, torch.full_like(x, mask_id), x)
     return x, noisy, masked, t, maskable.sum(1)
 
 
-def diffusion_loss(model, x, noisy, masked, t, maskable):
+def diffusion_loss(model, x, noisy, masked, t, maskable, padding_weight: float = 1.0, eos_id: int | None = None):
     """1/t-weighted cross-entropy of the masked tokens, each predicted from the previous position's
     hidden state (the shift), summed per example over its maskable length and averaged over the
     batch (LLaDA Eq. 3's estimator; its SFT form, App. B, when only the response is maskable).
@@ -293,6 +317,8 @@ def diffusion_loss(model, x, noisy, masked, t, maskable):
     logits = model.hidden_logits(hidden[rows, cols])  # the head only where it is scored
     targets = x[rows, cols + 1]
     losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    if padding_weight != 1.0:  # a target after an end-of-text is padding
+        losses = torch.where((targets == eos_id) & (x[rows, cols] == eos_id), losses * padding_weight, losses)
     weighted = (losses / t[rows, 0] / maskable[rows]).sum() / x.shape[0]
     return weighted, logits.argmax(-1) == targets, targets
 
@@ -437,8 +463,8 @@ def _train_stage(cfg: TrainConfig, fresh: bool = False) -> Path:
         model.eval()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             scores = {"windows": masked_accuracy(model, eval_stream, plain, eos_id, mask_id)["text"]}
-            if cfg.format == "sft":
-                scores |= masked_accuracy(model, eval_stream, cfg, eos_id, mask_id)
+            if cfg.format == "sft":  # every stage scored on one draw of t, so the figures compare
+                scores |= masked_accuracy(model, eval_stream, replace(cfg, full_mask=0), eos_id, mask_id)
         model.train()
         return scores
 
@@ -469,7 +495,7 @@ def _train_stage(cfg: TrainConfig, fresh: bool = False) -> Path:
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + record["steps_done"])
         batch = training_batch(torch, train_stream, cfg, eos_id, mask_id, generator)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss, correct, _ = diffusion_loss(model, *batch)
+            loss, correct, _ = diffusion_loss(model, *batch, cfg.padding_weight, eos_id)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -114,6 +114,8 @@ def test_the_cache_key_covers_the_data_format_not_the_run_length(monkeypatch):
     assert T.model_dir(replace(T.SFT, length=T.SFT.length * 2)) != T.model_dir(T.SFT)
     assert T.model_dir(replace(T.SFT, min_response=24)) != T.model_dir(T.SFT)
     assert T.model_dir(replace(T.SFT, start="")) != T.model_dir(T.SFT)
+    assert T.model_dir(replace(T.SFT, full_mask=1)) != T.model_dir(T.SFT)
+    assert T.model_dir(replace(T.SFT, padding_weight=0.5)) != T.model_dir(T.SFT)
     assert T.model_dir(T.SFT) != T.model_dir(T.TEXT)
     # another thread count trains another model
     assert T.model_dir(replace(T.SFT, threads=T.SFT.threads + 1)) != T.model_dir(T.SFT)
@@ -178,3 +180,28 @@ def test_the_diffusion_benchmark_refuses_a_model_that_failed_its_check(monkeypat
     folder = published_stage(monkeypatch, tmp_path, check)
     assert diffusion.main(["--model", str(folder), "--json", str(tmp_path / "rows.json")]) == 2
     assert not (tmp_path / "rows.json").exists()
+
+
+def test_a_full_mask_example_masks_its_whole_response(stream):
+    cfg = replace(SMALL, batch=8, full_mask=2)
+    _, _, masked, t, maskable = T.training_batch(torch, stream, cfg, EOS, MASK, torch.Generator().manual_seed(3))
+    prompt = cfg.length - maskable  # the per-example count of maskable positions
+    assert torch.equal(t[:2, 0], torch.ones(2)) and bool((t[2:] < 1).all())
+    for row in range(2):
+        assert bool(masked[row, prompt[row] :].all()) and not bool(masked[row, : prompt[row]].any())
+    assert not bool(masked[2:].sum(1).eq(maskable[2:]).all())  # the others draw their rate
+
+
+def test_padding_weight_scales_only_the_padding_after_the_first_end_of_text(tmp_path):
+    model = dm.load(diffusion_lm_tiny.build("tiny-dream", tmp_path / "model"))
+    eos = model.config.eos_token_id
+    x = torch.tensor([[5, 6, 7, 8, 9, 10, eos, eos, eos, eos]])
+    maskable = torch.arange(10)[None] >= 4
+    noisy = torch.where(maskable, torch.full_like(x, model.config.mask_token_id), x)
+    t = torch.ones(1, 1)
+    padding = torch.arange(10)[None] >= 7  # targets after the first end-of-text (position 6)
+    with torch.no_grad():
+        weighted = [T.diffusion_loss(model, x, noisy, maskable, t, maskable.sum(1), w, eos)[0] for w in (0.0, 0.5, 1.0)]
+        without = T.diffusion_loss(model, x, noisy, maskable & ~padding, t, maskable.sum(1))[0]
+    assert torch.allclose(weighted[0], without)  # weight 0: as if the padding were not scored at all
+    assert torch.allclose(weighted[1], (weighted[0] + weighted[2]) / 2) and weighted[0] < weighted[2]
