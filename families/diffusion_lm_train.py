@@ -371,8 +371,8 @@ def train(name: str = NAME, steps: int | None = None, fresh: bool = False) -> Pa
         raise ValidationFailed(
             f"{name} in {final} writes responses of {check['text_tokens']} tokens to {check['prompts']} held-out "
             f"prompts (median under the {check['expected_at_least']} its training responses have at least): "
-            "its end-of-text prior beats its text, and a diffusion benchmark on it would measure the early "
-            "stop, not parallel decoding (docs/diffusion.md). The model stays in the cache with this record."
+            "it ends its responses before writing them, and a diffusion benchmark on it would measure the "
+            "early stop, not parallel decoding (docs/diffusion.md). The model stays in the cache with this record."
         )
     return final
 
