@@ -3,7 +3,8 @@ GenAI), on one machine, the same model, the same prompts: decode tokens/s, time 
 RSS and perplexity per (runtime, precision) row.
 
     python -m benchmarks.peers [--quick] [--repeats N] [--prompts N] [--windows N] [--no-build]
-                               [--only RUNTIME[:PRECISION] ...] [--lock FILE] --json OUT.json
+                               [--only RUNTIME[:PRECISION] ...] [--lock FILE]
+                               [--llama-cpp-build native|no-amx] --json OUT.json
 
 SmolLM2-135M-Instruct from the embedded assets only (the shipped Q4_1 GGUF and the Hugging Face
 folder accelc converts it to; the hub is never asked). Prompts: `--prompts` windows of 64 tokens of
@@ -18,6 +19,8 @@ benchmarks/peers_requirements.txt on first use (llama-cpp-python builds llama.cp
 under `nice`, without its multimodal library: ~20 minutes on 2 busy cores); their models are made
 by their own tools (llama.cpp's quantize API for the F32 and Q8_0 GGUFs, ORT GenAI's model builder
 for fp32 and int4) and cached beside it. A peer that cannot be built or run is a row with `skipped` and the reason.
+`--llama-cpp-build no-amx` builds llama.cpp in a venv of its own without AMX, whose ggml matmul dies
+of a segmentation fault on virtualised Sapphire Rapids hosts (ggml-org/llama.cpp#20824).
 
 Threads: every row gets `--threads` (default: the usable cores) and no spinning between calls where
 the runtime lets us say so: accelc's ORT sessions with spinning off (except the `accelc-ort-spin`
@@ -37,6 +40,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -159,18 +163,36 @@ def settings(quick: bool, repeats: int | None, prompts: int | None, windows: int
 # ---------------------------------------------------------------- the peers' environment and models
 
 
-def env_key() -> str:
+# llama.cpp's build flavours. `native` compiles for the build host (-march=native), as
+# llama-cpp-python does by default; `no-amx` names the x86 extensions instead and leaves out AMX,
+# whose ggml matmul dies of SIGSEGV on virtualised Sapphire Rapids hosts (ggml-org/llama.cpp#20824;
+# seen in session 19: Q4_1 and Q8_0 crash in the first decode, F32 runs)
+LLAMA_CPP_BUILDS = {
+    "native": "",
+    "no-amx": "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+    "-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON",
+}
+
+
+def env_key(flavour: str = "native") -> str:
+    """The venv's key: its requirements, and llama.cpp's build flavour when it is not `native`."""
     import hashlib
 
     from accelc import assets
 
-    return assets.key(hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest())
+    built_from = REQUIREMENTS.read_bytes() + LLAMA_CPP_BUILDS[flavour].encode()
+    return assets.key(hashlib.sha256(built_from).hexdigest())
 
 
-def venv_dir() -> Path:
+def venv_dir(flavour: str = "native") -> Path:
     from accelc import assets
 
-    return assets.cache_root() / "peers" / f"env-{env_key()}"
+    return assets.cache_root() / "peers" / f"env-{env_key(flavour)}"
+
+
+def models_dir(hf_dir: Path) -> Path:
+    """Where the peers' own tools write their models (they do not depend on llama.cpp's flavour)."""
+    return venv_dir().parent / f"models-{env_key()}-{hf_dir.name}"
 
 
 def _niced(cmd: list[str]) -> list[str]:
@@ -178,12 +200,13 @@ def _niced(cmd: list[str]) -> list[str]:
     return ["nice", "-n", "19", *cmd] if shutil.which("nice") else cmd
 
 
-def peers_python(build: bool) -> Path:
-    """The venv's python, building the venv first when it is missing and `build`; Skip otherwise.
-    A venv is complete once it holds a copy of the requirements it was built from."""
+def peers_python(build: bool, flavour: str = "native") -> Path:
+    """The venv's python, building the venv first (llama.cpp as `flavour` says) when it is missing
+    and `build`; Skip otherwise. A venv is complete once it holds a copy of the requirements it was
+    built from."""
     from accelc import progress
 
-    env = venv_dir()
+    env = venv_dir(flavour)
     done = env / "requirements.done"
     if done.is_file() and done.read_bytes() == REQUIREMENTS.read_bytes():
         return env / "bin" / "python"
@@ -203,7 +226,8 @@ def peers_python(build: bool) -> Path:
     with progress.step(what), open(log, "w") as out:
         for cmd in steps:
             # no llava/mtmd library (a third of llama.cpp's build; the benchmark decodes text only)
-            build_env = {"CMAKE_ARGS": "-DLLAVA_BUILD=OFF", **os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": cores}
+            cmake = f"-DLLAVA_BUILD=OFF {LLAMA_CPP_BUILDS[flavour]}".strip()
+            build_env = {"CMAKE_ARGS": cmake, **os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": cores}
             proc = subprocess.run(_niced(cmd), stdout=out, stderr=subprocess.STDOUT, env=build_env)
             if proc.returncode != 0:
                 raise Skip(
@@ -241,7 +265,7 @@ def peer_model(row: Row, python: Path, gguf: Path, hf_dir: Path) -> Path:
     kind, _, variant = row.source.partition(":")
     if row.source == "gguf:shipped":
         return gguf
-    models = venv_dir().parent / f"models-{env_key()}-{hf_dir.name}"
+    models = models_dir(hf_dir)
     models.mkdir(parents=True, exist_ok=True)
     if kind == "gguf":  # llama.cpp's quantize API (llama_model_quantize) from the shipped GGUF
 
@@ -304,6 +328,8 @@ def run_worker(python: Path, spec: dict, timeout: float = WORKER_TIMEOUT_S) -> d
         os.unlink(f.name)
     if proc.returncode != 0:
         tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        if proc.returncode == -signal.SIGSEGV:
+            tail += " (a segmentation fault: on hosts where ggml's AMX kernels crash, try --llama-cpp-build no-amx)"
         raise Skip(f"the worker failed (exit {proc.returncode}): {tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -432,6 +458,13 @@ def main(argv: list[str] | None = None) -> int:
         default="passive",
         help="OpenMP wait policy of the peers' workers (llama.cpp's threads): active lets them spin",
     )
+    p.add_argument(
+        "--llama-cpp-build",
+        choices=sorted(LLAMA_CPP_BUILDS),
+        default="native",
+        help="how llama.cpp is compiled: for this host (native), or without AMX (no-amx: ggml's AMX "
+        "matmul crashes on virtualised Sapphire Rapids hosts); each flavour is a venv of its own",
+    )
     args = p.parse_args(argv)
     chosen = settings(args.quick, args.repeats, args.prompts, args.windows)
     rows = select(args.only)
@@ -450,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     python, no_env = None, None
     if any(row.is_peer for row in rows):
         try:
-            python = peers_python(build=not args.no_build)
+            python = peers_python(build=not args.no_build, flavour=args.llama_cpp_build)
         except Skip as exc:  # every peer's row says so; the accelc rows still run
             no_env = str(exc)
     for row in rows:
@@ -494,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
             prompt_tokens=PROMPT_TOKENS,
             new_tokens=NEW_TOKENS,
             perplexity={"text": "austen:persuasion", "window": WINDOW, "stride": WINDOW, "windows": len(windows)},
-            peers_env=str(venv_dir()),
+            peers_env=str(venv_dir(args.llama_cpp_build)),
+            llama_cpp_build=args.llama_cpp_build,
             peers_omp_wait=args.peers_omp_wait,
             requirements=REQUIREMENTS.read_text(),
             timed_seconds=time.time() - started,

@@ -180,3 +180,12 @@ def test_a_recipe_that_fails_to_compile_is_a_skipped_row_not_a_crash(tmp_path, m
         }
     ]
     assert "torch                    fp32      skipped: accelc compile" in capsys.readouterr().out
+
+
+def test_each_llama_cpp_build_is_a_venv_of_its_own_and_the_models_are_shared(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELC_CACHE_DIR", str(tmp_path))
+    assert peers.venv_dir("no-amx") != peers.venv_dir("native") == peers.venv_dir()
+    assert "-DGGML_NATIVE=OFF" in peers.LLAMA_CPP_BUILDS["no-amx"] and not peers.LLAMA_CPP_BUILDS["native"]
+    assert peers.models_dir(tmp_path / "hf") == tmp_path / "peers" / f"models-{peers.env_key()}-hf"
+    with pytest.raises(peers.Skip, match=r"env-[0-9a-f]{16} is not built"):
+        peers.peers_python(build=False, flavour="no-amx")
