@@ -220,7 +220,9 @@ def peers_python(build: bool, flavour: str = "native") -> Path:
         # system site packages: torch, onnx and onnxruntime for ORT GenAI's builder come from accelc's
         # environment (PyPI's torch would pull GBs of CUDA libraries); everything pip installs lands in the venv
         [sys.executable, "-m", "venv", "--system-site-packages", str(env)],
-        [str(env / "bin" / "python"), "-m", "pip", "install", "-r", str(REQUIREMENTS)],
+        # no wheel cache: pip keys a built wheel by its sdist, not by CMAKE_ARGS, so another flavour's
+        # llama.cpp would be installed in place of this one's
+        [str(env / "bin" / "python"), "-m", "pip", "install", "--no-cache-dir", "-r", str(REQUIREMENTS)],
     )
     what = f"peers: building {env.name} (llama.cpp compiles from source, ~20 min; log {log})"
     with progress.step(what), open(log, "w") as out:
