@@ -164,7 +164,8 @@ def settings(quick: bool, repeats: int | None, prompts: int | None, windows: int
 
 
 # llama.cpp's build flavours. `native` compiles for the build host (-march=native), as
-# llama-cpp-python does by default; `no-amx` names the x86 extensions instead and leaves out AMX,
+# llama-cpp-python does by default; `no-amx` names the extensions every AMX host has (AVX-512 with
+# VNNI and BF16) instead and leaves out AMX,
 # whose ggml matmul dies of SIGSEGV on virtualised Sapphire Rapids hosts (ggml-org/llama.cpp#20824;
 # seen in session 19: Q4_1 and Q8_0 crash in the first decode, F32 runs)
 LLAMA_CPP_BUILDS = {
