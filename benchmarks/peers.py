@@ -24,8 +24,9 @@ of a segmentation fault on virtualised Sapphire Rapids hosts (ggml-org/llama.cpp
 
 Threads: every row gets `--threads` (default: the usable cores) and no spinning between calls where
 the runtime lets us say so: accelc's ORT sessions with spinning off (except the `accelc-ort-spin`
-rows, which spin as ORT GenAI does, and `accelc-ort-spin20us`, bounded to 20 us: ORT GenAI 0.18's
-config has no key for ORT's spinning, so its pool always spins), and OMP_WAIT_POLICY=PASSIVE for
+and `accelc-ort-speculative-spin` rows, which spin as ORT GenAI does, and `accelc-ort-spin20us`,
+bounded to 20 us: ORT GenAI 0.18's config has no key for ORT's spinning, so its pool always
+spins, and with `--peers-omp-wait active` llama.cpp's spin too), and OMP_WAIT_POLICY=PASSIVE for
 OpenMP, which is what llama.cpp's graph threads are in llama-cpp-python's default build (left to
 libgomp's default they spin after every token, which on shared cores slows whatever else runs and
 makes llama.cpp's own timings swing). `--peers-omp-wait active` lets the peers' threads spin and
@@ -104,6 +105,8 @@ SOURCE = Row("torch", "fp32", "recipes/bench/peers.yaml", "torch")
 ACCELC = (
     Row("accelc-ort", "fp32", "recipes/bench/peers.yaml", "ort"),
     Row("accelc-ort-speculative", "fp32", "recipes/bench/speculative.yaml", "ort", plan=True),
+    # the plan's draft and target sessions spinning, for the table where every runtime spins
+    Row("accelc-ort-speculative-spin", "fp32", "recipes/bench/speculative.yaml", "ort", plan=True, spin=True),
     Row("accelc-openvino", "fp32", "recipes/bench/peers.yaml", "openvino"),
     Row("accelc-tvm", "fp32", "recipes/bench/peers.yaml", "tvm"),
     Row("accelc-ort", "int4", "recipes/quickstart_int4.yaml", "ort"),
@@ -113,9 +116,11 @@ ACCELC = (
     Row("accelc-ort-spin", "int4", "recipes/quickstart_int4.yaml", "ort", spin=True),
     Row("accelc-ort-spin20us", "int4", "recipes/quickstart_int4.yaml", "ort", spin=True, spin_us=20),
     Row("accelc-ort", "q4_1", "recipes/quickstart.yaml", "ort"),  # the GGUF's own blocks: exact weights
+    Row("accelc-ort-spin", "q4_1", "recipes/quickstart.yaml", "ort", spin=True),
     Row("accelc-ort-spin20us", "q4_1", "recipes/quickstart.yaml", "ort", spin=True, spin_us=20),
     # the same blocks with int8 activations and the Q8_0 head, computed as llama.cpp computes Q4_1
     Row("accelc-ort", "q4_1-int8", "recipes/bench/q4_1_int8.yaml", "ort"),
+    Row("accelc-ort-spin", "q4_1-int8", "recipes/bench/q4_1_int8.yaml", "ort", spin=True),
     Row("accelc-ort-spin20us", "q4_1-int8", "recipes/bench/q4_1_int8.yaml", "ort", spin=True, spin_us=20),
 )
 # The peers, each on a model its own tools make from the shipped GGUF or accelc's HF folder.

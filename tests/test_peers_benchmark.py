@@ -27,7 +27,11 @@ def test_the_spinning_row_compiles_the_same_recipe_with_bounded_spin_into_its_ow
     spinning = [r for r in peers.ACCELC if r.spin]
     assert {r.spin_us for r in spinning} == {None, 20}  # ORT's default spin (ORT GenAI's) and the bound
     for spin in spinning:
-        (plain,) = [r for r in peers.ACCELC if r.source == spin.source and not r.spin and r.runtime == "accelc-ort"]
+        (plain,) = [
+            r
+            for r in peers.ACCELC
+            if r.source == spin.source and not r.spin and (r.backend, r.plan) == (spin.backend, spin.plan)
+        ]
         assert spin.artifact != plain.artifact and plain.recipe_sets == []
         ort = load_recipe(peers.common.REPO / spin.source, spin.recipe_sets).targets[0].ort
         assert ort.allow_spinning and ort.spin_duration_us == spin.spin_us
