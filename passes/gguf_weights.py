@@ -33,7 +33,9 @@ the minima are m). MatMuls that read the same input (a layer's gate and up proje
 carried as one MatMulNBits over their blocks side by side, with one minima product and one Add,
 then split (`merge: true`, the default): each output column is the same dot product over the same
 blocks, so the values are the same; the step runs 60 fewer small nodes on SmolLM2, which is what
-the split layout costs (docs/quantization.md).
+the split layout costs (docs/quantization.md). `layout: eight_bit` trades exactness for one node:
+each Q4_1 block as 8-bit codes 16q + a with scale d/16 and an integer zero point, d q exact and
+the minimum rounded to d/32 (for int8 compute, where ORT's kernel takes integer zero points free).
 
 Centring matters with int8 activations (`accuracy_level: 4`): the rounding error of a block of
 activations, e, enters the first term as d (q - 8) . e, and with codes 0..15 uncentred it would
@@ -66,11 +68,13 @@ class GgufWeights(registry.Pass):
     consumes = produces = ("onnx_graph",)
 
     class Params(registry.Params):
-        layout: Literal["split", "float_zero_point"] = Field(
+        layout: Literal["split", "float_zero_point", "eight_bit"] = Field(
             "split",
             description="how Q4_1's block minima are computed: split = packed MatMulNBits plus a MatMul of "
             "the input's block sums by the minima (fast on CPU); float_zero_point = one MatMulNBits with "
-            "float zero points (ORT's CPU kernel dequantises those at every call)",
+            "float zero points (ORT's CPU kernel dequantises those at every call); eight_bit = one 8-bit "
+            "MatMulNBits per weight, codes 16q + a with integer zero points, the minimum rounded to 1/32 "
+            "of the block's scale (not exact: for int8 compute, where it saves the split layout's nodes)",
         )
         q8_0: Literal["float", "int8"] = Field(
             "float",
@@ -121,7 +125,9 @@ class GgufWeights(registry.Pass):
                     {
                         "quantization": f"{source.name}'s own blocks (MatMulNBits, {self.params.layout}"
                         + (", Q8_0 with int8 activations)" if self.params.q8_0 == "int8" else ")"),
-                        "weights": "source blocks, exact",
+                        "weights": "source blocks, exact"
+                        if self.params.layout != "eight_bit"
+                        else "source blocks, Q4_1 minima within 1/32 of a block's scale",
                         "gguf_matmuls": f"{carried.matmuls} of {carried.of}",
                         "gguf_lookups": carried.lookups,
                     }
@@ -283,11 +289,15 @@ class _Writer:
         from onnx import helper
 
         n, nb = found.scale.shape
-        k, name = nb * BLOCK, name or y
+        k, name, bits = nb * BLOCK, name or y, found.bits
         codes, scale = found.codes, found.scale
-        extra, inputs = [], [x, f"{name}.q{found.bits}", f"{name}.scale"]
+        extra, inputs = [], [x, f"{name}.q{bits}", f"{name}.scale"]
         if found.symmetric:
             pass  # MatMulNBits without zero points is Q4_0's d*(q - 8) and Q8_0's d*(u - 128)
+        elif self.layout == "eight_bit":
+            codes, scale, zero = _as_eight_bit(found)
+            bits, inputs[1] = 8, f"{name}.q8"
+            inputs.append(self._constant(f"{name}.zero_point", zero.reshape(-1)))
         elif self.layout == "float_zero_point":
             flat = scale == 0  # a constant block (d = 0) is m * (1 - 0)
             codes = np.where(flat[..., None], np.uint8(1), codes)
@@ -305,7 +315,7 @@ class _Writer:
             )
             extra = [*extra, minima, helper.make_node("Add", [main, f"{y}.min"], [y], name=f"{name}.add")]
             y = main
-        self._constant(inputs[1], _packed(codes, found.bits))
+        self._constant(inputs[1], _packed(codes, bits))
         self._constant(f"{name}.scale", scale.reshape(-1))
         nbits = helper.make_node(
             "MatMulNBits",
@@ -315,9 +325,9 @@ class _Writer:
             domain=MS_DOMAIN,
             K=k,
             N=n,
-            bits=found.bits,
+            bits=bits,
             block_size=BLOCK,
-            accuracy_level=4 if found.bits == 8 else self.accuracy_level,
+            accuracy_level=4 if bits == 8 else self.accuracy_level,
         )
         return [nbits, *extra]
 
@@ -360,6 +370,31 @@ def _packed(codes: np.ndarray, bits: int) -> np.ndarray:
     """Codes [.., 32] as MatMulNBits/GatherBlockQuantized store them: 8-bit as they are, 4-bit two
     to a byte, element 2i in the low nibble."""
     return codes if bits == 8 else codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def _as_eight_bit(found: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1 blocks d q + m as 8-bit codes u = k q + a with scale d / k and integer zero point z:
+    (d / k)(u - z) = d q + (d / k) round(k m / d). k is the largest power of two up to 16 whose
+    codes and zero point fit in 0..255 (16 for every block that straddles zero, so the minimum is
+    off by at most d / 32); d q is kept to the bit (k a power of two), the minimum is not. A block
+    with d = 0 is its minimum exactly (scale m, codes 1, zero point 0)."""
+    d, m = found.scale.astype(np.float64), found.minimum.astype(np.float64)
+    flat = d == 0
+    ratio = np.where(flat, 0.0, m / np.where(flat, 1.0, d))
+    k = np.full(d.shape, 16.0)
+    for _ in range(4):  # halve k where 15k + max(o, 0) > 255 or o < -255, o = round(k m / d)
+        o = np.round(k * ratio)
+        k = np.where((15 * k + np.maximum(o, 0) > 255) | (o < -255), k / 2, k)
+    o = np.round(k * ratio)
+    if ((15 * k + np.maximum(o, 0) > 255) | (o < -255)).any():
+        raise UsageError("gguf_weights layout eight_bit: a Q4_1 block's minimum is more than 255 scales from zero")
+    a = np.maximum(o, 0)
+    codes = k[..., None] * found.codes + a[..., None]
+    zero = a - o
+    codes = np.where(flat[..., None], 1, codes).astype(np.uint8)
+    zero = np.where(flat, 0, zero).astype(np.uint8)
+    scale = np.where(flat, found.minimum, found.scale / k.astype(np.float32)).astype(np.float32)
+    return codes, scale, zero
 
 
 def _centred(found: Blocks) -> np.ndarray | None:
