@@ -12,8 +12,6 @@ unchanged configuration's compile to its proof):
   q4            gguf_weights: the GGUF's own blocks, fp32 compute (accuracy_level 0)
   q4-int8       gguf_weights with int8 activations (accuracy_level 4)
   q4-float-zp   gguf_weights as one MatMulNBits with float zero points
-  q4-as8-int8-q8  q4-int8-q8 with the Q4_1 blocks as 8-bit codes and integer zero points (layout
-                eight_bit: one node per weight, the minima rounded to 1/32 of a scale)
   q4[-int8]-q8  q4 / q4-int8 with the Q8_0 tied head as the file's 8-bit blocks (int8 activations)
   q4-int8-q8-apart  q4-int8-q8 with every MatMul its own MatMulNBits (merge: false; gate and up
                 are merged by default)
@@ -71,13 +69,6 @@ CONFIGS = {
     "q4-int8-q8-apart": [
         common.override(
             "passes", [{"type": "export_onnx"}, {**GGUF, "q8_0": "int8", "accuracy_level": 4, "merge": False}]
-        ),
-        *LOOSE,
-    ],
-    # the blocks as 8-bit codes with integer zero points (layout eight_bit): one node per weight
-    "q4-as8-int8-q8": [
-        common.override(
-            "passes", [{"type": "export_onnx"}, {**GGUF, "layout": "eight_bit", "q8_0": "int8", "accuracy_level": 4}]
         ),
         *LOOSE,
     ],

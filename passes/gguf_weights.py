@@ -33,14 +33,15 @@ the minima are m). MatMuls that read the same input (a layer's gate and up proje
 carried as one MatMulNBits over their blocks side by side, with one minima product and one Add,
 then split (`merge: true`, the default): each output column is the same dot product over the same
 blocks, so the values are the same; the step runs 60 fewer small nodes on SmolLM2, which is what
-the split layout costs (docs/quantization.md). `layout: eight_bit` trades exactness for one node:
-each Q4_1 block as 8-bit codes 16q + a with scale d/16 and an integer zero point, d q exact and
-the minimum rounded to d/32 (for int8 compute, where ORT's kernel takes integer zero points free).
+the split layout costs (docs/quantization.md).
 
 Centring matters with int8 activations (`accuracy_level: 4`): the rounding error of a block of
-activations, e, enters the first term as d (q - 8) . e, and with codes 0..15 uncentred it would
-enter as d q . e, whose mean 7.5 d sum(e) does not cancel (perplexity +0.7% instead of +1.3% on
-SmolLM2; docs/quantization.md).
+activations, e, enters the first term as d (q - z) . e. Uncentred (z = 0) its mean 7.5 d sum(e)
+does not cancel (+1.3% perplexity on SmolLM2), centred on the codes' middle (z = 8) it is
+smaller, and centred on each block's own zero (z = round(-m/d), an integer zero point, which
+ORT's int8 kernel takes at no cost) it is about w . e, as small as the weights themselves; the
+minima term keeps the rest, m + d z, exact (docs/quantization.md). At fp32 compute the codes
+stay centred on 8: zero points cost ORT's fp32 kernel ~8%.
 """
 
 from __future__ import annotations
@@ -63,18 +64,16 @@ class GgufWeights(registry.Pass):
     """The source GGUF's Q4_0/Q4_1 blocks as MatMulNBits weights: the model's exact weights in 4 bits."""
 
     name = "gguf_weights"
-    version = 4  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
+    version = 5  # cache key: bumped when the output changes for the same params (CHANGELOG.md)
     families = ("causal_lm",)  # needs the model's GGUF source, which only causal_lm ingests
     consumes = produces = ("onnx_graph",)
 
     class Params(registry.Params):
-        layout: Literal["split", "float_zero_point", "eight_bit"] = Field(
+        layout: Literal["split", "float_zero_point"] = Field(
             "split",
             description="how Q4_1's block minima are computed: split = packed MatMulNBits plus a MatMul of "
             "the input's block sums by the minima (fast on CPU); float_zero_point = one MatMulNBits with "
-            "float zero points (ORT's CPU kernel dequantises those at every call); eight_bit = one 8-bit "
-            "MatMulNBits per weight, codes 16q + a with integer zero points, the minimum rounded to 1/32 "
-            "of the block's scale (not exact: for int8 compute, where it saves the split layout's nodes)",
+            "float zero points (ORT's CPU kernel dequantises those at every call)",
         )
         q8_0: Literal["float", "int8"] = Field(
             "float",
@@ -125,9 +124,7 @@ class GgufWeights(registry.Pass):
                     {
                         "quantization": f"{source.name}'s own blocks (MatMulNBits, {self.params.layout}"
                         + (", Q8_0 with int8 activations)" if self.params.q8_0 == "int8" else ")"),
-                        "weights": "source blocks, exact"
-                        if self.params.layout != "eight_bit"
-                        else "source blocks, Q4_1 minima within 1/32 of a block's scale",
+                        "weights": "source blocks, exact",
                         "gguf_matmuls": f"{carried.matmuls} of {carried.of}",
                         "gguf_lookups": carried.lookups,
                     }
@@ -289,15 +286,11 @@ class _Writer:
         from onnx import helper
 
         n, nb = found.scale.shape
-        k, name, bits = nb * BLOCK, name or y, found.bits
+        k, name = nb * BLOCK, name or y
         codes, scale = found.codes, found.scale
-        extra, inputs = [], [x, f"{name}.q{bits}", f"{name}.scale"]
+        extra, inputs = [], [x, f"{name}.q{found.bits}", f"{name}.scale"]
         if found.symmetric:
             pass  # MatMulNBits without zero points is Q4_0's d*(q - 8) and Q8_0's d*(u - 128)
-        elif self.layout == "eight_bit":
-            codes, scale, zero = _as_eight_bit(found)
-            bits, inputs[1] = 8, f"{name}.q8"
-            inputs.append(self._constant(f"{name}.zero_point", zero.reshape(-1)))
         elif self.layout == "float_zero_point":
             flat = scale == 0  # a constant block (d = 0) is m * (1 - 0)
             codes = np.where(flat[..., None], np.uint8(1), codes)
@@ -305,9 +298,14 @@ class _Writer:
             scale = np.where(flat, found.minimum, scale).astype(np.float32)
             inputs.append(self._constant(f"{name}.zero_point", zero.reshape(-1)))
         else:
-            minimum = _centred(found)
-            if minimum is None:  # m + 8d not exact in float32: zero point 0, the minima as they are
-                inputs.append(self._constant(f"{name}.zero_point", np.zeros(n * ((nb + 1) // 2), np.uint8)))
+            # int8 compute: each block centred on its own zero (integer zero points cost nothing
+            # there, and the activations' rounding error then meets d (q - z), about the weight)
+            own = _centred_on_zero(found) if self.accuracy_level == 4 else None
+            if own is not None:
+                zero, minimum = own
+                inputs.append(self._constant(f"{name}.zero_point", _packed_zero_points(zero)))
+            elif (minimum := _centred(found)) is None:  # m + 8d not exact: zero point 0, the minima as they are
+                inputs.append(self._constant(f"{name}.zero_point", _packed_zero_points(np.zeros((n, nb), np.uint8))))
                 minimum = found.minimum
             main = f"{name}.codes_out"
             minima = helper.make_node(
@@ -315,7 +313,7 @@ class _Writer:
             )
             extra = [*extra, minima, helper.make_node("Add", [main, f"{y}.min"], [y], name=f"{name}.add")]
             y = main
-        self._constant(inputs[1], _packed(codes, bits))
+        self._constant(inputs[1], _packed(codes, found.bits))
         self._constant(f"{name}.scale", scale.reshape(-1))
         nbits = helper.make_node(
             "MatMulNBits",
@@ -325,9 +323,9 @@ class _Writer:
             domain=MS_DOMAIN,
             K=k,
             N=n,
-            bits=bits,
+            bits=found.bits,
             block_size=BLOCK,
-            accuracy_level=4 if bits == 8 else self.accuracy_level,
+            accuracy_level=4 if found.bits == 8 else self.accuracy_level,
         )
         return [nbits, *extra]
 
@@ -372,29 +370,24 @@ def _packed(codes: np.ndarray, bits: int) -> np.ndarray:
     return codes if bits == 8 else codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
-def _as_eight_bit(found: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Q4_1 blocks d q + m as 8-bit codes u = k q + a with scale d / k and integer zero point z:
-    (d / k)(u - z) = d q + (d / k) round(k m / d). k is the largest power of two up to 16 whose
-    codes and zero point fit in 0..255 (16 for every block that straddles zero, so the minimum is
-    off by at most d / 32); d q is kept to the bit (k a power of two), the minimum is not. A block
-    with d = 0 is its minimum exactly (scale m, codes 1, zero point 0)."""
-    d, m = found.scale.astype(np.float64), found.minimum.astype(np.float64)
-    flat = d == 0
-    ratio = np.where(flat, 0.0, m / np.where(flat, 1.0, d))
-    k = np.full(d.shape, 16.0)
-    for _ in range(4):  # halve k where 15k + max(o, 0) > 255 or o < -255, o = round(k m / d)
-        o = np.round(k * ratio)
-        k = np.where((15 * k + np.maximum(o, 0) > 255) | (o < -255), k / 2, k)
-    o = np.round(k * ratio)
-    if ((15 * k + np.maximum(o, 0) > 255) | (o < -255)).any():
-        raise UsageError("gguf_weights layout eight_bit: a Q4_1 block's minimum is more than 255 scales from zero")
-    a = np.maximum(o, 0)
-    codes = k[..., None] * found.codes + a[..., None]
-    zero = a - o
-    codes = np.where(flat[..., None], 1, codes).astype(np.uint8)
-    zero = np.where(flat, 0, zero).astype(np.uint8)
-    scale = np.where(flat, found.minimum, found.scale / k.astype(np.float32)).astype(np.float32)
-    return codes, scale, zero
+def _centred_on_zero(found: Blocks) -> tuple[np.ndarray, np.ndarray] | None:
+    """Q4_1 blocks read as d (q - z) + (m + d z) with the integer zero point z = round(-m / d)
+    (clipped to 0..15): the zero points [N, blocks] and the residual minima, or None unless every
+    m + d z is exact in float32 (then the weights are d q + m to the bit)."""
+    d, m = found.scale, found.minimum
+    ratio = np.divide(-m, d, out=np.zeros_like(m), where=d != 0)
+    zero = np.clip(np.round(ratio), 0, 15).astype(np.uint8)
+    residual = m + d * zero.astype(np.float32)
+    exact = residual.astype(np.float64) == m.astype(np.float64) + d.astype(np.float64) * zero
+    return (zero, residual) if exact.all() else None
+
+
+def _packed_zero_points(zero: np.ndarray) -> np.ndarray:
+    """4-bit zero points [N, blocks] as MatMulNBits stores them: per row, two to a byte (block 2i
+    in the low nibble), the last byte half empty for an odd count."""
+    if zero.shape[1] % 2:
+        zero = np.concatenate([zero, np.zeros((len(zero), 1), np.uint8)], axis=1)
+    return (zero[:, 0::2] | (zero[:, 1::2] << 4)).reshape(-1)
 
 
 def _centred(found: Blocks) -> np.ndarray | None:

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from accelc.errors import UsageError
 from accelc.gguf_blocks import Blocks, GGUFBlocks
-from accelc.passes.gguf_weights import _as_eight_bit, _centred, carry_blocks, source_gguf
+from accelc.passes.gguf_weights import _centred, carry_blocks, source_gguf
 
 gguf = pytest.importorskip("gguf")
 K = 64  # two blocks of 32 along the input dimension
@@ -245,43 +245,27 @@ def test_minima_are_centred_only_where_float32_holds_them_exactly():
     assert _centred(Blocks(tiny_scale, np.float32([[1024.0]]), codes, symmetric=False)) is None
 
 
-def test_eight_bit_codes_keep_d_q_and_round_the_minimum_to_a_32nd_of_the_scale(tiny):
-    """layout eight_bit: one 8-bit MatMulNBits per Q4_1 weight and no minima nodes; its weights
-    (d / k)(u - z) are the file's d q + m with m off by at most d / 32 (k = 16 here), a constant
-    block (d = 0) exactly; the graph computes them, int8 activations rounding within their error."""
+def test_int8_compute_centres_each_q4_1_block_on_its_own_zero_bit_for_bit(tiny):
+    """At accuracy_level 4 the split layout reads Q4_1 as d (q - z) + (m + d z), z = round(-m/d)
+    as 4-bit zero points: the weights rebuild to the file's to the bit, the zero points sit
+    within each block's codes, and Q4_0's down keeps MatMulNBits' own symmetric form."""
     work, weights = tiny
-    blocks = GGUFBlocks(work / "tiny.gguf")
-    dst = work / "eight_bit.onnx"
-    assert carry_blocks(work / "model.onnx", dst, blocks, "eight_bit", 4) == (2, 3, 0)
-    ops = [n.op_type for n in onnx.load(str(dst)).graph.node]
-    assert ops == ["MatMulNBits", "MatMulNBits", "MatMul"]  # q|k as 8 bits, Q4_0's down, Q8_0 fp32
+    dst = work / "own_zero.onnx"
+    carry_blocks(work / "model.onnx", dst, GGUFBlocks(work / "tiny.gguf"), "split", 4)
     init = initializers(dst)
-    codes = init["mm_qk_t.q8"].astype(np.float32)  # [N, blocks, 32]
-    scale = init["mm_qk_t.scale"].reshape(codes.shape[:2])
-    zero = init["mm_qk_t.zero_point"].reshape(codes.shape[:2]).astype(np.float32)
-    rebuilt = (scale[..., None] * (codes - zero[..., None])).reshape(len(codes), -1)
-    reference = weights["qk_t"].T
-    found = blocks.find(weights["qk_t"].T)
-    step = np.repeat(found.scale, 32, axis=1)  # each weight's d
-    assert np.all(np.abs(rebuilt - reference) <= step / 32 + 1e-7)
-    constant = found.scale == 0
-    assert constant.any() and np.array_equal(
-        rebuilt[np.repeat(constant, 32, axis=1)], reference[np.repeat(constant, 32, axis=1)]
-    )
+    assert "mm_down_t.zero_point" not in init
+    packed = init["mm_qk_t.q4"]
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:2], 32).astype(np.float32)
+    zp = init["mm_qk_t.zero_point"].reshape(len(packed), -1)
+    zero = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(len(packed), -1)[:, : packed.shape[1]]
+    assert len(np.unique(zero)) > 1  # not one constant centre
+    scale = init["mm_qk_t.scale"].reshape(packed.shape[:2])
+    rebuilt = scale[..., None] * (codes - zero[..., None]) + init["mm_qk_t.minimum_t"].T[..., None]
+    reference = np.ascontiguousarray(weights["qk_t"].T)
+    assert np.array_equal(rebuilt.reshape(len(packed), -1).view(np.uint32), reference.view(np.uint32))
     x = np.random.default_rng(1).standard_normal((1, 3, K), dtype=np.float32)
     expected = x @ weights["qk_t"]
     np.testing.assert_allclose(run(dst, x)["y_qk_t"], expected, atol=0.03 * np.abs(expected).max())
-
-
-def test_eight_bit_codes_shrink_k_for_a_block_far_from_zero():
-    """A block whose minimum lies beyond 15 scales above zero cannot keep k = 16 (codes would pass
-    255): k halves until 15k + round(k m / d) fits, and d q stays exact."""
-    codes = np.arange(32, dtype=np.uint8).reshape(1, 1, 32) % 16
-    far = Blocks(np.float32([[0.5]]), np.float32([[20.0]]), codes, symmetric=False)  # m / d = 40
-    eight, scale, zero = _as_eight_bit(far)
-    assert scale[0, 0] == np.float32(0.5 / 4) and eight.max() <= 255  # k = 4: 60 + 160 fits
-    rebuilt = scale[..., None] * (eight.astype(np.float32) - zero[..., None])
-    np.testing.assert_array_equal(rebuilt, far.dequantise().reshape(rebuilt.shape))  # m / d * 4 is whole here
 
 
 def test_matmuls_of_one_input_are_carried_as_one_with_the_same_values(tiny, tmp_path):
