@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from accelc.errors import UsageError
 from accelc.gguf_blocks import Blocks, GGUFBlocks
-from accelc.passes.gguf_weights import _centred, carry_blocks, source_gguf
+from accelc.passes.gguf_weights import _centred, _centred_on_zero, carry_blocks, source_gguf
 
 gguf = pytest.importorskip("gguf")
 K = 64  # two blocks of 32 along the input dimension
@@ -243,6 +243,11 @@ def test_minima_are_centred_only_where_float32_holds_them_exactly():
     np.testing.assert_array_equal(_centred(fits), [[0.25]])
     tiny_scale = np.float32([[2.0**-24]])  # fp16's smallest subnormal beside a minimum of 1024
     assert _centred(Blocks(tiny_scale, np.float32([[1024.0]]), codes, symmetric=False)) is None
+    # centred on its own zero: z = round(3.75 / 0.5) = 8 here; beside -1024, z clips to 15 and
+    # -1024 + 15 * 3 * 2^-24 needs more bits than float32 has
+    zero, residual = _centred_on_zero(fits)
+    assert zero.tolist() == [[8]] and residual.tolist() == [[0.25]]
+    assert _centred_on_zero(Blocks(3 * tiny_scale, np.float32([[-1024.0]]), codes, symmetric=False)) is None
 
 
 def test_int8_compute_centres_each_q4_1_block_on_its_own_zero_bit_for_bit(tiny):
