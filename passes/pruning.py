@@ -250,12 +250,13 @@ class ArchSearch(registry.Pass):
         metric: Literal["energy", "fluctuation", "wanda", "magnitude"] = Field(
             "energy", description="importance that ranks heads/channels for initial masks and mutation fills"
         )
-        importance_sources: Literal["pooled", "max", "mean"] = Field(
+        importance_sources: Literal["pooled", "max", "mean", "max_in_layer"] = Field(
             "pooled",
             description="pooled: importance from the statistics of every calibration window pooled; max / "
             "mean: each calibration source's scores (the importance pass's windows, grouped by source), "
             "normalised per layer, and their maximum / mean, so a channel one source relies on is not "
-            "averaged away by the others",
+            "averaged away by the others; max_in_layer: max ranks within each layer, the pooled scores "
+            "allocate widths across layers",
         )
         generations: int = Field(8, ge=1)
         population: int = Field(24, ge=2)

@@ -411,8 +411,9 @@ def test_per_source_scores_keep_a_channel_only_one_source_drives(tiny):
     space = masks.SearchSpace(geo)
     budget = masks.ParamBudget.from_ratio(space, 0.3)
     half = F // 2
-    imp = importance.scores(geo, norms, pooled, "energy")
+    imp = imp_pooled = importance.scores(geo, norms, pooled, "energy")
     assert all(c not in space.select_channels(half, imp.channel[i]) for i in range(L))
+    imp_max = importance.scores(geo, norms, pooled, "energy", sources=sources, combine="max")
     for combine in ("max", "mean"):
         imp = importance.scores(geo, norms, pooled, "energy", sources=sources, combine=combine)
         assert imp.meta["combine"] == combine and imp.meta["sources"] == 3
@@ -422,6 +423,12 @@ def test_per_source_scores_keep_a_channel_only_one_source_drives(tiny):
         sub = baselines.adaptive_subnet(space, budget, *baselines.standardised(geo, imp))
         assert all(c in m.channels for m in sub.layers)
         np.testing.assert_allclose(imp.head, imp.attn_channel.reshape(L, geo.num_heads, -1).sum(axis=2))
+    # max_in_layer: max's ranking within layers, the pooled scores' allocation across them
+    within = importance.scores(geo, norms, pooled, "energy", sources=sources, combine="max_in_layer")
+    assert np.array_equal(within.channel, imp_max.channel) and np.array_equal(within.head, imp_max.head)
+    assert np.array_equal(within.allocation.channel, imp_pooled.channel) and imp.allocation is None
+    centre = search.Searcher(space, budget, within, search.SearchSettings(seed=0)).adaptive
+    assert centre == baselines.adaptive_subnet(space, budget, *baselines.standardised(geo, imp_pooled))
 
 
 @pytest.mark.parametrize("metric", importance.METRICS)
