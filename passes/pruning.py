@@ -250,6 +250,9 @@ class ArchSearch(registry.Pass):
         metric: Literal["energy", "fluctuation", "wanda", "magnitude"] = Field(
             "energy", description="importance that ranks heads/channels for initial masks and mutation fills"
         )
+        # pooled: per-source scores did not lower the worst held-out text (20% removed: mean
+        # 1.462x, max_in_layer 1.466x, max 1.597x vs 1.469x; 10%: mean 1.216x vs 1.197x;
+        # docs/pruning.md, session 21)
         importance_sources: Literal["pooled", "max", "mean", "max_in_layer"] = Field(
             "pooled",
             description="pooled: importance from the statistics of every calibration window pooled; max / "
