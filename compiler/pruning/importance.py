@@ -29,8 +29,8 @@ resembles may rely on), `mean` weighs every source equally whatever its activati
 `max_in_layer` ranks heads and channels within each layer by `max` but leaves the allocation of
 widths across layers (FLAP's adaptive structure, the search's centre) to the pooled scores: on
 SmolLM2 at 20% removed, `max` chose better channels for a given shape (the uniform seeds' fitness
-35.42 vs 36.19) and a worse allocation (the adaptive seed's 36.96 vs 35.33; docs/pruning.md,
-session 21).
+35.42 vs 36.19) and a worse allocation (the adaptive seed's 36.96 vs 35.33); at 10% the reverse.
+None of the three lowered the worst held-out text (docs/pruning.md, session 21).
 """
 
 from __future__ import annotations
