@@ -23,6 +23,9 @@ search's own parameters (its fitness windows, say) with `--search-set`. Every ro
                                                 to the dense model
     vs_default                                  per text, this row's log ratio minus the default
                                                 reformation's (same mask) and its paired standard error
+    vs_versus                                   with `--versus RUN.json` (an earlier run on the same
+                                                held-out windows, another search setting): the same
+                                                against that run's row of the same mask and setting
 
 so fit_ratio vs worst_ratio separates what the mask costs everywhere from what reformation wins
 on its calibration windows only, and vs_default says whether a setting's difference is larger
@@ -41,6 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from accelc.errors import UsageError
 from benchmarks import common
 from benchmarks.search_vs_baselines import EVAL_TEXTS, QUICK_SEARCH, check_held_out
 
@@ -187,6 +191,11 @@ def main() -> int:
         metavar="KEY.PATH=VALUE",
         help="override a value of both recipes (e.g. model.builtin=tiny-llama, passes.0.window=64)",
     )
+    p.add_argument(
+        "--versus",
+        help="an earlier run's JSON (same model, texts and windows; another --search-set, say): each row "
+        "gains vs_versus, its paired log difference per text to that run's row of the same mask and setting",
+    )
     p.add_argument("--cache", help="step cache shared with other runs (default: a fresh temporary one)")
     p.add_argument("--plot", help="PNG path (default: next to the JSON)")
     args = p.parse_args()
@@ -240,6 +249,7 @@ def main() -> int:
         }
 
     dense = score(model)
+    versus = json.loads(Path(args.versus).read_text()) if args.versus else []
     progress.status(f"dense: {dense['ppl_by_text']}, calibration windows {dense['fit_ppl']:.2f}")
     rows = []
 
@@ -260,6 +270,15 @@ def main() -> int:
         if default is not None:
             row["vs_default"] = {
                 t: dict(zip(("log_diff", "se"), paired(row["nll_by_window"][t], default["nll_by_window"][t])))
+                for t in texts
+            }
+        setting = ("mask", "reform", "method", "damp", "windows", "target", "damps", "intercept")
+        other = next((r for r in versus if all(r.get(k) == row[k] for k in setting)), None)
+        if other is not None:
+            if other["nll_by_window"].keys() != row["nll_by_window"].keys():
+                raise UsageError("--versus: that run scored other held-out texts")
+            row["vs_versus"] = {
+                t: dict(zip(("log_diff", "se"), paired(row["nll_by_window"][t], other["nll_by_window"][t])))
                 for t in texts
             }
         row["worst_ratio"] = max(row["ratio_by_text"].values())
@@ -304,6 +323,7 @@ def main() -> int:
         ratio=args.ratio,
         search=search,
         search_set=args.search_set,
+        versus=args.versus,
         calibration=calibration_record(tokenizer, calibration, args.windows),
         held_out=texts,
         eval_windows=args.eval_windows,
@@ -322,8 +342,9 @@ def main() -> int:
     print(f"{'mask':<7} {'reform':<12} {'damp':>9} {'win':>4} {'target':>6} {'worst x':>8} {'fit x':>7}  per text")
     for r in rows:
         per = " ".join(f"{r['ratio_by_text'][t]:.3f}+-{r['ratio_se_by_text'][t]:.3f}" for t in texts)
-        if "vs_default" in r:
-            per += "  vs default: " + " ".join(f"{v['log_diff']:+.3f}+-{v['se']:.3f}" for v in r["vs_default"].values())
+        for key, name in (("vs_default", "vs default"), ("vs_versus", "vs --versus")):
+            if key in r:
+                per += f"  {name}: " + " ".join(f"{v['log_diff']:+.4f}+-{v['se']:.4f}" for v in r[key].values())
         print(
             f"{r['mask']:<7} {r['method'] or 'none':<12} {'per layer' if r['damps'] else r['damp'] or '':>9} "
             f"{r['windows'] or '':>4} {r['target'] or '':>6} "

@@ -378,6 +378,93 @@ def test_uniform_baseline_is_uniform(tiny):
     assert {space.layer_shape(m) for m in sub.layers} == {(4, 2, 128)}  # 20% of 2 x 46080: MLP 176 -> 128
 
 
+def _stats_with_mean_squares(geo, mlp_ms: np.ndarray, tokens: int = 100) -> importance.CalibrationStats:
+    """Statistics whose MLP inputs have these mean squares [L, d_ff] (zero mean; attention inputs 1)."""
+
+    def channel_stats(ms):
+        st = importance.ChannelStats(len(ms))
+        st.count, st.sumsq = tokens, torch.as_tensor(ms * tokens, dtype=torch.float64)
+        return st
+
+    attn = np.ones(geo.num_heads * geo.head_dim)
+    return importance.CalibrationStats(
+        geo, [channel_stats(attn) for _ in mlp_ms], [channel_stats(ms) for ms in mlp_ms], 1, tokens
+    )
+
+
+def test_per_source_scores_keep_a_channel_only_one_source_drives(tiny):
+    """Channel 5 is off in two sources and the largest input of a third whose activations are all
+    small: pooled, its energy is ~40x below the others' and it is pruned; scored per source and
+    combined (max or mean of the per-layer shares), it ranks first and every mask keeps it."""
+    _, model = tiny
+    geo = masks.Geometry.from_model(model)
+    norms = importance.weight_norms(model)
+    rng = np.random.default_rng(0)
+    L, F, c = geo.num_layers, geo.intermediate, 5
+    loud = [rng.uniform(0.5, 1.5, (L, F)) for _ in range(2)]
+    quiet = np.full((L, F), 1e-3)
+    for ms in loud:
+        ms[:, c] = 0.0
+    quiet[:, c] = 0.05
+    sources = [_stats_with_mean_squares(geo, ms) for ms in (*loud, quiet)]
+    pooled = _stats_with_mean_squares(geo, (loud[0] + loud[1] + quiet) / 3, tokens=300)
+    space = masks.SearchSpace(geo)
+    budget = masks.ParamBudget.from_ratio(space, 0.3)
+    half = F // 2
+    imp = imp_pooled = importance.scores(geo, norms, pooled, "energy")
+    assert all(c not in space.select_channels(half, imp.channel[i]) for i in range(L))
+    imp_max = importance.scores(geo, norms, pooled, "energy", sources=sources, combine="max")
+    for combine in ("max", "mean"):
+        imp = importance.scores(geo, norms, pooled, "energy", sources=sources, combine=combine)
+        assert imp.meta["combine"] == combine and imp.meta["sources"] == 3
+        assert all(int(np.argmax(imp.channel[i])) == c for i in range(L))
+        assert all(c in space.select_channels(half, imp.channel[i]) for i in range(L))
+        # FLAP's allocation (the search's centre) on the combined scores keeps it too
+        sub = baselines.adaptive_subnet(space, budget, *baselines.standardised(geo, imp))
+        assert all(c in m.channels for m in sub.layers)
+        np.testing.assert_allclose(imp.head, imp.attn_channel.reshape(L, geo.num_heads, -1).sum(axis=2))
+    # max_in_layer: max's ranking within layers, the pooled scores' allocation across them
+    within = importance.scores(geo, norms, pooled, "energy", sources=sources, combine="max_in_layer")
+    assert np.array_equal(within.channel, imp_max.channel) and np.array_equal(within.head, imp_max.head)
+    assert np.array_equal(within.allocation.channel, imp_pooled.channel) and imp.allocation is None
+    centre = search.Searcher(space, budget, within, search.SearchSettings(seed=0)).adaptive
+    assert centre == baselines.adaptive_subnet(space, budget, *baselines.standardised(geo, imp_pooled))
+
+
+@pytest.mark.parametrize("metric", importance.METRICS)
+def test_pooled_scores_are_todays_whatever_the_sources(tiny, metric):
+    """combine="pooled" (the default) scores the pooled statistics exactly as before per-source
+    scoring existed: bit-identical, per-source statistics given or not. Per-source collection
+    splits the same windows (its moments add up to the pooled ones)."""
+    _, model = tiny
+    geo = masks.Geometry.from_model(model)
+    norms = importance.weight_norms(model)
+    wins = windows(4)
+    stats = importance.collect(model, wins, show_progress=False)
+    by_source = importance.collect_by_source(model, [wins[:2], wins[2:], []], show_progress=False)
+    assert [s.windows for s in by_source] == [2, 2]
+    for pooled, parts in (
+        (stats.down_proj, [s.down_proj for s in by_source]),
+        (stats.o_proj, [s.o_proj for s in by_source]),
+    ):
+        for layer, st in enumerate(pooled):
+            assert st.count == sum(p[layer].count for p in parts)
+            torch.testing.assert_close(st.sumsq, sum(p[layer].sumsq for p in parts))
+    today = importance.scores(geo, norms, stats, metric)
+    for kwargs in ({"sources": by_source}, {"sources": by_source, "combine": "pooled"}, {}):
+        again = importance.scores(geo, norms, stats, metric, **kwargs)
+        for name in ("attn_channel", "head", "channel"):
+            assert np.array_equal(getattr(again, name), getattr(today, name))
+        assert again.meta == today.meta
+    if metric == "energy":  # the formula itself, untouched
+        ms = np.stack([s.mean_square for s in stats.down_proj])
+        assert np.array_equal(today.channel, ms * norms["down_col_sq"])
+    with pytest.raises(ValueError, match="per source"):
+        importance.scores(geo, norms, stats, metric, combine="max")
+    with pytest.raises(UsageError, match="combine"):
+        importance.scores(geo, norms, stats, metric, combine="median")
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -304,3 +304,18 @@ def test_restarts_pool_their_final_archives_and_the_held_out_calibration_windows
     chosen, info = load_subnet(bundle.intermediates["subnet"])
     assert chosen.key == finalists[0]["key"] and info["selection_score"] == finalists[0]["selection"]
     assert {r["seed"] for r in log["log"]} == {0, 1}
+
+
+def test_importance_per_source_scores_the_statistics_windows_of_each_source(tmp_path):
+    """importance_sources: max collects the importance pass's windows again, grouped by source
+    (2 + 2 of its 4), and records them; the default's search log has no such entry."""
+    search = {**TWO_WINDOW_SEARCH, "generations": 1, "population": 4, "reform_in_fitness": False}
+    log = json.loads(
+        search_two_sources(tmp_path, {**search, "importance_sources": "max"}).reports["search_log.json"].read_text()
+    )
+    assert log["importance"] == {
+        "sources": "max",
+        "windows_by_source": {"austen:emma": 2, "shakespeare:macbeth": 2},
+    }
+    default = json.loads(search_two_sources(tmp_path, search).reports["search_log.json"].read_text())
+    assert "importance" not in default

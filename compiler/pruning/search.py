@@ -130,8 +130,10 @@ class Searcher:
         from accelc.compiler.pruning.baselines import adaptive_subnet, standardised
 
         # the importance-aware centre of random candidates: FLAP's adaptive allocation of heads
-        # and MLP channels across layers, computed from this search's importance scores
-        self.adaptive = adaptive_subnet(space, budget, *standardised(space.geometry, importance))
+        # and MLP channels across layers, computed from this search's importance scores (or the
+        # scores it names for the allocation)
+        alloc = importance if importance.allocation is None else importance.allocation
+        self.adaptive = adaptive_subnet(space, budget, *standardised(space.geometry, alloc))
         self.center = self._shape_of(self.adaptive)
 
     # ---------------------------------------------------------------- shapes
