@@ -199,6 +199,11 @@ def main() -> int:
     p.add_argument("--cache", help="step cache shared with other runs (default: a fresh temporary one)")
     p.add_argument("--plot", help="PNG path (default: next to the JSON)")
     args = p.parse_args()
+    # read before the minutes of search and scoring, so a bad path fails first
+    try:
+        versus = json.loads(Path(args.versus).read_text()) if args.versus else []
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--versus {args.versus}: not a readable run JSON ({exc})") from None
     environment = common.quiet_threads(args.threads)
     search = {"generations": args.generations, "population": args.population}
     if args.quick:
@@ -249,7 +254,6 @@ def main() -> int:
         }
 
     dense = score(model)
-    versus = json.loads(Path(args.versus).read_text()) if args.versus else []
     progress.status(f"dense: {dense['ppl_by_text']}, calibration windows {dense['fit_ppl']:.2f}")
     rows = []
 

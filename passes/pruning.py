@@ -342,6 +342,12 @@ class ArchSearch(registry.Pass):
                     f"mutations + crossovers ({self.mutations} + {self.crossovers}) exceed the population ({n}); "
                     "lower them or leave them unset (they default to 1/2 and 1/4 of the population)"
                 )
+            if self.importance_sources != "pooled" and self.metric == "magnitude":
+                raise ValueError(
+                    f"importance_sources '{self.importance_sources}' scores each calibration source's "
+                    "statistics, and metric 'magnitude' reads the weights only; choose another metric "
+                    "or importance_sources: pooled"
+                )
             return self
 
     def run(self, bundle, ctx):
@@ -353,7 +359,7 @@ class ArchSearch(registry.Pass):
         stats, protocol = _stats(bundle, model, self.name)
         space, budget = _space_and_budget(p, model)
         by_source = None
-        if p.importance_sources != "pooled" and p.metric != "magnitude":
+        if p.importance_sources != "pooled":
             # the importance pass's windows (calibration_windows interleaves these same groups)
             groups = calibration_sources(
                 tok, ctx.recipe.data.calibration, window=protocol["window"], max_windows=protocol["windows"]

@@ -319,3 +319,14 @@ def test_importance_per_source_scores_the_statistics_windows_of_each_source(tmp_
     }
     default = json.loads(search_two_sources(tmp_path, search).reports["search_log.json"].read_text())
     assert "importance" not in default
+
+
+def test_importance_per_source_refuses_the_weights_only_metric():
+    """metric magnitude has no calibration statistics to score per source: the recipe is refused
+    at validation, before any work, instead of being searched with pooled scores."""
+    from accelc.passes.pruning import ArchSearch
+
+    budget = {"remove_ratio": 0.2}
+    with pytest.raises(ValueError, match="reads the weights only"):
+        ArchSearch.Params(budget=budget, metric="magnitude", importance_sources="max")
+    assert ArchSearch.Params(budget=budget, metric="magnitude").importance_sources == "pooled"
